@@ -1,0 +1,208 @@
+//! Starting and stopping a worker process: connections, streams, consumers, the recorder,
+//! and the shutdown sequence.
+//!
+//! Shutdown (one design): the stop token fires (SIGTERM/SIGINT in `main`) -> pull loops stop
+//! and hand back undispatched messages -> in-flight jobs get `shutdown_grace_secs` to finish ->
+//! stragglers are handed back (Nak) for another worker -> the recorder flushes -> return.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use secrecy::ExposeSecret;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::chain::Chain;
+use crate::config::{Config, NatsConfig};
+use crate::job::JobKind;
+use crate::pricing::PriceBook;
+use crate::providers::Registry;
+use crate::queue::{self, PullLoop};
+use crate::reply::Replies;
+use crate::usage;
+use crate::worker::Worker;
+
+/// What this process runs.
+#[derive(Debug, Clone, Copy)]
+pub struct Roles {
+    /// Consume and answer jobs.
+    pub jobs: bool,
+    /// Project results into Postgres (needs a database URL).
+    pub recorder: bool,
+}
+
+/// A started worker process; stop it with [`Running::shutdown`].
+pub struct Running {
+    stop: CancellationToken,
+    done: tokio::task::JoinHandle<()>,
+    pub worker_id: String,
+}
+
+impl Running {
+    /// Begin a graceful shutdown and wait for it to complete.
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        let _ = self.done.await;
+    }
+
+    /// A token that, when cancelled, starts the graceful shutdown.
+    pub fn stop_token(&self) -> CancellationToken {
+        self.stop.clone()
+    }
+
+    /// Wait until the process has stopped (after the stop token fired).
+    pub async fn wait(self) {
+        let _ = self.done.await;
+    }
+}
+
+/// Connect to NATS with the configured credentials.
+pub async fn connect_nats(nats: &NatsConfig) -> anyhow::Result<async_nats::Client> {
+    let mut options = async_nats::ConnectOptions::new()
+        .name("llm-worker")
+        .retry_on_initial_connect()
+        .connection_timeout(Duration::from_secs(5));
+    if let Some(path) = &nats.credentials_file {
+        options = options
+            .credentials_file(path)
+            .await
+            .with_context(|| format!("reading NATS credentials {}", path.display()))?;
+    }
+    // Don't block forever when the server is down at start: fail with a clear message instead.
+    let client = tokio::time::timeout(Duration::from_secs(15), options.connect(nats.url.as_str()))
+        .await
+        .map_err(|_| anyhow::anyhow!("cannot reach NATS at {} within 15 s", nats.url))?
+        .with_context(|| format!("connecting to NATS at {}", nats.url))?;
+    Ok(client)
+}
+
+/// Connect to Postgres (when configured) and apply migrations.
+pub async fn connect_db(config: &Config) -> anyhow::Result<Option<sqlx::PgPool>> {
+    let Some(url) = &config.database.url else {
+        return Ok(None);
+    };
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(config.database.max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(url.expose_secret())
+        .await
+        .context("connecting to Postgres (DATABASE_URL)")?;
+    usage::migrate(&pool).await.context("applying migrations")?;
+    Ok(Some(pool))
+}
+
+/// Start everything `roles` asks for and return once the process is ready (streams and
+/// consumers exist, migrations applied).
+pub async fn start(config: Config, roles: Roles) -> anyhow::Result<Running> {
+    let config = Arc::new(config);
+    let nats_cfg = Arc::new(config.nats.clone());
+    let client = connect_nats(&nats_cfg).await?;
+    let js = async_nats::jetstream::new(client.clone());
+    queue::ensure_streams(&js, &nats_cfg).await?;
+
+    let prices = PriceBook::default();
+    let pool = if roles.recorder || roles.jobs {
+        match connect_db(&config).await {
+            Ok(pool) => pool,
+            // The worker must not depend on Postgres to answer jobs: the recorder catches up.
+            Err(e) if !roles.recorder => {
+                tracing::warn!(error = %format!("{e:#}"), "database unavailable; prices unknown until it is back");
+                None
+            }
+            Err(e) => return Err(e),
+        }
+    } else {
+        None
+    };
+    if roles.recorder && pool.is_none() {
+        tracing::warn!(
+            "no DATABASE_URL: usage is not recorded by this process (results stay in the results stream)"
+        );
+    }
+
+    let stop = CancellationToken::new();
+    let abandon = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let background = TaskTracker::new();
+
+    if let Some(pool) = &pool {
+        // Load once before the first job so results carry costs from the start.
+        if let Err(e) = usage::load_prices(pool, &prices).await {
+            tracing::warn!(error = %e, "loading prices failed; costs unknown until the next refresh");
+        }
+        background.spawn(usage::refresh_prices(
+            pool.clone(),
+            prices.clone(),
+            stop.clone(),
+        ));
+    }
+    let recorder = match (&pool, roles.recorder && config.recorder.enabled) {
+        (Some(pool), true) => {
+            let rec =
+                usage::Recorder::start(&js, &nats_cfg, pool.clone(), &config.recorder).await?;
+            Some(background.spawn(rec.run(stop.clone())))
+        }
+        _ => None,
+    };
+
+    let mut loops = Vec::new();
+    if roles.jobs {
+        let registry = Registry::from_config(&config)?;
+        let chain = Chain::new(&config, registry);
+        let replies = Replies::new(client.clone(), js.clone(), nats_cfg.clone());
+        let worker = Worker::new(&config, chain, replies, prices.clone());
+        // Embedding jobs are consumed once the embedding chain lands (issue 5); until then they
+        // wait in the stream rather than being failed.
+        for kind in [JobKind::Generate] {
+            queue::ensure_consumer(&js, &nats_cfg, kind).await?;
+            let pull = PullLoop {
+                kind,
+                max_in_flight: config.worker.max_in_flight,
+                pull_expires: Duration::from_millis(config.worker.pull_expires_ms),
+                stop_pulling: stop.clone(),
+                abandon: abandon.clone(),
+                tracker: tracker.clone(),
+            };
+            loops.push(tokio::spawn(pull.run(
+                js.clone(),
+                nats_cfg.clone(),
+                worker.clone(),
+            )));
+        }
+    }
+
+    let grace = Duration::from_secs(config.worker.shutdown_grace_secs);
+    let worker_id = config.worker_id();
+    tracing::info!(
+        worker_id,
+        jobs = roles.jobs,
+        recorder = recorder.is_some(),
+        "worker ready"
+    );
+    let stop_wait = stop.clone();
+    let done = tokio::spawn(async move {
+        stop_wait.cancelled().await;
+        tracing::info!("shutting down: no new jobs; waiting for in-flight jobs");
+        for l in loops {
+            let _ = l.await;
+        }
+        tracker.close();
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            tracing::warn!("grace period over; handing in-flight jobs back");
+            abandon.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(10), tracker.wait()).await;
+        }
+        background.close();
+        background.wait().await;
+        if let Err(e) = client.flush().await {
+            tracing::warn!(error = %e, "flushing NATS on shutdown failed");
+        }
+        tracing::info!("stopped");
+    });
+    Ok(Running {
+        stop,
+        done,
+        worker_id,
+    })
+}

@@ -1,0 +1,430 @@
+//! The provider fallback chain: routing, retries, fallback and deadlines for one job.
+//!
+//! A plain loop over the planned targets (`provider:model`). Each target is tried, and a
+//! transient failure retried with backoff (backon's exponential policy with jitter; the
+//! provider's Retry-After wins when longer, capped, and never past the job's deadline). A
+//! non-retryable failure moves to the next target at once; a final one (content filter) ends
+//! the job. Every call becomes an [`AttemptRecord`]; text is handed to a [`DeltaSink`] tagged
+//! with its attempt number as it arrives. The chain knows nothing about NATS.
+//!
+//! Per attempt it enforces: the first-token limit (first *text*, not first byte), the stall
+//! limit (silence between texts), and the job deadline.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use chrono::Utc;
+use futures::StreamExt;
+use tokio::time::Instant;
+
+use crate::config::{Config, split_route_entry};
+use crate::error::{Disposition, ErrorCode, ProviderError};
+use crate::event::{AttemptRecord, ErrorBody, elapsed_ms};
+use crate::job::{GenerateRequest, Job};
+use crate::providers::{
+    Provider, ProviderEvent, Registry, Usage, estimate_request_tokens, estimate_tokens,
+};
+
+/// Longest wait the chain accepts from a provider's Retry-After before falling back instead.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+/// How long to wait for a usage chunk after the finish signal before finishing without it.
+const FINISH_TAIL: Duration = Duration::from_secs(2);
+
+/// Who produced a piece of text.
+#[derive(Debug, Clone, Copy)]
+pub struct AttemptMeta<'a> {
+    pub attempt: u32,
+    pub provider: &'a str,
+    pub model: &'a str,
+}
+
+/// Receives text as it arrives (the reply module publishes it as chunk events).
+pub trait DeltaSink: Send {
+    fn delta(&mut self, meta: AttemptMeta<'_>, text: &str) -> impl Future<Output = ()> + Send;
+}
+
+/// A sink that drops text (non-streamed jobs).
+pub struct NoSink;
+
+impl DeltaSink for NoSink {
+    async fn delta(&mut self, _: AttemptMeta<'_>, _: &str) {}
+}
+
+/// One planned call target.
+#[derive(Clone)]
+pub struct Target {
+    pub provider: Arc<Provider>,
+    pub model: String,
+}
+
+/// The output of the successful attempt.
+#[derive(Debug, Clone)]
+pub struct Success {
+    pub attempt: u32,
+    pub provider: String,
+    pub model: String,
+    pub output: String,
+    pub finish_reason: String,
+    pub usage: Usage,
+}
+
+/// Everything the chain did for one job.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub attempts: Vec<AttemptRecord>,
+    pub result: Result<Success, ErrorBody>,
+}
+
+/// An ordered route: `(provider, model)` entries; `None` means the provider's default model.
+type Route = Vec<(String, Option<String>)>;
+
+/// Routes and providers, built once from configuration.
+#[derive(Clone)]
+pub struct Chain {
+    registry: Registry,
+    routes: Arc<BTreeMap<String, Route>>,
+}
+
+impl Chain {
+    pub fn new(config: &Config, registry: Registry) -> Self {
+        let routes = config
+            .routes
+            .iter()
+            .map(|(task, entries)| {
+                let parsed = entries
+                    .iter()
+                    .map(|e| {
+                        let (p, m) = split_route_entry(e);
+                        (p.to_string(), m.map(str::to_string))
+                    })
+                    .collect();
+                (task.clone(), parsed)
+            })
+            .collect();
+        Self {
+            registry,
+            routes: Arc::new(routes),
+        }
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The ordered targets for a job: its route (by task type, else `default`), with the job's
+    /// pinned provider/model first and the route's other entries as its fallbacks. A model
+    /// given without a provider applies to the route's first entry.
+    pub fn plan(&self, job: &Job) -> Vec<Target> {
+        let route = job
+            .envelope
+            .task_type
+            .as_ref()
+            .and_then(|t| self.routes.get(t))
+            .or_else(|| self.routes.get("default"))
+            .cloned()
+            .unwrap_or_default();
+        let mut entries: Vec<(String, Option<String>)> = Vec::new();
+        match (&job.provider, &job.model) {
+            (Some(p), model) => {
+                let model = model.clone().or_else(|| {
+                    route
+                        .iter()
+                        .find(|(rp, _)| rp == p)
+                        .and_then(|(_, m)| m.clone())
+                });
+                entries.push((p.clone(), model));
+                entries.extend(route);
+            }
+            (None, Some(m)) => {
+                let mut route = route.into_iter();
+                if let Some((p, _)) = route.next() {
+                    entries.push((p, Some(m.clone())));
+                }
+                entries.extend(route);
+            }
+            (None, None) => entries.extend(route),
+        }
+        let mut targets: Vec<Target> = Vec::new();
+        for (p, m) in entries {
+            let Some(provider) = self.registry.get(&p) else {
+                continue;
+            };
+            let model = provider.model_or_default(m.as_deref()).to_string();
+            if !targets
+                .iter()
+                .any(|t| t.provider.name == p && t.model == model)
+            {
+                targets.push(Target {
+                    provider: provider.clone(),
+                    model,
+                });
+            }
+        }
+        targets
+    }
+
+    /// Run a generation job through its chain until one attempt succeeds, the chain is
+    /// exhausted, or `deadline` passes.
+    pub async fn generate<S: DeltaSink>(
+        &self,
+        job: &Job,
+        req: &GenerateRequest,
+        deadline: Instant,
+        sink: &mut S,
+    ) -> Outcome {
+        let targets = self.plan(job);
+        let mut attempts: Vec<AttemptRecord> = Vec::new();
+        let mut timed_out = false;
+        'targets: for target in &targets {
+            let policy = &target.provider.retry;
+            let mut backoff = ExponentialBuilder::default()
+                .with_min_delay(policy.min_delay)
+                .with_max_delay(policy.max_delay)
+                .with_max_times(policy.max_retries)
+                .with_jitter()
+                .build();
+            loop {
+                if Instant::now() >= deadline {
+                    timed_out = true;
+                    break 'targets;
+                }
+                let number = attempts.len() as u32 + 1;
+                let (record, result) = attempt(target, number, req, deadline, sink).await;
+                attempts.push(record);
+                let err = match result {
+                    Ok(success) => {
+                        return Outcome {
+                            attempts,
+                            result: Ok(success),
+                        };
+                    }
+                    Err(err) => err,
+                };
+                if err.code == ErrorCode::Timeout {
+                    timed_out = true;
+                    break 'targets;
+                }
+                match err.disposition() {
+                    Disposition::Final => {
+                        let error = ErrorBody {
+                            code: err.code,
+                            message: format!("{}: {}", target.provider.name, err.message),
+                            retryable: false,
+                        };
+                        return Outcome {
+                            attempts,
+                            result: Err(error),
+                        };
+                    }
+                    Disposition::Fallback => continue 'targets,
+                    Disposition::Retry => {
+                        let Some(delay) = backoff.next() else {
+                            continue 'targets;
+                        };
+                        let hinted = err.retry_after.unwrap_or(Duration::ZERO);
+                        if hinted > MAX_RETRY_AFTER {
+                            continue 'targets;
+                        }
+                        let delay = delay.max(hinted);
+                        if Instant::now() + delay >= deadline {
+                            continue 'targets;
+                        }
+                        tracing::debug!(provider = %target.provider.name, ?delay, code = %err.code, "retrying");
+                        tokio::time::sleep(delay).await;
+                    }
+                }
+            }
+        }
+        let error = chain_error(&attempts, timed_out, targets.is_empty());
+        Outcome {
+            attempts,
+            result: Err(error),
+        }
+    }
+}
+
+/// The job-level error once no attempt succeeded.
+fn chain_error(attempts: &[AttemptRecord], timed_out: bool, no_targets: bool) -> ErrorBody {
+    let codes: Vec<ErrorCode> = attempts
+        .iter()
+        .filter_map(|a| a.error.as_ref().map(|e| e.code))
+        .collect();
+    let last = attempts
+        .last()
+        .and_then(|a| {
+            a.error
+                .as_ref()
+                .map(|e| format!("{} {}: {}", a.provider, e.code, e.message))
+        })
+        .unwrap_or_default();
+    if timed_out {
+        return ErrorBody {
+            code: ErrorCode::Timeout,
+            message: format!(
+                "the job's deadline passed after {} attempt(s); last: {last}",
+                attempts.len()
+            ),
+            retryable: false,
+        };
+    }
+    if no_targets {
+        return ErrorBody {
+            code: ErrorCode::AllProvidersFailed,
+            message: "no provider in the job's route is configured".into(),
+            retryable: false,
+        };
+    }
+    let code = if !codes.is_empty() && codes.iter().all(|c| *c == ErrorCode::ContextTooLong) {
+        ErrorCode::ContextTooLong
+    } else {
+        ErrorCode::AllProvidersFailed
+    };
+    ErrorBody {
+        code,
+        message: format!("all {} attempt(s) failed; last: {last}", attempts.len()),
+        retryable: false,
+    }
+}
+
+/// One provider call, consumed to its end under the attempt's time limits.
+async fn attempt<S: DeltaSink>(
+    target: &Target,
+    number: u32,
+    req: &GenerateRequest,
+    deadline: Instant,
+    sink: &mut S,
+) -> (AttemptRecord, Result<Success, ProviderError>) {
+    let provider = &target.provider;
+    let started_at = Utc::now();
+    let t0 = Instant::now();
+    let first_token_limit = (t0 + provider.timeouts.first_token).min(deadline);
+    let meta = AttemptMeta {
+        attempt: number,
+        provider: &provider.name,
+        model: &target.model,
+    };
+
+    let mut output = String::new();
+    let mut usage: Option<Usage> = None;
+    let mut finish: Option<String> = None;
+    let mut ttft: Option<Duration> = None;
+    let mut started = false;
+
+    let call =
+        match tokio::time::timeout_at(first_token_limit, provider.generate(&target.model, req))
+            .await
+        {
+            Ok(call) => call,
+            Err(_) => Err(limit_error(deadline, true)),
+        };
+    let (error, http_status) = match call {
+        Err(e) => {
+            let status = e.http_status;
+            (Some(e), status)
+        }
+        Ok(call) => {
+            started = true;
+            let mut events = call.events;
+            let mut last_text = t0;
+            let error = loop {
+                let limit = if finish.is_some() {
+                    // Only trailing usage can follow a finish: wait briefly, then finish without it.
+                    (Instant::now() + FINISH_TAIL).min(deadline)
+                } else if output.is_empty() {
+                    first_token_limit
+                } else {
+                    (last_text + provider.timeouts.stall).min(deadline)
+                };
+                match tokio::time::timeout_at(limit, events.next()).await {
+                    Err(_) if finish.is_some() => break None,
+                    Err(_) => break Some(limit_error(deadline, output.is_empty())),
+                    Ok(None) if finish.is_some() => break None,
+                    Ok(None) => {
+                        break Some(ProviderError::new(
+                            ErrorCode::Truncated,
+                            "the answer ended before a finish signal",
+                        ));
+                    }
+                    Ok(Some(Err(e))) => break Some(e),
+                    Ok(Some(Ok(ProviderEvent::Delta(text)))) => {
+                        last_text = Instant::now();
+                        ttft.get_or_insert(last_text - t0);
+                        sink.delta(meta, &text).await;
+                        output.push_str(&text);
+                    }
+                    Ok(Some(Ok(ProviderEvent::Finish(reason)))) => finish = Some(reason),
+                    Ok(Some(Ok(ProviderEvent::Usage(u)))) => usage = Some(u),
+                }
+            };
+            (error, call.http_status)
+        }
+    };
+    // Reported usage wins; a call that got an answer but no usage is estimated (it may be billed).
+    let (tokens, estimated) = match usage {
+        Some(u) => (u, false),
+        None if started => (
+            Usage {
+                input_tokens: estimate_request_tokens(req),
+                output_tokens: estimate_tokens(&output),
+            },
+            true,
+        ),
+        None => (Usage::default(), false),
+    };
+    let finished_at = Utc::now();
+    let record = AttemptRecord {
+        attempt: number,
+        provider: provider.name.clone(),
+        model: target.model.clone(),
+        error: error.as_ref().map(|e| ErrorBody {
+            code: e.code,
+            message: e.message.clone(),
+            retryable: e.disposition() == Disposition::Retry,
+        }),
+        input_tokens: tokens.input_tokens,
+        output_tokens: tokens.output_tokens,
+        tokens_estimated: estimated,
+        cost_usd: None,
+        http_status,
+        latency_ms: elapsed_ms(started_at, finished_at),
+        ttft_ms: ttft.map(|d| d.as_millis() as u64),
+        started_at,
+        finished_at,
+    };
+    let result = match (error, finish) {
+        (Some(e), _) => Err(e),
+        (None, Some(finish_reason)) => Ok(Success {
+            attempt: number,
+            provider: provider.name.clone(),
+            model: target.model.clone(),
+            output,
+            finish_reason,
+            usage: tokens,
+        }),
+        (None, None) => Err(ProviderError::new(ErrorCode::Truncated, "no finish signal")),
+    };
+    (record, result)
+}
+
+fn limit_error(deadline: Instant, before_first_text: bool) -> ProviderError {
+    if Instant::now() >= deadline {
+        ProviderError::new(
+            ErrorCode::Timeout,
+            "the job's deadline passed during the call",
+        )
+    } else if before_first_text {
+        ProviderError::new(
+            ErrorCode::FirstTokenTimeout,
+            "no text before the first-token limit",
+        )
+    } else {
+        ProviderError::new(
+            ErrorCode::Stalled,
+            "the stream stalled: no text within the stall limit",
+        )
+    }
+}

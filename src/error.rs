@@ -1,0 +1,183 @@
+//! Error types that carry their own consequence.
+//!
+//! A [`ProviderError`] says, through its [`ProviderErrorKind`], whether the chain should retry the
+//! same provider, fall back to the next entry, or end the job ([`Disposition`]). The chain never
+//! decides by matching strings; provider modules classify their own wire errors into these kinds.
+//! [`ErrorCode`] is the contract's `error.code` vocabulary, for attempts and for whole jobs.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// What the chain does after a failed attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// Transient: retry the same provider (with backoff), then fall back.
+    Retry,
+    /// This provider/model cannot answer this job: go to the next chain entry at once.
+    Fallback,
+    /// Nobody should answer this job (e.g. a content-filter refusal): end it.
+    Final,
+}
+
+/// The contract's error codes (`error.code`), for attempts and results.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    // Job-level codes (result.error.code).
+    InvalidJob,
+    AllProvidersFailed,
+    Timeout,
+    ContextTooLong,
+    ContentFiltered,
+    PayloadTooLarge,
+    BudgetExceeded,
+    Cancelled,
+    // Attempt-level codes (result.attempts[].error.code).
+    RateLimited,
+    QuotaExhausted,
+    Overloaded,
+    ServerError,
+    Truncated,
+    MalformedResponse,
+    Network,
+    ConnectTimeout,
+    FirstTokenTimeout,
+    Stalled,
+    BadRequest,
+    Unauthorized,
+    NotFound,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidJob => "invalid_job",
+            ErrorCode::AllProvidersFailed => "all_providers_failed",
+            ErrorCode::Timeout => "timeout",
+            ErrorCode::ContextTooLong => "context_too_long",
+            ErrorCode::ContentFiltered => "content_filtered",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::BudgetExceeded => "budget_exceeded",
+            ErrorCode::Cancelled => "cancelled",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::QuotaExhausted => "quota_exhausted",
+            ErrorCode::Overloaded => "overloaded",
+            ErrorCode::ServerError => "server_error",
+            ErrorCode::Truncated => "truncated",
+            ErrorCode::MalformedResponse => "malformed_response",
+            ErrorCode::Network => "network",
+            ErrorCode::ConnectTimeout => "connect_timeout",
+            ErrorCode::FirstTokenTimeout => "first_token_timeout",
+            ErrorCode::Stalled => "stalled",
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::NotFound => "not_found",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One failed provider call, classified by the provider module that saw it.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct ProviderError {
+    pub code: ErrorCode,
+    /// Human-readable, from the provider's own error where there is one. Never holds a key.
+    pub message: String,
+    pub http_status: Option<u16>,
+    /// The provider's own retry hint (Retry-After, retry-after-ms, RetryInfo).
+    pub retry_after: Option<Duration>,
+}
+
+impl ProviderError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            http_status: None,
+            retry_after: None,
+        }
+    }
+
+    pub fn with_status(mut self, status: u16) -> Self {
+        self.http_status = Some(status);
+        self
+    }
+
+    pub fn with_retry_after(mut self, after: Option<Duration>) -> Self {
+        self.retry_after = after;
+        self
+    }
+
+    /// The consequence of this error for the chain.
+    pub fn disposition(&self) -> Disposition {
+        match self.code {
+            ErrorCode::RateLimited
+            | ErrorCode::Overloaded
+            | ErrorCode::ServerError
+            | ErrorCode::Truncated
+            | ErrorCode::Network => Disposition::Retry,
+            // A provider that timed out is not retried for this job: fall over at once.
+            ErrorCode::ConnectTimeout
+            | ErrorCode::FirstTokenTimeout
+            | ErrorCode::Stalled
+            | ErrorCode::MalformedResponse
+            | ErrorCode::ContextTooLong
+            | ErrorCode::QuotaExhausted
+            | ErrorCode::BadRequest
+            | ErrorCode::Unauthorized
+            | ErrorCode::NotFound
+            | ErrorCode::PayloadTooLarge => Disposition::Fallback,
+            ErrorCode::ContentFiltered
+            | ErrorCode::InvalidJob
+            | ErrorCode::Cancelled
+            | ErrorCode::BudgetExceeded => Disposition::Final,
+            ErrorCode::AllProvidersFailed | ErrorCode::Timeout => Disposition::Fallback,
+        }
+    }
+}
+
+/// Classify an HTTP error status the way every provider's SDK does (see PROVIDERS.md);
+/// provider modules refine it with their error bodies (context overflow, quota, ...).
+pub fn code_for_status(status: u16) -> ErrorCode {
+    match status {
+        400 | 422 => ErrorCode::BadRequest,
+        401 | 403 => ErrorCode::Unauthorized,
+        404 => ErrorCode::NotFound,
+        413 => ErrorCode::PayloadTooLarge,
+        429 => ErrorCode::RateLimited,
+        529 | 503 => ErrorCode::Overloaded,
+        408 | 409 | 500..=599 => ErrorCode::ServerError,
+        _ => ErrorCode::BadRequest,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transient_statuses_are_retried_and_client_errors_fall_back() {
+        for s in [408, 409, 429, 500, 502, 503, 504, 529] {
+            let e = ProviderError::new(code_for_status(s), "x");
+            assert_eq!(e.disposition(), Disposition::Retry, "{s}");
+        }
+        for s in [400, 401, 403, 404, 413, 422] {
+            let e = ProviderError::new(code_for_status(s), "x");
+            assert_eq!(e.disposition(), Disposition::Fallback, "{s}");
+        }
+    }
+
+    #[test]
+    fn codes_serialize_as_the_contract_spells_them() {
+        let json = serde_json::to_string(&ErrorCode::AllProvidersFailed).unwrap();
+        assert_eq!(json, "\"all_providers_failed\"");
+        assert_eq!(ErrorCode::InvalidJob.as_str(), "invalid_job");
+    }
+}

@@ -1,0 +1,182 @@
+//! The contract's event messages: `chunk` and `result`, as published on `reply_to` and stored
+//! in `LLM_RESULTS`. Serialization only; publishing lives in [`crate::reply`].
+//!
+//! The result carries, per attempt, more than the contract's minimum (tokens, cost, timings,
+//! HTTP status): that is what the usage recorder projects into `llm_calls`. Clients ignore
+//! fields they do not know.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::error::ErrorCode;
+use crate::job::{Envelope, JobKind};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ChunkEvent<'a> {
+    #[serde(rename = "type")]
+    pub kind: &'a str,
+    pub job_id: Uuid,
+    pub trace_id: &'a str,
+    pub seq: u64,
+    pub attempt: u32,
+    pub provider: &'a str,
+    pub model: &'a str,
+    pub delta: &'a str,
+}
+
+/// `error` of a result or of an attempt.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ErrorBody {
+    pub code: ErrorCode,
+    pub message: String,
+    #[serde(default)]
+    pub retryable: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TokensUsed {
+    pub input: u64,
+    pub output: u64,
+    pub total: u64,
+}
+
+impl TokensUsed {
+    pub fn new(input: u64, output: u64) -> Self {
+        Self {
+            input,
+            output,
+            total: input + output,
+        }
+    }
+}
+
+/// One provider call of a job, in order; `attempt` is its 1-based index.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AttemptRecord {
+    pub attempt: u32,
+    pub provider: String,
+    pub model: String,
+    /// `null` for the call whose output counts and for none other that succeeded.
+    pub error: Option<ErrorBody>,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    /// True when the provider reported no usage and the worker estimated it.
+    pub tokens_estimated: bool,
+    pub cost_usd: Option<f64>,
+    pub http_status: Option<u16>,
+    pub latency_ms: u64,
+    /// Time to the first text, when there was any.
+    pub ttft_ms: Option<u64>,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Ok,
+    Error,
+}
+
+/// The single final event of a job.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ResultEvent {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub job_id: Uuid,
+    pub trace_id: String,
+    pub status: Status,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub output: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub embeddings: Option<Vec<Vec<f32>>>,
+    pub finish_reason: Option<String>,
+    pub tokens_used: TokensUsed,
+    pub model_used: Option<String>,
+    pub provider: Option<String>,
+    /// 1-based index into `attempts` of the call whose output is final.
+    pub attempt: Option<u32>,
+    pub attempts: Vec<AttemptRecord>,
+    pub cost_usd: Option<f64>,
+    pub cache_hit: bool,
+    pub processing_time_ms: u64,
+    pub error: Option<ErrorBody>,
+    // Beyond the contract's example, for the usage ledger (clients ignore unknown fields).
+    pub job_kind: JobKind,
+    pub tenant: String,
+    pub task_type: Option<String>,
+    #[serde(default)]
+    pub metadata: serde_json::Value,
+    pub worker_id: String,
+    pub received_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+}
+
+impl ResultEvent {
+    /// A result for a job that ended before or without a successful provider call.
+    pub fn failure(
+        envelope: &Envelope,
+        kind: JobKind,
+        error: ErrorBody,
+        worker_id: &str,
+        received_at: DateTime<Utc>,
+    ) -> Self {
+        let finished_at = Utc::now();
+        Self {
+            kind: "result".into(),
+            job_id: envelope.job_id,
+            trace_id: envelope.trace_id.clone(),
+            status: Status::Error,
+            output: None,
+            embeddings: None,
+            finish_reason: None,
+            tokens_used: TokensUsed::default(),
+            model_used: None,
+            provider: None,
+            attempt: None,
+            attempts: Vec::new(),
+            cost_usd: None,
+            cache_hit: false,
+            processing_time_ms: elapsed_ms(received_at, finished_at),
+            error: Some(error),
+            job_kind: kind,
+            tenant: envelope.tenant.clone(),
+            task_type: envelope.task_type.clone(),
+            metadata: envelope.metadata.clone(),
+            worker_id: worker_id.to_string(),
+            received_at,
+            finished_at,
+        }
+    }
+}
+
+pub fn elapsed_ms(from: DateTime<Utc>, to: DateTime<Utc>) -> u64 {
+    u64::try_from((to - from).num_milliseconds()).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_events_have_the_contract_shape() {
+        let id = Uuid::nil();
+        let c = ChunkEvent {
+            kind: "chunk",
+            job_id: id,
+            trace_id: "t",
+            seq: 0,
+            attempt: 1,
+            provider: "p",
+            model: "m",
+            delta: "Hel",
+        };
+        let v: serde_json::Value = serde_json::to_value(&c).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"type":"chunk","job_id":id,"trace_id":"t","seq":0,"attempt":1,
+                "provider":"p","model":"m","delta":"Hel"})
+        );
+    }
+}

@@ -1,0 +1,40 @@
+//! llm-worker: LLM jobs from NATS JetStream through a provider fallback chain, with streamed
+//! chunks and durable results, and a usage and cost ledger in Postgres.
+//!
+//! The path of one job, and the module that owns each step:
+//!
+//! ```text
+//! JetStream LLM_JOBS ──pull (free permits only)──▶ queue ──▶ worker::Worker::handle
+//!   job::decode (parse, don't validate) ──invalid──▶ invalid_job result, Term
+//!   reply::Replies::stored (answered before?) ──yes──▶ re-send stored result, Ack
+//!   chain::Chain::generate: route → for each target: providers::Provider call,
+//!       retry transient errors (backon), fall back, enforce first-token/stall/deadline
+//!   reply: chunk events on reply_to as text arrives; result stored in LLM_RESULTS, sent live
+//!   Ack (only after the result is stored)
+//! LLM_RESULTS ──usage::Recorder (batches, idempotent)──▶ Postgres llm_jobs / llm_calls
+//! ```
+//!
+//! - [`config`]: TOML + environment, validated once; the only reader of env vars.
+//! - [`job`] / [`event`]: the contract's wire types. [`error`]: errors that carry their consequence.
+//! - [`queue`]: streams, consumers, the pull loop. [`worker`]: one message from start to ack.
+//! - [`chain`]: routing, retries, fallback, deadlines. [`providers`]: one module per wire protocol.
+//! - [`reply`]: publishing chunks and results. [`usage`]: migrations, recorder, reports;
+//!   [`pricing`]: prices and cost.
+//! - [`app`]: start-up and graceful shutdown. [`submit`]: the client side of `llm-worker submit`.
+//! - [`testkit`]: a fake OpenAI-compatible server for tests, demos and benchmarks.
+
+pub mod app;
+pub mod chain;
+pub mod config;
+pub mod error;
+pub mod event;
+pub mod job;
+pub mod pricing;
+pub mod providers;
+pub mod queue;
+pub mod reply;
+pub mod submit;
+pub mod telemetry;
+pub mod testkit;
+pub mod usage;
+pub mod worker;

@@ -1,0 +1,245 @@
+//! The `llm-worker` binary: argument parsing over the library. No logic lives here that tests
+//! cannot reach.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use llm_worker::app::{self, Roles};
+use llm_worker::config::Config;
+use llm_worker::event::Status;
+use llm_worker::job::JobKind;
+use llm_worker::{submit, telemetry, testkit, usage};
+
+#[derive(Parser)]
+#[command(
+    name = "llm-worker",
+    version,
+    about = "LLM jobs from NATS JetStream, with fallback, streaming and a usage ledger"
+)]
+struct Cli {
+    /// Config file (TOML). Also `LLM_WORKER_CONFIG`. Optional: environment variables suffice
+    /// for the common case.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a worker: consume jobs and record usage until SIGTERM/SIGINT.
+    Run {
+        /// Only answer jobs; leave usage recording to other processes.
+        #[arg(long, conflicts_with = "recorder_only")]
+        no_recorder: bool,
+        /// Only record usage (LLM_RESULTS -> Postgres); answer no jobs.
+        #[arg(long)]
+        recorder_only: bool,
+    },
+    /// Publish one generation job and stream its answer to stdout.
+    Submit {
+        /// The prompt; read from stdin when absent.
+        prompt: Option<String>,
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long)]
+        provider: Option<String>,
+        #[arg(long)]
+        task_type: Option<String>,
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long)]
+        system: Option<String>,
+        #[arg(long)]
+        max_tokens: Option<u32>,
+        #[arg(long)]
+        timeout_ms: Option<u64>,
+        /// Ask for the answer in one piece (no chunk events).
+        #[arg(long)]
+        no_stream: bool,
+        /// Submit this raw job JSON (a file path, or - for stdin) instead of building one.
+        #[arg(long, conflicts_with = "prompt")]
+        job: Option<String>,
+        /// Print the whole result event as JSON instead of the summary line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Print usage per day, tenant, provider and model.
+    Usage {
+        /// How many days back, today included.
+        #[arg(long, default_value_t = 7)]
+        days: u32,
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Serve a fake OpenAI-compatible API (for demos and benchmarks only).
+    FakeOpenai {
+        #[arg(long, default_value = "127.0.0.1:8089")]
+        listen: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Command::FakeOpenai { listen } = &cli.command {
+        let server = testkit::FakeOpenAi::start_on(listen).await?;
+        eprintln!(
+            "fake OpenAI API on {} (for demos and benchmarks)",
+            server.base_url()
+        );
+        server.wait().await;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let config = Config::load(cli.config.as_deref())?;
+    telemetry::init(config.telemetry.log_format);
+    match cli.command {
+        Command::Run {
+            no_recorder,
+            recorder_only,
+        } => {
+            let roles = Roles {
+                jobs: !recorder_only,
+                recorder: !no_recorder,
+            };
+            let running = app::start(config, roles).await?;
+            let stop = running.stop_token();
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                stop.cancel();
+            });
+            running.wait().await;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Submit {
+            prompt,
+            model,
+            provider,
+            task_type,
+            tenant,
+            system,
+            max_tokens,
+            timeout_ms,
+            no_stream,
+            job,
+            json,
+        } => {
+            let job = match job {
+                Some(source) => serde_json::from_str(&read_source(&source)?)
+                    .context("the job file is not valid JSON")?,
+                None => {
+                    let prompt = match prompt {
+                        Some(p) => p,
+                        None => read_source("-")?,
+                    };
+                    let mut job = serde_json::json!({"prompt": prompt, "stream": !no_stream});
+                    let fields = [
+                        ("model", model.map(Into::into)),
+                        ("provider", provider.map(Into::into)),
+                        ("task_type", task_type.map(Into::into)),
+                        ("tenant", tenant.map(Into::into)),
+                        ("system_prompt", system.map(Into::into)),
+                        ("timeout_ms", timeout_ms.map(Into::into)),
+                    ];
+                    for (k, v) in fields {
+                        if let Some(v) = v {
+                            job[k] = v;
+                        }
+                    }
+                    if let Some(m) = max_tokens {
+                        job["options"] = serde_json::json!({"max_tokens": m});
+                    }
+                    job
+                }
+            };
+            let mut stdout = std::io::stdout();
+            let result = submit::submit(&config.nats, JobKind::Generate, job, &mut stdout).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&result)?);
+            } else {
+                eprintln!("{}", submit::summary(&result));
+            }
+            Ok(if result.status == Status::Ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Migrate => {
+            app::connect_db(&config)
+                .await?
+                .context("DATABASE_URL (or database.url) is not set")?;
+            eprintln!("migrations applied");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Usage { days, tenant } => {
+            let pool = app::connect_db(&config)
+                .await?
+                .context("DATABASE_URL (or database.url) is not set")?;
+            let today = chrono::Utc::now().date_naive();
+            let from = today - chrono::Days::new(u64::from(days.max(1)) - 1);
+            let to = today + chrono::Days::new(1);
+            let rows = usage::report::daily(&pool, from, to, tenant.as_deref()).await?;
+            print!("{}", usage::report::render(&rows));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::FakeOpenai { .. } => Ok(ExitCode::SUCCESS),
+    }
+}
+
+fn read_source(source: &str) -> anyhow::Result<String> {
+    let mut text = String::new();
+    if source == "-" {
+        std::io::stdin().read_to_string(&mut text)?;
+    } else {
+        text = std::fs::read_to_string(source).with_context(|| format!("reading {source}"))?;
+    }
+    Ok(text)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

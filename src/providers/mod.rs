@@ -1,0 +1,245 @@
+//! Providers: one module per wire protocol, each turning a [`GenerateRequest`] into a stream of
+//! [`ProviderEvent`]s (text deltas, usage, finish reason) and classifying its own errors into
+//! [`ProviderError`]s. Providers publish nothing and know nothing of retries or fallback.
+//!
+//! The [`Provider`] enum is chosen by the config's `type`; [`Registry`] holds them by name.
+//!
+//! Contract every provider stream keeps: it ends `Ok` only after a finish signal; a body that
+//! ends before one yields a `truncated` error as its last item.
+
+pub mod fake;
+pub mod openai;
+mod sse;
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+
+use crate::config::{Config, ProviderConfig, ProviderType};
+use crate::error::{ErrorCode, ProviderError};
+use crate::job::GenerateRequest;
+
+/// What a provider stream yields, in order: deltas, then `Finish`, possibly `Usage` anywhere.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ProviderEvent {
+    Delta(String),
+    Usage(Usage),
+    Finish(String),
+}
+
+/// Token counts as the provider reported them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+}
+
+pub type EventStream = Pin<Box<dyn Stream<Item = Result<ProviderEvent, ProviderError>> + Send>>;
+
+/// The answer to one call: the HTTP status it got (if HTTP) and the event stream.
+pub struct Call {
+    pub http_status: Option<u16>,
+    pub events: EventStream,
+}
+
+/// Per-provider timing limits the chain enforces around a call.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub first_token: Duration,
+    pub stall: Duration,
+}
+
+/// Retry policy knobs for one provider.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    pub max_retries: usize,
+    pub min_delay: Duration,
+    pub max_delay: Duration,
+}
+
+pub enum ProviderImpl {
+    OpenAi(openai::OpenAi),
+    Fake(fake::Fake),
+}
+
+/// One configured provider.
+pub struct Provider {
+    pub name: String,
+    pub default_model: Option<String>,
+    pub timeouts: Timeouts,
+    pub retry: RetryPolicy,
+    imp: ProviderImpl,
+}
+
+impl Provider {
+    pub fn from_config(
+        name: &str,
+        cfg: &ProviderConfig,
+        http: &reqwest::Client,
+    ) -> Result<Self, ProviderError> {
+        let imp = match cfg.kind {
+            ProviderType::Openai => ProviderImpl::OpenAi(openai::OpenAi::new(cfg, http.clone())?),
+            ProviderType::Fake => ProviderImpl::Fake(fake::Fake::new(cfg)),
+        };
+        Ok(Self {
+            name: name.to_string(),
+            default_model: cfg.default_model.clone(),
+            timeouts: Timeouts {
+                first_token: Duration::from_millis(cfg.first_token_timeout_ms),
+                stall: Duration::from_millis(cfg.stall_timeout_ms),
+            },
+            retry: RetryPolicy {
+                max_retries: cfg.max_retries,
+                min_delay: Duration::from_millis(cfg.retry_min_delay_ms),
+                max_delay: Duration::from_millis(cfg.retry_max_delay_ms),
+            },
+            imp,
+        })
+    }
+
+    /// Start one generation call. Errors before the first byte of the answer are returned here;
+    /// errors after it arrive inside the stream.
+    pub async fn generate(
+        &self,
+        model: &str,
+        req: &GenerateRequest,
+    ) -> Result<Call, ProviderError> {
+        match &self.imp {
+            ProviderImpl::OpenAi(p) => p.generate(model, req).await,
+            ProviderImpl::Fake(p) => p.generate(model, req),
+        }
+    }
+
+    /// The model used when neither job nor route names one.
+    pub fn model_or_default<'a>(&'a self, model: Option<&'a str>) -> &'a str {
+        model.or(self.default_model.as_deref()).unwrap_or("fake")
+    }
+}
+
+/// All configured providers by name.
+#[derive(Clone)]
+pub struct Registry {
+    providers: Arc<BTreeMap<String, Arc<Provider>>>,
+}
+
+impl Registry {
+    pub fn from_config(config: &Config) -> Result<Self, ProviderError> {
+        let max_connect = config
+            .providers
+            .values()
+            .map(|p| p.connect_timeout_ms)
+            .max()
+            .unwrap_or(5_000);
+        let http = http_client(Duration::from_millis(max_connect))?;
+        let mut providers = BTreeMap::new();
+        for (name, cfg) in &config.providers {
+            providers.insert(
+                name.clone(),
+                Arc::new(Provider::from_config(name, cfg, &http)?),
+            );
+        }
+        Ok(Self {
+            providers: Arc::new(providers),
+        })
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<Provider>> {
+        self.providers.get(name)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.providers.contains_key(name)
+    }
+}
+
+/// The shared, pooled HTTP client. Only a connect timeout: a total timeout would cut long
+/// streams; the chain enforces first-token, stall and job deadlines itself.
+pub fn http_client(connect_timeout: Duration) -> Result<reqwest::Client, ProviderError> {
+    install_crypto_provider();
+    reqwest::Client::builder()
+        .connect_timeout(connect_timeout)
+        .pool_max_idle_per_host(1024)
+        .tcp_nodelay(true)
+        .build()
+        .map_err(|e| ProviderError::new(ErrorCode::Network, format!("HTTP client: {e}")))
+}
+
+/// reqwest is built with `rustls-no-provider` (ring is already in the tree through async-nats,
+/// and aws-lc would need a C toolchain step): install ring once as the process default.
+pub fn install_crypto_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // Err means another provider was installed first; that one serves as well.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+/// Rough token count for text a provider did not count (about four characters per token for
+/// English with cl100k/o200k). Marked `tokens_estimated` wherever it is used.
+pub fn estimate_tokens(text: &str) -> u64 {
+    let chars = text.chars().count() as u64;
+    chars.div_ceil(4)
+}
+
+/// Estimated prompt size of a request (system + messages).
+pub fn estimate_request_tokens(req: &GenerateRequest) -> u64 {
+    let mut n = req.system.as_deref().map(estimate_tokens).unwrap_or(0);
+    for m in &req.messages {
+        n += estimate_tokens(&m.content) + 4;
+    }
+    n
+}
+
+/// Parse `retry-after-ms`, then `retry-after` (seconds or an HTTP date).
+pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let get = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
+    if let Some(ms) = get("retry-after-ms").and_then(|v| v.parse::<f64>().ok())
+        && ms.is_finite()
+        && ms >= 0.0
+    {
+        return Some(Duration::from_millis(ms as u64));
+    }
+    let v = get("retry-after")?;
+    if let Ok(secs) = v.parse::<f64>() {
+        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+    }
+    let at = chrono::DateTime::parse_from_rfc2822(v).ok()?;
+    let delta = at.with_timezone(&chrono::Utc) - chrono::Utc::now();
+    Some(delta.to_std().unwrap_or(Duration::ZERO))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::{HeaderMap, HeaderValue};
+
+    #[test]
+    fn retry_after_reads_milliseconds_seconds_and_dates() {
+        let mut h = HeaderMap::new();
+        h.insert("retry-after", HeaderValue::from_static("3"));
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(3)));
+        h.insert("retry-after-ms", HeaderValue::from_static("250"));
+        assert_eq!(retry_after(&h), Some(Duration::from_millis(250)));
+        let mut h = HeaderMap::new();
+        h.insert(
+            "retry-after",
+            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
+        );
+        assert_eq!(retry_after(&h), Some(Duration::ZERO));
+        assert_eq!(retry_after(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn estimates_round_up() {
+        assert_eq!(estimate_tokens(""), 0);
+        assert_eq!(estimate_tokens("abcde"), 2);
+    }
+}

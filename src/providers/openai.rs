@@ -1,0 +1,564 @@
+//! OpenAI Chat Completions, and every OpenAI-compatible server (vLLM, llama.cpp, LM Studio,
+//! OpenRouter, ...): request building, the SSE chunk decoder, and error classification.
+//!
+//! Wire facts (PROVIDERS.md): streamed chunks carry `choices[0].delta.content` and a
+//! `finish_reason` on the last choice chunk; with `stream_options.include_usage` one more chunk
+//! with `choices: []` carries `usage`; `data: [DONE]` ends the body but may be missing. Errors
+//! are `{"error":{message,type,code}}` (old vLLM: top-level `{"object":"error",...}`), also as a
+//! `data:` event inside a 200 stream.
+
+use eventsource_stream::Event;
+use reqwest::Url;
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+
+use super::sse::{self, SseDecoder, Step};
+use super::{Call, ProviderEvent, Usage};
+use crate::config::{MaxTokensField, ProviderConfig};
+use crate::error::{ErrorCode, ProviderError, code_for_status};
+use crate::job::{GenerateRequest, Role};
+
+/// Longest provider error text we keep (bodies can be HTML pages).
+const MAX_ERROR_CHARS: usize = 500;
+
+pub struct OpenAi {
+    client: reqwest::Client,
+    chat_url: Url,
+    key: Option<SecretString>,
+    max_tokens_field: MaxTokensField,
+}
+
+impl OpenAi {
+    pub fn new(cfg: &ProviderConfig, client: reqwest::Client) -> Result<Self, ProviderError> {
+        let base = cfg
+            .base_url
+            .as_deref()
+            .unwrap_or("https://api.openai.com/v1");
+        Ok(Self {
+            client,
+            chat_url: endpoint(base, "chat/completions")?,
+            key: cfg.api_key.clone(),
+            max_tokens_field: cfg.max_tokens_field,
+        })
+    }
+
+    pub async fn generate(
+        &self,
+        model: &str,
+        req: &GenerateRequest,
+    ) -> Result<Call, ProviderError> {
+        let body = request_body(model, req, self.max_tokens_field);
+        let mut builder = self.client.post(self.chat_url.clone()).json(&body);
+        if let Some(key) = &self.key {
+            builder = builder.bearer_auth(key.expose_secret());
+        }
+        let response = builder.send().await.map_err(|e| transport_error(&e))?;
+        let status = response.status().as_u16();
+        if !response.status().is_success() {
+            return Err(self.http_error(response).await);
+        }
+        let events = if req.stream {
+            sse::decode(response, StreamDecoder::default())
+        } else {
+            let text = response.text().await.map_err(|e| {
+                ProviderError::new(ErrorCode::Truncated, format!("reading body: {e}"))
+            })?;
+            let events = parse_completion(&text);
+            Box::pin(futures::stream::iter(events))
+        };
+        Ok(Call {
+            http_status: Some(status),
+            events,
+        })
+    }
+
+    async fn http_error(&self, response: reqwest::Response) -> ProviderError {
+        let status = response.status().as_u16();
+        let retry_after = super::retry_after(response.headers());
+        let body = response.text().await.unwrap_or_default();
+        let mut err = classify_error_body(status, &body);
+        err.message = redact(&err.message, self.key.as_ref());
+        err.with_status(status).with_retry_after(retry_after)
+    }
+}
+
+/// `{base}/{path}`; a base URL with no path gets `/v1` (the SDKs' `OPENAI_BASE_URL` includes it).
+pub fn endpoint(base: &str, path: &str) -> Result<Url, ProviderError> {
+    let mut url = Url::parse(base)
+        .map_err(|e| ProviderError::new(ErrorCode::BadRequest, format!("base_url: {e}")))?;
+    if url.path() == "/" || url.path().is_empty() {
+        url.set_path("/v1");
+    }
+    let joined = format!("{}/{}", url.path().trim_end_matches('/'), path);
+    url.set_path(&joined);
+    Ok(url)
+}
+
+fn transport_error(e: &reqwest::Error) -> ProviderError {
+    let code = if e.is_connect() && e.is_timeout() {
+        ErrorCode::ConnectTimeout
+    } else {
+        ErrorCode::Network
+    };
+    // reqwest's Display includes the URL (never a key: keys travel in headers); its causes
+    // say what actually went wrong.
+    let mut message = format!("request failed: {e}");
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        message.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    ProviderError::new(code, message)
+}
+
+#[derive(Serialize)]
+struct WireMessage<'a> {
+    role: &'static str,
+    content: &'a str,
+}
+
+#[derive(Serialize)]
+struct ChatRequest<'a> {
+    model: &'a str,
+    messages: Vec<WireMessage<'a>>,
+    stream: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream_options: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_p: Option<f64>,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    stop: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_tokens: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_completion_tokens: Option<u32>,
+}
+
+fn request_body<'a>(
+    model: &'a str,
+    req: &'a GenerateRequest,
+    field: MaxTokensField,
+) -> ChatRequest<'a> {
+    let mut messages = Vec::with_capacity(req.messages.len() + 1);
+    if let Some(system) = &req.system {
+        messages.push(WireMessage {
+            role: "system",
+            content: system,
+        });
+    }
+    for m in &req.messages {
+        let role = match m.role {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        };
+        messages.push(WireMessage {
+            role,
+            content: &m.content,
+        });
+    }
+    let o = &req.options;
+    ChatRequest {
+        model,
+        messages,
+        stream: req.stream,
+        stream_options: req
+            .stream
+            .then(|| serde_json::json!({"include_usage": true})),
+        temperature: o.temperature,
+        top_p: o.top_p,
+        stop: &o.stop,
+        max_tokens: o.max_tokens.filter(|_| field == MaxTokensField::MaxTokens),
+        max_completion_tokens: o
+            .max_tokens
+            .filter(|_| field == MaxTokensField::MaxCompletionTokens),
+    }
+}
+
+#[derive(Deserialize)]
+struct WireUsage {
+    #[serde(default)]
+    prompt_tokens: u64,
+    #[serde(default)]
+    completion_tokens: u64,
+}
+
+impl From<WireUsage> for Usage {
+    fn from(u: WireUsage) -> Self {
+        Usage {
+            input_tokens: u.prompt_tokens,
+            output_tokens: u.completion_tokens,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct WireChunk {
+    #[serde(default)]
+    choices: Vec<WireChoice>,
+    usage: Option<WireUsage>,
+    error: Option<serde_json::Value>,
+    // Old vLLM puts errors at the top level: `{"object":"error","message",...}`.
+    object: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct WireChoice {
+    #[serde(default)]
+    index: u32,
+    delta: Option<WireDelta>,
+    message: Option<WireDelta>,
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct WireDelta {
+    content: Option<String>,
+}
+
+/// Decoder state of one streamed answer.
+#[derive(Default)]
+pub struct StreamDecoder {
+    finished: bool,
+    usage_seen: bool,
+}
+
+impl SseDecoder for StreamDecoder {
+    fn event(&mut self, event: &Event) -> Result<Step, ProviderError> {
+        let data = event.data.trim();
+        if data == "[DONE]" {
+            return if self.finished {
+                Ok(Step::End(Vec::new()))
+            } else {
+                Err(ProviderError::new(
+                    ErrorCode::Truncated,
+                    "stream sent [DONE] before a finish reason",
+                ))
+            };
+        }
+        if data.is_empty() {
+            return Ok(Step::More(Vec::new()));
+        }
+        if event.event == "error" {
+            return Err(classify_error_body(200, data));
+        }
+        let chunk: WireChunk = serde_json::from_str(data).map_err(|e| {
+            ProviderError::new(
+                ErrorCode::MalformedResponse,
+                format!("undecodable stream chunk ({e}): {}", clip(data)),
+            )
+        })?;
+        if chunk.error.is_some() || chunk.object.as_deref() == Some("error") {
+            return Err(classify_error_body(200, data));
+        }
+        let mut out = Vec::new();
+        for choice in chunk.choices.into_iter().filter(|c| c.index == 0) {
+            if let Some(text) = choice
+                .delta
+                .and_then(|d| d.content)
+                .filter(|t| !t.is_empty())
+            {
+                out.push(ProviderEvent::Delta(text));
+            }
+            if let Some(reason) = choice.finish_reason {
+                if reason == "content_filter" {
+                    return Err(ProviderError::new(
+                        ErrorCode::ContentFiltered,
+                        "the provider's content filter stopped the answer (finish_reason: content_filter)",
+                    ));
+                }
+                self.finished = true;
+                out.push(ProviderEvent::Finish(reason));
+            }
+        }
+        if let Some(usage) = chunk.usage {
+            self.usage_seen = true;
+            out.push(ProviderEvent::Usage(usage.into()));
+        }
+        // Finish and usage both in hand: nothing more to wait for (some servers omit [DONE]).
+        Ok(if self.finished && self.usage_seen {
+            Step::End(out)
+        } else {
+            Step::More(out)
+        })
+    }
+
+    fn finished(&self) -> bool {
+        self.finished
+    }
+}
+
+/// A non-streamed completion as the same event sequence a stream would give.
+fn parse_completion(text: &str) -> Vec<Result<ProviderEvent, ProviderError>> {
+    let chunk: WireChunk = match serde_json::from_str(text) {
+        Ok(c) => c,
+        Err(e) => {
+            return vec![Err(ProviderError::new(
+                ErrorCode::MalformedResponse,
+                format!("undecodable completion ({e}): {}", clip(text)),
+            ))];
+        }
+    };
+    if chunk.error.is_some() || chunk.object.as_deref() == Some("error") {
+        return vec![Err(classify_error_body(200, text))];
+    }
+    let Some(choice) = chunk.choices.into_iter().find(|c| c.index == 0) else {
+        return vec![Err(ProviderError::new(
+            ErrorCode::MalformedResponse,
+            "completion has no choices",
+        ))];
+    };
+    let Some(reason) = choice.finish_reason else {
+        return vec![Err(ProviderError::new(
+            ErrorCode::Truncated,
+            "completion has no finish_reason",
+        ))];
+    };
+    if reason == "content_filter" {
+        return vec![Err(ProviderError::new(
+            ErrorCode::ContentFiltered,
+            "the provider's content filter stopped the answer (finish_reason: content_filter)",
+        ))];
+    }
+    let mut out = Vec::new();
+    if let Some(content) = choice
+        .message
+        .and_then(|m| m.content)
+        .filter(|c| !c.is_empty())
+    {
+        out.push(Ok(ProviderEvent::Delta(content)));
+    }
+    out.push(Ok(ProviderEvent::Finish(reason)));
+    if let Some(usage) = chunk.usage {
+        out.push(Ok(ProviderEvent::Usage(usage.into())));
+    }
+    out
+}
+
+/// Classify an error body (HTTP error or an error inside a 200 stream).
+pub fn classify_error_body(status: u16, body: &str) -> ProviderError {
+    let value: serde_json::Value = serde_json::from_str(body).unwrap_or(serde_json::Value::Null);
+    // `{"error": {...}}`, `{"error": "text"}`, or old vLLM's top-level object.
+    let err = match value.get("error") {
+        Some(e) if e.is_object() => e.clone(),
+        Some(serde_json::Value::String(s)) => serde_json::json!({"message": s}),
+        _ => value.clone(),
+    };
+    let field = |k: &str| {
+        err.get(k)
+            .and_then(|v| v.as_str())
+            .unwrap_or("")
+            .to_string()
+    };
+    let mut message = field("message");
+    if message.is_empty() {
+        message = if body.trim().is_empty() {
+            format!("HTTP {status} with an empty body")
+        } else {
+            clip(body)
+        };
+    }
+    let code = field("code");
+    let kind = field("type");
+    let lower = message.to_ascii_lowercase();
+    let is_context = code == "context_length_exceeded"
+        || lower.contains("maximum context length")
+        || lower.contains("context length")
+        || lower.contains("context window")
+        || lower.contains("exceeds the available context size")
+        || lower.contains("too many tokens");
+    let code = if is_context {
+        ErrorCode::ContextTooLong
+    } else if code == "insufficient_quota" || kind == "insufficient_quota" {
+        ErrorCode::QuotaExhausted
+    } else if code == "content_filter" || code == "content_policy_violation" {
+        ErrorCode::ContentFiltered
+    } else if status == 200 {
+        // An error inside a 200 stream: the server failed mid-answer.
+        match kind.as_str() {
+            "invalid_request_error" => ErrorCode::BadRequest,
+            "rate_limit_error" | "rate_limit_exceeded" => ErrorCode::RateLimited,
+            _ => ErrorCode::ServerError,
+        }
+    } else {
+        code_for_status(status)
+    };
+    ProviderError::new(code, clip(&message))
+}
+
+fn clip(s: &str) -> String {
+    if s.chars().count() <= MAX_ERROR_CHARS {
+        s.to_string()
+    } else {
+        let mut t: String = s.chars().take(MAX_ERROR_CHARS).collect();
+        t.push('…');
+        t
+    }
+}
+
+/// Remove the key (and anything shaped like an OpenAI key) from a provider's message: OpenAI's
+/// 401 text quotes a masked key, which is still part of a secret.
+pub fn redact(message: &str, key: Option<&SecretString>) -> String {
+    let mut out = message.to_string();
+    if let Some(key) = key {
+        let k = key.expose_secret();
+        if !k.is_empty() {
+            out = out.replace(k, "[REDACTED]");
+        }
+    }
+    out.split(' ')
+        .map(|w| {
+            if w.starts_with("sk-") {
+                "[REDACTED]"
+            } else {
+                w
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(data: &str) -> Event {
+        Event {
+            event: "message".into(),
+            data: data.into(),
+            id: String::new(),
+            retry: None,
+        }
+    }
+
+    fn events(step: Step) -> Vec<ProviderEvent> {
+        match step {
+            Step::More(v) | Step::End(v) => v,
+        }
+    }
+
+    #[test]
+    fn decodes_the_reference_transcript() {
+        let mut d = StreamDecoder::default();
+        let mut all = Vec::new();
+        for data in [
+            r#"{"id":"c1","object":"chat.completion.chunk","model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}],"usage":null}"#,
+            r#"{"id":"c1","object":"chat.completion.chunk","model":"m","choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":null}],"usage":null,"obfuscation":"x"}"#,
+            r#"{"id":"c1","object":"chat.completion.chunk","model":"m","choices":[{"index":0,"delta":{},"finish_reason":"stop"}],"usage":null}"#,
+        ] {
+            all.extend(events(d.event(&ev(data)).unwrap()));
+        }
+        let last = d
+            .event(&ev(r#"{"id":"c1","choices":[],"usage":{"prompt_tokens":9,"completion_tokens":1,"total_tokens":10}}"#))
+            .unwrap();
+        assert!(matches!(last, Step::End(_)));
+        all.extend(events(last));
+        assert_eq!(
+            all,
+            vec![
+                ProviderEvent::Delta("Hi".into()),
+                ProviderEvent::Finish("stop".into()),
+                ProviderEvent::Usage(Usage {
+                    input_tokens: 9,
+                    output_tokens: 1
+                }),
+            ]
+        );
+    }
+
+    #[test]
+    fn done_before_a_finish_reason_is_truncation() {
+        let mut d = StreamDecoder::default();
+        let e = d.event(&ev("[DONE]")).err().unwrap();
+        assert_eq!(e.code, ErrorCode::Truncated);
+    }
+
+    #[test]
+    fn in_stream_errors_and_garbage_are_errors() {
+        let mut d = StreamDecoder::default();
+        let e = d
+            .event(&ev(r#"{"error":{"message":"boom","type":"server_error"}}"#))
+            .err()
+            .unwrap();
+        assert_eq!(
+            (e.code, e.message.as_str()),
+            (ErrorCode::ServerError, "boom")
+        );
+        let e = d.event(&ev("{not json")).err().unwrap();
+        assert_eq!(e.code, ErrorCode::MalformedResponse);
+        let e = d.event(&ev(r#"{"object":"error","message":"This model's maximum context length is 4096 tokens","type":"BadRequestError","code":400}"#)).err().unwrap();
+        assert_eq!(e.code, ErrorCode::ContextTooLong);
+    }
+
+    #[test]
+    fn http_errors_are_classified_by_body_then_status() {
+        let c = |s, b| classify_error_body(s, b).code;
+        assert_eq!(
+            c(
+                400,
+                r#"{"error":{"message":"too long","code":"context_length_exceeded"}}"#
+            ),
+            ErrorCode::ContextTooLong
+        );
+        assert_eq!(
+            c(
+                429,
+                r#"{"error":{"message":"quota","type":"insufficient_quota","code":"insufficient_quota"}}"#
+            ),
+            ErrorCode::QuotaExhausted
+        );
+        assert_eq!(
+            c(
+                429,
+                r#"{"error":{"message":"slow down","code":"rate_limit_exceeded"}}"#
+            ),
+            ErrorCode::RateLimited
+        );
+        assert_eq!(c(502, "<html>bad gateway</html>"), ErrorCode::ServerError);
+        assert_eq!(c(401, ""), ErrorCode::Unauthorized);
+    }
+
+    #[test]
+    fn keys_are_redacted_from_provider_messages() {
+        let key = SecretString::from("sk-live-123456");
+        let m = redact(
+            "Incorrect API key provided: sk-live-123456 and sk-abc***xyz.",
+            Some(&key),
+        );
+        assert!(!m.contains("sk-"), "{m}");
+    }
+
+    #[test]
+    fn base_urls_with_and_without_v1_reach_the_same_endpoint() {
+        let a = endpoint("http://h:1", "chat/completions").unwrap();
+        let b = endpoint("http://h:1/v1/", "chat/completions").unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.as_str(), "http://h:1/v1/chat/completions");
+        let c = endpoint("https://openrouter.ai/api/v1", "chat/completions").unwrap();
+        assert_eq!(c.path(), "/api/v1/chat/completions");
+    }
+
+    #[test]
+    fn the_token_limit_goes_in_the_configured_field() {
+        let req = GenerateRequest {
+            system: Some("s".into()),
+            messages: vec![crate::job::Message {
+                role: Role::User,
+                content: "u".into(),
+            }],
+            options: crate::job::GenerateOptions {
+                max_tokens: Some(5),
+                ..Default::default()
+            },
+            stream: true,
+        };
+        let v = serde_json::to_value(request_body("m", &req, MaxTokensField::MaxCompletionTokens))
+            .unwrap();
+        assert_eq!(v["max_completion_tokens"], 5);
+        assert!(v.get("max_tokens").is_none());
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        assert_eq!(v["messages"][0]["role"], "system");
+    }
+}

@@ -1,0 +1,206 @@
+//! JetStream plumbing: the job and result streams, one durable pull consumer per job kind
+//! (shared by every worker process of a deployment), and the pull loop.
+//!
+//! The loop pulls only as many messages as it has free in-flight permits: it waits for one
+//! permit, takes every other free one, and asks for a batch of exactly that size, so no message
+//! waits in a client buffer while its ack timer runs. Each message runs as a tracked task
+//! holding its permit. This module knows nothing about providers: it hands messages to
+//! [`Worker::handle`].
+//!
+//! NATS 2.9 notes: a WorkQueue stream allows one consumer per subject, hence one per kind with
+//! a single `filter_subject` (`filter_subjects` needs 2.10 and is silently ignored by 2.9).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{
+    self, AckKind,
+    consumer::{AckPolicy, PullConsumer, pull},
+    stream::{self, RetentionPolicy, StorageType},
+};
+use futures::StreamExt;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::NatsConfig;
+use crate::job::JobKind;
+use crate::worker::Worker;
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("creating stream {stream}: {message}")]
+    Stream { stream: String, message: String },
+    #[error("creating consumer {consumer}: {message}")]
+    Consumer { consumer: String, message: String },
+}
+
+/// Create the job and result streams if they are missing (idempotent; an existing stream's
+/// configuration is left as it is).
+pub async fn ensure_streams(js: &jetstream::Context, nats: &NatsConfig) -> Result<(), QueueError> {
+    let dup = Duration::from_secs(nats.duplicate_window_secs);
+    let jobs = stream::Config {
+        name: nats.jobs_stream.clone(),
+        subjects: vec![format!("{}.jobs.>", nats.subject_prefix)],
+        retention: RetentionPolicy::WorkQueue,
+        storage: StorageType::File,
+        duplicate_window: dup,
+        ..Default::default()
+    };
+    let results = stream::Config {
+        name: nats.results_stream.clone(),
+        subjects: vec![format!("{}.results.>", nats.subject_prefix)],
+        retention: RetentionPolicy::Limits,
+        storage: StorageType::File,
+        max_age: Duration::from_secs(nats.results_max_age_secs),
+        duplicate_window: dup,
+        // Direct get lets any worker read a stored result cheaply (works on 2.9).
+        allow_direct: true,
+        ..Default::default()
+    };
+    for config in [jobs, results] {
+        let name = config.name.clone();
+        js.get_or_create_stream(config)
+            .await
+            .map_err(|e| QueueError::Stream {
+                stream: name,
+                message: e.to_string(),
+            })?;
+    }
+    Ok(())
+}
+
+/// The durable consumer of one job kind.
+pub async fn ensure_consumer(
+    js: &jetstream::Context,
+    nats: &NatsConfig,
+    kind: JobKind,
+) -> Result<PullConsumer, QueueError> {
+    let name = format!("{}-{}", nats.consumer_prefix, kind.as_str());
+    let config = pull::Config {
+        durable_name: Some(name.clone()),
+        ack_policy: AckPolicy::Explicit,
+        ack_wait: nats.ack_wait(),
+        filter_subject: nats.job_subject(kind),
+        // Each worker bounds its own in-flight work; the fleet as a whole is not capped here.
+        max_ack_pending: -1,
+        ..Default::default()
+    };
+    let err = |e: &dyn std::fmt::Display| QueueError::Consumer {
+        consumer: name.clone(),
+        message: e.to_string(),
+    };
+    let stream = js
+        .get_stream_no_info(&nats.jobs_stream)
+        .await
+        .map_err(|e| err(&e))?;
+    stream
+        .get_or_create_consumer(&name, config)
+        .await
+        .map_err(|e| err(&e))
+}
+
+/// Settings of one pull loop.
+#[derive(Clone)]
+pub struct PullLoop {
+    pub kind: JobKind,
+    pub max_in_flight: usize,
+    pub pull_expires: Duration,
+    /// Fires when the process should stop pulling (SIGTERM).
+    pub stop_pulling: CancellationToken,
+    /// Fires when in-flight jobs must be handed back (grace period over).
+    pub abandon: CancellationToken,
+    pub tracker: TaskTracker,
+}
+
+impl PullLoop {
+    /// Pull and dispatch until `stop_pulling` fires.
+    pub async fn run(self, js: jetstream::Context, nats: Arc<NatsConfig>, worker: Worker) {
+        let permits = Arc::new(Semaphore::new(self.max_in_flight));
+        let mut consumer: Option<PullConsumer> = None;
+        loop {
+            let first = tokio::select! {
+                p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+                _ = self.stop_pulling.cancelled() => return,
+            };
+            let mut held = vec![first];
+            while let Ok(p) = permits.clone().try_acquire_owned() {
+                held.push(p);
+            }
+            let c = match &consumer {
+                Some(c) => c,
+                None => match ensure_consumer(&js, &nats, self.kind).await {
+                    Ok(c) => consumer.insert(c),
+                    Err(e) => {
+                        tracing::error!(error = %e, "job consumer unavailable; retrying");
+                        self.pause().await;
+                        continue;
+                    }
+                },
+            };
+            let batch = c
+                .batch()
+                .max_messages(held.len())
+                .expires(self.pull_expires)
+                .messages()
+                .await;
+            let mut batch = match batch {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(error = %e, "pull request failed; retrying");
+                    consumer = None;
+                    drop(held);
+                    self.pause().await;
+                    continue;
+                }
+            };
+            loop {
+                let next = tokio::select! {
+                    m = batch.next() => m,
+                    _ = self.stop_pulling.cancelled() => {
+                        drain(&mut batch).await;
+                        return;
+                    }
+                };
+                match next {
+                    Some(Ok(msg)) => {
+                        let Some(permit) = held.pop() else {
+                            // More messages than asked for: hand it back rather than overload.
+                            let _ = msg.ack_with(AckKind::Nak(None)).await;
+                            continue;
+                        };
+                        let worker = worker.clone();
+                        let abandon = self.abandon.clone();
+                        let kind = self.kind;
+                        self.tracker.spawn(async move {
+                            worker.handle(kind, msg, &abandon).await;
+                            drop(permit);
+                        });
+                    }
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %e, "pull batch ended with an error");
+                        break;
+                    }
+                    None => break,
+                }
+            }
+        }
+    }
+
+    async fn pause(&self) {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = self.stop_pulling.cancelled() => {}
+        }
+    }
+}
+
+/// On shutdown, hand back any message already delivered to this pull request (instead of
+/// letting it wait for its ack timer), waiting briefly for ones in flight.
+async fn drain(batch: &mut pull::Batch) {
+    while let Ok(Some(Ok(msg))) =
+        tokio::time::timeout(Duration::from_millis(100), batch.next()).await
+    {
+        let _ = msg.ack_with(AckKind::Nak(None)).await;
+    }
+}

@@ -1,0 +1,64 @@
+//! The usage and cost ledger in Postgres: migrations, the recorder that projects stored
+//! results into `llm_jobs` / `llm_calls`, the price refresh, and the `usage` report.
+//!
+//! Nothing here sits on a job's hot path: jobs store their results in JetStream, and the
+//! recorder writes them to Postgres in batches, so a slow or absent database delays rows but
+//! never jobs, and loses nothing.
+
+mod recorder;
+pub mod report;
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio_util::sync::CancellationToken;
+
+pub use recorder::{Recorder, write_batch};
+
+use crate::pricing::{Price, PriceBook};
+
+/// How often the worker re-reads `llm_prices`.
+const PRICE_REFRESH: Duration = Duration::from_secs(30);
+
+/// Apply the embedded migrations (`migrations/`).
+pub async fn migrate(pool: &sqlx::PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    sqlx::migrate!("./migrations").run(pool).await
+}
+
+/// Load `llm_prices` into `book`.
+pub async fn load_prices(pool: &sqlx::PgPool, book: &PriceBook) -> Result<(), sqlx::Error> {
+    let rows: Vec<(String, String, DateTime<Utc>, f64, f64)> = sqlx::query_as(
+        "SELECT provider, model, effective_from, input_usd_per_mtok::float8, output_usd_per_mtok::float8 \
+         FROM llm_prices",
+    )
+    .fetch_all(pool)
+    .await?;
+    book.replace(
+        rows.into_iter()
+            .map(|(provider, model, effective_from, input, output)| {
+                let price = Price {
+                    effective_from,
+                    input_per_mtok: input,
+                    output_per_mtok: output,
+                };
+                (provider, model, price)
+            })
+            .collect(),
+    );
+    Ok(())
+}
+
+/// Keep `book` in step with `llm_prices` until `stop` fires.
+pub async fn refresh_prices(pool: sqlx::PgPool, book: PriceBook, stop: CancellationToken) {
+    let mut every = tokio::time::interval(PRICE_REFRESH);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {
+                if let Err(e) = load_prices(&pool, &book).await {
+                    tracing::warn!(error = %e, "refreshing prices failed; keeping the last known ones");
+                }
+            }
+            _ = stop.cancelled() => return,
+        }
+    }
+}

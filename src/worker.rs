@@ -1,0 +1,312 @@
+//! Handling one job message from start to acknowledgement: the public step the consume loop
+//! calls, and which tests can drive directly.
+//!
+//! decode -> (invalid: `invalid_job` result, Term) -> answered before? (re-send the stored
+//! result, Ack) -> chain -> result stored in LLM_RESULTS -> result sent live -> Ack.
+//! While the job runs it sends in-progress acks so JetStream does not redeliver it, and if the
+//! process must stop before the job ends, the message is handed back (Nak) to another worker.
+//! A message is only acked or terminated after its result is durably stored.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind};
+use chrono::{DateTime, Utc};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::chain::{self, Chain};
+use crate::config::Config;
+use crate::error::ErrorCode;
+use crate::event::{ErrorBody, ResultEvent, Status, TokensUsed, elapsed_ms};
+use crate::job::{self, Envelope, Fallback, Job, JobBody, JobKind, Limits};
+use crate::pricing::PriceBook;
+use crate::reply::Replies;
+
+/// Delay before a message is redelivered when its result could not be stored.
+const STORE_RETRY_DELAY: Duration = Duration::from_secs(2);
+
+/// What happened to a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposal {
+    /// Answered (or answered before) and acked.
+    Acked,
+    /// Invalid: answered with `invalid_job` and terminated, never redelivered.
+    Terminated,
+    /// Handed back to JetStream for redelivery (shutdown, or the result could not be stored).
+    Requeued,
+}
+
+/// Everything a job needs, shared by all in-flight jobs of a process.
+#[derive(Clone)]
+pub struct Worker {
+    chain: Chain,
+    replies: Replies,
+    prices: PriceBook,
+    limits: Limits,
+    worker_id: Arc<str>,
+    progress_every: Duration,
+    log_prompts: bool,
+}
+
+impl Worker {
+    pub fn new(config: &Config, chain: Chain, replies: Replies, prices: PriceBook) -> Self {
+        Self {
+            chain,
+            replies,
+            prices,
+            limits: Limits {
+                max_job_bytes: config.worker.max_job_bytes,
+                default_timeout: Duration::from_millis(config.worker.default_timeout_ms),
+                max_timeout: Duration::from_millis(config.worker.max_timeout_ms),
+            },
+            worker_id: config.worker_id().into(),
+            progress_every: config.nats.ack_wait() / 3,
+            log_prompts: config.telemetry.log_prompts,
+        }
+    }
+
+    /// Handle one job message to its end. `abandon` fires when the process can wait no longer
+    /// (shutdown grace exceeded): the job is then handed back for another worker.
+    pub async fn handle(
+        &self,
+        kind: JobKind,
+        msg: jetstream::Message,
+        abandon: &CancellationToken,
+    ) -> Disposal {
+        let received_at = Utc::now();
+        let (stream, stream_sequence, delivered) = match msg.info() {
+            Ok(i) => (i.stream.to_string(), i.stream_sequence, i.delivered),
+            Err(_) => (String::new(), 0, 1),
+        };
+        let msg_id = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Nats-Msg-Id"))
+            .map(|v| v.as_str().to_string());
+        let fallback = Fallback {
+            msg_id: msg_id.as_deref(),
+            stream: &stream,
+            stream_sequence,
+        };
+        let registry = self.chain.registry();
+        let decoded = job::decode(kind, &msg.payload, &fallback, &self.limits, &|p| {
+            registry.contains(p)
+        });
+        match decoded {
+            Err(invalid) => {
+                let span = job_span(&invalid.envelope, kind, delivered);
+                async {
+                    tracing::warn!(reason = %invalid.reason, "invalid job");
+                    let error = ErrorBody {
+                        code: ErrorCode::InvalidJob,
+                        message: invalid.reason.clone(),
+                        retryable: false,
+                    };
+                    let result = ResultEvent::failure(
+                        &invalid.envelope,
+                        kind,
+                        error,
+                        &self.worker_id,
+                        received_at,
+                    );
+                    self.finish(&msg, &invalid.envelope, &result, AckKind::Term)
+                        .await
+                }
+                .instrument(span)
+                .await
+            }
+            Ok(job) => {
+                let span = job_span(&job.envelope, kind, delivered);
+                self.run(&msg, job, received_at, abandon)
+                    .instrument(span)
+                    .await
+            }
+        }
+    }
+
+    async fn run(
+        &self,
+        msg: &jetstream::Message,
+        job: Job,
+        received_at: DateTime<Utc>,
+        abandon: &CancellationToken,
+    ) -> Disposal {
+        // A job whose result is already stored is answered from it: no second provider call.
+        match self.replies.stored(job.envelope.job_id).await {
+            Ok(Some(payload)) => {
+                tracing::info!("job already answered; re-sending the stored result");
+                if let Some(reply_to) = &job.envelope.reply_to {
+                    self.replies.publish_live(reply_to, payload).await;
+                }
+                return ack(msg, AckKind::Ack).await;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot check for a stored result; requeueing");
+                return ack(msg, AckKind::Nak(Some(STORE_RETRY_DELAY))).await;
+            }
+        }
+        if self.log_prompts {
+            tracing::debug!(job = ?job.body, "job body");
+        }
+        let deadline = Instant::now() + job.timeout;
+        let work = self.execute(&job, received_at, deadline);
+        tokio::pin!(work);
+        let mut progress =
+            tokio::time::interval_at(Instant::now() + self.progress_every, self.progress_every);
+        let result = loop {
+            tokio::select! {
+                result = &mut work => break Some(result),
+                _ = progress.tick() => {
+                    if let Err(e) = msg.ack_with(AckKind::Progress).await {
+                        tracing::warn!(error = %e, "in-progress ack failed");
+                    }
+                }
+                _ = abandon.cancelled() => break None,
+            }
+        };
+        match result {
+            Some(result) => self.finish(msg, &job.envelope, &result, AckKind::Ack).await,
+            None => {
+                tracing::warn!("shutdown grace exceeded; handing the job back");
+                ack(msg, AckKind::Nak(None)).await
+            }
+        }
+    }
+
+    /// Run the job's provider chain and build its result.
+    async fn execute(
+        &self,
+        job: &Job,
+        received_at: DateTime<Utc>,
+        deadline: Instant,
+    ) -> ResultEvent {
+        let env = &job.envelope;
+        let outcome = match &job.body {
+            JobBody::Generate(req) => {
+                let reply_to = env.reply_to.as_deref().filter(|_| req.stream);
+                let mut sink = self.replies.chunks(env.job_id, &env.trace_id, reply_to);
+                self.chain.generate(job, req, deadline, &mut sink).await
+            }
+            JobBody::Embed(_) => chain::Outcome {
+                attempts: Vec::new(),
+                result: Err(ErrorBody {
+                    code: ErrorCode::AllProvidersFailed,
+                    message: "embedding jobs are not supported by this worker version".into(),
+                    retryable: false,
+                }),
+            },
+        };
+        self.result_of(job, outcome, received_at)
+    }
+
+    fn result_of(
+        &self,
+        job: &Job,
+        outcome: chain::Outcome,
+        received_at: DateTime<Utc>,
+    ) -> ResultEvent {
+        let env = &job.envelope;
+        let mut attempts = outcome.attempts;
+        for a in &mut attempts {
+            a.cost_usd = self.prices.cost(
+                &a.provider,
+                &a.model,
+                a.started_at,
+                a.input_tokens,
+                a.output_tokens,
+            );
+        }
+        // The job's cost is every call's cost (failed calls can be billed); unknown if any is.
+        let cost_usd = attempts
+            .iter()
+            .filter(|a| a.input_tokens + a.output_tokens > 0)
+            .map(|a| a.cost_usd)
+            .sum::<Option<f64>>();
+        let mut result = ResultEvent::failure(
+            env,
+            job.kind,
+            ErrorBody {
+                code: ErrorCode::AllProvidersFailed,
+                message: String::new(),
+                retryable: false,
+            },
+            &self.worker_id,
+            received_at,
+        );
+        match outcome.result {
+            Ok(success) => {
+                result.status = Status::Ok;
+                result.error = None;
+                result.output = Some(success.output);
+                result.finish_reason = Some(success.finish_reason);
+                result.tokens_used =
+                    TokensUsed::new(success.usage.input_tokens, success.usage.output_tokens);
+                result.model_used = Some(success.model);
+                result.provider = Some(success.provider);
+                result.attempt = Some(success.attempt);
+                tracing::info!(attempts = attempts.len(), "job done");
+            }
+            Err(error) => {
+                tracing::warn!(code = %error.code, message = %error.message, "job failed");
+                result.error = Some(error);
+            }
+        }
+        result.attempts = attempts;
+        result.cost_usd = cost_usd;
+        result.finished_at = Utc::now();
+        result.processing_time_ms = elapsed_ms(received_at, result.finished_at);
+        result
+    }
+
+    /// Store the result, send it live, then ack (or terminate) the message.
+    async fn finish(
+        &self,
+        msg: &jetstream::Message,
+        envelope: &Envelope,
+        result: &ResultEvent,
+        disposal: AckKind,
+    ) -> Disposal {
+        let payload = match self.replies.encode_result(result) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode the result; requeueing");
+                return ack(msg, AckKind::Nak(Some(STORE_RETRY_DELAY))).await;
+            }
+        };
+        if let Err(e) = self.replies.store(envelope.job_id, payload.clone()).await {
+            tracing::warn!(error = %e, "cannot store the result; requeueing the job");
+            return ack(msg, AckKind::Nak(Some(STORE_RETRY_DELAY))).await;
+        }
+        if let Some(reply_to) = &envelope.reply_to {
+            self.replies.publish_live(reply_to, payload).await;
+        }
+        ack(msg, disposal).await
+    }
+}
+
+async fn ack(msg: &jetstream::Message, kind: AckKind) -> Disposal {
+    let disposal = match kind {
+        AckKind::Term => Disposal::Terminated,
+        AckKind::Nak(_) => Disposal::Requeued,
+        _ => Disposal::Acked,
+    };
+    if let Err(e) = msg.ack_with(kind).await {
+        // The message will be redelivered after ack_wait and answered from the stored result.
+        tracing::warn!(error = %e, "acknowledging the job message failed");
+    }
+    disposal
+}
+
+fn job_span(env: &Envelope, kind: JobKind, delivered: i64) -> tracing::Span {
+    tracing::info_span!(
+        "job",
+        job_id = %env.job_id,
+        trace_id = %env.trace_id,
+        tenant = %env.tenant,
+        kind = kind.as_str(),
+        delivered,
+    )
+}

@@ -1,0 +1,249 @@
+//! Generation jobs end to end: streaming, non-streaming, invalid jobs, provider failures.
+
+use std::time::Duration;
+
+use llm_worker::testkit::{FakeOpenAi, Reply};
+use serde_json::json;
+
+use crate::helpers::{TestApp, collect_reply, openai_provider};
+
+async fn app_with_fake() -> (TestApp, FakeOpenAi) {
+    let fake = FakeOpenAi::start().await.unwrap();
+    let mut app = TestApp::new(&openai_provider("openai", &fake.base_url(), "gpt-test")).await;
+    app.start_worker().await;
+    (app, fake)
+}
+
+#[tokio::test]
+async fn a_streamed_job_sends_ordered_chunks_and_a_result_equal_to_their_concatenation() {
+    let (app, fake) = app_with_fake().await;
+    fake.push(Reply::answer(&["Hel", "lo", ", ", "world"], (9, 4)));
+    let (reply_to, mut sub) = app.reply_inbox().await;
+
+    let job_id = app
+        .publish(json!({"prompt": "Say hello", "reply_to": reply_to, "tenant": "acme", "trace_id": "trace-1"}))
+        .await;
+    let reply = collect_reply(&mut sub).await;
+
+    let seqs: Vec<u64> = reply
+        .chunks
+        .iter()
+        .map(|c| c["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, vec![0, 1, 2, 3]);
+    for c in &reply.chunks {
+        assert_eq!(c["job_id"], job_id.to_string());
+        assert_eq!(c["trace_id"], "trace-1");
+        assert_eq!(c["attempt"], 1);
+        assert_eq!(c["provider"], "openai");
+        assert_eq!(c["model"], "gpt-test");
+    }
+    let r = &reply.result;
+    assert_eq!(r["status"], "ok");
+    assert_eq!(r["output"], "Hello, world");
+    assert_eq!(reply.final_text(), "Hello, world");
+    assert_eq!(
+        r["tokens_used"],
+        json!({"input": 9, "output": 4, "total": 13})
+    );
+    assert_eq!(r["finish_reason"], "stop");
+    assert_eq!(r["provider"], "openai");
+    assert_eq!(r["model_used"], "gpt-test");
+    assert_eq!(r["attempt"], 1);
+    assert_eq!(r["attempts"].as_array().unwrap().len(), 1);
+    assert!(r["error"].is_null());
+    // The provider got a streaming request asking for usage.
+    let req = &fake.requests()[0];
+    assert_eq!(req["stream"], true);
+    assert_eq!(req["stream_options"]["include_usage"], true);
+    assert_eq!(
+        req["messages"][0],
+        json!({"role": "user", "content": "Say hello"})
+    );
+    // The same result is stored durably.
+    let stored = app.wait_stored_result(job_id).await;
+    assert_eq!(&stored, r);
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn a_non_streamed_job_gets_no_chunks_and_the_full_result() {
+    let (app, fake) = app_with_fake().await;
+    fake.push(Reply::answer(&["All ", "at ", "once"], (7, 3)));
+    let (reply_to, mut sub) = app.reply_inbox().await;
+
+    app.publish(json!({"prompt": "x", "stream": false, "reply_to": reply_to}))
+        .await;
+    let reply = collect_reply(&mut sub).await;
+
+    assert!(reply.chunks.is_empty(), "{:?}", reply.chunks);
+    assert_eq!(reply.result["status"], "ok");
+    assert_eq!(reply.result["output"], "All at once");
+    assert_eq!(reply.result["tokens_used"]["total"], 10);
+    assert_eq!(fake.requests()[0]["stream"], false);
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn invalid_jobs_get_invalid_job_results_are_terminated_and_the_worker_keeps_serving() {
+    let (app, fake) = app_with_fake().await;
+    let (reply_to, mut sub) = app.reply_inbox().await;
+
+    // Not JSON at all: answered in the results stream under its Nats-Msg-Id.
+    let garbage_id = uuid::Uuid::now_v7();
+    app.publish_raw(b"{not json".to_vec(), Some(&garbage_id.to_string()))
+        .await;
+    let stored = app.wait_stored_result(garbage_id).await;
+    assert_eq!(stored["status"], "error");
+    assert_eq!(stored["error"]["code"], "invalid_job");
+
+    let cases = [
+        json!({"reply_to": reply_to, "system_prompt": "no prompt"}),
+        json!({"reply_to": reply_to, "prompt": "x", "provider": "nope"}),
+        json!({"reply_to": reply_to, "prompt": "x", "stream": "yes"}),
+        json!({"reply_to": reply_to, "prompt": 42}),
+        json!({"reply_to": reply_to, "prompt": "x", "options": {"temperature": "hot"}}),
+    ];
+    for job in cases {
+        let id = app.publish(job.clone()).await;
+        let reply = collect_reply(&mut sub).await;
+        assert_eq!(reply.result["job_id"], id.to_string(), "{job}");
+        assert_eq!(reply.result["status"], "error", "{job}");
+        assert_eq!(reply.result["error"]["code"], "invalid_job", "{job}");
+        assert!(
+            !reply.result["error"]["message"]
+                .as_str()
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(app.wait_stored_result(id).await, reply.result);
+    }
+    assert_eq!(fake.request_count(), 0, "no invalid job reached a provider");
+
+    // Still serving.
+    app.publish(json!({"reply_to": reply_to, "prompt": "valid"}))
+        .await;
+    assert_eq!(collect_reply(&mut sub).await.result["status"], "ok");
+
+    // Terminated, not redelivered: nothing pending, nothing left in the work queue.
+    let info = app.generate_consumer_info().await;
+    assert_eq!(info.num_ack_pending, 0);
+    assert_eq!(info.num_redelivered, 0);
+    assert_eq!(app.jobs_in_stream().await, 0);
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn a_persistent_http_500_ends_as_an_error_result_after_retrying() {
+    let (app, fake) = app_with_fake().await;
+    fake.set_default(Reply::status(500, "internal error"));
+    let (reply_to, mut sub) = app.reply_inbox().await;
+
+    app.publish(json!({"prompt": "x", "reply_to": reply_to}))
+        .await;
+    let r = collect_reply(&mut sub).await.result;
+
+    assert_eq!(r["status"], "error");
+    assert_eq!(r["error"]["code"], "all_providers_failed");
+    let attempts = r["attempts"].as_array().unwrap();
+    assert_eq!(
+        attempts.len(),
+        2,
+        "one call and one retry (max_retries = 1)"
+    );
+    for a in attempts {
+        assert_eq!(a["error"]["code"], "server_error");
+        assert_eq!(a["http_status"], 500);
+    }
+    assert!(r["output"].is_null());
+    assert_eq!(fake.request_count(), 2);
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn a_stream_cut_before_its_finish_reason_is_never_a_success() {
+    let (app, fake) = app_with_fake().await;
+    fake.set_default(Reply::Cut {
+        deltas: vec!["The answer is".into()],
+    });
+    let (reply_to, mut sub) = app.reply_inbox().await;
+
+    app.publish(json!({"prompt": "x", "reply_to": reply_to}))
+        .await;
+    let reply = collect_reply(&mut sub).await;
+
+    assert_eq!(reply.result["status"], "error");
+    assert!(reply.result["output"].is_null());
+    for a in reply.result["attempts"].as_array().unwrap() {
+        assert_eq!(a["error"]["code"], "truncated", "{a}");
+    }
+    // The partial text was streamed, tagged with attempts the result does not name as final.
+    assert!(!reply.chunks.is_empty());
+    assert!(reply.result["attempt"].is_null());
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn a_stream_that_ends_cleanly_without_a_finish_reason_is_truncated() {
+    let (app, fake) = app_with_fake().await;
+    let partial = r#"{"id":"c","object":"chat.completion.chunk","model":"m","choices":[{"index":0,"delta":{"content":"half"},"finish_reason":null}]}"#;
+    fake.set_default(Reply::RawStream(vec![partial.into()]));
+    let (reply_to, mut sub) = app.reply_inbox().await;
+
+    app.publish(json!({"prompt": "x", "reply_to": reply_to}))
+        .await;
+    let r = collect_reply(&mut sub).await.result;
+
+    assert_eq!(r["status"], "error");
+    assert_eq!(r["attempts"][0]["error"]["code"], "truncated");
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn an_error_inside_a_200_stream_is_an_error_not_a_truncated_success() {
+    let (app, fake) = app_with_fake().await;
+    let text = r#"{"id":"c","object":"chat.completion.chunk","model":"m","choices":[{"index":0,"delta":{"content":"Partial"},"finish_reason":null}]}"#;
+    let error = r#"{"error":{"message":"The server had an error while processing your request","type":"server_error","code":null}}"#;
+    fake.set_default(Reply::RawStream(vec![text.into(), error.into()]));
+    let (reply_to, mut sub) = app.reply_inbox().await;
+
+    app.publish(json!({"prompt": "x", "reply_to": reply_to}))
+        .await;
+    let r = collect_reply(&mut sub).await.result;
+
+    assert_eq!(r["status"], "error");
+    assert_eq!(r["error"]["code"], "all_providers_failed");
+    let a = &r["attempts"][0];
+    assert_eq!(a["error"]["code"], "server_error");
+    assert!(
+        a["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("server had an error")
+    );
+    assert!(r["output"].is_null());
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn a_missing_done_marker_after_a_finish_reason_is_a_success() {
+    let (app, fake) = app_with_fake().await;
+    fake.set_default(Reply::Answer {
+        deltas: vec!["complete".into()],
+        usage: None,
+        done_marker: false,
+        chunk_delay: Duration::ZERO,
+    });
+    let (reply_to, mut sub) = app.reply_inbox().await;
+
+    app.publish(json!({"prompt": "x", "reply_to": reply_to}))
+        .await;
+    let r = collect_reply(&mut sub).await.result;
+
+    assert_eq!(r["status"], "ok");
+    assert_eq!(r["output"], "complete");
+    // No usage chunk: counted by the worker and marked as estimated.
+    assert_eq!(r["attempts"][0]["tokens_estimated"], true);
+    assert!(r["tokens_used"]["output"].as_u64().unwrap() > 0);
+    app.teardown().await;
+}

@@ -1,0 +1,354 @@
+//! Shared test harness: real NATS JetStream and real Postgres (from `NATS_URL` /
+//! `DATABASE_URL`, or testcontainers when those are unset), a worker started in-process on
+//! unique stream/subject/consumer names with a fresh database, and client-side helpers that
+//! speak only the contract (subjects, JSON, SQL).
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, message::PublishMessage};
+use futures::StreamExt;
+use llm_worker::app::{self, Roles, Running};
+use llm_worker::config::Config;
+use serde_json::{Value, json};
+use testcontainers_modules::testcontainers::{ContainerAsync, ImageExt, runners::AsyncRunner};
+use uuid::Uuid;
+
+/// Connection strings for the services, and any containers started to provide them.
+pub struct Services {
+    pub nats_url: String,
+    pub database_url: String,
+    _nats: Option<ContainerAsync<testcontainers_modules::nats::Nats>>,
+    _postgres: Option<ContainerAsync<testcontainers_modules::postgres::Postgres>>,
+}
+
+impl Services {
+    pub async fn get() -> Services {
+        let mut nats = None;
+        let mut postgres = None;
+        let nats_url = match std::env::var("NATS_URL") {
+            Ok(url) if !url.is_empty() => url,
+            _ => {
+                let cmd = testcontainers_modules::nats::NatsServerCmd::default().with_jetstream();
+                let c = testcontainers_modules::nats::Nats::default()
+                    .with_cmd(&cmd)
+                    .start()
+                    .await
+                    .expect("NATS_URL is not set and no NATS container could be started: set NATS_URL (e.g. nats://127.0.0.1:4222) or run Docker");
+                let port = c.get_host_port_ipv4(4222).await.unwrap();
+                nats = Some(c);
+                format!("nats://127.0.0.1:{port}")
+            }
+        };
+        let database_url = match std::env::var("DATABASE_URL") {
+            Ok(url) if !url.is_empty() => url,
+            _ => {
+                let c = testcontainers_modules::postgres::Postgres::default()
+                    .with_tag("16-alpine")
+                    .start()
+                    .await
+                    .expect("DATABASE_URL is not set and no Postgres container could be started: set DATABASE_URL (e.g. postgres://postgres@127.0.0.1:5432/postgres) or run Docker");
+                let port = c.get_host_port_ipv4(5432).await.unwrap();
+                postgres = Some(c);
+                format!("postgres://postgres:postgres@127.0.0.1:{port}/postgres")
+            }
+        };
+        Services {
+            nats_url,
+            database_url,
+            _nats: nats,
+            _postgres: postgres,
+        }
+    }
+}
+
+/// Replace the database name in a Postgres URL.
+pub fn with_database(url: &str, db: &str) -> String {
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(b, q)| (b, Some(q)));
+    let base = match base.rfind('/') {
+        Some(i) if i > "postgres://".len() => &base[..i],
+        _ => base,
+    };
+    match query {
+        Some(q) => format!("{base}/{db}?{q}"),
+        None => format!("{base}/{db}"),
+    }
+}
+
+/// One test's isolated world: unique names, a fresh database, a client.
+pub struct TestApp {
+    pub services: Services,
+    pub config: Config,
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+    pub db: sqlx::PgPool,
+    pub db_name: String,
+    pub workers: Vec<Running>,
+}
+
+/// A config for a test: unique names, fast retries, and the given providers/routes TOML.
+pub fn test_config(services: &Services, db_url: &str, providers_toml: &str) -> Config {
+    let id = Uuid::new_v4().simple().to_string()[..12].to_string();
+    let toml = format!(
+        r#"
+[nats]
+url = "{nats}"
+subject_prefix = "t{id}"
+jobs_stream = "JOBS_{id}"
+results_stream = "RESULTS_{id}"
+consumer_prefix = "w{id}"
+ack_wait_secs = 5
+
+[worker]
+max_in_flight = 64
+shutdown_grace_secs = 10
+default_timeout_ms = 20000
+pull_expires_ms = 1000
+
+[database]
+url = "{db_url}"
+
+{providers_toml}
+"#,
+        nats = services.nats_url,
+    );
+    Config::from_toml(&toml).unwrap()
+}
+
+/// An OpenAI-type provider section pointing at a fake server, with fast retries.
+pub fn openai_provider(name: &str, base_url: &str, model: &str) -> String {
+    format!(
+        r#"
+[providers.{name}]
+type = "openai"
+base_url = "{base_url}"
+default_model = "{model}"
+max_retries = 1
+retry_min_delay_ms = 10
+retry_max_delay_ms = 50
+first_token_timeout_ms = 3000
+stall_timeout_ms = 3000
+"#
+    )
+}
+
+impl TestApp {
+    /// Fresh database and names; no worker started yet.
+    pub async fn new(providers_toml: &str) -> TestApp {
+        let services = Services::get().await;
+        let admin = sqlx::PgPool::connect(&services.database_url).await.unwrap();
+        let db_name = format!("llmw_{}", Uuid::new_v4().simple());
+        sqlx::query(&format!("CREATE DATABASE {db_name}"))
+            .execute(&admin)
+            .await
+            .unwrap();
+        admin.close().await;
+        let db_url = with_database(&services.database_url, &db_name);
+        let config = test_config(&services, &db_url, providers_toml);
+        let client = async_nats::connect(&services.nats_url).await.unwrap();
+        let js = jetstream::new(client.clone());
+        let db = sqlx::PgPool::connect(&db_url).await.unwrap();
+        TestApp {
+            services,
+            config,
+            client,
+            js,
+            db,
+            db_name,
+            workers: Vec::new(),
+        }
+    }
+
+    /// A worker with the app's config (plus `tweak`), started and ready.
+    pub async fn start_worker_with(&mut self, roles: Roles, tweak: impl FnOnce(&mut Config)) {
+        let mut config = self.config.clone();
+        config.worker.id = Some(format!("worker-{}", self.workers.len() + 1));
+        tweak(&mut config);
+        let running = app::start(config, roles).await.unwrap();
+        self.workers.push(running);
+    }
+
+    pub async fn start_worker(&mut self) {
+        self.start_worker_with(
+            Roles {
+                jobs: true,
+                recorder: true,
+            },
+            |_| {},
+        )
+        .await;
+    }
+
+    /// A unique reply subject, subscribed before the job is published.
+    pub async fn reply_inbox(&self) -> (String, async_nats::Subscriber) {
+        let subject = format!(
+            "{}.replies.{}",
+            self.config.nats.subject_prefix,
+            Uuid::new_v4()
+        );
+        let sub = self.client.subscribe(subject.clone()).await.unwrap();
+        (subject, sub)
+    }
+
+    /// Publish raw bytes as a generation job, with `Nats-Msg-Id` when given.
+    pub async fn publish_raw(&self, payload: Vec<u8>, msg_id: Option<&str>) {
+        let mut publish = PublishMessage::build().payload(payload.into());
+        if let Some(id) = msg_id {
+            publish = publish.message_id(id);
+        }
+        self.js
+            .send_publish(
+                format!("{}.jobs.generate", self.config.nats.subject_prefix),
+                publish,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+
+    /// Publish a job (a JSON object) the way an orchestrator does; returns its job id.
+    pub async fn publish(&self, mut job: Value) -> Uuid {
+        let id = match job.get("job_id").and_then(|v| v.as_str()) {
+            Some(id) => Uuid::parse_str(id).unwrap(),
+            None => {
+                let id = Uuid::now_v7();
+                job["job_id"] = json!(id.to_string());
+                id
+            }
+        };
+        self.publish_raw(serde_json::to_vec(&job).unwrap(), Some(&id.to_string()))
+            .await;
+        id
+    }
+
+    /// The result stored in the results stream for a job, if any.
+    pub async fn stored_result(&self, job_id: Uuid) -> Option<Value> {
+        let stream = self
+            .js
+            .get_stream(&self.config.nats.results_stream)
+            .await
+            .unwrap();
+        let subject = format!("{}.results.{job_id}", self.config.nats.subject_prefix);
+        match stream.get_last_raw_message_by_subject(&subject).await {
+            Ok(m) => Some(serde_json::from_slice(&m.payload).unwrap()),
+            Err(_) => None,
+        }
+    }
+
+    /// Wait (bounded) for the stored result of a job.
+    pub async fn wait_stored_result(&self, job_id: Uuid) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(r) = self.stored_result(job_id).await {
+                return r;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no stored result for {job_id}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Info of the durable consumer of generation jobs.
+    pub async fn generate_consumer_info(&self) -> async_nats::jetstream::consumer::Info {
+        let stream = self
+            .js
+            .get_stream(&self.config.nats.jobs_stream)
+            .await
+            .unwrap();
+        let name = format!("{}-generate", self.config.nats.consumer_prefix);
+        let mut consumer: async_nats::jetstream::consumer::PullConsumer =
+            stream.get_consumer(&name).await.unwrap();
+        consumer.info().await.unwrap().clone()
+    }
+
+    /// Messages still in the job stream (a WorkQueue: acked/terminated ones are removed).
+    pub async fn jobs_in_stream(&self) -> u64 {
+        let mut stream = self
+            .js
+            .get_stream(&self.config.nats.jobs_stream)
+            .await
+            .unwrap();
+        stream.info().await.unwrap().state.messages
+    }
+
+    /// Wait (bounded) until `sql` (returning one bigint) returns `expected`.
+    pub async fn wait_count(&self, sql: &str, expected: i64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let n: i64 = sqlx::query_scalar(sql).fetch_one(&self.db).await.unwrap();
+            if n == expected {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "`{sql}` returned {n}, expected {expected}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stop workers, delete the test's streams and database.
+    pub async fn teardown(mut self) {
+        for w in self.workers.drain(..) {
+            w.shutdown().await;
+        }
+        let _ = self.js.delete_stream(&self.config.nats.jobs_stream).await;
+        let _ = self
+            .js
+            .delete_stream(&self.config.nats.results_stream)
+            .await;
+        self.db.close().await;
+        if let Ok(admin) = sqlx::PgPool::connect(&self.services.database_url).await {
+            let _ = sqlx::query(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.db_name
+            ))
+            .execute(&admin)
+            .await;
+        }
+    }
+}
+
+/// Events received on a reply subject until (and including) the result.
+pub struct Reply {
+    pub chunks: Vec<Value>,
+    pub result: Value,
+}
+
+impl Reply {
+    /// Text of the chunks of the attempt the result names.
+    pub fn final_text(&self) -> String {
+        let attempt = self.result["attempt"].as_u64();
+        self.chunks
+            .iter()
+            .filter(|c| c["attempt"].as_u64() == attempt)
+            .map(|c| c["delta"].as_str().unwrap().to_string())
+            .collect()
+    }
+}
+
+/// Collect chunk events until the result arrives (bounded).
+pub async fn collect_reply(sub: &mut async_nats::Subscriber) -> Reply {
+    let mut chunks = Vec::new();
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(30), sub.next())
+            .await
+            .expect("no result event within 30 s")
+            .expect("subscription closed");
+        let event: Value = serde_json::from_slice(&msg.payload).unwrap();
+        match event["type"].as_str() {
+            Some("chunk") => chunks.push(event),
+            Some("result") => {
+                return Reply {
+                    chunks,
+                    result: event,
+                };
+            }
+            other => panic!("unexpected event type {other:?}: {event}"),
+        }
+    }
+}

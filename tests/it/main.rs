@@ -1,0 +1,13 @@
+//! Integration tests: one binary, real NATS JetStream and Postgres, providers faked over HTTP.
+//! Set `NATS_URL` and `DATABASE_URL` (see the README), or have Docker for testcontainers.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::type_complexity
+)]
+
+mod generate;
+mod helpers;
+mod lifecycle;
+mod usage;

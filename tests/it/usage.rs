@@ -1,0 +1,409 @@
+//! The usage and cost ledger: rows per job and per call, idempotency, outage tolerance, prices.
+
+use std::sync::Arc;
+
+use async_nats::jetstream::message::PublishMessage;
+use llm_worker::testkit::{FakeOpenAi, Reply};
+use serde_json::json;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::helpers::{TestApp, collect_reply, openai_provider, with_database};
+
+const PRIMARY_PRICE: (f64, f64) = (3.0, 15.0);
+const BACKUP_PRICE: (f64, f64) = (1.0, 2.0);
+
+async fn set_price(app: &TestApp, provider: &str, model: &str, price: (f64, f64), from: &str) {
+    sqlx::query(
+        "INSERT INTO llm_prices (provider, model, effective_from, input_usd_per_mtok, output_usd_per_mtok) \
+         VALUES ($1, $2, $3::timestamptz, $4, $5)",
+    )
+    .bind(provider)
+    .bind(model)
+    .bind(from)
+    .bind(price.0)
+    .bind(price.1)
+    .execute(&app.db)
+    .await
+    .unwrap();
+}
+
+/// Migrations are applied by the worker; tests that insert prices first apply them here.
+async fn migrate(app: &TestApp) {
+    llm_worker::usage::migrate(&app.db).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_job_that_falls_back_records_one_job_row_and_two_call_rows_with_tokens_and_costs() {
+    let primary = FakeOpenAi::start().await.unwrap();
+    primary.set_default(Reply::status(503, "overloaded"));
+    let backup = FakeOpenAi::start().await.unwrap();
+    backup.push(Reply::answer(&["from ", "backup"], (11, 5)));
+    let providers = format!(
+        "{}{}max_retries = 0\n[routes]\ndefault = [\"primary\", \"backup\"]\n",
+        openai_provider("backup", &backup.base_url(), "small"),
+        openai_provider("primary", &primary.base_url(), "big").replace("max_retries = 1\n", ""),
+    );
+    let mut app = TestApp::new(&providers).await;
+    migrate(&app).await;
+    set_price(&app, "primary", "big", PRIMARY_PRICE, "2000-01-01").await;
+    set_price(&app, "backup", "small", BACKUP_PRICE, "2000-01-01").await;
+    app.start_worker().await;
+    let (reply_to, mut sub) = app.reply_inbox().await;
+
+    let job_id = app
+        .publish(json!({"prompt": "x", "reply_to": reply_to, "tenant": "acme", "trace_id": "tr-9", "metadata": {"team": "search"}}))
+        .await;
+    let result = collect_reply(&mut sub).await.result;
+    assert_eq!(result["status"], "ok");
+    assert_eq!(result["attempt"], 2);
+    let expected_cost = (11.0 * BACKUP_PRICE.0 + 5.0 * BACKUP_PRICE.1) / 1e6;
+    assert!(
+        (result["cost_usd"].as_f64().unwrap() - expected_cost).abs() < 1e-12,
+        "{result}"
+    );
+
+    app.wait_count(
+        &format!("SELECT count(*) FROM llm_jobs WHERE job_id = '{job_id}'"),
+        1,
+    )
+    .await;
+    let job: (String, String, String, Option<String>, i64, i64, f64, i32, String, serde_json::Value) = sqlx::query_as(
+        "SELECT status, tenant, trace_id, provider, input_tokens, output_tokens, cost_usd::float8, attempts, kind, metadata \
+         FROM llm_jobs WHERE job_id = $1",
+    )
+    .bind(job_id)
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(
+        (
+            job.0.as_str(),
+            job.1.as_str(),
+            job.2.as_str(),
+            job.3.as_deref(),
+            job.4,
+            job.5,
+            job.7,
+            job.8.as_str()
+        ),
+        ("ok", "acme", "tr-9", Some("backup"), 11, 5, 2, "generate")
+    );
+    assert!((job.6 - expected_cost).abs() < 1e-12);
+    assert_eq!(job.9, json!({"team": "search"}));
+
+    let calls: Vec<(i32, String, String, String, i64, i64, f64, Option<i32>, Option<String>, bool)> = sqlx::query_as(
+        "SELECT attempt, provider, model, status, input_tokens, output_tokens, cost_usd::float8, http_status, error_code, tokens_estimated \
+         FROM llm_calls WHERE trace_id = 'tr-9' ORDER BY attempt",
+    )
+    .fetch_all(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(calls.len(), 2);
+    let (a1, a2) = (&calls[0], &calls[1]);
+    assert_eq!(
+        (a1.0, a1.1.as_str(), a1.2.as_str(), a1.3.as_str()),
+        (1, "primary", "big", "error")
+    );
+    assert_eq!(
+        (a1.4, a1.5, a1.6, a1.7, a1.8.as_deref()),
+        (0, 0, 0.0, Some(503), Some("overloaded"))
+    );
+    assert_eq!(
+        (a2.0, a2.1.as_str(), a2.2.as_str(), a2.3.as_str()),
+        (2, "backup", "small", "ok")
+    );
+    assert_eq!(
+        (a2.4, a2.5, a2.7, a2.8.as_deref(), a2.9),
+        (11, 5, Some(200), None, false)
+    );
+    assert!((a2.6 - expected_cost).abs() < 1e-12);
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn results_delivered_twice_to_the_recorder_produce_no_duplicate_rows() {
+    let fake = FakeOpenAi::start().await.unwrap();
+    let mut app = TestApp::new(&openai_provider("openai", &fake.base_url(), "m")).await;
+    app.start_worker().await;
+    let (reply_to, mut sub) = app.reply_inbox().await;
+    let job_id = app
+        .publish(json!({"prompt": "x", "reply_to": reply_to}))
+        .await;
+    let result = collect_reply(&mut sub).await.result;
+    app.wait_count("SELECT count(*) FROM llm_calls", 1).await;
+
+    // The same result again through the stream (as after a redelivery)...
+    let subject = format!("{}.results.{job_id}", app.config.nats.subject_prefix);
+    let again = PublishMessage::build().payload(serde_json::to_vec(&result).unwrap().into());
+    app.js
+        .send_publish(subject, again)
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    // ...and directly, twice in one batch and once more.
+    let event: llm_worker::event::ResultEvent = serde_json::from_value(result).unwrap();
+    llm_worker::usage::write_batch(&app.db, &[event.clone(), event.clone()])
+        .await
+        .unwrap();
+    llm_worker::usage::write_batch(&app.db, &[event])
+        .await
+        .unwrap();
+    // A sentinel job recorded after the duplicate proves the recorder got past it.
+    let sentinel = app
+        .publish(json!({"prompt": "y", "reply_to": reply_to}))
+        .await;
+    collect_reply(&mut sub).await;
+    app.wait_count(
+        &format!("SELECT count(*) FROM llm_jobs WHERE job_id = '{sentinel}'"),
+        1,
+    )
+    .await;
+
+    app.wait_count(
+        &format!("SELECT count(*) FROM llm_jobs WHERE job_id = '{job_id}'"),
+        1,
+    )
+    .await;
+    app.wait_count(
+        &format!("SELECT count(*) FROM llm_calls WHERE job_id = '{job_id}'"),
+        1,
+    )
+    .await;
+    app.wait_count("SELECT count(*) FROM llm_jobs", 2).await;
+    app.teardown().await;
+}
+
+/// A TCP proxy to Postgres that can be made unreachable (connections cut and refused).
+struct Outage {
+    port: u16,
+    up: watch::Sender<bool>,
+}
+
+impl Outage {
+    async fn start(upstream: String) -> Arc<Outage> {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (up, _) = watch::channel(true);
+        let outage = Arc::new(Outage { port, up });
+        let o = outage.clone();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let mut up = o.up.subscribe();
+                if !*up.borrow() {
+                    continue; // refused: dropped at once
+                }
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) = TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = up.wait_for(|up| !*up) => {} // cut
+                    }
+                });
+            }
+        });
+        outage
+    }
+
+    fn set_up(&self, up: bool) {
+        self.up.send_replace(up);
+    }
+}
+
+#[tokio::test]
+async fn with_postgres_unreachable_jobs_keep_flowing_and_every_row_appears_once_it_is_back() {
+    let fake = FakeOpenAi::start().await.unwrap();
+    let mut app = TestApp::new(&openai_provider("openai", &fake.base_url(), "m")).await;
+    let real = url_host_port(&app.services.database_url);
+    let outage = Outage::start(real).await;
+    let proxied = with_database(
+        &app.services.database_url.replacen(
+            &url_host_port(&app.services.database_url),
+            &format!("127.0.0.1:{}", outage.port),
+            1,
+        ),
+        &app.db_name,
+    );
+    app.start_worker_with(
+        llm_worker::app::Roles {
+            jobs: true,
+            recorder: true,
+        },
+        |c| {
+            c.database.url = Some(proxied.into());
+        },
+    )
+    .await;
+    let (reply_to, mut sub) = app.reply_inbox().await;
+
+    outage.set_up(false);
+    for i in 0..5 {
+        app.publish(json!({"prompt": format!("job {i}"), "reply_to": reply_to}))
+            .await;
+        assert_eq!(
+            collect_reply(&mut sub).await.result["status"],
+            "ok",
+            "jobs flow without Postgres"
+        );
+    }
+    let during: i64 = sqlx::query_scalar("SELECT count(*) FROM llm_jobs")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(
+        during, 0,
+        "nothing could be written while Postgres was unreachable"
+    );
+
+    outage.set_up(true);
+    app.wait_count("SELECT count(*) FROM llm_jobs", 5).await;
+    app.wait_count("SELECT count(*) FROM llm_calls", 5).await;
+    app.teardown().await;
+}
+
+fn url_host_port(url: &str) -> String {
+    let after = url
+        .split_once('@')
+        .map_or_else(|| url.split_once("://").unwrap().1, |(_, r)| r);
+    after.split(['/', '?']).next().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn a_price_change_applies_to_later_calls_only_and_an_unknown_price_gives_null_cost() {
+    let fake = FakeOpenAi::start().await.unwrap();
+    fake.set_default(Reply::answer(&["ok"], (1000, 500)));
+    let mut app = TestApp::new(&openai_provider("openai", &fake.base_url(), "priced")).await;
+    migrate(&app).await;
+    set_price(&app, "openai", "priced", (1.0, 1.0), "2000-01-01").await;
+    app.start_worker().await;
+    let (reply_to, mut sub) = app.reply_inbox().await;
+
+    let before = app
+        .publish(json!({"prompt": "a", "reply_to": reply_to}))
+        .await;
+    collect_reply(&mut sub).await;
+    set_price(&app, "openai", "priced", (10.0, 10.0), "now").await;
+    let after = app
+        .publish(json!({"prompt": "b", "reply_to": reply_to}))
+        .await;
+    collect_reply(&mut sub).await;
+    let unpriced = app
+        .publish(json!({"prompt": "c", "reply_to": reply_to, "model": "unpriced"}))
+        .await;
+    let r = collect_reply(&mut sub).await.result;
+    assert!(
+        r["cost_usd"].is_null(),
+        "an unknown price is null, never zero: {r}"
+    );
+
+    app.wait_count("SELECT count(*) FROM llm_jobs", 3).await;
+    let cost = |id: uuid::Uuid| {
+        let db = app.db.clone();
+        async move {
+            let c: (Option<f64>, Option<f64>) = sqlx::query_as(
+                "SELECT j.cost_usd::float8, c.cost_usd::float8 FROM llm_jobs j JOIN llm_calls c USING (job_id) WHERE job_id = $1",
+            )
+            .bind(id)
+            .fetch_one(&db)
+            .await
+            .unwrap();
+            c
+        }
+    };
+    assert_eq!(cost(before).await, (Some(0.0015), Some(0.0015)));
+    assert_eq!(cost(after).await, (Some(0.015), Some(0.015)));
+    assert_eq!(cost(unpriced).await, (None, None));
+    let unpriced_calls: i64 =
+        sqlx::query_scalar("SELECT sum(unpriced_calls)::bigint FROM llm_usage_daily")
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    assert_eq!(unpriced_calls, 1);
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn a_stream_cut_before_its_usage_chunk_records_estimated_tokens_for_the_partial_output() {
+    let fake = FakeOpenAi::start().await.unwrap();
+    fake.set_default(Reply::Cut {
+        deltas: vec!["abcdefgh".into(), "ijklmnop".into()],
+    });
+    let providers = openai_provider("openai", &fake.base_url(), "m")
+        .replace("max_retries = 1", "max_retries = 0");
+    let mut app = TestApp::new(&providers).await;
+    migrate(&app).await;
+    set_price(&app, "openai", "m", (1.0, 1.0), "2000-01-01").await;
+    app.start_worker().await;
+    let (reply_to, mut sub) = app.reply_inbox().await;
+
+    let job_id = app
+        .publish(json!({"prompt": "0123456789ab", "reply_to": reply_to}))
+        .await;
+    assert_eq!(collect_reply(&mut sub).await.result["status"], "error");
+
+    app.wait_count(
+        &format!("SELECT count(*) FROM llm_calls WHERE job_id = '{job_id}'"),
+        1,
+    )
+    .await;
+    let row: (String, Option<String>, bool, i64, i64, Option<f64>) = sqlx::query_as(
+        "SELECT status, error_code, tokens_estimated, input_tokens, output_tokens, cost_usd::float8 FROM llm_calls WHERE job_id = $1",
+    )
+    .bind(job_id)
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(
+        (row.0.as_str(), row.1.as_deref(), row.2),
+        ("error", Some("truncated"), true)
+    );
+    assert_eq!(
+        row.4, 4,
+        "16 characters of partial output, estimated at 4 characters per token"
+    );
+    assert!(row.3 > 0, "the prompt is estimated too");
+    assert!(row.5.unwrap() > 0.0, "a partial answer is billed");
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn the_usage_report_sums_the_daily_view() {
+    let fake = FakeOpenAi::start().await.unwrap();
+    fake.set_default(Reply::answer(&["ok"], (10, 20)));
+    let mut app = TestApp::new(&openai_provider("openai", &fake.base_url(), "m")).await;
+    app.start_worker().await;
+    let (reply_to, mut sub) = app.reply_inbox().await;
+    for tenant in ["a", "a", "b"] {
+        app.publish(json!({"prompt": "x", "reply_to": reply_to, "tenant": tenant}))
+            .await;
+        collect_reply(&mut sub).await;
+    }
+    app.wait_count("SELECT count(*) FROM llm_jobs", 3).await;
+
+    let today = chrono::Utc::now().date_naive();
+    let rows = llm_worker::usage::report::daily(&app.db, today, today + chrono::Days::new(1), None)
+        .await
+        .unwrap();
+    let per_tenant: Vec<(&str, i64, i64)> = rows
+        .iter()
+        .map(|r| (r.tenant.as_str(), r.jobs, r.input_tokens))
+        .collect();
+    assert_eq!(per_tenant, vec![("a", 2, 20), ("b", 1, 10)]);
+    let table = llm_worker::usage::report::render(&rows);
+    let total = table.lines().find(|l| l.starts_with("total")).unwrap();
+    let numbers: Vec<&str> = total.split_whitespace().collect();
+    assert_eq!(
+        &numbers[1..5],
+        ["3", "0", "30", "60"],
+        "calls, failed, input, output: {table}"
+    );
+    assert!(
+        table.contains("no price"),
+        "unpriced calls are flagged: {table}"
+    );
+    app.teardown().await;
+}
