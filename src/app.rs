@@ -95,6 +95,9 @@ pub async fn connect_db(config: &Config) -> anyhow::Result<Option<sqlx::PgPool>>
 /// Start everything `roles` asks for and return once the process is ready (streams and
 /// consumers exist, migrations applied).
 pub async fn start(config: Config, roles: Roles) -> anyhow::Result<Running> {
+    if roles.jobs {
+        config.require_providers()?;
+    }
     let config = Arc::new(config);
     let nats_cfg = Arc::new(config.nats.clone());
     let client = connect_nats(&nats_cfg).await?;

@@ -116,7 +116,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let config = Config::load(cli.config.as_deref())?;
-    telemetry::init(config.telemetry.log_format);
+    let level = if matches!(cli.command, Command::Run { .. }) {
+        "info"
+    } else {
+        "warn"
+    };
+    telemetry::init(config.telemetry.log_format, level);
     match cli.command {
         Command::Run {
             no_recorder,

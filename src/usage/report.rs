@@ -74,7 +74,11 @@ pub fn render(rows: &[DailyRow]) -> String {
             cost(r.cost_usd, r.unpriced_calls),
         ]);
     }
-    let total_cost: f64 = rows.iter().filter_map(|r| r.cost_usd).sum();
+    // fold from +0.0: `sum()` of no floats is -0.0, which prints as "-0.000000".
+    let total_cost = rows
+        .iter()
+        .filter_map(|r| r.cost_usd)
+        .fold(0.0, |a, b| a + b);
     let unpriced: i64 = rows.iter().map(|r| r.unpriced_calls).sum();
     table.push(vec![
         "total".into(),
