@@ -92,6 +92,19 @@ pub async fn connect_db(config: &Config) -> anyhow::Result<Option<sqlx::PgPool>>
     Ok(Some(pool))
 }
 
+/// A pool that connects on first use (no I/O here), when a database is configured.
+fn lazy_pool(config: &Config) -> anyhow::Result<Option<sqlx::PgPool>> {
+    let Some(url) = &config.database.url else {
+        return Ok(None);
+    };
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(config.database.max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_lazy(url.expose_secret())
+        .context("DATABASE_URL is not a valid Postgres URL")?;
+    Ok(Some(pool))
+}
+
 /// Start everything `roles` asks for and return once the process is ready (streams and
 /// consumers exist, migrations applied).
 pub async fn start(config: Config, roles: Roles) -> anyhow::Result<Running> {
@@ -105,49 +118,51 @@ pub async fn start(config: Config, roles: Roles) -> anyhow::Result<Running> {
     queue::ensure_streams(&js, &nats_cfg).await?;
 
     let prices = PriceBook::default();
-    let pool = if roles.recorder || roles.jobs {
-        match connect_db(&config).await {
-            Ok(pool) => pool,
-            // The worker must not depend on Postgres to answer jobs: the recorder catches up.
-            Err(e) if !roles.recorder => {
-                tracing::warn!(error = %format!("{e:#}"), "database unavailable; prices unknown until it is back");
-                None
-            }
-            Err(e) => return Err(e),
-        }
-    } else {
-        None
-    };
-    if roles.recorder && pool.is_none() {
-        tracing::warn!(
-            "no DATABASE_URL: usage is not recorded by this process (results stay in the results stream)"
-        );
-    }
-
     let stop = CancellationToken::new();
     let abandon = CancellationToken::new();
     let tracker = TaskTracker::new();
     let background = TaskTracker::new();
 
+    // Postgres is never required to answer jobs: with the database down at start, the worker
+    // serves jobs at once and the recorder (results wait in JetStream) and prices catch up when
+    // it is back.
+    let pool = lazy_pool(&config)?;
+    let recording = roles.recorder && config.recorder.enabled;
     if let Some(pool) = &pool {
-        // Load once before the first job so results carry costs from the start.
-        if let Err(e) = usage::load_prices(pool, &prices).await {
-            tracing::warn!(error = %e, "loading prices failed; costs unknown until the next refresh");
-        }
-        background.spawn(usage::refresh_prices(
+        let ready = tokio::time::timeout(Duration::from_secs(5), async {
+            usage::migrate(pool).await?;
+            usage::load_prices(pool, &prices).await?;
+            Ok::<_, anyhow::Error>(())
+        })
+        .await;
+        let ready = match ready {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %format!("{e:#}"), "database not ready; retrying in the background");
+                false
+            }
+            Err(_) => {
+                tracing::warn!("database not ready within 5 s; retrying in the background");
+                false
+            }
+        };
+        let recorder = if recording {
+            Some(usage::Recorder::start(&js, &nats_cfg, pool.clone(), &config.recorder).await?)
+        } else {
+            None
+        };
+        background.spawn(usage::maintain(
             pool.clone(),
             prices.clone(),
+            recorder,
+            ready,
             stop.clone(),
         ));
+    } else if roles.recorder {
+        tracing::warn!(
+            "no DATABASE_URL: usage is not recorded by this process (results stay in the results stream)"
+        );
     }
-    let recorder = match (&pool, roles.recorder && config.recorder.enabled) {
-        (Some(pool), true) => {
-            let rec =
-                usage::Recorder::start(&js, &nats_cfg, pool.clone(), &config.recorder).await?;
-            Some(background.spawn(rec.run(stop.clone())))
-        }
-        _ => None,
-    };
 
     let mut loops = Vec::new();
     if roles.jobs {
@@ -180,7 +195,7 @@ pub async fn start(config: Config, roles: Roles) -> anyhow::Result<Running> {
     tracing::info!(
         worker_id,
         jobs = roles.jobs,
-        recorder = recorder.is_some(),
+        recorder = recording && pool.is_some(),
         "worker ready"
     );
     let stop_wait = stop.clone();

@@ -104,12 +104,20 @@ impl Replies {
             .get_stream_no_info(&self.nats.results_stream)
             .await
             .map_err(|e| ReplyError::Lookup(e.to_string()))?;
-        match stream
-            .direct_get_last_for_subject(self.nats.result_subject(&job_id))
-            .await
-        {
+        let subject = self.nats.result_subject(&job_id);
+        match stream.direct_get_last_for_subject(subject.clone()).await {
+            Ok(msg) => return Ok(Some(msg.payload)),
+            Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => {
+                return Ok(None);
+            }
+            // A results stream created elsewhere without `allow_direct`: use the API instead.
+            Err(e) => tracing::debug!(error = %e, "direct get failed; asking the stream leader"),
+        }
+        match stream.get_last_raw_message_by_subject(&subject).await {
             Ok(msg) => Ok(Some(msg.payload)),
-            Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => Ok(None),
+            Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
+                Ok(None)
+            }
             Err(e) => Err(ReplyError::Lookup(e.to_string())),
         }
     }

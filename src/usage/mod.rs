@@ -48,6 +48,39 @@ pub async fn load_prices(pool: &sqlx::PgPool, book: &PriceBook) -> Result<(), sq
     Ok(())
 }
 
+/// The database side of a worker process: apply migrations (retrying until the database is
+/// reachable, unless `ready`), then keep prices fresh and run the recorder until `stop` fires.
+pub async fn maintain(
+    pool: sqlx::PgPool,
+    book: PriceBook,
+    recorder: Option<Recorder>,
+    ready: bool,
+    stop: CancellationToken,
+) {
+    if !ready {
+        loop {
+            match migrate(&pool).await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "database still unavailable; usage waits in JetStream")
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                _ = stop.cancelled() => return,
+            }
+        }
+        tracing::info!("database available: migrations applied");
+    }
+    let prices = refresh_prices(pool, book, stop.clone());
+    match recorder {
+        Some(recorder) => {
+            tokio::join!(prices, recorder.run(stop));
+        }
+        None => prices.await,
+    }
+}
+
 /// Keep `book` in step with `llm_prices` until `stop` fires.
 pub async fn refresh_prices(pool: sqlx::PgPool, book: PriceBook, stop: CancellationToken) {
     let mut every = tokio::time::interval(PRICE_REFRESH);

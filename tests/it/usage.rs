@@ -215,7 +215,8 @@ impl Outage {
 }
 
 #[tokio::test]
-async fn with_postgres_unreachable_jobs_keep_flowing_and_every_row_appears_once_it_is_back() {
+async fn with_postgres_unreachable_from_the_start_jobs_flow_and_every_row_appears_once_it_is_back()
+{
     let fake = FakeOpenAi::start().await.unwrap();
     let mut app = TestApp::new(&openai_provider("openai", &fake.base_url(), "m")).await;
     let real = url_host_port(&app.services.database_url);
@@ -228,6 +229,9 @@ async fn with_postgres_unreachable_jobs_keep_flowing_and_every_row_appears_once_
         ),
         &app.db_name,
     );
+    migrate(&app).await; // so the test can count rows directly during the outage
+    // Unreachable from before the worker starts: it must start and serve jobs anyway.
+    outage.set_up(false);
     app.start_worker_with(
         llm_worker::app::Roles {
             jobs: true,
@@ -240,7 +244,6 @@ async fn with_postgres_unreachable_jobs_keep_flowing_and_every_row_appears_once_
     .await;
     let (reply_to, mut sub) = app.reply_inbox().await;
 
-    outage.set_up(false);
     for i in 0..5 {
         app.publish(json!({"prompt": format!("job {i}"), "reply_to": reply_to}))
             .await;
