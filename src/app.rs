@@ -79,16 +79,12 @@ pub async fn connect_nats(nats: &NatsConfig) -> anyhow::Result<async_nats::Clien
 
 /// Connect to Postgres (when configured) and apply migrations.
 pub async fn connect_db(config: &Config) -> anyhow::Result<Option<sqlx::PgPool>> {
-    let Some(url) = &config.database.url else {
+    let Some(pool) = lazy_pool(config)? else {
         return Ok(None);
     };
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(config.database.max_connections)
-        .acquire_timeout(Duration::from_secs(10))
-        .connect(url.expose_secret())
+    usage::migrate(&pool)
         .await
-        .context("connecting to Postgres (DATABASE_URL)")?;
-    usage::migrate(&pool).await.context("applying migrations")?;
+        .context("connecting to Postgres (DATABASE_URL) and applying migrations")?;
     Ok(Some(pool))
 }
 

@@ -86,14 +86,21 @@ pub async fn ensure_consumer(
         max_ack_pending: -1,
         ..Default::default()
     };
+    durable_consumer(js, &nats.jobs_stream, config).await
+}
+
+/// Get or create the durable pull consumer `config` names on `stream` (idempotent).
+pub async fn durable_consumer(
+    js: &jetstream::Context,
+    stream: &str,
+    config: pull::Config,
+) -> Result<PullConsumer, QueueError> {
+    let name = config.durable_name.clone().unwrap_or_default();
     let err = |e: &dyn std::fmt::Display| QueueError::Consumer {
         consumer: name.clone(),
         message: e.to_string(),
     };
-    let stream = js
-        .get_stream_no_info(&nats.jobs_stream)
-        .await
-        .map_err(|e| err(&e))?;
+    let stream = js.get_stream_no_info(stream).await.map_err(|e| err(&e))?;
     stream
         .get_or_create_consumer(&name, config)
         .await

@@ -42,7 +42,7 @@ impl Recorder {
         let name = format!("{}-recorder", nats.consumer_prefix);
         let batch_size = cfg.batch_size.max(1);
         let config = pull::Config {
-            durable_name: Some(name.clone()),
+            durable_name: Some(name),
             deliver_policy: DeliverPolicy::All,
             ack_policy: AckPolicy::Explicit,
             ack_wait: Duration::from_secs(60),
@@ -50,18 +50,7 @@ impl Recorder {
             max_ack_pending: (batch_size * 4) as i64,
             ..Default::default()
         };
-        let err = |e: &dyn std::fmt::Display| QueueError::Consumer {
-            consumer: name.clone(),
-            message: e.to_string(),
-        };
-        let stream = js
-            .get_stream_no_info(&nats.results_stream)
-            .await
-            .map_err(|e| err(&e))?;
-        let consumer = stream
-            .get_or_create_consumer(&name, config)
-            .await
-            .map_err(|e| err(&e))?;
+        let consumer = crate::queue::durable_consumer(js, &nats.results_stream, config).await?;
         Ok(Self {
             consumer,
             pool,
