@@ -58,6 +58,40 @@ pub struct Config {
     /// `task_type` -> ordered chain of `provider` or `provider:model` entries; `default` is used
     /// for jobs without a task type or with one that has no route of its own.
     pub routes: BTreeMap<String, Vec<String>>,
+    /// `task_type` -> how its route's entries are ordered (default `ordered`).
+    pub strategies: BTreeMap<String, Strategy>,
+    pub circuit_breaker: CircuitConfig,
+}
+
+/// How a route's entries are ordered for a job (a pinned provider always goes first).
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Strategy {
+    /// As listed.
+    #[default]
+    Ordered,
+    /// Lowest listed price first (from `llm_prices`; unpriced entries last).
+    Cheapest,
+    /// Lowest recent time to first token first (an EWMA per provider and model; untried first).
+    Fastest,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CircuitConfig {
+    /// Consecutive failures (provider faults, not bad requests) that open a circuit.
+    pub failure_threshold: u32,
+    /// How long an open circuit is skipped before one probe call may test it.
+    pub cooldown_secs: u64,
+}
+
+impl Default for CircuitConfig {
+    fn default() -> Self {
+        Self {
+            failure_threshold: 5,
+            cooldown_secs: 30,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -208,6 +242,12 @@ pub enum LogFormat {
 pub enum ProviderType {
     /// OpenAI Chat Completions, and every compatible server (vLLM, llama.cpp, LM Studio, ...).
     Openai,
+    /// Anthropic Messages API (no embeddings).
+    Anthropic,
+    /// Google Gemini (v1beta generateContent).
+    Gemini,
+    /// Ollama's native API (`/api/chat`); base URL defaults to `OLLAMA_HOST` or localhost.
+    Ollama,
     /// In-process fake for tests, demos and benchmarks: deterministic text, no network.
     Fake,
 }
@@ -256,6 +296,15 @@ pub struct ProviderConfig {
     pub retry_min_delay_ms: u64,
     #[serde(default = "default_retry_max_delay_ms")]
     pub retry_max_delay_ms: u64,
+    /// `anthropic`: `max_tokens` sent when the job sets none (the API requires one).
+    #[serde(default = "default_max_tokens")]
+    pub default_max_tokens: u32,
+    /// At most this many requests in flight to this provider from one process (queued beyond).
+    #[serde(default)]
+    pub max_concurrent: Option<usize>,
+    /// At most this many requests per minute from one process (spaced evenly; queued beyond).
+    #[serde(default)]
+    pub requests_per_minute: Option<u32>,
     /// `fake` only: delay before the first token.
     #[serde(default)]
     pub latency_ms: u64,
@@ -288,6 +337,9 @@ fn default_retry_min_delay_ms() -> u64 {
 fn default_retry_max_delay_ms() -> u64 {
     20_000
 }
+fn default_max_tokens() -> u32 {
+    4096
+}
 fn default_fake_output_tokens() -> u64 {
     16
 }
@@ -307,6 +359,9 @@ impl ProviderConfig {
             max_retries: default_max_retries(),
             retry_min_delay_ms: default_retry_min_delay_ms(),
             retry_max_delay_ms: default_retry_max_delay_ms(),
+            default_max_tokens: default_max_tokens(),
+            max_concurrent: None,
+            requests_per_minute: None,
             latency_ms: 0,
             tokens_per_sec: 0,
             output_tokens: default_fake_output_tokens(),
@@ -379,6 +434,18 @@ impl Config {
         }
         if let Some(url) = env("DATABASE_URL") {
             self.database.url = Some(SecretString::from(url));
+        }
+        if let Some(host) = env("OLLAMA_HOST") {
+            let url = if host.contains("://") {
+                host
+            } else {
+                format!("http://{host}")
+            };
+            for p in self.providers.values_mut() {
+                if p.kind == ProviderType::Ollama && p.base_url.is_none() {
+                    p.base_url = Some(url.clone());
+                }
+            }
         }
         let base = env("OPENAI_BASE_URL");
         let has_key = env("OPENAI_API_KEY").is_some();
@@ -477,6 +544,14 @@ impl Config {
                 return Err(invalid(
                     "routes.default",
                     "required when more than one provider is configured",
+                ));
+            }
+        }
+        for task in self.strategies.keys() {
+            if !self.routes.contains_key(task) {
+                return Err(invalid(
+                    format!("strategies.{task}"),
+                    "names a route that does not exist",
                 ));
             }
         }

@@ -1,10 +1,13 @@
-//! A fake OpenAI-compatible HTTP server for tests, demos and benchmarks (never production).
+//! A fake LLM provider HTTP server for tests, demos and benchmarks (never production).
 //!
-//! It speaks the real wire format (`POST /v1/chat/completions`, SSE chunks, usage chunk,
-//! `[DONE]`, JSON errors) and plays scripted [`Reply`]s in order, then the default reply,
-//! including the failures real servers produce: HTTP errors with `Retry-After`, streams cut
-//! mid-answer, errors inside a 200 stream, malformed chunks, silence. It records every request
-//! body so tests can assert what reached the provider.
+//! One server speaks all four wire formats, chosen by the route a request hits:
+//! OpenAI (`POST /v1/chat/completions`: SSE chunks, usage chunk, `[DONE]`), Anthropic
+//! (`POST /v1/messages`: named SSE events), Gemini (`POST /v1beta/models/{model}:
+//! {generateContent|streamGenerateContent}`: SSE, no sentinel) and Ollama (`POST /api/chat`:
+//! NDJSON). It plays scripted [`Reply`]s in order, then the default reply, including the
+//! failures real servers produce: HTTP errors with retry hints, streams cut mid-answer, errors
+//! inside a 200 stream, malformed chunks, silence. It records every request body so tests can
+//! assert what reached the provider.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -39,6 +42,8 @@ pub enum Reply {
     },
     /// A 200 stream of these raw SSE `data:` payloads, then a clean end of body.
     RawStream(Vec<String>),
+    /// A 200 response with exactly this body (any framing: named SSE events, NDJSON, ...).
+    Raw { content_type: String, body: String },
     /// Some chunks, then the connection breaks (no finish reason, no terminating chunk).
     Cut { deltas: Vec<String> },
     /// Accept the request and never answer.
@@ -75,13 +80,16 @@ struct Script {
 }
 
 /// A running fake server; stops when dropped.
-pub struct FakeOpenAi {
+pub struct FakeProvider {
     addr: SocketAddr,
     script: Arc<Mutex<Script>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
-impl Drop for FakeOpenAi {
+/// The historical name: the same server, most often used for its OpenAI routes.
+pub type FakeOpenAi = FakeProvider;
+
+impl Drop for FakeProvider {
     fn drop(&mut self) {
         if let Some(task) = &self.task {
             task.abort();
@@ -89,7 +97,7 @@ impl Drop for FakeOpenAi {
     }
 }
 
-impl FakeOpenAi {
+impl FakeProvider {
     /// Start on an ephemeral loopback port.
     pub async fn start() -> std::io::Result<Self> {
         Self::start_on("127.0.0.1:0").await
@@ -100,7 +108,10 @@ impl FakeOpenAi {
         let addr = listener.local_addr()?;
         let script = Arc::new(Mutex::new(Script::default()));
         let app = Router::new()
-            .route("/v1/chat/completions", post(chat))
+            .route("/v1/chat/completions", post(openai))
+            .route("/v1/messages", post(anthropic))
+            .route("/v1beta/models/{*target}", post(gemini))
+            .route("/api/chat", post(ollama))
             .with_state(script.clone());
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -112,9 +123,14 @@ impl FakeOpenAi {
         })
     }
 
-    /// The base URL in the SDK convention (`http://127.0.0.1:PORT/v1`).
+    /// The OpenAI base URL in the SDK convention (`http://127.0.0.1:PORT/v1`).
     pub fn base_url(&self) -> String {
         format!("http://{}/v1", self.addr)
+    }
+
+    /// The server root (`http://127.0.0.1:PORT`): the base URL for the other flavors.
+    pub fn root_url(&self) -> String {
+        format!("http://{}", self.addr)
     }
 
     /// Queue replies, played in order before the default.
@@ -155,18 +171,65 @@ fn default_reply() -> Reply {
     Reply::answer(&["Hello", " from", " fake"], (5, 3))
 }
 
-async fn chat(State(script): State<Arc<Mutex<Script>>>, body: Bytes) -> Response<Body> {
+/// The wire format of a request, from the route it hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flavor {
+    OpenAi,
+    Anthropic,
+    Gemini,
+    Ollama,
+}
+
+type Shared = State<Arc<Mutex<Script>>>;
+
+async fn openai(State(script): Shared, body: Bytes) -> Response<Body> {
+    serve(script, Flavor::OpenAi, None, &body).await
+}
+
+async fn anthropic(State(script): Shared, body: Bytes) -> Response<Body> {
+    serve(script, Flavor::Anthropic, None, &body).await
+}
+
+async fn ollama(State(script): Shared, body: Bytes) -> Response<Body> {
+    serve(script, Flavor::Ollama, None, &body).await
+}
+
+async fn gemini(
+    State(script): Shared,
+    axum::extract::Path(target): axum::extract::Path<String>,
+    body: Bytes,
+) -> Response<Body> {
+    // `{model}:{method}`
+    let (model, method) = target.split_once(':').unwrap_or((target.as_str(), ""));
+    let stream = method == "streamGenerateContent";
+    serve(
+        script,
+        Flavor::Gemini,
+        Some((model.to_string(), stream)),
+        &body,
+    )
+    .await
+}
+
+async fn serve(
+    script: Arc<Mutex<Script>>,
+    flavor: Flavor,
+    gemini: Option<(String, bool)>,
+    body: &[u8],
+) -> Response<Body> {
     let request: serde_json::Value =
-        serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
-    let stream = request
-        .get("stream")
-        .and_then(|v| v.as_bool())
-        .unwrap_or(false);
-    let model = request
-        .get("model")
-        .and_then(|v| v.as_str())
-        .unwrap_or("fake")
-        .to_string();
+        serde_json::from_slice(body).unwrap_or(serde_json::Value::Null);
+    let (model, stream) = match gemini {
+        Some(target) => target,
+        None => {
+            let model = request["model"].as_str().unwrap_or("fake").to_string();
+            // Ollama streams unless told otherwise; the others only when asked.
+            let stream = request["stream"]
+                .as_bool()
+                .unwrap_or(flavor == Flavor::Ollama);
+            (model, stream)
+        }
+    };
     let reply = match script.lock() {
         Ok(mut s) => {
             s.requests.push(request);
@@ -177,17 +240,19 @@ async fn chat(State(script): State<Arc<Mutex<Script>>>, body: Bytes) -> Response
         }
         Err(_) => default_reply(),
     };
-    render(reply, stream, &model).await
-}
-
-fn chunk(model: &str, delta: serde_json::Value, finish: Option<&str>) -> String {
-    json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0, "model": model,
-           "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], "usage": null})
-    .to_string()
+    render(flavor, reply, stream, &model).await
 }
 
 fn sse(data: &str) -> Bytes {
     Bytes::from(format!("data: {data}\n\n"))
+}
+
+fn named(event: &str, data: serde_json::Value) -> Bytes {
+    Bytes::from(format!("event: {event}\ndata: {data}\n\n"))
+}
+
+fn line(v: serde_json::Value) -> Bytes {
+    Bytes::from(format!("{v}\n"))
 }
 
 fn response(status: u16, content_type: &str, body: Body) -> Response<Body> {
@@ -199,7 +264,150 @@ fn response(status: u16, content_type: &str, body: Body) -> Response<Body> {
     r
 }
 
-async fn render(reply: Reply, stream: bool, model: &str) -> Response<Body> {
+fn openai_chunk(model: &str, delta: serde_json::Value, finish: Option<&str>) -> String {
+    json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0, "model": model,
+           "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], "usage": null})
+    .to_string()
+}
+
+fn gemini_chunk(text: &str, finish: bool, usage: Option<(u64, u64)>) -> serde_json::Value {
+    let mut c = json!({"content": {"parts": [{"text": text}], "role": "model"}, "index": 0});
+    if finish {
+        c["finishReason"] = json!("STOP");
+    }
+    let mut v = json!({"candidates": [c], "modelVersion": "fake"});
+    if let Some((p, o)) = usage {
+        v["usageMetadata"] =
+            json!({"promptTokenCount": p, "candidatesTokenCount": o, "totalTokenCount": p + o});
+    }
+    v
+}
+
+/// The streamed body of an answer: the deltas, then (if `complete`) the finish signal, usage
+/// and (if `done_marker`) the transport sentinel.
+fn stream_frames(
+    flavor: Flavor,
+    model: &str,
+    deltas: &[String],
+    usage: Option<(u64, u64)>,
+    complete: bool,
+    done_marker: bool,
+) -> Vec<Bytes> {
+    let (input, output) = usage.unwrap_or((0, 0));
+    let mut frames = Vec::new();
+    match flavor {
+        Flavor::OpenAi => {
+            frames.push(sse(&openai_chunk(
+                model,
+                json!({"role": "assistant", "content": ""}),
+                None,
+            )));
+            frames.extend(
+                deltas
+                    .iter()
+                    .map(|d| sse(&openai_chunk(model, json!({"content": d}), None))),
+            );
+            if complete {
+                frames.push(sse(&openai_chunk(model, json!({}), Some("stop"))));
+                if usage.is_some() {
+                    let u = json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": model,
+                        "choices": [], "usage": {"prompt_tokens": input, "completion_tokens": output, "total_tokens": input + output}});
+                    frames.push(sse(&u.to_string()));
+                }
+                if done_marker {
+                    frames.push(sse("[DONE]"));
+                }
+            }
+        }
+        Flavor::Anthropic => {
+            frames.push(named(
+                "message_start",
+                json!({"type": "message_start", "message": {"id": "msg_fake", "type": "message",
+                "role": "assistant", "content": [], "model": model, "stop_reason": null,
+                "usage": {"input_tokens": input, "output_tokens": 1}}}),
+            ));
+            frames.push(named("content_block_start", json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})));
+            frames.push(named("ping", json!({"type": "ping"})));
+            frames.extend(deltas.iter().map(|d| {
+                named("content_block_delta", json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": d}}))
+            }));
+            if complete {
+                frames.push(named(
+                    "content_block_stop",
+                    json!({"type": "content_block_stop", "index": 0}),
+                ));
+                frames.push(named("message_delta", json!({"type": "message_delta",
+                    "delta": {"stop_reason": "end_turn", "stop_sequence": null}, "usage": {"output_tokens": output}})));
+                if done_marker {
+                    frames.push(named("message_stop", json!({"type": "message_stop"})));
+                }
+            }
+        }
+        Flavor::Gemini => {
+            let n = deltas.len();
+            for (i, d) in deltas.iter().enumerate() {
+                let last = complete && i + 1 == n;
+                let u = if last {
+                    usage
+                } else {
+                    Some((input, (i as u64 + 1).min(output)))
+                };
+                frames.push(sse(&gemini_chunk(d, last, u).to_string()));
+            }
+            if complete && n == 0 {
+                frames.push(sse(&gemini_chunk("", true, usage).to_string()));
+            }
+        }
+        Flavor::Ollama => {
+            for d in deltas {
+                frames.push(line(
+                    json!({"model": model, "created_at": "2025-01-01T00:00:00Z",
+                    "message": {"role": "assistant", "content": d}, "done": false}),
+                ));
+            }
+            if complete {
+                frames.push(line(json!({"model": model, "created_at": "2025-01-01T00:00:01Z",
+                    "message": {"role": "assistant", "content": ""}, "done": true, "done_reason": "stop",
+                    "prompt_eval_count": input, "eval_count": output})));
+            }
+        }
+    }
+    frames
+}
+
+/// A non-streamed answer.
+fn whole(flavor: Flavor, model: &str, text: &str, usage: Option<(u64, u64)>) -> serde_json::Value {
+    let (input, output) = usage.unwrap_or((0, 0));
+    match flavor {
+        Flavor::OpenAi => {
+            let mut v = json!({"id": "chatcmpl-fake", "object": "chat.completion", "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]});
+            if usage.is_some() {
+                v["usage"] = json!({"prompt_tokens": input, "completion_tokens": output, "total_tokens": input + output});
+            }
+            v
+        }
+        Flavor::Anthropic => {
+            json!({"id": "msg_fake", "type": "message", "role": "assistant", "model": model,
+            "content": [{"type": "text", "text": text}], "stop_reason": "end_turn", "stop_sequence": null,
+            "usage": {"input_tokens": input, "output_tokens": output}})
+        }
+        Flavor::Gemini => gemini_chunk(text, true, usage),
+        Flavor::Ollama => json!({"model": model, "created_at": "2025-01-01T00:00:00Z",
+            "message": {"role": "assistant", "content": text}, "done": true, "done_reason": "stop",
+            "prompt_eval_count": input, "eval_count": output}),
+    }
+}
+
+fn stream_content_type(flavor: Flavor) -> &'static str {
+    if flavor == Flavor::Ollama {
+        "application/x-ndjson"
+    } else {
+        "text/event-stream"
+    }
+}
+
+async fn render(flavor: Flavor, reply: Reply, stream: bool, model: &str) -> Response<Body> {
     match reply {
         Reply::Hang => {
             std::future::pending::<()>().await;
@@ -227,41 +435,17 @@ async fn render(reply: Reply, stream: bool, model: &str) -> Response<Body> {
             done_marker,
             chunk_delay,
         } if stream => {
-            let mut frames = vec![sse(&chunk(
-                model,
-                json!({"role": "assistant", "content": ""}),
-                None,
-            ))];
-            frames.extend(
-                deltas
-                    .iter()
-                    .map(|d| sse(&chunk(model, json!({"content": d}), None))),
-            );
-            frames.push(sse(&chunk(model, json!({}), Some("stop"))));
-            if let Some((p, c)) = usage {
-                let u = json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": model,
-                    "choices": [], "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}});
-                frames.push(sse(&u.to_string()));
-            }
-            if done_marker {
-                frames.push(sse("[DONE]"));
-            }
+            let frames = stream_frames(flavor, model, &deltas, usage, true, done_marker);
             let body = futures::stream::iter(frames).then(move |f| async move {
                 if !chunk_delay.is_zero() {
                     tokio::time::sleep(chunk_delay).await;
                 }
                 Ok::<_, std::io::Error>(f)
             });
-            response(200, "text/event-stream", Body::from_stream(body))
+            response(200, stream_content_type(flavor), Body::from_stream(body))
         }
         Reply::Answer { deltas, usage, .. } => {
-            let content: String = deltas.concat();
-            let mut v = json!({"id": "chatcmpl-fake", "object": "chat.completion", "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}]});
-            if let Some((p, c)) = usage {
-                v["usage"] =
-                    json!({"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c});
-            }
+            let v = whole(flavor, model, &deltas.concat(), usage);
             response(200, "application/json", Body::from(v.to_string()))
         }
         Reply::RawStream(datas) => {
@@ -273,25 +457,17 @@ async fn render(reply: Reply, stream: bool, model: &str) -> Response<Body> {
                 Body::from_stream(futures::stream::iter(frames)),
             )
         }
+        Reply::Raw { content_type, body } => response(200, &content_type, Body::from(body)),
         Reply::Cut { deltas } => {
-            let mut frames: Vec<Result<Bytes, std::io::Error>> = vec![Ok(sse(&chunk(
-                model,
-                json!({"role": "assistant", "content": ""}),
-                None,
-            )))];
-            frames.extend(
-                deltas
-                    .iter()
-                    .map(|d| Ok(sse(&chunk(model, json!({"content": d}), None)))),
-            );
+            let frames = stream_frames(flavor, model, &deltas, None, false, false);
             // Let headers and chunks reach the client before the connection breaks (hyper
             // polls a ready body eagerly and would otherwise fail before sending headers).
             let cut = futures::stream::once(async {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 Err(std::io::Error::other("connection cut by the fake server"))
             });
-            let body = futures::stream::iter(frames).chain(cut);
-            response(200, "text/event-stream", Body::from_stream(body))
+            let body = futures::stream::iter(frames.into_iter().map(Ok)).chain(cut);
+            response(200, stream_content_type(flavor), Body::from_stream(body))
         }
     }
 }

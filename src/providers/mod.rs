@@ -7,7 +7,10 @@
 //! Contract every provider stream keeps: it ends `Ok` only after a finish signal; a body that
 //! ends before one yields a `truncated` error as its last item.
 
+pub mod anthropic;
 pub mod fake;
+pub mod gemini;
+pub mod ollama;
 pub mod openai;
 mod sse;
 
@@ -62,6 +65,9 @@ pub struct RetryPolicy {
 
 pub enum ProviderImpl {
     OpenAi(openai::OpenAi),
+    Anthropic(anthropic::Anthropic),
+    Gemini(gemini::Gemini),
+    Ollama(ollama::Ollama),
     Fake(fake::Fake),
 }
 
@@ -82,6 +88,11 @@ impl Provider {
     ) -> Result<Self, ProviderError> {
         let imp = match cfg.kind {
             ProviderType::Openai => ProviderImpl::OpenAi(openai::OpenAi::new(cfg, http.clone())?),
+            ProviderType::Anthropic => {
+                ProviderImpl::Anthropic(anthropic::Anthropic::new(cfg, http.clone())?)
+            }
+            ProviderType::Gemini => ProviderImpl::Gemini(gemini::Gemini::new(cfg, http.clone())?),
+            ProviderType::Ollama => ProviderImpl::Ollama(ollama::Ollama::new(cfg, http.clone())?),
             ProviderType::Fake => ProviderImpl::Fake(fake::Fake::new(cfg)),
         };
         Ok(Self {
@@ -109,6 +120,9 @@ impl Provider {
     ) -> Result<Call, ProviderError> {
         match &self.imp {
             ProviderImpl::OpenAi(p) => p.generate(model, req).await,
+            ProviderImpl::Anthropic(p) => p.generate(model, req).await,
+            ProviderImpl::Gemini(p) => p.generate(model, req).await,
+            ProviderImpl::Ollama(p) => p.generate(model, req).await,
             ProviderImpl::Fake(p) => p.generate(model, req),
         }
     }

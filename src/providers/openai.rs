@@ -94,7 +94,7 @@ pub fn endpoint(base: &str, path: &str) -> Result<Url, ProviderError> {
     Ok(url)
 }
 
-fn transport_error(e: &reqwest::Error) -> ProviderError {
+pub(crate) fn transport_error(e: &reqwest::Error) -> ProviderError {
     let code = if e.is_connect() && e.is_timeout() {
         ErrorCode::ConnectTimeout
     } else {
@@ -388,7 +388,7 @@ pub fn classify_error_body(status: u16, body: &str) -> ProviderError {
     ProviderError::new(code, clip(&message))
 }
 
-fn clip(s: &str) -> String {
+pub(crate) fn clip(s: &str) -> String {
     if s.chars().count() <= MAX_ERROR_CHARS {
         s.to_string()
     } else {

@@ -1,0 +1,466 @@
+//! Anthropic Messages API: request building, the `event:`-named SSE decoder, error mapping.
+//!
+//! Wire facts (PROVIDERS.md): `message_start` carries input usage (plus cache creation/read
+//! tokens, which count as input); `content_block_delta` with `text_delta` carries text;
+//! `message_delta` carries `stop_reason` and the *cumulative* output token count; then
+//! `message_stop`. `ping` may come anywhere; an `error` event can arrive inside a 200 stream.
+//! Anthropic has no embeddings API.
+
+use eventsource_stream::Event;
+use reqwest::Url;
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::openai::{clip, transport_error};
+use super::sse::{self, SseDecoder, Step};
+use super::{Call, ProviderEvent, Usage};
+use crate::config::ProviderConfig;
+use crate::error::{ErrorCode, ProviderError, code_for_status};
+use crate::job::{GenerateRequest, Role};
+
+const API_VERSION: &str = "2023-06-01";
+
+pub struct Anthropic {
+    client: reqwest::Client,
+    url: Url,
+    key: Option<SecretString>,
+    default_max_tokens: u32,
+}
+
+impl Anthropic {
+    pub fn new(cfg: &ProviderConfig, client: reqwest::Client) -> Result<Self, ProviderError> {
+        let base = cfg
+            .base_url
+            .as_deref()
+            .unwrap_or("https://api.anthropic.com");
+        Ok(Self {
+            client,
+            url: super::openai::endpoint(base, "messages")?,
+            key: cfg.api_key.clone(),
+            default_max_tokens: cfg.default_max_tokens,
+        })
+    }
+
+    pub async fn generate(
+        &self,
+        model: &str,
+        req: &GenerateRequest,
+    ) -> Result<Call, ProviderError> {
+        let body = request_body(model, req, self.default_max_tokens);
+        let mut builder = self
+            .client
+            .post(self.url.clone())
+            .header("anthropic-version", API_VERSION)
+            .json(&body);
+        if let Some(key) = &self.key {
+            builder = builder.header("x-api-key", key.expose_secret());
+        }
+        let response = builder.send().await.map_err(|e| transport_error(&e))?;
+        let status = response.status().as_u16();
+        if !response.status().is_success() {
+            let retry_after = super::retry_after(response.headers());
+            let text = response.text().await.unwrap_or_default();
+            return Err(classify(status, &text)
+                .with_status(status)
+                .with_retry_after(retry_after));
+        }
+        let events = if req.stream {
+            sse::decode(response, StreamDecoder::default())
+        } else {
+            let text = response.text().await.map_err(|e| {
+                ProviderError::new(ErrorCode::Truncated, format!("reading body: {e}"))
+            })?;
+            Box::pin(futures::stream::iter(parse_message(&text)))
+        };
+        Ok(Call {
+            http_status: Some(status),
+            events,
+        })
+    }
+}
+
+fn request_body(model: &str, req: &GenerateRequest, default_max_tokens: u32) -> serde_json::Value {
+    let messages: Vec<serde_json::Value> = req
+        .messages
+        .iter()
+        .filter(|m| m.role != Role::System)
+        .map(|m| {
+            let role = if m.role == Role::Assistant {
+                "assistant"
+            } else {
+                "user"
+            };
+            json!({"role": role, "content": m.content})
+        })
+        .collect();
+    let o = &req.options;
+    let mut body = json!({
+        "model": model,
+        "max_tokens": o.max_tokens.unwrap_or(default_max_tokens),
+        "messages": messages,
+        "stream": req.stream,
+    });
+    if let Some(system) = &req.system {
+        body["system"] = json!(system);
+    }
+    if let Some(t) = o.temperature {
+        // Anthropic's range is 0..=1; the contract's is 0..=2.
+        body["temperature"] = json!(t.min(1.0));
+    }
+    if let Some(p) = o.top_p {
+        body["top_p"] = json!(p);
+    }
+    if !o.stop.is_empty() {
+        body["stop_sequences"] = json!(o.stop);
+    }
+    body
+}
+
+/// Map a stop reason to a finish reason, or to the error it really is.
+fn finish(stop_reason: &str) -> Result<String, ProviderError> {
+    match stop_reason {
+        "end_turn" | "stop_sequence" => Ok("stop".into()),
+        "max_tokens" | "model_context_window_exceeded" => Ok("length".into()),
+        "tool_use" => Ok("tool_calls".into()),
+        "refusal" => Err(ProviderError::new(
+            ErrorCode::ContentFiltered,
+            "the model refused to answer (stop_reason: refusal)",
+        )),
+        other => Ok(other.to_string()),
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct WireUsage {
+    #[serde(default)]
+    input_tokens: u64,
+    #[serde(default)]
+    output_tokens: u64,
+    #[serde(default)]
+    cache_creation_input_tokens: Option<u64>,
+    #[serde(default)]
+    cache_read_input_tokens: Option<u64>,
+}
+
+impl WireUsage {
+    fn total_input(&self) -> u64 {
+        self.input_tokens
+            + self.cache_creation_input_tokens.unwrap_or(0)
+            + self.cache_read_input_tokens.unwrap_or(0)
+    }
+}
+
+#[derive(Deserialize)]
+struct WireEvent {
+    #[serde(rename = "type")]
+    kind: String,
+    message: Option<WireMessage>,
+    delta: Option<serde_json::Value>,
+    usage: Option<WireUsage>,
+    error: Option<WireError>,
+}
+
+#[derive(Deserialize)]
+struct WireMessage {
+    #[serde(default)]
+    usage: WireUsage,
+    #[serde(default)]
+    content: Vec<serde_json::Value>,
+    stop_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct WireError {
+    #[serde(rename = "type", default)]
+    kind: String,
+    #[serde(default)]
+    message: String,
+}
+
+#[derive(Default)]
+pub struct StreamDecoder {
+    input_tokens: u64,
+    finished: bool,
+}
+
+impl SseDecoder for StreamDecoder {
+    fn event(&mut self, event: &Event) -> Result<Step, ProviderError> {
+        if event.data.trim().is_empty() {
+            return Ok(Step::More(Vec::new()));
+        }
+        let ev: WireEvent = serde_json::from_str(&event.data).map_err(|e| {
+            ProviderError::new(
+                ErrorCode::MalformedResponse,
+                format!("undecodable stream event ({e}): {}", clip(&event.data)),
+            )
+        })?;
+        let mut out = Vec::new();
+        match ev.kind.as_str() {
+            "message_start" => {
+                if let Some(m) = ev.message {
+                    self.input_tokens = m.usage.total_input();
+                }
+            }
+            "content_block_delta" => {
+                let delta = ev.delta.unwrap_or_default();
+                if delta.get("type").and_then(|t| t.as_str()) == Some("text_delta")
+                    && let Some(text) = delta.get("text").and_then(|t| t.as_str())
+                    && !text.is_empty()
+                {
+                    out.push(ProviderEvent::Delta(text.to_string()));
+                }
+            }
+            "message_delta" => {
+                let reason = ev
+                    .delta
+                    .as_ref()
+                    .and_then(|d| d.get("stop_reason"))
+                    .and_then(|r| r.as_str())
+                    .map(finish);
+                if let Some(u) = ev.usage {
+                    out.push(ProviderEvent::Usage(Usage {
+                        input_tokens: self.input_tokens.max(u.total_input()),
+                        output_tokens: u.output_tokens,
+                    }));
+                }
+                if let Some(reason) = reason {
+                    self.finished = true;
+                    out.push(ProviderEvent::Finish(reason?));
+                }
+            }
+            "message_stop" => {
+                return if self.finished {
+                    Ok(Step::End(out))
+                } else {
+                    Err(ProviderError::new(
+                        ErrorCode::Truncated,
+                        "message_stop before a stop_reason",
+                    ))
+                };
+            }
+            "error" => {
+                let e = ev.error.unwrap_or(WireError {
+                    kind: String::new(),
+                    message: event.data.clone(),
+                });
+                return Err(classify_error_type(&e.kind, &e.message, 200));
+            }
+            // ping, content_block_start/stop, and types added later.
+            _ => {}
+        }
+        Ok(Step::More(out))
+    }
+
+    fn finished(&self) -> bool {
+        self.finished
+    }
+}
+
+fn parse_message(text: &str) -> Vec<Result<ProviderEvent, ProviderError>> {
+    let m: WireMessage = match serde_json::from_str(text) {
+        Ok(m) => m,
+        Err(e) => {
+            return vec![Err(ProviderError::new(
+                ErrorCode::MalformedResponse,
+                format!("undecodable message ({e}): {}", clip(text)),
+            ))];
+        }
+    };
+    let Some(reason) = m.stop_reason.as_deref() else {
+        return vec![Err(ProviderError::new(
+            ErrorCode::Truncated,
+            "message has no stop_reason",
+        ))];
+    };
+    let reason = match finish(reason) {
+        Ok(r) => r,
+        Err(e) => return vec![Err(e)],
+    };
+    let text: String = m
+        .content
+        .iter()
+        .filter(|b| b.get("type").and_then(|t| t.as_str()) == Some("text"))
+        .filter_map(|b| b.get("text").and_then(|t| t.as_str()))
+        .collect();
+    let mut out = Vec::new();
+    if !text.is_empty() {
+        out.push(Ok(ProviderEvent::Delta(text)));
+    }
+    out.push(Ok(ProviderEvent::Finish(reason)));
+    out.push(Ok(ProviderEvent::Usage(Usage {
+        input_tokens: m.usage.total_input(),
+        output_tokens: m.usage.output_tokens,
+    })));
+    out
+}
+
+/// Classify an HTTP error body `{"type":"error","error":{"type","message"}}`.
+pub fn classify(status: u16, body: &str) -> ProviderError {
+    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+    let kind = v["error"]["type"].as_str().unwrap_or_default();
+    let message = v["error"]["message"]
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| {
+            if body.is_empty() {
+                format!("HTTP {status}")
+            } else {
+                clip(body)
+            }
+        });
+    classify_error_type(kind, &message, status)
+}
+
+fn classify_error_type(kind: &str, message: &str, status: u16) -> ProviderError {
+    let lower = message.to_ascii_lowercase();
+    let code = if lower.contains("prompt is too long") || lower.contains("context window") {
+        ErrorCode::ContextTooLong
+    } else if kind.contains("spend_limit") || lower.contains("credit balance") {
+        ErrorCode::QuotaExhausted
+    } else {
+        match kind {
+            "overloaded_error" => ErrorCode::Overloaded,
+            "rate_limit_error" => ErrorCode::RateLimited,
+            "api_error" => ErrorCode::ServerError,
+            "invalid_request_error" => ErrorCode::BadRequest,
+            "authentication_error" | "permission_error" => ErrorCode::Unauthorized,
+            "not_found_error" => ErrorCode::NotFound,
+            "request_too_large" => ErrorCode::PayloadTooLarge,
+            _ if status == 200 => ErrorCode::ServerError,
+            _ => code_for_status(status),
+        }
+    };
+    ProviderError::new(code, clip(message))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(name: &str, data: &str) -> Event {
+        Event {
+            event: name.into(),
+            data: data.into(),
+            id: String::new(),
+            retry: None,
+        }
+    }
+
+    #[test]
+    fn decodes_the_reference_transcript_with_cumulative_usage() {
+        let mut d = StreamDecoder::default();
+        let mut all = Vec::new();
+        let transcript = [
+            (
+                "message_start",
+                r#"{"type":"message_start","message":{"id":"msg_1","type":"message","role":"assistant","content":[],"model":"m","stop_reason":null,"usage":{"input_tokens":25,"output_tokens":1,"cache_read_input_tokens":5}}}"#,
+            ),
+            (
+                "content_block_start",
+                r#"{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}"#,
+            ),
+            ("ping", r#"{"type":"ping"}"#),
+            (
+                "content_block_delta",
+                r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hello"}}"#,
+            ),
+            (
+                "content_block_delta",
+                r#"{"type":"content_block_delta","index":0,"delta":{"type":"input_json_delta","partial_json":"{"}}"#,
+            ),
+            (
+                "content_block_stop",
+                r#"{"type":"content_block_stop","index":0}"#,
+            ),
+            (
+                "message_delta",
+                r#"{"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},"usage":{"output_tokens":15}}"#,
+            ),
+        ];
+        for (name, data) in transcript {
+            match d.event(&ev(name, data)).unwrap() {
+                Step::More(v) | Step::End(v) => all.extend(v),
+            }
+        }
+        assert!(matches!(
+            d.event(&ev("message_stop", r#"{"type":"message_stop"}"#))
+                .unwrap(),
+            Step::End(_)
+        ));
+        assert_eq!(
+            all,
+            vec![
+                ProviderEvent::Delta("Hello".into()),
+                ProviderEvent::Usage(Usage {
+                    input_tokens: 30,
+                    output_tokens: 15
+                }),
+                ProviderEvent::Finish("stop".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn errors_in_stream_and_over_http_are_classified_by_type() {
+        let mut d = StreamDecoder::default();
+        let e = d
+            .event(&ev(
+                "error",
+                r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#,
+            ))
+            .err()
+            .unwrap();
+        assert_eq!(e.code, ErrorCode::Overloaded);
+        let c = |s, b: &str| classify(s, b).code;
+        assert_eq!(
+            c(
+                529,
+                r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#
+            ),
+            ErrorCode::Overloaded
+        );
+        assert_eq!(
+            c(
+                400,
+                r#"{"type":"error","error":{"type":"invalid_request_error","message":"prompt is too long: 250000 tokens > 200000 maximum"}}"#
+            ),
+            ErrorCode::ContextTooLong
+        );
+        assert_eq!(
+            c(
+                429,
+                r#"{"type":"error","error":{"type":"rate_limit_error","message":"slow"}}"#
+            ),
+            ErrorCode::RateLimited
+        );
+        assert_eq!(c(401, ""), ErrorCode::Unauthorized);
+    }
+
+    #[test]
+    fn a_refusal_is_a_content_filter_error() {
+        let mut d = StreamDecoder::default();
+        let e = d
+            .event(&ev("message_delta", r#"{"type":"message_delta","delta":{"stop_reason":"refusal"},"usage":{"output_tokens":0}}"#))
+            .err()
+            .unwrap();
+        assert_eq!(e.code, ErrorCode::ContentFiltered);
+    }
+
+    #[test]
+    fn requests_put_the_system_prompt_at_the_top_level_and_always_set_max_tokens() {
+        let req = GenerateRequest {
+            system: Some("be brief".into()),
+            messages: vec![crate::job::Message {
+                role: Role::User,
+                content: "hi".into(),
+            }],
+            options: Default::default(),
+            stream: true,
+        };
+        let body = request_body("claude", &req, 1024);
+        assert_eq!(body["system"], "be brief");
+        assert_eq!(body["max_tokens"], 1024);
+        assert_eq!(body["messages"], json!([{"role": "user", "content": "hi"}]));
+    }
+}

@@ -1,0 +1,303 @@
+//! Ollama's native API: `POST /api/chat` with NDJSON streaming (`stream` defaults to true),
+//! usage from `prompt_eval_count` / `eval_count` on the `done: true` line (which may still carry
+//! text), and `{"error": "..."}` bodies or lines, the latter also inside a 200 stream.
+
+use std::collections::VecDeque;
+
+use futures::StreamExt;
+use reqwest::Url;
+use serde_json::{Value, json};
+
+use super::openai::{clip, transport_error};
+use super::{Call, EventStream, ProviderEvent, Usage};
+use crate::config::ProviderConfig;
+use crate::error::{ErrorCode, ProviderError, code_for_status};
+use crate::job::{GenerateRequest, Role};
+
+/// Longest NDJSON line accepted (a line is one small JSON object).
+const MAX_LINE: usize = 1024 * 1024;
+
+pub struct Ollama {
+    client: reqwest::Client,
+    url: Url,
+}
+
+impl Ollama {
+    pub fn new(cfg: &ProviderConfig, client: reqwest::Client) -> Result<Self, ProviderError> {
+        let base = cfg.base_url.as_deref().unwrap_or("http://localhost:11434");
+        let mut url = Url::parse(base)
+            .map_err(|e| ProviderError::new(ErrorCode::BadRequest, format!("base_url: {e}")))?;
+        let path = format!("{}/api/chat", url.path().trim_end_matches('/'));
+        url.set_path(&path);
+        Ok(Self { client, url })
+    }
+
+    pub async fn generate(
+        &self,
+        model: &str,
+        req: &GenerateRequest,
+    ) -> Result<Call, ProviderError> {
+        let response = self
+            .client
+            .post(self.url.clone())
+            .json(&request_body(model, req))
+            .send()
+            .await
+            .map_err(|e| transport_error(&e))?;
+        let status = response.status().as_u16();
+        if !response.status().is_success() {
+            let retry_after = super::retry_after(response.headers());
+            let text = response.text().await.unwrap_or_default();
+            return Err(classify(status, &text)
+                .with_status(status)
+                .with_retry_after(retry_after));
+        }
+        Ok(Call {
+            http_status: Some(status),
+            events: decode(response),
+        })
+    }
+}
+
+fn request_body(model: &str, req: &GenerateRequest) -> Value {
+    let mut messages = Vec::with_capacity(req.messages.len() + 1);
+    if let Some(system) = &req.system {
+        messages.push(json!({"role": "system", "content": system}));
+    }
+    for m in &req.messages {
+        let role = match m.role {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        };
+        messages.push(json!({"role": role, "content": m.content}));
+    }
+    let o = &req.options;
+    let mut options = serde_json::Map::new();
+    if let Some(t) = o.temperature {
+        options.insert("temperature".into(), json!(t));
+    }
+    if let Some(p) = o.top_p {
+        options.insert("top_p".into(), json!(p));
+    }
+    if let Some(m) = o.max_tokens {
+        options.insert("num_predict".into(), json!(m));
+    }
+    if !o.stop.is_empty() {
+        options.insert("stop".into(), json!(o.stop));
+    }
+    // Always explicit: Ollama streams unless told otherwise.
+    let mut body = json!({"model": model, "messages": messages, "stream": req.stream});
+    if !options.is_empty() {
+        body["options"] = Value::Object(options);
+    }
+    body
+}
+
+/// Decoder state for one answer (a streamed NDJSON body or one JSON object).
+#[derive(Default)]
+struct Decoder {
+    finished: bool,
+}
+
+impl Decoder {
+    fn line(&mut self, line: &[u8]) -> Result<Vec<ProviderEvent>, ProviderError> {
+        let v: Value = serde_json::from_slice(line).map_err(|e| {
+            ProviderError::new(
+                ErrorCode::MalformedResponse,
+                format!(
+                    "undecodable line ({e}): {}",
+                    clip(&String::from_utf8_lossy(line))
+                ),
+            )
+        })?;
+        if v.get("error").is_some() {
+            return Err(classify(200, &v.to_string()));
+        }
+        let mut out = Vec::new();
+        if let Some(text) = v.pointer("/message/content").and_then(|t| t.as_str())
+            && !text.is_empty()
+        {
+            out.push(ProviderEvent::Delta(text.to_string()));
+        }
+        if v.get("done").and_then(|d| d.as_bool()) == Some(true) {
+            let n = |k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+            out.push(ProviderEvent::Usage(Usage {
+                input_tokens: n("prompt_eval_count"),
+                output_tokens: n("eval_count"),
+            }));
+            let reason = v
+                .get("done_reason")
+                .and_then(|r| r.as_str())
+                .unwrap_or("stop");
+            out.push(ProviderEvent::Finish(reason.to_string()));
+            self.finished = true;
+        }
+        Ok(out)
+    }
+}
+
+/// NDJSON body -> events. A body that ends before a `done: true` line is truncated.
+fn decode(response: reqwest::Response) -> EventStream {
+    struct State {
+        body: std::pin::Pin<Box<dyn futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
+        buf: Vec<u8>,
+        queue: VecDeque<Result<ProviderEvent, ProviderError>>,
+        decoder: Decoder,
+        done: bool,
+    }
+    let state = State {
+        body: response.bytes_stream().boxed(),
+        buf: Vec::new(),
+        queue: VecDeque::new(),
+        decoder: Decoder::default(),
+        done: false,
+    };
+    futures::stream::unfold(state, |mut s| async move {
+        loop {
+            // 1. Hand out decoded events; an error ends the stream.
+            if let Some(item) = s.queue.pop_front() {
+                if item.is_err() {
+                    s.done = true;
+                    s.queue.clear();
+                }
+                return Some((item, s));
+            }
+            // 2. Answer complete (or failed): stop reading the body.
+            if s.done {
+                return None;
+            }
+            // 3. Decode a complete buffered line.
+            if let Some(pos) = s.buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = s.buf.drain(..=pos).collect();
+                let line = line.trim_ascii();
+                if !line.is_empty() {
+                    match s.decoder.line(line) {
+                        Ok(evs) => s.queue.extend(evs.into_iter().map(Ok)),
+                        Err(e) => s.queue.push_back(Err(e)),
+                    }
+                    s.done = s.decoder.finished;
+                }
+                continue;
+            }
+            if s.buf.len() > MAX_LINE {
+                let err = ProviderError::new(ErrorCode::MalformedResponse, "NDJSON line too long");
+                s.queue.push_back(Err(err));
+                continue;
+            }
+            // 4. Read more.
+            match s.body.next().await {
+                Some(Ok(bytes)) => s.buf.extend_from_slice(&bytes),
+                Some(Err(e)) => s.queue.push_back(Err(ProviderError::new(
+                    ErrorCode::Truncated,
+                    format!("stream broken before the answer finished: {e}"),
+                ))),
+                None => {
+                    // A last line without its newline, then the end of the body.
+                    let rest = std::mem::take(&mut s.buf);
+                    let rest = rest.trim_ascii();
+                    if !rest.is_empty() {
+                        match s.decoder.line(rest) {
+                            Ok(evs) => s.queue.extend(evs.into_iter().map(Ok)),
+                            Err(e) => s.queue.push_back(Err(e)),
+                        }
+                    }
+                    if !s.decoder.finished {
+                        s.queue.push_back(Err(ProviderError::new(
+                            ErrorCode::Truncated,
+                            "stream ended before a done line",
+                        )));
+                    }
+                    s.done = true;
+                }
+            }
+        }
+    })
+    .boxed()
+}
+
+/// Classify `{"error": "..."}`.
+pub fn classify(status: u16, body: &str) -> ProviderError {
+    let v: Value = serde_json::from_str(body).unwrap_or_default();
+    let message = v["error"].as_str().map(str::to_string).unwrap_or_else(|| {
+        if body.is_empty() {
+            format!("HTTP {status}")
+        } else {
+            clip(body)
+        }
+    });
+    let lower = message.to_ascii_lowercase();
+    let code =
+        if lower.contains("context") && (lower.contains("exceed") || lower.contains("too long")) {
+            ErrorCode::ContextTooLong
+        } else if lower.contains("not found") && status != 200 {
+            ErrorCode::NotFound
+        } else if status == 200 {
+            ErrorCode::ServerError
+        } else {
+            code_for_status(status)
+        };
+    ProviderError::new(code, clip(&message))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_the_reference_lines_including_text_on_the_done_line() {
+        let mut d = Decoder::default();
+        let a = d.line(br#"{"model":"llama3.2","created_at":"2025-01-01T00:00:00Z","message":{"role":"assistant","content":"Hel"},"done":false}"#).unwrap();
+        let b = d.line(br#"{"model":"llama3.2","created_at":"2025-01-01T00:00:01Z","message":{"role":"assistant","content":"lo"},"done":true,"done_reason":"stop","prompt_eval_count":26,"eval_count":2}"#).unwrap();
+        assert_eq!(a, vec![ProviderEvent::Delta("Hel".into())]);
+        assert_eq!(
+            b,
+            vec![
+                ProviderEvent::Delta("lo".into()),
+                ProviderEvent::Usage(Usage {
+                    input_tokens: 26,
+                    output_tokens: 2
+                }),
+                ProviderEvent::Finish("stop".into()),
+            ]
+        );
+        assert!(d.finished);
+    }
+
+    #[test]
+    fn error_lines_and_bodies_are_classified() {
+        let mut d = Decoder::default();
+        assert_eq!(
+            d.line(br#"{"error":"an unknown error was encountered"}"#)
+                .err()
+                .unwrap()
+                .code,
+            ErrorCode::ServerError
+        );
+        assert_eq!(
+            classify(404, r#"{"error":"model 'x' not found"}"#).code,
+            ErrorCode::NotFound
+        );
+        assert_eq!(classify(502, "").code, ErrorCode::ServerError);
+    }
+
+    #[test]
+    fn requests_are_explicit_about_streaming_and_map_options() {
+        let req = GenerateRequest {
+            system: Some("s".into()),
+            messages: vec![crate::job::Message {
+                role: Role::User,
+                content: "u".into(),
+            }],
+            options: crate::job::GenerateOptions {
+                max_tokens: Some(7),
+                ..Default::default()
+            },
+            stream: false,
+        };
+        let body = request_body("llama3.2", &req);
+        assert_eq!(body["stream"], false);
+        assert_eq!(body["options"]["num_predict"], 7);
+        assert_eq!(body["messages"][0]["role"], "system");
+    }
+}
