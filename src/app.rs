@@ -15,11 +15,13 @@ use tokio_util::task::TaskTracker;
 
 use crate::chain::Chain;
 use crate::config::{Config, NatsConfig};
+use crate::health::Health;
 use crate::job::JobKind;
 use crate::pricing::PriceBook;
 use crate::providers::Registry;
 use crate::queue::{self, PullLoop};
 use crate::reply::Replies;
+use crate::status;
 use crate::usage;
 use crate::worker::Worker;
 
@@ -114,6 +116,7 @@ pub async fn start(config: Config, roles: Roles) -> anyhow::Result<Running> {
     queue::ensure_streams(&js, &nats_cfg).await?;
 
     let prices = PriceBook::default();
+    let health = Health::new(&config.circuit_breaker);
     let stop = CancellationToken::new();
     let abandon = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -163,9 +166,16 @@ pub async fn start(config: Config, roles: Roles) -> anyhow::Result<Running> {
     let mut loops = Vec::new();
     if roles.jobs {
         let registry = Registry::from_config(&config)?;
-        let chain = Chain::new(&config, registry);
+        let chain = Chain::new(&config, registry, prices.clone(), health.clone());
         let replies = Replies::new(client.clone(), js.clone(), nats_cfg.clone());
         let worker = Worker::new(&config, chain, replies, prices.clone());
+        background.spawn(status::serve(
+            client.clone(),
+            status::subject(&nats_cfg),
+            config.worker_id(),
+            health.clone(),
+            stop.clone(),
+        ));
         // Embedding jobs are consumed once the embedding chain lands (issue 5); until then they
         // wait in the stream rather than being failed.
         for kind in [JobKind::Generate] {

@@ -20,10 +20,12 @@ use chrono::Utc;
 use futures::StreamExt;
 use tokio::time::Instant;
 
-use crate::config::{Config, split_route_entry};
+use crate::config::{Config, Strategy, split_route_entry};
 use crate::error::{Disposition, ErrorCode, ProviderError};
 use crate::event::{AttemptRecord, ErrorBody, elapsed_ms};
+use crate::health::{Admission, Health};
 use crate::job::{GenerateRequest, Job};
+use crate::pricing::PriceBook;
 use crate::providers::{
     Provider, ProviderEvent, Registry, Usage, estimate_request_tokens, estimate_tokens,
 };
@@ -87,10 +89,13 @@ type Route = Vec<(String, Option<String>)>;
 pub struct Chain {
     registry: Registry,
     routes: Arc<BTreeMap<String, Route>>,
+    strategies: Arc<BTreeMap<String, Strategy>>,
+    health: Health,
+    prices: PriceBook,
 }
 
 impl Chain {
-    pub fn new(config: &Config, registry: Registry) -> Self {
+    pub fn new(config: &Config, registry: Registry, prices: PriceBook, health: Health) -> Self {
         let routes = config
             .routes
             .iter()
@@ -108,7 +113,14 @@ impl Chain {
         Self {
             registry,
             routes: Arc::new(routes),
+            strategies: Arc::new(config.strategies.clone()),
+            health,
+            prices,
         }
+    }
+
+    pub fn health(&self) -> &Health {
+        &self.health
     }
 
     pub fn registry(&self) -> &Registry {
@@ -119,15 +131,16 @@ impl Chain {
     /// pinned provider/model first and the route's other entries as its fallbacks. A model
     /// given without a provider applies to the route's first entry.
     pub fn plan(&self, job: &Job) -> Vec<Target> {
-        let route = job
+        let task = job
             .envelope
             .task_type
-            .as_ref()
-            .and_then(|t| self.routes.get(t))
-            .or_else(|| self.routes.get("default"))
-            .cloned()
-            .unwrap_or_default();
+            .as_deref()
+            .filter(|t| self.routes.contains_key(*t))
+            .unwrap_or("default");
+        let strategy = self.strategies.get(task).copied().unwrap_or_default();
+        let route = self.routes.get(task).cloned().unwrap_or_default();
         let mut entries: Vec<(String, Option<String>)> = Vec::new();
+        let pinned = job.provider.is_some() || job.model.is_some();
         match (&job.provider, &job.model) {
             (Some(p), model) => {
                 let model = model.clone().or_else(|| {
@@ -164,6 +177,30 @@ impl Chain {
                 });
             }
         }
+        // A pinned entry stays first; the strategy orders the rest (stable: ties keep order).
+        let fixed = usize::from(pinned).min(targets.len());
+        let rest = &mut targets[fixed..];
+        match strategy {
+            Strategy::Ordered => {}
+            Strategy::Cheapest => rest.sort_by(|a, b| {
+                let rate = |t: &Target| self.prices.current_rate(&t.provider.name, &t.model);
+                match (rate(a), rate(b)) {
+                    (Some(x), Some(y)) => x.total_cmp(&y),
+                    (Some(_), None) => std::cmp::Ordering::Less,
+                    (None, Some(_)) => std::cmp::Ordering::Greater,
+                    (None, None) => std::cmp::Ordering::Equal,
+                }
+            }),
+            Strategy::Fastest => rest.sort_by(|a, b| {
+                // Untried entries first (0), so every entry gets measured.
+                let ttft = |t: &Target| {
+                    self.health
+                        .ewma_ttft_ms(&t.provider.name, &t.model)
+                        .unwrap_or(0.0)
+                };
+                ttft(a).total_cmp(&ttft(b))
+            }),
+        }
         targets
     }
 
@@ -178,6 +215,7 @@ impl Chain {
     ) -> Outcome {
         let targets = self.plan(job);
         let mut attempts: Vec<AttemptRecord> = Vec::new();
+        let mut skipped: Vec<String> = Vec::new();
         let mut timed_out = false;
         'targets: for target in &targets {
             let policy = &target.provider.retry;
@@ -192,8 +230,26 @@ impl Chain {
                     timed_out = true;
                     break 'targets;
                 }
+                let name = &target.provider.name;
+                if self.health.admit(name, &target.model) == Admission::Skip {
+                    // Circuit open: no waiting on a provider known to be down.
+                    skipped.push(format!("{name}:{}", target.model));
+                    continue 'targets;
+                }
+                // Capacity waits (concurrency, rate) are not part of the attempt's timers.
+                let Ok(_permit) =
+                    tokio::time::timeout_at(deadline, target.provider.limiter.acquire()).await
+                else {
+                    timed_out = true;
+                    break 'targets;
+                };
                 let number = attempts.len() as u32 + 1;
                 let (record, result) = attempt(target, number, req, deadline, sink).await;
+                let health = match &result {
+                    Ok(_) => Ok(record.ttft_ms.map(Duration::from_millis)),
+                    Err(e) => Err(e),
+                };
+                self.health.record(name, &target.model, health);
                 attempts.push(record);
                 let err = match result {
                     Ok(success) => {
@@ -239,7 +295,7 @@ impl Chain {
                 }
             }
         }
-        let error = chain_error(&attempts, timed_out, targets.is_empty());
+        let error = chain_error(&attempts, &skipped, timed_out, targets.is_empty());
         Outcome {
             attempts,
             result: Err(error),
@@ -248,7 +304,12 @@ impl Chain {
 }
 
 /// The job-level error once no attempt succeeded.
-fn chain_error(attempts: &[AttemptRecord], timed_out: bool, no_targets: bool) -> ErrorBody {
+fn chain_error(
+    attempts: &[AttemptRecord],
+    skipped: &[String],
+    timed_out: bool,
+    no_targets: bool,
+) -> ErrorBody {
     let codes: Vec<ErrorCode> = attempts
         .iter()
         .filter_map(|a| a.error.as_ref().map(|e| e.code))
@@ -283,9 +344,17 @@ fn chain_error(attempts: &[AttemptRecord], timed_out: bool, no_targets: bool) ->
     } else {
         ErrorCode::AllProvidersFailed
     };
+    let mut message = if attempts.is_empty() {
+        "no provider could be called".to_string()
+    } else {
+        format!("all {} attempt(s) failed; last: {last}", attempts.len())
+    };
+    if !skipped.is_empty() {
+        message.push_str(&format!("; skipped (circuit open): {}", skipped.join(", ")));
+    }
     ErrorBody {
         code,
-        message: format!("all {} attempt(s) failed; last: {last}", attempts.len()),
+        message,
         retryable: false,
     }
 }

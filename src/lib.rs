@@ -20,6 +20,7 @@
 //! - [`chain`]: routing, retries, fallback, deadlines. [`providers`]: one module per wire protocol.
 //! - [`reply`]: publishing chunks and results. [`usage`]: migrations, recorder, reports;
 //!   [`pricing`]: prices and cost.
+//! - [`health`]: circuit breakers and latency per provider; [`status`]: health over NATS.
 //! - [`app`]: start-up and graceful shutdown. [`submit`]: the client side of `llm-worker submit`.
 //! - [`testkit`]: a fake OpenAI-compatible server for tests, demos and benchmarks.
 
@@ -28,11 +29,13 @@ pub mod chain;
 pub mod config;
 pub mod error;
 pub mod event;
+pub mod health;
 pub mod job;
 pub mod pricing;
 pub mod providers;
 pub mod queue;
 pub mod reply;
+pub mod status;
 pub mod submit;
 pub mod telemetry;
 pub mod testkit;

@@ -11,7 +11,7 @@ use llm_worker::app::{self, Roles};
 use llm_worker::config::Config;
 use llm_worker::event::Status;
 use llm_worker::job::JobKind;
-use llm_worker::{submit, telemetry, testkit, usage};
+use llm_worker::{status, submit, telemetry, testkit, usage};
 
 #[derive(Parser)]
 #[command(
@@ -69,6 +69,15 @@ enum Command {
     },
     /// Apply database migrations and exit.
     Migrate,
+    /// Show the per-provider health of every running worker.
+    Status {
+        /// How long to wait for answers, in milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        wait_ms: u64,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print usage per day, tenant, provider and model.
     Usage {
         /// How many days back, today included.
@@ -210,6 +219,45 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let to = today + chrono::Days::new(1);
             let rows = usage::report::daily(&pool, from, to, tenant.as_deref()).await?;
             print!("{}", usage::report::render(&rows));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { wait_ms, json } => {
+            let client = app::connect_nats(&config.nats).await?;
+            let workers = status::collect(
+                &client,
+                &config.nats,
+                std::time::Duration::from_millis(wait_ms),
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("status request failed: {e}"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&workers)?);
+            } else if workers.is_empty() {
+                println!("no worker answered on {}", status::subject(&config.nats));
+            } else {
+                println!(
+                    "{:<24} {:<16} {:<28} {:<12} {:>8} {:>10}",
+                    "worker", "provider", "model", "state", "failures", "ttft_ms"
+                );
+                for w in &workers {
+                    if w.providers.is_empty() {
+                        println!("{:<24} (no provider called yet)", w.worker_id);
+                    }
+                    for p in &w.providers {
+                        let ttft = p
+                            .ewma_ttft_ms
+                            .map_or("-".to_string(), |t| format!("{t:.0}"));
+                        let state = serde_json::to_value(p.state)?
+                            .as_str()
+                            .unwrap_or("?")
+                            .to_string();
+                        println!(
+                            "{:<24} {:<16} {:<28} {:<12} {:>8} {:>10}",
+                            w.worker_id, p.provider, p.model, state, p.consecutive_failures, ttft
+                        );
+                    }
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::FakeOpenai { .. } => Ok(ExitCode::SUCCESS),

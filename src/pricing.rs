@@ -43,6 +43,15 @@ impl PriceBook {
         }
     }
 
+    /// Input + output USD per million tokens in force now (for the `cheapest` strategy).
+    pub fn current_rate(&self, provider: &str, model: &str) -> Option<f64> {
+        let now = Utc::now();
+        let map = self.prices.read().ok()?;
+        let list = map.get(&(provider.to_string(), model.to_string()))?;
+        let p = list.iter().rev().find(|p| p.effective_from <= now)?;
+        Some(p.input_per_mtok + p.output_per_mtok)
+    }
+
     /// Cost of a call with the price in force at `at`; `None` when no price is known.
     pub fn cost(
         &self,

@@ -48,6 +48,8 @@ pub enum Reply {
     Cut { deltas: Vec<String> },
     /// Accept the request and never answer.
     Hang,
+    /// Some chunks, then silence with the connection open (a stalled stream).
+    Stall { deltas: Vec<String> },
 }
 
 impl Reply {
@@ -347,10 +349,11 @@ fn stream_frames(
             let n = deltas.len();
             for (i, d) in deltas.iter().enumerate() {
                 let last = complete && i + 1 == n;
+                // Gemini reports running (cumulative) counts on every chunk.
                 let u = if last {
                     usage
                 } else {
-                    Some((input, (i as u64 + 1).min(output)))
+                    usage.map(|_| (input, (i as u64 + 1).min(output)))
                 };
                 frames.push(sse(&gemini_chunk(d, last, u).to_string()));
             }
@@ -458,6 +461,12 @@ async fn render(flavor: Flavor, reply: Reply, stream: bool, model: &str) -> Resp
             )
         }
         Reply::Raw { content_type, body } => response(200, &content_type, Body::from(body)),
+        Reply::Stall { deltas } => {
+            let frames = stream_frames(flavor, model, &deltas, None, false, false);
+            let body = futures::stream::iter(frames.into_iter().map(Ok::<_, std::io::Error>))
+                .chain(futures::stream::pending());
+            response(200, stream_content_type(flavor), Body::from_stream(body))
+        }
         Reply::Cut { deltas } => {
             let frames = stream_frames(flavor, model, &deltas, None, false, false);
             // Let headers and chunks reach the client before the connection breaks (hyper

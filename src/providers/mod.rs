@@ -77,7 +77,48 @@ pub struct Provider {
     pub default_model: Option<String>,
     pub timeouts: Timeouts,
     pub retry: RetryPolicy,
+    /// Per-process concurrency and request-rate limits: excess work waits here.
+    pub limiter: Limiter,
     imp: ProviderImpl,
+}
+
+/// Queues calls beyond a provider's `max_concurrent` and `requests_per_minute`.
+pub struct Limiter {
+    concurrency: Option<Arc<tokio::sync::Semaphore>>,
+    /// Minimum gap between call starts, and the earliest start of the next call.
+    spacing: Option<(Duration, tokio::sync::Mutex<tokio::time::Instant>)>,
+}
+
+impl Limiter {
+    pub fn new(max_concurrent: Option<usize>, requests_per_minute: Option<u32>) -> Self {
+        Self {
+            concurrency: max_concurrent
+                .filter(|n| *n > 0)
+                .map(|n| Arc::new(tokio::sync::Semaphore::new(n))),
+            spacing: requests_per_minute.filter(|n| *n > 0).map(|rpm| {
+                let gap = Duration::from_secs_f64(60.0 / f64::from(rpm));
+                (gap, tokio::sync::Mutex::new(tokio::time::Instant::now()))
+            }),
+        }
+    }
+
+    /// Wait for capacity; the permit (if any) is held for the call.
+    pub async fn acquire(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let permit = match &self.concurrency {
+            Some(s) => s.clone().acquire_owned().await.ok(),
+            None => None,
+        };
+        if let Some((gap, next)) = &self.spacing {
+            let at = {
+                let mut next = next.lock().await;
+                let at = (*next).max(tokio::time::Instant::now());
+                *next = at + *gap;
+                at
+            };
+            tokio::time::sleep_until(at).await;
+        }
+        permit
+    }
 }
 
 impl Provider {
@@ -107,6 +148,7 @@ impl Provider {
                 min_delay: Duration::from_millis(cfg.retry_min_delay_ms),
                 max_delay: Duration::from_millis(cfg.retry_max_delay_ms),
             },
+            limiter: Limiter::new(cfg.max_concurrent, cfg.requests_per_minute),
             imp,
         })
     }

@@ -10,4 +10,5 @@
 mod generate;
 mod helpers;
 mod lifecycle;
+mod providers;
 mod usage;

@@ -1,0 +1,77 @@
+//! Health of the running workers over NATS: every worker process subscribes to
+//! `<prefix>.status` (core NATS, no queue group) and answers with its per-provider health;
+//! `llm-worker status` publishes one request and gathers the answers for a moment.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::NatsConfig;
+use crate::health::{Health, Report};
+
+/// One worker's answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WorkerStatus {
+    pub worker_id: String,
+    pub providers: Vec<Report>,
+}
+
+pub fn subject(nats: &NatsConfig) -> String {
+    format!("{}.status", nats.subject_prefix)
+}
+
+/// Answer status requests until `stop` fires.
+pub async fn serve(
+    client: async_nats::Client,
+    subject: String,
+    worker_id: String,
+    health: Health,
+    stop: CancellationToken,
+) {
+    let mut requests = match client.subscribe(subject).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot serve status requests");
+            return;
+        }
+    };
+    loop {
+        let request = tokio::select! {
+            r = requests.next() => r,
+            _ = stop.cancelled() => return,
+        };
+        let Some(request) = request else { return };
+        let Some(reply) = request.reply else { continue };
+        let status = WorkerStatus {
+            worker_id: worker_id.clone(),
+            providers: health.report(),
+        };
+        if let Ok(payload) = serde_json::to_vec(&status) {
+            let _ = client.publish(reply, payload.into()).await;
+        }
+    }
+}
+
+/// Ask every running worker for its status; answers arriving within `wait` are returned.
+pub async fn collect(
+    client: &async_nats::Client,
+    nats: &NatsConfig,
+    wait: Duration,
+) -> Result<Vec<WorkerStatus>, async_nats::Error> {
+    let inbox = client.new_inbox();
+    let mut answers = client.subscribe(inbox.clone()).await?;
+    client
+        .publish_with_reply(subject(nats), inbox, bytes::Bytes::new())
+        .await?;
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + wait;
+    while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, answers.next()).await {
+        if let Ok(status) = serde_json::from_slice::<WorkerStatus>(&msg.payload) {
+            out.push(status);
+        }
+    }
+    out.sort_by(|a, b| a.worker_id.cmp(&b.worker_id));
+    Ok(out)
+}

@@ -1,0 +1,561 @@
+//! Every provider's wire format against a fake server speaking it, and the chain's retry,
+//! fallback, timeout and circuit-breaking behaviour. Driven through the chain directly.
+
+use std::time::{Duration, Instant};
+
+use llm_worker::chain::{AttemptMeta, Chain, DeltaSink, Outcome};
+use llm_worker::config::Config;
+use llm_worker::error::ErrorCode;
+use llm_worker::health::{Health, State};
+use llm_worker::job::{self, Fallback, Job, JobBody, JobKind, Limits};
+use llm_worker::pricing::PriceBook;
+use llm_worker::providers::Registry;
+use llm_worker::testkit::{FakeProvider, Reply};
+use serde_json::{Value, json};
+
+const FLAVORS: [&str; 4] = ["openai", "anthropic", "gemini", "ollama"];
+
+fn base(kind: &str, fake: &FakeProvider) -> String {
+    if kind == "openai" {
+        fake.base_url()
+    } else {
+        fake.root_url()
+    }
+}
+
+/// A provider section with fast test defaults; `extra` lines (`key = value`) override them.
+fn section(name: &str, kind: &str, base: &str, model: &str, extra: &str) -> String {
+    let defaults = [
+        "max_retries = 1",
+        "retry_min_delay_ms = 10",
+        "retry_max_delay_ms = 50",
+        "first_token_timeout_ms = 2000",
+        "stall_timeout_ms = 2000",
+    ];
+    let overridden = |d: &str| {
+        extra
+            .lines()
+            .any(|l| l.split('=').next().map(str::trim) == d.split('=').next().map(str::trim))
+    };
+    let kept: Vec<&str> = defaults.into_iter().filter(|d| !overridden(d)).collect();
+    format!(
+        "[providers.{name}]\ntype = \"{kind}\"\nbase_url = \"{base}\"\ndefault_model = \"{model}\"\n{}\n{extra}\n",
+        kept.join("\n")
+    )
+}
+
+fn chain(toml: &str) -> (Chain, Health) {
+    let config = Config::from_toml(toml).unwrap();
+    let registry = Registry::from_config(&config).unwrap();
+    let health = Health::new(&config.circuit_breaker);
+    (
+        Chain::new(&config, registry, PriceBook::default(), health.clone()),
+        health,
+    )
+}
+
+fn job(v: Value) -> Job {
+    let limits = Limits {
+        max_job_bytes: 1 << 20,
+        default_timeout: Duration::from_secs(20),
+        max_timeout: Duration::from_secs(60),
+    };
+    let fb = Fallback {
+        msg_id: None,
+        stream: "S",
+        stream_sequence: 1,
+    };
+    *Box::new(
+        job::decode(
+            JobKind::Generate,
+            v.to_string().as_bytes(),
+            &fb,
+            &limits,
+            &|_| true,
+        )
+        .unwrap(),
+    )
+}
+
+#[derive(Default)]
+struct Collect(Vec<(u32, String)>);
+
+impl DeltaSink for Collect {
+    async fn delta(&mut self, meta: AttemptMeta<'_>, text: &str) {
+        self.0.push((meta.attempt, text.to_string()));
+    }
+}
+
+async fn run(chain: &Chain, v: Value) -> (Outcome, Collect) {
+    let job = job(v);
+    let JobBody::Generate(req) = &job.body else {
+        unreachable!()
+    };
+    let mut sink = Collect::default();
+    let deadline = tokio::time::Instant::now() + job.timeout;
+    let outcome = chain.generate(&job, req, deadline, &mut sink).await;
+    (outcome, sink)
+}
+
+fn codes(o: &Outcome) -> Vec<Option<ErrorCode>> {
+    o.attempts
+        .iter()
+        .map(|a| a.error.as_ref().map(|e| e.code))
+        .collect()
+}
+
+async fn single(kind: &str) -> (FakeProvider, Chain) {
+    let fake = FakeProvider::start().await.unwrap();
+    let (chain, _) = chain(&section("p", kind, &base(kind, &fake), "m", ""));
+    (fake, chain)
+}
+
+#[tokio::test]
+async fn every_provider_streams_an_answer_with_its_usage() {
+    for kind in FLAVORS {
+        let (fake, chain) = single(kind).await;
+        fake.push(Reply::answer(&["Hel", "lo"], (7, 2)));
+        let (o, sink) = run(&chain, json!({"prompt": "hi", "system_prompt": "be brief"})).await;
+        let s = o
+            .result
+            .as_ref()
+            .unwrap_or_else(|e| panic!("{kind}: {e:?}"));
+        assert_eq!(
+            (s.output.as_str(), s.finish_reason.as_str()),
+            ("Hello", "stop"),
+            "{kind}"
+        );
+        assert_eq!(
+            (s.usage.input_tokens, s.usage.output_tokens),
+            (7, 2),
+            "{kind}"
+        );
+        assert_eq!(sink.0, vec![(1, "Hel".into()), (1, "lo".into())], "{kind}");
+        assert!(!o.attempts[0].tokens_estimated, "{kind}");
+        let req = &fake.requests()[0];
+        let sent = req.to_string();
+        assert!(
+            sent.contains("be brief") && sent.contains("hi"),
+            "{kind}: {sent}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn every_provider_answers_without_streaming() {
+    for kind in FLAVORS {
+        let (fake, chain) = single(kind).await;
+        fake.push(Reply::answer(&["All ", "at once"], (5, 3)));
+        let (o, sink) = run(&chain, json!({"prompt": "hi", "stream": false})).await;
+        let s = o
+            .result
+            .as_ref()
+            .unwrap_or_else(|e| panic!("{kind}: {e:?}"));
+        assert_eq!(s.output, "All at once", "{kind}");
+        assert_eq!(
+            (s.usage.input_tokens, s.usage.output_tokens),
+            (5, 3),
+            "{kind}"
+        );
+        assert_eq!(sink.0, vec![(1, "All at once".into())], "{kind}");
+        if kind != "gemini" {
+            assert_eq!(fake.requests()[0]["stream"], false, "{kind}");
+        }
+    }
+}
+
+fn rate_limited(kind: &str) -> Reply {
+    let (body, headers) = match kind {
+        "anthropic" => (
+            json!({"type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}}),
+            vec![("retry-after-ms", "400")],
+        ),
+        "gemini" => (
+            json!({"error": {"code": 429, "message": "Resource exhausted", "status": "RESOURCE_EXHAUSTED",
+            "details": [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "0.4s"}]}}),
+            vec![],
+        ),
+        "ollama" => (
+            json!({"error": "too many requests"}),
+            vec![("retry-after-ms", "400")],
+        ),
+        _ => (
+            json!({"error": {"message": "Rate limit reached", "type": "requests", "code": "rate_limit_exceeded"}}),
+            vec![("retry-after-ms", "400")],
+        ),
+    };
+    Reply::Status {
+        status: 429,
+        body: body.to_string(),
+        headers: headers
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    }
+}
+
+#[tokio::test]
+async fn a_429_is_retried_no_earlier_than_the_providers_retry_delay() {
+    for kind in FLAVORS {
+        let (fake, chain) = single(kind).await;
+        fake.push(rate_limited(kind));
+        fake.push(Reply::answer(&["ok"], (1, 1)));
+        let started = Instant::now();
+        let (o, _) = run(&chain, json!({"prompt": "hi"})).await;
+        assert!(o.result.is_ok(), "{kind}: {:?}", o.result);
+        assert_eq!(
+            codes(&o),
+            vec![Some(ErrorCode::RateLimited), None],
+            "{kind}"
+        );
+        assert!(
+            started.elapsed() >= Duration::from_millis(400),
+            "{kind}: retried after {:?}",
+            started.elapsed()
+        );
+        assert_eq!(fake.request_count(), 2, "{kind}");
+    }
+}
+
+#[tokio::test]
+async fn a_5xx_is_retried_and_the_retry_succeeds() {
+    for kind in FLAVORS {
+        let (fake, chain) = single(kind).await;
+        let status = if kind == "anthropic" { 529 } else { 503 };
+        fake.push(Reply::status(status, "overloaded"));
+        fake.push(Reply::answer(&["fine"], (2, 1)));
+        let (o, _) = run(&chain, json!({"prompt": "hi"})).await;
+        assert_eq!(
+            o.result.as_ref().map(|s| s.output.as_str()).ok(),
+            Some("fine"),
+            "{kind}"
+        );
+        assert_eq!(codes(&o), vec![Some(ErrorCode::Overloaded), None], "{kind}");
+        assert_eq!(o.attempts[0].http_status, Some(status), "{kind}");
+    }
+}
+
+fn error_inside_200(kind: &str) -> Reply {
+    match kind {
+        "anthropic" => Reply::Raw {
+            content_type: "text/event-stream".into(),
+            body: concat!(
+                "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"m\",\"type\":\"message\",\"role\":\"assistant\",\"content\":[],\"model\":\"m\",\"stop_reason\":null,\"usage\":{\"input_tokens\":3,\"output_tokens\":1}}}\n\n",
+                "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Partial\"}}\n\n",
+                "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n",
+            ).into(),
+        },
+        "gemini" => Reply::RawStream(vec![
+            r#"{"candidates":[{"content":{"parts":[{"text":"Partial"}],"role":"model"},"index":0}]}"#.into(),
+            r#"{"error":{"code":500,"message":"An internal error has occurred","status":"INTERNAL"}}"#.into(),
+        ]),
+        "ollama" => Reply::Raw {
+            content_type: "application/x-ndjson".into(),
+            body: "{\"model\":\"m\",\"message\":{\"role\":\"assistant\",\"content\":\"Partial\"},\"done\":false}\n{\"error\":\"model runner crashed\"}\n".into(),
+        },
+        _ => Reply::RawStream(vec![
+            r#"{"id":"c","object":"chat.completion.chunk","model":"m","choices":[{"index":0,"delta":{"content":"Partial"},"finish_reason":null}]}"#.into(),
+            r#"{"error":{"message":"The server had an error","type":"server_error","code":null}}"#.into(),
+        ]),
+    }
+}
+
+#[tokio::test]
+async fn an_error_inside_a_200_stream_fails_the_attempt_and_the_answer_restarts_cleanly() {
+    for kind in FLAVORS {
+        let (fake, chain) = single(kind).await;
+        fake.push(error_inside_200(kind));
+        fake.push(Reply::answer(&["Whole"], (3, 1)));
+        let (o, sink) = run(&chain, json!({"prompt": "hi"})).await;
+        let s = o
+            .result
+            .as_ref()
+            .unwrap_or_else(|e| panic!("{kind}: {e:?}"));
+        assert_eq!((s.attempt, s.output.as_str()), (2, "Whole"), "{kind}");
+        let first = o.attempts[0].error.as_ref().unwrap();
+        assert!(
+            matches!(first.code, ErrorCode::Overloaded | ErrorCode::ServerError),
+            "{kind}: {first:?}"
+        );
+        assert_eq!(
+            sink.0,
+            vec![(1, "Partial".into()), (2, "Whole".into())],
+            "{kind}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_stream_cut_mid_answer_is_truncated_never_a_success() {
+    for kind in FLAVORS {
+        let (fake, chain) = single(kind).await;
+        fake.set_default(Reply::Cut {
+            deltas: vec!["The answer is".into()],
+        });
+        let (o, _) = run(&chain, json!({"prompt": "hi"})).await;
+        assert!(o.result.is_err(), "{kind}: {:?} {:?}", o.result, o.attempts);
+        assert_eq!(codes(&o), vec![Some(ErrorCode::Truncated); 2], "{kind}");
+        assert!(
+            o.attempts
+                .iter()
+                .all(|a| a.tokens_estimated && a.output_tokens > 0),
+            "{kind}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_complete_answer_without_its_terminal_marker_is_a_success() {
+    for kind in FLAVORS {
+        let (fake, chain) = single(kind).await;
+        fake.push(Reply::Answer {
+            deltas: vec!["complete".into()],
+            usage: Some((4, 1)),
+            done_marker: false,
+            chunk_delay: Duration::ZERO,
+        });
+        let (o, _) = run(&chain, json!({"prompt": "hi"})).await;
+        let s = o
+            .result
+            .as_ref()
+            .unwrap_or_else(|e| panic!("{kind}: {e:?}"));
+        assert_eq!(
+            (s.output.as_str(), s.usage.output_tokens),
+            ("complete", 1),
+            "{kind}"
+        );
+    }
+}
+
+async fn two(
+    primary: &str,
+    backup: &str,
+    extra_primary: &str,
+) -> (FakeProvider, FakeProvider, Chain, Health) {
+    let p = FakeProvider::start().await.unwrap();
+    let b = FakeProvider::start().await.unwrap();
+    let toml = format!(
+        "{}{}[routes]\ndefault = [\"primary\", \"backup:model-b\"]\n[circuit_breaker]\nfailure_threshold = 2\ncooldown_secs = 1\n",
+        section(
+            "primary",
+            primary,
+            &base(primary, &p),
+            "model-a",
+            extra_primary
+        ),
+        section("backup", backup, &base(backup, &b), "unused", ""),
+    );
+    let (chain, health) = chain(&toml);
+    (p, b, chain, health)
+}
+
+#[tokio::test]
+async fn a_persistent_503_falls_back_to_the_next_provider_with_its_model_and_usage() {
+    let (primary, backup, chain, _) = two("openai", "anthropic", "").await;
+    primary.set_default(Reply::status(503, "unavailable"));
+    backup.push(Reply::answer(&["from backup"], (12, 3)));
+    let (o, _) = run(&chain, json!({"prompt": "hi"})).await;
+    let s = o.result.unwrap();
+    assert_eq!(
+        (s.provider.as_str(), s.model.as_str(), s.attempt),
+        ("backup", "model-b", 3)
+    );
+    assert_eq!((s.usage.input_tokens, s.usage.output_tokens), (12, 3));
+    let who: Vec<&str> = o.attempts.iter().map(|a| a.provider.as_str()).collect();
+    assert_eq!(who, ["primary", "primary", "backup"]);
+    assert_eq!(backup.requests()[0]["model"], "model-b");
+}
+
+#[tokio::test]
+async fn a_context_overflow_is_not_retried_on_the_same_model() {
+    let (primary, backup, chain, _) = two("openai", "gemini", "").await;
+    let body = json!({"error": {"message": "This model's maximum context length is 8192 tokens", "type": "invalid_request_error", "code": "context_length_exceeded"}});
+    primary.set_default(Reply::Status {
+        status: 400,
+        body: body.to_string(),
+        headers: vec![],
+    });
+    backup.push(Reply::answer(&["big window"], (9000, 2)));
+    let (o, _) = run(&chain, json!({"prompt": "hi"})).await;
+    assert_eq!(o.result.as_ref().unwrap().output, "big window");
+    assert_eq!(codes(&o), vec![Some(ErrorCode::ContextTooLong), None]);
+    assert_eq!(primary.request_count(), 1);
+}
+
+#[tokio::test]
+async fn a_content_filter_refusal_ends_the_job_with_the_providers_reason() {
+    let (primary, backup, chain, _) = two("anthropic", "openai", "").await;
+    let refusal = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":3,\"output_tokens\":0}}}\n\n\
+                   event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"refusal\"},\"usage\":{\"output_tokens\":0}}\n\n";
+    primary.push(Reply::Raw {
+        content_type: "text/event-stream".into(),
+        body: refusal.into(),
+    });
+    let (o, _) = run(&chain, json!({"prompt": "hi"})).await;
+    let e = o.result.unwrap_err();
+    assert_eq!(e.code, ErrorCode::ContentFiltered);
+    assert!(e.message.contains("refusal"), "{}", e.message);
+    assert_eq!(backup.request_count(), 0);
+}
+
+#[tokio::test]
+async fn a_silent_provider_times_out_and_the_chain_moves_on_without_retrying_it() {
+    let (primary, backup, chain, _) = two("ollama", "openai", "first_token_timeout_ms = 300").await;
+    primary.set_default(Reply::Hang);
+    backup.push(Reply::answer(&["quick"], (1, 1)));
+    let (o, _) = run(&chain, json!({"prompt": "hi"})).await;
+    assert_eq!(o.result.as_ref().unwrap().output, "quick");
+    assert_eq!(codes(&o), vec![Some(ErrorCode::FirstTokenTimeout), None]);
+    let waited = o.attempts[0].latency_ms;
+    assert!(
+        (300..5_000).contains(&waited),
+        "gave up after {waited} ms (limit 300 ms)"
+    );
+    assert_eq!(primary.request_count(), 1);
+}
+
+#[tokio::test]
+async fn a_stalled_stream_is_detected_and_restarted_on_the_fallback() {
+    let (primary, backup, chain, _) = two("gemini", "openai", "stall_timeout_ms = 300").await;
+    primary.set_default(Reply::Stall {
+        deltas: vec!["Once upon".into()],
+    });
+    backup.push(Reply::answer(&["A full answer"], (1, 3)));
+    let (o, sink) = run(&chain, json!({"prompt": "hi"})).await;
+    let s = o.result.as_ref().unwrap();
+    assert_eq!((s.attempt, s.output.as_str()), (2, "A full answer"));
+    assert_eq!(codes(&o), vec![Some(ErrorCode::Stalled), None]);
+    assert_eq!(
+        sink.0,
+        vec![(1, "Once upon".into()), (2, "A full answer".into())]
+    );
+}
+
+#[tokio::test]
+async fn the_circuit_opens_during_an_outage_and_a_probe_closes_it_after_recovery() {
+    let (primary, backup, chain, health) = two("openai", "ollama", "max_retries = 0").await;
+    primary.set_default(Reply::status(500, "down"));
+    backup.set_default(Reply::answer(&["backup"], (1, 1)));
+
+    // Two failures open the circuit (threshold 2)...
+    for _ in 0..2 {
+        assert_eq!(
+            run(&chain, json!({"prompt": "hi"}))
+                .await
+                .0
+                .result
+                .unwrap()
+                .provider,
+            "backup"
+        );
+    }
+    let state = |h: &Health| {
+        h.report()
+            .into_iter()
+            .find(|r| r.provider == "primary")
+            .unwrap()
+            .state
+    };
+    assert_eq!(state(&health), State::Unavailable);
+    // ...so the primary is skipped without a call while it is open.
+    let (o, _) = run(&chain, json!({"prompt": "hi"})).await;
+    assert_eq!(o.attempts.len(), 1);
+    assert_eq!(primary.request_count(), 2);
+
+    // Recovery: after the cool-down one probe goes through, succeeds, and traffic returns.
+    primary.set_default(Reply::answer(&["primary"], (1, 1)));
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let (o, _) = run(&chain, json!({"prompt": "hi"})).await;
+    assert_eq!(o.result.unwrap().provider, "primary");
+    assert_eq!(state(&health), State::Healthy);
+    assert_eq!(
+        run(&chain, json!({"prompt": "hi"}))
+            .await
+            .0
+            .result
+            .unwrap()
+            .provider,
+        "primary"
+    );
+}
+
+#[tokio::test]
+async fn per_provider_concurrency_limits_queue_work_instead_of_overloading() {
+    let fake = FakeProvider::start().await.unwrap();
+    fake.set_default(Reply::Answer {
+        deltas: vec!["slow".into()],
+        usage: Some((1, 1)),
+        done_marker: true,
+        chunk_delay: Duration::from_millis(100),
+    });
+    let (chain, _) = chain(&section(
+        "p",
+        "openai",
+        &fake.base_url(),
+        "m",
+        "max_concurrent = 1",
+    ));
+    let started = Instant::now();
+    let runs = (0..3).map(|_| run(&chain, json!({"prompt": "hi"})));
+    let outcomes = futures::future::join_all(runs).await;
+    assert!(outcomes.iter().all(|(o, _)| o.result.is_ok()));
+    // Each answer takes >= 400 ms (4 frames x 100 ms); one at a time, three take >= 1.2 s.
+    assert!(
+        started.elapsed() >= Duration::from_millis(1_200),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn the_cheapest_strategy_orders_a_route_by_price() {
+    let a = FakeProvider::start().await.unwrap();
+    let b = FakeProvider::start().await.unwrap();
+    let toml = format!(
+        "{}{}[routes]\ndefault = [\"dear\", \"cheap\"]\n[strategies]\ndefault = \"cheapest\"\n",
+        section("dear", "openai", &a.base_url(), "big", ""),
+        section("cheap", "openai", &b.base_url(), "small", ""),
+    );
+    let config = Config::from_toml(&toml).unwrap();
+    let prices = PriceBook::default();
+    let t0 = chrono::DateTime::<chrono::Utc>::UNIX_EPOCH;
+    prices.replace(vec![
+        (
+            "dear".into(),
+            "big".into(),
+            llm_worker::pricing::Price {
+                effective_from: t0,
+                input_per_mtok: 10.0,
+                output_per_mtok: 30.0,
+            },
+        ),
+        (
+            "cheap".into(),
+            "small".into(),
+            llm_worker::pricing::Price {
+                effective_from: t0,
+                input_per_mtok: 0.1,
+                output_per_mtok: 0.4,
+            },
+        ),
+    ]);
+    let chain = Chain::new(
+        &config,
+        Registry::from_config(&config).unwrap(),
+        prices,
+        Health::new(&config.circuit_breaker),
+    );
+    let plan: Vec<String> = chain
+        .plan(&job(json!({"prompt": "x"})))
+        .iter()
+        .map(|t| t.provider.name.clone())
+        .collect();
+    assert_eq!(plan, ["cheap", "dear"]);
+    // A pinned provider still goes first.
+    let plan: Vec<String> = chain
+        .plan(&job(json!({"prompt": "x", "provider": "dear"})))
+        .iter()
+        .map(|t| t.provider.name.clone())
+        .collect();
+    assert_eq!(plan, ["dear", "cheap"]);
+}
