@@ -193,3 +193,61 @@ async fn a_job_still_running_when_the_grace_period_ends_is_handed_to_another_wor
     assert_eq!(fake.request_count(), 2);
     app.teardown().await;
 }
+
+#[tokio::test]
+async fn a_job_longer_than_ack_wait_is_kept_alive_by_progress_acks_and_not_redelivered() {
+    let fake = FakeOpenAi::start().await.unwrap();
+    // About 4.5 s of streaming against an ack wait of 3 s.
+    fake.set_default(slow_answer(8, 500));
+    let mut app = TestApp::new(&openai_provider("openai", &fake.base_url(), "m")).await;
+    let roles = llm_worker::app::Roles {
+        jobs: true,
+        recorder: false,
+    };
+    app.start_worker_with(roles, |c| c.nats.ack_wait_secs = 3)
+        .await;
+    let (reply_to, mut sub) = app.reply_inbox().await;
+
+    app.publish(json!({"prompt": "x", "reply_to": reply_to}))
+        .await;
+    let reply = collect_reply(&mut sub).await;
+
+    assert_eq!(reply.result["status"], "ok");
+    assert_eq!(
+        fake.request_count(),
+        1,
+        "the job was not handed to a second call"
+    );
+    let info = app.generate_consumer_info().await;
+    assert_eq!(info.num_redelivered, 0);
+    assert_eq!(info.num_ack_pending, 0);
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn workers_report_per_provider_health_over_nats() {
+    let fake = FakeOpenAi::start().await.unwrap();
+    fake.set_default(Reply::status(500, "down"));
+    let mut app = TestApp::new(&openai_provider("openai", &fake.base_url(), "m")).await;
+    let roles = llm_worker::app::Roles {
+        jobs: true,
+        recorder: false,
+    };
+    app.start_worker_with(roles, |_| {}).await;
+    let (reply_to, mut sub) = app.reply_inbox().await;
+    app.publish(json!({"prompt": "x", "reply_to": reply_to}))
+        .await;
+    assert_eq!(collect_reply(&mut sub).await.result["status"], "error");
+
+    let workers =
+        llm_worker::status::collect(&app.client, &app.config.nats, Duration::from_millis(500))
+            .await
+            .unwrap();
+    assert_eq!(workers.len(), 1);
+    assert_eq!(workers[0].worker_id, "worker-1");
+    let p = &workers[0].providers[0];
+    assert_eq!((p.provider.as_str(), p.model.as_str()), ("openai", "m"));
+    assert_eq!(p.state, llm_worker::health::State::Degraded);
+    assert_eq!(p.consecutive_failures, 2);
+    app.teardown().await;
+}
