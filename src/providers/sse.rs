@@ -5,6 +5,11 @@
 //! provider events and says when the answer has finished. The adapter turns "the body ended
 //! before a finish signal" and transport errors into `truncated` errors, and stops reading
 //! promptly when the decoder reports the end of the answer.
+//!
+//! One deviation is repaired before parsing: older llama.cpp servers send errors as an SSE field
+//! `error: {...}` instead of `data:`. A spec-compliant parser drops unknown fields, so the error
+//! would vanish and look like a plain truncation; such lines are rewritten to
+//! `event: error` + `data: {...}` first.
 
 use std::collections::VecDeque;
 
@@ -37,8 +42,7 @@ pub fn decode<D: SseDecoder>(response: reqwest::Response, decoder: D) -> EventSt
         queue: VecDeque<ProviderEvent>,
         done: bool,
     }
-    let events = response
-        .bytes_stream()
+    let events = rewrite_error_fields(response.bytes_stream().boxed())
         .eventsource()
         .map(|r| r.map_err(|e| e.to_string()))
         .boxed();
@@ -94,4 +98,84 @@ pub fn decode<D: SseDecoder>(response: reqwest::Response, decoder: D) -> EventSt
         }
     })
     .boxed()
+}
+
+type ByteStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>;
+
+/// Rewrite lines `error: X` to `event: error` / `data: X`, buffering partial lines so a field
+/// split across network chunks is still seen.
+fn rewrite_error_fields(
+    body: ByteStream,
+) -> impl futures::Stream<Item = reqwest::Result<bytes::Bytes>> {
+    futures::stream::unfold(
+        (body, Vec::<u8>::new(), false),
+        |(mut body, mut carry, done)| async move {
+            if done {
+                return None;
+            }
+            match body.next().await {
+                Some(Ok(chunk)) => {
+                    carry.extend_from_slice(&chunk);
+                    let cut = carry.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+                    let rest = carry.split_off(cut);
+                    let out = rewrite_lines(&carry);
+                    Some((Ok(out), (body, rest, false)))
+                }
+                Some(Err(e)) => Some((Err(e), (body, carry, true))),
+                None if carry.is_empty() => None,
+                None => {
+                    let out = rewrite_lines(&carry);
+                    Some((Ok(out), (body, Vec::new(), true)))
+                }
+            }
+        },
+    )
+}
+
+fn rewrite_lines(text: &[u8]) -> bytes::Bytes {
+    let mut out = Vec::with_capacity(text.len() + 16);
+    for line in text.split_inclusive(|b| *b == b'\n') {
+        match line.strip_prefix(b"error:") {
+            Some(rest) => {
+                out.extend_from_slice(b"event: error\ndata:");
+                out.extend_from_slice(rest);
+            }
+            None => out.extend_from_slice(line),
+        }
+    }
+    bytes::Bytes::from(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn error_fields_become_error_events_even_when_split_across_chunks() {
+        let chunks: Vec<reqwest::Result<bytes::Bytes>> = vec![
+            Ok(bytes::Bytes::from_static(b"data: {\"a\":1}\n\ner")),
+            Ok(bytes::Bytes::from_static(
+                b"ror: {\"message\":\"ctx\"}\n\ndata: [DONE]\n\n",
+            )),
+        ];
+        let body: ByteStream = futures::stream::iter(chunks).boxed();
+        let events: Vec<Event> = rewrite_error_fields(body)
+            .eventsource()
+            .map(|e| e.unwrap())
+            .collect()
+            .await;
+        let names: Vec<(&str, &str)> = events
+            .iter()
+            .map(|e| (e.event.as_str(), e.data.as_str()))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("message", "{\"a\":1}"),
+                ("error", "{\"message\":\"ctx\"}"),
+                ("message", "[DONE]")
+            ]
+        );
+    }
 }

@@ -559,3 +559,48 @@ async fn the_cheapest_strategy_orders_a_route_by_price() {
         .collect();
     assert_eq!(plan, ["dear", "cheap"]);
 }
+
+#[tokio::test]
+async fn a_llama_cpp_error_field_inside_a_200_stream_is_seen_and_a_context_overflow_falls_back() {
+    let (primary, backup, chain, _) = two("openai", "openai", "").await;
+    let body = "error: {\"code\":400,\"message\":\"the request exceeds the available context size, try increasing it\",\"type\":\"exceed_context_size_error\"}\n\ndata: [DONE]\n\n";
+    primary.set_default(Reply::Raw {
+        content_type: "text/event-stream".into(),
+        body: body.into(),
+    });
+    backup.push(Reply::answer(&["fits"], (1, 1)));
+    let (o, _) = run(&chain, json!({"prompt": "hi"})).await;
+    assert_eq!(o.result.as_ref().unwrap().output, "fits");
+    assert_eq!(codes(&o), vec![Some(ErrorCode::ContextTooLong), None]);
+    assert_eq!(
+        primary.request_count(),
+        1,
+        "a context overflow is not retried"
+    );
+}
+
+#[tokio::test]
+async fn the_fastest_strategy_prefers_the_lowest_recent_time_to_first_token() {
+    let a = FakeProvider::start().await.unwrap();
+    let b = FakeProvider::start().await.unwrap();
+    let c = FakeProvider::start().await.unwrap();
+    let toml = format!(
+        "{}{}{}[routes]\ndefault = [\"slow\", \"fast\", \"new\"]\n[strategies]\ndefault = \"fastest\"\n",
+        section("slow", "openai", &a.base_url(), "m", ""),
+        section("fast", "openai", &b.base_url(), "m", ""),
+        section("new", "openai", &c.base_url(), "m", ""),
+    );
+    let (chain, health) = chain(&toml);
+    health.record("slow", "m", Ok(Some(Duration::from_millis(900))));
+    health.record("fast", "m", Ok(Some(Duration::from_millis(80))));
+    let plan: Vec<String> = chain
+        .plan(&job(json!({"prompt": "x"})))
+        .iter()
+        .map(|t| t.provider.name.clone())
+        .collect();
+    assert_eq!(
+        plan,
+        ["new", "fast", "slow"],
+        "untried first, then by measured speed"
+    );
+}
