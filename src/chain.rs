@@ -268,7 +268,11 @@ impl Chain {
                     Disposition::Final => {
                         let error = ErrorBody {
                             code: err.code,
-                            message: format!("{}: {}", target.provider.name, err.message),
+                            message: format!(
+                                "{}: {}",
+                                target.provider.name,
+                                target.provider.redact(&err.message)
+                            ),
                             retryable: false,
                         };
                         return Outcome {
@@ -451,7 +455,7 @@ async fn attempt<S: DeltaSink>(
         model: target.model.clone(),
         error: error.as_ref().map(|e| ErrorBody {
             code: e.code,
-            message: e.message.clone(),
+            message: provider.redact(&e.message),
             retryable: e.disposition() == Disposition::Retry,
         }),
         input_tokens: tokens.input_tokens,

@@ -79,6 +79,8 @@ pub struct Provider {
     pub retry: RetryPolicy,
     /// Per-process concurrency and request-rate limits: excess work waits here.
     pub limiter: Limiter,
+    /// Kept only to scrub it from provider error messages.
+    key: Option<secrecy::SecretString>,
     imp: ProviderImpl,
 }
 
@@ -149,6 +151,7 @@ impl Provider {
                 max_delay: Duration::from_millis(cfg.retry_max_delay_ms),
             },
             limiter: Limiter::new(cfg.max_concurrent, cfg.requests_per_minute),
+            key: cfg.api_key.clone(),
             imp,
         })
     }
@@ -167,6 +170,12 @@ impl Provider {
             ProviderImpl::Ollama(p) => p.generate(model, req).await,
             ProviderImpl::Fake(p) => p.generate(model, req),
         }
+    }
+
+    /// A provider message with this provider's key (and anything shaped like an API key)
+    /// removed: some providers quote the key, masked or not, in auth errors.
+    pub fn redact(&self, message: &str) -> String {
+        openai::redact(message, self.key.as_ref())
     }
 
     /// The model used when neither job nor route names one.

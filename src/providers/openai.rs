@@ -55,7 +55,7 @@ impl OpenAi {
         let response = builder.send().await.map_err(|e| transport_error(&e))?;
         let status = response.status().as_u16();
         if !response.status().is_success() {
-            return Err(self.http_error(response).await);
+            return Err(Self::http_error(response).await);
         }
         let events = if req.stream {
             sse::decode(response, StreamDecoder::default())
@@ -72,13 +72,14 @@ impl OpenAi {
         })
     }
 
-    async fn http_error(&self, response: reqwest::Response) -> ProviderError {
+    async fn http_error(response: reqwest::Response) -> ProviderError {
         let status = response.status().as_u16();
         let retry_after = super::retry_after(response.headers());
         let body = response.text().await.unwrap_or_default();
-        let mut err = classify_error_body(status, &body);
-        err.message = redact(&err.message, self.key.as_ref());
-        err.with_status(status).with_retry_after(retry_after)
+        // Redaction of keys from the message happens in the chain, for every provider.
+        classify_error_body(status, &body)
+            .with_status(status)
+            .with_retry_after(retry_after)
     }
 }
 

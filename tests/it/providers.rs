@@ -604,3 +604,31 @@ async fn the_fastest_strategy_prefers_the_lowest_recent_time_to_first_token() {
         "untried first, then by measured speed"
     );
 }
+
+#[tokio::test]
+async fn an_api_key_quoted_by_a_provider_never_reaches_the_result() {
+    let fake = FakeProvider::start().await.unwrap();
+    let body = json!({"error": {"message": "Incorrect API key provided: sk-test-9f8e7d6c5b4a. You can find your API key at https://platform.openai.com/account/api-keys.", "type": "invalid_request_error", "code": "invalid_api_key"}});
+    fake.set_default(Reply::Status {
+        status: 401,
+        body: body.to_string(),
+        headers: vec![],
+    });
+    let mut config = Config::from_toml(&section("p", "openai", &fake.base_url(), "m", "")).unwrap();
+    config.providers.get_mut("p").unwrap().api_key =
+        Some(secrecy::SecretString::from("sk-test-9f8e7d6c5b4a"));
+    let chain = Chain::new(
+        &config,
+        Registry::from_config(&config).unwrap(),
+        PriceBook::default(),
+        Health::new(&config.circuit_breaker),
+    );
+    let (o, _) = run(&chain, json!({"prompt": "hi"})).await;
+    let everything = format!("{:?} {:?}", o.result, o.attempts);
+    assert_eq!(codes(&o), vec![Some(ErrorCode::Unauthorized)]);
+    assert!(!everything.contains("9f8e7d6c5b4a"), "{everything}");
+    assert!(
+        everything.contains("Incorrect API key provided"),
+        "the rest of the message is kept"
+    );
+}
