@@ -168,7 +168,28 @@ pub async fn start(config: Config, roles: Roles) -> anyhow::Result<Running> {
         let registry = Registry::from_config(&config)?;
         let chain = Chain::new(&config, registry, prices.clone(), health.clone());
         let replies = Replies::new(client.clone(), js.clone(), nats_cfg.clone());
-        let worker = Worker::new(&config, chain, replies, prices.clone());
+        let embed_routes = match config.embedding_routes() {
+            Ok(routes) => Some(routes.clone()),
+            Err(why) => {
+                tracing::warn!(%why, "embedding jobs are not consumed");
+                None
+            }
+        };
+        let embed_chain = embed_routes.as_ref().map(|routes| {
+            Chain::with_routes(
+                routes,
+                &config,
+                chain.registry().clone(),
+                prices.clone(),
+                health.clone(),
+            )
+        });
+        let kinds: Vec<JobKind> = if embed_chain.is_some() {
+            vec![JobKind::Generate, JobKind::Embed]
+        } else {
+            vec![JobKind::Generate]
+        };
+        let worker = Worker::new(&config, chain, embed_chain, replies, prices.clone());
         background.spawn(status::serve(
             client.clone(),
             status::subject(&nats_cfg),
@@ -176,9 +197,7 @@ pub async fn start(config: Config, roles: Roles) -> anyhow::Result<Running> {
             health.clone(),
             stop.clone(),
         ));
-        // Embedding jobs are consumed once the embedding chain lands (issue 5); until then they
-        // wait in the stream rather than being failed.
-        for kind in [JobKind::Generate] {
+        for kind in kinds {
             queue::ensure_consumer(&js, &nats_cfg, kind).await?;
             let pull = PullLoop {
                 kind,

@@ -90,14 +90,24 @@ pub struct Chain {
     registry: Registry,
     routes: Arc<BTreeMap<String, Route>>,
     strategies: Arc<BTreeMap<String, Strategy>>,
-    health: Health,
+    pub(crate) health: Health,
     prices: PriceBook,
 }
 
 impl Chain {
     pub fn new(config: &Config, registry: Registry, prices: PriceBook, health: Health) -> Self {
-        let routes = config
-            .routes
+        Self::with_routes(&config.routes, config, registry, prices, health)
+    }
+
+    /// A chain over other routes (embedding jobs use `embed_routes`).
+    pub fn with_routes(
+        routes: &BTreeMap<String, Vec<String>>,
+        config: &Config,
+        registry: Registry,
+        prices: PriceBook,
+        health: Health,
+    ) -> Self {
+        let routes = routes
             .iter()
             .map(|(task, entries)| {
                 let parsed = entries
@@ -308,7 +318,7 @@ impl Chain {
 }
 
 /// The job-level error once no attempt succeeded.
-fn chain_error(
+pub(crate) fn chain_error(
     attempts: &[AttemptRecord],
     skipped: &[String],
     timed_out: bool,

@@ -58,6 +58,11 @@ pub struct Config {
     /// `task_type` -> ordered chain of `provider` or `provider:model` entries; `default` is used
     /// for jobs without a task type or with one that has no route of its own.
     pub routes: BTreeMap<String, Vec<String>>,
+    /// Routes for embedding jobs; when absent, `routes` serve them too (if every provider in
+    /// them can embed; otherwise embedding jobs are not consumed and a warning says why).
+    pub embed_routes: BTreeMap<String, Vec<String>>,
+    /// Embedding routes whose fallback entries may return vectors of another dimension.
+    pub embed_mixed_dimensions: Vec<String>,
     /// `task_type` -> how its route's entries are ordered (default `ordered`).
     pub strategies: BTreeMap<String, Strategy>,
     pub circuit_breaker: CircuitConfig,
@@ -305,6 +310,15 @@ pub struct ProviderConfig {
     /// At most this many requests per minute from one process (spaced evenly; queued beyond).
     #[serde(default)]
     pub requests_per_minute: Option<u32>,
+    /// Most inputs per embedding request (default by type: openai 2048, gemini 100, ollama 512).
+    #[serde(default)]
+    pub embed_batch_size: Option<usize>,
+    /// Most estimated input tokens per embedding request (OpenAI allows 300k).
+    #[serde(default = "default_embed_batch_tokens")]
+    pub embed_batch_tokens: u64,
+    /// `fake` only: vector size when the job asks for none.
+    #[serde(default = "default_fake_dimensions")]
+    pub embedding_dimensions: u32,
     /// `fake` only: delay before the first token.
     #[serde(default)]
     pub latency_ms: u64,
@@ -337,6 +351,12 @@ fn default_retry_min_delay_ms() -> u64 {
 fn default_retry_max_delay_ms() -> u64 {
     20_000
 }
+fn default_embed_batch_tokens() -> u64 {
+    250_000
+}
+fn default_fake_dimensions() -> u32 {
+    768
+}
 fn default_max_tokens() -> u32 {
     4096
 }
@@ -360,6 +380,9 @@ impl ProviderConfig {
             retry_min_delay_ms: default_retry_min_delay_ms(),
             retry_max_delay_ms: default_retry_max_delay_ms(),
             default_max_tokens: default_max_tokens(),
+            embed_batch_size: None,
+            embed_batch_tokens: default_embed_batch_tokens(),
+            embedding_dimensions: default_fake_dimensions(),
             max_concurrent: None,
             requests_per_minute: None,
             latency_ms: 0,
@@ -555,6 +578,34 @@ impl Config {
                 ));
             }
         }
+        for (task, entries) in &self.embed_routes {
+            for entry in entries {
+                let (provider, _) = split_route_entry(entry);
+                match self.providers.get(provider) {
+                    None => {
+                        return Err(invalid(
+                            format!("embed_routes.{task}"),
+                            format!("unknown provider '{provider}'"),
+                        ));
+                    }
+                    Some(p) if p.kind == ProviderType::Anthropic => {
+                        return Err(invalid(
+                            format!("embed_routes.{task}"),
+                            format!(
+                                "provider '{provider}' is Anthropic, which has no embeddings API"
+                            ),
+                        ));
+                    }
+                    Some(_) => {}
+                }
+            }
+            if entries.is_empty() {
+                return Err(invalid(
+                    format!("embed_routes.{task}"),
+                    "must list at least one provider",
+                ));
+            }
+        }
         for (task, entries) in &self.routes {
             if entries.is_empty() {
                 return Err(invalid(
@@ -593,6 +644,24 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The routes embedding jobs use, or why there are none.
+    pub fn embedding_routes(&self) -> Result<&BTreeMap<String, Vec<String>>, String> {
+        if !self.embed_routes.is_empty() {
+            return Ok(&self.embed_routes);
+        }
+        for (task, entries) in &self.routes {
+            for entry in entries {
+                let (provider, _) = split_route_entry(entry);
+                if self.providers.get(provider).map(|p| p.kind) == Some(ProviderType::Anthropic) {
+                    return Err(format!(
+                        "routes.{task} includes '{provider}' (Anthropic, no embeddings API) and no [embed_routes] are configured"
+                    ));
+                }
+            }
+        }
+        Ok(&self.routes)
     }
 
     pub fn worker_id(&self) -> String {

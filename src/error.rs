@@ -47,6 +47,8 @@ pub enum ErrorCode {
     BadRequest,
     Unauthorized,
     NotFound,
+    /// An embedding fallback returned vectors of another size than the route's.
+    DimensionMismatch,
 }
 
 impl ErrorCode {
@@ -73,6 +75,7 @@ impl ErrorCode {
             ErrorCode::BadRequest => "bad_request",
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::NotFound => "not_found",
+            ErrorCode::DimensionMismatch => "dimension_mismatch",
         }
     }
 }
@@ -133,6 +136,7 @@ impl ProviderError {
             | ErrorCode::BadRequest
             | ErrorCode::Unauthorized
             | ErrorCode::NotFound
+            | ErrorCode::DimensionMismatch
             | ErrorCode::PayloadTooLarge => Disposition::Fallback,
             ErrorCode::ContentFiltered
             | ErrorCode::InvalidJob

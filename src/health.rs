@@ -46,6 +46,8 @@ struct Entry {
     opened_at: Option<Instant>,
     probing: bool,
     ewma_ttft_ms: Option<f64>,
+    /// Size of the vectors this entry last returned (embeddings).
+    dimensions: Option<usize>,
 }
 
 impl Default for Entry {
@@ -56,6 +58,7 @@ impl Default for Entry {
             opened_at: None,
             probing: false,
             ewma_ttft_ms: None,
+            dimensions: None,
         }
     }
 }
@@ -172,6 +175,22 @@ impl Health {
                 }
             }
         }
+    }
+
+    /// Remember the vector size an entry returned.
+    pub fn record_dimensions(&self, provider: &str, model: &str, dims: usize) {
+        if let Ok(mut map) = self.entries.lock() {
+            map.entry((provider.to_string(), model.to_string()))
+                .or_default()
+                .dimensions = Some(dims);
+        }
+    }
+
+    /// The vector size an entry last returned, if it ever did in this process.
+    pub fn dimensions(&self, provider: &str, model: &str) -> Option<usize> {
+        let map = self.entries.lock().ok()?;
+        map.get(&(provider.to_string(), model.to_string()))?
+            .dimensions
     }
 
     pub fn ewma_ttft_ms(&self, provider: &str, model: &str) -> Option<f64> {

@@ -27,6 +27,7 @@
 pub mod app;
 pub mod chain;
 pub mod config;
+pub mod embedding;
 pub mod error;
 pub mod event;
 pub mod health;

@@ -50,6 +50,9 @@ pub enum Reply {
     Hang,
     /// Some chunks, then silence with the connection open (a stalled stream).
     Stall { deltas: Vec<String> },
+    /// Embeddings of this size (embedding routes; any other success reply gives the request's
+    /// `dimensions`, or 8). Vectors are `providers::fake::fake_vector(input, dims)`.
+    Vectors { dims: usize },
 }
 
 impl Reply {
@@ -114,6 +117,8 @@ impl FakeProvider {
             .route("/v1/messages", post(anthropic))
             .route("/v1beta/models/{*target}", post(gemini))
             .route("/api/chat", post(ollama))
+            .route("/v1/embeddings", post(openai_embed))
+            .route("/api/embed", post(ollama_embed))
             .with_state(script.clone());
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -203,6 +208,9 @@ async fn gemini(
 ) -> Response<Body> {
     // `{model}:{method}`
     let (model, method) = target.split_once(':').unwrap_or((target.as_str(), ""));
+    if method == "batchEmbedContents" {
+        return embed(script, Flavor::Gemini, &body).await;
+    }
     let stream = method == "streamGenerateContent";
     serve(
         script,
@@ -211,6 +219,89 @@ async fn gemini(
         &body,
     )
     .await
+}
+
+async fn openai_embed(State(script): Shared, body: Bytes) -> Response<Body> {
+    embed(script, Flavor::OpenAi, &body).await
+}
+
+async fn ollama_embed(State(script): Shared, body: Bytes) -> Response<Body> {
+    embed(script, Flavor::Ollama, &body).await
+}
+
+/// Answer an embedding request in the flavor's format.
+async fn embed(script: Arc<Mutex<Script>>, flavor: Flavor, body: &[u8]) -> Response<Body> {
+    let request: serde_json::Value =
+        serde_json::from_slice(body).unwrap_or(serde_json::Value::Null);
+    let (inputs, asked): (Vec<String>, Option<u64>) = match flavor {
+        Flavor::Gemini => {
+            let reqs = request["requests"].as_array().cloned().unwrap_or_default();
+            let texts = reqs
+                .iter()
+                .map(|r| {
+                    r["content"]["parts"][0]["text"]
+                        .as_str()
+                        .unwrap_or("")
+                        .to_string()
+                })
+                .collect();
+            (
+                texts,
+                reqs.first()
+                    .and_then(|r| r["outputDimensionality"].as_u64()),
+            )
+        }
+        _ => {
+            let texts = request["input"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|t| t.as_str().unwrap_or("").to_string())
+                        .collect()
+                })
+                .unwrap_or_default();
+            (texts, request["dimensions"].as_u64())
+        }
+    };
+    let reply = match script.lock() {
+        Ok(mut s) => {
+            s.requests.push(request);
+            s.queue.pop_front().or_else(|| s.default.clone())
+        }
+        Err(_) => None,
+    };
+    let dims = match reply {
+        Some(Reply::Vectors { dims }) => dims,
+        Some(other @ (Reply::Status { .. } | Reply::Hang | Reply::Raw { .. })) => {
+            return render(flavor, other, false, "m").await;
+        }
+        _ => asked.unwrap_or(8) as usize,
+    };
+    let vectors: Vec<Vec<f32>> = inputs
+        .iter()
+        .map(|t| crate::providers::fake::fake_vector(t, dims))
+        .collect();
+    let tokens: u64 = inputs
+        .iter()
+        .map(|t| crate::providers::estimate_tokens(t))
+        .sum();
+    let v = match flavor {
+        Flavor::Gemini => {
+            json!({"embeddings": vectors.iter().map(|v| json!({"values": v})).collect::<Vec<_>>()})
+        }
+        Flavor::Ollama => json!({"model": "m", "embeddings": vectors, "prompt_eval_count": tokens}),
+        _ => {
+            // Out of order on purpose: clients must sort by `index`.
+            let data: Vec<serde_json::Value> = vectors
+                .iter()
+                .enumerate()
+                .rev()
+                .map(|(i, v)| json!({"object": "embedding", "index": i, "embedding": v}))
+                .collect();
+            json!({"object": "list", "data": data, "model": "m", "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+        }
+    };
+    response(200, "application/json", Body::from(v.to_string()))
 }
 
 async fn serve(
@@ -461,6 +552,12 @@ async fn render(flavor: Flavor, reply: Reply, stream: bool, model: &str) -> Resp
             )
         }
         Reply::Raw { content_type, body } => response(200, &content_type, Body::from(body)),
+        // Vectors on a generation route: the test scripted the wrong endpoint.
+        Reply::Vectors { .. } => response(
+            400,
+            "application/json",
+            Body::from(r#"{"error":{"message":"not an embedding route"}}"#),
+        ),
         Reply::Stall { deltas } => {
             let frames = stream_frames(flavor, model, &deltas, None, false, false);
             let body = futures::stream::iter(frames.into_iter().map(Ok::<_, std::io::Error>))

@@ -16,16 +16,22 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::chain::{self, Chain};
+use crate::chain::Chain;
 use crate::config::Config;
 use crate::error::ErrorCode;
-use crate::event::{ErrorBody, ResultEvent, Status, TokensUsed, elapsed_ms};
+use crate::event::{AttemptRecord, ErrorBody, ResultEvent, Status, TokensUsed, elapsed_ms};
 use crate::job::{self, Envelope, Fallback, Job, JobBody, JobKind, Limits};
 use crate::pricing::PriceBook;
 use crate::reply::Replies;
 
 /// Delay before a message is redelivered when its result could not be stored.
 const STORE_RETRY_DELAY: Duration = Duration::from_secs(2);
+
+/// What a successful chain produced.
+enum Answer {
+    Text(crate::chain::Success),
+    Vectors(crate::embedding::EmbedSuccess),
+}
 
 /// What happened to a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +48,9 @@ pub enum Disposal {
 #[derive(Clone)]
 pub struct Worker {
     chain: Chain,
+    /// The embedding chain and the routes allowed to mix vector sizes; `None` when embedding
+    /// is not configured (embedding jobs are then not consumed).
+    embed_chain: Option<(Chain, Arc<[String]>)>,
     replies: Replies,
     prices: PriceBook,
     limits: Limits,
@@ -51,9 +60,16 @@ pub struct Worker {
 }
 
 impl Worker {
-    pub fn new(config: &Config, chain: Chain, replies: Replies, prices: PriceBook) -> Self {
+    pub fn new(
+        config: &Config,
+        chain: Chain,
+        embed_chain: Option<Chain>,
+        replies: Replies,
+        prices: PriceBook,
+    ) -> Self {
         Self {
             chain,
+            embed_chain: embed_chain.map(|c| (c, config.embed_mixed_dimensions.clone().into())),
             replies,
             prices,
             limits: Limits {
@@ -184,32 +200,42 @@ impl Worker {
         deadline: Instant,
     ) -> ResultEvent {
         let env = &job.envelope;
-        let outcome = match &job.body {
+        let (attempts, answer) = match &job.body {
             JobBody::Generate(req) => {
                 let reply_to = env.reply_to.as_deref().filter(|_| req.stream);
                 let mut sink = self.replies.chunks(env.job_id, &env.trace_id, reply_to);
-                self.chain.generate(job, req, deadline, &mut sink).await
+                let o = self.chain.generate(job, req, deadline, &mut sink).await;
+                (o.attempts, o.result.map(Answer::Text))
             }
-            JobBody::Embed(_) => chain::Outcome {
-                attempts: Vec::new(),
-                result: Err(ErrorBody {
-                    code: ErrorCode::AllProvidersFailed,
-                    message: "embedding jobs are not supported by this worker version".into(),
-                    retryable: false,
-                }),
+            JobBody::Embed(req) => match &self.embed_chain {
+                Some((chain, mixed)) => {
+                    let task = env.task_type.as_deref().unwrap_or("default");
+                    let o = chain
+                        .embed(job, req, deadline, mixed.iter().any(|r| r == task))
+                        .await;
+                    (o.attempts, o.result.map(Answer::Vectors))
+                }
+                None => (
+                    Vec::new(),
+                    Err(ErrorBody {
+                        code: ErrorCode::AllProvidersFailed,
+                        message: "embedding is not configured on this worker".into(),
+                        retryable: false,
+                    }),
+                ),
             },
         };
-        self.result_of(job, outcome, received_at)
+        self.result_of(job, attempts, answer, received_at)
     }
 
     fn result_of(
         &self,
         job: &Job,
-        outcome: chain::Outcome,
+        mut attempts: Vec<AttemptRecord>,
+        answer: Result<Answer, ErrorBody>,
         received_at: DateTime<Utc>,
     ) -> ResultEvent {
         let env = &job.envelope;
-        let mut attempts = outcome.attempts;
         for a in &mut attempts {
             a.cost_usd = self.prices.cost(
                 &a.provider,
@@ -236,8 +262,8 @@ impl Worker {
             &self.worker_id,
             received_at,
         );
-        match outcome.result {
-            Ok(success) => {
+        match answer {
+            Ok(Answer::Text(success)) => {
                 result.status = Status::Ok;
                 result.error = None;
                 result.output = Some(success.output);
@@ -248,6 +274,16 @@ impl Worker {
                 result.provider = Some(success.provider);
                 result.attempt = Some(success.attempt);
                 tracing::info!(attempts = attempts.len(), "job done");
+            }
+            Ok(Answer::Vectors(success)) => {
+                result.status = Status::Ok;
+                result.error = None;
+                result.embeddings = Some(success.vectors);
+                result.tokens_used = TokensUsed::new(success.input_tokens, 0);
+                result.model_used = Some(success.model);
+                result.provider = Some(success.provider);
+                result.attempt = Some(success.attempt);
+                tracing::info!(attempts = attempts.len(), "embedding job done");
             }
             Err(error) => {
                 tracing::warn!(code = %error.code, message = %error.message, "job failed");

@@ -29,6 +29,7 @@ const WORDS: [&str; 16] = [
 ];
 
 pub struct Fake {
+    dimensions: u32,
     latency: Duration,
     tokens_per_sec: u64,
     output_tokens: u64,
@@ -37,10 +38,36 @@ pub struct Fake {
 impl Fake {
     pub fn new(cfg: &ProviderConfig) -> Self {
         Self {
+            dimensions: cfg.embedding_dimensions.max(1),
             latency: Duration::from_millis(cfg.latency_ms),
             tokens_per_sec: cfg.tokens_per_sec,
             output_tokens: cfg.output_tokens.max(1),
         }
+    }
+
+    /// Deterministic vectors (a function of each text), `dimensions` long (default
+    /// `embedding_dimensions`); usage is estimated like prompts. `error` models fail.
+    pub fn embed(
+        &self,
+        model: &str,
+        inputs: &[String],
+        dimensions: Option<u32>,
+    ) -> Result<super::Embedded, ProviderError> {
+        if model.contains("error") {
+            return Err(ProviderError::new(
+                ErrorCode::ServerError,
+                "fake provider: injected error",
+            )
+            .with_status(500));
+        }
+        let dims = dimensions.unwrap_or(self.dimensions) as usize;
+        let vectors = inputs.iter().map(|t| fake_vector(t, dims)).collect();
+        let tokens = inputs.iter().map(|t| super::estimate_tokens(t)).sum();
+        Ok(super::Embedded {
+            vectors,
+            input_tokens: Some(tokens),
+            http_status: None,
+        })
     }
 
     pub fn generate(&self, model: &str, req: &GenerateRequest) -> Result<Call, ProviderError> {
@@ -126,6 +153,21 @@ impl Fake {
             events,
         })
     }
+}
+
+/// A deterministic vector in [-1, 1) seeded by the text (also used by the fake HTTP server).
+pub fn fake_vector(text: &str, dims: usize) -> Vec<f32> {
+    let mut h = text.bytes().fold(0x9e37_79b9_7f4a_7c15_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    (0..dims)
+        .map(|_| {
+            h ^= h << 13;
+            h ^= h >> 7;
+            h ^= h << 17;
+            (h % 2000) as f32 / 1000.0 - 1.0
+        })
+        .collect()
 }
 
 /// `n` deterministic words seeded by the prompt.

@@ -58,6 +58,67 @@ impl Gemini {
         url
     }
 
+    /// `:batchEmbedContents` (the caller keeps batches within 100 inputs). No usage is reported.
+    pub async fn embed(
+        &self,
+        model: &str,
+        inputs: &[String],
+        dimensions: Option<u32>,
+    ) -> Result<super::Embedded, ProviderError> {
+        let mut url = self.base.clone();
+        let path = format!(
+            "{}/models/{model}:batchEmbedContents",
+            url.path().trim_end_matches('/')
+        );
+        url.set_path(&path);
+        let requests: Vec<Value> = inputs
+            .iter()
+            .map(|text| {
+                let mut r = json!({"model": format!("models/{model}"), "content": {"parts": [{"text": text}]}});
+                if let Some(d) = dimensions {
+                    r["outputDimensionality"] = json!(d);
+                }
+                r
+            })
+            .collect();
+        let mut builder = self.client.post(url).json(&json!({"requests": requests}));
+        if let Some(key) = &self.key {
+            builder = builder.header("x-goog-api-key", key.expose_secret());
+        }
+        let response = builder.send().await.map_err(|e| transport_error(&e))?;
+        let status = response.status().as_u16();
+        if !response.status().is_success() {
+            let header_delay = super::retry_after(response.headers());
+            let text = response.text().await.unwrap_or_default();
+            let err = classify(status, &text).with_status(status);
+            let delay = err.retry_after.or(header_delay);
+            return Err(err.with_retry_after(delay));
+        }
+        let text = response
+            .text()
+            .await
+            .map_err(|e| ProviderError::new(ErrorCode::Truncated, format!("reading body: {e}")))?;
+        #[derive(serde::Deserialize)]
+        struct Values {
+            values: Vec<f32>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Body {
+            embeddings: Vec<Values>,
+        }
+        let parsed: Body = serde_json::from_str(&text).map_err(|e| {
+            ProviderError::new(
+                ErrorCode::MalformedResponse,
+                format!("undecodable embeddings ({e}): {}", clip(&text)),
+            )
+        })?;
+        Ok(super::Embedded {
+            vectors: parsed.embeddings.into_iter().map(|e| e.values).collect(),
+            input_tokens: None,
+            http_status: Some(status),
+        })
+    }
+
     pub async fn generate(
         &self,
         model: &str,

@@ -42,6 +42,15 @@ pub struct Usage {
 
 pub type EventStream = Pin<Box<dyn Stream<Item = Result<ProviderEvent, ProviderError>> + Send>>;
 
+/// The answer to one embedding call: one vector per input, in input order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Embedded {
+    pub vectors: Vec<Vec<f32>>,
+    /// As reported; `None` when the provider reports no usage (Gemini).
+    pub input_tokens: Option<u64>,
+    pub http_status: Option<u16>,
+}
+
 /// The answer to one call: the HTTP status it got (if HTTP) and the event stream.
 pub struct Call {
     pub http_status: Option<u16>,
@@ -81,6 +90,10 @@ pub struct Provider {
     pub limiter: Limiter,
     /// Kept only to scrub it from provider error messages.
     key: Option<secrecy::SecretString>,
+    /// Most inputs per embedding request.
+    pub embed_batch_size: usize,
+    /// Most (estimated) input tokens per embedding request.
+    pub embed_batch_tokens: u64,
     imp: ProviderImpl,
 }
 
@@ -152,6 +165,12 @@ impl Provider {
             },
             limiter: Limiter::new(cfg.max_concurrent, cfg.requests_per_minute),
             key: cfg.api_key.clone(),
+            embed_batch_size: cfg.embed_batch_size.unwrap_or(match cfg.kind {
+                ProviderType::Gemini => 100,
+                ProviderType::Ollama => 512,
+                _ => 2048,
+            }),
+            embed_batch_tokens: cfg.embed_batch_tokens,
             imp,
         })
     }
@@ -170,6 +189,43 @@ impl Provider {
             ProviderImpl::Ollama(p) => p.generate(model, req).await,
             ProviderImpl::Fake(p) => p.generate(model, req),
         }
+    }
+
+    /// Whether this provider has an embeddings API.
+    pub fn can_embed(&self) -> bool {
+        !matches!(self.imp, ProviderImpl::Anthropic(_))
+    }
+
+    /// One embedding call for a batch of inputs (already sized by the caller).
+    pub async fn embed(
+        &self,
+        model: &str,
+        inputs: &[String],
+        dimensions: Option<u32>,
+    ) -> Result<Embedded, ProviderError> {
+        let embedded = match &self.imp {
+            ProviderImpl::OpenAi(p) => p.embed(model, inputs, dimensions).await?,
+            ProviderImpl::Gemini(p) => p.embed(model, inputs, dimensions).await?,
+            ProviderImpl::Ollama(p) => p.embed(model, inputs, dimensions).await?,
+            ProviderImpl::Fake(p) => p.embed(model, inputs, dimensions)?,
+            ProviderImpl::Anthropic(_) => {
+                return Err(ProviderError::new(
+                    ErrorCode::BadRequest,
+                    "Anthropic has no embeddings API",
+                ));
+            }
+        };
+        if embedded.vectors.len() != inputs.len() {
+            return Err(ProviderError::new(
+                ErrorCode::MalformedResponse,
+                format!(
+                    "{} vectors for {} inputs",
+                    embedded.vectors.len(),
+                    inputs.len()
+                ),
+            ));
+        }
+        Ok(embedded)
     }
 
     /// A provider message with this provider's key (and anything shaped like an API key)

@@ -20,6 +20,7 @@ const MAX_LINE: usize = 1024 * 1024;
 pub struct Ollama {
     client: reqwest::Client,
     url: Url,
+    embed_url: Url,
 }
 
 impl Ollama {
@@ -27,9 +28,63 @@ impl Ollama {
         let base = cfg.base_url.as_deref().unwrap_or("http://localhost:11434");
         let mut url = Url::parse(base)
             .map_err(|e| ProviderError::new(ErrorCode::BadRequest, format!("base_url: {e}")))?;
-        let path = format!("{}/api/chat", url.path().trim_end_matches('/'));
-        url.set_path(&path);
-        Ok(Self { client, url })
+        let root = url.path().trim_end_matches('/').to_string();
+        let mut embed_url = url.clone();
+        embed_url.set_path(&format!("{root}/api/embed"));
+        url.set_path(&format!("{root}/api/chat"));
+        Ok(Self {
+            client,
+            url,
+            embed_url,
+        })
+    }
+
+    /// `POST /api/embed` with all inputs at once (the caller sizes batches).
+    pub async fn embed(
+        &self,
+        model: &str,
+        inputs: &[String],
+        dimensions: Option<u32>,
+    ) -> Result<super::Embedded, ProviderError> {
+        let mut body = json!({"model": model, "input": inputs});
+        if let Some(d) = dimensions {
+            body["dimensions"] = json!(d);
+        }
+        let response = self
+            .client
+            .post(self.embed_url.clone())
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| transport_error(&e))?;
+        let status = response.status().as_u16();
+        if !response.status().is_success() {
+            let retry_after = super::retry_after(response.headers());
+            let text = response.text().await.unwrap_or_default();
+            return Err(classify(status, &text)
+                .with_status(status)
+                .with_retry_after(retry_after));
+        }
+        let text = response
+            .text()
+            .await
+            .map_err(|e| ProviderError::new(ErrorCode::Truncated, format!("reading body: {e}")))?;
+        #[derive(serde::Deserialize)]
+        struct Body {
+            embeddings: Vec<Vec<f32>>,
+            prompt_eval_count: Option<u64>,
+        }
+        let parsed: Body = serde_json::from_str(&text).map_err(|e| {
+            ProviderError::new(
+                ErrorCode::MalformedResponse,
+                format!("undecodable embeddings ({e}): {}", clip(&text)),
+            )
+        })?;
+        Ok(super::Embedded {
+            vectors: parsed.embeddings,
+            input_tokens: parsed.prompt_eval_count,
+            http_status: Some(status),
+        })
     }
 
     pub async fn generate(

@@ -24,6 +24,7 @@ const MAX_ERROR_CHARS: usize = 500;
 pub struct OpenAi {
     client: reqwest::Client,
     chat_url: Url,
+    embed_url: Url,
     key: Option<SecretString>,
     max_tokens_field: MaxTokensField,
 }
@@ -37,6 +38,7 @@ impl OpenAi {
         Ok(Self {
             client,
             chat_url: endpoint(base, "chat/completions")?,
+            embed_url: endpoint(base, "embeddings")?,
             key: cfg.api_key.clone(),
             max_tokens_field: cfg.max_tokens_field,
         })
@@ -69,6 +71,55 @@ impl OpenAi {
         Ok(Call {
             http_status: Some(status),
             events,
+        })
+    }
+
+    /// `POST {base}/embeddings`; vectors are returned in input order (sorted by `index`).
+    pub async fn embed(
+        &self,
+        model: &str,
+        inputs: &[String],
+        dimensions: Option<u32>,
+    ) -> Result<super::Embedded, ProviderError> {
+        let mut body =
+            serde_json::json!({"model": model, "input": inputs, "encoding_format": "float"});
+        if let Some(d) = dimensions {
+            body["dimensions"] = d.into();
+        }
+        let mut builder = self.client.post(self.embed_url.clone()).json(&body);
+        if let Some(key) = &self.key {
+            builder = builder.bearer_auth(key.expose_secret());
+        }
+        let response = builder.send().await.map_err(|e| transport_error(&e))?;
+        let status = response.status().as_u16();
+        if !response.status().is_success() {
+            return Err(Self::http_error(response).await);
+        }
+        let text = response
+            .text()
+            .await
+            .map_err(|e| ProviderError::new(ErrorCode::Truncated, format!("reading body: {e}")))?;
+        #[derive(Deserialize)]
+        struct Item {
+            index: usize,
+            embedding: Vec<f32>,
+        }
+        #[derive(Deserialize)]
+        struct Body {
+            data: Vec<Item>,
+            usage: Option<WireUsage>,
+        }
+        let mut parsed: Body = serde_json::from_str(&text).map_err(|e| {
+            ProviderError::new(
+                ErrorCode::MalformedResponse,
+                format!("undecodable embeddings ({e}): {}", clip(&text)),
+            )
+        })?;
+        parsed.data.sort_by_key(|d| d.index);
+        Ok(super::Embedded {
+            vectors: parsed.data.into_iter().map(|d| d.embedding).collect(),
+            input_tokens: parsed.usage.map(|u| u.prompt_tokens),
+            http_status: Some(status),
         })
     }
 

@@ -193,23 +193,31 @@ impl TestApp {
 
     /// Publish raw bytes as a generation job, with `Nats-Msg-Id` when given.
     pub async fn publish_raw(&self, payload: Vec<u8>, msg_id: Option<&str>) {
+        self.publish_raw_to("generate", payload, msg_id).await;
+    }
+
+    /// Publish raw bytes to `<prefix>.jobs.<kind>`.
+    pub async fn publish_raw_to(&self, kind: &str, payload: Vec<u8>, msg_id: Option<&str>) {
         let mut publish = PublishMessage::build().payload(payload.into());
         if let Some(id) = msg_id {
             publish = publish.message_id(id);
         }
+        let subject = format!("{}.jobs.{kind}", self.config.nats.subject_prefix);
         self.js
-            .send_publish(
-                format!("{}.jobs.generate", self.config.nats.subject_prefix),
-                publish,
-            )
+            .send_publish(subject, publish)
             .await
             .unwrap()
             .await
             .unwrap();
     }
 
-    /// Publish a job (a JSON object) the way an orchestrator does; returns its job id.
-    pub async fn publish(&self, mut job: Value) -> Uuid {
+    /// Publish a generation job (a JSON object) the way an orchestrator does; returns its id.
+    pub async fn publish(&self, job: Value) -> Uuid {
+        self.publish_to("generate", job).await
+    }
+
+    /// Publish a job of `kind` (`generate` or `embed`); returns its job id.
+    pub async fn publish_to(&self, kind: &str, mut job: Value) -> Uuid {
         let id = match job.get("job_id").and_then(|v| v.as_str()) {
             Some(id) => Uuid::parse_str(id).unwrap(),
             None => {
@@ -218,8 +226,12 @@ impl TestApp {
                 id
             }
         };
-        self.publish_raw(serde_json::to_vec(&job).unwrap(), Some(&id.to_string()))
-            .await;
+        self.publish_raw_to(
+            kind,
+            serde_json::to_vec(&job).unwrap(),
+            Some(&id.to_string()),
+        )
+        .await;
         id
     }
 

@@ -7,6 +7,7 @@
     clippy::type_complexity
 )]
 
+mod embed;
 mod generate;
 mod helpers;
 mod lifecycle;

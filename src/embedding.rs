@@ -1,0 +1,303 @@
+//! The embedding chain: the same routing, circuit breaking, limits and retry timing as
+//! generation, over batches.
+//!
+//! Inputs are split into provider-sized batches (input count and estimated tokens); each batch
+//! is one provider call (one attempt record) retried on transient errors; a batch that cannot
+//! be served moves the whole job to the next entry, which embeds every batch again, so all
+//! vectors of a job come from one model. Vectors are returned in input order.
+//!
+//! Dimension safety: with `options.dimensions`, every vector must have that size. Without it,
+//! a fallback entry's vectors are accepted only when they have the size the route's first
+//! entry last produced in this process, or when the route is listed in
+//! `embed_mixed_dimensions`; otherwise the attempt ends as `dimension_mismatch`.
+
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use chrono::Utc;
+use tokio::time::Instant;
+
+use crate::chain::{Chain, Target, chain_error};
+use crate::error::{Disposition, ErrorCode, ProviderError};
+use crate::event::{AttemptRecord, ErrorBody, elapsed_ms};
+use crate::health::Admission;
+use crate::job::{EmbedRequest, Job};
+use crate::providers::estimate_tokens;
+
+/// The vectors of a successful job.
+#[derive(Debug, Clone)]
+pub struct EmbedSuccess {
+    /// The last call that contributed vectors.
+    pub attempt: u32,
+    pub provider: String,
+    pub model: String,
+    pub vectors: Vec<Vec<f32>>,
+    pub input_tokens: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct EmbedOutcome {
+    pub attempts: Vec<AttemptRecord>,
+    pub result: Result<EmbedSuccess, ErrorBody>,
+}
+
+/// Split inputs into batches of at most `max_inputs` inputs and `max_tokens` estimated tokens
+/// (a single larger input still gets a batch of its own).
+pub fn batches(inputs: &[String], max_inputs: usize, max_tokens: u64) -> Vec<&[String]> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut tokens = 0u64;
+    for (i, text) in inputs.iter().enumerate() {
+        let t = estimate_tokens(text);
+        let count = i - start;
+        if count > 0 && (count >= max_inputs.max(1) || tokens + t > max_tokens) {
+            out.push(&inputs[start..i]);
+            start = i;
+            tokens = 0;
+        }
+        tokens += t;
+    }
+    if start < inputs.len() {
+        out.push(&inputs[start..]);
+    }
+    out
+}
+
+impl Chain {
+    /// Embed a job's inputs through its route.
+    pub async fn embed(
+        &self,
+        job: &Job,
+        req: &EmbedRequest,
+        deadline: Instant,
+        mixed_dimensions: bool,
+    ) -> EmbedOutcome {
+        let targets = self.plan(job);
+        let mut attempts: Vec<AttemptRecord> = Vec::new();
+        let mut skipped = Vec::new();
+        let mut timed_out = false;
+        let expected = req.dimensions.map(|d| d as usize);
+        'targets: for (index, target) in targets.iter().enumerate() {
+            let provider = &target.provider;
+            let mut vectors: Vec<Vec<f32>> = Vec::with_capacity(req.input.len());
+            let mut tokens = 0u64;
+            for batch in batches(
+                &req.input,
+                provider.embed_batch_size,
+                provider.embed_batch_tokens,
+            ) {
+                let mut backoff = ExponentialBuilder::default()
+                    .with_min_delay(provider.retry.min_delay)
+                    .with_max_delay(provider.retry.max_delay)
+                    .with_max_times(provider.retry.max_retries)
+                    .with_jitter()
+                    .build();
+                loop {
+                    if Instant::now() >= deadline {
+                        timed_out = true;
+                        break 'targets;
+                    }
+                    if self.health.admit(&provider.name, &target.model) == Admission::Skip {
+                        skipped.push(format!("{}:{}", provider.name, target.model));
+                        continue 'targets;
+                    }
+                    let Ok(_permit) =
+                        tokio::time::timeout_at(deadline, provider.limiter.acquire()).await
+                    else {
+                        timed_out = true;
+                        break 'targets;
+                    };
+                    let number = attempts.len() as u32 + 1;
+                    let (record, result) =
+                        call(target, number, batch, req.dimensions, deadline).await;
+                    let health = match &result {
+                        Ok(_) => Ok(None),
+                        Err(e) => Err(e),
+                    };
+                    self.health.record(&provider.name, &target.model, health);
+                    attempts.push(record);
+                    let err = match result {
+                        Ok(embedded) => {
+                            tokens += attempts.last().map_or(0, |a| a.input_tokens);
+                            vectors.extend(embedded);
+                            break;
+                        }
+                        Err(e) => e,
+                    };
+                    if err.code == ErrorCode::Timeout {
+                        timed_out = true;
+                        break 'targets;
+                    }
+                    match err.disposition() {
+                        Disposition::Final => {
+                            let error = ErrorBody {
+                                code: err.code,
+                                message: format!(
+                                    "{}: {}",
+                                    provider.name,
+                                    provider.redact(&err.message)
+                                ),
+                                retryable: false,
+                            };
+                            return EmbedOutcome {
+                                attempts,
+                                result: Err(error),
+                            };
+                        }
+                        Disposition::Fallback => continue 'targets,
+                        Disposition::Retry => {
+                            let Some(delay) = backoff.next() else {
+                                continue 'targets;
+                            };
+                            let delay = delay.max(err.retry_after.unwrap_or(Duration::ZERO));
+                            if err.retry_after.is_some_and(|d| d > Duration::from_secs(60))
+                                || Instant::now() + delay >= deadline
+                            {
+                                continue 'targets;
+                            }
+                            tokio::time::sleep(delay).await;
+                        }
+                    }
+                }
+            }
+            // Every batch answered: check the vectors' size before accepting them.
+            let dims = vectors.first().map_or(0, Vec::len);
+            let uneven = vectors.iter().any(|v| v.len() != dims);
+            let first = targets
+                .first()
+                .map(|t| (t.provider.name.as_str(), t.model.as_str()));
+            let route_dims = first.and_then(|(p, m)| self.health.dimensions(p, m));
+            let problem = if uneven || dims == 0 {
+                Some(format!(
+                    "vectors of uneven or zero size from {}",
+                    provider.name
+                ))
+            } else if let Some(want) = expected.filter(|w| *w != dims) {
+                Some(format!("asked for {want} dimensions, got {dims}"))
+            } else if index > 0
+                && expected.is_none()
+                && !mixed_dimensions
+                && route_dims != Some(dims)
+            {
+                Some(match route_dims {
+                    Some(r) => format!(
+                        "the route's first entry returns {r} dimensions, this fallback {dims}"
+                    ),
+                    None => format!(
+                        "the fallback returns {dims} dimensions and the route's size is unknown (set options.dimensions or embed_mixed_dimensions)"
+                    ),
+                })
+            } else {
+                None
+            };
+            if let Some(message) = problem {
+                if let Some(last) = attempts.last_mut() {
+                    last.error = Some(ErrorBody {
+                        code: ErrorCode::DimensionMismatch,
+                        message,
+                        retryable: false,
+                    });
+                }
+                continue 'targets;
+            }
+            self.health
+                .record_dimensions(&provider.name, &target.model, dims);
+            return EmbedOutcome {
+                result: Ok(EmbedSuccess {
+                    attempt: attempts.len() as u32,
+                    provider: provider.name.clone(),
+                    model: target.model.clone(),
+                    vectors,
+                    input_tokens: tokens,
+                }),
+                attempts,
+            };
+        }
+        let error = chain_error(&attempts, &skipped, timed_out, targets.is_empty());
+        EmbedOutcome {
+            attempts,
+            result: Err(error),
+        }
+    }
+}
+
+/// One embedding request for one batch.
+async fn call(
+    target: &Target,
+    number: u32,
+    batch: &[String],
+    dimensions: Option<u32>,
+    deadline: Instant,
+) -> (AttemptRecord, Result<Vec<Vec<f32>>, ProviderError>) {
+    let provider = &target.provider;
+    let started_at = Utc::now();
+    let limit = (Instant::now() + provider.timeouts.first_token).min(deadline);
+    let result = match tokio::time::timeout_at(
+        limit,
+        provider.embed(&target.model, batch, dimensions),
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(_) if Instant::now() >= deadline => Err(ProviderError::new(
+            ErrorCode::Timeout,
+            "the job's deadline passed during the call",
+        )),
+        Err(_) => Err(ProviderError::new(
+            ErrorCode::FirstTokenTimeout,
+            "no answer within the first-token limit",
+        )),
+    };
+    let finished_at = Utc::now();
+    let (input_tokens, estimated, http_status) = match &result {
+        Ok(e) => match e.input_tokens {
+            Some(t) => (t, false, e.http_status),
+            None => (
+                batch.iter().map(|t| estimate_tokens(t)).sum(),
+                true,
+                e.http_status,
+            ),
+        },
+        Err(e) => (0, false, e.http_status),
+    };
+    let record = AttemptRecord {
+        attempt: number,
+        provider: provider.name.clone(),
+        model: target.model.clone(),
+        error: result.as_ref().err().map(|e| ErrorBody {
+            code: e.code,
+            message: provider.redact(&e.message),
+            retryable: e.disposition() == Disposition::Retry,
+        }),
+        input_tokens,
+        output_tokens: 0,
+        tokens_estimated: estimated,
+        cost_usd: None,
+        http_status,
+        latency_ms: elapsed_ms(started_at, finished_at),
+        ttft_ms: None,
+        started_at,
+        finished_at,
+    };
+    (record, result.map(|e| e.vectors))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_respect_input_count_and_token_limits_and_keep_order() {
+        let inputs: Vec<String> = ["a", "b", "c", "d", "e"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let sizes: Vec<usize> = batches(&inputs, 2, 1_000).iter().map(|b| b.len()).collect();
+        assert_eq!(sizes, [2, 2, 1]);
+        let flat: Vec<&String> = batches(&inputs, 2, 1_000).into_iter().flatten().collect();
+        assert_eq!(flat, inputs.iter().collect::<Vec<_>>());
+        let long: Vec<String> = vec!["x".repeat(40), "y".repeat(40), "z".repeat(4)];
+        let sizes: Vec<usize> = batches(&long, 100, 15).iter().map(|b| b.len()).collect();
+        assert_eq!(sizes, [1, 2], "10 + 10 tokens exceed 15; 10 + 1 do not");
+    }
+}
