@@ -4,7 +4,8 @@
 //!   scripts/services && cargo run --release --example bench_jobs
 //!
 //! Publishes N jobs to JetStream, waits for every `result` on the reply subject, then for every
-//! `llm_jobs` row; prints jobs/s for short non-streamed jobs and for streamed jobs (50 chunks).
+//! `llm_jobs` row; prints jobs/s for short non-streamed jobs, streamed jobs (50 chunks), and
+//! embedding jobs with 1 and 64 inputs of 768 dimensions (jobs/s and vectors/s).
 //! Uses NATS_URL / DATABASE_URL (defaults: local), unique stream names and a throw-away database.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -17,10 +18,12 @@ use llm_worker::config::Config;
 use llm_worker::testkit::{FakeProvider, Reply};
 use uuid::Uuid;
 
+/// `chunks` > 0: streamed generation; `embed_inputs` > 0: embedding jobs (768 dimensions).
 async fn scenario(
     name: &str,
     jobs: usize,
     chunks: usize,
+    embed_inputs: usize,
     nats_url: &str,
     db_url: &str,
 ) -> anyhow::Result<()> {
@@ -80,12 +83,24 @@ default_model = "m"
     let started = Instant::now();
     let publisher = {
         let js = js.clone();
-        let subject = config.nats.job_subject(llm_worker::job::JobKind::Generate);
+        let kind = if embed_inputs > 0 {
+            llm_worker::job::JobKind::Embed
+        } else {
+            llm_worker::job::JobKind::Generate
+        };
+        let subject = config.nats.job_subject(kind);
+        let inputs: Vec<String> = (0..embed_inputs)
+            .map(|i| format!("passage {i} of a retrieval corpus"))
+            .collect();
         tokio::spawn(async move {
             let mut acks = Vec::with_capacity(1000);
             for _ in 0..jobs {
                 let job_id = Uuid::now_v7();
-                let job = serde_json::json!({"job_id": job_id, "prompt": "Say something short.", "reply_to": reply_to, "stream": stream});
+                let job = if embed_inputs > 0 {
+                    serde_json::json!({"job_id": job_id, "input": inputs, "options": {"dimensions": 768}, "reply_to": reply_to})
+                } else {
+                    serde_json::json!({"job_id": job_id, "prompt": "Say something short.", "reply_to": reply_to, "stream": stream})
+                };
                 let publish = PublishMessage::build()
                     .payload(serde_json::to_vec(&job).unwrap().into())
                     .message_id(job_id.to_string());
@@ -126,11 +141,20 @@ default_model = "m"
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let recorded = started.elapsed().as_secs_f64();
-    println!(
-        "{name}: {jobs} jobs, {chunk_events} chunk events: {:.0} jobs/s answered, {:.0} jobs/s with usage rows committed",
-        jobs as f64 / answered,
-        jobs as f64 / recorded
-    );
+    if embed_inputs > 0 {
+        println!(
+            "{name}: {jobs} jobs: {:.0} jobs/s, {:.0} vectors/s answered; {:.0} jobs/s with usage rows committed",
+            jobs as f64 / answered,
+            (jobs * embed_inputs) as f64 / answered,
+            jobs as f64 / recorded
+        );
+    } else {
+        println!(
+            "{name}: {jobs} jobs, {chunk_events} chunk events: {:.0} jobs/s answered, {:.0} jobs/s with usage rows committed",
+            jobs as f64 / answered,
+            jobs as f64 / recorded
+        );
+    }
     running.shutdown().await;
     pool.close().await;
     let _ = js.delete_stream(&config.nats.jobs_stream).await;
@@ -146,11 +170,30 @@ async fn main() -> anyhow::Result<()> {
     let nats_url = std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
     let db_url = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    scenario("short non-streamed jobs", 20_000, 0, &nats_url, &db_url).await?;
+    scenario("short non-streamed jobs", 20_000, 0, 0, &nats_url, &db_url).await?;
     scenario(
         "streamed jobs, 50 chunks each",
         2_000,
         50,
+        0,
+        &nats_url,
+        &db_url,
+    )
+    .await?;
+    scenario(
+        "embedding jobs, 1 input x 768 dims",
+        5_000,
+        0,
+        1,
+        &nats_url,
+        &db_url,
+    )
+    .await?;
+    scenario(
+        "embedding jobs, 64 inputs x 768 dims",
+        300,
+        0,
+        64,
         &nats_url,
         &db_url,
     )

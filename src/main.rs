@@ -66,6 +66,13 @@ enum Command {
         /// Print the whole result event as JSON instead of the summary line.
         #[arg(long)]
         json: bool,
+        /// Submit an embedding job: the prompt argument is the one input, or stdin gives one
+        /// input per non-empty line. Prints each vector's size and first values.
+        #[arg(long)]
+        embed: bool,
+        /// Vector size to ask for (embedding jobs).
+        #[arg(long, requires = "embed")]
+        dimensions: Option<u32>,
     },
     /// Apply database migrations and exit.
     Migrate,
@@ -161,10 +168,45 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             no_stream,
             job,
             json,
+            embed,
+            dimensions,
         } => {
+            let kind = if embed {
+                JobKind::Embed
+            } else {
+                JobKind::Generate
+            };
             let job = match job {
                 Some(source) => serde_json::from_str(&read_source(&source)?)
                     .context("the job file is not valid JSON")?,
+                None if embed => {
+                    let input: Vec<String> = match prompt {
+                        Some(p) => vec![p],
+                        None => read_source("-")?
+                            .lines()
+                            .map(str::trim)
+                            .filter(|l| !l.is_empty())
+                            .map(str::to_string)
+                            .collect(),
+                    };
+                    let mut job = serde_json::json!({"input": input});
+                    let fields = [
+                        ("model", model.map(Into::into)),
+                        ("provider", provider.map(Into::into)),
+                        ("task_type", task_type.map(Into::into)),
+                        ("tenant", tenant.map(Into::into)),
+                        ("timeout_ms", timeout_ms.map(Into::into)),
+                    ];
+                    for (k, v) in fields {
+                        if let Some(v) = v {
+                            job[k] = v;
+                        }
+                    }
+                    if let Some(d) = dimensions {
+                        job["options"] = serde_json::json!({"dimensions": d});
+                    }
+                    job
+                }
                 None => {
                     let prompt = match prompt {
                         Some(p) => p,
@@ -191,7 +233,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             };
             let mut stdout = std::io::stdout();
-            let result = submit::submit(&config.nats, JobKind::Generate, job, &mut stdout).await?;
+            let result = submit::submit(&config.nats, kind, job, &mut stdout).await?;
+            if let Some(vectors) = result.embeddings.as_ref().filter(|_| !json) {
+                for (i, v) in vectors.iter().enumerate() {
+                    let head: Vec<String> = v.iter().take(4).map(|x| format!("{x:.4}")).collect();
+                    println!(
+                        "[{i}] {} dims: [{}{}]",
+                        v.len(),
+                        head.join(", "),
+                        if v.len() > 4 { ", ..." } else { "" }
+                    );
+                }
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&result)?);
             } else {

@@ -112,7 +112,7 @@ fn finish_output(
     if !streamed && let Some(text) = &result.output {
         write!(out, "{text}")?;
     }
-    if result.status == Status::Ok || streamed {
+    if (result.status == Status::Ok && result.embeddings.is_none()) || streamed {
         writeln!(out)?;
     }
     out.flush()?;
