@@ -228,13 +228,7 @@ impl Chain {
         let mut skipped: Vec<String> = Vec::new();
         let mut timed_out = false;
         'targets: for target in &targets {
-            let policy = &target.provider.retry;
-            let mut backoff = ExponentialBuilder::default()
-                .with_min_delay(policy.min_delay)
-                .with_max_delay(policy.max_delay)
-                .with_max_times(policy.max_retries)
-                .with_jitter()
-                .build();
+            let mut backoff = retry_delays(&target.provider);
             loop {
                 if Instant::now() >= deadline {
                     timed_out = true;
@@ -270,41 +264,18 @@ impl Chain {
                     }
                     Err(err) => err,
                 };
-                if err.code == ErrorCode::Timeout {
-                    timed_out = true;
-                    break 'targets;
-                }
-                match err.disposition() {
-                    Disposition::Final => {
-                        let error = ErrorBody {
-                            code: err.code,
-                            message: format!(
-                                "{}: {}",
-                                target.provider.name,
-                                target.provider.redact(&err.message)
-                            ),
-                            retryable: false,
-                        };
+                match next_step(&err, &mut backoff, &target.provider, deadline) {
+                    Next::RetryIn(delay) => tokio::time::sleep(delay).await,
+                    Next::Fallback => continue 'targets,
+                    Next::TimedOut => {
+                        timed_out = true;
+                        break 'targets;
+                    }
+                    Next::Fail(error) => {
                         return Outcome {
                             attempts,
                             result: Err(error),
                         };
-                    }
-                    Disposition::Fallback => continue 'targets,
-                    Disposition::Retry => {
-                        let Some(delay) = backoff.next() else {
-                            continue 'targets;
-                        };
-                        let hinted = err.retry_after.unwrap_or(Duration::ZERO);
-                        if hinted > MAX_RETRY_AFTER {
-                            continue 'targets;
-                        }
-                        let delay = delay.max(hinted);
-                        if Instant::now() + delay >= deadline {
-                            continue 'targets;
-                        }
-                        tracing::debug!(provider = %target.provider.name, ?delay, code = %err.code, "retrying");
-                        tokio::time::sleep(delay).await;
                     }
                 }
             }
@@ -313,6 +284,66 @@ impl Chain {
         Outcome {
             attempts,
             result: Err(error),
+        }
+    }
+}
+
+/// The backoff delays for retries on one provider (backon: exponential with jitter).
+pub(crate) fn retry_delays(provider: &Provider) -> impl Iterator<Item = Duration> + use<> {
+    let policy = &provider.retry;
+    ExponentialBuilder::default()
+        .with_min_delay(policy.min_delay)
+        .with_max_delay(policy.max_delay)
+        .with_max_times(policy.max_retries)
+        .with_jitter()
+        .build()
+}
+
+/// What the chain does after a failed call.
+pub(crate) enum Next {
+    /// Call the same entry again after this delay.
+    RetryIn(Duration),
+    /// Go to the next entry of the route.
+    Fallback,
+    /// The job's deadline has passed.
+    TimedOut,
+    /// End the job with this error.
+    Fail(ErrorBody),
+}
+
+/// The one retry decision, shared by generation and embeddings: the error's disposition says
+/// retry / fall back / final; retries wait for the backoff or the provider's hint if longer,
+/// and give way to the next entry when the hint is too long or the deadline too close.
+pub(crate) fn next_step(
+    err: &ProviderError,
+    backoff: &mut impl Iterator<Item = Duration>,
+    provider: &Provider,
+    deadline: Instant,
+) -> Next {
+    if err.code == ErrorCode::Timeout {
+        return Next::TimedOut;
+    }
+    match err.disposition() {
+        Disposition::Final => Next::Fail(ErrorBody {
+            code: err.code,
+            message: format!("{}: {}", provider.name, provider.redact(&err.message)),
+            retryable: false,
+        }),
+        Disposition::Fallback => Next::Fallback,
+        Disposition::Retry => {
+            let Some(delay) = backoff.next() else {
+                return Next::Fallback;
+            };
+            let hinted = err.retry_after.unwrap_or(Duration::ZERO);
+            if hinted > MAX_RETRY_AFTER {
+                return Next::Fallback;
+            }
+            let delay = delay.max(hinted);
+            if Instant::now() + delay >= deadline {
+                return Next::Fallback;
+            }
+            tracing::debug!(provider = %provider.name, ?delay, code = %err.code, "retrying");
+            Next::RetryIn(delay)
         }
     }
 }

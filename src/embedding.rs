@@ -11,13 +11,10 @@
 //! entry last produced in this process, or when the route is listed in
 //! `embed_mixed_dimensions`; otherwise the attempt ends as `dimension_mismatch`.
 
-use std::time::Duration;
-
-use backon::{BackoffBuilder, ExponentialBuilder};
 use chrono::Utc;
 use tokio::time::Instant;
 
-use crate::chain::{Chain, Target, chain_error};
+use crate::chain::{Chain, Next, Target, chain_error, next_step, retry_delays};
 use crate::error::{Disposition, ErrorCode, ProviderError};
 use crate::event::{AttemptRecord, ErrorBody, elapsed_ms};
 use crate::health::Admission;
@@ -86,12 +83,7 @@ impl Chain {
                 provider.embed_batch_size,
                 provider.embed_batch_tokens,
             ) {
-                let mut backoff = ExponentialBuilder::default()
-                    .with_min_delay(provider.retry.min_delay)
-                    .with_max_delay(provider.retry.max_delay)
-                    .with_max_times(provider.retry.max_retries)
-                    .with_jitter()
-                    .build();
+                let mut backoff = retry_delays(provider);
                 loop {
                     if Instant::now() >= deadline {
                         timed_out = true;
@@ -124,38 +116,18 @@ impl Chain {
                         }
                         Err(e) => e,
                     };
-                    if err.code == ErrorCode::Timeout {
-                        timed_out = true;
-                        break 'targets;
-                    }
-                    match err.disposition() {
-                        Disposition::Final => {
-                            let error = ErrorBody {
-                                code: err.code,
-                                message: format!(
-                                    "{}: {}",
-                                    provider.name,
-                                    provider.redact(&err.message)
-                                ),
-                                retryable: false,
-                            };
+                    match next_step(&err, &mut backoff, provider, deadline) {
+                        Next::RetryIn(delay) => tokio::time::sleep(delay).await,
+                        Next::Fallback => continue 'targets,
+                        Next::TimedOut => {
+                            timed_out = true;
+                            break 'targets;
+                        }
+                        Next::Fail(error) => {
                             return EmbedOutcome {
                                 attempts,
                                 result: Err(error),
                             };
-                        }
-                        Disposition::Fallback => continue 'targets,
-                        Disposition::Retry => {
-                            let Some(delay) = backoff.next() else {
-                                continue 'targets;
-                            };
-                            let delay = delay.max(err.retry_after.unwrap_or(Duration::ZERO));
-                            if err.retry_after.is_some_and(|d| d > Duration::from_secs(60))
-                                || Instant::now() + delay >= deadline
-                            {
-                                continue 'targets;
-                            }
-                            tokio::time::sleep(delay).await;
                         }
                     }
                 }
