@@ -59,11 +59,7 @@ impl Anthropic {
         let response = builder.send().await.map_err(|e| transport_error(&e))?;
         let status = response.status().as_u16();
         if !response.status().is_success() {
-            let retry_after = super::retry_after(response.headers());
-            let text = response.text().await.unwrap_or_default();
-            return Err(classify(status, &text)
-                .with_status(status)
-                .with_retry_after(retry_after));
+            return Err(super::http_error(response, classify).await);
         }
         let events = if req.stream {
             sse::decode(response, StreamDecoder::default())

@@ -88,11 +88,7 @@ impl Gemini {
         let response = builder.send().await.map_err(|e| transport_error(&e))?;
         let status = response.status().as_u16();
         if !response.status().is_success() {
-            let header_delay = super::retry_after(response.headers());
-            let text = response.text().await.unwrap_or_default();
-            let err = classify(status, &text).with_status(status);
-            let delay = err.retry_after.or(header_delay);
-            return Err(err.with_retry_after(delay));
+            return Err(super::http_error(response, classify).await);
         }
         let text = response
             .text()
@@ -134,11 +130,7 @@ impl Gemini {
         let response = builder.send().await.map_err(|e| transport_error(&e))?;
         let status = response.status().as_u16();
         if !response.status().is_success() {
-            let header_delay = super::retry_after(response.headers());
-            let text = response.text().await.unwrap_or_default();
-            let err = classify(status, &text).with_status(status);
-            let delay = err.retry_after.or(header_delay);
-            return Err(err.with_retry_after(delay));
+            return Err(super::http_error(response, classify).await);
         }
         let events = if req.stream {
             sse::decode(response, StreamDecoder::default())

@@ -314,6 +314,21 @@ pub fn estimate_request_tokens(req: &GenerateRequest) -> u64 {
     n
 }
 
+/// An HTTP error response as a [`ProviderError`]: the provider's own `classify` reads the body;
+/// the status is attached, and the retry hint from the body (Gemini's `RetryInfo`) or else from
+/// the headers.
+pub(crate) async fn http_error(
+    response: reqwest::Response,
+    classify: fn(u16, &str) -> ProviderError,
+) -> ProviderError {
+    let status = response.status().as_u16();
+    let header_delay = retry_after(response.headers());
+    let body = response.text().await.unwrap_or_default();
+    let err = classify(status, &body).with_status(status);
+    let delay = err.retry_after.or(header_delay);
+    err.with_retry_after(delay)
+}
+
 /// Parse `retry-after-ms`, then `retry-after` (seconds or an HTTP date).
 pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     let get = |name: &str| {

@@ -59,11 +59,7 @@ impl Ollama {
             .map_err(|e| transport_error(&e))?;
         let status = response.status().as_u16();
         if !response.status().is_success() {
-            let retry_after = super::retry_after(response.headers());
-            let text = response.text().await.unwrap_or_default();
-            return Err(classify(status, &text)
-                .with_status(status)
-                .with_retry_after(retry_after));
+            return Err(super::http_error(response, classify).await);
         }
         let text = response
             .text()
@@ -101,11 +97,7 @@ impl Ollama {
             .map_err(|e| transport_error(&e))?;
         let status = response.status().as_u16();
         if !response.status().is_success() {
-            let retry_after = super::retry_after(response.headers());
-            let text = response.text().await.unwrap_or_default();
-            return Err(classify(status, &text)
-                .with_status(status)
-                .with_retry_after(retry_after));
+            return Err(super::http_error(response, classify).await);
         }
         Ok(Call {
             http_status: Some(status),

@@ -57,7 +57,7 @@ impl OpenAi {
         let response = builder.send().await.map_err(|e| transport_error(&e))?;
         let status = response.status().as_u16();
         if !response.status().is_success() {
-            return Err(Self::http_error(response).await);
+            return Err(super::http_error(response, classify_error_body).await);
         }
         let events = if req.stream {
             sse::decode(response, StreamDecoder::default())
@@ -93,7 +93,7 @@ impl OpenAi {
         let response = builder.send().await.map_err(|e| transport_error(&e))?;
         let status = response.status().as_u16();
         if !response.status().is_success() {
-            return Err(Self::http_error(response).await);
+            return Err(super::http_error(response, classify_error_body).await);
         }
         let text = response
             .text()
@@ -121,16 +121,6 @@ impl OpenAi {
             input_tokens: parsed.usage.map(|u| u.prompt_tokens),
             http_status: Some(status),
         })
-    }
-
-    async fn http_error(response: reqwest::Response) -> ProviderError {
-        let status = response.status().as_u16();
-        let retry_after = super::retry_after(response.headers());
-        let body = response.text().await.unwrap_or_default();
-        // Redaction of keys from the message happens in the chain, for every provider.
-        classify_error_body(status, &body)
-            .with_status(status)
-            .with_retry_after(retry_after)
     }
 }
 
