@@ -93,7 +93,7 @@ enum Command {
         #[arg(long)]
         tenant: Option<String>,
     },
-    /// Serve a fake OpenAI-compatible API (for demos and benchmarks only).
+    /// Serve a fake provider API: OpenAI, Anthropic, Gemini and Ollama routes (demos and benchmarks only).
     FakeOpenai {
         #[arg(long, default_value = "127.0.0.1:8089")]
         listen: String,
