@@ -42,7 +42,7 @@ impl Replies {
     pub fn chunks(&self, job_id: Uuid, trace_id: &str, reply_to: Option<&str>) -> ChunkPublisher {
         ChunkPublisher {
             client: self.client.clone(),
-            subject: reply_to.map(str::to_string),
+            subject: reply_to.map(async_nats::Subject::from),
             job_id,
             trace_id: trace_id.to_string(),
             seq: 0,
@@ -126,18 +126,12 @@ impl Replies {
 /// Publishes `chunk` events with contiguous `seq` for one job.
 pub struct ChunkPublisher {
     client: async_nats::Client,
-    subject: Option<String>,
+    /// Cheap to clone (shared bytes): one clone per published chunk.
+    subject: Option<async_nats::Subject>,
     job_id: Uuid,
     trace_id: String,
     seq: u64,
     failed: bool,
-}
-
-impl ChunkPublisher {
-    /// Chunks published so far.
-    pub fn published(&self) -> u64 {
-        self.seq
-    }
 }
 
 impl DeltaSink for ChunkPublisher {

@@ -64,9 +64,7 @@ impl Anthropic {
         let events = if req.stream {
             sse::decode(response, StreamDecoder::default())
         } else {
-            let text = response.text().await.map_err(|e| {
-                ProviderError::new(ErrorCode::Truncated, format!("reading body: {e}"))
-            })?;
+            let text = super::read_body(response).await?;
             Box::pin(futures::stream::iter(parse_message(&text)))
         };
         Ok(Call {

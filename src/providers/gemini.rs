@@ -90,10 +90,7 @@ impl Gemini {
         if !response.status().is_success() {
             return Err(super::http_error(response, classify).await);
         }
-        let text = response
-            .text()
-            .await
-            .map_err(|e| ProviderError::new(ErrorCode::Truncated, format!("reading body: {e}")))?;
+        let text = super::read_body(response).await?;
         #[derive(serde::Deserialize)]
         struct Values {
             values: Vec<f32>,
@@ -135,9 +132,7 @@ impl Gemini {
         let events = if req.stream {
             sse::decode(response, StreamDecoder::default())
         } else {
-            let text = response.text().await.map_err(|e| {
-                ProviderError::new(ErrorCode::Truncated, format!("reading body: {e}"))
-            })?;
+            let text = super::read_body(response).await?;
             let mut d = StreamDecoder::default();
             let events = match serde_json::from_str::<Value>(&text) {
                 Ok(v) => match d.response(&v) {

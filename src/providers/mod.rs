@@ -329,6 +329,14 @@ pub(crate) async fn http_error(
     err.with_retry_after(delay)
 }
 
+/// A whole (non-streamed) response body; a body that breaks off is a truncated answer.
+pub(crate) async fn read_body(response: reqwest::Response) -> Result<String, ProviderError> {
+    response
+        .text()
+        .await
+        .map_err(|e| ProviderError::new(ErrorCode::Truncated, format!("reading body: {e}")))
+}
+
 /// Parse `retry-after-ms`, then `retry-after` (seconds or an HTTP date).
 pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     let get = |name: &str| {

@@ -61,10 +61,7 @@ impl Ollama {
         if !response.status().is_success() {
             return Err(super::http_error(response, classify).await);
         }
-        let text = response
-            .text()
-            .await
-            .map_err(|e| ProviderError::new(ErrorCode::Truncated, format!("reading body: {e}")))?;
+        let text = super::read_body(response).await?;
         #[derive(serde::Deserialize)]
         struct Body {
             embeddings: Vec<Vec<f32>>,

@@ -62,9 +62,7 @@ impl OpenAi {
         let events = if req.stream {
             sse::decode(response, StreamDecoder::default())
         } else {
-            let text = response.text().await.map_err(|e| {
-                ProviderError::new(ErrorCode::Truncated, format!("reading body: {e}"))
-            })?;
+            let text = super::read_body(response).await?;
             let events = parse_completion(&text);
             Box::pin(futures::stream::iter(events))
         };
@@ -95,10 +93,7 @@ impl OpenAi {
         if !response.status().is_success() {
             return Err(super::http_error(response, classify_error_body).await);
         }
-        let text = response
-            .text()
-            .await
-            .map_err(|e| ProviderError::new(ErrorCode::Truncated, format!("reading body: {e}")))?;
+        let text = super::read_body(response).await?;
         #[derive(Deserialize)]
         struct Item {
             index: usize,
