@@ -14,17 +14,9 @@ use llm_worker::providers::fake::fake_vector;
 use llm_worker::testkit::{FakeProvider, Reply};
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, collect_reply};
+use crate::helpers::{TestApp, collect_reply, provider_base_url};
 
 const EMBEDDERS: [&str; 3] = ["openai", "gemini", "ollama"];
-
-fn base(kind: &str, fake: &FakeProvider) -> String {
-    if kind == "openai" {
-        fake.base_url()
-    } else {
-        fake.root_url()
-    }
-}
 
 fn section(name: &str, kind: &str, base: &str, extra: &str) -> String {
     format!(
@@ -81,7 +73,7 @@ fn texts(n: usize) -> Vec<String> {
 async fn every_provider_returns_vectors_in_input_order_with_usage() {
     for kind in EMBEDDERS {
         let fake = FakeProvider::start().await.unwrap();
-        let chain = chain(&section("p", kind, &base(kind, &fake), ""));
+        let chain = chain(&section("p", kind, &provider_base_url(kind, &fake), ""));
         let inputs = texts(5);
         let o = run(
             &chain,
@@ -116,7 +108,7 @@ async fn a_batch_larger_than_the_provider_limit_is_split_and_reassembled_in_orde
         let chain = chain(&section(
             "p",
             kind,
-            &base(kind, &fake),
+            &provider_base_url(kind, &fake),
             "embed_batch_size = 2",
         ));
         let inputs = texts(5);
@@ -146,7 +138,7 @@ async fn a_429_is_retried_and_then_succeeds() {
             body: r#"{"error":{"message":"slow down"}}"#.into(),
             headers: vec![("retry-after-ms".into(), "200".into())],
         });
-        let chain = chain(&section("p", kind, &base(kind, &fake), ""));
+        let chain = chain(&section("p", kind, &provider_base_url(kind, &fake), ""));
         let started = std::time::Instant::now();
         let o = run(&chain, json!({"input": ["a"]}), false).await;
         assert!(o.result.is_ok(), "{kind}: {:?}", o.result);

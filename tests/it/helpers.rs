@@ -116,6 +116,16 @@ url = "{db_url}"
     Config::from_toml(&toml).unwrap()
 }
 
+/// The base URL a provider of `kind` uses to reach the fake server: the OpenAI SDK convention
+/// (`.../v1`) for `openai`, the server root for the others.
+pub fn provider_base_url(kind: &str, fake: &llm_worker::testkit::FakeProvider) -> String {
+    if kind == "openai" {
+        fake.base_url()
+    } else {
+        fake.root_url()
+    }
+}
+
 /// An OpenAI-type provider section pointing at a fake server, with fast retries.
 pub fn openai_provider(name: &str, base_url: &str, model: &str) -> String {
     format!(

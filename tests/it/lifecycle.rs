@@ -182,14 +182,12 @@ async fn a_job_still_running_when_the_grace_period_ends_is_handed_to_another_wor
     );
     app.workers.pop().unwrap().shutdown().await;
 
-    app.start_worker_with(roles, |_| {}).await;
+    app.start_worker_with(roles, |c| c.worker.id = Some("successor".into()))
+        .await;
     let reply = collect_reply(&mut sub).await;
     assert_eq!(reply.result["status"], "ok");
     assert_eq!(reply.result["output"], "second worker");
-    assert_eq!(
-        reply.result["worker_id"], "worker-1",
-        "the second worker (index restarts after pop)"
-    );
+    assert_eq!(reply.result["worker_id"], "successor");
     assert_eq!(fake.request_count(), 2);
     app.teardown().await;
 }

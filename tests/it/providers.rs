@@ -13,15 +13,9 @@ use llm_worker::providers::Registry;
 use llm_worker::testkit::{FakeProvider, Reply};
 use serde_json::{Value, json};
 
-const FLAVORS: [&str; 4] = ["openai", "anthropic", "gemini", "ollama"];
+use crate::helpers::provider_base_url;
 
-fn base(kind: &str, fake: &FakeProvider) -> String {
-    if kind == "openai" {
-        fake.base_url()
-    } else {
-        fake.root_url()
-    }
-}
+const FLAVORS: [&str; 4] = ["openai", "anthropic", "gemini", "ollama"];
 
 /// A provider section with fast test defaults; `extra` lines (`key = value`) override them.
 fn section(name: &str, kind: &str, base: &str, model: &str, extra: &str) -> String {
@@ -65,16 +59,14 @@ fn job(v: Value) -> Job {
         stream: "S",
         stream_sequence: 1,
     };
-    *Box::new(
-        job::decode(
-            JobKind::Generate,
-            v.to_string().as_bytes(),
-            &fb,
-            &limits,
-            &|_| true,
-        )
-        .unwrap(),
+    job::decode(
+        JobKind::Generate,
+        v.to_string().as_bytes(),
+        &fb,
+        &limits,
+        &|_| true,
     )
+    .unwrap()
 }
 
 #[derive(Default)]
@@ -106,7 +98,13 @@ fn codes(o: &Outcome) -> Vec<Option<ErrorCode>> {
 
 async fn single(kind: &str) -> (FakeProvider, Chain) {
     let fake = FakeProvider::start().await.unwrap();
-    let (chain, _) = chain(&section("p", kind, &base(kind, &fake), "m", ""));
+    let (chain, _) = chain(&section(
+        "p",
+        kind,
+        &provider_base_url(kind, &fake),
+        "m",
+        "",
+    ));
     (fake, chain)
 }
 
@@ -339,11 +337,17 @@ async fn two(
         section(
             "primary",
             primary,
-            &base(primary, &p),
+            &provider_base_url(primary, &p),
             "model-a",
             extra_primary
         ),
-        section("backup", backup, &base(backup, &b), "unused", ""),
+        section(
+            "backup",
+            backup,
+            &provider_base_url(backup, &b),
+            "unused",
+            ""
+        ),
     );
     let (chain, health) = chain(&toml);
     (p, b, chain, health)
