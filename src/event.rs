@@ -68,7 +68,9 @@ pub struct AttemptRecord {
     pub latency_ms: u64,
     /// Time to the first text, when there was any.
     pub ttft_ms: Option<u64>,
+    #[serde(serialize_with = "timestamp")]
     pub started_at: DateTime<Utc>,
+    #[serde(serialize_with = "timestamp")]
     pub finished_at: DateTime<Utc>,
 }
 
@@ -109,7 +111,9 @@ pub struct ResultEvent {
     #[serde(default)]
     pub metadata: serde_json::Value,
     pub worker_id: String,
+    #[serde(serialize_with = "timestamp")]
     pub received_at: DateTime<Utc>,
+    #[serde(serialize_with = "timestamp")]
     pub finished_at: DateTime<Utc>,
 }
 
@@ -151,6 +155,12 @@ impl ResultEvent {
     }
 }
 
+/// The same RFC 3339 text as chrono's own `Serialize` (`AutoSi`, `Z`), formatted in one piece:
+/// chrono's impl feeds serde_json one character at a time, a visible cost on the hot path.
+fn timestamp<S: serde::Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
+}
+
 pub fn elapsed_ms(from: DateTime<Utc>, to: DateTime<Utc>) -> u64 {
     u64::try_from((to - from).num_milliseconds()).unwrap_or(0)
 }
@@ -178,5 +188,20 @@ mod tests {
             serde_json::json!({"type":"chunk","job_id":id,"trace_id":"t","seq":0,"attempt":1,
                 "provider":"p","model":"m","delta":"Hel"})
         );
+    }
+
+    #[test]
+    fn timestamps_serialize_exactly_like_chrono() {
+        use chrono::TimeZone;
+        let base = Utc.with_ymd_and_hms(2026, 11, 22, 7, 21, 33).unwrap();
+        for nanos in [0, 120_000_000, 123_456_000, 123_456_789, 1] {
+            let t = base + chrono::Duration::nanoseconds(nanos);
+            let mut ours = serde_json::Serializer::new(Vec::new());
+            timestamp(&t, &mut ours).unwrap();
+            assert_eq!(
+                String::from_utf8(ours.into_inner()).unwrap(),
+                serde_json::to_string(&t).unwrap()
+            );
+        }
     }
 }

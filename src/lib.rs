@@ -22,9 +22,11 @@
 //!   [`pricing`]: prices and cost.
 //! - [`health`]: circuit breakers and latency per provider; [`status`]: health over NATS.
 //! - [`app`]: start-up and graceful shutdown. [`submit`]: the client side of `llm-worker submit`.
-//! - [`testkit`]: a fake OpenAI-compatible server for tests, demos and benchmarks.
+//! - [`testkit`]: a fake OpenAI-compatible server for tests, demos and benchmarks;
+//!   [`bench`]: `llm-worker bench`, the end-to-end benchmark.
 
 pub mod app;
+pub mod bench;
 pub mod chain;
 pub mod config;
 pub mod embedding;

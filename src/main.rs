@@ -93,12 +93,39 @@ enum Command {
         #[arg(long)]
         tenant: Option<String>,
     },
+    /// Benchmark the worker end to end against the local NATS and Postgres, with a fake
+    /// provider over HTTP, and print a table (see the README's Benchmarks section).
+    Bench {
+        /// Smaller counts and shorter phases (noisier figures).
+        #[arg(long)]
+        quick: bool,
+        /// Run only these scenarios (comma separated).
+        #[arg(long, value_enum, value_delimiter = ',')]
+        only: Vec<llm_worker::bench::Scenario>,
+        /// Concurrent slow streams in the concurrency scenario.
+        #[arg(long, default_value_t = 5000)]
+        streams: usize,
+        /// Length of each slow stream in seconds (a token every 100 ms).
+        #[arg(long, default_value_t = 20)]
+        stream_secs: u64,
+        /// `worker.max_in_flight` of the single-worker scenarios (and the bare pipeline).
+        #[arg(long, default_value_t = 256)]
+        max_in_flight: usize,
+        /// Short jobs in the throughput and ceiling runs (default 20,000; 5,000 with --quick).
+        #[arg(long)]
+        jobs: Option<usize>,
+    },
     /// Serve a fake provider API: OpenAI, Anthropic, Gemini and Ollama routes (demos and benchmarks only).
     FakeOpenai {
         #[arg(long, default_value = "127.0.0.1:8089")]
         listen: String,
     },
 }
+
+/// mimalloc instead of the system allocator: a job allocates many small short-lived buffers
+/// (JSON, NATS messages, HTTP); glibc malloc took ~15% of the worker's CPU in `bench`.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -311,6 +338,35 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                 }
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            quick,
+            only,
+            streams,
+            stream_secs,
+            max_in_flight,
+            jobs,
+        } => {
+            let database_url = config
+                .database
+                .url
+                .as_ref()
+                .context("the benchmark needs DATABASE_URL (or database.url)")?;
+            let target = llm_worker::bench::Target {
+                nats_url: config.nats.url.clone(),
+                database_url: secrecy::ExposeSecret::expose_secret(database_url).to_string(),
+                worker_exe: std::env::current_exe().context("locating the llm-worker binary")?,
+            };
+            let options = llm_worker::bench::Options {
+                only,
+                quick,
+                streams,
+                stream_secs,
+                max_in_flight,
+                jobs,
+            };
+            llm_worker::bench::run(&target, &options).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::FakeOpenai { .. } => Ok(ExitCode::SUCCESS),

@@ -77,11 +77,29 @@ impl Reply {
     }
 }
 
-#[derive(Default)]
 struct Script {
     queue: VecDeque<Reply>,
     default: Option<Reply>,
     requests: Vec<serde_json::Value>,
+    /// Keep request bodies (tests assert on them; benchmarks turn this off).
+    record: bool,
+    /// Delay before every generation response (the provider's time to first byte).
+    latency: Duration,
+    /// When on: (last message content, time spent in the handler) per generation request.
+    timings: Option<Vec<(String, Duration)>>,
+}
+
+impl Default for Script {
+    fn default() -> Self {
+        Self {
+            queue: VecDeque::new(),
+            default: None,
+            requests: Vec::new(),
+            record: true,
+            latency: Duration::ZERO,
+            timings: None,
+        }
+    }
 }
 
 /// A running fake server; stops when dropped.
@@ -152,6 +170,34 @@ impl FakeProvider {
         if let Ok(mut s) = self.script.lock() {
             s.default = Some(reply);
         }
+    }
+
+    /// Wait this long before answering any generation request (models the provider's latency
+    /// to the response headers; `chunk_delay` paces a stream after that).
+    pub fn set_latency(&self, latency: Duration) {
+        if let Ok(mut s) = self.script.lock() {
+            s.latency = latency;
+        }
+    }
+
+    /// Benchmarks: keep no request bodies, and instead (when `timings`) the handler time of
+    /// each generation request keyed by its last message's content, so a benchmark can
+    /// subtract the fake's own latency per job.
+    pub fn bench_mode(&self, timings: bool) {
+        if let Ok(mut s) = self.script.lock() {
+            s.record = false;
+            s.requests = Vec::new();
+            s.timings = timings.then(Vec::new);
+        }
+    }
+
+    /// The handler times recorded since [`FakeProvider::bench_mode`] (drained).
+    pub fn take_timings(&self) -> Vec<(String, Duration)> {
+        self.script
+            .lock()
+            .ok()
+            .and_then(|mut s| s.timings.as_mut().map(std::mem::take))
+            .unwrap_or_default()
     }
 
     /// Request bodies received so far.
@@ -265,7 +311,9 @@ async fn embed(script: Arc<Mutex<Script>>, flavor: Flavor, body: &[u8]) -> Respo
     };
     let reply = match script.lock() {
         Ok(mut s) => {
-            s.requests.push(request);
+            if s.record {
+                s.requests.push(request);
+            }
             s.queue.pop_front().or_else(|| s.default.clone())
         }
         Err(_) => None,
@@ -310,6 +358,7 @@ async fn serve(
     gemini: Option<(String, bool)>,
     body: &[u8],
 ) -> Response<Body> {
+    let started = std::time::Instant::now();
     let request: serde_json::Value =
         serde_json::from_slice(body).unwrap_or(serde_json::Value::Null);
     let (model, stream) = match gemini {
@@ -323,17 +372,42 @@ async fn serve(
             (model, stream)
         }
     };
-    let reply = match script.lock() {
+    let timed = script.lock().is_ok_and(|s| s.timings.is_some());
+    let key = if timed {
+        request["messages"]
+            .as_array()
+            .and_then(|m| m.last())
+            .and_then(|m| m["content"].as_str())
+            .unwrap_or_default()
+            .to_string()
+    } else {
+        String::new()
+    };
+    let (reply, latency) = match script.lock() {
         Ok(mut s) => {
-            s.requests.push(request);
-            s.queue
+            if s.record {
+                s.requests.push(request);
+            }
+            let reply = s
+                .queue
                 .pop_front()
                 .or_else(|| s.default.clone())
-                .unwrap_or_else(default_reply)
+                .unwrap_or_else(default_reply);
+            (reply, s.latency)
         }
-        Err(_) => default_reply(),
+        Err(_) => (default_reply(), Duration::ZERO),
     };
-    render(flavor, reply, stream, &model).await
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+    let response = render(flavor, reply, stream, &model).await;
+    if timed && let Ok(mut s) = script.lock() {
+        let took = started.elapsed();
+        if let Some(t) = s.timings.as_mut() {
+            t.push((key, took));
+        }
+    }
+    response
 }
 
 fn sse(data: &str) -> Bytes {

@@ -273,7 +273,7 @@ impl Worker {
                 result.model_used = Some(success.model);
                 result.provider = Some(success.provider);
                 result.attempt = Some(success.attempt);
-                tracing::info!(attempts = attempts.len(), "job done");
+                tracing::debug!(attempts = attempts.len(), "job done");
             }
             Ok(Answer::Vectors(success)) => {
                 result.status = Status::Ok;
@@ -283,7 +283,7 @@ impl Worker {
                 result.model_used = Some(success.model);
                 result.provider = Some(success.provider);
                 result.attempt = Some(success.attempt);
-                tracing::info!(attempts = attempts.len(), "embedding job done");
+                tracing::debug!(attempts = attempts.len(), "embedding job done");
             }
             Err(error) => {
                 tracing::warn!(code = %error.code, message = %error.message, "job failed");

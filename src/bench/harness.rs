@@ -1,0 +1,234 @@
+//! A throw-away deployment for one benchmark scenario: unique stream, subject and consumer
+//! names, a fresh database, and worker *processes* (this binary's `run`, so a figure is one
+//! real worker process and its peak RSS can be read from `/proc`). Everything is removed
+//! again by [`Deployment::teardown`]; worker logs are kept when a scenario fails.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::config::{Config, NatsConfig};
+use crate::job::JobKind;
+
+/// Where the benchmark runs: the servers and the worker executable.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub nats_url: String,
+    pub database_url: String,
+    /// The `llm-worker` binary started as worker processes.
+    pub worker_exe: PathBuf,
+}
+
+pub struct Deployment {
+    pub nats: NatsConfig,
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+    /// The deployment's own database (usage rows land here).
+    pub pool: PgPool,
+    admin: PgPool,
+    db_name: String,
+    dir: PathBuf,
+    config_path: PathBuf,
+    worker_exe: PathBuf,
+    workers: Vec<tokio::process::Child>,
+}
+
+impl Deployment {
+    /// Create the database and write a worker config whose providers and `[worker]` settings
+    /// come from `extra_toml`.
+    pub async fn new(target: &Target, extra_toml: &str) -> anyhow::Result<Self> {
+        let id = Uuid::new_v4().simple().to_string()[..10].to_string();
+        let admin = PgPool::connect(&target.database_url)
+            .await
+            .context("connecting to Postgres (DATABASE_URL)")?;
+        let db_name = format!("llmw_bench_{id}");
+        sqlx::query(&format!("CREATE DATABASE {db_name}"))
+            .execute(&admin)
+            .await?;
+        let base = target
+            .database_url
+            .rsplit_once('/')
+            .map_or(target.database_url.as_str(), |(b, _)| b);
+        let db_url = format!("{base}/{db_name}");
+        let toml = format!(
+            r#"
+[nats]
+url = "{nats}"
+subject_prefix = "bench{id}"
+jobs_stream = "BENCH_JOBS_{id}"
+results_stream = "BENCH_RESULTS_{id}"
+consumer_prefix = "bench{id}"
+[database]
+url = "{db_url}"
+{extra_toml}
+"#,
+            nats = target.nats_url
+        );
+        let config = Config::from_toml(&toml).context("benchmark worker config")?;
+        let dir = std::env::temp_dir().join(format!("llm-worker-bench-{id}"));
+        std::fs::create_dir_all(&dir)?;
+        let config_path = dir.join("worker.toml");
+        std::fs::write(&config_path, &toml)?;
+        let client = async_nats::ConnectOptions::new()
+            .subscription_capacity(1 << 20)
+            .connect(target.nats_url.as_str())
+            .await
+            .with_context(|| format!("connecting to NATS at {}", target.nats_url))?;
+        let js = jetstream::new(client.clone());
+        crate::queue::ensure_streams(&js, &config.nats).await?;
+        let pool = PgPool::connect(&db_url).await?;
+        crate::usage::migrate(&pool).await?;
+        Ok(Self {
+            nats: config.nats,
+            client,
+            js,
+            pool,
+            admin,
+            db_name,
+            dir,
+            config_path,
+            worker_exe: target.worker_exe.clone(),
+            workers: Vec::new(),
+        })
+    }
+
+    /// Start one more worker process and wait until it answers status requests and the job
+    /// consumer exists.
+    pub async fn spawn_worker(&mut self) -> anyhow::Result<()> {
+        let n = self.workers.len() + 1;
+        let id = format!("bench-worker-{n}");
+        let log = std::fs::File::create(self.dir.join(format!("{id}.log")))?;
+        let child = tokio::process::Command::new(&self.worker_exe)
+            .arg("--config")
+            .arg(&self.config_path)
+            .arg("run")
+            .env("LLM_WORKER__WORKER__ID", &id)
+            // The config file names the servers: environment overrides must not redirect it.
+            .env_remove("NATS_URL")
+            .env_remove("DATABASE_URL")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", self.worker_exe.display()))?;
+        self.workers.push(child);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let answers =
+                crate::status::collect(&self.client, &self.nats, Duration::from_millis(200))
+                    .await
+                    .map_err(|e| anyhow::anyhow!("status request: {e}"))?;
+            let consumer = format!(
+                "{}-{}",
+                self.nats.consumer_prefix,
+                JobKind::Generate.as_str()
+            );
+            let ready = answers.iter().any(|w| w.worker_id == id)
+                && self
+                    .js
+                    .get_stream_no_info(&self.nats.jobs_stream)
+                    .await?
+                    .consumer_info(&consumer)
+                    .await
+                    .is_ok();
+            if ready {
+                return Ok(());
+            }
+            if let Some(w) = self.workers.last_mut()
+                && let Ok(Some(status)) = w.try_wait()
+            {
+                anyhow::bail!("{id} exited with {status}; see {}", self.dir.display());
+            }
+            if tokio::time::Instant::now() > deadline {
+                anyhow::bail!("{id} not ready within 30 s; see {}", self.dir.display());
+            }
+        }
+    }
+
+    /// Peak resident memory of worker `i` (0-based) so far, in bytes (Linux `VmHWM`).
+    pub fn peak_rss(&self, i: usize) -> Option<u64> {
+        let pid = self.workers.get(i)?.id()?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb * 1024)
+    }
+
+    /// CPU time (user + system) worker `i` has used so far.
+    pub fn cpu_time(&self, i: usize) -> Option<Duration> {
+        let pid = self.workers.get(i)?.id()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+        let rest = stat.rsplit_once(')')?.1;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 =
+            fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+        // USER_HZ is 100 on Linux for every architecture we run on.
+        Some(Duration::from_millis(ticks * 10))
+    }
+
+    pub fn job_subject(&self) -> String {
+        self.nats.job_subject(JobKind::Generate)
+    }
+
+    /// Wait until `llm_jobs` holds `n` rows; returns false after `timeout`.
+    pub async fn wait_rows(&self, n: usize, timeout: Duration) -> anyhow::Result<bool> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM llm_jobs")
+                .fetch_one(&self.pool)
+                .await?;
+            if rows as usize >= n {
+                return Ok(true);
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Ok(false);
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// Deliveries by the generation consumer (redeliveries included) and its ack floor.
+    pub async fn deliveries(&self) -> anyhow::Result<(u64, u64)> {
+        let consumer = format!(
+            "{}-{}",
+            self.nats.consumer_prefix,
+            JobKind::Generate.as_str()
+        );
+        let info = self
+            .js
+            .get_stream_no_info(&self.nats.jobs_stream)
+            .await?
+            .consumer_info(&consumer)
+            .await?;
+        Ok((
+            info.delivered.consumer_sequence,
+            info.ack_floor.consumer_sequence,
+        ))
+    }
+
+    /// Stop the workers and remove the streams, the database and (on success) the logs.
+    pub async fn teardown(mut self, keep_logs: bool) {
+        for w in &mut self.workers {
+            let _ = w.start_kill();
+            let _ = w.wait().await;
+        }
+        let _ = self.js.delete_stream(&self.nats.jobs_stream).await;
+        let _ = self.js.delete_stream(&self.nats.results_stream).await;
+        self.pool.close().await;
+        let _ = sqlx::query(&format!("DROP DATABASE {} WITH (FORCE)", self.db_name))
+            .execute(&self.admin)
+            .await;
+        if keep_logs {
+            eprintln!("worker logs kept in {}", self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}

@@ -1,0 +1,560 @@
+//! `llm-worker bench`: end-to-end figures for one worker process and a small fleet, against
+//! the local NATS and Postgres, with the fake provider served over HTTP on loopback (so the
+//! worker's HTTP client path is included). Prints a table (Markdown) of:
+//!
+//! 1. throughput: short non-streamed jobs and 50-chunk streamed jobs, publish -> result
+//!    received -> every `llm_jobs` row committed;
+//! 2. overhead latency at a fixed 1,000 jobs/s: (result received - job published) minus the
+//!    fake provider's own time for that job, and the same for the first chunk;
+//! 3. the ceiling: a bare pipeline doing only each job's I/O ([`pipeline`]), and the worker's
+//!    throughput as a ratio of it;
+//! 4. concurrency: thousands of slow streams in one worker: peak RSS, redeliveries;
+//! 5. scaling: 1, 2, 3 worker processes against a latency-bound provider.
+//!
+//! The benchmark only speaks the contract to the workers (JetStream jobs, reply events, SQL
+//! rows). Workers are child processes of this binary; the fake provider, the client and the
+//! bare pipeline run in this process, and everything shares the machine's cores.
+
+mod harness;
+mod load;
+mod pipeline;
+
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+
+use crate::testkit::{FakeProvider, Reply};
+use harness::Deployment;
+pub use harness::Target;
+use load::{Collector, Pace, Received, percentile};
+
+/// The scenarios, in the order they run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    Throughput,
+    Latency,
+    Ceiling,
+    Concurrency,
+    Scaling,
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Scenarios to run (all when empty).
+    pub only: Vec<Scenario>,
+    /// Smaller counts and shorter phases, for a quick look (figures are noisier).
+    pub quick: bool,
+    /// Concurrent slow streams in the concurrency scenario.
+    pub streams: usize,
+    /// How long each slow stream lasts (one token every 100 ms).
+    pub stream_secs: u64,
+    /// `worker.max_in_flight` of the single-worker scenarios.
+    pub max_in_flight: usize,
+    /// Short jobs in the throughput and ceiling runs (default 20,000; 5,000 when quick).
+    pub jobs: Option<usize>,
+}
+
+/// One line of the result table.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub scenario: String,
+    pub result: String,
+    pub target: String,
+}
+
+fn row(scenario: impl Into<String>, result: impl Into<String>, target: impl Into<String>) -> Row {
+    Row {
+        scenario: scenario.into(),
+        result: result.into(),
+        target: target.into(),
+    }
+}
+
+/// Run the chosen scenarios, printing each row as it is measured; returns the table.
+pub async fn run(target: &Target, options: &Options) -> anyhow::Result<Vec<Row>> {
+    let wants = |s: Scenario| options.only.is_empty() || options.only.contains(&s);
+    println!("{}", machine(target).await);
+    let mut rows = Vec::new();
+    let mut emit = |r: Vec<Row>| {
+        for r in &r {
+            println!("  {:<62} {:<44} {}", r.scenario, r.result, r.target);
+        }
+        rows.extend(r);
+    };
+    if wants(Scenario::Throughput) || wants(Scenario::Latency) || wants(Scenario::Ceiling) {
+        emit(single_worker(target, options, &wants).await?);
+    }
+    if wants(Scenario::Concurrency) {
+        emit(concurrency(target, options).await?);
+    }
+    if wants(Scenario::Scaling) {
+        emit(scaling(target, options).await?);
+    }
+    println!();
+    println!("{}", table(&rows));
+    Ok(rows)
+}
+
+/// The result table as Markdown.
+pub fn table(rows: &[Row]) -> String {
+    let mut out = String::from("| scenario | result | target |\n|---|---|---|\n");
+    for r in rows {
+        let _ = writeln!(out, "| {} | {} | {} |", r.scenario, r.result, r.target);
+    }
+    out
+}
+
+/// CPUs, CPU model, server versions: printed above the table.
+async fn machine(target: &Target) -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, m)| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let nats = match async_nats::connect(target.nats_url.as_str()).await {
+        Ok(c) => c.server_info().version,
+        Err(_) => "?".into(),
+    };
+    let pg = match sqlx::PgPool::connect(&target.database_url).await {
+        Ok(p) => sqlx::query_scalar::<_, String>("SHOW server_version")
+            .fetch_one(&p)
+            .await
+            .unwrap_or_else(|_| "?".into()),
+        Err(_) => "?".into(),
+    };
+    format!(
+        "llm-worker {} bench: {cpus} CPUs ({model}), nats-server {nats}, PostgreSQL {pg}",
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
+/// Provider and worker settings of a deployment served by `fake`.
+fn worker_toml(fake: &FakeProvider, max_in_flight: usize) -> String {
+    format!(
+        r#"
+[worker]
+max_in_flight = {max_in_flight}
+[providers.fake]
+type = "openai"
+base_url = "{}"
+default_model = "bench-model"
+"#,
+        fake.base_url()
+    )
+}
+
+/// A short answer: 3 deltas, with usage.
+fn short_answer() -> Reply {
+    Reply::answer(&["Hello", " from", " the bench"], (12, 3))
+}
+
+/// An answer of `chunks` deltas, `delay` apart.
+fn streamed_answer(chunks: usize, delay: Duration) -> Reply {
+    Reply::Answer {
+        deltas: (0..chunks).map(|i| format!("t{i} ")).collect(),
+        usage: Some((12, chunks as u64)),
+        done_marker: true,
+        chunk_delay: delay,
+    }
+}
+
+/// Publish `n` jobs and collect their events; fails unless every job got an `ok` result.
+async fn round(
+    client: &async_nats::Client,
+    js: &async_nats::jetstream::Context,
+    subject: &str,
+    n: usize,
+    stream: bool,
+    pace: Pace,
+) -> anyhow::Result<(Vec<Instant>, Received)> {
+    let reply_prefix = format!("benchreply.{}", uuid::Uuid::new_v4().simple());
+    let collector = Collector::subscribe(client, &reply_prefix, n).await?;
+    let collecting = tokio::spawn(collector.collect(Duration::from_secs(60)));
+    let sent = load::publish(js, subject, &reply_prefix, n, stream, pace).await?;
+    let received = collecting.await?;
+    anyhow::ensure!(
+        received.results() == n && received.failed == 0,
+        "{} of {n} results arrived, {} not ok",
+        received.results(),
+        received.failed
+    );
+    Ok((sent, received))
+}
+
+/// Jobs per second from the first publish to `end`.
+fn rate(n: usize, sent: &[Instant], end: Instant) -> f64 {
+    let start = sent.first().copied().unwrap_or(end);
+    n as f64 / end.duration_since(start).as_secs_f64().max(1e-9)
+}
+
+fn thousands(v: f64) -> String {
+    let n = v.round() as u64;
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Throughput, overhead latency and the ceiling: one worker process, one fake provider.
+async fn single_worker(
+    target: &Target,
+    options: &Options,
+    wants: &dyn Fn(Scenario) -> bool,
+) -> anyhow::Result<Vec<Row>> {
+    let fake = FakeProvider::start().await?;
+    fake.bench_mode(false);
+    fake.set_default(short_answer());
+    let mut dep = Deployment::new(target, &worker_toml(&fake, options.max_in_flight)).await?;
+    sqlx::query(
+        "INSERT INTO llm_prices (provider, model, effective_from, input_usd_per_mtok, output_usd_per_mtok)
+         VALUES ('fake', 'bench-model', '2020-01-01', 2.5, 10)",
+    )
+    .execute(&dep.pool)
+    .await?;
+    let outcome = async {
+        dep.spawn_worker().await?;
+        let mut rows = Vec::new();
+        let subject = dep.job_subject();
+        let mut recorded = 0;
+        let short_n = options
+            .jobs
+            .unwrap_or(if options.quick { 5_000 } else { 20_000 });
+        let mut worker_short = None;
+        if wants(Scenario::Throughput) || wants(Scenario::Ceiling) {
+            let cpu_before = dep.cpu_time(0);
+            let (sent, received) =
+                round(&dep.client, &dep.js, &subject, short_n, false, Pace::Burst).await?;
+            recorded += short_n;
+            let answered = rate(
+                short_n,
+                &sent,
+                received.last_result().unwrap_or_else(Instant::now),
+            );
+            anyhow::ensure!(
+                dep.wait_rows(recorded, Duration::from_secs(120)).await?,
+                "usage rows missing"
+            );
+            let with_rows = rate(short_n, &sent, Instant::now());
+            let cpu = dep
+                .cpu_time(0)
+                .zip(cpu_before)
+                .map(|(a, b)| a.saturating_sub(b));
+            worker_short = Some(with_rows);
+            rows.push(row(
+                format!(
+                    "throughput: {} short jobs, publish → result",
+                    thousands(short_n as f64)
+                ),
+                format!("{} jobs/s", thousands(answered)),
+                "",
+            ));
+            rows.push(row(
+                "throughput: the same, until every usage row is committed",
+                format!("{} jobs/s", thousands(with_rows)),
+                "≥ 10,000 jobs/s",
+            ));
+            if let Some(cpu) = cpu {
+                rows.push(row(
+                    "worker process CPU per short job (recorder included)",
+                    format!("{:.0} µs", cpu.as_secs_f64() * 1e6 / short_n as f64),
+                    "",
+                ));
+            }
+        }
+        if wants(Scenario::Throughput) {
+            let n = if options.quick { 500 } else { 2_000 };
+            fake.set_default(streamed_answer(50, Duration::ZERO));
+            let (sent, received) =
+                round(&dep.client, &dep.js, &subject, n, true, Pace::Burst).await?;
+            recorded += n;
+            let answered = rate(
+                n,
+                &sent,
+                received.last_result().unwrap_or_else(Instant::now),
+            );
+            anyhow::ensure!(
+                dep.wait_rows(recorded, Duration::from_secs(120)).await?,
+                "usage rows missing"
+            );
+            rows.push(row(
+                format!(
+                    "throughput: {} streamed jobs × 50 chunks, with usage rows",
+                    thousands(n as f64)
+                ),
+                format!(
+                    "{} jobs/s ({} chunk events/s; {} answered)",
+                    thousands(rate(n, &sent, Instant::now())),
+                    thousands(received.chunks as f64 * rate(n, &sent, Instant::now()) / n as f64),
+                    thousands(answered)
+                ),
+                "",
+            ));
+            fake.set_default(short_answer());
+        }
+        if wants(Scenario::Latency) {
+            let secs = if options.quick { 2 } else { 5 };
+            let n = 1_000 * secs;
+            let latency = Duration::from_millis(10);
+            fake.set_latency(latency);
+            for stream in [false, true] {
+                fake.bench_mode(true);
+                if stream {
+                    fake.set_default(streamed_answer(10, Duration::ZERO));
+                }
+                let (sent, received) =
+                    round(&dep.client, &dep.js, &subject, n, stream, Pace::Rate(1_000)).await?;
+                recorded += n;
+                let took: std::collections::HashMap<String, Duration> =
+                    fake.take_timings().into_iter().collect();
+                let at = if stream {
+                    &received.first_chunk_at
+                } else {
+                    &received.result_at
+                };
+                let mut overhead: Vec<f64> = (0..n)
+                    .filter_map(|i| {
+                        let end = at[i]?;
+                        let fake = took.get(&format!("bench {i}"))?;
+                        Some((end.duration_since(sent[i]).as_secs_f64() - fake.as_secs_f64()) * 1e3)
+                    })
+                    .collect();
+                anyhow::ensure!(
+                    overhead.len() == n,
+                    "timings missing for {} jobs",
+                    n - overhead.len()
+                );
+                overhead.sort_by(f64::total_cmp);
+                let what = if stream {
+                    "overhead to the first chunk (streamed)"
+                } else {
+                    "overhead, publish → result (non-streamed)"
+                };
+                rows.push(row(
+                    format!("latency at 1,000 jobs/s for {secs} s: {what}"),
+                    format!(
+                        "p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms, max {:.1} ms",
+                        percentile(&overhead, 50.0),
+                        percentile(&overhead, 95.0),
+                        percentile(&overhead, 99.0),
+                        percentile(&overhead, 100.0)
+                    ),
+                    if stream { "" } else { "p99 < 5 ms" },
+                ));
+            }
+            anyhow::ensure!(
+                dep.wait_rows(recorded, Duration::from_secs(120)).await?,
+                "usage rows missing"
+            );
+            fake.set_latency(Duration::ZERO);
+            fake.bench_mode(false);
+            fake.set_default(short_answer());
+        }
+        if wants(Scenario::Ceiling) {
+            let pipe = pipeline::Pipeline::start(
+                dep.client.clone(),
+                format!("{}/chat/completions", fake.base_url()),
+                options.max_in_flight,
+            )
+            .await?;
+            let result = round(
+                &dep.client,
+                &dep.js,
+                &pipe.job_subject,
+                short_n,
+                false,
+                Pace::Burst,
+            )
+            .await;
+            pipe.stop().await;
+            let (sent, received) = result?;
+            let ceiling = rate(
+                short_n,
+                &sent,
+                received.last_result().unwrap_or_else(Instant::now),
+            );
+            rows.push(row(
+                "ceiling: bare pipeline (pull → HTTP → store result → reply → ack)",
+                format!("{} jobs/s", thousands(ceiling)),
+                "",
+            ));
+            if let Some(worker) = worker_short {
+                rows.push(row(
+                    "worker (with usage rows) / ceiling",
+                    format!("{:.0} %", 100.0 * worker / ceiling),
+                    "≥ 50 %",
+                ));
+            }
+        }
+        Ok(rows)
+    }
+    .await;
+    dep.teardown(outcome.is_err()).await;
+    outcome
+}
+
+/// Thousands of slow streams at once in one worker process.
+async fn concurrency(target: &Target, options: &Options) -> anyhow::Result<Vec<Row>> {
+    let (n, secs) = if options.quick {
+        (options.streams.min(1_000), options.stream_secs.min(5))
+    } else {
+        (options.streams, options.stream_secs)
+    };
+    let fake = FakeProvider::start().await?;
+    fake.bench_mode(false);
+    fake.set_default(streamed_answer(
+        (secs * 10) as usize,
+        Duration::from_millis(100),
+    ));
+    let mut dep = Deployment::new(target, &worker_toml(&fake, n)).await?;
+    let outcome = async {
+        dep.spawn_worker().await?;
+        let reply_prefix = format!("benchreply.{}", uuid::Uuid::new_v4().simple());
+        let collector = Collector::subscribe(&dep.client, &reply_prefix, n).await?;
+        let progress = collector.progress.clone();
+        let collecting = tokio::spawn(collector.collect(Duration::from_secs(60)));
+        let sampling = {
+            let progress = progress.clone();
+            tokio::spawn(async move {
+                let mut peak = 0;
+                loop {
+                    peak = peak.max(progress.open_streams());
+                    if progress.results.load(std::sync::atomic::Ordering::Relaxed) >= n {
+                        return peak;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            })
+        };
+        let started = Instant::now();
+        load::publish(
+            &dep.js,
+            &dep.job_subject(),
+            &reply_prefix,
+            n,
+            true,
+            Pace::Burst,
+        )
+        .await?;
+        let received = collecting.await?;
+        let wall = started.elapsed();
+        // The sampler ends by itself once every result is counted.
+        let peak_open = sampling.await.unwrap_or(0);
+        let rss = dep.peak_rss(0).context("reading the worker's peak RSS")?;
+        let (delivered, _) = dep.deliveries().await?;
+        anyhow::ensure!(
+            received.results() == n,
+            "{} of {n} streams finished",
+            received.results()
+        );
+        let rows_ok = dep.wait_rows(n, Duration::from_secs(60)).await?;
+        Ok(vec![
+            row(
+                format!(
+                    "concurrency: {} streams × {secs} s (a token per 100 ms), one worker",
+                    thousands(n as f64)
+                ),
+                format!(
+                    "peak {} open at once; {} ok, {} failed; wall {:.1} s",
+                    thousands(peak_open as f64),
+                    thousands((n - received.failed) as f64),
+                    received.failed,
+                    wall.as_secs_f64()
+                ),
+                "",
+            ),
+            row(
+                "concurrency: worker peak RSS",
+                format!("{:.0} MB", rss as f64 / 1e6),
+                "< 300 MB",
+            ),
+            row(
+                "concurrency: redeliveries (ack timeouts), duplicate results, usage rows",
+                format!(
+                    "{} redelivered, {} duplicates, rows {}",
+                    delivered.saturating_sub(n as u64),
+                    received.duplicates,
+                    if rows_ok { "all committed" } else { "MISSING" }
+                ),
+                "0, 0, all",
+            ),
+        ])
+    }
+    .await;
+    dep.teardown(outcome.is_err()).await;
+    outcome
+}
+
+/// 1, 2, 3 worker processes against a provider that takes 100 ms per request; each worker
+/// allows 32 jobs in flight, so the provider's latency (not CPU) bounds a worker.
+async fn scaling(target: &Target, options: &Options) -> anyhow::Result<Vec<Row>> {
+    const IN_FLIGHT: usize = 32;
+    let per_worker = if options.quick { 640 } else { 1_600 };
+    let fake = FakeProvider::start().await?;
+    fake.bench_mode(false);
+    fake.set_default(short_answer());
+    fake.set_latency(Duration::from_millis(100));
+    let mut dep = Deployment::new(target, &worker_toml(&fake, IN_FLIGHT)).await?;
+    let outcome = async {
+        let mut rates = Vec::new();
+        let mut recorded = 0;
+        for k in 1..=3usize {
+            dep.spawn_worker().await?;
+            let n = per_worker * k;
+            let (sent, received) =
+                round(&dep.client, &dep.js, &dep.job_subject(), n, false, Pace::Burst).await?;
+            recorded += n;
+            anyhow::ensure!(
+                dep.wait_rows(recorded, Duration::from_secs(120)).await?,
+                "usage rows missing"
+            );
+            rates.push(rate(n, &sent, received.last_result().unwrap_or_else(Instant::now)));
+        }
+        let one = rates.first().copied().unwrap_or(1.0);
+        let figures: Vec<String> = rates
+            .iter()
+            .enumerate()
+            .map(|(i, r)| format!("{}: {} jobs/s ({:.2}×)", i + 1, thousands(*r), r / one))
+            .collect();
+        Ok(vec![row(
+            format!("scaling: 1/2/3 worker processes, provider 100 ms/request, {IN_FLIGHT} in flight each"),
+            figures.join("; "),
+            "near-linear (2×, 3×)",
+        )])
+    }
+    .await;
+    dep.teardown(outcome.is_err()).await;
+    outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thousands_separators() {
+        assert_eq!(thousands(0.0), "0");
+        assert_eq!(thousands(999.4), "999");
+        assert_eq!(thousands(1_000.0), "1,000");
+        assert_eq!(thousands(1_234_567.0), "1,234,567");
+    }
+
+    #[test]
+    fn table_is_markdown() {
+        let t = table(&[row("a", "1 jobs/s", "≥ 2")]);
+        assert_eq!(
+            t,
+            "| scenario | result | target |\n|---|---|---|\n| a | 1 jobs/s | ≥ 2 |\n"
+        );
+    }
+}
