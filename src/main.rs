@@ -122,11 +122,6 @@ enum Command {
     },
 }
 
-/// mimalloc instead of the system allocator: a job allocates many small short-lived buffers
-/// (JSON, NATS messages, HTTP); glibc malloc took ~15% of the worker's CPU in `bench`.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()

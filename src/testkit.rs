@@ -127,7 +127,23 @@ impl FakeProvider {
     }
 
     pub async fn start_on(addr: &str) -> std::io::Result<Self> {
-        let listener = tokio::net::TcpListener::bind(addr).await?;
+        // A deep accept queue, like a real provider's front end: a benchmark opens thousands
+        // of connections at once (tokio's default backlog of 1,024 drops SYNs beyond it, and
+        // the retransmits then take seconds).
+        let addr = tokio::net::lookup_host(addr).await?.next().ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("no address: {addr}"),
+            )
+        })?;
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        let listener = socket.listen(8192)?;
         let addr = listener.local_addr()?;
         let script = Arc::new(Mutex::new(Script::default()));
         let app = Router::new()
@@ -138,6 +154,10 @@ impl FakeProvider {
             .route("/v1/embeddings", post(openai_embed))
             .route("/api/embed", post(ollama_embed))
             .with_state(script.clone());
+        // Like real provider front ends: no Nagle delay between a stream's small writes.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });

@@ -162,15 +162,7 @@ url = "{db_url}"
 
     /// CPU time (user + system) worker `i` has used so far.
     pub fn cpu_time(&self, i: usize) -> Option<Duration> {
-        let pid = self.workers.get(i)?.id()?;
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
-        let rest = stat.rsplit_once(')')?.1;
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: u64 =
-            fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-        // USER_HZ is 100 on Linux for every architecture we run on.
-        Some(Duration::from_millis(ticks * 10))
+        process_cpu(&self.workers.get(i)?.id()?.to_string())
     }
 
     pub fn job_subject(&self) -> String {
@@ -231,4 +223,15 @@ url = "{db_url}"
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// CPU time (user + system, all threads) of process `pid` (or `self`) so far, from `/proc`.
+pub fn process_cpu(pid: &str) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // USER_HZ is 100 on Linux on every architecture we run on.
+    Some(Duration::from_millis(ticks * 10))
 }

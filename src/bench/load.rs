@@ -75,6 +75,8 @@ pub struct Received {
     pub chunks: usize,
     /// Results that were not `ok`.
     pub failed: usize,
+    /// Error codes of the failed results, with counts.
+    pub failures: std::collections::BTreeMap<String, usize>,
     /// Second results for a job (a redelivered job answered again).
     pub duplicates: usize,
 }
@@ -119,6 +121,14 @@ struct Head<'a> {
     kind: &'a str,
     #[serde(default, borrow)]
     status: Option<&'a str>,
+    #[serde(default, borrow)]
+    error: Option<ErrorHead<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct ErrorHead<'a> {
+    #[serde(borrow)]
+    code: &'a str,
 }
 
 impl Collector {
@@ -175,6 +185,8 @@ impl Collector {
                 }
                 if head.status != Some("ok") {
                     r.failed += 1;
+                    let code = head.error.map_or("?", |e| e.code);
+                    *r.failures.entry(code.to_string()).or_default() += 1;
                 }
                 r.result_at[i] = Some(now);
                 results += 1;

@@ -180,9 +180,10 @@ async fn round(
     let received = collecting.await?;
     anyhow::ensure!(
         received.results() == n && received.failed == 0,
-        "{} of {n} results arrived, {} not ok",
+        "{} of {n} results arrived, {} not ok {:?}",
         received.results(),
-        received.failed
+        received.failed,
+        received.failures
     );
     Ok((sent, received))
 }
@@ -231,8 +232,11 @@ async fn single_worker(
             .jobs
             .unwrap_or(if options.quick { 5_000 } else { 20_000 });
         let mut worker_short = None;
+        // CPU of this process (client + fake provider) while the worker ran the short jobs.
+        let mut bench_cpu_worker_run = None;
         if wants(Scenario::Throughput) || wants(Scenario::Ceiling) {
             let cpu_before = dep.cpu_time(0);
+            let bench_cpu_before = harness::process_cpu("self");
             let (sent, received) =
                 round(&dep.client, &dep.js, &subject, short_n, false, Pace::Burst).await?;
             recorded += short_n;
@@ -246,6 +250,9 @@ async fn single_worker(
                 "usage rows missing"
             );
             let with_rows = rate(short_n, &sent, Instant::now());
+            bench_cpu_worker_run = harness::process_cpu("self")
+                .zip(bench_cpu_before)
+                .map(|(a, b)| a.saturating_sub(b));
             let cpu = dep
                 .cpu_time(0)
                 .zip(cpu_before)
@@ -305,60 +312,44 @@ async fn single_worker(
         if wants(Scenario::Latency) {
             let secs = if options.quick { 2 } else { 5 };
             let n = 1_000 * secs;
-            let latency = Duration::from_millis(10);
-            fake.set_latency(latency);
-            for stream in [false, true] {
-                fake.bench_mode(true);
-                if stream {
-                    fake.set_default(streamed_answer(10, Duration::ZERO));
-                }
-                let (sent, received) =
-                    round(&dep.client, &dep.js, &subject, n, stream, Pace::Rate(1_000)).await?;
-                recorded += n;
-                let took: std::collections::HashMap<String, Duration> =
-                    fake.take_timings().into_iter().collect();
-                let at = if stream {
-                    &received.first_chunk_at
-                } else {
-                    &received.result_at
-                };
-                let mut overhead: Vec<f64> = (0..n)
-                    .filter_map(|i| {
-                        let end = at[i]?;
-                        let fake = took.get(&format!("bench {i}"))?;
-                        Some((end.duration_since(sent[i]).as_secs_f64() - fake.as_secs_f64()) * 1e3)
-                    })
-                    .collect();
-                anyhow::ensure!(
-                    overhead.len() == n,
-                    "timings missing for {} jobs",
-                    n - overhead.len()
-                );
-                overhead.sort_by(f64::total_cmp);
-                let what = if stream {
-                    "overhead to the first chunk (streamed)"
-                } else {
-                    "overhead, publish → result (non-streamed)"
-                };
-                rows.push(row(
-                    format!("latency at 1,000 jobs/s for {secs} s: {what}"),
-                    format!(
-                        "p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms, max {:.1} ms",
-                        percentile(&overhead, 50.0),
-                        percentile(&overhead, 95.0),
-                        percentile(&overhead, 99.0),
-                        percentile(&overhead, 100.0)
-                    ),
-                    if stream { "" } else { "p99 < 5 ms" },
-                ));
-            }
+            fake.set_latency(Duration::from_millis(10));
+            let label = |what: &str| format!("latency at 1,000 jobs/s for {secs} s: {what}");
+            let worker = overhead(&dep.client, &dep.js, &subject, &fake, n, false).await?;
+            recorded += n;
+            rows.push(row(
+                label("overhead, publish → result (non-streamed)"),
+                spread(&worker),
+                "p99 < 5 ms",
+            ));
+            fake.set_default(streamed_answer(10, Duration::ZERO));
+            let first = overhead(&dep.client, &dep.js, &subject, &fake, n, true).await?;
+            recorded += n;
+            rows.push(row(
+                label("overhead to the first chunk (streamed)"),
+                spread(&first),
+                "",
+            ));
+            fake.set_default(short_answer());
+            // The same measurement through the bare pipeline: the floor this machine sets.
+            let pipe = pipeline::Pipeline::start(
+                dep.client.clone(),
+                format!("{}/chat/completions", fake.base_url()),
+                options.max_in_flight,
+            )
+            .await?;
+            let bare = overhead(&dep.client, &dep.js, &pipe.job_subject, &fake, n, false).await;
+            pipe.stop().await;
+            rows.push(row(
+                label("the same through the bare pipeline (reference)"),
+                spread(&bare?),
+                "",
+            ));
             anyhow::ensure!(
                 dep.wait_rows(recorded, Duration::from_secs(120)).await?,
                 "usage rows missing"
             );
             fake.set_latency(Duration::ZERO);
             fake.bench_mode(false);
-            fake.set_default(short_answer());
         }
         if wants(Scenario::Ceiling) {
             let pipe = pipeline::Pipeline::start(
@@ -367,6 +358,7 @@ async fn single_worker(
                 options.max_in_flight,
             )
             .await?;
+            let bench_cpu_before = harness::process_cpu("self");
             let result = round(
                 &dep.client,
                 &dep.js,
@@ -376,6 +368,9 @@ async fn single_worker(
                 Pace::Burst,
             )
             .await;
+            let bench_cpu = harness::process_cpu("self")
+                .zip(bench_cpu_before)
+                .map(|(a, b)| a.saturating_sub(b));
             pipe.stop().await;
             let (sent, received) = result?;
             let ceiling = rate(
@@ -388,6 +383,15 @@ async fn single_worker(
                 format!("{} jobs/s", thousands(ceiling)),
                 "",
             ));
+            if let (Some(with), Some(without)) = (bench_cpu, bench_cpu_worker_run) {
+                // Client and fake provider cost the same per job in both runs.
+                let pipeline = with.as_secs_f64() - without.as_secs_f64();
+                rows.push(row(
+                    "bare pipeline CPU per job (this process, ceiling run minus worker run)",
+                    format!("{:.0} µs", pipeline.max(0.0) * 1e6 / short_n as f64),
+                    "",
+                ));
+            }
             if let Some(worker) = worker_short {
                 rows.push(row(
                     "worker (with usage rows) / ceiling",
@@ -401,6 +405,49 @@ async fn single_worker(
     .await;
     dep.teardown(outcome.is_err()).await;
     outcome
+}
+
+/// Publish `n` jobs at 1,000/s to `subject` and return, sorted, each job's time in ms from
+/// its publish to its result (or, when `stream`, to its first chunk) minus the time the fake
+/// provider spent on that job's request.
+async fn overhead(
+    client: &async_nats::Client,
+    js: &async_nats::jetstream::Context,
+    subject: &str,
+    fake: &FakeProvider,
+    n: usize,
+    stream: bool,
+) -> anyhow::Result<Vec<f64>> {
+    fake.bench_mode(true);
+    let (sent, received) = round(client, js, subject, n, stream, Pace::Rate(1_000)).await?;
+    let took: std::collections::HashMap<String, Duration> =
+        fake.take_timings().into_iter().collect();
+    let at = if stream {
+        &received.first_chunk_at
+    } else {
+        &received.result_at
+    };
+    let mut ms: Vec<f64> = (0..n)
+        .filter_map(|i| {
+            let end = at[i]?;
+            let fake = took.get(&format!("bench {i}"))?;
+            Some((end.duration_since(sent[i]).as_secs_f64() - fake.as_secs_f64()) * 1e3)
+        })
+        .collect();
+    anyhow::ensure!(ms.len() == n, "timings missing for {} jobs", n - ms.len());
+    ms.sort_by(f64::total_cmp);
+    Ok(ms)
+}
+
+/// Percentiles of sorted milliseconds.
+fn spread(ms: &[f64]) -> String {
+    format!(
+        "p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms, max {:.1} ms",
+        percentile(ms, 50.0),
+        percentile(ms, 95.0),
+        percentile(ms, 99.0),
+        percentile(ms, 100.0)
+    )
 }
 
 /// Thousands of slow streams at once in one worker process.
@@ -465,10 +512,11 @@ async fn concurrency(target: &Target, options: &Options) -> anyhow::Result<Vec<R
                     thousands(n as f64)
                 ),
                 format!(
-                    "peak {} open at once; {} ok, {} failed; wall {:.1} s",
+                    "peak {} open at once; {} ok, {} failed {:?}; wall {:.1} s",
                     thousands(peak_open as f64),
                     thousands((n - received.failed) as f64),
                     received.failed,
+                    received.failures,
                     wall.as_secs_f64()
                 ),
                 "",

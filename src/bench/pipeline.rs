@@ -28,6 +28,7 @@ pub struct Pipeline {
 #[derive(serde::Deserialize)]
 struct Job {
     reply_to: String,
+    prompt: String,
 }
 
 impl Pipeline {
@@ -130,7 +131,7 @@ async fn handle(
     let job: Job = serde_json::from_slice(&msg.payload)?;
     let prompt = serde_json::json!({
         "model": "m",
-        "messages": [{"role": "user", "content": "bench"}],
+        "messages": [{"role": "user", "content": job.prompt}],
         "stream": false,
     });
     let body = http.post(url).json(&prompt).send().await?.bytes().await?;

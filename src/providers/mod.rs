@@ -277,13 +277,17 @@ impl Registry {
 }
 
 /// The shared, pooled HTTP client. Only a connect timeout: a total timeout would cut long
-/// streams; the chain enforces first-token, stall and job deadlines itself.
+/// streams; the chain enforces first-token, stall and job deadlines itself. Redirects are not
+/// followed: provider APIs answer POSTs directly, following one would re-send a prompt to a
+/// place nobody configured, and the redirect layer parsed two URLs per request (~2% of the
+/// worker's CPU in `llm-worker bench`). A 3xx is a provider error carrying its status.
 pub fn http_client(connect_timeout: Duration) -> Result<reqwest::Client, ProviderError> {
     install_crypto_provider();
     reqwest::Client::builder()
         .connect_timeout(connect_timeout)
         .pool_max_idle_per_host(1024)
         .tcp_nodelay(true)
+        .redirect(reqwest::redirect::Policy::none())
         .build()
         .map_err(|e| ProviderError::new(ErrorCode::Network, format!("HTTP client: {e}")))
 }

@@ -371,6 +371,33 @@ async fn a_persistent_503_falls_back_to_the_next_provider_with_its_model_and_usa
 }
 
 #[tokio::test]
+async fn a_redirect_is_not_followed_and_the_chain_falls_back() {
+    let (primary, backup, chain, _) = two("openai", "openai", "").await;
+    let elsewhere = FakeProvider::start().await.unwrap();
+    primary.set_default(Reply::Status {
+        status: 307,
+        body: String::new(),
+        headers: vec![(
+            "location".into(),
+            format!("{}/chat/completions", elsewhere.base_url()),
+        )],
+    });
+    backup.push(Reply::answer(&["from backup"], (12, 3)));
+    let (o, _) = run(&chain, json!({"prompt": "hi"})).await;
+    assert_eq!(o.result.unwrap().provider, "backup");
+    assert_eq!(
+        elsewhere.request_count(),
+        0,
+        "the prompt was re-sent elsewhere"
+    );
+    assert_eq!(o.attempts[0].http_status, Some(307));
+    assert_eq!(
+        o.attempts[0].error.as_ref().map(|e| e.code),
+        Some(ErrorCode::BadRequest)
+    );
+}
+
+#[tokio::test]
 async fn a_context_overflow_is_not_retried_on_the_same_model() {
     let (primary, backup, chain, _) = two("openai", "gemini", "").await;
     let body = json!({"error": {"message": "This model's maximum context length is 8192 tokens", "type": "invalid_request_error", "code": "context_length_exceeded"}});
