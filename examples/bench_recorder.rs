@@ -18,6 +18,7 @@ use llm_worker::config::{Config, RecorderConfig};
 use llm_worker::error::ErrorCode;
 use llm_worker::event::{AttemptRecord, ErrorBody, ResultEvent, Status, TokensUsed};
 use llm_worker::job::JobKind;
+use llm_worker::testkit::ScratchDatabase;
 use llm_worker::usage::Recorder;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -86,18 +87,10 @@ async fn main() -> anyhow::Result<()> {
     let db_url = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
     let id = Uuid::new_v4().simple().to_string()[..10].to_string();
-    let admin = sqlx::PgPool::connect(&db_url).await?;
-    let db_name = format!("llmw_bench_{id}");
-    sqlx::query(&format!("CREATE DATABASE {db_name}"))
-        .execute(&admin)
-        .await?;
-    let bench_url = match db_url.rsplit_once('/') {
-        Some((base, _)) => format!("{base}/{db_name}"),
-        None => anyhow::bail!("DATABASE_URL has no database name"),
-    };
+    let database = ScratchDatabase::create(&db_url, "llmw_bench").await?;
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(4)
-        .connect(&bench_url)
+        .connect(&database.url)
         .await?;
     llm_worker::usage::migrate(&pool).await?;
 
@@ -196,8 +189,6 @@ async fn main() -> anyhow::Result<()> {
     pool.close().await;
     let _ = js.delete_stream(&config.nats.results_stream).await;
     let _ = js.delete_stream(&config.nats.jobs_stream).await;
-    sqlx::query(&format!("DROP DATABASE {db_name} WITH (FORCE)"))
-        .execute(&admin)
-        .await?;
+    database.drop().await;
     Ok(())
 }

@@ -146,6 +146,10 @@ impl NatsConfig {
     pub fn job_subject(&self, kind: crate::job::JobKind) -> String {
         format!("{}.jobs.{}", self.subject_prefix, kind.as_str())
     }
+    /// The durable consumer of one job kind, shared by every worker process of a deployment.
+    pub fn consumer_name(&self, kind: crate::job::JobKind) -> String {
+        format!("{}-{}", self.consumer_prefix, kind.as_str())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

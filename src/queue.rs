@@ -76,7 +76,7 @@ pub async fn ensure_consumer(
     nats: &NatsConfig,
     kind: JobKind,
 ) -> Result<PullConsumer, QueueError> {
-    let name = format!("{}-{}", nats.consumer_prefix, kind.as_str());
+    let name = nats.consumer_name(kind);
     let config = pull::Config {
         durable_name: Some(name.clone()),
         ack_policy: AckPolicy::Explicit,

@@ -7,7 +7,8 @@
 //! NDJSON). It plays scripted [`Reply`]s in order, then the default reply, including the
 //! failures real servers produce: HTTP errors with retry hints, streams cut mid-answer, errors
 //! inside a 200 stream, malformed chunks, silence. It records every request body so tests can
-//! assert what reached the provider.
+//! assert what reached the provider. Also [`ScratchDatabase`], the throw-away Postgres database
+//! each test and benchmark runs against.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -244,6 +245,60 @@ fn default_reply() -> Reply {
     Reply::answer(&["Hello", " from", " fake"], (5, 3))
 }
 
+/// A throw-away Postgres database for one test or benchmark run.
+pub struct ScratchDatabase {
+    admin_url: String,
+    pub name: String,
+    /// `admin_url` with this database instead of its own (query parameters kept).
+    pub url: String,
+}
+
+impl ScratchDatabase {
+    /// Create `<prefix>_<random>` through the server `admin_url` points at.
+    pub async fn create(admin_url: &str, prefix: &str) -> Result<Self, sqlx::Error> {
+        let name = format!("{prefix}_{}", uuid::Uuid::new_v4().simple());
+        let admin = sqlx::PgPool::connect(admin_url).await?;
+        let created = sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&admin)
+            .await;
+        admin.close().await;
+        created?;
+        Ok(Self {
+            url: with_database(admin_url, &name),
+            admin_url: admin_url.to_string(),
+            name,
+        })
+    }
+
+    /// Drop it, forcing out connections still open (best effort).
+    pub async fn drop(self) {
+        if let Ok(admin) = sqlx::PgPool::connect(&self.admin_url).await {
+            let _ = sqlx::query(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .execute(&admin)
+            .await;
+            admin.close().await;
+        }
+    }
+}
+
+/// A Postgres URL pointing at database `db` instead (query parameters kept).
+pub fn with_database(url: &str, db: &str) -> String {
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(b, q)| (b, Some(q)));
+    let base = match base.rfind('/') {
+        Some(i) if i > "postgres://".len() => &base[..i],
+        _ => base,
+    };
+    match query {
+        Some(q) => format!("{base}/{db}?{q}"),
+        None => format!("{base}/{db}"),
+    }
+}
+
 /// The wire format of a request, from the route it hit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Flavor {
@@ -392,19 +447,17 @@ async fn serve(
             (model, stream)
         }
     };
-    let timed = script.lock().is_ok_and(|s| s.timings.is_some());
-    let key = if timed {
-        request["messages"]
-            .as_array()
-            .and_then(|m| m.last())
-            .and_then(|m| m["content"].as_str())
-            .unwrap_or_default()
-            .to_string()
-    } else {
-        String::new()
-    };
-    let (reply, latency) = match script.lock() {
+    let (reply, latency, timing_key) = match script.lock() {
         Ok(mut s) => {
+            // Benchmarks key each request's handler time by its last message (the job's prompt).
+            let timing_key = s.timings.is_some().then(|| {
+                request["messages"]
+                    .as_array()
+                    .and_then(|m| m.last())
+                    .and_then(|m| m["content"].as_str())
+                    .unwrap_or_default()
+                    .to_string()
+            });
             if s.record {
                 s.requests.push(request);
             }
@@ -413,19 +466,19 @@ async fn serve(
                 .pop_front()
                 .or_else(|| s.default.clone())
                 .unwrap_or_else(default_reply);
-            (reply, s.latency)
+            (reply, s.latency, timing_key)
         }
-        Err(_) => (default_reply(), Duration::ZERO),
+        Err(_) => (default_reply(), Duration::ZERO, None),
     };
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }
     let response = render(flavor, reply, stream, &model).await;
-    if timed && let Ok(mut s) = script.lock() {
-        let took = started.elapsed();
-        if let Some(t) = s.timings.as_mut() {
-            t.push((key, took));
-        }
+    if let Some(key) = timing_key
+        && let Ok(mut s) = script.lock()
+        && let Some(timings) = s.timings.as_mut()
+    {
+        timings.push((key, started.elapsed()));
     }
     response
 }

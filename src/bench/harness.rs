@@ -14,6 +14,7 @@ use uuid::Uuid;
 
 use crate::config::{Config, NatsConfig};
 use crate::job::JobKind;
+use crate::testkit::ScratchDatabase;
 
 /// Where the benchmark runs: the servers and the worker executable.
 #[derive(Debug, Clone)]
@@ -30,8 +31,7 @@ pub struct Deployment {
     pub js: jetstream::Context,
     /// The deployment's own database (usage rows land here).
     pub pool: PgPool,
-    admin: PgPool,
-    db_name: String,
+    database: ScratchDatabase,
     dir: PathBuf,
     config_path: PathBuf,
     worker_exe: PathBuf,
@@ -43,18 +43,9 @@ impl Deployment {
     /// come from `extra_toml`.
     pub async fn new(target: &Target, extra_toml: &str) -> anyhow::Result<Self> {
         let id = Uuid::new_v4().simple().to_string()[..10].to_string();
-        let admin = PgPool::connect(&target.database_url)
+        let database = ScratchDatabase::create(&target.database_url, "llmw_bench")
             .await
-            .context("connecting to Postgres (DATABASE_URL)")?;
-        let db_name = format!("llmw_bench_{id}");
-        sqlx::query(&format!("CREATE DATABASE {db_name}"))
-            .execute(&admin)
-            .await?;
-        let base = target
-            .database_url
-            .rsplit_once('/')
-            .map_or(target.database_url.as_str(), |(b, _)| b);
-        let db_url = format!("{base}/{db_name}");
+            .context("creating the benchmark database (DATABASE_URL)")?;
         let toml = format!(
             r#"
 [nats]
@@ -67,7 +58,8 @@ consumer_prefix = "bench{id}"
 url = "{db_url}"
 {extra_toml}
 "#,
-            nats = target.nats_url
+            nats = target.nats_url,
+            db_url = database.url,
         );
         let config = Config::from_toml(&toml).context("benchmark worker config")?;
         let dir = std::env::temp_dir().join(format!("llm-worker-bench-{id}"));
@@ -81,15 +73,14 @@ url = "{db_url}"
             .with_context(|| format!("connecting to NATS at {}", target.nats_url))?;
         let js = jetstream::new(client.clone());
         crate::queue::ensure_streams(&js, &config.nats).await?;
-        let pool = PgPool::connect(&db_url).await?;
+        let pool = PgPool::connect(&database.url).await?;
         crate::usage::migrate(&pool).await?;
         Ok(Self {
             nats: config.nats,
             client,
             js,
             pool,
-            admin,
-            db_name,
+            database,
             dir,
             config_path,
             worker_exe: target.worker_exe.clone(),
@@ -124,19 +115,8 @@ url = "{db_url}"
                 crate::status::collect(&self.client, &self.nats, Duration::from_millis(200))
                     .await
                     .map_err(|e| anyhow::anyhow!("status request: {e}"))?;
-            let consumer = format!(
-                "{}-{}",
-                self.nats.consumer_prefix,
-                JobKind::Generate.as_str()
-            );
-            let ready = answers.iter().any(|w| w.worker_id == id)
-                && self
-                    .js
-                    .get_stream_no_info(&self.nats.jobs_stream)
-                    .await?
-                    .consumer_info(&consumer)
-                    .await
-                    .is_ok();
+            let ready =
+                answers.iter().any(|w| w.worker_id == id) && self.generate_consumer().await.is_ok();
             if ready {
                 return Ok(());
             }
@@ -186,23 +166,19 @@ url = "{db_url}"
         }
     }
 
-    /// Deliveries by the generation consumer (redeliveries included) and its ack floor.
-    pub async fn deliveries(&self) -> anyhow::Result<(u64, u64)> {
-        let consumer = format!(
-            "{}-{}",
-            self.nats.consumer_prefix,
-            JobKind::Generate.as_str()
-        );
-        let info = self
+    /// Deliveries by the generation consumer so far, redeliveries included.
+    pub async fn deliveries(&self) -> anyhow::Result<u64> {
+        Ok(self.generate_consumer().await?.delivered.consumer_sequence)
+    }
+
+    async fn generate_consumer(&self) -> anyhow::Result<jetstream::consumer::Info> {
+        let name = self.nats.consumer_name(JobKind::Generate);
+        Ok(self
             .js
             .get_stream_no_info(&self.nats.jobs_stream)
             .await?
-            .consumer_info(&consumer)
-            .await?;
-        Ok((
-            info.delivered.consumer_sequence,
-            info.ack_floor.consumer_sequence,
-        ))
+            .consumer_info(&name)
+            .await?)
     }
 
     /// Stop the workers and remove the streams, the database and (on success) the logs.
@@ -214,9 +190,7 @@ url = "{db_url}"
         let _ = self.js.delete_stream(&self.nats.jobs_stream).await;
         let _ = self.js.delete_stream(&self.nats.results_stream).await;
         self.pool.close().await;
-        let _ = sqlx::query(&format!("DROP DATABASE {} WITH (FORCE)", self.db_name))
-            .execute(&self.admin)
-            .await;
+        self.database.drop().await;
         if keep_logs {
             eprintln!("worker logs kept in {}", self.dir.display());
         } else {

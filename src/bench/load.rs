@@ -73,9 +73,7 @@ pub struct Received {
     pub result_at: Vec<Option<Instant>>,
     pub first_chunk_at: Vec<Option<Instant>>,
     pub chunks: usize,
-    /// Results that were not `ok`.
-    pub failed: usize,
-    /// Error codes of the failed results, with counts.
+    /// Error codes of the results that were not `ok`, with counts.
     pub failures: std::collections::BTreeMap<String, usize>,
     /// Second results for a job (a redelivered job answered again).
     pub duplicates: usize,
@@ -84,6 +82,11 @@ pub struct Received {
 impl Received {
     pub fn results(&self) -> usize {
         self.result_at.iter().filter(|r| r.is_some()).count()
+    }
+
+    /// Results that were not `ok`.
+    pub fn failed(&self) -> usize {
+        self.failures.values().sum()
     }
 
     /// When the last result arrived.
@@ -184,7 +187,6 @@ impl Collector {
                     continue;
                 }
                 if head.status != Some("ok") {
-                    r.failed += 1;
                     let code = head.error.map_or("?", |e| e.code);
                     *r.failures.entry(code.to_string()).or_default() += 1;
                 }

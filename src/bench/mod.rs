@@ -179,10 +179,10 @@ async fn round(
     let sent = load::publish(js, subject, &reply_prefix, n, stream, pace).await?;
     let received = collecting.await?;
     anyhow::ensure!(
-        received.results() == n && received.failed == 0,
+        received.results() == n && received.failed() == 0,
         "{} of {n} results arrived, {} not ok {:?}",
         received.results(),
-        received.failed,
+        received.failed(),
         received.failures
     );
     Ok((sent, received))
@@ -498,7 +498,7 @@ async fn concurrency(target: &Target, options: &Options) -> anyhow::Result<Vec<R
         // The sampler ends by itself once every result is counted.
         let peak_open = sampling.await.unwrap_or(0);
         let rss = dep.peak_rss(0).context("reading the worker's peak RSS")?;
-        let (delivered, _) = dep.deliveries().await?;
+        let delivered = dep.deliveries().await?;
         anyhow::ensure!(
             received.results() == n,
             "{} of {n} streams finished",
@@ -514,8 +514,8 @@ async fn concurrency(target: &Target, options: &Options) -> anyhow::Result<Vec<R
                 format!(
                     "peak {} open at once; {} ok, {} failed {:?}; wall {:.1} s",
                     thousands(peak_open as f64),
-                    thousands((n - received.failed) as f64),
-                    received.failed,
+                    thousands((n - received.failed()) as f64),
+                    received.failed(),
                     received.failures,
                     wall.as_secs_f64()
                 ),

@@ -12,7 +12,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::openai::{clip, transport_error};
+use super::openai::clip;
 use super::sse::{self, SseDecoder, Step};
 use super::{Call, ProviderEvent, Usage};
 use crate::config::ProviderConfig;
@@ -56,11 +56,7 @@ impl Anthropic {
         if let Some(key) = &self.key {
             builder = builder.header("x-api-key", key.expose_secret());
         }
-        let response = builder.send().await.map_err(|e| transport_error(&e))?;
-        let status = response.status().as_u16();
-        if !response.status().is_success() {
-            return Err(super::http_error(response, classify).await);
-        }
+        let (response, status) = super::send(builder, classify).await?;
         let events = if req.stream {
             sse::decode(response, StreamDecoder::default())
         } else {

@@ -9,7 +9,7 @@ use reqwest::Url;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
 
-use super::openai::{clip, transport_error};
+use super::openai::clip;
 use super::sse::{self, SseDecoder, Step};
 use super::{Call, ProviderEvent, Usage};
 use crate::config::ProviderConfig;
@@ -85,11 +85,7 @@ impl Gemini {
         if let Some(key) = &self.key {
             builder = builder.header("x-goog-api-key", key.expose_secret());
         }
-        let response = builder.send().await.map_err(|e| transport_error(&e))?;
-        let status = response.status().as_u16();
-        if !response.status().is_success() {
-            return Err(super::http_error(response, classify).await);
-        }
+        let (response, status) = super::send(builder, classify).await?;
         let text = super::read_body(response).await?;
         #[derive(serde::Deserialize)]
         struct Values {
@@ -124,11 +120,7 @@ impl Gemini {
         if let Some(key) = &self.key {
             builder = builder.header("x-goog-api-key", key.expose_secret());
         }
-        let response = builder.send().await.map_err(|e| transport_error(&e))?;
-        let status = response.status().as_u16();
-        if !response.status().is_success() {
-            return Err(super::http_error(response, classify).await);
-        }
+        let (response, status) = super::send(builder, classify).await?;
         let events = if req.stream {
             sse::decode(response, StreamDecoder::default())
         } else {

@@ -318,6 +318,38 @@ pub fn estimate_request_tokens(req: &GenerateRequest) -> u64 {
     n
 }
 
+/// Send a request: a transport failure, or an HTTP error status (whose body the provider's
+/// `classify` reads), becomes a [`ProviderError`]. Returns the successful response and status.
+pub(crate) async fn send(
+    request: reqwest::RequestBuilder,
+    classify: fn(u16, &str) -> ProviderError,
+) -> Result<(reqwest::Response, u16), ProviderError> {
+    let response = request.send().await.map_err(|e| transport_error(&e))?;
+    let status = response.status().as_u16();
+    if !response.status().is_success() {
+        return Err(http_error(response, classify).await);
+    }
+    Ok((response, status))
+}
+
+/// A request that got no HTTP response (connect failure, reset, timeout).
+fn transport_error(e: &reqwest::Error) -> ProviderError {
+    let code = if e.is_connect() && e.is_timeout() {
+        ErrorCode::ConnectTimeout
+    } else {
+        ErrorCode::Network
+    };
+    // reqwest's Display includes the URL (never a key: keys travel in headers); its causes
+    // say what actually went wrong.
+    let mut message = format!("request failed: {e}");
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        message.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    ProviderError::new(code, message)
+}
+
 /// An HTTP error response as a [`ProviderError`]: the provider's own `classify` reads the body;
 /// the status is attached, and the retry hint from the body (Gemini's `RetryInfo`) or else from
 /// the headers.

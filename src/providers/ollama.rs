@@ -8,7 +8,7 @@ use futures::StreamExt;
 use reqwest::Url;
 use serde_json::{Value, json};
 
-use super::openai::{clip, transport_error};
+use super::openai::clip;
 use super::{Call, EventStream, ProviderEvent, Usage};
 use crate::config::ProviderConfig;
 use crate::error::{ErrorCode, ProviderError, code_for_status};
@@ -50,17 +50,8 @@ impl Ollama {
         if let Some(d) = dimensions {
             body["dimensions"] = json!(d);
         }
-        let response = self
-            .client
-            .post(self.embed_url.clone())
-            .json(&body)
-            .send()
-            .await
-            .map_err(|e| transport_error(&e))?;
-        let status = response.status().as_u16();
-        if !response.status().is_success() {
-            return Err(super::http_error(response, classify).await);
-        }
+        let request = self.client.post(self.embed_url.clone()).json(&body);
+        let (response, status) = super::send(request, classify).await?;
         let text = super::read_body(response).await?;
         #[derive(serde::Deserialize)]
         struct Body {
@@ -85,17 +76,11 @@ impl Ollama {
         model: &str,
         req: &GenerateRequest,
     ) -> Result<Call, ProviderError> {
-        let response = self
+        let request = self
             .client
             .post(self.url.clone())
-            .json(&request_body(model, req))
-            .send()
-            .await
-            .map_err(|e| transport_error(&e))?;
-        let status = response.status().as_u16();
-        if !response.status().is_success() {
-            return Err(super::http_error(response, classify).await);
-        }
+            .json(&request_body(model, req));
+        let (response, status) = super::send(request, classify).await?;
         Ok(Call {
             http_status: Some(status),
             events: decode(response),

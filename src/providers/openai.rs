@@ -54,11 +54,7 @@ impl OpenAi {
         if let Some(key) = &self.key {
             builder = builder.bearer_auth(key.expose_secret());
         }
-        let response = builder.send().await.map_err(|e| transport_error(&e))?;
-        let status = response.status().as_u16();
-        if !response.status().is_success() {
-            return Err(super::http_error(response, classify_error_body).await);
-        }
+        let (response, status) = super::send(builder, classify_error_body).await?;
         let events = if req.stream {
             sse::decode(response, StreamDecoder::default())
         } else {
@@ -88,11 +84,7 @@ impl OpenAi {
         if let Some(key) = &self.key {
             builder = builder.bearer_auth(key.expose_secret());
         }
-        let response = builder.send().await.map_err(|e| transport_error(&e))?;
-        let status = response.status().as_u16();
-        if !response.status().is_success() {
-            return Err(super::http_error(response, classify_error_body).await);
-        }
+        let (response, status) = super::send(builder, classify_error_body).await?;
         let text = super::read_body(response).await?;
         #[derive(Deserialize)]
         struct Item {
@@ -129,23 +121,6 @@ pub fn endpoint(base: &str, path: &str) -> Result<Url, ProviderError> {
     let joined = format!("{}/{}", url.path().trim_end_matches('/'), path);
     url.set_path(&joined);
     Ok(url)
-}
-
-pub(crate) fn transport_error(e: &reqwest::Error) -> ProviderError {
-    let code = if e.is_connect() && e.is_timeout() {
-        ErrorCode::ConnectTimeout
-    } else {
-        ErrorCode::Network
-    };
-    // reqwest's Display includes the URL (never a key: keys travel in headers); its causes
-    // say what actually went wrong.
-    let mut message = format!("request failed: {e}");
-    let mut source = std::error::Error::source(e);
-    while let Some(cause) = source {
-        message.push_str(&format!(": {cause}"));
-        source = cause.source();
-    }
-    ProviderError::new(code, message)
 }
 
 #[derive(Serialize)]

@@ -9,6 +9,7 @@ use async_nats::jetstream::{self, message::PublishMessage};
 use futures::StreamExt;
 use llm_worker::app::{self, Roles, Running};
 use llm_worker::config::Config;
+use llm_worker::testkit::ScratchDatabase;
 use serde_json::{Value, json};
 use testcontainers_modules::testcontainers::{ContainerAsync, ImageExt, runners::AsyncRunner};
 use uuid::Uuid;
@@ -61,21 +62,6 @@ impl Services {
     }
 }
 
-/// Replace the database name in a Postgres URL.
-pub fn with_database(url: &str, db: &str) -> String {
-    let (base, query) = url
-        .split_once('?')
-        .map_or((url, None), |(b, q)| (b, Some(q)));
-    let base = match base.rfind('/') {
-        Some(i) if i > "postgres://".len() => &base[..i],
-        _ => base,
-    };
-    match query {
-        Some(q) => format!("{base}/{db}?{q}"),
-        None => format!("{base}/{db}"),
-    }
-}
-
 /// One test's isolated world: unique names, a fresh database, a client.
 pub struct TestApp {
     pub services: Services,
@@ -83,7 +69,7 @@ pub struct TestApp {
     pub client: async_nats::Client,
     pub js: jetstream::Context,
     pub db: sqlx::PgPool,
-    pub db_name: String,
+    pub database: ScratchDatabase,
     pub workers: Vec<Running>,
 }
 
@@ -147,25 +133,20 @@ impl TestApp {
     /// Fresh database and names; no worker started yet.
     pub async fn new(providers_toml: &str) -> TestApp {
         let services = Services::get().await;
-        let admin = sqlx::PgPool::connect(&services.database_url).await.unwrap();
-        let db_name = format!("llmw_{}", Uuid::new_v4().simple());
-        sqlx::query(&format!("CREATE DATABASE {db_name}"))
-            .execute(&admin)
+        let database = ScratchDatabase::create(&services.database_url, "llmw")
             .await
             .unwrap();
-        admin.close().await;
-        let db_url = with_database(&services.database_url, &db_name);
-        let config = test_config(&services, &db_url, providers_toml);
+        let config = test_config(&services, &database.url, providers_toml);
         let client = async_nats::connect(&services.nats_url).await.unwrap();
         let js = jetstream::new(client.clone());
-        let db = sqlx::PgPool::connect(&db_url).await.unwrap();
+        let db = sqlx::PgPool::connect(&database.url).await.unwrap();
         TestApp {
             services,
             config,
             client,
             js,
             db,
-            db_name,
+            database,
             workers: Vec::new(),
         }
     }
@@ -324,14 +305,7 @@ impl TestApp {
             .delete_stream(&self.config.nats.results_stream)
             .await;
         self.db.close().await;
-        if let Ok(admin) = sqlx::PgPool::connect(&self.services.database_url).await {
-            let _ = sqlx::query(&format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.db_name
-            ))
-            .execute(&admin)
-            .await;
-        }
+        self.database.drop().await;
     }
 }
 

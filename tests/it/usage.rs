@@ -8,7 +8,7 @@ use serde_json::json;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use crate::helpers::{TestApp, collect_reply, openai_provider, with_database};
+use crate::helpers::{TestApp, collect_reply, openai_provider};
 
 const PRIMARY_PRICE: (f64, f64) = (3.0, 15.0);
 const BACKUP_PRICE: (f64, f64) = (1.0, 2.0);
@@ -220,15 +220,11 @@ async fn with_postgres_unreachable_from_the_start_jobs_flow_and_every_row_appear
     let fake = FakeOpenAi::start().await.unwrap();
     let mut app = TestApp::new(&openai_provider("openai", &fake.base_url(), "m")).await;
     let real = url_host_port(&app.services.database_url);
-    let outage = Outage::start(real).await;
-    let proxied = with_database(
-        &app.services.database_url.replacen(
-            &url_host_port(&app.services.database_url),
-            &format!("127.0.0.1:{}", outage.port),
-            1,
-        ),
-        &app.db_name,
-    );
+    let outage = Outage::start(real.clone()).await;
+    let proxied = app
+        .database
+        .url
+        .replacen(&real, &format!("127.0.0.1:{}", outage.port), 1);
     migrate(&app).await; // so the test can count rows directly during the outage
     // Unreachable from before the worker starts: it must start and serve jobs anyway.
     outage.set_up(false);
