@@ -107,6 +107,8 @@ impl Default for Script {
 pub struct FakeProvider {
     addr: SocketAddr,
     script: Arc<Mutex<Script>>,
+    /// TCP connections accepted so far.
+    connections: Arc<std::sync::atomic::AtomicUsize>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -156,7 +158,10 @@ impl FakeProvider {
             .route("/api/embed", post(ollama_embed))
             .with_state(script.clone());
         // Like real provider front ends: no Nagle delay between a stream's small writes.
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let accepted = connections.clone();
+        let listener = axum::serve::ListenerExt::tap_io(listener, move |tcp| {
+            accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let _ = tcp.set_nodelay(true);
         });
         let task = tokio::spawn(async move {
@@ -165,8 +170,14 @@ impl FakeProvider {
         Ok(Self {
             addr,
             script,
+            connections,
             task: Some(task),
         })
+    }
+
+    /// TCP connections accepted since the start (clients that reuse connections keep it low).
+    pub fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The OpenAI base URL in the SDK convention (`http://127.0.0.1:PORT/v1`).

@@ -3,8 +3,13 @@
 //! The SSE framing (blank-line events, `:` comments, `\r\n`, multi-line `data:`) is done by
 //! `eventsource-stream`; each protocol supplies an [`SseDecoder`] that maps one event to
 //! provider events and says when the answer has finished. The adapter turns "the body ended
-//! before a finish signal" and transport errors into `truncated` errors, and stops reading
-//! promptly when the decoder reports the end of the answer.
+//! before a finish signal" and transport errors into `truncated` errors, and ends the event
+//! stream as soon as the decoder reports the end of the answer.
+//!
+//! The rest of the body (`data: [DONE]`, the chunked terminator) is then still read, off the
+//! answer's path: hyper returns a connection to the pool only once its response body has been
+//! read to the end, and a dropped unfinished body closes it. Without the drain every streamed
+//! answer cost a new TCP (and, against a real provider, TLS) connection.
 //!
 //! One deviation is repaired before parsing: older llama.cpp servers send errors as an SSE field
 //! `error: {...}` instead of `data:`. A spec-compliant parser drops unknown fields, so the error
@@ -18,6 +23,13 @@ use futures::StreamExt;
 
 use super::{EventStream, ProviderEvent};
 use crate::error::{ErrorCode, ProviderError};
+
+/// How long, and for how many events, the rest of a finished answer's body is read so its
+/// connection can be reused. A server that keeps sending after the end loses its connection.
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(2);
+const DRAIN_EVENTS: usize = 16;
+
+type Events = std::pin::Pin<Box<dyn futures::Stream<Item = Result<Event, String>> + Send>>;
 
 /// What a decoder wants after one SSE event.
 pub enum Step {
@@ -37,7 +49,7 @@ pub trait SseDecoder: Send + 'static {
 /// Adapt a response body to an [`EventStream`] through `decoder`.
 pub fn decode<D: SseDecoder>(response: reqwest::Response, decoder: D) -> EventStream {
     struct State<D> {
-        events: std::pin::Pin<Box<dyn futures::Stream<Item = Result<Event, String>> + Send>>,
+        events: Events,
         decoder: D,
         queue: VecDeque<ProviderEvent>,
         done: bool,
@@ -66,6 +78,9 @@ pub fn decode<D: SseDecoder>(response: reqwest::Response, decoder: D) -> EventSt
                     Ok(Step::End(evs)) => {
                         s.queue.extend(evs);
                         s.done = true;
+                        let rest =
+                            std::mem::replace(&mut s.events, futures::stream::empty().boxed());
+                        drain(rest);
                     }
                     Err(e) => {
                         s.done = true;
@@ -98,6 +113,37 @@ pub fn decode<D: SseDecoder>(response: reqwest::Response, decoder: D) -> EventSt
         }
     })
     .boxed()
+}
+
+/// Read what is left of a finished answer's body: inline while it is already buffered (the
+/// usual case: `[DONE]` follows the last chunk), else in a background task, bounded by
+/// [`DRAIN_TIME`] and [`DRAIN_EVENTS`].
+fn drain(mut rest: Events) {
+    use futures::FutureExt;
+    let mut budget = DRAIN_EVENTS;
+    while budget > 0 {
+        match rest.next().now_or_never() {
+            Some(Some(Ok(_))) => budget -= 1,
+            // The body ended (the connection is back in the pool) or broke (it is closed).
+            Some(_) => return,
+            None => break,
+        }
+    }
+    if budget == 0 {
+        return;
+    }
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(async move {
+            let read_rest = async {
+                for _ in 0..budget {
+                    if !matches!(rest.next().await, Some(Ok(_))) {
+                        return;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(DRAIN_TIME, read_rest).await;
+        });
+    }
 }
 
 type ByteStream =

@@ -663,3 +663,30 @@ async fn an_api_key_quoted_by_a_provider_never_reaches_the_result() {
         "the rest of the message is kept"
     );
 }
+
+#[tokio::test]
+async fn answers_reuse_the_providers_connection() {
+    // hyper pools a connection only once its response body has been read to the end; an
+    // answer whose body is dropped early costs a new TCP (and TLS) connection per job.
+    for kind in FLAVORS {
+        for stream in [true, false] {
+            let (fake, chain) = single(kind).await;
+            for i in 0..20 {
+                fake.push(Reply::answer(&["Hel", "lo"], (7, 2)));
+                let (o, _) = run(
+                    &chain,
+                    json!({"prompt": format!("hi {i}"), "stream": stream}),
+                )
+                .await;
+                assert!(o.result.is_ok(), "{kind}: {:?}", o.result);
+            }
+            // The rest of a finished stream may still be in flight when the next job starts;
+            // that one job then opens a second connection. Without reuse this would be 20.
+            assert!(
+                fake.connections() <= 3,
+                "{kind} stream={stream}: {} connections for 20 sequential answers",
+                fake.connections()
+            );
+        }
+    }
+}
