@@ -125,10 +125,7 @@ async fn main() -> anyhow::Result<()> {
         a.await?;
     }
     let stop = CancellationToken::new();
-    let rec_cfg = RecorderConfig {
-        enabled: true,
-        batch_size: 1000,
-    };
+    let rec_cfg = RecorderConfig::default();
     let recorder = Recorder::start(&js, &config.nats, pool.clone(), &rec_cfg).await?;
     let started = Instant::now();
     let task = tokio::spawn(recorder.run(stop.clone()));

@@ -209,6 +209,10 @@ pub struct RecorderConfig {
     pub enabled: bool,
     /// Results written per database round trip at most.
     pub batch_size: usize,
+    /// After a result arrives, how long to wait for more to share its transaction: rows
+    /// appear up to this much later, and a moderate rate costs one commit per interval
+    /// instead of one per job. 0 writes whatever is already there at once.
+    pub batch_wait_ms: u64,
 }
 
 impl Default for RecorderConfig {
@@ -216,6 +220,7 @@ impl Default for RecorderConfig {
         Self {
             enabled: true,
             batch_size: 1000,
+            batch_wait_ms: 20,
         }
     }
 }

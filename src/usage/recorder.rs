@@ -29,6 +29,7 @@ pub struct Recorder {
     consumer: PullConsumer,
     pool: sqlx::PgPool,
     batch_size: usize,
+    batch_wait: Duration,
 }
 
 impl Recorder {
@@ -55,6 +56,7 @@ impl Recorder {
             consumer,
             pool,
             batch_size,
+            batch_wait: Duration::from_millis(cfg.batch_wait_ms),
         })
     }
 
@@ -90,11 +92,17 @@ impl Recorder {
                     }
                     None => break,
                 };
-                // Take whatever else is already here, up to a batch: batching under load,
-                // no added latency when idle.
+                // Take what else arrives within `batch_wait`, up to a batch: one commit
+                // (and fsync) per interval at moderate rates, full batches under load.
                 let mut batch = vec![first];
+                let until = tokio::time::Instant::now() + self.batch_wait;
                 while batch.len() < self.batch_size {
-                    match messages.next().now_or_never() {
+                    let next = if self.batch_wait.is_zero() {
+                        messages.next().now_or_never()
+                    } else {
+                        tokio::time::timeout_at(until, messages.next()).await.ok()
+                    };
+                    match next {
                         Some(Some(Ok(m))) => batch.push(m),
                         _ => break,
                     }

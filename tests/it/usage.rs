@@ -175,6 +175,39 @@ async fn results_delivered_twice_to_the_recorder_produce_no_duplicate_rows() {
     app.teardown().await;
 }
 
+#[tokio::test]
+async fn results_arriving_within_the_batch_wait_share_one_transaction() {
+    let fake = FakeOpenAi::start().await.unwrap();
+    fake.set_default(Reply::answer(&["ok"], (3, 1)));
+    let mut app = TestApp::new(&openai_provider("openai", &fake.base_url(), "m")).await;
+    let roles = llm_worker::app::Roles {
+        jobs: true,
+        recorder: true,
+    };
+    // Long enough that a slow machine still lands the three results in one window.
+    app.start_worker_with(roles, |c| c.recorder.batch_wait_ms = 2_000)
+        .await;
+    let (reply_to, mut sub) = app.reply_inbox().await;
+    for i in 0..3 {
+        app.publish(json!({"prompt": format!("p{i}"), "reply_to": reply_to}))
+            .await;
+    }
+    for _ in 0..3 {
+        collect_reply(&mut sub).await;
+    }
+    app.wait_count("SELECT count(*) FROM llm_jobs", 3).await;
+    // Rows written by one transaction carry the same xmin.
+    let transactions: i64 = sqlx::query_scalar("SELECT count(DISTINCT xmin::text) FROM llm_jobs")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(
+        transactions, 1,
+        "one commit for results inside one batch wait"
+    );
+    app.teardown().await;
+}
+
 /// A TCP proxy to Postgres that can be made unreachable (connections cut and refused).
 struct Outage {
     port: u16,
