@@ -759,6 +759,21 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_configs_load() {
+        for (name, text) in [
+            (
+                "config.example.toml",
+                include_str!("../examples/config.example.toml"),
+            ),
+            ("fake.toml", include_str!("../examples/fake.toml")),
+        ] {
+            let keys = ["OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY"].map(|k| (k, "x"));
+            let config = load(text, &keys);
+            assert!(config.is_ok(), "{name}: {:?}", config.err());
+        }
+    }
+
+    #[test]
     fn openai_env_vars_alone_make_a_working_config() {
         let c = load(
             "",
