@@ -179,10 +179,12 @@ impl PullLoop {
                         let worker = worker.clone();
                         let abandon = self.abandon.clone();
                         let kind = self.kind;
-                        self.tracker.spawn(async move {
+                        // Boxed: a job's future is ~10 KB, and tokio copies an unboxed future
+                        // into the task cell and its stage again when the task completes.
+                        self.tracker.spawn(Box::pin(async move {
                             worker.handle(kind, msg, &abandon).await;
                             drop(permit);
-                        });
+                        }));
                     }
                     Some(Err(e)) => {
                         tracing::debug!(error = %e, "pull batch ended with an error");
