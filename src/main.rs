@@ -115,6 +115,9 @@ enum Command {
         #[arg(long)]
         jobs: Option<usize>,
     },
+    /// The benchmark's bare pipeline process (started by `bench`).
+    #[command(hide = true)]
+    BenchPipeline(llm_worker::bench::PipelineArgs),
     /// Serve a fake provider API: OpenAI, Anthropic, Gemini and Ollama routes (demos and benchmarks only).
     FakeOpenai {
         #[arg(long, default_value = "127.0.0.1:8089")]
@@ -144,6 +147,10 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Command::BenchPipeline(args) = cli.command {
+        llm_worker::bench::serve_pipeline(args).await?;
+        return Ok(ExitCode::SUCCESS);
+    }
     if let Command::FakeOpenai { listen } = &cli.command {
         let server = testkit::FakeOpenAi::start_on(listen).await?;
         eprintln!(
@@ -364,7 +371,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             llm_worker::bench::run(&target, &options).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::FakeOpenai { .. } => Ok(ExitCode::SUCCESS),
+        Command::FakeOpenai { .. } | Command::BenchPipeline(_) => Ok(ExitCode::SUCCESS),
     }
 }
 

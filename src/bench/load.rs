@@ -77,6 +77,8 @@ pub struct Received {
     pub failures: std::collections::BTreeMap<String, usize>,
     /// Second results for a job (a redelivered job answered again).
     pub duplicates: usize,
+    /// Each job's first result payload, when the collector keeps them.
+    pub payloads: Vec<Option<bytes::Bytes>>,
 }
 
 impl Received {
@@ -115,6 +117,7 @@ impl Progress {
 pub struct Collector {
     sub: async_nats::Subscriber,
     n: usize,
+    keep_payloads: bool,
     pub progress: Arc<Progress>,
 }
 
@@ -144,8 +147,15 @@ impl Collector {
         Ok(Self {
             sub,
             n,
+            keep_payloads: false,
             progress: Arc::default(),
         })
+    }
+
+    /// Keep each job's result payload (for a per-stage breakdown of its timestamps).
+    pub fn keep_payloads(mut self) -> Self {
+        self.keep_payloads = true;
+        self
     }
 
     /// Receive events until every job has a result or nothing arrives for `idle`.
@@ -153,6 +163,7 @@ impl Collector {
         let mut r = Received {
             result_at: vec![None; self.n],
             first_chunk_at: vec![None; self.n],
+            payloads: vec![None; if self.keep_payloads { self.n } else { 0 }],
             ..Default::default()
         };
         let mut results = 0;
@@ -191,6 +202,9 @@ impl Collector {
                     *r.failures.entry(code.to_string()).or_default() += 1;
                 }
                 r.result_at[i] = Some(now);
+                if let Some(p) = r.payloads.get_mut(i) {
+                    *p = Some(msg.payload.clone());
+                }
                 results += 1;
                 self.progress.results.fetch_add(1, Ordering::Relaxed);
             }

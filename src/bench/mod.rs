@@ -5,15 +5,16 @@
 //! 1. throughput: short non-streamed jobs and 50-chunk streamed jobs, publish -> result
 //!    received -> every `llm_jobs` row committed;
 //! 2. overhead latency at a fixed 1,000 jobs/s: (result received - job published) minus the
-//!    fake provider's own time for that job, and the same for the first chunk;
+//!    fake provider's own time for that job, where it goes (from the result's timestamps),
+//!    the worker's CPU per job at that rate, and the same overhead for the first chunk;
 //! 3. the ceiling: a bare pipeline doing only each job's I/O ([`pipeline`]), and the worker's
 //!    throughput as a ratio of it;
 //! 4. concurrency: thousands of slow streams in one worker: peak RSS, redeliveries;
 //! 5. scaling: 1, 2, 3 worker processes against a latency-bound provider.
 //!
 //! The benchmark only speaks the contract to the workers (JetStream jobs, reply events, SQL
-//! rows). Workers are child processes of this binary; the fake provider, the client and the
-//! bare pipeline run in this process, and everything shares the machine's cores.
+//! rows). Workers and the bare pipeline are child processes of this binary; the fake provider
+//! and the client run in this process, and everything shares the machine's cores.
 
 mod harness;
 mod load;
@@ -28,6 +29,7 @@ use crate::testkit::{FakeProvider, Reply};
 use harness::Deployment;
 pub use harness::Target;
 use load::{Collector, Pace, Received, percentile};
+pub use pipeline::{ProcessArgs as PipelineArgs, serve as serve_pipeline};
 
 /// The scenarios, in the order they run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -232,11 +234,17 @@ async fn single_worker(
             .jobs
             .unwrap_or(if options.quick { 5_000 } else { 20_000 });
         let mut worker_short = None;
-        // CPU of this process (client + fake provider) while the worker ran the short jobs.
-        let mut bench_cpu_worker_run = None;
+        let start_pipeline = || {
+            pipeline::Pipeline::start(
+                &dep.js,
+                &target.nats_url,
+                &target.worker_exe,
+                format!("{}/chat/completions", fake.base_url()),
+                options.max_in_flight,
+            )
+        };
         if wants(Scenario::Throughput) || wants(Scenario::Ceiling) {
             let cpu_before = dep.cpu_time(0);
-            let bench_cpu_before = harness::process_cpu("self");
             let (sent, received) =
                 round(&dep.client, &dep.js, &subject, short_n, false, Pace::Burst).await?;
             recorded += short_n;
@@ -250,9 +258,6 @@ async fn single_worker(
                 "usage rows missing"
             );
             let with_rows = rate(short_n, &sent, Instant::now());
-            bench_cpu_worker_run = harness::process_cpu("self")
-                .zip(bench_cpu_before)
-                .map(|(a, b)| a.saturating_sub(b));
             let cpu = dep
                 .cpu_time(0)
                 .zip(cpu_before)
@@ -314,36 +319,62 @@ async fn single_worker(
             let n = 1_000 * secs;
             fake.set_latency(Duration::from_millis(10));
             let label = |what: &str| format!("latency at 1,000 jobs/s for {secs} s: {what}");
+            let cpu_before = dep.cpu_time(0);
             let worker = overhead(&dep.client, &dep.js, &subject, &fake, n, false).await?;
             recorded += n;
+            anyhow::ensure!(
+                dep.wait_rows(recorded, Duration::from_secs(120)).await?,
+                "usage rows missing"
+            );
+            let cpu = dep
+                .cpu_time(0)
+                .zip(cpu_before)
+                .map(|(a, b)| a.saturating_sub(b));
             rows.push(row(
                 label("overhead, publish → result (non-streamed)"),
-                spread(&worker),
+                spread(&worker.ms),
                 "p99 < 5 ms",
             ));
+            if let Some(stages) = worker.stages {
+                rows.push(row(
+                    label("where it goes, p50/p99 ms (non-streamed)"),
+                    stages,
+                    "",
+                ));
+            }
+            if let Some(cpu) = cpu {
+                rows.push(row(
+                    label("worker process CPU per job (recorder included)"),
+                    format!("{:.0} µs", cpu.as_secs_f64() * 1e6 / n as f64),
+                    "",
+                ));
+            }
             fake.set_default(streamed_answer(10, Duration::ZERO));
             let first = overhead(&dep.client, &dep.js, &subject, &fake, n, true).await?;
             recorded += n;
             rows.push(row(
                 label("overhead to the first chunk (streamed)"),
-                spread(&first),
+                spread(&first.ms),
                 "",
             ));
             fake.set_default(short_answer());
             // The same measurement through the bare pipeline: the floor this machine sets.
-            let pipe = pipeline::Pipeline::start(
-                dep.client.clone(),
-                format!("{}/chat/completions", fake.base_url()),
-                options.max_in_flight,
-            )
-            .await?;
+            let pipe = start_pipeline().await?;
             let bare = overhead(&dep.client, &dep.js, &pipe.job_subject, &fake, n, false).await;
             pipe.stop().await;
+            let bare = bare?;
             rows.push(row(
                 label("the same through the bare pipeline (reference)"),
-                spread(&bare?),
+                spread(&bare.ms),
                 "",
             ));
+            if let Some(stages) = bare.stages {
+                rows.push(row(
+                    label("where it goes in the bare pipeline, p50/p99 ms"),
+                    stages,
+                    "",
+                ));
+            }
             anyhow::ensure!(
                 dep.wait_rows(recorded, Duration::from_secs(120)).await?,
                 "usage rows missing"
@@ -352,13 +383,8 @@ async fn single_worker(
             fake.bench_mode(false);
         }
         if wants(Scenario::Ceiling) {
-            let pipe = pipeline::Pipeline::start(
-                dep.client.clone(),
-                format!("{}/chat/completions", fake.base_url()),
-                options.max_in_flight,
-            )
-            .await?;
-            let bench_cpu_before = harness::process_cpu("self");
+            let pipe = start_pipeline().await?;
+            let cpu_before = pipe.cpu_time();
             let result = round(
                 &dep.client,
                 &dep.js,
@@ -368,8 +394,9 @@ async fn single_worker(
                 Pace::Burst,
             )
             .await;
-            let bench_cpu = harness::process_cpu("self")
-                .zip(bench_cpu_before)
+            let cpu = pipe
+                .cpu_time()
+                .zip(cpu_before)
                 .map(|(a, b)| a.saturating_sub(b));
             pipe.stop().await;
             let (sent, received) = result?;
@@ -383,12 +410,10 @@ async fn single_worker(
                 format!("{} jobs/s", thousands(ceiling)),
                 "",
             ));
-            if let (Some(with), Some(without)) = (bench_cpu, bench_cpu_worker_run) {
-                // Client and fake provider cost the same per job in both runs.
-                let pipeline = with.as_secs_f64() - without.as_secs_f64();
+            if let Some(cpu) = cpu {
                 rows.push(row(
-                    "bare pipeline CPU per job (this process, ceiling run minus worker run)",
-                    format!("{:.0} µs", pipeline.max(0.0) * 1e6 / short_n as f64),
+                    "bare pipeline process CPU per job",
+                    format!("{:.0} µs", cpu.as_secs_f64() * 1e6 / short_n as f64),
                     "",
                 ));
             }
@@ -407,6 +432,14 @@ async fn single_worker(
     outcome
 }
 
+/// What [`overhead`] measured.
+struct Overhead {
+    /// Sorted per-job overhead in ms.
+    ms: Vec<f64>,
+    /// Where the time went, from the timestamps in the results.
+    stages: Option<String>,
+}
+
 /// Publish `n` jobs at 1,000/s to `subject` and return, sorted, each job's time in ms from
 /// its publish to its result (or, when `stream`, to its first chunk) minus the time the fake
 /// provider spent on that job's request.
@@ -417,26 +450,107 @@ async fn overhead(
     fake: &FakeProvider,
     n: usize,
     stream: bool,
-) -> anyhow::Result<Vec<f64>> {
+) -> anyhow::Result<Overhead> {
     fake.bench_mode(true);
-    let (sent, received) = round(client, js, subject, n, stream, Pace::Rate(1_000)).await?;
+    let reply_prefix = format!("benchreply.{}", uuid::Uuid::new_v4().simple());
+    let collector = Collector::subscribe(client, &reply_prefix, n)
+        .await?
+        .keep_payloads();
+    let collecting = tokio::spawn(collector.collect(Duration::from_secs(60)));
+    // The worker stamps its results with the wall clock; this maps the bench's instants to it.
+    let anchor = (Instant::now(), chrono::Utc::now());
+    let sent = load::publish(js, subject, &reply_prefix, n, stream, Pace::Rate(1_000)).await?;
+    let received = collecting.await?;
+    anyhow::ensure!(
+        received.results() == n && received.failed() == 0,
+        "{} of {n} results arrived, {} not ok {:?}",
+        received.results(),
+        received.failed(),
+        received.failures
+    );
     let took: std::collections::HashMap<String, Duration> =
         fake.take_timings().into_iter().collect();
+    let fake_ms = |i: usize| {
+        took.get(&format!("bench {i}"))
+            .map(|d| d.as_secs_f64() * 1e3)
+    };
     let at = if stream {
         &received.first_chunk_at
     } else {
         &received.result_at
     };
     let mut ms: Vec<f64> = (0..n)
-        .filter_map(|i| {
-            let end = at[i]?;
-            let fake = took.get(&format!("bench {i}"))?;
-            Some((end.duration_since(sent[i]).as_secs_f64() - fake.as_secs_f64()) * 1e3)
-        })
+        .filter_map(|i| Some(at[i]?.duration_since(sent[i]).as_secs_f64() * 1e3 - fake_ms(i)?))
         .collect();
     anyhow::ensure!(ms.len() == n, "timings missing for {} jobs", n - ms.len());
     ms.sort_by(f64::total_cmp);
-    Ok(ms)
+    let wall = |at: Instant| anchor.1 + (at - anchor.0);
+    Ok(Overhead {
+        ms,
+        stages: stages(&sent, &received, &wall, &fake_ms),
+    })
+}
+
+/// The timestamps of a result (the worker's, or the bare pipeline's equivalents).
+#[derive(serde::Deserialize)]
+struct Stamps {
+    received_at: chrono::DateTime<chrono::Utc>,
+    attempts: Vec<CallStamps>,
+}
+
+#[derive(serde::Deserialize)]
+struct CallStamps {
+    started_at: chrono::DateTime<chrono::Utc>,
+    finished_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// Where a job's overhead went, from the timestamps in its result (the worker's, or the bare
+/// pipeline's; both read the bench's clock): p50/p99 of publish → received by the worker; received
+/// → provider call started (decode, stored-result check, routing); the call minus the fake
+/// provider's own time (HTTP client, parsing, chunk events); call ended → result stored and
+/// received by the client.
+fn stages(
+    sent: &[Instant],
+    received: &Received,
+    wall: &dyn Fn(Instant) -> chrono::DateTime<chrono::Utc>,
+    fake_ms: &dyn Fn(usize) -> Option<f64>,
+) -> Option<String> {
+    let mut cols: [Vec<f64>; 4] = Default::default();
+    let ms = |a: chrono::DateTime<chrono::Utc>, b: chrono::DateTime<chrono::Utc>| {
+        (b - a).num_microseconds().unwrap_or(0) as f64 / 1e3
+    };
+    for (i, payload) in received.payloads.iter().enumerate() {
+        let (Some(p), Some(at), Some(fake)) = (payload, received.result_at[i], fake_ms(i)) else {
+            continue;
+        };
+        let Ok(r) = serde_json::from_slice::<Stamps>(p) else {
+            continue;
+        };
+        let Some(a) = r.attempts.first() else {
+            continue;
+        };
+        cols[0].push(ms(wall(sent[i]), r.received_at));
+        cols[1].push(ms(r.received_at, a.started_at));
+        cols[2].push(ms(a.started_at, a.finished_at) - fake);
+        cols[3].push(ms(a.finished_at, wall(at)));
+    }
+    if cols[0].is_empty() {
+        return None;
+    }
+    let names = ["queue", "before the call", "HTTP call", "store + deliver"];
+    let parts: Vec<String> = names
+        .iter()
+        .zip(cols.iter_mut())
+        .map(|(name, c)| {
+            c.sort_by(f64::total_cmp);
+            format!(
+                "{name} {:.2}/{:.2}",
+                percentile(c, 50.0),
+                percentile(c, 99.0)
+            )
+        })
+        .collect();
+    Some(parts.join(", "))
 }
 
 /// Percentiles of sorted milliseconds.
