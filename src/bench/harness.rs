@@ -166,6 +166,15 @@ url = "{db_url}"
         }
     }
 
+    /// Wait (up to 2 minutes) until `llm_jobs` holds `n` rows; an error if it does not.
+    pub async fn require_rows(&self, n: usize) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.wait_rows(n, Duration::from_secs(120)).await?,
+            "usage rows missing: fewer than {n} in llm_jobs after 2 minutes"
+        );
+        Ok(())
+    }
+
     /// Deliveries by the generation consumer so far, redeliveries included.
     pub async fn deliveries(&self) -> anyhow::Result<u64> {
         Ok(self.generate_consumer().await?.delivered.consumer_sequence)

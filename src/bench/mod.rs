@@ -174,9 +174,13 @@ async fn round(
     n: usize,
     stream: bool,
     pace: Pace,
+    keep_payloads: bool,
 ) -> anyhow::Result<(Vec<Instant>, Received)> {
     let reply_prefix = format!("benchreply.{}", uuid::Uuid::new_v4().simple());
-    let collector = Collector::subscribe(client, &reply_prefix, n).await?;
+    let mut collector = Collector::subscribe(client, &reply_prefix, n).await?;
+    if keep_payloads {
+        collector = collector.keep_payloads();
+    }
     let collecting = tokio::spawn(collector.collect(Duration::from_secs(60)));
     let sent = load::publish(js, subject, &reply_prefix, n, stream, pace).await?;
     let received = collecting.await?;
@@ -194,6 +198,16 @@ async fn round(
 fn rate(n: usize, sent: &[Instant], end: Instant) -> f64 {
     let start = sent.first().copied().unwrap_or(end);
     n as f64 / end.duration_since(start).as_secs_f64().max(1e-9)
+}
+
+/// CPU time used between two readings (`None` when either could not be read).
+fn cpu_used(before: Option<Duration>, after: Option<Duration>) -> Option<Duration> {
+    Some(after?.saturating_sub(before?))
+}
+
+/// CPU time per job, in µs.
+fn per_job(cpu: Duration, jobs: usize) -> String {
+    format!("{:.0} µs", cpu.as_secs_f64() * 1e6 / jobs as f64)
 }
 
 fn thousands(v: f64) -> String {
@@ -245,23 +259,25 @@ async fn single_worker(
         };
         if wants(Scenario::Throughput) || wants(Scenario::Ceiling) {
             let cpu_before = dep.cpu_time(0);
-            let (sent, received) =
-                round(&dep.client, &dep.js, &subject, short_n, false, Pace::Burst).await?;
+            let (sent, received) = round(
+                &dep.client,
+                &dep.js,
+                &subject,
+                short_n,
+                false,
+                Pace::Burst,
+                false,
+            )
+            .await?;
             recorded += short_n;
             let answered = rate(
                 short_n,
                 &sent,
                 received.last_result().unwrap_or_else(Instant::now),
             );
-            anyhow::ensure!(
-                dep.wait_rows(recorded, Duration::from_secs(120)).await?,
-                "usage rows missing"
-            );
+            dep.require_rows(recorded).await?;
             let with_rows = rate(short_n, &sent, Instant::now());
-            let cpu = dep
-                .cpu_time(0)
-                .zip(cpu_before)
-                .map(|(a, b)| a.saturating_sub(b));
+            let cpu = cpu_used(cpu_before, dep.cpu_time(0));
             worker_short = Some(with_rows);
             rows.push(row(
                 format!(
@@ -279,7 +295,7 @@ async fn single_worker(
             if let Some(cpu) = cpu {
                 rows.push(row(
                     "worker process CPU per short job (recorder included)",
-                    format!("{:.0} µs", cpu.as_secs_f64() * 1e6 / short_n as f64),
+                    per_job(cpu, short_n),
                     "",
                 ));
             }
@@ -288,17 +304,15 @@ async fn single_worker(
             let n = if options.quick { 500 } else { 2_000 };
             fake.set_default(streamed_answer(50, Duration::ZERO));
             let (sent, received) =
-                round(&dep.client, &dep.js, &subject, n, true, Pace::Burst).await?;
+                round(&dep.client, &dep.js, &subject, n, true, Pace::Burst, false).await?;
             recorded += n;
             let answered = rate(
                 n,
                 &sent,
                 received.last_result().unwrap_or_else(Instant::now),
             );
-            anyhow::ensure!(
-                dep.wait_rows(recorded, Duration::from_secs(120)).await?,
-                "usage rows missing"
-            );
+            dep.require_rows(recorded).await?;
+            let with_rows = rate(n, &sent, Instant::now());
             rows.push(row(
                 format!(
                     "throughput: {} streamed jobs × 50 chunks, with usage rows",
@@ -306,8 +320,8 @@ async fn single_worker(
                 ),
                 format!(
                     "{} jobs/s ({} chunk events/s; {} answered)",
-                    thousands(rate(n, &sent, Instant::now())),
-                    thousands(received.chunks as f64 * rate(n, &sent, Instant::now()) / n as f64),
+                    thousands(with_rows),
+                    thousands(received.chunks as f64 * with_rows / n as f64),
                     thousands(answered)
                 ),
                 "",
@@ -322,14 +336,8 @@ async fn single_worker(
             let cpu_before = dep.cpu_time(0);
             let worker = overhead(&dep.client, &dep.js, &subject, &fake, n, false).await?;
             recorded += n;
-            anyhow::ensure!(
-                dep.wait_rows(recorded, Duration::from_secs(120)).await?,
-                "usage rows missing"
-            );
-            let cpu = dep
-                .cpu_time(0)
-                .zip(cpu_before)
-                .map(|(a, b)| a.saturating_sub(b));
+            dep.require_rows(recorded).await?;
+            let cpu = cpu_used(cpu_before, dep.cpu_time(0));
             rows.push(row(
                 label("overhead, publish → result (non-streamed)"),
                 spread(&worker.ms),
@@ -345,7 +353,7 @@ async fn single_worker(
             if let Some(cpu) = cpu {
                 rows.push(row(
                     label("worker process CPU per job (recorder included)"),
-                    format!("{:.0} µs", cpu.as_secs_f64() * 1e6 / n as f64),
+                    per_job(cpu, n),
                     "",
                 ));
             }
@@ -375,10 +383,7 @@ async fn single_worker(
                     "",
                 ));
             }
-            anyhow::ensure!(
-                dep.wait_rows(recorded, Duration::from_secs(120)).await?,
-                "usage rows missing"
-            );
+            dep.require_rows(recorded).await?;
             fake.set_latency(Duration::ZERO);
             fake.bench_mode(false);
         }
@@ -392,12 +397,10 @@ async fn single_worker(
                 short_n,
                 false,
                 Pace::Burst,
+                false,
             )
             .await;
-            let cpu = pipe
-                .cpu_time()
-                .zip(cpu_before)
-                .map(|(a, b)| a.saturating_sub(b));
+            let cpu = cpu_used(cpu_before, pipe.cpu_time());
             pipe.stop().await;
             let (sent, received) = result?;
             let ceiling = rate(
@@ -413,7 +416,7 @@ async fn single_worker(
             if let Some(cpu) = cpu {
                 rows.push(row(
                     "bare pipeline process CPU per job",
-                    format!("{:.0} µs", cpu.as_secs_f64() * 1e6 / short_n as f64),
+                    per_job(cpu, short_n),
                     "",
                 ));
             }
@@ -452,22 +455,9 @@ async fn overhead(
     stream: bool,
 ) -> anyhow::Result<Overhead> {
     fake.bench_mode(true);
-    let reply_prefix = format!("benchreply.{}", uuid::Uuid::new_v4().simple());
-    let collector = Collector::subscribe(client, &reply_prefix, n)
-        .await?
-        .keep_payloads();
-    let collecting = tokio::spawn(collector.collect(Duration::from_secs(60)));
     // The worker stamps its results with the wall clock; this maps the bench's instants to it.
     let anchor = (Instant::now(), chrono::Utc::now());
-    let sent = load::publish(js, subject, &reply_prefix, n, stream, Pace::Rate(1_000)).await?;
-    let received = collecting.await?;
-    anyhow::ensure!(
-        received.results() == n && received.failed() == 0,
-        "{} of {n} results arrived, {} not ok {:?}",
-        received.results(),
-        received.failed(),
-        received.failures
-    );
+    let (sent, received) = round(client, js, subject, n, stream, Pace::Rate(1_000), true).await?;
     let took: std::collections::HashMap<String, Duration> =
         fake.take_timings().into_iter().collect();
     let fake_ms = |i: usize| {
@@ -674,12 +664,9 @@ async fn scaling(target: &Target, options: &Options) -> anyhow::Result<Vec<Row>>
             dep.spawn_worker().await?;
             let n = per_worker * k;
             let (sent, received) =
-                round(&dep.client, &dep.js, &dep.job_subject(), n, false, Pace::Burst).await?;
+                round(&dep.client, &dep.js, &dep.job_subject(), n, false, Pace::Burst, false).await?;
             recorded += n;
-            anyhow::ensure!(
-                dep.wait_rows(recorded, Duration::from_secs(120)).await?,
-                "usage rows missing"
-            );
+            dep.require_rows(recorded).await?;
             rates.push(rate(n, &sent, received.last_result().unwrap_or_else(Instant::now)));
         }
         let one = rates.first().copied().unwrap_or(1.0);

@@ -15,7 +15,7 @@ use async_nats::jetstream::{
     consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull},
 };
 use chrono::{DateTime, Utc};
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -96,14 +96,11 @@ impl Recorder {
                 // (and fsync) per interval at moderate rates, full batches under load.
                 let mut batch = vec![first];
                 let until = tokio::time::Instant::now() + self.batch_wait;
+                // A timeout polls the stream before its deadline: a passed one (batch_wait 0)
+                // still takes what is already buffered.
                 while batch.len() < self.batch_size {
-                    let next = if self.batch_wait.is_zero() {
-                        messages.next().now_or_never()
-                    } else {
-                        tokio::time::timeout_at(until, messages.next()).await.ok()
-                    };
-                    match next {
-                        Some(Some(Ok(m))) => batch.push(m),
+                    match tokio::time::timeout_at(until, messages.next()).await {
+                        Ok(Some(Ok(m))) => batch.push(m),
                         _ => break,
                     }
                 }
