@@ -14,6 +14,18 @@ use serde_json::{Value, json};
 use testcontainers_modules::testcontainers::{ContainerAsync, ImageExt, runners::AsyncRunner};
 use uuid::Uuid;
 
+/// A worker that answers jobs and records usage (what `llm-worker run` starts).
+pub const ALL_ROLES: Roles = Roles {
+    jobs: true,
+    recorder: true,
+};
+
+/// A worker that answers jobs and records nothing (`run --no-recorder`).
+pub const JOBS_ONLY: Roles = Roles {
+    jobs: true,
+    recorder: false,
+};
+
 /// Connection strings for the services, and any containers started to provide them.
 pub struct Services {
     pub nats_url: String,
@@ -161,14 +173,7 @@ impl TestApp {
     }
 
     pub async fn start_worker(&mut self) {
-        self.start_worker_with(
-            Roles {
-                jobs: true,
-                recorder: true,
-            },
-            |_| {},
-        )
-        .await;
+        self.start_worker_with(ALL_ROLES, |_| {}).await;
     }
 
     /// A unique reply subject, subscribed before the job is published.
@@ -279,10 +284,15 @@ impl TestApp {
     }
 
     /// Wait (bounded) until `sql` (returning one bigint) returns `expected`.
+    /// The `bigint` a one-value query returns.
+    pub async fn count(&self, sql: &str) -> i64 {
+        sqlx::query_scalar(sql).fetch_one(&self.db).await.unwrap()
+    }
+
     pub async fn wait_count(&self, sql: &str, expected: i64) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
-            let n: i64 = sqlx::query_scalar(sql).fetch_one(&self.db).await.unwrap();
+            let n = self.count(sql).await;
             if n == expected {
                 return;
             }

@@ -9,7 +9,7 @@ use futures::StreamExt;
 use llm_worker::testkit::{FakeOpenAi, Reply};
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, collect_reply, openai_provider};
+use crate::helpers::{JOBS_ONLY, TestApp, collect_reply, openai_provider};
 
 fn slow_answer(chunks: usize, delay_ms: u64) -> Reply {
     Reply::Answer {
@@ -69,11 +69,7 @@ async fn two_workers_share_one_consumer_and_answer_every_job_exactly_once() {
     fake.set_default(slow_answer(3, 30));
     let mut app = TestApp::new(&openai_provider("openai", &fake.base_url(), "m")).await;
     for _ in 0..2 {
-        let roles = llm_worker::app::Roles {
-            jobs: true,
-            recorder: false,
-        };
-        app.start_worker_with(roles, |c| c.worker.max_in_flight = 2)
+        app.start_worker_with(JOBS_ONLY, |c| c.worker.max_in_flight = 2)
             .await;
     }
     let (reply_to, mut sub) = app.reply_inbox().await;
@@ -162,11 +158,7 @@ async fn a_job_still_running_when_the_grace_period_ends_is_handed_to_another_wor
     fake.push(slow_answer(50, 100));
     fake.set_default(Reply::answer(&["second ", "worker"], (1, 2)));
     let mut app = TestApp::new(&openai_provider("openai", &fake.base_url(), "m")).await;
-    let roles = llm_worker::app::Roles {
-        jobs: true,
-        recorder: false,
-    };
-    app.start_worker_with(roles, |c| c.worker.shutdown_grace_secs = 1)
+    app.start_worker_with(JOBS_ONLY, |c| c.worker.shutdown_grace_secs = 1)
         .await;
     let (reply_to, mut sub) = app.reply_inbox().await;
 
@@ -182,7 +174,7 @@ async fn a_job_still_running_when_the_grace_period_ends_is_handed_to_another_wor
     );
     app.workers.pop().unwrap().shutdown().await;
 
-    app.start_worker_with(roles, |c| c.worker.id = Some("successor".into()))
+    app.start_worker_with(JOBS_ONLY, |c| c.worker.id = Some("successor".into()))
         .await;
     let reply = collect_reply(&mut sub).await;
     assert_eq!(reply.result["status"], "ok");
@@ -198,11 +190,7 @@ async fn a_job_longer_than_ack_wait_is_kept_alive_by_progress_acks_and_not_redel
     // About 4.5 s of streaming against an ack wait of 3 s.
     fake.set_default(slow_answer(8, 500));
     let mut app = TestApp::new(&openai_provider("openai", &fake.base_url(), "m")).await;
-    let roles = llm_worker::app::Roles {
-        jobs: true,
-        recorder: false,
-    };
-    app.start_worker_with(roles, |c| c.nats.ack_wait_secs = 3)
+    app.start_worker_with(JOBS_ONLY, |c| c.nats.ack_wait_secs = 3)
         .await;
     let (reply_to, mut sub) = app.reply_inbox().await;
 
@@ -227,11 +215,7 @@ async fn workers_report_per_provider_health_over_nats() {
     let fake = FakeOpenAi::start().await.unwrap();
     fake.set_default(Reply::status(500, "down"));
     let mut app = TestApp::new(&openai_provider("openai", &fake.base_url(), "m")).await;
-    let roles = llm_worker::app::Roles {
-        jobs: true,
-        recorder: false,
-    };
-    app.start_worker_with(roles, |_| {}).await;
+    app.start_worker_with(JOBS_ONLY, |_| {}).await;
     let (reply_to, mut sub) = app.reply_inbox().await;
     app.publish(json!({"prompt": "x", "reply_to": reply_to}))
         .await;

@@ -8,7 +8,7 @@ use serde_json::json;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use crate::helpers::{TestApp, collect_reply, openai_provider};
+use crate::helpers::{ALL_ROLES, TestApp, collect_reply, openai_provider};
 
 const PRIMARY_PRICE: (f64, f64) = (3.0, 15.0);
 const BACKUP_PRICE: (f64, f64) = (1.0, 2.0);
@@ -180,12 +180,8 @@ async fn results_arriving_within_the_batch_wait_share_one_transaction() {
     let fake = FakeOpenAi::start().await.unwrap();
     fake.set_default(Reply::answer(&["ok"], (3, 1)));
     let mut app = TestApp::new(&openai_provider("openai", &fake.base_url(), "m")).await;
-    let roles = llm_worker::app::Roles {
-        jobs: true,
-        recorder: true,
-    };
     // Long enough that a slow machine still lands the three results in one window.
-    app.start_worker_with(roles, |c| c.recorder.batch_wait_ms = 2_000)
+    app.start_worker_with(ALL_ROLES, |c| c.recorder.batch_wait_ms = 2_000)
         .await;
     let (reply_to, mut sub) = app.reply_inbox().await;
     for i in 0..3 {
@@ -197,10 +193,9 @@ async fn results_arriving_within_the_batch_wait_share_one_transaction() {
     }
     app.wait_count("SELECT count(*) FROM llm_jobs", 3).await;
     // Rows written by one transaction carry the same xmin.
-    let transactions: i64 = sqlx::query_scalar("SELECT count(DISTINCT xmin::text) FROM llm_jobs")
-        .fetch_one(&app.db)
-        .await
-        .unwrap();
+    let transactions = app
+        .count("SELECT count(DISTINCT xmin::text) FROM llm_jobs")
+        .await;
     assert_eq!(
         transactions, 1,
         "one commit for results inside one batch wait"
@@ -261,15 +256,9 @@ async fn with_postgres_unreachable_from_the_start_jobs_flow_and_every_row_appear
     migrate(&app).await; // so the test can count rows directly during the outage
     // Unreachable from before the worker starts: it must start and serve jobs anyway.
     outage.set_up(false);
-    app.start_worker_with(
-        llm_worker::app::Roles {
-            jobs: true,
-            recorder: true,
-        },
-        |c| {
-            c.database.url = Some(proxied.into());
-        },
-    )
+    app.start_worker_with(ALL_ROLES, |c| {
+        c.database.url = Some(proxied.into());
+    })
     .await;
     let (reply_to, mut sub) = app.reply_inbox().await;
 
@@ -282,10 +271,7 @@ async fn with_postgres_unreachable_from_the_start_jobs_flow_and_every_row_appear
             "jobs flow without Postgres"
         );
     }
-    let during: i64 = sqlx::query_scalar("SELECT count(*) FROM llm_jobs")
-        .fetch_one(&app.db)
-        .await
-        .unwrap();
+    let during = app.count("SELECT count(*) FROM llm_jobs").await;
     assert_eq!(
         during, 0,
         "nothing could be written while Postgres was unreachable"
@@ -349,11 +335,9 @@ async fn a_price_change_applies_to_later_calls_only_and_an_unknown_price_gives_n
     assert_eq!(cost(before).await, (Some(0.0015), Some(0.0015)));
     assert_eq!(cost(after).await, (Some(0.015), Some(0.015)));
     assert_eq!(cost(unpriced).await, (None, None));
-    let unpriced_calls: i64 =
-        sqlx::query_scalar("SELECT sum(unpriced_calls)::bigint FROM llm_usage_daily")
-            .fetch_one(&app.db)
-            .await
-            .unwrap();
+    let unpriced_calls = app
+        .count("SELECT sum(unpriced_calls)::bigint FROM llm_usage_daily")
+        .await;
     assert_eq!(unpriced_calls, 1);
     app.teardown().await;
 }
