@@ -22,6 +22,7 @@ use crate::providers::Registry;
 use crate::queue::{self, PullLoop};
 use crate::reply::Replies;
 use crate::status;
+use crate::trust::ReplyPolicy;
 use crate::usage;
 use crate::worker::Worker;
 
@@ -59,23 +60,55 @@ impl Running {
     }
 }
 
-/// Connect to NATS with the configured credentials.
+/// Connect to NATS as a client (`submit`, `status`): the configured credentials and TLS.
 pub async fn connect_nats(nats: &NatsConfig) -> anyhow::Result<async_nats::Client> {
+    connect(nats, None).await
+}
+
+/// Connect to NATS as a worker: like a client, but with the worker's own inbox prefix, which
+/// no job may name as its reply subject.
+pub async fn connect_worker_nats(nats: &NatsConfig) -> anyhow::Result<async_nats::Client> {
+    connect(nats, Some(&nats.inbox_prefix)).await
+}
+
+async fn connect(nats: &NatsConfig, inbox: Option<&str>) -> anyhow::Result<async_nats::Client> {
     let mut options = async_nats::ConnectOptions::new()
         .name("llm-worker")
         .retry_on_initial_connect()
         .connection_timeout(Duration::from_secs(5));
+    if let Some(prefix) = inbox {
+        options = options.custom_inbox_prefix(prefix);
+    }
     if let Some(path) = &nats.credentials_file {
         options = options
             .credentials_file(path)
             .await
             .with_context(|| format!("reading NATS credentials {}", path.display()))?;
     }
+    if let (Some(user), Some(password)) = (&nats.user, &nats.password) {
+        options = options.user_and_password(user.clone(), password.expose_secret().to_string());
+    }
+    if let Some(path) = &nats.nkey_seed_file {
+        let seed = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the NATS nkey seed {}", path.display()))?;
+        options = options.nkey(seed.trim().to_string());
+    }
+    if let Some(ca) = &nats.tls_ca {
+        options = options.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    if let (Some(cert), Some(key)) = (&nats.tls_cert, &nats.tls_key) {
+        options = options.add_client_certificate(cert.clone(), key.clone());
+    }
+    if nats.require_tls {
+        options = options.require_tls(true);
+    }
     // Don't block forever when the server is down at start: fail with a clear message instead.
+    // The URL is printed without its password.
+    let url = nats.display_url();
     let client = tokio::time::timeout(Duration::from_secs(15), options.connect(nats.url.as_str()))
         .await
-        .map_err(|_| anyhow::anyhow!("cannot reach NATS at {} within 15 s", nats.url))?
-        .with_context(|| format!("connecting to NATS at {}", nats.url))?;
+        .map_err(|_| anyhow::anyhow!("cannot reach NATS at {url} within 15 s"))?
+        .with_context(|| format!("connecting to NATS at {url}"))?;
     Ok(client)
 }
 
@@ -111,7 +144,7 @@ pub async fn start(config: Config, roles: Roles) -> anyhow::Result<Running> {
     }
     let config = Arc::new(config);
     let nats_cfg = Arc::new(config.nats.clone());
-    let client = connect_nats(&nats_cfg).await?;
+    let client = connect_worker_nats(&nats_cfg).await?;
     let js = async_nats::jetstream::new(client.clone());
     queue::ensure_streams(&js, &nats_cfg).await?;
 
@@ -189,12 +222,13 @@ pub async fn start(config: Config, roles: Roles) -> anyhow::Result<Running> {
         } else {
             vec![JobKind::Generate]
         };
-        let worker = Worker::new(&config, chain, embed_chain, replies, prices.clone());
+        let worker = Worker::new(&config, chain, embed_chain, replies, prices.clone())?;
         background.spawn(status::serve(
             client.clone(),
             status::subject(&nats_cfg),
             config.worker_id(),
             health.clone(),
+            ReplyPolicy::new(&nats_cfg).map_err(anyhow::Error::msg)?,
             stop.clone(),
         ));
         for kind in kinds {

@@ -24,11 +24,12 @@ use crate::config::{Config, Strategy, split_route_entry};
 use crate::error::{Disposition, ErrorCode, ProviderError};
 use crate::event::{AttemptRecord, ErrorBody, elapsed_ms};
 use crate::health::{Admission, Health};
-use crate::job::{GenerateRequest, Job};
+use crate::job::{Catalog, GenerateRequest, Job};
 use crate::pricing::PriceBook;
 use crate::providers::{
     Provider, ProviderEvent, Registry, Usage, estimate_request_tokens, estimate_tokens,
 };
+use crate::trust::quote;
 
 /// Longest wait the chain accepts from a provider's Retry-After before falling back instead.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
@@ -90,6 +91,8 @@ pub struct Chain {
     registry: Registry,
     routes: Arc<BTreeMap<String, Route>>,
     strategies: Arc<BTreeMap<String, Strategy>>,
+    /// Routes whose jobs may pin a provider the route does not list.
+    pin_any: Arc<[String]>,
     pub(crate) health: Health,
     prices: PriceBook,
 }
@@ -124,6 +127,7 @@ impl Chain {
             registry,
             routes: Arc::new(routes),
             strategies: Arc::new(config.strategies.clone()),
+            pin_any: config.pin_any_provider.clone().into(),
             health,
             prices,
         }
@@ -137,16 +141,18 @@ impl Chain {
         &self.registry
     }
 
+    /// The route a task type selects: its own, else `default`.
+    fn route_name<'a>(&self, task_type: Option<&'a str>) -> &'a str {
+        task_type
+            .filter(|t| self.routes.contains_key(*t))
+            .unwrap_or("default")
+    }
+
     /// The ordered targets for a job: its route (by task type, else `default`), with the job's
     /// pinned provider/model first and the route's other entries as its fallbacks. A model
     /// given without a provider applies to the route's first entry.
     pub fn plan(&self, job: &Job) -> Vec<Target> {
-        let task = job
-            .envelope
-            .task_type
-            .as_deref()
-            .filter(|t| self.routes.contains_key(*t))
-            .unwrap_or("default");
+        let task = self.route_name(job.envelope.task_type.as_deref());
         let strategy = self.strategies.get(task).copied().unwrap_or_default();
         let route = self.routes.get(task).cloned().unwrap_or_default();
         let mut entries: Vec<(String, Option<String>)> = Vec::new();
@@ -284,6 +290,47 @@ impl Chain {
         Outcome {
             attempts,
             result: Err(error),
+        }
+    }
+}
+
+impl Catalog for Chain {
+    /// A job may pin a provider of its route (any configured one where the route is listed in
+    /// `pin_any_provider`), and a model the provider's `models` allow-list admits. A model
+    /// without a provider applies to the route's first entry, so that entry's list decides.
+    fn check_pin(
+        &self,
+        task_type: Option<&str>,
+        provider: Option<&str>,
+        model: Option<&str>,
+    ) -> Result<(), String> {
+        let task = self.route_name(task_type);
+        let route = self.routes.get(task).map(Vec::as_slice).unwrap_or_default();
+        let name = match provider {
+            Some(p) => {
+                if !self.registry.contains(p) {
+                    return Err(format!("provider: unknown provider {}", quote(p)));
+                }
+                let in_route = route.iter().any(|(rp, _)| rp == p);
+                if !in_route && !self.pin_any.iter().any(|r| r == task) {
+                    return Err(format!(
+                        "provider: {} is not in route '{task}' (list the route in pin_any_provider to allow it)",
+                        quote(p)
+                    ));
+                }
+                p
+            }
+            None => match route.first() {
+                Some((p, _)) => p.as_str(),
+                None => return Ok(()),
+            },
+        };
+        match (model, self.registry.get(name)) {
+            (Some(m), Some(p)) if !p.allows_model(m) => Err(format!(
+                "model: {} is not allowed for provider '{name}'",
+                quote(m)
+            )),
+            _ => Ok(()),
         }
     }
 }

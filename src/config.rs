@@ -65,7 +65,27 @@ pub struct Config {
     pub embed_mixed_dimensions: Vec<String>,
     /// `task_type` -> how its route's entries are ordered (default `ordered`).
     pub strategies: BTreeMap<String, Strategy>,
+    /// Routes whose jobs may pin a provider the route does not list. Elsewhere a job may pin
+    /// only the route's own providers.
+    pub pin_any_provider: Vec<String>,
     pub circuit_breaker: CircuitConfig,
+    pub limits: LimitsConfig,
+}
+
+/// Bounds on what a job may ask for (issue: no single job can stop the fleet).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Longest model name a job may pin, in bytes.
+    pub max_model_chars: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_model_chars: 128,
+        }
+    }
 }
 
 /// How a route's entries are ordered for a job (a pinned provider always goes first).
@@ -102,10 +122,32 @@ impl Default for CircuitConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NatsConfig {
-    /// Server URL(s), comma separated.
+    /// Server URL(s), comma separated. May carry `user:password@`; never printed.
     pub url: String,
     /// Path to a `.creds` file (NGS / decentralised auth).
     pub credentials_file: Option<PathBuf>,
+    /// User name and password (set the password with `LLM_WORKER__NATS__PASSWORD`).
+    pub user: Option<String>,
+    pub password: Option<SecretString>,
+    /// Path to a file holding an NKey seed (`SU...`).
+    pub nkey_seed_file: Option<PathBuf>,
+    /// CA certificate (PEM) that signs the server's certificate; implies TLS.
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate and key (PEM) for servers that verify clients.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Refuse to talk to the server without TLS.
+    pub require_tls: bool,
+    /// Subject prefixes a job's `reply_to` (and a status request's reply) must start with.
+    /// Default `["<subject_prefix>.replies.", "_INBOX."]`. A `{tenant}` token is replaced by
+    /// the job's tenant (`llm.replies.{tenant}.`), binding reply subjects to tenants.
+    pub reply_prefixes: Option<Vec<String>>,
+    /// Take the tenant from the job's subject (`<prefix>.jobs.generate.<tenant>`) instead of
+    /// its body: with one NATS user per tenant, NATS itself vouches for it.
+    pub tenant_from_subject: bool,
+    /// Inbox prefix of the worker's own NATS connection (JetStream API answers). Never a valid
+    /// reply subject for a job, so no job can inject a message into the worker's requests.
+    pub inbox_prefix: String,
     /// Subject prefix: jobs on `<prefix>.jobs.*`, results on `<prefix>.results.<job_id>`.
     pub subject_prefix: String,
     pub jobs_stream: String,
@@ -125,6 +167,16 @@ impl Default for NatsConfig {
         Self {
             url: "nats://127.0.0.1:4222".into(),
             credentials_file: None,
+            user: None,
+            password: None,
+            nkey_seed_file: None,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+            require_tls: false,
+            reply_prefixes: None,
+            tenant_from_subject: false,
+            inbox_prefix: "_LLMW_INBOX".into(),
             subject_prefix: "llm".into(),
             jobs_stream: "LLM_JOBS".into(),
             results_stream: "LLM_RESULTS".into(),
@@ -143,8 +195,31 @@ impl NatsConfig {
     pub fn result_subject(&self, job_id: &uuid::Uuid) -> String {
         format!("{}.results.{job_id}", self.subject_prefix)
     }
+    /// Where orchestrators publish jobs of `kind` (without the tenant token).
     pub fn job_subject(&self, kind: crate::job::JobKind) -> String {
         format!("{}.jobs.{}", self.subject_prefix, kind.as_str())
+    }
+    /// What the consumer of `kind` takes: the job subject, or with `tenant_from_subject` every
+    /// `<job subject>.<tenant>` (one token).
+    pub fn job_filter(&self, kind: crate::job::JobKind) -> String {
+        if self.tenant_from_subject {
+            format!("{}.*", self.job_subject(kind))
+        } else {
+            self.job_subject(kind)
+        }
+    }
+    /// The reply prefixes in force (the configured ones, or the defaults).
+    pub fn reply_prefixes(&self) -> Vec<String> {
+        self.reply_prefixes.clone().unwrap_or_else(|| {
+            vec![
+                format!("{}.replies.", self.subject_prefix),
+                "_INBOX.".to_string(),
+            ]
+        })
+    }
+    /// The server URL(s) with any password replaced, safe to print.
+    pub fn display_url(&self) -> String {
+        crate::trust::redact_url(&self.url)
     }
     /// The durable consumer of one job kind, shared by every worker process of a deployment.
     pub fn consumer_name(&self, kind: crate::job::JobKind) -> String {
@@ -292,6 +367,10 @@ pub struct ProviderConfig {
     /// Model used when neither the job nor the route names one.
     #[serde(default)]
     pub default_model: Option<String>,
+    /// Models a job may pin on this provider (exact names, or `prefix*`); any when absent.
+    /// Models named by routes are always allowed.
+    #[serde(default)]
+    pub models: Option<Vec<String>>,
     #[serde(default = "default_max_tokens_field")]
     pub max_tokens_field: MaxTokensField,
     #[serde(default = "default_connect_timeout_ms")]
@@ -381,6 +460,7 @@ impl ProviderConfig {
             api_key_env: None,
             api_key: None,
             default_model: None,
+            models: None,
             max_tokens_field: default_max_tokens_field(),
             connect_timeout_ms: default_connect_timeout_ms(),
             first_token_timeout_ms: default_first_token_timeout_ms(),
@@ -533,6 +613,26 @@ impl Config {
                 return Err(invalid(key, "must be a non-empty NATS token"));
             }
         }
+        if self.nats.inbox_prefix.is_empty()
+            || self.nats.inbox_prefix.starts_with('$')
+            || !crate::trust::is_literal_subject(&self.nats.inbox_prefix)
+        {
+            return Err(invalid(
+                "nats.inbox_prefix",
+                "must be a literal subject not under $",
+            ));
+        }
+        crate::trust::ReplyPolicy::new(&self.nats)
+            .map_err(|e| invalid("nats.reply_prefixes", e))?;
+        if self.nats.tls_cert.is_some() != self.nats.tls_key.is_some() {
+            return Err(invalid(
+                "nats.tls_cert",
+                "nats.tls_cert and nats.tls_key must be set together",
+            ));
+        }
+        if self.nats.password.is_some() && self.nats.user.is_none() {
+            return Err(invalid("nats.password", "needs nats.user"));
+        }
         if self.worker.default_timeout_ms == 0
             || self.worker.default_timeout_ms > self.worker.max_timeout_ms
         {
@@ -576,6 +676,14 @@ impl Config {
                 return Err(invalid(
                     "routes.default",
                     "required when more than one provider is configured",
+                ));
+            }
+        }
+        for task in &self.pin_any_provider {
+            if !self.routes.contains_key(task) && !self.embed_routes.contains_key(task) {
+                return Err(invalid(
+                    "pin_any_provider",
+                    format!("names route '{task}', which does not exist"),
                 ));
             }
         }

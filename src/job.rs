@@ -10,6 +10,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use uuid::Uuid;
 
+use crate::trust::{QUOTE_CHARS, ReplyPolicy, check_model_name, quote};
+
 /// The two job kinds, one JetStream subject and one durable consumer each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -34,6 +36,7 @@ pub struct Limits {
     pub max_job_bytes: usize,
     pub default_timeout: Duration,
     pub max_timeout: Duration,
+    pub max_model_chars: usize,
 }
 
 /// Who a job is and where its answers go: known even for many invalid jobs.
@@ -170,40 +173,66 @@ struct WireEmbedOptions {
     dimensions: Option<u32>,
 }
 
-/// Identity for a message whose job id cannot be read: the `Nats-Msg-Id` header when it is a
-/// UUID, else a UUID derived from the message's stream position, stable across redeliveries.
-#[derive(Debug, Clone)]
-pub struct Fallback<'a> {
+/// What the transport says about a message beyond its body.
+#[derive(Debug, Clone, Default)]
+pub struct Delivery<'a> {
+    /// The `Nats-Msg-Id` header: JetStream's dedup key, and the job id.
     pub msg_id: Option<&'a str>,
-    pub stream: &'a str,
-    pub stream_sequence: u64,
+    /// The tenant NATS vouches for (the last token of the job's subject), when the deployment
+    /// takes tenants from subjects; the body's `tenant` is then ignored.
+    pub subject_tenant: Option<&'a str>,
 }
 
-impl Fallback<'_> {
-    fn job_id(&self) -> Uuid {
-        if let Some(id) = self.msg_id.and_then(|s| Uuid::parse_str(s).ok()) {
-            return id;
-        }
-        let name = format!("{}:{}", self.stream, self.stream_sequence);
-        Uuid::new_v5(&Uuid::NAMESPACE_OID, name.as_bytes())
-    }
+/// What the deployment's configuration decides about pinning (the chain implements it; this
+/// module knows no routes).
+pub trait Catalog: Send + Sync {
+    /// Whether a job of `task_type` may pin `provider` and/or `model`; the reason (naming the
+    /// field) when not: an unknown provider, one outside the job's route, a model outside the
+    /// provider's allow-list.
+    fn check_pin(
+        &self,
+        task_type: Option<&str>,
+        provider: Option<&str>,
+        model: Option<&str>,
+    ) -> Result<(), String>;
+}
+
+/// Everything a job is checked against.
+#[derive(Clone, Copy)]
+pub struct Rules<'a> {
+    pub limits: &'a Limits,
+    pub replies: &'a ReplyPolicy,
+    pub catalog: &'a dyn Catalog,
 }
 
 /// Decode and validate one job message.
 pub fn decode(
     kind: JobKind,
     payload: &[u8],
-    fallback: &Fallback<'_>,
-    limits: &Limits,
-    provider_exists: &dyn Fn(&str) -> bool,
+    delivery: &Delivery<'_>,
+    rules: &Rules<'_>,
 ) -> Result<Job, Box<InvalidJob>> {
+    let limits = rules.limits;
+    // Checked before parsing: the size of a message bounds what parsing it costs. Its identity
+    // then comes from the transport alone (header, subject), and no reply subject is known.
+    if payload.len() > limits.max_job_bytes {
+        let (envelope, _) = read_envelope(WireEnvelope::default(), delivery, rules.replies);
+        return Err(Box::new(InvalidJob {
+            envelope,
+            reason: format!(
+                "job is {} bytes, more than the limit of {} bytes",
+                payload.len(),
+                limits.max_job_bytes
+            ),
+        }));
+    }
     // Read the envelope leniently: wrong types in it are reported, not fatal to answering.
     let value: Option<serde_json::Value> = serde_json::from_slice(payload).ok();
     let wire_env: WireEnvelope = value
         .as_ref()
         .and_then(|v| WireEnvelope::deserialize(v).ok())
         .unwrap_or_default();
-    let (envelope, envelope_problem) = read_envelope(wire_env, fallback);
+    let (envelope, envelope_problem) = read_envelope(wire_env, delivery, rules.replies);
     let fail = |reason: String| {
         Box::new(InvalidJob {
             envelope: envelope.clone(),
@@ -211,48 +240,56 @@ pub fn decode(
         })
     };
 
-    if payload.len() > limits.max_job_bytes {
-        return Err(fail(format!(
-            "job is {} bytes, more than the limit of {} bytes",
-            payload.len(),
-            limits.max_job_bytes
-        )));
-    }
     let value = match value {
         Some(v @ serde_json::Value::Object(_)) => v,
         Some(_) => return Err(fail("job must be a JSON object".into())),
         None => {
             let err = serde_json::from_slice::<serde_json::Value>(payload).err();
             let detail = err.map(|e| e.to_string()).unwrap_or_default();
-            return Err(fail(format!("job is not valid JSON: {detail}")));
+            return Err(fail(format!(
+                "job is not valid JSON: {}",
+                clip_reason(&detail)
+            )));
         }
     };
     if let Some(problem) = envelope_problem {
         return Err(fail(problem));
     }
 
+    // The path names job keys, which can be anything (an unknown `options` key): clipped too.
+    let serde_fail = |path: String, e: &serde_json::Error| {
+        let mut short: String = path.chars().take(QUOTE_CHARS).collect();
+        if short.len() < path.len() {
+            short.push('…');
+        }
+        let short = short.escape_debug();
+        fail(format!("{short}: {}", clip_reason(&e.to_string())))
+    };
     let (provider, model, timeout_ms, body) = match kind {
         JobKind::Generate => {
             let w: WireGenerate = serde_path_to_error::deserialize(&value)
-                .map_err(|e| fail(format!("{}: {}", e.path(), e.inner())))?;
+                .map_err(|e| serde_fail(e.path().to_string(), e.inner()))?;
             let body = JobBody::Generate(generate_request(&w).map_err(&fail)?);
             (w.provider, w.model, w.timeout_ms, body)
         }
         JobKind::Embed => {
             let w: WireEmbed = serde_path_to_error::deserialize(&value)
-                .map_err(|e| fail(format!("{}: {}", e.path(), e.inner())))?;
+                .map_err(|e| serde_fail(e.path().to_string(), e.inner()))?;
             let body = JobBody::Embed(embed_request(&w).map_err(&fail)?);
             (w.provider, w.model, w.timeout_ms, body)
         }
     };
-    if let Some(p) = &provider
-        && !provider_exists(p)
-    {
-        return Err(fail(format!("provider: unknown provider '{p}'")));
+    if let Some(m) = &model {
+        check_model_name(m, limits.max_model_chars).map_err(&fail)?;
     }
-    if model.as_deref().is_some_and(|m| m.trim().is_empty()) {
-        return Err(fail("model: must not be empty".into()));
-    }
+    rules
+        .catalog
+        .check_pin(
+            envelope.task_type.as_deref(),
+            provider.as_deref(),
+            model.as_deref(),
+        )
+        .map_err(&fail)?;
     let timeout = match timeout_ms {
         None => limits.default_timeout,
         Some(0) => return Err(fail("timeout_ms: must be positive".into())),
@@ -277,18 +314,24 @@ pub fn decode(
     })
 }
 
-fn read_envelope(w: WireEnvelope, fallback: &Fallback<'_>) -> (Envelope, Option<String>) {
+/// The job's identity from its body and transport. Problems are noted (the first one wins) but
+/// an identity is always produced, so even a refused job can be answered and recorded.
+fn read_envelope(
+    w: WireEnvelope,
+    delivery: &Delivery<'_>,
+    replies: &ReplyPolicy,
+) -> (Envelope, Option<String>) {
     use serde_json::Value;
     let mut problem: Option<String> = None;
     let mut note = |p: String| {
         problem.get_or_insert(p);
     };
-    let job_id = match w.job_id {
+    let body_id = match w.job_id {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => match Uuid::parse_str(&s) {
             Ok(id) => Some(id),
             Err(_) => {
-                note(format!("job_id: '{}' is not a UUID", truncate(&s, 64)));
+                note(format!("job_id: {} is not a UUID", quote(&s)));
                 None
             }
         },
@@ -297,8 +340,30 @@ fn read_envelope(w: WireEnvelope, fallback: &Fallback<'_>) -> (Envelope, Option<
             None
         }
     };
-    // A job without an id gets a stable one: the dedup header or its stream position.
-    let job_id = job_id.unwrap_or_else(|| fallback.job_id());
+    let header_id = delivery.msg_id.map(|h| (h, Uuid::parse_str(h).ok()));
+    // The header is JetStream's dedup key: it must be the job id, so the duplicate window
+    // protects every id. Without either, the id is random (never derived from anything a
+    // publisher could predict, such as the stream sequence).
+    let job_id = match (body_id, header_id) {
+        (Some(id), Some((_, Some(h)))) if h == id => id,
+        (Some(id), Some((h, _))) => {
+            note(format!(
+                "job_id: does not match the Nats-Msg-Id header {}",
+                quote(h)
+            ));
+            id
+        }
+        (Some(id), None) => id,
+        (None, Some((_, Some(h)))) => h,
+        (None, Some((h, None))) => {
+            note(format!(
+                "Nats-Msg-Id: {} is not a UUID (the header is the job id)",
+                quote(h)
+            ));
+            Uuid::now_v7()
+        }
+        (None, None) => Uuid::now_v7(),
+    };
     let mut string_field = |name: &str, v: Option<Value>| -> Option<String> {
         match v {
             None | Some(Value::Null) => None,
@@ -310,16 +375,18 @@ fn read_envelope(w: WireEnvelope, fallback: &Fallback<'_>) -> (Envelope, Option<
         }
     };
     let trace_id = string_field("trace_id", w.trace_id).unwrap_or_else(|| job_id.to_string());
-    let tenant = string_field("tenant", w.tenant).unwrap_or_else(|| "default".into());
+    let body_tenant = string_field("tenant", w.tenant);
+    let tenant = match delivery.subject_tenant {
+        Some(t) => t.to_string(),
+        None => body_tenant.unwrap_or_else(|| "default".into()),
+    };
     let task_type = string_field("task_type", w.task_type);
     let reply_to = string_field("reply_to", w.reply_to);
-    let reply_to = match reply_to {
-        Some(s) if is_valid_publish_subject(&s) => Some(s),
-        Some(s) => {
-            note(format!(
-                "reply_to: '{}' is not a valid NATS subject",
-                truncate(&s, 64)
-            ));
+    // A refused reply subject is never published to, not even the refusal.
+    let reply_to = match reply_to.map(|s| replies.check(&s, &tenant).map(|()| s)) {
+        Some(Ok(s)) => Some(s),
+        Some(Err(refused)) => {
+            note(refused);
             None
         }
         None => None,
@@ -431,45 +498,94 @@ fn embed_request(w: &WireEmbed) -> Result<EmbedRequest, String> {
     })
 }
 
-/// A subject one can publish to: dot-separated non-empty tokens, no wildcards or whitespace.
-pub fn is_valid_publish_subject(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 512
-        && s.split('.')
-            .all(|t| !t.is_empty() && t != "*" && t != ">" && !t.chars().any(|c| c.is_whitespace()))
-}
-
-fn truncate(s: &str, max: usize) -> String {
-    if s.chars().count() <= max {
-        s.to_string()
-    } else {
-        let mut t: String = s.chars().take(max).collect();
-        t.push('…');
-        t
+/// A serde error text with any value it quotes cut short: serde quotes whole strings
+/// (`invalid type: string "<the whole prompt>"`), and a reason may reach logs and rows.
+fn clip_reason(text: &str) -> String {
+    const MAX: usize = 200;
+    let mut out = String::new();
+    let mut rest = text;
+    // Shorten every quoted (`"..."` or `` `...` ``) span to a short prefix.
+    while let Some(open) = rest.find(['"', '`']) {
+        let q = rest.as_bytes()[open] as char;
+        out.push_str(&rest[..=open]);
+        let inner = &rest[open + 1..];
+        // A quoted string may itself hold quotes (serde prints it raw): take the last one;
+        // backticks enclose names, the first closing one ends them.
+        let close = if q == '"' {
+            inner.rfind(q)
+        } else {
+            inner.find(q)
+        };
+        let close = close.unwrap_or(inner.len());
+        let quoted = &inner[..close];
+        let short: String = quoted.chars().take(QUOTE_CHARS).collect();
+        out.push_str(&short.escape_debug().to_string());
+        if short.len() < quoted.len() {
+            out.push('…');
+        }
+        rest = &inner[close..];
+        if let Some(r) = rest.strip_prefix(q) {
+            out.push(q);
+            rest = r;
+        }
     }
+    out.push_str(rest);
+    if out.chars().count() > MAX {
+        out = out.chars().take(MAX).collect::<String>() + "…";
+    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::NatsConfig;
 
     fn limits() -> Limits {
         Limits {
             max_job_bytes: 10_000,
             default_timeout: Duration::from_secs(120),
             max_timeout: Duration::from_secs(600),
+            max_model_chars: 64,
         }
     }
-    const FB: Fallback<'static> = Fallback {
-        msg_id: None,
-        stream: "S",
-        stream_sequence: 7,
-    };
+
+    /// Knows one provider, `openai`, and allows any pin of it.
+    struct OneProvider;
+    impl Catalog for OneProvider {
+        fn check_pin(
+            &self,
+            _: Option<&str>,
+            provider: Option<&str>,
+            _: Option<&str>,
+        ) -> Result<(), String> {
+            match provider {
+                Some(p) if p != "openai" => Err(format!("provider: unknown provider {p:?}")),
+                _ => Ok(()),
+            }
+        }
+    }
+
+    fn decode_with(
+        kind: JobKind,
+        json: &str,
+        delivery: &Delivery<'_>,
+    ) -> Result<Job, Box<InvalidJob>> {
+        let replies = ReplyPolicy::new(&NatsConfig {
+            reply_prefixes: Some(vec!["r.".into(), "llm.replies.".into()]),
+            ..Default::default()
+        })
+        .unwrap();
+        let rules = Rules {
+            limits: &limits(),
+            replies: &replies,
+            catalog: &OneProvider,
+        };
+        decode(kind, json.as_bytes(), delivery, &rules)
+    }
 
     fn gen_job(json: &str) -> Result<Job, Box<InvalidJob>> {
-        decode(JobKind::Generate, json.as_bytes(), &FB, &limits(), &|p| {
-            p == "openai"
-        })
+        decode_with(JobKind::Generate, json, &Delivery::default())
     }
 
     #[test]
@@ -477,6 +593,7 @@ mod tests {
         let job = gen_job(r#"{"prompt":"hi"}"#).unwrap();
         assert_eq!(job.envelope.tenant, "default");
         assert_eq!(job.envelope.trace_id, job.envelope.job_id.to_string());
+        assert_eq!(job.envelope.job_id.get_version_num(), 7);
         assert_eq!(job.timeout, Duration::from_secs(120));
         let JobBody::Generate(g) = job.body else {
             panic!()
@@ -532,7 +649,8 @@ mod tests {
             (r#"{"prompt":"x","options":{"bogus":1}}"#, "options"),
             (r#"{"prompt":"x","timeout_ms":0}"#, "timeout_ms"),
             (r#"{"prompt":"x","job_id":"abc"}"#, "job_id"),
-            (r#"{"prompt":"x","reply_to":"a.*"}"#, "reply_to"),
+            (r#"{"prompt":"x","reply_to":"r.*"}"#, "reply_to"),
+            (r#"{"prompt":"x","model":"a/../b"}"#, "model"),
         ] {
             let err = gen_job(json).unwrap_err();
             assert!(err.reason.starts_with(starts), "{json}: {}", err.reason);
@@ -540,36 +658,95 @@ mod tests {
     }
 
     #[test]
-    fn an_unreadable_job_gets_a_stable_derived_id() {
-        let a = gen_job("garbage").unwrap_err().envelope.job_id;
-        let b = gen_job("garbage").unwrap_err().envelope.job_id;
-        assert_eq!(a, b);
-        let with_header = Fallback {
-            msg_id: Some("0192f0c4-0000-7000-8000-000000000009"),
-            ..FB
-        };
-        let c = decode(
-            JobKind::Generate,
-            b"garbage",
-            &with_header,
-            &limits(),
-            &|_| true,
-        )
-        .unwrap_err()
-        .envelope
-        .job_id;
-        assert_eq!(c.to_string(), "0192f0c4-0000-7000-8000-000000000009");
+    fn a_refused_reply_subject_is_named_and_never_kept_for_publishing() {
+        let err =
+            gen_job(r#"{"prompt":"x","reply_to":"$JS.API.STREAM.PURGE.LLM_JOBS"}"#).unwrap_err();
+        assert_eq!(err.envelope.reply_to, None);
+        assert!(
+            err.reason.contains("$JS.API.STREAM.PURGE.LLM_JOBS") && err.reason.contains("under $"),
+            "{}",
+            err.reason
+        );
     }
 
     #[test]
-    fn oversized_jobs_are_refused() {
-        let big = format!(r#"{{"prompt":"{}"}}"#, "x".repeat(20_000));
-        assert!(gen_job(&big).unwrap_err().reason.contains("limit"));
+    fn the_body_id_and_the_dedup_header_must_agree() {
+        let id = "0192f0c4-0000-7000-8000-000000000001";
+        let other = "0192f0c4-0000-7000-8000-000000000002";
+        let json = format!(r#"{{"job_id":"{id}","prompt":"x"}}"#);
+        let same = Delivery {
+            msg_id: Some(id),
+            ..Default::default()
+        };
+        assert!(decode_with(JobKind::Generate, &json, &same).is_ok());
+        let different = Delivery {
+            msg_id: Some(other),
+            ..Default::default()
+        };
+        let err = decode_with(JobKind::Generate, &json, &different).unwrap_err();
+        assert!(err.reason.contains("Nats-Msg-Id"), "{}", err.reason);
+        let not_uuid = Delivery {
+            msg_id: Some("order-17"),
+            ..Default::default()
+        };
+        let err = decode_with(JobKind::Generate, r#"{"prompt":"x"}"#, &not_uuid).unwrap_err();
+        assert!(err.reason.starts_with("Nats-Msg-Id"), "{}", err.reason);
+        // The header alone names the job.
+        let job = decode_with(JobKind::Generate, r#"{"prompt":"x"}"#, &same).unwrap();
+        assert_eq!(job.envelope.job_id.to_string(), id);
+    }
+
+    #[test]
+    fn a_job_without_an_id_gets_a_fresh_random_one_not_a_predictable_one() {
+        let a = gen_job("garbage").unwrap_err().envelope.job_id;
+        let b = gen_job("garbage").unwrap_err().envelope.job_id;
+        assert_ne!(a, b);
+        assert_eq!(a.get_version_num(), 7);
+    }
+
+    #[test]
+    fn a_tenant_from_the_subject_overrides_the_bodys_claim() {
+        let delivery = Delivery {
+            subject_tenant: Some("acme"),
+            ..Default::default()
+        };
+        let job = decode_with(
+            JobKind::Generate,
+            r#"{"prompt":"x","tenant":"globex"}"#,
+            &delivery,
+        )
+        .unwrap();
+        assert_eq!(job.envelope.tenant, "acme");
+    }
+
+    #[test]
+    fn oversized_jobs_are_refused_before_parsing_with_both_sizes() {
+        let big = format!(r#"{{"prompt":"{}","reply_to":"r.1"}}"#, "x".repeat(20_000));
+        let err = gen_job(&big).unwrap_err();
+        assert!(
+            err.reason.contains(&big.len().to_string()) && err.reason.contains("10000"),
+            "{}",
+            err.reason
+        );
+        // Not parsed: the body's reply subject is unknown.
+        assert_eq!(err.envelope.reply_to, None);
+    }
+
+    #[test]
+    fn a_reason_quotes_only_a_short_prefix_of_a_value() {
+        let secret = format!("PRIVATE {}", "y".repeat(500));
+        let err = gen_job(&format!(r#"{{"prompt":"x","stream":"{secret}"}}"#)).unwrap_err();
+        assert!(err.reason.starts_with("stream"), "{}", err.reason);
+        assert!(err.reason.len() < 160, "{}", err.reason);
+        assert!(!err.reason.contains(&"y".repeat(60)), "{}", err.reason);
+        let err = gen_job(&format!(r#"{{"prompt":"x","options":{{"{secret}":1}}}}"#)).unwrap_err();
+        assert!(err.reason.len() < 260, "{}", err.reason);
+        assert!(!err.reason.contains(&"y".repeat(60)), "{}", err.reason);
     }
 
     #[test]
     fn embed_jobs_refuse_empty_input() {
-        let e = |j: &str| decode(JobKind::Embed, j.as_bytes(), &FB, &limits(), &|_| true);
+        let e = |j: &str| decode_with(JobKind::Embed, j, &Delivery::default());
         assert!(e(r#"{"input":["a","b"],"options":{"dimensions":8}}"#).is_ok());
         assert!(
             e(r#"{"input":[]}"#)

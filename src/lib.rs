@@ -21,6 +21,8 @@
 //! - [`reply`]: publishing chunks and results. [`usage`]: migrations, recorder, reports;
 //!   [`pricing`]: prices and cost.
 //! - [`health`]: circuit breakers and latency per provider; [`status`]: health over NATS.
+//! - [`trust`]: what an untrusted job may make the worker do (reply subjects, stored results
+//!   of other jobs, model names in URLs).
 //! - [`app`]: start-up and graceful shutdown. [`submit`]: the client side of `llm-worker submit`.
 //! - [`testkit`]: a fake OpenAI-compatible server for tests, demos and benchmarks;
 //!   [`bench`]: `llm-worker bench`, the end-to-end benchmark.
@@ -42,5 +44,6 @@ pub mod status;
 pub mod submit;
 pub mod telemetry;
 pub mod testkit;
+pub mod trust;
 pub mod usage;
 pub mod worker;

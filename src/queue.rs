@@ -81,7 +81,7 @@ pub async fn ensure_consumer(
         durable_name: Some(name.clone()),
         ack_policy: AckPolicy::Explicit,
         ack_wait: nats.ack_wait(),
-        filter_subject: nats.job_subject(kind),
+        filter_subject: nats.job_filter(kind),
         // Each worker bounds its own in-flight work; the fleet as a whole is not capped here.
         max_ack_pending: -1,
         ..Default::default()
@@ -101,10 +101,28 @@ pub async fn durable_consumer(
         message: e.to_string(),
     };
     let stream = js.get_stream_no_info(stream).await.map_err(|e| err(&e))?;
-    stream
+    let wanted = config.filter_subject.clone();
+    let mut consumer: PullConsumer = stream
         .get_or_create_consumer(&name, config)
         .await
-        .map_err(|e| err(&e))
+        .map_err(|e| err(&e))?;
+    // An existing consumer keeps its own filter (NATS 2.9 cannot change it): taking jobs
+    // from other subjects than the configuration says would be silent, so refuse to start.
+    let found = consumer
+        .info()
+        .await
+        .map_err(|e| err(&e))?
+        .config
+        .filter_subject
+        .clone();
+    if found != wanted {
+        return Err(err(&format!(
+            "it exists with filter '{found}' but this configuration needs '{wanted}' \
+             (nats.tenant_from_subject changed?): delete the consumer or use another \
+             nats.consumer_prefix"
+        )));
+    }
+    Ok(consumer)
 }
 
 /// Settings of one pull loop.

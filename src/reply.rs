@@ -25,6 +25,15 @@ pub enum ReplyError {
     Encode(#[from] serde_json::Error),
 }
 
+/// What [`Replies::store`] found.
+#[derive(Debug)]
+pub enum Stored {
+    /// The result is now the job id's stored result.
+    New,
+    /// Another result was already stored under the job id; it is kept, and here it is.
+    Existing(Bytes),
+}
+
 /// Publishes events for every job of one worker.
 #[derive(Clone)]
 pub struct Replies {
@@ -73,20 +82,34 @@ impl Replies {
         Ok(Bytes::from(serde_json::to_vec(&small)?))
     }
 
-    /// Store the result durably; returns once JetStream has acknowledged it. The publish is
-    /// deduplicated by job id, so storing twice (after a crash) keeps one copy.
-    pub async fn store(&self, job_id: Uuid, payload: Bytes) -> Result<(), ReplyError> {
+    /// Store the result durably, unless a result is already stored under its job id: a stored
+    /// result is never replaced, whoever asks (a crashed worker's retry, another delivery of
+    /// the same job, or another tenant re-using the id). JetStream checks this atomically
+    /// (`Nats-Expected-Last-Subject-Sequence: 0`, NATS 2.9+); the result already there is
+    /// returned so the caller can decide who it belongs to. Returns once JetStream has
+    /// acknowledged the write.
+    pub async fn store(&self, job_id: Uuid, payload: Bytes) -> Result<Stored, ReplyError> {
         let subject = self.nats.result_subject(&job_id);
         let publish = PublishMessage::build()
             .payload(payload)
-            .message_id(job_id.to_string());
+            .expected_last_subject_sequence(0);
         let ack = self
             .js
             .send_publish(subject, publish)
             .await
             .map_err(|e| ReplyError::Store(e.to_string()))?;
-        ack.await.map_err(|e| ReplyError::Store(e.to_string()))?;
-        Ok(())
+        match ack.await {
+            Ok(_) => Ok(Stored::New),
+            Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
+                match self.stored(job_id).await? {
+                    Some(existing) => Ok(Stored::Existing(existing)),
+                    None => Err(ReplyError::Store(
+                        "a result exists under this job id but cannot be read".into(),
+                    )),
+                }
+            }
+            Err(e) => Err(ReplyError::Store(e.to_string())),
+        }
     }
 
     /// Send an encoded event to a reply subject. Best effort: live events are core NATS; the

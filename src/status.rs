@@ -10,6 +10,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::NatsConfig;
 use crate::health::{Health, Report};
+use crate::trust::ReplyPolicy;
+
+/// Refused status replies are logged at most this often (anyone may send requests).
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// One worker's answer.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -22,14 +26,17 @@ pub fn subject(nats: &NatsConfig) -> String {
     format!("{}.status", nats.subject_prefix)
 }
 
-/// Answer status requests until `stop` fires.
+/// Answer status requests until `stop` fires. A request's reply subject must pass the same
+/// [`ReplyPolicy`] as a job's `reply_to` (a status request carries no tenant).
 pub async fn serve(
     client: async_nats::Client,
     subject: String,
     worker_id: String,
     health: Health,
+    policy: ReplyPolicy,
     stop: CancellationToken,
 ) {
+    let mut last_refusal: Option<tokio::time::Instant> = None;
     let mut requests = match client.subscribe(subject).await {
         Ok(s) => s,
         Err(e) => {
@@ -44,6 +51,13 @@ pub async fn serve(
         };
         let Some(request) = request else { return };
         let Some(reply) = request.reply else { continue };
+        if let Err(why) = policy.check(&reply, "") {
+            if last_refusal.is_none_or(|t| t.elapsed() >= REFUSAL_LOG_EVERY) {
+                tracing::warn!(reason = %why, "status request refused");
+                last_refusal = Some(tokio::time::Instant::now());
+            }
+            continue;
+        }
         let status = WorkerStatus {
             worker_id: worker_id.clone(),
             providers: health.report(),

@@ -1,8 +1,10 @@
 //! Handling one job message from start to acknowledgement: the public step the consume loop
 //! calls, and which tests can drive directly.
 //!
-//! decode -> (invalid: `invalid_job` result, Term) -> answered before? (re-send the stored
-//! result, Ack) -> chain -> result stored in LLM_RESULTS -> result sent live -> Ack.
+//! decode -> (invalid: `invalid_job` result, Term) -> answered before? (the same job: re-send
+//! the stored result, Ack; another tenant's or kind's job under this id: `invalid_job`, Term)
+//! -> chain -> result stored in LLM_RESULTS (never replacing one already there) -> result sent
+//! live -> Ack.
 //! While the job runs it sends in-progress acks so JetStream does not redeliver it, and if the
 //! process must stop before the job ends, the message is handed back (Nak) to another worker.
 //! A message is only acked or terminated after its result is durably stored.
@@ -20,9 +22,10 @@ use crate::chain::Chain;
 use crate::config::Config;
 use crate::error::ErrorCode;
 use crate::event::{AttemptRecord, ErrorBody, ResultEvent, Status, TokensUsed, elapsed_ms};
-use crate::job::{self, Envelope, Fallback, Job, JobBody, JobKind, Limits};
+use crate::job::{self, Delivery, Envelope, Job, JobBody, JobKind, Limits, Rules};
 use crate::pricing::PriceBook;
-use crate::reply::Replies;
+use crate::reply::{Replies, Stored};
+use crate::trust::{self, ReplyPolicy};
 
 /// Delay before a message is redelivered when its result could not be stored.
 const STORE_RETRY_DELAY: Duration = Duration::from_secs(2);
@@ -54,6 +57,10 @@ pub struct Worker {
     replies: Replies,
     prices: PriceBook,
     limits: Limits,
+    /// Where a job may have its events published.
+    reply_policy: Arc<ReplyPolicy>,
+    /// Take the tenant from the job's subject, not its body.
+    tenant_from_subject: bool,
     worker_id: Arc<str>,
     progress_every: Duration,
     log_prompts: bool,
@@ -66,8 +73,13 @@ impl Worker {
         embed_chain: Option<Chain>,
         replies: Replies,
         prices: PriceBook,
-    ) -> Self {
-        Self {
+    ) -> Result<Self, crate::config::ConfigError> {
+        let reply_policy =
+            ReplyPolicy::new(&config.nats).map_err(|e| crate::config::ConfigError::Invalid {
+                key: "nats.reply_prefixes".into(),
+                message: e,
+            })?;
+        Ok(Self {
             chain,
             embed_chain: embed_chain.map(|c| (c, config.embed_mixed_dimensions.clone().into())),
             replies,
@@ -76,11 +88,14 @@ impl Worker {
                 max_job_bytes: config.worker.max_job_bytes,
                 default_timeout: Duration::from_millis(config.worker.default_timeout_ms),
                 max_timeout: Duration::from_millis(config.worker.max_timeout_ms),
+                max_model_chars: config.limits.max_model_chars,
             },
+            reply_policy: Arc::new(reply_policy),
+            tenant_from_subject: config.nats.tenant_from_subject,
             worker_id: config.worker_id().into(),
             progress_every: config.nats.ack_wait() / 3,
             log_prompts: config.telemetry.log_prompts,
-        }
+        })
     }
 
     /// Handle one job message to its end. `abandon` fires when the process can wait no longer
@@ -92,25 +107,32 @@ impl Worker {
         abandon: &CancellationToken,
     ) -> Disposal {
         let received_at = Utc::now();
-        let (stream, stream_sequence, delivered) = match msg.info() {
-            Ok(i) => (i.stream.to_string(), i.stream_sequence, i.delivered),
-            Err(_) => (String::new(), 0, 1),
-        };
+        let delivered = msg.info().map_or(1, |i| i.delivered);
         let msg_id = msg
             .headers
             .as_ref()
             .and_then(|h| h.get("Nats-Msg-Id"))
             .map(|v| v.as_str().to_string());
-        let fallback = Fallback {
+        // With tenants bound to subjects, the consumer's filter (`<jobs subject>.*`) makes the
+        // last token the tenant: whoever NATS let publish there.
+        let subject_tenant = self
+            .tenant_from_subject
+            .then(|| msg.subject.rsplit_once('.').map(|(_, t)| t.to_string()))
+            .flatten();
+        let delivery = Delivery {
             msg_id: msg_id.as_deref(),
-            stream: &stream,
-            stream_sequence,
+            subject_tenant: subject_tenant.as_deref(),
         };
-        let registry = self.chain.registry();
-        let decoded = job::decode(kind, &msg.payload, &fallback, &self.limits, &|p| {
-            registry.contains(p)
-        });
-        match decoded {
+        let catalog = match (kind, &self.embed_chain) {
+            (JobKind::Embed, Some((chain, _))) => chain,
+            _ => &self.chain,
+        };
+        let rules = Rules {
+            limits: &self.limits,
+            replies: &self.reply_policy,
+            catalog,
+        };
+        match job::decode(kind, &msg.payload, &delivery, &rules) {
             Err(invalid) => {
                 let span = job_span(&invalid.envelope, kind, delivered);
                 async {
@@ -127,7 +149,7 @@ impl Worker {
                         &self.worker_id,
                         received_at,
                     );
-                    self.finish(&msg, &invalid.envelope, &result, AckKind::Term)
+                    self.finish(&msg, kind, &invalid.envelope, &result, AckKind::Term)
                         .await
                 }
                 .instrument(span)
@@ -152,11 +174,9 @@ impl Worker {
         // A job whose result is already stored is answered from it: no second provider call.
         match self.replies.stored(job.envelope.job_id).await {
             Ok(Some(payload)) => {
-                tracing::info!("job already answered; re-sending the stored result");
-                if let Some(reply_to) = &job.envelope.reply_to {
-                    self.replies.publish_live(reply_to, payload).await;
-                }
-                return ack(msg, AckKind::Ack).await;
+                return self
+                    .answer_again(msg, job.kind, &job.envelope, payload, received_at)
+                    .await;
             }
             Ok(None) => {}
             Err(e) => {
@@ -184,7 +204,10 @@ impl Worker {
             }
         };
         match result {
-            Some(result) => self.finish(msg, &job.envelope, &result, AckKind::Ack).await,
+            Some(result) => {
+                self.finish(msg, job.kind, &job.envelope, &result, AckKind::Ack)
+                    .await
+            }
             None => {
                 tracing::warn!("shutdown grace exceeded; handing the job back");
                 ack(msg, AckKind::Nak(None)).await
@@ -297,10 +320,13 @@ impl Worker {
         result
     }
 
-    /// Store the result, send it live, then ack (or terminate) the message.
+    /// Store the result, send it live, then ack (or terminate) the message. A result already
+    /// stored under the job id is never replaced: a refused job's result then goes to its own
+    /// reply subject only, and a valid one is answered as [`Self::answer_again`] decides.
     async fn finish(
         &self,
         msg: &jetstream::Message,
+        kind: JobKind,
         envelope: &Envelope,
         result: &ResultEvent,
         disposal: AckKind,
@@ -312,14 +338,68 @@ impl Worker {
                 return ack(msg, AckKind::Nak(Some(STORE_RETRY_DELAY))).await;
             }
         };
-        if let Err(e) = self.replies.store(envelope.job_id, payload.clone()).await {
-            tracing::warn!(error = %e, "cannot store the result; requeueing the job");
-            return ack(msg, AckKind::Nak(Some(STORE_RETRY_DELAY))).await;
+        let existing = match self.replies.store(envelope.job_id, payload.clone()).await {
+            Ok(Stored::New) => None,
+            Ok(Stored::Existing(existing)) => Some(existing),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot store the result; requeueing the job");
+                return ack(msg, AckKind::Nak(Some(STORE_RETRY_DELAY))).await;
+            }
+        };
+        match existing {
+            None => {}
+            Some(_) if matches!(disposal, AckKind::Term) => {
+                tracing::info!("a result is already stored under this job id; kept as it is");
+            }
+            Some(existing) => {
+                // Another delivery under this id stored first (a concurrent duplicate, or a
+                // job id re-used by someone else): its result stands; ours is not recorded.
+                tracing::warn!(
+                    calls = result.attempts.len(),
+                    "a result was stored under this job id meanwhile; this run's calls are not recorded"
+                );
+                return self
+                    .answer_again(msg, kind, envelope, existing, result.received_at)
+                    .await;
+            }
         }
         if let Some(reply_to) = &envelope.reply_to {
             self.replies.publish_live(reply_to, payload).await;
         }
         ack(msg, disposal).await
+    }
+
+    /// Answer a job whose id already has a stored result: the same job (same tenant and kind)
+    /// gets that result again; anyone else re-using the id gets `invalid_job` and never sees it.
+    async fn answer_again(
+        &self,
+        msg: &jetstream::Message,
+        kind: JobKind,
+        envelope: &Envelope,
+        stored: bytes::Bytes,
+        received_at: DateTime<Utc>,
+    ) -> Disposal {
+        if trust::same_job(&stored, &envelope.tenant, kind) {
+            tracing::info!("job already answered; re-sending the stored result");
+            if let Some(reply_to) = &envelope.reply_to {
+                self.replies.publish_live(reply_to, stored).await;
+            }
+            return ack(msg, AckKind::Ack).await;
+        }
+        tracing::warn!("job_id already used by another job; refused");
+        let error = ErrorBody {
+            code: ErrorCode::InvalidJob,
+            message: "job_id: already used by another job; publish this job with a new id".into(),
+            retryable: false,
+        };
+        let refusal = ResultEvent::failure(envelope, kind, error, &self.worker_id, received_at);
+        if let Some(reply_to) = &envelope.reply_to {
+            match self.replies.encode_result(&refusal) {
+                Ok(payload) => self.replies.publish_live(reply_to, payload).await,
+                Err(e) => tracing::error!(error = %e, "cannot encode the refusal"),
+            }
+        }
+        ack(msg, AckKind::Term).await
     }
 }
 

@@ -40,22 +40,26 @@ impl Gemini {
         })
     }
 
-    fn url(&self, model: &str, stream: bool) -> Url {
+    /// `{base}/models/{model}:{method}`. The model is one path segment, percent-encoded (a `/`
+    /// in it cannot reach another endpoint); a leading `models/` is the resource prefix.
+    fn method_url(&self, model: &str, method: &str) -> Result<Url, ProviderError> {
+        let model = model.strip_prefix("models/").unwrap_or(model);
         let mut url = self.base.clone();
-        let method = if stream {
-            "streamGenerateContent"
-        } else {
-            "generateContent"
-        };
-        let path = format!(
-            "{}/models/{model}:{method}",
-            url.path().trim_end_matches('/')
-        );
-        url.set_path(&path);
-        if stream {
-            url.set_query(Some("alt=sse"));
+        url.path_segments_mut()
+            .map_err(|()| ProviderError::new(ErrorCode::BadRequest, "base_url cannot take a path"))?
+            .pop_if_empty()
+            .push("models")
+            .push(&format!("{model}:{method}"));
+        Ok(url)
+    }
+
+    fn url(&self, model: &str, stream: bool) -> Result<Url, ProviderError> {
+        if !stream {
+            return self.method_url(model, "generateContent");
         }
-        url
+        let mut url = self.method_url(model, "streamGenerateContent")?;
+        url.set_query(Some("alt=sse"));
+        Ok(url)
     }
 
     /// `:batchEmbedContents` (the caller keeps batches within 100 inputs). No usage is reported.
@@ -65,12 +69,7 @@ impl Gemini {
         inputs: &[String],
         dimensions: Option<u32>,
     ) -> Result<super::Embedded, ProviderError> {
-        let mut url = self.base.clone();
-        let path = format!(
-            "{}/models/{model}:batchEmbedContents",
-            url.path().trim_end_matches('/')
-        );
-        url.set_path(&path);
+        let url = self.method_url(model, "batchEmbedContents")?;
         let requests: Vec<Value> = inputs
             .iter()
             .map(|text| {
@@ -115,7 +114,7 @@ impl Gemini {
     ) -> Result<Call, ProviderError> {
         let mut builder = self
             .client
-            .post(self.url(model, req.stream))
+            .post(self.url(model, req.stream)?)
             .json(&request_body(req));
         if let Some(key) = &self.key {
             builder = builder.header("x-goog-api-key", key.expose_secret());
@@ -413,9 +412,18 @@ mod tests {
         let http = crate::providers::http_client(Duration::from_secs(1)).unwrap();
         let g = Gemini::new(&cfg.providers["g"], http).unwrap();
         assert_eq!(
-            g.url("gemini-2.5-flash", true).as_str(),
+            g.url("gemini-2.5-flash", true).unwrap().as_str(),
             "http://127.0.0.1:9/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse"
         );
-        assert_eq!(g.url("m", false).path(), "/v1beta/models/m:generateContent");
+        assert_eq!(
+            g.url("models/m", false).unwrap().path(),
+            "/v1beta/models/m:generateContent"
+        );
+        // A model can never leave its path segment, whatever validation let through.
+        let tricky = g.url("x/../../v1alpha/models/y", false).unwrap();
+        assert_eq!(
+            tricky.path(),
+            "/v1beta/models/x%2F..%2F..%2Fv1alpha%2Fmodels%2Fy:generateContent"
+        );
     }
 }

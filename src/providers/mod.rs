@@ -94,6 +94,8 @@ pub struct Provider {
     pub embed_batch_size: usize,
     /// Most (estimated) input tokens per embedding request.
     pub embed_batch_tokens: u64,
+    /// Models a job may pin (exact, or `prefix*`); `None` allows any. Route models always go.
+    models: Option<Vec<String>>,
     imp: ProviderImpl,
 }
 
@@ -171,6 +173,7 @@ impl Provider {
                 _ => 2048,
             }),
             embed_batch_tokens: cfg.embed_batch_tokens,
+            models: cfg.models.clone(),
             imp,
         })
     }
@@ -232,6 +235,16 @@ impl Provider {
     /// removed: some providers quote the key, masked or not, in auth errors.
     pub fn redact(&self, message: &str) -> String {
         openai::redact(message, self.key.as_ref())
+    }
+
+    /// Whether a job may pin `model` on this provider.
+    pub fn allows_model(&self, model: &str) -> bool {
+        self.models.as_ref().is_none_or(|list| {
+            list.iter().any(|m| match m.strip_suffix('*') {
+                Some(prefix) => model.starts_with(prefix),
+                None => m == model,
+            })
+        })
     }
 
     /// The model used when neither job nor route names one.
@@ -324,7 +337,7 @@ pub(crate) async fn send(
     request: reqwest::RequestBuilder,
     classify: fn(u16, &str) -> ProviderError,
 ) -> Result<(reqwest::Response, u16), ProviderError> {
-    let response = request.send().await.map_err(|e| transport_error(&e))?;
+    let response = request.send().await.map_err(transport_error)?;
     let status = response.status().as_u16();
     if !response.status().is_success() {
         return Err(http_error(response, classify).await);
@@ -333,16 +346,17 @@ pub(crate) async fn send(
 }
 
 /// A request that got no HTTP response (connect failure, reset, timeout).
-fn transport_error(e: &reqwest::Error) -> ProviderError {
+fn transport_error(e: reqwest::Error) -> ProviderError {
     let code = if e.is_connect() && e.is_timeout() {
         ErrorCode::ConnectTimeout
     } else {
         ErrorCode::Network
     };
-    // reqwest's Display includes the URL (never a key: keys travel in headers); its causes
-    // say what actually went wrong.
+    // Without the URL: it may carry credentials (`https://user:pass@host`, `?key=`), and the
+    // attempt already names the provider. The causes say what actually went wrong.
+    let e = e.without_url();
     let mut message = format!("request failed: {e}");
-    let mut source = std::error::Error::source(e);
+    let mut source = std::error::Error::source(&e);
     while let Some(cause) = source {
         message.push_str(&format!(": {cause}"));
         source = cause.source();
@@ -367,10 +381,21 @@ pub(crate) async fn http_error(
 
 /// A whole (non-streamed) response body; a body that breaks off is a truncated answer.
 pub(crate) async fn read_body(response: reqwest::Response) -> Result<String, ProviderError> {
+    response.text().await.map_err(|e| {
+        let e = e.without_url();
+        ProviderError::new(ErrorCode::Truncated, format!("reading body: {e}"))
+    })
+}
+
+/// A response body as a byte stream whose errors carry no URL (see [`transport_error`]).
+pub(crate) fn body_stream(
+    response: reqwest::Response,
+) -> std::pin::Pin<Box<dyn Stream<Item = reqwest::Result<bytes::Bytes>> + Send>> {
+    use futures::StreamExt;
     response
-        .text()
-        .await
-        .map_err(|e| ProviderError::new(ErrorCode::Truncated, format!("reading body: {e}")))
+        .bytes_stream()
+        .map(|r| r.map_err(reqwest::Error::without_url))
+        .boxed()
 }
 
 /// Parse `retry-after-ms`, then `retry-after` (seconds or an HTTP date).

@@ -176,7 +176,7 @@ fn decode(response: reqwest::Response) -> EventStream {
         done: bool,
     }
     let state = State {
-        body: response.bytes_stream().boxed(),
+        body: super::body_stream(response),
         buf: Vec::new(),
         queue: VecDeque::new(),
         decoder: Decoder::default(),

@@ -54,7 +54,7 @@ pub fn decode<D: SseDecoder>(response: reqwest::Response, decoder: D) -> EventSt
         queue: VecDeque<ProviderEvent>,
         done: bool,
     }
-    let events = rewrite_error_fields(response.bytes_stream().boxed())
+    let events = rewrite_error_fields(super::body_stream(response))
         .eventsource()
         .map(|r| r.map_err(|e| e.to_string()))
         .boxed();

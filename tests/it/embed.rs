@@ -7,14 +7,14 @@ use llm_worker::config::Config;
 use llm_worker::embedding::EmbedOutcome;
 use llm_worker::error::ErrorCode;
 use llm_worker::health::Health;
-use llm_worker::job::{self, Fallback, JobBody, JobKind, Limits};
+use llm_worker::job::{JobBody, JobKind};
 use llm_worker::pricing::PriceBook;
 use llm_worker::providers::Registry;
 use llm_worker::providers::fake::fake_vector;
 use llm_worker::testkit::{FakeProvider, Reply};
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, collect_reply, provider_base_url};
+use crate::helpers::{TestApp, collect_reply, decode_job, provider_base_url};
 
 const EMBEDDERS: [&str; 3] = ["openai", "gemini", "ollama"];
 
@@ -39,24 +39,7 @@ fn chain(toml: &str) -> Chain {
 }
 
 async fn run(chain: &Chain, v: Value, mixed: bool) -> EmbedOutcome {
-    let limits = Limits {
-        max_job_bytes: 1 << 20,
-        default_timeout: Duration::from_secs(20),
-        max_timeout: Duration::from_secs(60),
-    };
-    let fb = Fallback {
-        msg_id: None,
-        stream: "S",
-        stream_sequence: 1,
-    };
-    let job = job::decode(
-        JobKind::Embed,
-        v.to_string().as_bytes(),
-        &fb,
-        &limits,
-        &|_| true,
-    )
-    .unwrap();
+    let job = decode_job(JobKind::Embed, &v, chain);
     let JobBody::Embed(req) = &job.body else {
         unreachable!()
     };

@@ -319,6 +319,36 @@ impl TestApp {
     }
 }
 
+/// Decode a job the way the worker does, with `catalog` (a chain) deciding what it may pin;
+/// for tests that drive the chain directly. Panics on an invalid job.
+pub fn decode_job(
+    kind: llm_worker::job::JobKind,
+    job: &Value,
+    catalog: &dyn llm_worker::job::Catalog,
+) -> llm_worker::job::Job {
+    use llm_worker::job::{self, Delivery, Limits, Rules};
+    let limits = Limits {
+        max_job_bytes: 1 << 20,
+        default_timeout: Duration::from_secs(20),
+        max_timeout: Duration::from_secs(60),
+        max_model_chars: 128,
+    };
+    let replies =
+        llm_worker::trust::ReplyPolicy::new(&llm_worker::config::NatsConfig::default()).unwrap();
+    let rules = Rules {
+        limits: &limits,
+        replies: &replies,
+        catalog,
+    };
+    job::decode(
+        kind,
+        job.to_string().as_bytes(),
+        &Delivery::default(),
+        &rules,
+    )
+    .unwrap_or_else(|invalid| panic!("invalid job {job}: {}", invalid.reason))
+}
+
 /// Events received on a reply subject until (and including) the result.
 pub struct Reply {
     pub chunks: Vec<Value>,

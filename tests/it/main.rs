@@ -12,4 +12,5 @@ mod generate;
 mod helpers;
 mod lifecycle;
 mod providers;
+mod security;
 mod usage;

@@ -7,13 +7,13 @@ use llm_worker::chain::{AttemptMeta, Chain, DeltaSink, Outcome};
 use llm_worker::config::Config;
 use llm_worker::error::ErrorCode;
 use llm_worker::health::{Health, State};
-use llm_worker::job::{self, Fallback, Job, JobBody, JobKind, Limits};
+use llm_worker::job::{Job, JobBody, JobKind};
 use llm_worker::pricing::PriceBook;
 use llm_worker::providers::Registry;
 use llm_worker::testkit::{FakeProvider, Reply};
 use serde_json::{Value, json};
 
-use crate::helpers::provider_base_url;
+use crate::helpers::{decode_job, provider_base_url};
 
 const FLAVORS: [&str; 4] = ["openai", "anthropic", "gemini", "ollama"];
 
@@ -48,25 +48,8 @@ fn chain(toml: &str) -> (Chain, Health) {
     )
 }
 
-fn job(v: Value) -> Job {
-    let limits = Limits {
-        max_job_bytes: 1 << 20,
-        default_timeout: Duration::from_secs(20),
-        max_timeout: Duration::from_secs(60),
-    };
-    let fb = Fallback {
-        msg_id: None,
-        stream: "S",
-        stream_sequence: 1,
-    };
-    job::decode(
-        JobKind::Generate,
-        v.to_string().as_bytes(),
-        &fb,
-        &limits,
-        &|_| true,
-    )
-    .unwrap()
+fn job(chain: &Chain, v: Value) -> Job {
+    decode_job(JobKind::Generate, &v, chain)
 }
 
 #[derive(Default)]
@@ -79,7 +62,7 @@ impl DeltaSink for Collect {
 }
 
 async fn run(chain: &Chain, v: Value) -> (Outcome, Collect) {
-    let job = job(v);
+    let job = job(chain, v);
     let JobBody::Generate(req) = &job.body else {
         unreachable!()
     };
@@ -577,14 +560,14 @@ async fn the_cheapest_strategy_orders_a_route_by_price() {
         Health::new(&config.circuit_breaker),
     );
     let plan: Vec<String> = chain
-        .plan(&job(json!({"prompt": "x"})))
+        .plan(&job(&chain, json!({"prompt": "x"})))
         .iter()
         .map(|t| t.provider.name.clone())
         .collect();
     assert_eq!(plan, ["cheap", "dear"]);
     // A pinned provider still goes first.
     let plan: Vec<String> = chain
-        .plan(&job(json!({"prompt": "x", "provider": "dear"})))
+        .plan(&job(&chain, json!({"prompt": "x", "provider": "dear"})))
         .iter()
         .map(|t| t.provider.name.clone())
         .collect();
@@ -625,7 +608,7 @@ async fn the_fastest_strategy_prefers_the_lowest_recent_time_to_first_token() {
     health.record("slow", "m", Ok(Some(Duration::from_millis(900))));
     health.record("fast", "m", Ok(Some(Duration::from_millis(80))));
     let plan: Vec<String> = chain
-        .plan(&job(json!({"prompt": "x"})))
+        .plan(&job(&chain, json!({"prompt": "x"})))
         .iter()
         .map(|t| t.provider.name.clone())
         .collect();
