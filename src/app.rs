@@ -62,23 +62,21 @@ impl Running {
 
 /// Connect to NATS as a client (`submit`, `status`): the configured credentials and TLS.
 pub async fn connect_nats(nats: &NatsConfig) -> anyhow::Result<async_nats::Client> {
-    connect(nats, None).await
+    connect(nats, &nats.client_inbox_prefix).await
 }
 
 /// Connect to NATS as a worker: like a client, but with the worker's own inbox prefix, which
 /// no job may name as its reply subject.
 pub async fn connect_worker_nats(nats: &NatsConfig) -> anyhow::Result<async_nats::Client> {
-    connect(nats, Some(&nats.inbox_prefix)).await
+    connect(nats, &nats.inbox_prefix).await
 }
 
-async fn connect(nats: &NatsConfig, inbox: Option<&str>) -> anyhow::Result<async_nats::Client> {
+async fn connect(nats: &NatsConfig, inbox: &str) -> anyhow::Result<async_nats::Client> {
     let mut options = async_nats::ConnectOptions::new()
         .name("llm-worker")
         .retry_on_initial_connect()
-        .connection_timeout(Duration::from_secs(5));
-    if let Some(prefix) = inbox {
-        options = options.custom_inbox_prefix(prefix);
-    }
+        .connection_timeout(Duration::from_secs(5))
+        .custom_inbox_prefix(inbox);
     if let Some(path) = &nats.credentials_file {
         options = options
             .credentials_file(path)

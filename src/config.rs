@@ -148,6 +148,9 @@ pub struct NatsConfig {
     /// Inbox prefix of the worker's own NATS connection (JetStream API answers). Never a valid
     /// reply subject for a job, so no job can inject a message into the worker's requests.
     pub inbox_prefix: String,
+    /// Inbox prefix of client connections (`submit`, `status`): `_INBOX.<tenant>` for a
+    /// tenant's NATS user, whose permissions cover only its own inboxes.
+    pub client_inbox_prefix: String,
     /// Subject prefix: jobs on `<prefix>.jobs.*`, results on `<prefix>.results.<job_id>`.
     pub subject_prefix: String,
     pub jobs_stream: String,
@@ -177,6 +180,7 @@ impl Default for NatsConfig {
             reply_prefixes: None,
             tenant_from_subject: false,
             inbox_prefix: "_LLMW_INBOX".into(),
+            client_inbox_prefix: "_INBOX".into(),
             subject_prefix: "llm".into(),
             jobs_stream: "LLM_JOBS".into(),
             results_stream: "LLM_RESULTS".into(),
@@ -220,6 +224,10 @@ impl NatsConfig {
     /// The server URL(s) with any password replaced, safe to print.
     pub fn display_url(&self) -> String {
         crate::trust::redact_url(&self.url)
+    }
+    /// The usage recorder's durable consumer on the results stream.
+    pub fn recorder_consumer_name(&self) -> String {
+        format!("{}-recorder", self.consumer_prefix)
     }
     /// The durable consumer of one job kind, shared by every worker process of a deployment.
     pub fn consumer_name(&self, kind: crate::job::JobKind) -> String {
@@ -958,5 +966,34 @@ mod tests {
             !dbg.contains("sk-supersecret") && !dbg.contains("pw-secret"),
             "{dbg}"
         );
+    }
+
+    #[test]
+    fn trust_settings_are_checked_at_load() {
+        let base = "[providers.f]\ntype = \"fake\"\n";
+        let e = load(
+            &format!("[nats]\nreply_prefixes = [\"llm.jobs.\"]\n{base}"),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("nats.reply_prefixes") && e.contains("own subjects"),
+            "{e}"
+        );
+        let e = load(&format!("pin_any_provider = [\"nope\"]\n{base}"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("pin_any_provider"), "{e}");
+        let e = load(&format!("[nats]\ntls_cert = \"c.pem\"\n{base}"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("nats.tls_cert"), "{e}");
+        let c = load(
+            &format!("[nats]\nuser = \"w\"\n{base}"),
+            &[("LLM_WORKER__NATS__PASSWORD", "pw-secret")],
+        )
+        .unwrap();
+        assert!(!format!("{c:?}").contains("pw-secret"));
     }
 }

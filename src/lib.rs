@@ -22,7 +22,7 @@
 //!   [`pricing`]: prices and cost.
 //! - [`health`]: circuit breakers and latency per provider; [`status`]: health over NATS.
 //! - [`trust`]: what an untrusted job may make the worker do (reply subjects, stored results
-//!   of other jobs, model names in URLs).
+//!   of other jobs, model names in URLs); [`nats_account`]: the least-privilege NATS account.
 //! - [`app`]: start-up and graceful shutdown. [`submit`]: the client side of `llm-worker submit`.
 //! - [`testkit`]: a fake OpenAI-compatible server for tests, demos and benchmarks;
 //!   [`bench`]: `llm-worker bench`, the end-to-end benchmark.
@@ -36,6 +36,7 @@ pub mod error;
 pub mod event;
 pub mod health;
 pub mod job;
+pub mod nats_account;
 pub mod pricing;
 pub mod providers;
 pub mod queue;

@@ -85,6 +85,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print a least-privilege nats-server `accounts` block for this configuration's subjects:
+    /// a worker user, an orchestrator (or one per --tenant), and an admin.
+    NatsAccount {
+        /// One orchestrator user per tenant, limited to its own job and reply subjects.
+        #[arg(long = "tenant")]
+        tenants: Vec<String>,
+        /// The account's name.
+        #[arg(long, default_value = "LLM")]
+        account: String,
+    },
     /// Print usage per day, tenant, provider and model.
     Usage {
         /// How many days back, today included.
@@ -284,6 +294,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Command::NatsAccount { tenants, account } => {
+            let users = llm_worker::nats_account::default_users(&tenants);
+            print!(
+                "{}",
+                llm_worker::nats_account::render(&config.nats, &account, &users)
+            );
+            Ok(ExitCode::SUCCESS)
         }
         Command::Migrate => {
             app::connect_db(&config)

@@ -40,7 +40,7 @@ impl Recorder {
         pool: sqlx::PgPool,
         cfg: &RecorderConfig,
     ) -> Result<Self, QueueError> {
-        let name = format!("{}-recorder", nats.consumer_prefix);
+        let name = nats.recorder_consumer_name();
         let batch_size = cfg.batch_size.max(1);
         let config = pull::Config {
             durable_name: Some(name),

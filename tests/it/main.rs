@@ -11,6 +11,8 @@ mod embed;
 mod generate;
 mod helpers;
 mod lifecycle;
+mod nats_auth;
 mod providers;
 mod security;
+mod servers;
 mod usage;

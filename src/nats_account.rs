@@ -1,0 +1,254 @@
+//! The least-privilege NATS account of a deployment: exactly the subjects a worker needs, and
+//! what an orchestrator (or one tenant's orchestrator) needs, rendered as a nats-server
+//! `accounts` block (`llm-worker nats-account`).
+//!
+//! A worker may create its own streams and consumers, pull and ack jobs, store and read results
+//! and publish replies under the reply prefixes, and nothing else: no `STREAM.DELETE`,
+//! `STREAM.PURGE`, `MSG.DELETE`, `CONSUMER.DELETE`, no other stream. An orchestrator publishes
+//! jobs, reads stored results and subscribes to its replies; a tenant's orchestrator does so
+//! only on its tenant's job subjects and reply subjects (with `nats.tenant_from_subject` the
+//! worker then takes the tenant from the subject, so NATS vouches for it). This module does no
+//! I/O; the integration tests run a nats-server with exactly this output.
+
+use std::fmt::Write as _;
+
+use crate::config::NatsConfig;
+use crate::job::JobKind;
+
+/// The publish and subscribe allow-lists of one user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Permissions {
+    pub publish: Vec<String>,
+    pub subscribe: Vec<String>,
+}
+
+/// What a user is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    Worker,
+    /// An orchestrator for every tenant (`None`), or for one (`Some`): its own job subjects
+    /// (`<prefix>.jobs.<kind>.<tenant>`), replies under `<prefix>.replies.<tenant>.` and
+    /// inboxes under `_INBOX.<tenant>.` (its client's inbox prefix must be `_INBOX.<tenant>`).
+    Orchestrator(Option<String>),
+    /// Everything in the account (operators; not for services).
+    Admin,
+}
+
+/// Where a user's password comes from in the rendered configuration.
+#[derive(Debug, Clone)]
+pub enum Password {
+    /// nats-server reads `$VAR` from its environment when it starts.
+    Env(String),
+    /// Written into the file (tests).
+    Literal(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct User {
+    pub name: String,
+    pub password: Password,
+    pub role: Role,
+}
+
+/// The permissions of a worker process (job roles and recorder together).
+pub fn worker(nats: &NatsConfig) -> Permissions {
+    let (jobs, results) = (&nats.jobs_stream, &nats.results_stream);
+    let api = "$JS.API";
+    let mut publish = Vec::new();
+    for stream in [jobs, results] {
+        publish.push(format!("{api}.STREAM.INFO.{stream}"));
+        publish.push(format!("{api}.STREAM.CREATE.{stream}"));
+    }
+    let mut consumers: Vec<(&String, String)> = JobKind::ALL
+        .iter()
+        .map(|k| (jobs, nats.consumer_name(*k)))
+        .collect();
+    consumers.push((results, nats.recorder_consumer_name()));
+    for (stream, consumer) in &consumers {
+        publish.push(format!("{api}.CONSUMER.INFO.{stream}.{consumer}"));
+        // async-nats names the filter subject after the consumer (NATS 2.9 extended create).
+        publish.push(format!("{api}.CONSUMER.CREATE.{stream}.{consumer}.>"));
+        publish.push(format!("{api}.CONSUMER.MSG.NEXT.{stream}.{consumer}"));
+        publish.push(format!("$JS.ACK.{stream}.{consumer}.>"));
+    }
+    publish.push(format!("{api}.DIRECT.GET.{results}.>"));
+    publish.push(format!("{api}.STREAM.MSG.GET.{results}"));
+    publish.push(format!("{}.results.>", nats.subject_prefix));
+    publish.extend(reply_patterns(nats));
+    Permissions {
+        publish,
+        subscribe: vec![
+            format!("{}.>", nats.inbox_prefix),
+            format!("{}.status", nats.subject_prefix),
+        ],
+    }
+}
+
+/// The permissions of an orchestrator, for every tenant or for one.
+pub fn orchestrator(nats: &NatsConfig, tenant: Option<&str>) -> Permissions {
+    let p = &nats.subject_prefix;
+    let (jobs, results) = (&nats.jobs_stream, &nats.results_stream);
+    let (job_subjects, replies, inbox) = match tenant {
+        None => (
+            vec![format!("{p}.jobs.>")],
+            format!("{p}.replies.>"),
+            "_INBOX.>".to_string(),
+        ),
+        Some(t) => (
+            JobKind::ALL
+                .iter()
+                .map(|k| format!("{}.{t}", nats.job_subject(*k)))
+                .collect(),
+            format!("{p}.replies.{t}.>"),
+            format!("_INBOX.{t}.>"),
+        ),
+    };
+    let mut publish = job_subjects;
+    publish.extend([
+        format!("$JS.API.STREAM.INFO.{jobs}"),
+        format!("$JS.API.STREAM.INFO.{results}"),
+        // Reading a stored result needs its job id (an unguessable UUID v7 when the worker or
+        // the client chose it): results are not separated by tenant at the NATS level.
+        format!("$JS.API.DIRECT.GET.{results}.>"),
+        format!("$JS.API.STREAM.MSG.GET.{results}"),
+        format!("{p}.status"),
+    ]);
+    Permissions {
+        publish,
+        subscribe: vec![inbox, replies],
+    }
+}
+
+/// NATS subject patterns covering the reply prefixes (`{tenant}` becomes `*`).
+fn reply_patterns(nats: &NatsConfig) -> Vec<String> {
+    nats.reply_prefixes()
+        .iter()
+        .map(|p| format!("{}>", p.replace("{tenant}", "*")))
+        .collect()
+}
+
+/// A nats-server `accounts` block with one account holding `users`.
+pub fn render(nats: &NatsConfig, account: &str, users: &[User]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# Least-privilege NATS account for llm-worker (subject prefix \"{}\", streams {} and {},\n\
+         # consumers {}-*). Generated by `llm-worker nats-account`; include it in nats-server.conf.",
+        nats.subject_prefix, nats.jobs_stream, nats.results_stream, nats.consumer_prefix
+    );
+    let _ = writeln!(
+        out,
+        "accounts {{\n  {account} {{\n    jetstream: enabled\n    users: ["
+    );
+    for user in users {
+        let password = match &user.password {
+            Password::Env(var) => format!("${var}"),
+            Password::Literal(p) => format!("{p:?}"),
+        };
+        let _ = write!(out, "      {{ user: {:?}, password: {password}", user.name);
+        let perms = match &user.role {
+            Role::Worker => Some(worker(nats)),
+            Role::Orchestrator(t) => Some(orchestrator(nats, t.as_deref())),
+            Role::Admin => None,
+        };
+        match perms {
+            None => out.push_str(" }\n"),
+            Some(p) => {
+                out.push_str(",\n        permissions: {\n");
+                let _ = writeln!(out, "          publish: {{ allow: {} }}", list(&p.publish));
+                let _ = writeln!(
+                    out,
+                    "          subscribe: {{ allow: {} }}",
+                    list(&p.subscribe)
+                );
+                out.push_str("        } }\n");
+            }
+        }
+    }
+    out.push_str("    ]\n  }\n}\n");
+    out
+}
+
+/// A list, one subject per line (they are long).
+fn list(items: &[String]) -> String {
+    let mut out = String::from("[\n");
+    for item in items {
+        let _ = writeln!(out, "            {item:?},");
+    }
+    out.push_str("          ]");
+    out
+}
+
+/// The environment variable holding a user's password in the rendered file.
+pub fn password_var(user: &str) -> String {
+    let upper: String = user
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("NATS_{upper}_PASSWORD")
+}
+
+/// The users `llm-worker nats-account` renders: a worker, an orchestrator (for all tenants, or
+/// one per tenant given), and an admin, with passwords from the environment.
+pub fn default_users(tenants: &[String]) -> Vec<User> {
+    let user = |name: &str, role| User {
+        name: name.to_string(),
+        password: Password::Env(password_var(name)),
+        role,
+    };
+    let mut users = vec![user("llm-worker", Role::Worker)];
+    if tenants.is_empty() {
+        users.push(user("orchestrator", Role::Orchestrator(None)));
+    }
+    for t in tenants {
+        users.push(user(
+            &format!("tenant-{t}"),
+            Role::Orchestrator(Some(t.clone())),
+        ));
+    }
+    users.push(user("admin", Role::Admin));
+    users
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_may_not_delete_or_purge_anything() {
+        let p = worker(&NatsConfig::default());
+        for s in &p.publish {
+            for forbidden in ["DELETE", "PURGE", "$JS.API.>", "UPDATE"] {
+                assert!(!s.contains(forbidden), "{s}");
+            }
+            assert_ne!(s, ">");
+        }
+        assert!(p.publish.contains(&"llm.replies.>".to_string()));
+        assert!(p.publish.contains(&"_INBOX.>".to_string()));
+        assert!(p.subscribe.contains(&"_LLMW_INBOX.>".to_string()));
+    }
+
+    #[test]
+    fn a_tenants_orchestrator_publishes_only_its_own_job_subjects() {
+        let p = orchestrator(&NatsConfig::default(), Some("acme"));
+        assert!(p.publish.contains(&"llm.jobs.generate.acme".to_string()));
+        assert!(!p.publish.iter().any(|s| s == "llm.jobs.>"));
+        assert_eq!(p.subscribe, ["_INBOX.acme.>", "llm.replies.acme.>"]);
+    }
+
+    #[test]
+    fn the_shipped_account_file_is_what_the_generator_renders_for_the_defaults() {
+        let rendered = render(&NatsConfig::default(), "LLM", &default_users(&[]));
+        assert_eq!(
+            include_str!("../deploy/nats/accounts.conf"),
+            rendered,
+            "regenerate with: cargo run -- nats-account > deploy/nats/accounts.conf"
+        );
+    }
+}
