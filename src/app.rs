@@ -22,7 +22,7 @@ use crate::providers::Registry;
 use crate::queue::{self, PullLoop};
 use crate::reply::Replies;
 use crate::status;
-use crate::trust::ReplyPolicy;
+use crate::trust::{ReplyPolicy, UrlCredentials};
 use crate::usage;
 use crate::worker::Worker;
 
@@ -60,23 +60,40 @@ impl Running {
     }
 }
 
-/// Connect to NATS as a client (`submit`, `status`): the configured credentials and TLS.
+/// Connect to NATS as a client (`submit`, `status`): the configured credentials and TLS. Fails
+/// at once when the server cannot be reached (a command should say so, not wait).
 pub async fn connect_nats(nats: &NatsConfig) -> anyhow::Result<async_nats::Client> {
-    connect(nats, &nats.client_inbox_prefix).await
+    connect(nats, &nats.client_inbox_prefix, false).await
 }
 
 /// Connect to NATS as a worker: like a client, but with the worker's own inbox prefix, which
-/// no job may name as its reply subject.
+/// no job may name as its reply subject, and retrying until the server is there.
 pub async fn connect_worker_nats(nats: &NatsConfig) -> anyhow::Result<async_nats::Client> {
-    connect(nats, &nats.inbox_prefix).await
+    connect(nats, &nats.inbox_prefix, true).await
 }
 
-async fn connect(nats: &NatsConfig, inbox: &str) -> anyhow::Result<async_nats::Client> {
+async fn connect(
+    nats: &NatsConfig,
+    inbox: &str,
+    retry: bool,
+) -> anyhow::Result<async_nats::Client> {
     let mut options = async_nats::ConnectOptions::new()
         .name("llm-worker")
-        .retry_on_initial_connect()
         .connection_timeout(Duration::from_secs(5))
         .custom_inbox_prefix(inbox);
+    if retry {
+        options = options.retry_on_initial_connect();
+    }
+    // Credentials written into the URL are passed as options instead: async-nats logs server
+    // URLs (at debug level, password included).
+    let (urls, url_credentials) = crate::trust::split_url_credentials(&nats.url);
+    match url_credentials {
+        Some(UrlCredentials::UserPassword(user, password)) => {
+            options = options.user_and_password(user, password);
+        }
+        Some(UrlCredentials::Token(token)) => options = options.token(token),
+        None => {}
+    }
     if let Some(path) = &nats.credentials_file {
         options = options
             .credentials_file(path)
@@ -101,12 +118,10 @@ async fn connect(nats: &NatsConfig, inbox: &str) -> anyhow::Result<async_nats::C
         options = options.require_tls(true);
     }
     // Don't block forever when the server is down at start: fail with a clear message instead.
-    // The URL is printed without its password.
-    let url = nats.display_url();
-    let client = tokio::time::timeout(Duration::from_secs(15), options.connect(nats.url.as_str()))
+    let client = tokio::time::timeout(Duration::from_secs(15), options.connect(urls.as_str()))
         .await
-        .map_err(|_| anyhow::anyhow!("cannot reach NATS at {url} within 15 s"))?
-        .with_context(|| format!("connecting to NATS at {url}"))?;
+        .map_err(|_| anyhow::anyhow!("cannot reach NATS at {urls} within 15 s"))?
+        .with_context(|| format!("connecting to NATS at {urls}"))?;
     Ok(client)
 }
 

@@ -221,10 +221,7 @@ impl NatsConfig {
             ]
         })
     }
-    /// The server URL(s) with any password replaced, safe to print.
-    pub fn display_url(&self) -> String {
-        crate::trust::redact_url(&self.url)
-    }
+
     /// The usage recorder's durable consumer on the results stream.
     pub fn recorder_consumer_name(&self) -> String {
         format!("{}-recorder", self.consumer_prefix)

@@ -219,6 +219,41 @@ pub fn quote(value: &str) -> String {
     format!("{head:?}{more}")
 }
 
+/// Credentials written into server URLs (`nats://user:pass@host`, `nats://token@host`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UrlCredentials {
+    UserPassword(String, String),
+    Token(String),
+}
+
+/// Split the credentials out of comma-separated server URLs: the URLs without them, and the
+/// credentials of the first URL that has any. Libraries log server URLs (async-nats prints
+/// them, password included, at debug level); URLs without secrets cannot leak them.
+pub fn split_url_credentials(urls: &str) -> (String, Option<UrlCredentials>) {
+    let mut found = None;
+    let clean: Vec<String> = urls
+        .split(',')
+        .map(|u| {
+            let trimmed = u.trim();
+            let Some((scheme, rest)) = trimmed.split_once("://") else {
+                return trimmed.to_string();
+            };
+            let end = rest.find('/').unwrap_or(rest.len());
+            let (authority, path) = rest.split_at(end);
+            let Some((userinfo, host)) = authority.rsplit_once('@') else {
+                return trimmed.to_string();
+            };
+            let creds = match userinfo.split_once(':') {
+                Some((user, pass)) => UrlCredentials::UserPassword(user.into(), pass.into()),
+                None => UrlCredentials::Token(userinfo.into()),
+            };
+            found.get_or_insert(creds);
+            format!("{scheme}://{host}{path}")
+        })
+        .collect();
+    (clean.join(","), found)
+}
+
 /// A URL (or comma-separated URLs) with any password replaced by `***`.
 pub fn redact_url(urls: &str) -> String {
     urls.split(',')
@@ -368,6 +403,28 @@ mod tests {
         let q = quote(&format!("line\n{}", "x".repeat(100)));
         assert!(q.starts_with("\"line\\n") && q.ends_with('…'), "{q}");
         assert!(q.chars().count() < QUOTE_CHARS + 10, "{q}");
+    }
+
+    #[test]
+    fn credentials_are_split_out_of_server_urls() {
+        assert_eq!(
+            split_url_credentials("nats://u:p@h:4222,nats://h2:4222"),
+            (
+                "nats://h:4222,nats://h2:4222".to_string(),
+                Some(UrlCredentials::UserPassword("u".into(), "p".into()))
+            )
+        );
+        assert_eq!(
+            split_url_credentials("tls://tok@h"),
+            (
+                "tls://h".to_string(),
+                Some(UrlCredentials::Token("tok".into()))
+            )
+        );
+        assert_eq!(
+            split_url_credentials("h:4222"),
+            ("h:4222".to_string(), None)
+        );
     }
 
     #[test]

@@ -70,7 +70,12 @@ url = "{db_url}"
             .subscription_capacity(1 << 20)
             .connect(target.nats_url.as_str())
             .await
-            .with_context(|| format!("connecting to NATS at {}", target.nats_url))?;
+            .with_context(|| {
+                format!(
+                    "connecting to NATS at {}",
+                    crate::trust::redact_url(&target.nats_url)
+                )
+            })?;
         let js = jetstream::new(client.clone());
         crate::queue::ensure_streams(&js, &config.nats).await?;
         let pool = PgPool::connect(&database.url).await?;
