@@ -176,7 +176,7 @@ async fn round(
     pace: Pace,
     keep_payloads: bool,
 ) -> anyhow::Result<(Vec<Instant>, Received)> {
-    let reply_prefix = format!("benchreply.{}", uuid::Uuid::new_v4().simple());
+    let reply_prefix = format!("_INBOX.bench{}", uuid::Uuid::new_v4().simple());
     let mut collector = Collector::subscribe(client, &reply_prefix, n).await?;
     if keep_payloads {
         collector = collector.keep_payloads();
@@ -570,7 +570,7 @@ async fn concurrency(target: &Target, options: &Options) -> anyhow::Result<Vec<R
     let mut dep = Deployment::new(target, &worker_toml(&fake, n)).await?;
     let outcome = async {
         dep.spawn_worker().await?;
-        let reply_prefix = format!("benchreply.{}", uuid::Uuid::new_v4().simple());
+        let reply_prefix = format!("_INBOX.bench{}", uuid::Uuid::new_v4().simple());
         let collector = Collector::subscribe(&dep.client, &reply_prefix, n).await?;
         let progress = collector.progress.clone();
         let collecting = tokio::spawn(collector.collect(Duration::from_secs(60)));
