@@ -518,7 +518,7 @@ async fn attempt<S: DeltaSink>(
                         output.push_str(&text);
                     }
                     Ok(Some(Ok(ProviderEvent::Finish(reason)))) => finish = Some(reason),
-                    Ok(Some(Ok(ProviderEvent::Usage(u)))) => usage = Some(u),
+                    Ok(Some(Ok(ProviderEvent::Usage(u)))) => usage = Some(u.clamped()),
                 }
             };
             (error, call.http_status)

@@ -19,7 +19,7 @@ use crate::error::{Disposition, ErrorCode, ProviderError};
 use crate::event::{AttemptRecord, ErrorBody, elapsed_ms};
 use crate::health::Admission;
 use crate::job::{EmbedRequest, Job};
-use crate::providers::estimate_tokens;
+use crate::providers::{MAX_REPORTED_TOKENS, estimate_tokens};
 
 /// The vectors of a successful job.
 #[derive(Debug, Clone)]
@@ -110,7 +110,8 @@ impl Chain {
                     attempts.push(record);
                     let err = match result {
                         Ok(embedded) => {
-                            tokens += attempts.last().map_or(0, |a| a.input_tokens);
+                            tokens = tokens
+                                .saturating_add(attempts.last().map_or(0, |a| a.input_tokens));
                             vectors.extend(embedded);
                             break;
                         }
@@ -223,7 +224,7 @@ async fn call(
     let finished_at = Utc::now();
     let (input_tokens, estimated, http_status) = match &result {
         Ok(e) => match e.input_tokens {
-            Some(t) => (t, false, e.http_status),
+            Some(t) => (t.min(MAX_REPORTED_TOKENS), false, e.http_status),
             None => (
                 batch.iter().map(|t| estimate_tokens(t)).sum(),
                 true,

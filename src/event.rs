@@ -46,7 +46,7 @@ impl TokensUsed {
         Self {
             input,
             output,
-            total: input + output,
+            total: input.saturating_add(output),
         }
     }
 }

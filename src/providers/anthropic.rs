@@ -136,8 +136,8 @@ struct WireUsage {
 impl WireUsage {
     fn total_input(&self) -> u64 {
         self.input_tokens
-            + self.cache_creation_input_tokens.unwrap_or(0)
-            + self.cache_read_input_tokens.unwrap_or(0)
+            .saturating_add(self.cache_creation_input_tokens.unwrap_or(0))
+            .saturating_add(self.cache_read_input_tokens.unwrap_or(0))
     }
 }
 
@@ -452,5 +452,22 @@ mod tests {
         assert_eq!(body["system"], "be brief");
         assert_eq!(body["max_tokens"], 1024);
         assert_eq!(body["messages"], json!([{"role": "user", "content": "hi"}]));
+    }
+
+    #[test]
+    fn absurd_numbers_saturate_never_a_panic() {
+        let mut d = StreamDecoder::default();
+        let start = r#"{"type":"message_start","message":{"usage":{"input_tokens":18446744073709551615,"output_tokens":1,"cache_creation_input_tokens":18446744073709551615,"cache_read_input_tokens":18446744073709551615}}}"#;
+        assert!(d.event(&ev("message_start", start)).is_ok());
+        let delta = r#"{"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":18446744073709551615}}"#;
+        let out = match d.event(&ev("message_delta", delta)).unwrap() {
+            Step::More(v) | Step::End(v) => v,
+        };
+        assert!(out.contains(&ProviderEvent::Usage(Usage {
+            input_tokens: u64::MAX,
+            output_tokens: u64::MAX
+        })));
+        let bad = r#"{"type":"message_delta","usage":{"output_tokens":-1}}"#;
+        assert!(d.event(&ev("message_delta", bad)).is_err());
     }
 }

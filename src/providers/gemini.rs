@@ -228,7 +228,7 @@ impl StreamDecoder {
             let n = |k: &str| u.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
             out.push(ProviderEvent::Usage(Usage {
                 input_tokens: n("promptTokenCount"),
-                output_tokens: n("candidatesTokenCount") + n("thoughtsTokenCount"),
+                output_tokens: n("candidatesTokenCount").saturating_add(n("thoughtsTokenCount")),
             }));
         }
         if let Some(reason) = candidate
@@ -330,7 +330,7 @@ pub fn classify(status: u16, body: &str) -> ProviderError {
 /// `"34s"` / `"1.5s"` (protobuf Duration JSON).
 fn parse_duration(s: &str) -> Option<Duration> {
     let secs: f64 = s.strip_suffix('s')?.parse().ok()?;
-    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs))
+    super::hint_secs(secs)
 }
 
 #[cfg(test)]
@@ -425,5 +425,30 @@ mod tests {
             tricky.path(),
             "/v1beta/models/x%2F..%2F..%2Fv1alpha%2Fmodels%2Fy:generateContent"
         );
+    }
+
+    #[test]
+    fn absurd_numbers_and_delays_saturate_or_clamp_never_a_panic() {
+        let mut d = StreamDecoder::default();
+        let huge = r#"{"candidates":[{"content":{"parts":[{"text":"x"}]},"finishReason":"STOP"}],"usageMetadata":{"promptTokenCount":-4,"candidatesTokenCount":18446744073709551615,"thoughtsTokenCount":18446744073709551615}}"#;
+        let out = match d.event(&ev(huge)).unwrap() {
+            Step::More(v) | Step::End(v) => v,
+        };
+        assert!(out.contains(&ProviderEvent::Usage(Usage {
+            input_tokens: 0,
+            output_tokens: u64::MAX
+        })));
+        for delay in ["1e20s", "1e400s", "-1s", "NaNs", "infs"] {
+            let body = format!(
+                r#"{{"error":{{"code":429,"message":"slow","status":"RESOURCE_EXHAUSTED","details":[{{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"{delay}"}}]}}}}"#
+            );
+            let e = classify(429, &body);
+            assert!(
+                e.retry_after.is_none_or(|d| d <= crate::providers::MAX_RETRY_HINT),
+                "{delay}"
+            );
+        }
+        let _ = classify(200, r#"{"error":{"code":1e300}}"#);
+        let _ = classify(200, r#"{"error":{"code":-1}}"#);
     }
 }

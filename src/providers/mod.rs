@@ -40,6 +40,34 @@ pub struct Usage {
     pub output_tokens: u64,
 }
 
+/// The most tokens one call is believed to have used: a provider reporting more is clamped,
+/// so absurd counts cannot overflow sums (or Postgres' bigint) downstream.
+pub const MAX_REPORTED_TOKENS: u64 = 1_000_000_000;
+
+impl Usage {
+    /// These counts, each clamped to [`MAX_REPORTED_TOKENS`].
+    pub fn clamped(self) -> Self {
+        Self {
+            input_tokens: self.input_tokens.min(MAX_REPORTED_TOKENS),
+            output_tokens: self.output_tokens.min(MAX_REPORTED_TOKENS),
+        }
+    }
+}
+
+/// Longest retry hint kept from a provider (the chain falls back above a minute anyway); the
+/// clamp keeps absurd values (`Retry-After: 1e20`) from overflowing a duration or an instant.
+pub const MAX_RETRY_HINT: Duration = Duration::from_secs(24 * 3600);
+
+/// A provider's number of seconds as a duration: `None` when negative or not a number,
+/// clamped to [`MAX_RETRY_HINT`]. Never panics.
+pub fn hint_secs(secs: f64) -> Option<Duration> {
+    if secs.is_nan() || secs < 0.0 {
+        return None;
+    }
+    let d = Duration::try_from_secs_f64(secs).unwrap_or(MAX_RETRY_HINT);
+    Some(d.min(MAX_RETRY_HINT))
+}
+
 pub type EventStream = Pin<Box<dyn Stream<Item = Result<ProviderEvent, ProviderError>> + Send>>;
 
 /// The answer to one embedding call: one vector per input, in input order.
@@ -406,19 +434,19 @@ pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
             .and_then(|v| v.to_str().ok())
             .map(str::trim)
     };
-    if let Some(ms) = get("retry-after-ms").and_then(|v| v.parse::<f64>().ok())
-        && ms.is_finite()
-        && ms >= 0.0
+    if let Some(hint) = get("retry-after-ms")
+        .and_then(|v| v.parse::<f64>().ok())
+        .and_then(|ms| hint_secs(ms / 1000.0))
     {
-        return Some(Duration::from_millis(ms as u64));
+        return Some(hint);
     }
     let v = get("retry-after")?;
     if let Ok(secs) = v.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+        return hint_secs(secs);
     }
     let at = chrono::DateTime::parse_from_rfc2822(v).ok()?;
     let delta = at.with_timezone(&chrono::Utc) - chrono::Utc::now();
-    Some(delta.to_std().unwrap_or(Duration::ZERO))
+    Some(delta.to_std().unwrap_or(Duration::ZERO).min(MAX_RETRY_HINT))
 }
 
 #[cfg(test)]
@@ -440,6 +468,34 @@ mod tests {
         );
         assert_eq!(retry_after(&h), Some(Duration::ZERO));
         assert_eq!(retry_after(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn absurd_retry_hints_are_clamped_or_ignored_never_a_panic() {
+        for (header, value, expected) in [
+            ("retry-after", "1e20", Some(MAX_RETRY_HINT)),
+            ("retry-after", "inf", Some(MAX_RETRY_HINT)),
+            ("retry-after", "NaN", None),
+            ("retry-after", "-5", None),
+            ("retry-after", "Fri, 31 Dec 9999 23:59:59 GMT", Some(MAX_RETRY_HINT)),
+            ("retry-after-ms", "1e300", Some(MAX_RETRY_HINT)),
+            ("retry-after-ms", "-1", None),
+            ("retry-after", "18446744073709551616", Some(MAX_RETRY_HINT)),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(header, HeaderValue::from_static(value));
+            assert_eq!(retry_after(&h), expected, "{header}: {value}");
+        }
+    }
+
+    #[test]
+    fn absurd_token_counts_are_clamped() {
+        let u = Usage {
+            input_tokens: u64::MAX,
+            output_tokens: 7,
+        }
+        .clamped();
+        assert_eq!((u.input_tokens, u.output_tokens), (MAX_REPORTED_TOKENS, 7));
     }
 
     #[test]

@@ -329,4 +329,19 @@ mod tests {
         assert_eq!(body["options"]["num_predict"], 7);
         assert_eq!(body["messages"][0]["role"], "system");
     }
+
+    #[test]
+    fn absurd_numbers_are_read_as_zero_or_saturate_never_a_panic() {
+        let mut d = Decoder::default();
+        let out = d
+            .line(br#"{"message":{"content":""},"done":true,"done_reason":"stop","prompt_eval_count":-1,"eval_count":18446744073709551615}"#)
+            .unwrap();
+        assert!(out.contains(&ProviderEvent::Usage(Usage {
+            input_tokens: 0,
+            output_tokens: u64::MAX
+        })));
+        let mut d = Decoder::default();
+        let e = d.line(br#"{"done":true,"eval_count":1e400}"#).err().unwrap();
+        assert_eq!(e.code, ErrorCode::MalformedResponse);
+    }
 }

@@ -573,4 +573,23 @@ mod tests {
         assert_eq!(v["stream_options"]["include_usage"], true);
         assert_eq!(v["messages"][0]["role"], "system");
     }
+
+    #[test]
+    fn absurd_numbers_are_errors_or_saturate_never_a_panic() {
+        let mut d = StreamDecoder::default();
+        let max = r#"{"choices":[],"usage":{"prompt_tokens":18446744073709551615,"completion_tokens":18446744073709551615}}"#;
+        assert!(d.event(&ev(max)).is_ok());
+        for bad in [
+            r#"{"choices":[],"usage":{"prompt_tokens":-3,"completion_tokens":1}}"#,
+            r#"{"choices":[],"usage":{"prompt_tokens":1e300,"completion_tokens":1}}"#,
+            r#"{"choices":[{"index":4294967296,"delta":{"content":"x"}}]}"#,
+        ] {
+            let e = d.event(&ev(bad)).err().unwrap();
+            assert_eq!(e.code, ErrorCode::MalformedResponse, "{bad}");
+        }
+        for bad in ["", "null", "[]", "{\"error\":7}", "\u{0}"] {
+            let _ = classify_error_body(500, bad);
+            let _ = parse_completion(bad);
+        }
+    }
 }
