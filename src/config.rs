@@ -72,18 +72,60 @@ pub struct Config {
     pub limits: LimitsConfig,
 }
 
-/// Bounds on what a job may ask for (issue: no single job can stop the fleet).
+/// Bounds on what a job may carry and what a provider may answer, so that no single job or
+/// answer can stop a worker or the usage recorder (CONTRACT.md section 5, Bounds). A job over a
+/// job bound is `invalid_job` naming the field and the bound; a provider over an answer bound
+/// fails the attempt (`response_too_large`) and the chain moves on.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
-    /// Longest model name a job may pin, in bytes.
-    pub max_model_chars: usize,
+    /// All prompt text together: `system_prompt`, `prompt`, `messages`, `context`.
+    pub max_prompt_bytes: usize,
+    pub max_messages: usize,
+    pub max_context_items: usize,
+    /// `metadata` as it is echoed into results and rows (re-serialized JSON).
+    pub max_metadata_bytes: usize,
+    pub max_metadata_depth: usize,
+    /// `tenant`, `task_type`, `trace_id` (and a subject's tenant token).
+    pub max_name_bytes: usize,
+    /// A model name a job pins.
+    pub max_model_bytes: usize,
+    /// Ceiling of `options.max_tokens`.
+    pub max_output_tokens: u32,
+    /// Embedding jobs: number of inputs and their total size.
+    pub max_embed_inputs: usize,
+    pub max_embed_input_bytes: usize,
+    /// Text of one attempt's answer, streamed or not.
+    pub max_output_bytes: usize,
+    /// A non-streamed response body (answers and embeddings).
+    pub max_response_bytes: usize,
+    /// An error response body: only this much is read (and classified).
+    pub max_error_body_bytes: usize,
+    /// One SSE event or NDJSON line of a streamed answer.
+    pub max_line_bytes: usize,
+    /// Text arriving within this long of the last chunk event is sent with the next one (one
+    /// chunk event per interval at most); 0 sends every delta as its own event.
+    pub chunk_interval_ms: u64,
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
-            max_model_chars: 128,
+            max_prompt_bytes: 1024 * 1024,
+            max_messages: 1000,
+            max_context_items: 1000,
+            max_metadata_bytes: 16 * 1024,
+            max_metadata_depth: 16,
+            max_name_bytes: 128,
+            max_model_bytes: 128,
+            max_output_tokens: 131_072,
+            max_embed_inputs: 2048,
+            max_embed_input_bytes: 1024 * 1024,
+            max_output_bytes: 512 * 1024,
+            max_response_bytes: 16 * 1024 * 1024,
+            max_error_body_bytes: 64 * 1024,
+            max_line_bytes: 1024 * 1024,
+            chunk_interval_ms: 20,
         }
     }
 }
@@ -616,6 +658,27 @@ impl Config {
         ] {
             if value.is_empty() || value.contains([' ', '*', '>', '\t']) {
                 return Err(invalid(key, "must be a non-empty NATS token"));
+            }
+        }
+        let l = &self.limits;
+        for (key, value) in [
+            ("limits.max_prompt_bytes", l.max_prompt_bytes),
+            ("limits.max_messages", l.max_messages),
+            ("limits.max_context_items", l.max_context_items),
+            ("limits.max_metadata_bytes", l.max_metadata_bytes),
+            ("limits.max_metadata_depth", l.max_metadata_depth),
+            ("limits.max_name_bytes", l.max_name_bytes),
+            ("limits.max_model_bytes", l.max_model_bytes),
+            ("limits.max_output_tokens", l.max_output_tokens as usize),
+            ("limits.max_embed_inputs", l.max_embed_inputs),
+            ("limits.max_embed_input_bytes", l.max_embed_input_bytes),
+            ("limits.max_output_bytes", l.max_output_bytes),
+            ("limits.max_response_bytes", l.max_response_bytes),
+            ("limits.max_error_body_bytes", l.max_error_body_bytes),
+            ("limits.max_line_bytes", l.max_line_bytes),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be positive"));
             }
         }
         if self.nats.inbox_prefix.is_empty()

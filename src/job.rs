@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use uuid::Uuid;
 
+use crate::config::{Config, LimitsConfig};
 use crate::trust::{QUOTE_CHARS, ReplyPolicy, check_model_name, quote};
 
 /// The two job kinds, one JetStream subject and one durable consumer each.
@@ -36,7 +37,19 @@ pub struct Limits {
     pub max_job_bytes: usize,
     pub default_timeout: Duration,
     pub max_timeout: Duration,
-    pub max_model_chars: usize,
+    /// Bounds on the job's fields (`[limits]`).
+    pub bounds: LimitsConfig,
+}
+
+impl Limits {
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            max_job_bytes: config.worker.max_job_bytes,
+            default_timeout: Duration::from_millis(config.worker.default_timeout_ms),
+            max_timeout: Duration::from_millis(config.worker.max_timeout_ms),
+            bounds: config.limits.clone(),
+        }
+    }
 }
 
 /// Who a job is and where its answers go: known even for many invalid jobs.
@@ -216,7 +229,7 @@ pub fn decode(
     // Checked before parsing: the size of a message bounds what parsing it costs. Its identity
     // then comes from the transport alone (header, subject), and no reply subject is known.
     if payload.len() > limits.max_job_bytes {
-        let (envelope, _) = read_envelope(WireEnvelope::default(), delivery, rules.replies);
+        let (envelope, _) = read_envelope(WireEnvelope::default(), delivery, rules);
         return Err(Box::new(InvalidJob {
             envelope,
             reason: format!(
@@ -232,7 +245,7 @@ pub fn decode(
         .as_ref()
         .and_then(|v| WireEnvelope::deserialize(v).ok())
         .unwrap_or_default();
-    let (envelope, envelope_problem) = read_envelope(wire_env, delivery, rules.replies);
+    let (envelope, envelope_problem) = read_envelope(wire_env, delivery, rules);
     let fail = |reason: String| {
         Box::new(InvalidJob {
             envelope: envelope.clone(),
@@ -269,18 +282,18 @@ pub fn decode(
         JobKind::Generate => {
             let w: WireGenerate = serde_path_to_error::deserialize(&value)
                 .map_err(|e| serde_fail(e.path().to_string(), e.inner()))?;
-            let body = JobBody::Generate(generate_request(&w).map_err(&fail)?);
+            let body = JobBody::Generate(generate_request(&w, &limits.bounds).map_err(&fail)?);
             (w.provider, w.model, w.timeout_ms, body)
         }
         JobKind::Embed => {
             let w: WireEmbed = serde_path_to_error::deserialize(&value)
                 .map_err(|e| serde_fail(e.path().to_string(), e.inner()))?;
-            let body = JobBody::Embed(embed_request(&w).map_err(&fail)?);
+            let body = JobBody::Embed(embed_request(&w, &limits.bounds).map_err(&fail)?);
             (w.provider, w.model, w.timeout_ms, body)
         }
     };
     if let Some(m) = &model {
-        check_model_name(m, limits.max_model_chars).map_err(&fail)?;
+        check_model_name(m, limits.bounds.max_model_bytes).map_err(&fail)?;
     }
     rules
         .catalog
@@ -319,8 +332,9 @@ pub fn decode(
 fn read_envelope(
     w: WireEnvelope,
     delivery: &Delivery<'_>,
-    replies: &ReplyPolicy,
+    rules: &Rules<'_>,
 ) -> (Envelope, Option<String>) {
+    let bounds = &rules.limits.bounds;
     use serde_json::Value;
     let mut problem: Option<String> = None;
     let mut note = |p: String| {
@@ -374,16 +388,27 @@ fn read_envelope(
             }
         }
     };
-    let trace_id = string_field("trace_id", w.trace_id).unwrap_or_else(|| job_id.to_string());
+    let trace_id = string_field("trace_id", w.trace_id);
     let body_tenant = string_field("tenant", w.tenant);
-    let tenant = match delivery.subject_tenant {
-        Some(t) => t.to_string(),
-        None => body_tenant.unwrap_or_else(|| "default".into()),
-    };
     let task_type = string_field("task_type", w.task_type);
     let reply_to = string_field("reply_to", w.reply_to);
+    // Names are echoed into every event, log line and row: bounded, no control characters
+    // (Postgres cannot store NUL). A refused one is still recorded, made safe.
+    let mut name = |field: &str, value: String| match check_name(&value, bounds.max_name_bytes) {
+        Ok(()) => value,
+        Err(why) => {
+            note(format!("{field}: {why}"));
+            safe_name(&value, bounds.max_name_bytes)
+        }
+    };
+    let trace_id = trace_id.map_or_else(|| job_id.to_string(), |t| name("trace_id", t));
+    let tenant = match delivery.subject_tenant {
+        Some(t) => name("tenant (from the subject)", t.to_string()),
+        None => name("tenant", body_tenant.unwrap_or_else(|| "default".into())),
+    };
+    let task_type = task_type.map(|t| name("task_type", t));
     // A refused reply subject is never published to, not even the refusal.
-    let reply_to = match reply_to.map(|s| replies.check(&s, &tenant).map(|()| s)) {
+    let reply_to = match reply_to.map(|s| rules.replies.check(&s, &tenant).map(|()| s)) {
         Some(Ok(s)) => Some(s),
         Some(Err(refused)) => {
             note(refused);
@@ -394,7 +419,18 @@ fn read_envelope(
     if tenant.is_empty() {
         note("tenant: must not be empty".into());
     }
-    let metadata = w.metadata.unwrap_or(Value::Null);
+    // Metadata is echoed into results and stored as jsonb: bounded as echoed, and never
+    // echoed at all when refused.
+    let metadata = match w.metadata {
+        None | Some(Value::Null) => Value::Null,
+        Some(m) => match check_metadata(&m, bounds) {
+            Ok(()) => m,
+            Err(why) => {
+                note(format!("metadata: {why}"));
+                Value::Null
+            }
+        },
+    };
     (
         Envelope {
             job_id,
@@ -408,7 +444,8 @@ fn read_envelope(
     )
 }
 
-fn generate_request(w: &WireGenerate) -> Result<GenerateRequest, String> {
+fn generate_request(w: &WireGenerate, bounds: &LimitsConfig) -> Result<GenerateRequest, String> {
+    check_prompt_bounds(w, bounds)?;
     let mut system = w.system_prompt.clone().filter(|s| !s.is_empty());
     let mut messages = Vec::new();
     for (i, m) in w.messages.iter().flatten().enumerate() {
@@ -458,16 +495,29 @@ fn generate_request(w: &WireGenerate) -> Result<GenerateRequest, String> {
     {
         return Err(format!("options.top_p: {p} is outside 0..=1"));
     }
-    if o.max_tokens == Some(0) {
-        return Err("options.max_tokens: must be positive".into());
+    match o.max_tokens {
+        Some(0) => return Err("options.max_tokens: must be positive".into()),
+        Some(n) if n > bounds.max_output_tokens => {
+            return Err(format!(
+                "options.max_tokens: {n} is above the limit of {} (limits.max_output_tokens)",
+                bounds.max_output_tokens
+            ));
+        }
+        _ => {}
     }
     let stop = match &o.stop {
         None => Vec::new(),
         Some(StopWire::One(s)) => vec![s.clone()],
         Some(StopWire::Many(v)) => v.clone(),
     };
-    if stop.len() > 4 || stop.iter().any(String::is_empty) {
-        return Err("options.stop: at most 4 non-empty sequences".into());
+    if stop.len() > 4
+        || stop
+            .iter()
+            .any(|s| s.is_empty() || s.len() > MAX_STOP_BYTES || s.contains('\0'))
+    {
+        return Err(format!(
+            "options.stop: at most 4 non-empty sequences of at most {MAX_STOP_BYTES} bytes, without NUL"
+        ));
     }
     Ok(GenerateRequest {
         system,
@@ -482,12 +532,29 @@ fn generate_request(w: &WireGenerate) -> Result<GenerateRequest, String> {
     })
 }
 
-fn embed_request(w: &WireEmbed) -> Result<EmbedRequest, String> {
+fn embed_request(w: &WireEmbed, bounds: &LimitsConfig) -> Result<EmbedRequest, String> {
     if w.input.is_empty() {
         return Err("input: must hold at least one text".into());
     }
-    if let Some(i) = w.input.iter().position(String::is_empty) {
-        return Err(format!("input[{i}]: must not be empty"));
+    if w.input.len() > bounds.max_embed_inputs {
+        return Err(format!(
+            "input: {} texts, more than the limit of {} (limits.max_embed_inputs)",
+            w.input.len(),
+            bounds.max_embed_inputs
+        ));
+    }
+    let total: usize = w.input.iter().map(String::len).sum();
+    if total > bounds.max_embed_input_bytes {
+        return Err(format!(
+            "input: {total} bytes, more than the limit of {} bytes (limits.max_embed_input_bytes)",
+            bounds.max_embed_input_bytes
+        ));
+    }
+    for (i, text) in w.input.iter().enumerate() {
+        if text.is_empty() {
+            return Err(format!("input[{i}]: must not be empty"));
+        }
+        no_nul(&format!("input[{i}]"), text)?;
     }
     if w.options.dimensions == Some(0) {
         return Err("options.dimensions: must be positive".into());
@@ -496,6 +563,131 @@ fn embed_request(w: &WireEmbed) -> Result<EmbedRequest, String> {
         input: w.input.clone(),
         dimensions: w.options.dimensions,
     })
+}
+
+/// Longest stop sequence, in bytes (providers accept short ones only).
+const MAX_STOP_BYTES: usize = 256;
+
+/// Counts and total size of the prompt text; no NUL anywhere in it.
+fn check_prompt_bounds(w: &WireGenerate, bounds: &LimitsConfig) -> Result<(), String> {
+    let messages = w.messages.as_deref().unwrap_or_default();
+    let context = w.context.as_deref().unwrap_or_default();
+    if messages.len() > bounds.max_messages {
+        return Err(format!(
+            "messages: {} messages, more than the limit of {} (limits.max_messages)",
+            messages.len(),
+            bounds.max_messages
+        ));
+    }
+    if context.len() > bounds.max_context_items {
+        return Err(format!(
+            "context: {} items, more than the limit of {} (limits.max_context_items)",
+            context.len(),
+            bounds.max_context_items
+        ));
+    }
+    let mut total = 0usize;
+    let texts = w
+        .system_prompt
+        .iter()
+        .map(|t| ("system_prompt".to_string(), t))
+        .chain(w.prompt.iter().map(|t| ("prompt".to_string(), t)))
+        .chain(
+            messages
+                .iter()
+                .enumerate()
+                .map(|(i, m)| (format!("messages[{i}].content"), &m.content)),
+        )
+        .chain(
+            context
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (format!("context[{i}]"), c)),
+        );
+    for (field, text) in texts {
+        no_nul(&field, text)?;
+        total += text.len();
+    }
+    if total > bounds.max_prompt_bytes {
+        return Err(format!(
+            "prompt: the prompt text (system_prompt, prompt, messages, context) is {total} bytes, more than the limit of {} (limits.max_prompt_bytes)",
+            bounds.max_prompt_bytes
+        ));
+    }
+    Ok(())
+}
+
+fn no_nul(field: &str, text: &str) -> Result<(), String> {
+    match text.find('\0') {
+        None => Ok(()),
+        Some(at) => Err(format!("{field}: holds a NUL character (at byte {at})")),
+    }
+}
+
+/// A name (tenant, task type, trace id): at most `max` bytes, no control characters.
+fn check_name(value: &str, max: usize) -> Result<(), String> {
+    if value.len() > max {
+        return Err(format!(
+            "{} bytes, more than the limit of {max} (limits.max_name_bytes)",
+            value.len()
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(format!(
+            "{} holds control characters (NUL, newlines, ...)",
+            quote(value)
+        ));
+    }
+    Ok(())
+}
+
+/// A refused name made safe to record: control characters replaced, cut to `max` bytes.
+fn safe_name(value: &str, max: usize) -> String {
+    let mut out = String::new();
+    for c in value
+        .chars()
+        .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+    {
+        if out.len() + c.len_utf8() > max {
+            break;
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Metadata within its depth and size as echoed, and storable as jsonb (no NUL in any
+/// string or key).
+fn check_metadata(value: &serde_json::Value, bounds: &LimitsConfig) -> Result<(), String> {
+    fn walk(v: &serde_json::Value, depth: usize, max_depth: usize) -> Result<(), String> {
+        use serde_json::Value;
+        if depth > max_depth {
+            return Err(format!(
+                "nested deeper than {max_depth} levels (limits.max_metadata_depth)"
+            ));
+        }
+        match v {
+            Value::String(s) if s.contains('\0') => Err("a string holds a NUL character".into()),
+            Value::Array(items) => items.iter().try_for_each(|i| walk(i, depth + 1, max_depth)),
+            Value::Object(map) => map.iter().try_for_each(|(k, v)| {
+                if k.contains('\0') {
+                    return Err("a key holds a NUL character".into());
+                }
+                walk(v, depth + 1, max_depth)
+            }),
+            _ => Ok(()),
+        }
+    }
+    walk(value, 1, bounds.max_metadata_depth)?;
+    // Measured as it is echoed: numbers re-serialize longer (`1e15` -> `1000000000000000.0`).
+    let echoed = serde_json::to_vec(value).map_or(usize::MAX, |v| v.len());
+    if echoed > bounds.max_metadata_bytes {
+        return Err(format!(
+            "{echoed} bytes as echoed, more than the limit of {} (limits.max_metadata_bytes)",
+            bounds.max_metadata_bytes
+        ));
+    }
+    Ok(())
 }
 
 /// A serde error text with any value it quotes cut short: serde quotes whole strings
@@ -546,7 +738,13 @@ mod tests {
             max_job_bytes: 10_000,
             default_timeout: Duration::from_secs(120),
             max_timeout: Duration::from_secs(600),
-            max_model_chars: 64,
+            bounds: LimitsConfig {
+                max_model_bytes: 64,
+                max_metadata_bytes: 200,
+                max_messages: 3,
+                max_embed_inputs: 4,
+                ..Default::default()
+            },
         }
     }
 
@@ -759,6 +957,132 @@ mod tests {
                 .unwrap_err()
                 .reason
                 .starts_with("input[1]")
+        );
+    }
+
+    #[test]
+    fn a_nul_in_any_text_field_is_refused_naming_the_field() {
+        for (json, field) in [
+            (r#"{"prompt":"a\u0000b"}"#, "prompt"),
+            (
+                r#"{"prompt":"x","system_prompt":"\u0000"}"#,
+                "system_prompt",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"\u0000"}]}"#,
+                "messages[0].content",
+            ),
+            (r#"{"prompt":"x","context":["ok","\u0000"]}"#, "context[1]"),
+            (
+                r#"{"prompt":"x","options":{"stop":["\u0000"]}}"#,
+                "options.stop",
+            ),
+            (r#"{"prompt":"x","tenant":"a\u0000"}"#, "tenant"),
+            (r#"{"prompt":"x","task_type":"t\n"}"#, "task_type"),
+            (r#"{"prompt":"x","trace_id":"\u0000"}"#, "trace_id"),
+            (r#"{"prompt":"x","metadata":{"k":"\u0000"}}"#, "metadata"),
+            (r#"{"prompt":"x","metadata":{"\u0000":1}}"#, "metadata"),
+        ] {
+            let err = gen_job(json).unwrap_err();
+            assert!(err.reason.starts_with(field), "{json}: {}", err.reason);
+        }
+        let e = decode_with(
+            JobKind::Embed,
+            r#"{"input":["a","\u0000"]}"#,
+            &Delivery::default(),
+        )
+        .unwrap_err();
+        assert!(e.reason.starts_with("input[1]"), "{}", e.reason);
+    }
+
+    #[test]
+    fn a_refused_name_is_recorded_without_its_control_characters() {
+        let err = gen_job(r#"{"prompt":"x","tenant":"ac\u0000me"}"#).unwrap_err();
+        assert_eq!(err.envelope.tenant, "ac\u{fffd}me");
+        let err = gen_job(&format!(
+            r#"{{"prompt":"x","trace_id":"{}"}}"#,
+            "t".repeat(500)
+        ))
+        .unwrap_err();
+        assert!(
+            err.reason.contains("limits.max_name_bytes"),
+            "{}",
+            err.reason
+        );
+        assert_eq!(err.envelope.trace_id.len(), 128);
+    }
+
+    #[test]
+    fn metadata_is_bounded_as_echoed_and_in_depth_and_dropped_when_refused() {
+        // 20 numbers written `1e15` are 100 bytes in the job but 380 as echoed.
+        let numbers = vec!["1e15"; 20].join(",");
+        let err = gen_job(&format!(r#"{{"prompt":"x","metadata":[{numbers}]}}"#)).unwrap_err();
+        assert!(
+            err.reason.starts_with("metadata: ") && err.reason.contains("as echoed"),
+            "{}",
+            err.reason
+        );
+        assert_eq!(err.envelope.metadata, serde_json::Value::Null);
+        let deep = format!("{}1{}", "[".repeat(20), "]".repeat(20));
+        let err = gen_job(&format!(r#"{{"prompt":"x","metadata":{deep}}}"#)).unwrap_err();
+        assert!(err.reason.contains("max_metadata_depth"), "{}", err.reason);
+        assert!(gen_job(r#"{"prompt":"x","metadata":{"a":[1,{"b":"c"}]}}"#).is_ok());
+    }
+
+    #[test]
+    fn counts_sizes_and_the_output_ceiling_are_bounded_with_the_bound_named() {
+        let four = r#"{"role":"user","content":"m"}"#.repeat(4).replace("}{", "},{");
+        for (json, names) in [
+            (format!(r#"{{"messages":[{four}]}}"#), "limits.max_messages"),
+            (
+                r#"{"prompt":"x","options":{"max_tokens":200000}}"#.to_string(),
+                "limits.max_output_tokens",
+            ),
+            (
+                format!(
+                    r#"{{"prompt":"x","options":{{"stop":["{}"]}}}}"#,
+                    "s".repeat(300)
+                ),
+                "256 bytes",
+            ),
+        ] {
+            let err = gen_job(&json).unwrap_err();
+            assert!(err.reason.contains(names), "{json}: {}", err.reason);
+        }
+        let e = decode_with(
+            JobKind::Embed,
+            r#"{"input":["a","b","c","d","e"]}"#,
+            &Delivery::default(),
+        )
+        .unwrap_err();
+        assert!(
+            e.reason.contains("5 texts") && e.reason.contains("limits.max_embed_inputs"),
+            "{}",
+            e.reason
+        );
+    }
+
+    #[test]
+    fn the_prompt_text_together_is_bounded() {
+        let limits = Limits {
+            bounds: LimitsConfig {
+                max_prompt_bytes: 10,
+                ..Default::default()
+            },
+            ..limits()
+        };
+        let replies = ReplyPolicy::new(&NatsConfig::default()).unwrap();
+        let rules = Rules {
+            limits: &limits,
+            replies: &replies,
+            catalog: &OneProvider,
+        };
+        let job = br#"{"system_prompt":"12345","prompt":"123","context":["123"]}"#;
+        let err = decode(JobKind::Generate, job, &Delivery::default(), &rules).unwrap_err();
+        assert!(
+            err.reason.contains("11 bytes") && err.reason.contains("limits.max_prompt_bytes"),
+            "{}",
+            err.reason
         );
     }
 }

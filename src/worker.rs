@@ -84,12 +84,7 @@ impl Worker {
             embed_chain: embed_chain.map(|c| (c, config.embed_mixed_dimensions.clone().into())),
             replies,
             prices,
-            limits: Limits {
-                max_job_bytes: config.worker.max_job_bytes,
-                default_timeout: Duration::from_millis(config.worker.default_timeout_ms),
-                max_timeout: Duration::from_millis(config.worker.max_timeout_ms),
-                max_model_chars: config.limits.max_model_chars,
-            },
+            limits: Limits::from_config(config),
             reply_policy: Arc::new(reply_policy),
             tenant_from_subject: config.nats.tenant_from_subject,
             worker_id: config.worker_id().into(),

@@ -444,7 +444,8 @@ mod tests {
             );
             let e = classify(429, &body);
             assert!(
-                e.retry_after.is_none_or(|d| d <= crate::providers::MAX_RETRY_HINT),
+                e.retry_after
+                    .is_none_or(|d| d <= crate::providers::MAX_RETRY_HINT),
                 "{delay}"
             );
         }

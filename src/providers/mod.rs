@@ -477,7 +477,11 @@ mod tests {
             ("retry-after", "inf", Some(MAX_RETRY_HINT)),
             ("retry-after", "NaN", None),
             ("retry-after", "-5", None),
-            ("retry-after", "Fri, 31 Dec 9999 23:59:59 GMT", Some(MAX_RETRY_HINT)),
+            (
+                "retry-after",
+                "Fri, 31 Dec 9999 23:59:59 GMT",
+                Some(MAX_RETRY_HINT),
+            ),
             ("retry-after-ms", "1e300", Some(MAX_RETRY_HINT)),
             ("retry-after-ms", "-1", None),
             ("retry-after", "18446744073709551616", Some(MAX_RETRY_HINT)),

@@ -341,7 +341,10 @@ mod tests {
             output_tokens: u64::MAX
         })));
         let mut d = Decoder::default();
-        let e = d.line(br#"{"done":true,"eval_count":1e400}"#).err().unwrap();
+        let e = d
+            .line(br#"{"done":true,"eval_count":1e400}"#)
+            .err()
+            .unwrap();
         assert_eq!(e.code, ErrorCode::MalformedResponse);
     }
 }

@@ -331,7 +331,7 @@ pub fn decode_job(
         max_job_bytes: 1 << 20,
         default_timeout: Duration::from_secs(20),
         max_timeout: Duration::from_secs(60),
-        max_model_chars: 128,
+        bounds: Default::default(),
     };
     let replies =
         llm_worker::trust::ReplyPolicy::new(&llm_worker::config::NatsConfig::default()).unwrap();
