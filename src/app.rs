@@ -213,7 +213,12 @@ pub async fn start(config: Config, roles: Roles) -> anyhow::Result<Running> {
     if roles.jobs {
         let registry = Registry::from_config(&config)?;
         let chain = Chain::new(&config, registry, prices.clone(), health.clone());
-        let replies = Replies::new(client.clone(), js.clone(), nats_cfg.clone());
+        let replies = Replies::new(
+            client.clone(),
+            js.clone(),
+            nats_cfg.clone(),
+            Duration::from_millis(config.limits.chunk_interval_ms),
+        );
         let embed_routes = match config.embedding_routes() {
             Ok(routes) => Some(routes.clone()),
             Err(why) => {

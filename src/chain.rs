@@ -45,9 +45,20 @@ pub struct AttemptMeta<'a> {
     pub model: &'a str,
 }
 
-/// Receives text as it arrives (the reply module publishes it as chunk events).
+/// Receives text as it arrives (the reply module publishes it as chunk events). A sink may
+/// hold text back to send several deltas as one event: it then names the latest time the text
+/// must go out ([`DeltaSink::flush_at`]), and the chain calls [`DeltaSink::flush`] by then and
+/// at the end of every attempt.
 pub trait DeltaSink: Send {
     fn delta(&mut self, meta: AttemptMeta<'_>, text: &str) -> impl Future<Output = ()> + Send;
+    /// When held-back text must be sent, if any is held.
+    fn flush_at(&self) -> Option<Instant> {
+        None
+    }
+    /// Send any held-back text now.
+    fn flush(&mut self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 }
 
 /// A sink that drops text (non-streamed jobs).
@@ -93,6 +104,8 @@ pub struct Chain {
     strategies: Arc<BTreeMap<String, Strategy>>,
     /// Routes whose jobs may pin a provider the route does not list.
     pin_any: Arc<[String]>,
+    /// Most text one attempt may produce (`limits.max_output_bytes`).
+    max_output_bytes: usize,
     pub(crate) health: Health,
     prices: PriceBook,
 }
@@ -128,6 +141,7 @@ impl Chain {
             routes: Arc::new(routes),
             strategies: Arc::new(config.strategies.clone()),
             pin_any: config.pin_any_provider.clone().into(),
+            max_output_bytes: config.limits.max_output_bytes,
             health,
             prices,
         }
@@ -254,7 +268,8 @@ impl Chain {
                     break 'targets;
                 };
                 let number = attempts.len() as u32 + 1;
-                let (record, result) = attempt(target, number, req, deadline, sink).await;
+                let (record, result) =
+                    attempt(target, number, req, deadline, self.max_output_bytes, sink).await;
                 let health = match &result {
                     Ok(_) => Ok(record.ttft_ms.map(Duration::from_millis)),
                     Err(e) => Err(e),
@@ -451,12 +466,13 @@ pub(crate) fn chain_error(
     }
 }
 
-/// One provider call, consumed to its end under the attempt's time limits.
+/// One provider call, consumed to its end under the attempt's time and size limits.
 async fn attempt<S: DeltaSink>(
     target: &Target,
     number: u32,
     req: &GenerateRequest,
     deadline: Instant,
+    max_output_bytes: usize,
     sink: &mut S,
 ) -> (AttemptRecord, Result<Success, ProviderError>) {
     let provider = &target.provider;
@@ -500,7 +516,19 @@ async fn attempt<S: DeltaSink>(
                 } else {
                     (last_text + provider.timeouts.stall).min(deadline)
                 };
-                match tokio::time::timeout_at(limit, events.next()).await {
+                // Held-back text goes out on time even while the provider is silent.
+                let next = match sink.flush_at().filter(|at| *at < limit) {
+                    Some(at) => tokio::select! {
+                        biased;
+                        event = events.next() => Ok(event),
+                        () = tokio::time::sleep_until(at) => {
+                            sink.flush().await;
+                            continue;
+                        }
+                    },
+                    None => tokio::time::timeout_at(limit, events.next()).await,
+                };
+                match next {
                     Err(_) if finish.is_some() => break None,
                     Err(_) => break Some(limit_error(deadline, output.is_empty())),
                     Ok(None) if finish.is_some() => break None,
@@ -512,6 +540,14 @@ async fn attempt<S: DeltaSink>(
                     }
                     Ok(Some(Err(e))) => break Some(e),
                     Ok(Some(Ok(ProviderEvent::Delta(text)))) => {
+                        if output.len() + text.len() > max_output_bytes {
+                            break Some(ProviderError::new(
+                                ErrorCode::ResponseTooLarge,
+                                format!(
+                                    "the answer went over {max_output_bytes} bytes (limits.max_output_bytes)"
+                                ),
+                            ));
+                        }
                         last_text = Instant::now();
                         ttft.get_or_insert(last_text - t0);
                         sink.delta(meta, &text).await;
@@ -521,6 +557,8 @@ async fn attempt<S: DeltaSink>(
                     Ok(Some(Ok(ProviderEvent::Usage(u)))) => usage = Some(u.clamped()),
                 }
             };
+            // Everything this attempt streamed is out before the next attempt or the result.
+            sink.flush().await;
             (error, call.http_status)
         }
     };

@@ -61,19 +61,40 @@ pub fn batches(inputs: &[String], max_inputs: usize, max_tokens: u64) -> Vec<&[S
 }
 
 impl Chain {
-    /// Embed a job's inputs through its route.
+    /// Embed a job's inputs through its route. `max_vector_bytes` is how much room the
+    /// result has for its vectors (the NATS server's max payload, less the rest): a job whose
+    /// vectors cannot fit is answered `payload_too_large` before any call when the vector size
+    /// is known (asked for, or learned from the route's first entry), else right after its
+    /// first batch shows how large they are, never after embedding everything.
     pub async fn embed(
         &self,
         job: &Job,
         req: &EmbedRequest,
         deadline: Instant,
         mixed_dimensions: bool,
+        max_vector_bytes: usize,
     ) -> EmbedOutcome {
         let targets = self.plan(job);
         let mut attempts: Vec<AttemptRecord> = Vec::new();
         let mut skipped = Vec::new();
         let mut timed_out = false;
         let expected = req.dimensions.map(|d| d as usize);
+        let n = req.input.len();
+        let known = expected.or_else(|| {
+            targets
+                .first()
+                .and_then(|t| self.health.dimensions(&t.provider.name, &t.model))
+        });
+        if let Some(dims) = known {
+            // The least a vector can take as JSON: `0.0,` per number, brackets and a comma.
+            let least = n.saturating_mul(dims.saturating_mul(4).saturating_add(3));
+            if least > max_vector_bytes {
+                let message = format!(
+                    "{n} vectors of {dims} dimensions need at least {least} bytes as JSON, more than the {max_vector_bytes} bytes a result can hold (the NATS server's max_payload): split the input over several jobs"
+                );
+                return too_large(attempts, message);
+            }
+        }
         'targets: for (index, target) in targets.iter().enumerate() {
             let provider = &target.provider;
             let mut vectors: Vec<Vec<f32>> = Vec::with_capacity(req.input.len());
@@ -112,6 +133,11 @@ impl Chain {
                         Ok(embedded) => {
                             tokens = tokens
                                 .saturating_add(attempts.last().map_or(0, |a| a.input_tokens));
+                            if vectors.is_empty()
+                                && let Some(message) = extrapolate(&embedded, n, max_vector_bytes)
+                            {
+                                return too_large(attempts, message);
+                            }
                             vectors.extend(embedded);
                             break;
                         }
@@ -192,6 +218,30 @@ impl Chain {
             result: Err(error),
         }
     }
+}
+
+fn too_large(attempts: Vec<AttemptRecord>, message: String) -> EmbedOutcome {
+    EmbedOutcome {
+        attempts,
+        result: Err(ErrorBody {
+            code: ErrorCode::PayloadTooLarge,
+            message,
+            retryable: false,
+        }),
+    }
+}
+
+/// Whether all `n` vectors will fit in `max_bytes`, judged by the JSON size of the first batch;
+/// the reason when they will not.
+fn extrapolate(first: &[Vec<f32>], n: usize, max_bytes: usize) -> Option<String> {
+    let bytes = serde_json::to_vec(first).map_or(0, |b| b.len());
+    let per_vector = bytes / first.len().max(1);
+    let estimate = per_vector.saturating_mul(n);
+    (estimate > max_bytes).then(|| {
+        format!(
+            "{n} vectors of about {per_vector} bytes as JSON (judged by the first batch) are about {estimate} bytes, more than the {max_bytes} bytes a result can hold (the NATS server's max_payload): split the input over several jobs"
+        )
+    })
 }
 
 /// One embedding request for one batch.

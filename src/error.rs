@@ -49,6 +49,8 @@ pub enum ErrorCode {
     NotFound,
     /// An embedding fallback returned vectors of another size than the route's.
     DimensionMismatch,
+    /// The provider's answer went over a bound (`[limits]`: text, body, line or event size).
+    ResponseTooLarge,
 }
 
 impl ErrorCode {
@@ -76,6 +78,7 @@ impl ErrorCode {
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::NotFound => "not_found",
             ErrorCode::DimensionMismatch => "dimension_mismatch",
+            ErrorCode::ResponseTooLarge => "response_too_large",
         }
     }
 }
@@ -137,6 +140,7 @@ impl ProviderError {
             | ErrorCode::Unauthorized
             | ErrorCode::NotFound
             | ErrorCode::DimensionMismatch
+            | ErrorCode::ResponseTooLarge
             | ErrorCode::PayloadTooLarge => Disposition::Fallback,
             ErrorCode::ContentFiltered
             | ErrorCode::InvalidJob

@@ -5,9 +5,11 @@
 //! This module calls no provider and decides nothing about acks.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_nats::jetstream::{self, message::PublishMessage};
 use bytes::Bytes;
+use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::chain::{AttemptMeta, DeltaSink};
@@ -25,6 +27,9 @@ pub enum ReplyError {
     Encode(#[from] serde_json::Error),
 }
 
+/// Room kept in a message for NATS headers.
+const HEADER_ROOM: usize = 1024;
+
 /// What [`Replies::store`] found.
 #[derive(Debug)]
 pub enum Stored {
@@ -40,11 +45,23 @@ pub struct Replies {
     client: async_nats::Client,
     js: jetstream::Context,
     nats: Arc<NatsConfig>,
+    /// Deltas within this long of the last chunk event wait for the next one.
+    chunk_interval: Duration,
 }
 
 impl Replies {
-    pub fn new(client: async_nats::Client, js: jetstream::Context, nats: Arc<NatsConfig>) -> Self {
-        Self { client, js, nats }
+    pub fn new(
+        client: async_nats::Client,
+        js: jetstream::Context,
+        nats: Arc<NatsConfig>,
+        chunk_interval: Duration,
+    ) -> Self {
+        Self {
+            client,
+            js,
+            nats,
+            chunk_interval,
+        }
     }
 
     /// A sink publishing `chunk` events to `reply_to` (or nowhere, when `None`).
@@ -56,17 +73,34 @@ impl Replies {
             trace_id: trace_id.to_string(),
             seq: 0,
             failed: false,
+            interval: self.chunk_interval,
+            // Worst case JSON escapes a byte as six (`\u0000`): a delta up to this size fits.
+            max_text: self.max_payload().saturating_sub(HEADER_ROOM + 1024) / 6,
+            held: String::new(),
+            held_by: None,
+            last_sent: None,
+        }
+    }
+
+    /// The largest message the NATS server takes (`usize::MAX` when it does not say).
+    pub fn max_payload(&self) -> usize {
+        match self.client.server_info().max_payload {
+            0 => usize::MAX,
+            max => max,
         }
     }
 
     /// Encode a result for the wire. A result larger than the server's max payload is replaced
-    /// by a `payload_too_large` error result: nothing is silently truncated.
+    /// by a `payload_too_large` error result that is guaranteed to fit: nothing is silently
+    /// truncated, and nothing is echoed without a bound (first the output is dropped, then the
+    /// metadata and the attempts' messages, then everything but the identity and the error).
     pub fn encode_result(&self, result: &ResultEvent) -> Result<Bytes, ReplyError> {
         let payload = serde_json::to_vec(result)?;
-        let max = self.client.server_info().max_payload;
-        if max == 0 || payload.len() <= max.saturating_sub(1024) {
+        let room = self.max_payload().saturating_sub(HEADER_ROOM);
+        if payload.len() <= room {
             return Ok(Bytes::from(payload));
         }
+        let size = payload.len();
         let mut small = result.clone();
         small.status = Status::Error;
         small.output = None;
@@ -74,12 +108,39 @@ impl Replies {
         small.error = Some(ErrorBody {
             code: ErrorCode::PayloadTooLarge,
             message: format!(
-                "the result is {} bytes; the NATS server's max_payload is {max} bytes",
-                payload.len()
+                "the result is {size} bytes; the NATS server's max_payload is {} bytes",
+                self.max_payload()
             ),
             retryable: false,
         });
-        Ok(Bytes::from(serde_json::to_vec(&small)?))
+        let shrink: [fn(&mut ResultEvent); 3] = [
+            |_| {},
+            |r| {
+                r.metadata = serde_json::Value::Null;
+                for a in &mut r.attempts {
+                    if let Some(e) = &mut a.error {
+                        e.message = e.message.chars().take(80).collect();
+                    }
+                }
+            },
+            |r| {
+                tracing::error!(
+                    attempts = r.attempts.len(),
+                    "even a reduced result is too large: its attempts are not recorded"
+                );
+                r.attempts.clear();
+                r.task_type = None;
+            },
+        ];
+        let mut last = Vec::new();
+        for step in shrink {
+            step(&mut small);
+            last = serde_json::to_vec(&small)?;
+            if last.len() <= room {
+                break;
+            }
+        }
+        Ok(Bytes::from(last))
     }
 
     /// Store the result durably, unless a result is already stored under its job id: a stored
@@ -146,7 +207,10 @@ impl Replies {
     }
 }
 
-/// Publishes `chunk` events with contiguous `seq` for one job.
+/// Publishes `chunk` events with contiguous `seq` for one job. Deltas arriving within
+/// `interval` of the last event are held and sent together as the next event (at most one
+/// event per interval, the first at once), so a provider streaming tiny deltas very fast cannot
+/// flood the reply subject. Text of different attempts never shares an event.
 pub struct ChunkPublisher {
     client: async_nats::Client,
     /// Cheap to clone (shared bytes): one clone per published chunk.
@@ -155,10 +219,31 @@ pub struct ChunkPublisher {
     trace_id: String,
     seq: u64,
     failed: bool,
+    interval: Duration,
+    /// Longest text one event carries; longer text goes out as several events.
+    max_text: usize,
+    /// Text held back, and the attempt (number, provider, model) it belongs to.
+    held: String,
+    held_by: Option<(u32, String, String)>,
+    last_sent: Option<Instant>,
 }
 
-impl DeltaSink for ChunkPublisher {
-    async fn delta(&mut self, meta: AttemptMeta<'_>, text: &str) {
+impl ChunkPublisher {
+    /// Publish `text` as one event, or as several when it is too long for one message.
+    async fn publish(&mut self, meta: AttemptMeta<'_>, mut text: &str) {
+        while text.len() > self.max_text.max(4) {
+            let mut cut = self.max_text.max(4);
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            let (head, rest) = text.split_at(cut);
+            self.publish_one(meta, head).await;
+            text = rest;
+        }
+        self.publish_one(meta, text).await;
+    }
+
+    async fn publish_one(&mut self, meta: AttemptMeta<'_>, text: &str) {
         let Some(subject) = &self.subject else {
             return;
         };
@@ -180,11 +265,63 @@ impl DeltaSink for ChunkPublisher {
             }
         };
         self.seq += 1;
+        self.last_sent = Some(Instant::now());
         if let Err(e) = self.client.publish(subject.clone(), payload).await
             && !self.failed
         {
             self.failed = true;
             tracing::warn!(error = %e, "publishing chunks failed; the result will still be stored");
         }
+    }
+}
+
+impl DeltaSink for ChunkPublisher {
+    async fn delta(&mut self, meta: AttemptMeta<'_>, text: &str) {
+        if self.subject.is_none() {
+            return;
+        }
+        let due = self
+            .last_sent
+            .is_none_or(|at| at.elapsed() >= self.interval);
+        if self.held.is_empty() && due {
+            return self.publish(meta, text).await;
+        }
+        if self
+            .held_by
+            .as_ref()
+            .is_some_and(|(attempt, _, _)| *attempt != meta.attempt)
+        {
+            self.flush().await;
+        }
+        if self.held_by.is_none() {
+            self.held_by = Some((meta.attempt, meta.provider.into(), meta.model.into()));
+        }
+        self.held.push_str(text);
+        if due {
+            self.flush().await;
+        }
+    }
+
+    fn flush_at(&self) -> Option<Instant> {
+        if self.held.is_empty() {
+            return None;
+        }
+        Some(
+            self.last_sent
+                .map_or_else(Instant::now, |at| at + self.interval),
+        )
+    }
+
+    async fn flush(&mut self) {
+        let Some((attempt, provider, model)) = self.held_by.take() else {
+            return;
+        };
+        let text = std::mem::take(&mut self.held);
+        let meta = AttemptMeta {
+            attempt,
+            provider: &provider,
+            model: &model,
+        };
+        self.publish(meta, &text).await;
     }
 }

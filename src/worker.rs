@@ -27,6 +27,11 @@ use crate::pricing::PriceBook;
 use crate::reply::{Replies, Stored};
 use crate::trust::{self, ReplyPolicy};
 
+/// Room kept in a message for NATS headers.
+const PAYLOAD_HEADROOM: usize = 1024;
+/// Room kept in a result for everything but its output and metadata (ids, attempts, timings).
+const RESULT_MARGIN: usize = 32 * 1024;
+
 /// Delay before a message is redelivered when its result could not be stored.
 const STORE_RETRY_DELAY: Duration = Duration::from_secs(2);
 
@@ -228,9 +233,13 @@ impl Worker {
             JobBody::Embed(req) => match &self.embed_chain {
                 Some((chain, mixed)) => {
                     let task = env.task_type.as_deref().unwrap_or("default");
-                    let o = chain
-                        .embed(job, req, deadline, mixed.iter().any(|r| r == task))
-                        .await;
+                    // Room for vectors: the payload limit less the rest of the result (its
+                    // metadata at most, and ids, attempts and timings within a margin).
+                    let room = self.replies.max_payload().saturating_sub(
+                        PAYLOAD_HEADROOM + self.limits.bounds.max_metadata_bytes + RESULT_MARGIN,
+                    );
+                    let mixed = mixed.iter().any(|r| r == task);
+                    let o = chain.embed(job, req, deadline, mixed, room).await;
                     (o.attempts, o.result.map(Answer::Vectors))
                 }
                 None => (

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::openai::clip;
-use super::sse::{self, SseDecoder, Step};
+use super::sse::{SseDecoder, Step};
 use super::{Call, ProviderEvent, Usage};
 use crate::config::ProviderConfig;
 use crate::error::{ErrorCode, ProviderError, code_for_status};
@@ -22,20 +22,20 @@ use crate::job::{GenerateRequest, Role};
 const API_VERSION: &str = "2023-06-01";
 
 pub struct Anthropic {
-    client: reqwest::Client,
+    http: super::Http,
     url: Url,
     key: Option<SecretString>,
     default_max_tokens: u32,
 }
 
 impl Anthropic {
-    pub fn new(cfg: &ProviderConfig, client: reqwest::Client) -> Result<Self, ProviderError> {
+    pub fn new(cfg: &ProviderConfig, http: super::Http) -> Result<Self, ProviderError> {
         let base = cfg
             .base_url
             .as_deref()
             .unwrap_or("https://api.anthropic.com");
         Ok(Self {
-            client,
+            http,
             url: super::openai::endpoint(base, "messages")?,
             key: cfg.api_key.clone(),
             default_max_tokens: cfg.default_max_tokens,
@@ -49,6 +49,7 @@ impl Anthropic {
     ) -> Result<Call, ProviderError> {
         let body = request_body(model, req, self.default_max_tokens);
         let mut builder = self
+            .http
             .client
             .post(self.url.clone())
             .header("anthropic-version", API_VERSION)
@@ -56,11 +57,11 @@ impl Anthropic {
         if let Some(key) = &self.key {
             builder = builder.header("x-api-key", key.expose_secret());
         }
-        let (response, status) = super::send(builder, classify).await?;
+        let (response, status) = self.http.send(builder, classify).await?;
         let events = if req.stream {
-            sse::decode(response, StreamDecoder::default())
+            self.http.sse(response, StreamDecoder::default())
         } else {
-            let text = super::read_body(response).await?;
+            let text = self.http.read_body(response).await?;
             Box::pin(futures::stream::iter(parse_message(&text)))
         };
         Ok(Call {

@@ -10,20 +10,20 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
 
 use super::openai::clip;
-use super::sse::{self, SseDecoder, Step};
+use super::sse::{SseDecoder, Step};
 use super::{Call, ProviderEvent, Usage};
 use crate::config::ProviderConfig;
 use crate::error::{ErrorCode, ProviderError, code_for_status};
 use crate::job::{GenerateRequest, Role};
 
 pub struct Gemini {
-    client: reqwest::Client,
+    http: super::Http,
     base: Url,
     key: Option<SecretString>,
 }
 
 impl Gemini {
-    pub fn new(cfg: &ProviderConfig, client: reqwest::Client) -> Result<Self, ProviderError> {
+    pub fn new(cfg: &ProviderConfig, http: super::Http) -> Result<Self, ProviderError> {
         let base = cfg
             .base_url
             .as_deref()
@@ -34,7 +34,7 @@ impl Gemini {
             base.set_path("/v1beta");
         }
         Ok(Self {
-            client,
+            http,
             base,
             key: cfg.api_key.clone(),
         })
@@ -80,12 +80,16 @@ impl Gemini {
                 r
             })
             .collect();
-        let mut builder = self.client.post(url).json(&json!({"requests": requests}));
+        let mut builder = self
+            .http
+            .client
+            .post(url)
+            .json(&json!({"requests": requests}));
         if let Some(key) = &self.key {
             builder = builder.header("x-goog-api-key", key.expose_secret());
         }
-        let (response, status) = super::send(builder, classify).await?;
-        let text = super::read_body(response).await?;
+        let (response, status) = self.http.send(builder, classify).await?;
+        let text = self.http.read_body(response).await?;
         #[derive(serde::Deserialize)]
         struct Values {
             values: Vec<f32>,
@@ -113,17 +117,18 @@ impl Gemini {
         req: &GenerateRequest,
     ) -> Result<Call, ProviderError> {
         let mut builder = self
+            .http
             .client
             .post(self.url(model, req.stream)?)
             .json(&request_body(req));
         if let Some(key) = &self.key {
             builder = builder.header("x-goog-api-key", key.expose_secret());
         }
-        let (response, status) = super::send(builder, classify).await?;
+        let (response, status) = self.http.send(builder, classify).await?;
         let events = if req.stream {
-            sse::decode(response, StreamDecoder::default())
+            self.http.sse(response, StreamDecoder::default())
         } else {
-            let text = super::read_body(response).await?;
+            let text = self.http.read_body(response).await?;
             let mut d = StreamDecoder::default();
             let events = match serde_json::from_str::<Value>(&text) {
                 Ok(v) => match d.response(&v) {
@@ -409,7 +414,10 @@ mod tests {
             "[providers.g]\ntype = \"gemini\"\nbase_url = \"http://127.0.0.1:9\"\ndefault_model = \"m\"\n",
         )
         .unwrap();
-        let http = crate::providers::http_client(Duration::from_secs(1)).unwrap();
+        let http = crate::providers::Http {
+            client: crate::providers::http_client(Duration::from_secs(1)).unwrap(),
+            bounds: Default::default(),
+        };
         let g = Gemini::new(&cfg.providers["g"], http).unwrap();
         assert_eq!(
             g.url("gemini-2.5-flash", true).unwrap().as_str(),

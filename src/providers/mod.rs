@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use futures::Stream;
 
-use crate::config::{Config, ProviderConfig, ProviderType};
+use crate::config::{Config, LimitsConfig, ProviderConfig, ProviderType};
 use crate::error::{ErrorCode, ProviderError};
 use crate::job::GenerateRequest;
 
@@ -170,7 +170,7 @@ impl Provider {
     pub fn from_config(
         name: &str,
         cfg: &ProviderConfig,
-        http: &reqwest::Client,
+        http: &Http,
     ) -> Result<Self, ProviderError> {
         let imp = match cfg.kind {
             ProviderType::Openai => ProviderImpl::OpenAi(openai::OpenAi::new(cfg, http.clone())?),
@@ -295,7 +295,10 @@ impl Registry {
             .map(|p| p.connect_timeout_ms)
             .max()
             .unwrap_or(5_000);
-        let http = http_client(Duration::from_millis(max_connect))?;
+        let http = Http {
+            client: http_client(Duration::from_millis(max_connect))?,
+            bounds: Bounds::from_limits(&config.limits),
+        };
         let mut providers = BTreeMap::new();
         for (name, cfg) in &config.providers {
             providers.insert(
@@ -359,18 +362,120 @@ pub fn estimate_request_tokens(req: &GenerateRequest) -> u64 {
     n
 }
 
-/// Send a request: a transport failure, or an HTTP error status (whose body the provider's
-/// `classify` reads), becomes a [`ProviderError`]. Returns the successful response and status.
-pub(crate) async fn send(
-    request: reqwest::RequestBuilder,
-    classify: fn(u16, &str) -> ProviderError,
-) -> Result<(reqwest::Response, u16), ProviderError> {
-    let response = request.send().await.map_err(transport_error)?;
-    let status = response.status().as_u16();
-    if !response.status().is_success() {
-        return Err(http_error(response, classify).await);
+/// Bounds on what a provider may answer (`[limits]`); going over one fails the attempt with
+/// `response_too_large`, and nothing beyond a bound is read into memory.
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    /// A non-streamed body.
+    pub max_response_bytes: usize,
+    /// An error body: only this much is read.
+    pub max_error_body_bytes: usize,
+    /// One SSE event or NDJSON line.
+    pub max_line_bytes: usize,
+}
+
+impl Bounds {
+    pub fn from_limits(l: &LimitsConfig) -> Self {
+        Self {
+            max_response_bytes: l.max_response_bytes,
+            max_error_body_bytes: l.max_error_body_bytes,
+            max_line_bytes: l.max_line_bytes,
+        }
     }
-    Ok((response, status))
+}
+
+impl Default for Bounds {
+    fn default() -> Self {
+        Self::from_limits(&LimitsConfig::default())
+    }
+}
+
+/// The shared, pooled HTTP client and the bounds every provider reads answers with.
+#[derive(Clone)]
+pub struct Http {
+    pub client: reqwest::Client,
+    pub bounds: Bounds,
+}
+
+impl Http {
+    /// Send a request: a transport failure, or an HTTP error status (whose body, up to
+    /// `max_error_body_bytes`, the provider's `classify` reads), becomes a [`ProviderError`].
+    /// Returns the successful response and status.
+    pub(crate) async fn send(
+        &self,
+        request: reqwest::RequestBuilder,
+        classify: fn(u16, &str) -> ProviderError,
+    ) -> Result<(reqwest::Response, u16), ProviderError> {
+        let response = request.send().await.map_err(transport_error)?;
+        let status = response.status().as_u16();
+        if !response.status().is_success() {
+            return Err(http_error(response, classify, self.bounds.max_error_body_bytes).await);
+        }
+        Ok((response, status))
+    }
+
+    /// A whole (non-streamed) body of at most `max_response_bytes`; a larger one is
+    /// `response_too_large` (and is not read further), one that breaks off is truncated.
+    pub(crate) async fn read_body(
+        &self,
+        response: reqwest::Response,
+    ) -> Result<String, ProviderError> {
+        let max = self.bounds.max_response_bytes;
+        let too_large = || {
+            ProviderError::new(
+                ErrorCode::ResponseTooLarge,
+                format!("the response body is larger than {max} bytes (limits.max_response_bytes)"),
+            )
+        };
+        if response.content_length().is_some_and(|n| n > max as u64) {
+            return Err(too_large());
+        }
+        let (bytes, more) = read_at_most(response, max).await.map_err(|e| {
+            let e = e.without_url();
+            ProviderError::new(ErrorCode::Truncated, format!("reading body: {e}"))
+        })?;
+        if more {
+            return Err(too_large());
+        }
+        Ok(String::from_utf8(bytes)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
+    }
+
+    /// A streamed SSE answer through `decoder`, events bounded by `max_line_bytes`.
+    pub(crate) fn sse<D: sse::SseDecoder>(
+        &self,
+        response: reqwest::Response,
+        decoder: D,
+    ) -> EventStream {
+        sse::decode(response, decoder, self.bounds.max_line_bytes)
+    }
+
+    /// The longest line a line-framed answer may have: one event of a stream, or the whole
+    /// body of a non-streamed answer.
+    pub(crate) fn line_or_body(&self, stream: bool) -> usize {
+        if stream {
+            self.bounds.max_line_bytes
+        } else {
+            self.bounds.max_response_bytes
+        }
+    }
+}
+
+/// Up to `max` bytes of a body, and whether it had more (then the rest is not read).
+async fn read_at_most(
+    mut response: reqwest::Response,
+    max: usize,
+) -> Result<(Vec<u8>, bool), reqwest::Error> {
+    let mut buf = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        let room = max - buf.len();
+        if chunk.len() > room {
+            buf.extend_from_slice(&chunk[..room]);
+            return Ok((buf, true));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok((buf, false))
 }
 
 /// A request that got no HTTP response (connect failure, reset, timeout).
@@ -392,27 +497,23 @@ fn transport_error(e: reqwest::Error) -> ProviderError {
     ProviderError::new(code, message)
 }
 
-/// An HTTP error response as a [`ProviderError`]: the provider's own `classify` reads the body;
-/// the status is attached, and the retry hint from the body (Gemini's `RetryInfo`) or else from
-/// the headers.
+/// An HTTP error response as a [`ProviderError`]: the provider's own `classify` reads the body
+/// (its first `max_body` bytes: error pages can be huge); the status is attached, and the retry
+/// hint from the body (Gemini's `RetryInfo`) or else from the headers.
 pub(crate) async fn http_error(
     response: reqwest::Response,
     classify: fn(u16, &str) -> ProviderError,
+    max_body: usize,
 ) -> ProviderError {
     let status = response.status().as_u16();
     let header_delay = retry_after(response.headers());
-    let body = response.text().await.unwrap_or_default();
+    let body = read_at_most(response, max_body)
+        .await
+        .map(|(bytes, _)| String::from_utf8_lossy(&bytes).into_owned())
+        .unwrap_or_default();
     let err = classify(status, &body).with_status(status);
     let delay = err.retry_after.or(header_delay);
     err.with_retry_after(delay)
-}
-
-/// A whole (non-streamed) response body; a body that breaks off is a truncated answer.
-pub(crate) async fn read_body(response: reqwest::Response) -> Result<String, ProviderError> {
-    response.text().await.map_err(|e| {
-        let e = e.without_url();
-        ProviderError::new(ErrorCode::Truncated, format!("reading body: {e}"))
-    })
 }
 
 /// A response body as a byte stream whose errors carry no URL (see [`transport_error`]).

@@ -14,17 +14,14 @@ use crate::config::ProviderConfig;
 use crate::error::{ErrorCode, ProviderError, code_for_status};
 use crate::job::{GenerateRequest, Role};
 
-/// Longest NDJSON line accepted (a line is one small JSON object).
-const MAX_LINE: usize = 1024 * 1024;
-
 pub struct Ollama {
-    client: reqwest::Client,
+    http: super::Http,
     url: Url,
     embed_url: Url,
 }
 
 impl Ollama {
-    pub fn new(cfg: &ProviderConfig, client: reqwest::Client) -> Result<Self, ProviderError> {
+    pub fn new(cfg: &ProviderConfig, http: super::Http) -> Result<Self, ProviderError> {
         let base = cfg.base_url.as_deref().unwrap_or("http://localhost:11434");
         let mut url = Url::parse(base)
             .map_err(|e| ProviderError::new(ErrorCode::BadRequest, format!("base_url: {e}")))?;
@@ -33,7 +30,7 @@ impl Ollama {
         embed_url.set_path(&format!("{root}/api/embed"));
         url.set_path(&format!("{root}/api/chat"));
         Ok(Self {
-            client,
+            http,
             url,
             embed_url,
         })
@@ -50,9 +47,9 @@ impl Ollama {
         if let Some(d) = dimensions {
             body["dimensions"] = json!(d);
         }
-        let request = self.client.post(self.embed_url.clone()).json(&body);
-        let (response, status) = super::send(request, classify).await?;
-        let text = super::read_body(response).await?;
+        let request = self.http.client.post(self.embed_url.clone()).json(&body);
+        let (response, status) = self.http.send(request, classify).await?;
+        let text = self.http.read_body(response).await?;
         #[derive(serde::Deserialize)]
         struct Body {
             embeddings: Vec<Vec<f32>>,
@@ -77,13 +74,15 @@ impl Ollama {
         req: &GenerateRequest,
     ) -> Result<Call, ProviderError> {
         let request = self
+            .http
             .client
             .post(self.url.clone())
             .json(&request_body(model, req));
-        let (response, status) = super::send(request, classify).await?;
+        let (response, status) = self.http.send(request, classify).await?;
         Ok(Call {
             http_status: Some(status),
-            events: decode(response),
+            // A non-streamed answer is one line holding the whole body.
+            events: decode(response, self.http.line_or_body(req.stream)),
         })
     }
 }
@@ -166,11 +165,14 @@ impl Decoder {
     }
 }
 
-/// NDJSON body -> events. A body that ends before a `done: true` line is truncated.
-fn decode(response: reqwest::Response) -> EventStream {
+/// NDJSON body -> events. A body that ends before a `done: true` line is truncated; a line
+/// longer than `max_line` bytes fails the answer (`response_too_large`).
+fn decode(response: reqwest::Response, max_line: usize) -> EventStream {
     struct State {
         body: std::pin::Pin<Box<dyn futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
         buf: Vec<u8>,
+        /// How much of `buf` is known to hold no newline.
+        scanned: usize,
         queue: VecDeque<Result<ProviderEvent, ProviderError>>,
         decoder: Decoder,
         done: bool,
@@ -178,11 +180,12 @@ fn decode(response: reqwest::Response) -> EventStream {
     let state = State {
         body: super::body_stream(response),
         buf: Vec::new(),
+        scanned: 0,
         queue: VecDeque::new(),
         decoder: Decoder::default(),
         done: false,
     };
-    futures::stream::unfold(state, |mut s| async move {
+    futures::stream::unfold(state, move |mut s| async move {
         loop {
             // 1. Hand out decoded events; an error ends the stream.
             if let Some(item) = s.queue.pop_front() {
@@ -197,8 +200,9 @@ fn decode(response: reqwest::Response) -> EventStream {
                 return None;
             }
             // 3. Decode a complete buffered line.
-            if let Some(pos) = s.buf.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = s.buf.drain(..=pos).collect();
+            if let Some(pos) = s.buf[s.scanned..].iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = s.buf.drain(..=s.scanned + pos).collect();
+                s.scanned = 0;
                 let line = line.trim_ascii();
                 if !line.is_empty() {
                     match s.decoder.line(line) {
@@ -209,8 +213,14 @@ fn decode(response: reqwest::Response) -> EventStream {
                 }
                 continue;
             }
-            if s.buf.len() > MAX_LINE {
-                let err = ProviderError::new(ErrorCode::MalformedResponse, "NDJSON line too long");
+            s.scanned = s.buf.len();
+            if s.buf.len() > max_line {
+                let err = ProviderError::new(
+                    ErrorCode::ResponseTooLarge,
+                    format!(
+                        "an NDJSON line is longer than {max_line} bytes (limits.max_line_bytes)"
+                    ),
+                );
                 s.queue.push_back(Err(err));
                 continue;
             }

@@ -12,7 +12,7 @@ use reqwest::Url;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
-use super::sse::{self, SseDecoder, Step};
+use super::sse::{SseDecoder, Step};
 use super::{Call, ProviderEvent, Usage};
 use crate::config::{MaxTokensField, ProviderConfig};
 use crate::error::{ErrorCode, ProviderError, code_for_status};
@@ -22,7 +22,7 @@ use crate::job::{GenerateRequest, Role};
 const MAX_ERROR_CHARS: usize = 500;
 
 pub struct OpenAi {
-    client: reqwest::Client,
+    http: super::Http,
     chat_url: Url,
     embed_url: Url,
     key: Option<SecretString>,
@@ -30,13 +30,13 @@ pub struct OpenAi {
 }
 
 impl OpenAi {
-    pub fn new(cfg: &ProviderConfig, client: reqwest::Client) -> Result<Self, ProviderError> {
+    pub fn new(cfg: &ProviderConfig, http: super::Http) -> Result<Self, ProviderError> {
         let base = cfg
             .base_url
             .as_deref()
             .unwrap_or("https://api.openai.com/v1");
         Ok(Self {
-            client,
+            http,
             chat_url: endpoint(base, "chat/completions")?,
             embed_url: endpoint(base, "embeddings")?,
             key: cfg.api_key.clone(),
@@ -50,15 +50,15 @@ impl OpenAi {
         req: &GenerateRequest,
     ) -> Result<Call, ProviderError> {
         let body = request_body(model, req, self.max_tokens_field);
-        let mut builder = self.client.post(self.chat_url.clone()).json(&body);
+        let mut builder = self.http.client.post(self.chat_url.clone()).json(&body);
         if let Some(key) = &self.key {
             builder = builder.bearer_auth(key.expose_secret());
         }
-        let (response, status) = super::send(builder, classify_error_body).await?;
+        let (response, status) = self.http.send(builder, classify_error_body).await?;
         let events = if req.stream {
-            sse::decode(response, StreamDecoder::default())
+            self.http.sse(response, StreamDecoder::default())
         } else {
-            let text = super::read_body(response).await?;
+            let text = self.http.read_body(response).await?;
             let events = parse_completion(&text);
             Box::pin(futures::stream::iter(events))
         };
@@ -80,12 +80,12 @@ impl OpenAi {
         if let Some(d) = dimensions {
             body["dimensions"] = d.into();
         }
-        let mut builder = self.client.post(self.embed_url.clone()).json(&body);
+        let mut builder = self.http.client.post(self.embed_url.clone()).json(&body);
         if let Some(key) = &self.key {
             builder = builder.bearer_auth(key.expose_secret());
         }
-        let (response, status) = super::send(builder, classify_error_body).await?;
-        let text = super::read_body(response).await?;
+        let (response, status) = self.http.send(builder, classify_error_body).await?;
+        let text = self.http.read_body(response).await?;
         #[derive(Deserialize)]
         struct Item {
             index: usize,

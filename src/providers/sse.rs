@@ -29,7 +29,32 @@ use crate::error::{ErrorCode, ProviderError};
 const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(2);
 const DRAIN_EVENTS: usize = 16;
 
-type Events = std::pin::Pin<Box<dyn futures::Stream<Item = Result<Event, String>> + Send>>;
+type Events = std::pin::Pin<Box<dyn futures::Stream<Item = Result<Event, SseError>> + Send>>;
+
+/// Why the body of an SSE answer could not be read to its end.
+#[derive(Debug)]
+enum SseError {
+    /// The connection or the framing broke.
+    Broken(String),
+    /// An event (or a line of it) is longer than this many bytes.
+    TooLong(usize),
+}
+
+/// What the line-bounding layer yields besides bytes.
+#[derive(Debug)]
+enum BodyError {
+    Transport(reqwest::Error),
+    TooLong(usize),
+}
+
+impl std::fmt::Display for BodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BodyError::Transport(e) => e.fmt(f),
+            BodyError::TooLong(max) => write!(f, "an SSE event is longer than {max} bytes"),
+        }
+    }
+}
 
 /// What a decoder wants after one SSE event.
 pub enum Step {
@@ -46,17 +71,29 @@ pub trait SseDecoder: Send + 'static {
     fn finished(&self) -> bool;
 }
 
-/// Adapt a response body to an [`EventStream`] through `decoder`.
-pub fn decode<D: SseDecoder>(response: reqwest::Response, decoder: D) -> EventStream {
+/// Adapt a response body to an [`EventStream`] through `decoder`. An event longer than
+/// `max_event` bytes fails the answer (`response_too_large`) before it is buffered whole.
+pub fn decode<D: SseDecoder>(
+    response: reqwest::Response,
+    decoder: D,
+    max_event: usize,
+) -> EventStream {
     struct State<D> {
         events: Events,
         decoder: D,
         queue: VecDeque<ProviderEvent>,
         done: bool,
     }
-    let events = rewrite_error_fields(super::body_stream(response))
+    let events = bounded_lines(super::body_stream(response), max_event)
         .eventsource()
-        .map(|r| r.map_err(|e| e.to_string()))
+        .map(|r| {
+            r.map_err(|e| match e {
+                eventsource_stream::EventStreamError::Transport(BodyError::TooLong(max)) => {
+                    SseError::TooLong(max)
+                }
+                other => SseError::Broken(other.to_string()),
+            })
+        })
         .boxed();
     let state = State {
         events,
@@ -87,7 +124,15 @@ pub fn decode<D: SseDecoder>(response: reqwest::Response, decoder: D) -> EventSt
                         return Some((Err(e), s));
                     }
                 },
-                Some(Err(e)) => {
+                Some(Err(SseError::TooLong(max))) => {
+                    s.done = true;
+                    let err = ProviderError::new(
+                        ErrorCode::ResponseTooLarge,
+                        format!("an SSE event is longer than {max} bytes (limits.max_line_bytes)"),
+                    );
+                    return Some((Err(err), s));
+                }
+                Some(Err(SseError::Broken(e))) => {
                     s.done = true;
                     if s.decoder.finished() {
                         // The answer was complete; only the trailing usage/sentinel was lost.
@@ -149,34 +194,73 @@ fn drain(mut rest: Events) {
 type ByteStream =
     std::pin::Pin<Box<dyn futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>;
 
-/// Rewrite lines `error: X` to `event: error` / `data: X`, buffering partial lines so a field
-/// split across network chunks is still seen.
-fn rewrite_error_fields(
+/// Hand the SSE parser complete lines only, with two repairs on the way: lines `error: X`
+/// become `event: error` / `data: X` (buffering partial lines so a field split across network
+/// chunks is still seen), and an event (the lines since the last blank one) longer than
+/// `max_event` bytes ends the body with [`BodyError::TooLong`] instead of growing a buffer
+/// without bound.
+fn bounded_lines(
     body: ByteStream,
-) -> impl futures::Stream<Item = reqwest::Result<bytes::Bytes>> {
-    futures::stream::unfold(
-        (body, Vec::<u8>::new(), false),
-        |(mut body, mut carry, done)| async move {
-            if done {
-                return None;
-            }
-            match body.next().await {
-                Some(Ok(chunk)) => {
-                    carry.extend_from_slice(&chunk);
-                    let cut = carry.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
-                    let rest = carry.split_off(cut);
-                    let out = rewrite_lines(&carry);
-                    Some((Ok(out), (body, rest, false)))
+    max_event: usize,
+) -> impl futures::Stream<Item = Result<bytes::Bytes, BodyError>> {
+    struct State {
+        body: ByteStream,
+        /// The partial line after the last newline.
+        carry: Vec<u8>,
+        /// Bytes of the current event's complete lines.
+        event_len: usize,
+        done: bool,
+    }
+    let state = State {
+        body,
+        carry: Vec::new(),
+        event_len: 0,
+        done: false,
+    };
+    futures::stream::unfold(state, move |mut s| async move {
+        if s.done {
+            return None;
+        }
+        match s.body.next().await {
+            Some(Ok(chunk)) => {
+                s.carry.extend_from_slice(&chunk);
+                let cut = s
+                    .carry
+                    .iter()
+                    .rposition(|b| *b == b'\n')
+                    .map_or(0, |i| i + 1);
+                let mut start = 0;
+                for end in memchr::memchr_iter(b'\n', &s.carry[..cut]) {
+                    let line = &s.carry[start..end];
+                    let line = line.strip_suffix(b"\r").unwrap_or(line);
+                    s.event_len = if line.is_empty() {
+                        0
+                    } else {
+                        s.event_len + line.len() + 1
+                    };
+                    start = end + 1;
                 }
-                Some(Err(e)) => Some((Err(e), (body, carry, true))),
-                None if carry.is_empty() => None,
-                None => {
-                    let out = rewrite_lines(&carry);
-                    Some((Ok(out), (body, Vec::new(), true)))
+                if s.event_len + (s.carry.len() - cut) > max_event {
+                    s.done = true;
+                    return Some((Err(BodyError::TooLong(max_event)), s));
                 }
+                let rest = s.carry.split_off(cut);
+                let out = rewrite_lines(&s.carry);
+                s.carry = rest;
+                Some((Ok(out), s))
             }
-        },
-    )
+            Some(Err(e)) => {
+                s.done = true;
+                Some((Err(BodyError::Transport(e)), s))
+            }
+            None if s.carry.is_empty() => None,
+            None => {
+                s.done = true;
+                let out = rewrite_lines(&std::mem::take(&mut s.carry));
+                Some((Ok(out), s))
+            }
+        }
+    })
 }
 
 fn rewrite_lines(text: &[u8]) -> bytes::Bytes {
@@ -206,7 +290,7 @@ mod tests {
             )),
         ];
         let body: ByteStream = futures::stream::iter(chunks).boxed();
-        let events: Vec<Event> = rewrite_error_fields(body)
+        let events: Vec<Event> = bounded_lines(body, 1024)
             .eventsource()
             .map(|e| e.unwrap())
             .collect()
@@ -223,5 +307,37 @@ mod tests {
                 ("message", "[DONE]")
             ]
         );
+    }
+
+    async fn first_error(chunks: Vec<&'static [u8]>, max: usize) -> Option<String> {
+        let chunks: Vec<reqwest::Result<bytes::Bytes>> = chunks
+            .into_iter()
+            .map(|c| Ok(bytes::Bytes::from_static(c)))
+            .collect();
+        let body: ByteStream = futures::stream::iter(chunks).boxed();
+        let mut lines = Box::pin(bounded_lines(body, max));
+        while let Some(item) = lines.next().await {
+            if let Err(e) = item {
+                return Some(e.to_string());
+            }
+        }
+        None
+    }
+
+    #[tokio::test]
+    async fn a_line_or_an_event_over_the_bound_ends_the_body_before_it_is_buffered() {
+        // A line without a newline, arriving in pieces.
+        let e = first_error(vec![b"data: aaaaaaaaaa", b"aaaaaaaaaa", b"aaaaaaaaaa"], 25).await;
+        assert!(e.is_some_and(|e| e.contains("longer than 25 bytes")));
+        // Many short lines without the blank line that ends an event.
+        let e = first_error(vec![b"data: a\ndata: b\n", b"data: c\ndata: d\n"], 20).await;
+        assert!(e.is_some());
+        // Events under the bound, each ended by a blank line (also \r\n), pass.
+        let ok = first_error(
+            vec![b"data: aaaa\n\n", b"data: bbbb\r\n\r\ndata: cc", b"cc\n\n"],
+            12,
+        )
+        .await;
+        assert_eq!(ok, None);
     }
 }

@@ -44,7 +44,13 @@ async fn run(chain: &Chain, v: Value, mixed: bool) -> EmbedOutcome {
         unreachable!()
     };
     chain
-        .embed(&job, req, tokio::time::Instant::now() + job.timeout, mixed)
+        .embed(
+            &job,
+            req,
+            tokio::time::Instant::now() + job.timeout,
+            mixed,
+            usize::MAX,
+        )
         .await
 }
 

@@ -16,7 +16,13 @@ async fn app_with_fake() -> (TestApp, FakeOpenAi) {
 
 #[tokio::test]
 async fn a_streamed_job_sends_ordered_chunks_and_a_result_equal_to_their_concatenation() {
-    let (app, fake) = app_with_fake().await;
+    // Every delta its own event (no coalescing), to see the chunks mirror the provider's.
+    let fake = FakeOpenAi::start().await.unwrap();
+    let mut app = TestApp::new(&openai_provider("openai", &fake.base_url(), "gpt-test")).await;
+    app.start_worker_with(crate::helpers::ALL_ROLES, |c| {
+        c.limits.chunk_interval_ms = 0
+    })
+    .await;
     fake.push(Reply::answer(&["Hel", "lo", ", ", "world"], (9, 4)));
     let (reply_to, mut sub) = app.reply_inbox().await;
 
@@ -63,6 +69,55 @@ async fn a_streamed_job_sends_ordered_chunks_and_a_result_equal_to_their_concate
     // The same result is stored durably.
     let stored = app.wait_stored_result(job_id).await;
     assert_eq!(&stored, r);
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn deltas_faster_than_the_chunk_interval_are_coalesced_and_slower_ones_are_not() {
+    let (app, fake) = app_with_fake().await;
+    let deltas: Vec<String> = (0..200).map(|i| format!("w{i} ")).collect();
+    let text: String = deltas.concat();
+    fake.push(Reply::Answer {
+        deltas: deltas.clone(),
+        usage: Some((1, 200)),
+        done_marker: true,
+        chunk_delay: Duration::ZERO,
+    });
+    // Slower than the 20 ms interval: every delta goes out as it comes.
+    fake.push(Reply::Answer {
+        deltas: vec!["a".into(), "b".into(), "c".into()],
+        usage: Some((1, 3)),
+        done_marker: true,
+        chunk_delay: Duration::from_millis(60),
+    });
+    let (reply_to, mut sub) = app.reply_inbox().await;
+
+    app.publish(json!({"prompt": "x", "reply_to": reply_to}))
+        .await;
+    let fast = collect_reply(&mut sub).await;
+    assert_eq!(fast.result["output"], text);
+    assert_eq!(fast.final_text(), text);
+    let seqs: Vec<u64> = fast
+        .chunks
+        .iter()
+        .map(|c| c["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>());
+    assert!(
+        seqs.len() < 20,
+        "200 deltas in a burst became {} chunk events",
+        seqs.len()
+    );
+
+    app.publish(json!({"prompt": "x", "reply_to": reply_to}))
+        .await;
+    let slow = collect_reply(&mut sub).await;
+    let pieces: Vec<&str> = slow
+        .chunks
+        .iter()
+        .map(|c| c["delta"].as_str().unwrap())
+        .collect();
+    assert_eq!(pieces, ["a", "b", "c"]);
     app.teardown().await;
 }
 
