@@ -100,6 +100,7 @@ async fn main() -> anyhow::Result<()> {
     config.nats.results_stream = format!("BENCH_RESULTS_{id}");
     config.nats.jobs_stream = format!("BENCH_JOBS_{id}");
     config.nats.consumer_prefix = format!("b{id}");
+    config.nats.dead_stream = format!("BENCH_DEAD_{id}");
     let client = llm_worker::app::connect_nats(&config.nats).await?;
     let js = async_nats::jetstream::new(client.clone());
     llm_worker::queue::ensure_streams(&js, &config.nats).await?;
@@ -126,7 +127,9 @@ async fn main() -> anyhow::Result<()> {
     }
     let stop = CancellationToken::new();
     let rec_cfg = RecorderConfig::default();
-    let recorder = Recorder::start(&js, &config.nats, pool.clone(), &rec_cfg).await?;
+    let dead =
+        llm_worker::dead::DeadLetters::new(js.clone(), std::sync::Arc::new(config.nats.clone()));
+    let recorder = Recorder::start(&js, &config.nats, pool.clone(), dead, &rec_cfg).await?;
     let started = Instant::now();
     let task = tokio::spawn(recorder.run(stop.clone()));
     loop {
@@ -186,6 +189,7 @@ async fn main() -> anyhow::Result<()> {
     pool.close().await;
     let _ = js.delete_stream(&config.nats.results_stream).await;
     let _ = js.delete_stream(&config.nats.jobs_stream).await;
+    let _ = js.delete_stream(&config.nats.dead_stream).await;
     database.drop().await;
     Ok(())
 }

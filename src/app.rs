@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::chain::Chain;
 use crate::config::{Config, NatsConfig};
+use crate::dead::DeadLetters;
 use crate::health::Health;
 use crate::job::JobKind;
 use crate::pricing::PriceBook;
@@ -192,7 +193,11 @@ pub async fn start(config: Config, roles: Roles) -> anyhow::Result<Running> {
             }
         };
         let recorder = if recording {
-            Some(usage::Recorder::start(&js, &nats_cfg, pool.clone(), &config.recorder).await?)
+            let dead = DeadLetters::new(js.clone(), nats_cfg.clone());
+            Some(
+                usage::Recorder::start(&js, &nats_cfg, pool.clone(), dead, &config.recorder)
+                    .await?,
+            )
         } else {
             None
         };
@@ -240,7 +245,8 @@ pub async fn start(config: Config, roles: Roles) -> anyhow::Result<Running> {
         } else {
             vec![JobKind::Generate]
         };
-        let worker = Worker::new(&config, chain, embed_chain, replies, prices.clone())?;
+        let dead = DeadLetters::new(js.clone(), nats_cfg.clone());
+        let worker = Worker::new(&config, chain, embed_chain, replies, dead, prices.clone())?;
         background.spawn(status::serve(
             client.clone(),
             status::subject(&nats_cfg),
@@ -250,9 +256,10 @@ pub async fn start(config: Config, roles: Roles) -> anyhow::Result<Running> {
             stop.clone(),
         ));
         for kind in kinds {
-            queue::ensure_consumer(&js, &nats_cfg, kind).await?;
+            queue::ensure_consumer(&js, &nats_cfg, kind, config.worker.max_deliver).await?;
             let pull = PullLoop {
                 kind,
+                max_deliver: config.worker.max_deliver,
                 max_in_flight: config.worker.max_in_flight,
                 pull_expires: Duration::from_millis(config.worker.pull_expires_ms),
                 stop_pulling: stop.clone(),

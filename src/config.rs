@@ -197,6 +197,11 @@ pub struct NatsConfig {
     pub subject_prefix: String,
     pub jobs_stream: String,
     pub results_stream: String,
+    /// Dead letters: jobs delivered `worker.max_deliver` times, results the recorder cannot
+    /// write (`<prefix>.dead.>`).
+    pub dead_stream: String,
+    /// How long dead letters are kept.
+    pub dead_max_age_secs: u64,
     /// Durable consumer names are `<consumer_prefix>-generate` and `<consumer_prefix>-embed`.
     pub consumer_prefix: String,
     /// How long stored results are kept.
@@ -226,6 +231,8 @@ impl Default for NatsConfig {
             subject_prefix: "llm".into(),
             jobs_stream: "LLM_JOBS".into(),
             results_stream: "LLM_RESULTS".into(),
+            dead_stream: "LLM_DEAD".into(),
+            dead_max_age_secs: 30 * 24 * 3600,
             consumer_prefix: "llm-worker".into(),
             results_max_age_secs: 24 * 3600,
             duplicate_window_secs: 120,
@@ -291,6 +298,9 @@ pub struct WorkerConfig {
     pub max_job_bytes: usize,
     /// How long one pull request waits for messages before it is renewed.
     pub pull_expires_ms: u64,
+    /// A job delivered this many times without an answer (its workers crashed, or its result
+    /// could not be stored) is answered `dead_lettered` and copied to the dead-letter stream.
+    pub max_deliver: i64,
 }
 
 impl Default for WorkerConfig {
@@ -303,6 +313,7 @@ impl Default for WorkerConfig {
             max_timeout_ms: 3_600_000,
             max_job_bytes: 1024 * 1024,
             pull_expires_ms: 5_000,
+            max_deliver: 5,
         }
     }
 }
@@ -335,6 +346,9 @@ pub struct RecorderConfig {
     /// appear up to this much later, and a moderate rate costs one commit per interval
     /// instead of one per job. 0 writes whatever is already there at once.
     pub batch_wait_ms: u64,
+    /// Ack wait of the recorder's consumer: a batch whose recorder dies is written again this
+    /// soon by another (progress acks keep a slow write alive).
+    pub ack_wait_secs: u64,
 }
 
 impl Default for RecorderConfig {
@@ -343,6 +357,7 @@ impl Default for RecorderConfig {
             enabled: true,
             batch_size: 1000,
             batch_wait_ms: 20,
+            ack_wait_secs: 5,
         }
     }
 }
@@ -650,10 +665,20 @@ impl Config {
         if self.nats.results_max_age_secs == 0 {
             return Err(invalid("nats.results_max_age_secs", "must be positive"));
         }
+        if self.nats.dead_max_age_secs == 0 {
+            return Err(invalid("nats.dead_max_age_secs", "must be positive"));
+        }
+        if self.worker.max_deliver < 2 {
+            return Err(invalid("worker.max_deliver", "must be at least 2"));
+        }
+        if self.recorder.ack_wait_secs < 2 {
+            return Err(invalid("recorder.ack_wait_secs", "must be at least 2"));
+        }
         for (key, value) in [
             ("nats.subject_prefix", &self.nats.subject_prefix),
             ("nats.jobs_stream", &self.nats.jobs_stream),
             ("nats.results_stream", &self.nats.results_stream),
+            ("nats.dead_stream", &self.nats.dead_stream),
             ("nats.consumer_prefix", &self.nats.consumer_prefix),
         ] {
             if value.is_empty() || value.contains([' ', '*', '>', '\t']) {

@@ -33,6 +33,8 @@ pub enum ErrorCode {
     PayloadTooLarge,
     BudgetExceeded,
     Cancelled,
+    /// Delivered `worker.max_deliver` times without an answer: kept in the dead-letter stream.
+    DeadLettered,
     // Attempt-level codes (result.attempts[].error.code).
     RateLimited,
     QuotaExhausted,
@@ -64,6 +66,7 @@ impl ErrorCode {
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::BudgetExceeded => "budget_exceeded",
             ErrorCode::Cancelled => "cancelled",
+            ErrorCode::DeadLettered => "dead_lettered",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::QuotaExhausted => "quota_exhausted",
             ErrorCode::Overloaded => "overloaded",
@@ -145,6 +148,7 @@ impl ProviderError {
             ErrorCode::ContentFiltered
             | ErrorCode::InvalidJob
             | ErrorCode::Cancelled
+            | ErrorCode::DeadLettered
             | ErrorCode::BudgetExceeded => Disposition::Final,
             ErrorCode::AllProvidersFailed | ErrorCode::Timeout => Disposition::Fallback,
         }

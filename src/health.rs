@@ -92,6 +92,7 @@ pub fn is_provider_fault(e: &ProviderError) -> bool {
             | ErrorCode::InvalidJob
             | ErrorCode::Timeout
             | ErrorCode::Cancelled
+            | ErrorCode::DeadLettered
             | ErrorCode::BudgetExceeded
     )
 }

@@ -18,6 +18,7 @@
 //! - [`job`] / [`event`]: the contract's wire types. [`error`]: errors that carry their consequence.
 //! - [`queue`]: streams, consumers, the pull loop. [`worker`]: one message from start to ack.
 //! - [`chain`]: routing, retries, fallback, deadlines. [`providers`]: one module per wire protocol.
+//! - [`dead`]: the dead-letter stream (jobs and results that failed repeatedly).
 //! - [`reply`]: publishing chunks and results. [`usage`]: migrations, recorder, reports;
 //!   [`pricing`]: prices and cost.
 //! - [`health`]: circuit breakers and latency per provider; [`status`]: health over NATS.
@@ -31,6 +32,7 @@ pub mod app;
 pub mod bench;
 pub mod chain;
 pub mod config;
+pub mod dead;
 pub mod embedding;
 pub mod error;
 pub mod event;

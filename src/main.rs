@@ -95,6 +95,12 @@ enum Command {
         #[arg(long, default_value = "LLM")]
         account: String,
     },
+    /// Look at dead letters (jobs delivered too often, results the recorder cannot write) and
+    /// replay them after a fix.
+    Dead {
+        #[command(subcommand)]
+        action: DeadAction,
+    },
     /// Print usage per day, tenant, provider and model.
     Usage {
         /// How many days back, today included.
@@ -133,6 +139,32 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:8089")]
         listen: String,
     },
+}
+
+#[derive(Subcommand)]
+enum DeadAction {
+    /// The newest dead letters, oldest first.
+    List {
+        /// Only jobs or only usage (results).
+        #[arg(long, value_enum)]
+        kind: Option<DeadKind>,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One dead letter: its headers and the message it keeps.
+    Show { sequence: u64 },
+    /// Publish a dead job again as a new job (printing its id), or write a dead result to
+    /// Postgres.
+    Replay { sequence: u64 },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum DeadKind {
+    Jobs,
+    Usage,
 }
 
 fn main() -> ExitCode {
@@ -301,6 +333,38 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 "{}",
                 llm_worker::nats_account::render(&config.nats, &account, &users)
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dead { action } => {
+            use llm_worker::dead;
+            let client = app::connect_nats(&config.nats).await?;
+            let js = async_nats::jetstream::new(client);
+            match action {
+                DeadAction::List { kind, limit, json } => {
+                    let kind = kind.map(|k| match k {
+                        DeadKind::Jobs => dead::Kind::Jobs,
+                        DeadKind::Usage => dead::Kind::Usage,
+                    });
+                    let letters = dead::list(&js, &config.nats, kind, limit).await?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&letters)?);
+                    } else {
+                        print!("{}", dead::render(&letters));
+                    }
+                }
+                DeadAction::Show { sequence } => {
+                    let letter = dead::show(&js, &config.nats, sequence).await?;
+                    println!("{}", serde_json::to_string_pretty(&letter)?);
+                    println!("{}", String::from_utf8_lossy(&letter.payload));
+                }
+                DeadAction::Replay { sequence } => {
+                    let pool = app::connect_db(&config).await?;
+                    match dead::replay(&js, &config.nats, pool.as_ref(), sequence).await? {
+                        dead::Replayed::Job(id) => println!("{id}"),
+                        dead::Replayed::Usage => eprintln!("result written to Postgres"),
+                    }
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Migrate => {

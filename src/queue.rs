@@ -35,7 +35,7 @@ pub enum QueueError {
     Consumer { consumer: String, message: String },
 }
 
-/// Create the job and result streams if they are missing (idempotent; an existing stream's
+/// Create the job, result and dead-letter streams if they are missing (idempotent; an existing stream's
 /// configuration is left as it is).
 pub async fn ensure_streams(js: &jetstream::Context, nats: &NatsConfig) -> Result<(), QueueError> {
     let dup = Duration::from_secs(nats.duplicate_window_secs);
@@ -58,7 +58,16 @@ pub async fn ensure_streams(js: &jetstream::Context, nats: &NatsConfig) -> Resul
         allow_direct: true,
         ..Default::default()
     };
-    for config in [jobs, results] {
+    let dead = stream::Config {
+        name: nats.dead_stream.clone(),
+        subjects: vec![format!("{}.dead.>", nats.subject_prefix)],
+        retention: RetentionPolicy::Limits,
+        storage: StorageType::File,
+        max_age: Duration::from_secs(nats.dead_max_age_secs),
+        duplicate_window: dup,
+        ..Default::default()
+    };
+    for config in [jobs, results, dead] {
         let name = config.name.clone();
         js.get_or_create_stream(config)
             .await
@@ -70,11 +79,14 @@ pub async fn ensure_streams(js: &jetstream::Context, nats: &NatsConfig) -> Resul
     Ok(())
 }
 
-/// The durable consumer of one job kind.
+/// The durable consumer of one job kind. Workers dead-letter a job on its `max_deliver`-th
+/// delivery; the consumer allows one delivery more, so a dead-lettering that fails (NATS
+/// trouble) is tried again instead of leaving the job stranded in the work queue.
 pub async fn ensure_consumer(
     js: &jetstream::Context,
     nats: &NatsConfig,
     kind: JobKind,
+    max_deliver: i64,
 ) -> Result<PullConsumer, QueueError> {
     let name = nats.consumer_name(kind);
     let config = pull::Config {
@@ -82,6 +94,7 @@ pub async fn ensure_consumer(
         ack_policy: AckPolicy::Explicit,
         ack_wait: nats.ack_wait(),
         filter_subject: nats.job_filter(kind),
+        max_deliver: max_deliver + 1,
         // Each worker bounds its own in-flight work; the fleet as a whole is not capped here.
         max_ack_pending: -1,
         ..Default::default()
@@ -89,7 +102,9 @@ pub async fn ensure_consumer(
     durable_consumer(js, &nats.jobs_stream, config).await
 }
 
-/// Get or create the durable pull consumer `config` names on `stream` (idempotent).
+/// Get or create the durable pull consumer `config` names on `stream` (idempotent). An
+/// existing consumer whose ack wait or delivery limit differ from `config` is updated (NATS
+/// allows it); one whose filter differs is an error, as NATS 2.9 cannot change a filter.
 pub async fn durable_consumer(
     js: &jetstream::Context,
     stream: &str,
@@ -101,26 +116,29 @@ pub async fn durable_consumer(
         message: e.to_string(),
     };
     let stream = js.get_stream_no_info(stream).await.map_err(|e| err(&e))?;
-    let wanted = config.filter_subject.clone();
     let mut consumer: PullConsumer = stream
-        .get_or_create_consumer(&name, config)
+        .get_or_create_consumer(&name, config.clone())
         .await
         .map_err(|e| err(&e))?;
-    // An existing consumer keeps its own filter (NATS 2.9 cannot change it): taking jobs
-    // from other subjects than the configuration says would be silent, so refuse to start.
-    let found = consumer
-        .info()
-        .await
-        .map_err(|e| err(&e))?
-        .config
-        .filter_subject
-        .clone();
-    if found != wanted {
+    let found = consumer.info().await.map_err(|e| err(&e))?.config.clone();
+    if found.filter_subject != config.filter_subject {
         return Err(err(&format!(
-            "it exists with filter '{found}' but this configuration needs '{wanted}' \
+            "it exists with filter '{}' but this configuration needs '{}' \
              (nats.tenant_from_subject changed?): delete the consumer or use another \
-             nats.consumer_prefix"
+             nats.consumer_prefix",
+            found.filter_subject, config.filter_subject
         )));
+    }
+    if found.ack_wait != config.ack_wait || found.max_deliver != config.max_deliver {
+        match stream.create_consumer(config).await {
+            Ok(updated) => {
+                tracing::info!(consumer = %name, "consumer settings updated (ack wait, delivery limit)");
+                consumer = updated;
+            }
+            Err(e) => {
+                tracing::warn!(consumer = %name, error = %e, "cannot update the consumer's settings; keeping them")
+            }
+        }
     }
     Ok(consumer)
 }
@@ -129,6 +147,8 @@ pub async fn durable_consumer(
 #[derive(Clone)]
 pub struct PullLoop {
     pub kind: JobKind,
+    /// `worker.max_deliver`, for the consumer's settings.
+    pub max_deliver: i64,
     pub max_in_flight: usize,
     pub pull_expires: Duration,
     /// Fires when the process should stop pulling (SIGTERM).
@@ -154,7 +174,7 @@ impl PullLoop {
             }
             let c = match &consumer {
                 Some(c) => c,
-                None => match ensure_consumer(&js, &nats, self.kind).await {
+                None => match ensure_consumer(&js, &nats, self.kind, self.max_deliver).await {
                     Ok(c) => consumer.insert(c),
                     Err(e) => {
                         tracing::error!(error = %e, "job consumer unavailable; retrying");

@@ -51,6 +51,11 @@ pub enum Reply {
     Hang,
     /// Some chunks, then silence with the connection open (a stalled stream).
     Stall { deltas: Vec<String> },
+    /// A 200 stream of this delta, again and again, without end (a provider gone mad).
+    Endless { delta: String },
+    /// A response of `bytes` bytes of `fill` with this status: a huge error page
+    /// (`status` >= 400), or with 200 an SSE `data:` line that never ends.
+    Huge { status: u16, bytes: usize },
     /// Embeddings of this size (embedding routes; any other success reply gives the request's
     /// `dimensions`, or 8). Vectors are `providers::fake::fake_vector(input, dims)`.
     Vectors { dims: usize },
@@ -710,6 +715,26 @@ async fn render(flavor: Flavor, reply: Reply, stream: bool, model: &str) -> Resp
             )
         }
         Reply::Raw { content_type, body } => response(200, &content_type, Body::from(body)),
+        Reply::Endless { delta } => {
+            let frame = stream_frames(flavor, model, &[delta], None, false, false)
+                .pop()
+                .unwrap_or_default();
+            let body = futures::stream::repeat_with(move || Ok::<_, std::io::Error>(frame.clone()));
+            response(200, stream_content_type(flavor), Body::from_stream(body))
+        }
+        Reply::Huge { status, bytes } => {
+            const PIECE: usize = 64 * 1024;
+            let head = if status == 200 { "data: " } else { "" };
+            let pieces = std::iter::once(Bytes::from(head))
+                .chain((0..bytes / PIECE).map(|_| Bytes::from(vec![b'x'; PIECE])));
+            let body = futures::stream::iter(pieces.map(Ok::<_, std::io::Error>));
+            let content_type = if status == 200 {
+                stream_content_type(flavor)
+            } else {
+                "text/html"
+            };
+            response(status, content_type, Body::from_stream(body))
+        }
         // Vectors on a generation route: the test scripted the wrong endpoint.
         Reply::Vectors { .. } => response(
             400,

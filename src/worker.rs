@@ -20,6 +20,7 @@ use tracing::Instrument;
 
 use crate::chain::Chain;
 use crate::config::Config;
+use crate::dead::DeadLetters;
 use crate::error::ErrorCode;
 use crate::event::{AttemptRecord, ErrorBody, ResultEvent, Status, TokensUsed, elapsed_ms};
 use crate::job::{self, Delivery, Envelope, Job, JobBody, JobKind, Limits, Rules};
@@ -32,8 +33,18 @@ const PAYLOAD_HEADROOM: usize = 1024;
 /// Room kept in a result for everything but its output and metadata (ids, attempts, timings).
 const RESULT_MARGIN: usize = 32 * 1024;
 
-/// Delay before a message is redelivered when its result could not be stored.
-const STORE_RETRY_DELAY: Duration = Duration::from_secs(2);
+/// Delay before a message is redelivered when its result could not be stored, doubling with
+/// each delivery up to [`MAX_REQUEUE_DELAY`]: a few tries span about half a minute before the
+/// job reaches `worker.max_deliver`.
+const REQUEUE_DELAY: Duration = Duration::from_secs(2);
+const MAX_REQUEUE_DELAY: Duration = Duration::from_secs(60);
+
+fn requeue(delivered: i64) -> AckKind {
+    let doublings = u32::try_from(delivered.clamp(1, 10) - 1).unwrap_or(0);
+    AckKind::Nak(Some(
+        (REQUEUE_DELAY * 2u32.pow(doublings)).min(MAX_REQUEUE_DELAY),
+    ))
+}
 
 /// What a successful chain produced.
 enum Answer {
@@ -60,8 +71,11 @@ pub struct Worker {
     /// is not configured (embedding jobs are then not consumed).
     embed_chain: Option<(Chain, Arc<[String]>)>,
     replies: Replies,
+    dead: DeadLetters,
     prices: PriceBook,
     limits: Limits,
+    /// Deliveries after which a job is dead-lettered.
+    max_deliver: i64,
     /// Where a job may have its events published.
     reply_policy: Arc<ReplyPolicy>,
     /// Take the tenant from the job's subject, not its body.
@@ -77,6 +91,7 @@ impl Worker {
         chain: Chain,
         embed_chain: Option<Chain>,
         replies: Replies,
+        dead: DeadLetters,
         prices: PriceBook,
     ) -> Result<Self, crate::config::ConfigError> {
         let reply_policy =
@@ -88,8 +103,10 @@ impl Worker {
             chain,
             embed_chain: embed_chain.map(|c| (c, config.embed_mixed_dimensions.clone().into())),
             replies,
+            dead,
             prices,
             limits: Limits::from_config(config),
+            max_deliver: config.worker.max_deliver,
             reply_policy: Arc::new(reply_policy),
             tenant_from_subject: config.nats.tenant_from_subject,
             worker_id: config.worker_id().into(),
@@ -136,6 +153,11 @@ impl Worker {
             Err(invalid) => {
                 let span = job_span(&invalid.envelope, kind, delivered);
                 async {
+                    if delivered >= self.max_deliver {
+                        return self
+                            .dead_letter(&msg, kind, &invalid.envelope, delivered, received_at)
+                            .await;
+                    }
                     tracing::warn!(reason = %invalid.reason, "invalid job");
                     let error = ErrorBody {
                         code: ErrorCode::InvalidJob,
@@ -157,7 +179,7 @@ impl Worker {
             }
             Ok(job) => {
                 let span = job_span(&job.envelope, kind, delivered);
-                self.run(&msg, job, received_at, abandon)
+                self.run(&msg, job, delivered, received_at, abandon)
                     .instrument(span)
                     .await
             }
@@ -168,6 +190,7 @@ impl Worker {
         &self,
         msg: &jetstream::Message,
         job: Job,
+        delivered: i64,
         received_at: DateTime<Utc>,
         abandon: &CancellationToken,
     ) -> Disposal {
@@ -181,8 +204,15 @@ impl Worker {
             Ok(None) => {}
             Err(e) => {
                 tracing::warn!(error = %e, "cannot check for a stored result; requeueing");
-                return ack(msg, AckKind::Nak(Some(STORE_RETRY_DELAY))).await;
+                return ack(msg, requeue(delivered)).await;
             }
+        }
+        // Delivered again and again without an answer: whatever handles it fails. Keep it
+        // aside instead of running it once more.
+        if delivered >= self.max_deliver {
+            return self
+                .dead_letter(msg, job.kind, &job.envelope, delivered, received_at)
+                .await;
         }
         if self.log_prompts {
             tracing::debug!(job = ?job.body, "job body");
@@ -339,7 +369,7 @@ impl Worker {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!(error = %e, "cannot encode the result; requeueing");
-                return ack(msg, AckKind::Nak(Some(STORE_RETRY_DELAY))).await;
+                return ack(msg, requeue(delivered_of(msg))).await;
             }
         };
         let existing = match self.replies.store(envelope.job_id, payload.clone()).await {
@@ -347,7 +377,7 @@ impl Worker {
             Ok(Stored::Existing(existing)) => Some(existing),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot store the result; requeueing the job");
-                return ack(msg, AckKind::Nak(Some(STORE_RETRY_DELAY))).await;
+                return ack(msg, requeue(delivered_of(msg))).await;
             }
         };
         match existing {
@@ -371,6 +401,46 @@ impl Worker {
             self.replies.publish_live(reply_to, payload).await;
         }
         ack(msg, disposal).await
+    }
+
+    /// Copy a job delivered `delivered` times to the dead-letter stream, then answer it
+    /// `dead_lettered` (stored and sent) and terminate it. If the copy cannot be written the
+    /// job is handed back, to be dead-lettered on its next delivery.
+    async fn dead_letter(
+        &self,
+        msg: &jetstream::Message,
+        kind: JobKind,
+        envelope: &Envelope,
+        delivered: i64,
+        received_at: DateTime<Utc>,
+    ) -> Disposal {
+        let reason = format!(
+            "delivered {delivered} times without an answer (worker.max_deliver): the workers handling it failed each time"
+        );
+        let job_id = envelope.job_id;
+        if let Err(e) = self
+            .dead
+            .job(
+                job_id,
+                &msg.subject,
+                msg.payload.clone(),
+                delivered,
+                &reason,
+            )
+            .await
+        {
+            tracing::warn!(error = %e, "cannot write the dead letter; requeueing");
+            return ack(msg, requeue(delivered)).await;
+        }
+        tracing::error!(delivered, "job dead-lettered");
+        let error = ErrorBody {
+            code: ErrorCode::DeadLettered,
+            message: format!("{reason}; kept in the dead-letter stream for inspection and replay"),
+            retryable: false,
+        };
+        let result = ResultEvent::failure(envelope, kind, error, &self.worker_id, received_at);
+        self.finish(msg, kind, envelope, &result, AckKind::Term)
+            .await
     }
 
     /// Answer a job whose id already has a stored result: the same job (same tenant and kind)
@@ -418,6 +488,10 @@ async fn ack(msg: &jetstream::Message, kind: AckKind) -> Disposal {
         tracing::warn!(error = %e, "acknowledging the job message failed");
     }
     disposal
+}
+
+fn delivered_of(msg: &jetstream::Message) -> i64 {
+    msg.info().map_or(1, |i| i.delivered)
 }
 
 fn job_span(env: &Envelope, kind: JobKind, delivered: i64) -> tracing::Span {

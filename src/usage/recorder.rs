@@ -3,9 +3,19 @@
 //!
 //! One transaction and two `INSERT ... SELECT FROM UNNEST(...)` statements per batch, whatever
 //! its size; `ON CONFLICT DO NOTHING` on the primary keys makes redelivery harmless. Costs are
-//! computed in SQL with the `llm_prices` row in force at each call's `started_at`. Messages are
-//! acked only after the transaction commits; when Postgres is down they are handed back with a
-//! delay and wait in JetStream.
+//! computed in SQL with the `llm_prices` row in force at each call's `started_at`.
+//!
+//! It pulls exactly what it writes (one message with a long poll, then after `batch_wait` what
+//! has arrived, without waiting): no message waits in a client buffer with its ack timer
+//! running, so the consumer's ack wait can be short (`recorder.ack_wait_secs`) and a batch
+//! whose recorder dies is written by another within seconds. A slow write keeps its batch
+//! alive with progress acks. Messages are acked only after their transaction commits.
+//!
+//! Poison: a batch that fails with a data error (bad bytes, a violated constraint, a value
+//! too large) is split in halves down to single results, so one bad row never blocks the
+//! others; a result that still fails alone, or cannot be decoded, goes to the dead-letter
+//! stream with the database's reason and is acked. An outage (no connection) is not a bad
+//! row: the batch is handed back and waits in JetStream.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -20,16 +30,31 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::config::{NatsConfig, RecorderConfig};
+use crate::dead::DeadLetters;
 use crate::event::{ResultEvent, Status};
 use crate::queue::QueueError;
 
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
+/// How long one wait for the next result lasts before it is renewed.
+const POLL: Duration = Duration::from_secs(5);
+
 pub struct Recorder {
     consumer: PullConsumer,
     pool: sqlx::PgPool,
+    dead: DeadLetters,
     batch_size: usize,
     batch_wait: Duration,
+    progress_every: Duration,
+}
+
+/// How writing a batch ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Written {
+    /// Every result is recorded or dead-lettered, and acked.
+    Done,
+    /// The database is unreachable: what was not written is handed back.
+    Unavailable,
 }
 
 impl Recorder {
@@ -38,15 +63,16 @@ impl Recorder {
         js: &jetstream::Context,
         nats: &NatsConfig,
         pool: sqlx::PgPool,
+        dead: DeadLetters,
         cfg: &RecorderConfig,
     ) -> Result<Self, QueueError> {
-        let name = nats.recorder_consumer_name();
         let batch_size = cfg.batch_size.max(1);
+        let ack_wait = Duration::from_secs(cfg.ack_wait_secs);
         let config = pull::Config {
-            durable_name: Some(name),
+            durable_name: Some(nats.recorder_consumer_name()),
             deliver_policy: DeliverPolicy::All,
             ack_policy: AckPolicy::Explicit,
-            ack_wait: Duration::from_secs(60),
+            ack_wait,
             filter_subject: format!("{}.results.>", nats.subject_prefix),
             max_ack_pending: (batch_size * 4) as i64,
             ..Default::default()
@@ -55,58 +81,45 @@ impl Recorder {
         Ok(Self {
             consumer,
             pool,
+            dead,
             batch_size,
             batch_wait: Duration::from_millis(cfg.batch_wait_ms),
+            progress_every: ack_wait / 3,
         })
     }
 
     /// Record until `stop` fires; the batch in progress is finished first.
     pub async fn run(self, stop: CancellationToken) {
         let mut backoff = Duration::from_millis(500);
+        let mut full = false;
         while !stop.is_cancelled() {
-            let messages = self
-                .consumer
-                .stream()
-                .max_messages_per_batch(self.batch_size)
-                .expires(Duration::from_secs(5))
-                .messages()
-                .await;
-            let mut messages = match messages {
-                Ok(m) => m,
-                Err(e) => {
-                    tracing::warn!(error = %e, "recorder cannot pull results; retrying");
-                    sleep_or_stop(Duration::from_secs(1), &stop).await;
-                    continue;
-                }
-            };
-            loop {
+            // Under a backlog (the last batch was full) there is no point waiting.
+            let first = if full {
+                None
+            } else {
                 let first = tokio::select! {
-                    m = messages.next() => m,
+                    m = self.next_one() => m,
                     _ = stop.cancelled() => return,
                 };
-                let first = match first {
-                    Some(Ok(m)) => m,
-                    Some(Err(e)) => {
-                        tracing::debug!(error = %e, "recorder pull interrupted");
-                        continue;
-                    }
-                    None => break,
-                };
-                // Take what else arrives within `batch_wait`, up to a batch: one commit
-                // (and fsync) per interval at moderate rates, full batches under load.
-                let mut batch = vec![first];
-                let until = tokio::time::Instant::now() + self.batch_wait;
-                // A timeout polls the stream before its deadline: a passed one (batch_wait 0)
-                // still takes what is already buffered.
-                while batch.len() < self.batch_size {
-                    match tokio::time::timeout_at(until, messages.next()).await {
-                        Ok(Some(Ok(m))) => batch.push(m),
-                        _ => break,
-                    }
+                let Some(first) = first else { continue };
+                // Let a batch gather: one commit (and fsync) per interval at moderate rates.
+                tokio::select! {
+                    _ = tokio::time::sleep(self.batch_wait) => {}
+                    _ = stop.cancelled() => {}
                 }
-                if self.record(batch, backoff).await {
-                    backoff = Duration::from_millis(500);
-                } else {
+                Some(first)
+            };
+            let want = self.batch_size - usize::from(first.is_some());
+            let mut batch: Vec<jetstream::Message> = first.into_iter().collect();
+            batch.extend(self.fetch_now(want).await);
+            full = batch.len() >= self.batch_size;
+            if batch.is_empty() {
+                continue;
+            }
+            match self.record(batch, backoff).await {
+                Written::Done => backoff = Duration::from_millis(500),
+                Written::Unavailable => {
+                    full = false;
                     sleep_or_stop(backoff, &stop).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
@@ -114,8 +127,71 @@ impl Recorder {
         }
     }
 
-    /// Write one batch and ack it; on a database error hand it back. Returns success.
-    async fn record(&self, batch: Vec<jetstream::Message>, retry_in: Duration) -> bool {
+    /// Wait (up to [`POLL`]) for one result.
+    async fn next_one(&self) -> Option<jetstream::Message> {
+        let batch = self
+            .consumer
+            .batch()
+            .max_messages(1)
+            .expires(POLL)
+            .messages()
+            .await;
+        match batch {
+            Ok(mut messages) => match messages.next().await {
+                Some(Ok(m)) => Some(m),
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "recorder pull interrupted");
+                    None
+                }
+                None => None,
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "recorder cannot pull results; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                None
+            }
+        }
+    }
+
+    /// Up to `n` results that are already there, without waiting for more.
+    async fn fetch_now(&self, n: usize) -> Vec<jetstream::Message> {
+        if n == 0 {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        match self.consumer.fetch().max_messages(n).messages().await {
+            Ok(mut messages) => {
+                while let Some(Ok(m)) = messages.next().await {
+                    out.push(m);
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "recorder fetch failed"),
+        }
+        out
+    }
+
+    /// Write one batch, keeping it alive with progress acks while it is written.
+    async fn record(&self, batch: Vec<jetstream::Message>, retry_in: Duration) -> Written {
+        let write = self.write_all(&batch, retry_in);
+        tokio::pin!(write);
+        let mut progress = tokio::time::interval_at(
+            tokio::time::Instant::now() + self.progress_every,
+            self.progress_every,
+        );
+        loop {
+            tokio::select! {
+                written = &mut write => return written,
+                _ = progress.tick() => {
+                    for msg in &batch {
+                        let _ = msg.ack_with(AckKind::Progress).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Decode, write (splitting around bad rows), ack or hand back.
+    async fn write_all(&self, batch: &[jetstream::Message], retry_in: Duration) -> Written {
         let mut results = Vec::with_capacity(batch.len());
         let mut messages = Vec::with_capacity(batch.len());
         for msg in batch {
@@ -125,30 +201,87 @@ impl Recorder {
                     messages.push(msg);
                 }
                 Err(e) => {
-                    // Not one of ours: keep it out of the ledger, and don't let it block.
-                    tracing::error!(subject = %msg.subject, error = %e, "undecodable message in the results stream; skipped");
-                    let _ = msg.ack_with(AckKind::Term).await;
+                    // Not a result of ours: keep it aside, and don't let it block.
+                    let reason = format!("undecodable result ({}): {e}", msg.subject);
+                    self.bury(msg, id_of_subject(&msg.subject), &reason).await;
                 }
             }
         }
-        match write_batch(&self.pool, &results).await {
-            Ok(()) => {
-                for msg in &messages {
-                    if let Err(e) = msg.ack().await {
-                        tracing::warn!(error = %e, "acking a recorded result failed (it will be re-recorded idempotently)");
+        // Halves of a failed batch wait on this stack; one result that fails alone is dead.
+        let mut pending: Vec<(usize, usize)> = vec![(0, results.len())];
+        while let Some((from, to)) = pending.pop() {
+            if from == to {
+                continue;
+            }
+            match write_batch(&self.pool, &results[from..to]).await {
+                Ok(()) => {
+                    for msg in &messages[from..to] {
+                        if let Err(e) = msg.ack().await {
+                            tracing::warn!(error = %e, "acking a recorded result failed (it will be re-recorded idempotently)");
+                        }
                     }
+                    tracing::debug!(results = to - from, "recorded");
                 }
-                tracing::debug!(results = results.len(), "recorded");
-                true
+                Err(e) if is_bad_data(&e) && to - from == 1 => {
+                    let reason = format!("the database refused the result: {e}");
+                    self.bury(messages[from], Some(results[from].job_id), &reason)
+                        .await;
+                }
+                Err(e) if is_bad_data(&e) => {
+                    tracing::warn!(error = %e, results = to - from, "a batch holds a result the database refuses; splitting it");
+                    let mid = from + (to - from) / 2;
+                    pending.push((mid, to));
+                    pending.push((from, mid));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "writing usage failed; results wait in JetStream");
+                    let rest = std::iter::once((from, to)).chain(pending.drain(..));
+                    for (a, b) in rest {
+                        for msg in &messages[a..b] {
+                            let _ = msg.ack_with(AckKind::Nak(Some(retry_in))).await;
+                        }
+                    }
+                    return Written::Unavailable;
+                }
+            }
+        }
+        Written::Done
+    }
+
+    /// Dead-letter one message, then ack it; if the letter cannot be written, hand it back.
+    async fn bury(&self, msg: &jetstream::Message, job_id: Option<Uuid>, reason: &str) {
+        tracing::error!(subject = %msg.subject, reason, "result dead-lettered; the recorder moves on");
+        let job_id = job_id.unwrap_or_else(Uuid::nil);
+        match self.dead.usage(job_id, msg.payload.clone(), reason).await {
+            Ok(()) => {
+                let _ = msg.ack_with(AckKind::Term).await;
             }
             Err(e) => {
-                tracing::warn!(error = %e, results = results.len(), "writing usage failed; results wait in JetStream");
-                for msg in &messages {
-                    let _ = msg.ack_with(AckKind::Nak(Some(retry_in))).await;
-                }
-                false
+                tracing::warn!(error = %e, "cannot write the dead letter; the result is handed back");
+                let _ = msg.ack_with(AckKind::Nak(Some(MAX_BACKOFF))).await;
             }
         }
+    }
+}
+
+/// The job id in `<prefix>.results.<job_id>`.
+fn id_of_subject(subject: &str) -> Option<Uuid> {
+    subject
+        .rsplit_once('.')
+        .and_then(|(_, id)| Uuid::parse_str(id).ok())
+}
+
+/// Whether Postgres refused the data itself (so retrying the same rows cannot help), as
+/// opposed to being unreachable. SQLSTATE classes: 22 data exception (NUL bytes, bad
+/// encodings, out-of-range numbers), 23 integrity constraint, 54 program limit (a value too
+/// large for an index).
+fn is_bad_data(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|c| c.starts_with("22") || c.starts_with("23") || c.starts_with("54")),
+        sqlx::Error::Encode(_) => true,
+        _ => false,
     }
 }
 

@@ -78,6 +78,8 @@ impl Services {
 pub struct TestApp {
     pub services: Services,
     pub config: Config,
+    /// The text `config` was read from, for worker child processes.
+    pub toml: String,
     pub client: async_nats::Client,
     pub js: jetstream::Context,
     pub db: sqlx::PgPool,
@@ -87,14 +89,20 @@ pub struct TestApp {
 
 /// A config for a test: unique names, fast retries, and the given providers/routes TOML.
 pub fn test_config(services: &Services, db_url: &str, providers_toml: &str) -> Config {
+    Config::from_toml(&test_config_toml(services, db_url, providers_toml)).unwrap()
+}
+
+/// The TOML text of [`test_config`] (for worker child processes).
+pub fn test_config_toml(services: &Services, db_url: &str, providers_toml: &str) -> String {
     let id = Uuid::new_v4().simple().to_string()[..12].to_string();
-    let toml = format!(
+    format!(
         r#"
 [nats]
 url = "{nats}"
 subject_prefix = "t{id}"
 jobs_stream = "JOBS_{id}"
 results_stream = "RESULTS_{id}"
+dead_stream = "DEAD_{id}"
 consumer_prefix = "w{id}"
 ack_wait_secs = 5
 
@@ -110,8 +118,7 @@ url = "{db_url}"
 {providers_toml}
 "#,
         nats = services.nats_url,
-    );
-    Config::from_toml(&toml).unwrap()
+    )
 }
 
 /// The base URL a provider of `kind` uses to reach the fake server: the OpenAI SDK convention
@@ -148,13 +155,15 @@ impl TestApp {
         let database = ScratchDatabase::create(&services.database_url, "llmw")
             .await
             .unwrap();
-        let config = test_config(&services, &database.url, providers_toml);
+        let toml = test_config_toml(&services, &database.url, providers_toml);
+        let config = Config::from_toml(&toml).unwrap();
         let client = async_nats::connect(&services.nats_url).await.unwrap();
         let js = jetstream::new(client.clone());
         let db = sqlx::PgPool::connect(&database.url).await.unwrap();
         TestApp {
             services,
             config,
+            toml,
             client,
             js,
             db,
@@ -170,6 +179,54 @@ impl TestApp {
         tweak(&mut config);
         let running = app::start(config, roles).await.unwrap();
         self.workers.push(running);
+    }
+
+    /// `llm-worker <args>` as a child process with the app's config (and `extra` TOML
+    /// appended), returned once it logs that it is ready. Killed when dropped.
+    pub async fn spawn_process(&self, extra: &str, args: &[&str]) -> WorkerProcess {
+        let dir = std::env::temp_dir().join(format!("llmw-proc-{}", Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("worker.toml");
+        std::fs::write(&path, format!("{}\n{extra}", self.toml)).unwrap();
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_llm-worker"))
+            .arg("--config")
+            .arg(&path)
+            .args(args)
+            // The config file says where everything is; the test's own environment (the
+            // shared servers' URLs) must not override it.
+            .env_remove("DATABASE_URL")
+            .env_remove("NATS_URL")
+            .env_remove("LLM_WORKER_CONFIG")
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        // Keep reading its log (so it never blocks on a full pipe); say when it is ready.
+        tokio::spawn(async move {
+            use tokio::io::AsyncBufReadExt;
+            let mut lines = tokio::io::BufReader::new(stderr).lines();
+            let mut ready = Some(ready_tx);
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.contains("worker ready")
+                    && let Some(tx) = ready.take()
+                {
+                    let _ = tx.send(());
+                }
+                if std::env::var_os("TEST_LOG").is_some() {
+                    eprintln!("[child] {line}");
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(30), ready_rx)
+            .await
+            .expect("the worker process did not get ready within 30 s")
+            .expect("the worker process exited before it was ready");
+        WorkerProcess { child, _dir: dir }
     }
 
     pub async fn start_worker(&mut self) {
@@ -314,6 +371,7 @@ impl TestApp {
             .js
             .delete_stream(&self.config.nats.results_stream)
             .await;
+        let _ = self.js.delete_stream(&self.config.nats.dead_stream).await;
         self.db.close().await;
         self.database.drop().await;
     }
@@ -347,6 +405,30 @@ pub fn decode_job(
         &rules,
     )
     .unwrap_or_else(|invalid| panic!("invalid job {job}: {}", invalid.reason))
+}
+
+/// A worker child process (`TestApp::spawn_process`).
+pub struct WorkerProcess {
+    pub child: tokio::process::Child,
+    _dir: std::path::PathBuf,
+}
+
+impl WorkerProcess {
+    /// SIGKILL, and wait until it is gone.
+    pub async fn kill(mut self) {
+        self.child.kill().await.unwrap();
+    }
+
+    /// Its peak resident memory (`VmHWM`), in kB.
+    pub fn peak_rss_kb(&self) -> u64 {
+        let pid = self.child.id().unwrap();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
 }
 
 /// Events received on a reply subject until (and including) the result.

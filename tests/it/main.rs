@@ -12,6 +12,7 @@ mod generate;
 mod helpers;
 mod lifecycle;
 mod nats_auth;
+mod poison;
 mod providers;
 mod security;
 mod servers;
