@@ -36,6 +36,8 @@ pub mod dead;
 pub mod embedding;
 pub mod error;
 pub mod event;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod health;
 pub mod job;
 pub mod nats_account;

@@ -12,7 +12,7 @@ pub mod fake;
 pub mod gemini;
 pub mod ollama;
 pub mod openai;
-mod sse;
+pub(crate) mod sse;
 
 use std::collections::BTreeMap;
 use std::pin::Pin;

@@ -168,6 +168,11 @@ impl Decoder {
 /// NDJSON body -> events. A body that ends before a `done: true` line is truncated; a line
 /// longer than `max_line` bytes fails the answer (`response_too_large`).
 fn decode(response: reqwest::Response, max_line: usize) -> EventStream {
+    decode_body(super::body_stream(response), max_line)
+}
+
+/// [`decode`] over any body (the fuzz targets feed it arbitrary bytes).
+pub(crate) fn decode_body(body: super::sse::ByteStream, max_line: usize) -> EventStream {
     struct State {
         body: std::pin::Pin<Box<dyn futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
         buf: Vec<u8>,
@@ -178,7 +183,7 @@ fn decode(response: reqwest::Response, max_line: usize) -> EventStream {
         done: bool,
     }
     let state = State {
-        body: super::body_stream(response),
+        body,
         buf: Vec::new(),
         scanned: 0,
         queue: VecDeque::new(),

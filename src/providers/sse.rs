@@ -78,13 +78,22 @@ pub fn decode<D: SseDecoder>(
     decoder: D,
     max_event: usize,
 ) -> EventStream {
+    decode_body(super::body_stream(response), decoder, max_event)
+}
+
+/// [`decode`] over any body (the fuzz targets feed it arbitrary bytes).
+pub(crate) fn decode_body<D: SseDecoder>(
+    body: ByteStream,
+    decoder: D,
+    max_event: usize,
+) -> EventStream {
     struct State<D> {
         events: Events,
         decoder: D,
         queue: VecDeque<ProviderEvent>,
         done: bool,
     }
-    let events = bounded_lines(super::body_stream(response), max_event)
+    let events = bounded_lines(body, max_event)
         .eventsource()
         .map(|r| {
             r.map_err(|e| match e {
@@ -191,7 +200,7 @@ fn drain(mut rest: Events) {
     }
 }
 
-type ByteStream =
+pub(crate) type ByteStream =
     std::pin::Pin<Box<dyn futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>;
 
 /// Hand the SSE parser complete lines only, with two repairs on the way: lines `error: X`

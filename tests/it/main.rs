@@ -8,6 +8,7 @@
 )]
 
 mod embed;
+mod fuzz_corpus;
 mod generate;
 mod helpers;
 mod lifecycle;
