@@ -457,3 +457,32 @@ impl Orchestrator<'_> {
         collect_reply(&mut self.sub).await
     }
 }
+
+#[tokio::test]
+async fn a_recorder_consumer_made_by_an_older_worker_gets_the_short_ack_wait() {
+    let fake = FakeProvider::start().await.unwrap();
+    let mut app = app_with(&fake).await;
+    let nats = app.config.nats.clone();
+    llm_worker::queue::ensure_streams(&app.js, &nats)
+        .await
+        .unwrap();
+    // As milestone 1 made it: a 60 s ack wait.
+    let old = async_nats::jetstream::consumer::pull::Config {
+        durable_name: Some(nats.recorder_consumer_name()),
+        ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(60),
+        filter_subject: format!("{}.results.>", nats.subject_prefix),
+        ..Default::default()
+    };
+    let stream = app.js.get_stream(&nats.results_stream).await.unwrap();
+    stream.create_consumer(old).await.unwrap();
+
+    app.start_worker().await;
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer = stream
+        .get_consumer(&nats.recorder_consumer_name())
+        .await
+        .unwrap();
+    let info = consumer.info().await.unwrap();
+    assert_eq!(info.config.ack_wait, Duration::from_secs(5));
+    app.teardown().await;
+}
