@@ -247,11 +247,23 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 JobKind::Generate
             };
+            let fields = submit::Fields {
+                model,
+                provider,
+                task_type,
+                tenant,
+                timeout_ms,
+                system,
+                max_tokens,
+                stream: !no_stream,
+                dimensions,
+            };
             let job = match job {
                 Some(source) => serde_json::from_str(&read_source(&source)?)
                     .context("the job file is not valid JSON")?,
+                // One input: the argument; else one per non-empty line of stdin.
                 None if embed => {
-                    let input: Vec<String> = match prompt {
+                    let inputs = match prompt {
                         Some(p) => vec![p],
                         None => read_source("-")?
                             .lines()
@@ -260,61 +272,20 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                             .map(str::to_string)
                             .collect(),
                     };
-                    let mut job = serde_json::json!({"input": input});
-                    let fields = [
-                        ("model", model.map(Into::into)),
-                        ("provider", provider.map(Into::into)),
-                        ("task_type", task_type.map(Into::into)),
-                        ("tenant", tenant.map(Into::into)),
-                        ("timeout_ms", timeout_ms.map(Into::into)),
-                    ];
-                    for (k, v) in fields {
-                        if let Some(v) = v {
-                            job[k] = v;
-                        }
-                    }
-                    if let Some(d) = dimensions {
-                        job["options"] = serde_json::json!({"dimensions": d});
-                    }
-                    job
+                    submit::build_job(kind, inputs, &fields)
                 }
                 None => {
                     let prompt = match prompt {
                         Some(p) => p,
                         None => read_source("-")?,
                     };
-                    let mut job = serde_json::json!({"prompt": prompt, "stream": !no_stream});
-                    let fields = [
-                        ("model", model.map(Into::into)),
-                        ("provider", provider.map(Into::into)),
-                        ("task_type", task_type.map(Into::into)),
-                        ("tenant", tenant.map(Into::into)),
-                        ("system_prompt", system.map(Into::into)),
-                        ("timeout_ms", timeout_ms.map(Into::into)),
-                    ];
-                    for (k, v) in fields {
-                        if let Some(v) = v {
-                            job[k] = v;
-                        }
-                    }
-                    if let Some(m) = max_tokens {
-                        job["options"] = serde_json::json!({"max_tokens": m});
-                    }
-                    job
+                    submit::build_job(kind, vec![prompt], &fields)
                 }
             };
             let mut stdout = std::io::stdout();
             let result = submit::submit(&config.nats, kind, job, &mut stdout).await?;
             if let Some(vectors) = result.embeddings.as_ref().filter(|_| !json) {
-                for (i, v) in vectors.iter().enumerate() {
-                    let head: Vec<String> = v.iter().take(4).map(|x| format!("{x:.4}")).collect();
-                    println!(
-                        "[{i}] {} dims: [{}{}]",
-                        v.len(),
-                        head.join(", "),
-                        if v.len() > 4 { ", ..." } else { "" }
-                    );
-                }
+                print!("{}", submit::describe_vectors(vectors));
             }
             if json {
                 println!("{}", serde_json::to_string_pretty(&result)?);
@@ -399,28 +370,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else if workers.is_empty() {
                 println!("no worker answered on {}", status::subject(&config.nats));
             } else {
-                println!(
-                    "{:<24} {:<16} {:<28} {:<12} {:>8} {:>10}",
-                    "worker", "provider", "model", "state", "failures", "ttft_ms"
-                );
-                for w in &workers {
-                    if w.providers.is_empty() {
-                        println!("{:<24} (no provider called yet)", w.worker_id);
-                    }
-                    for p in &w.providers {
-                        let ttft = p
-                            .ewma_ttft_ms
-                            .map_or("-".to_string(), |t| format!("{t:.0}"));
-                        let state = serde_json::to_value(p.state)?
-                            .as_str()
-                            .unwrap_or("?")
-                            .to_string();
-                        println!(
-                            "{:<24} {:<16} {:<28} {:<12} {:>8} {:>10}",
-                            w.worker_id, p.provider, p.model, state, p.consecutive_failures, ttft
-                        );
-                    }
-                }
+                print!("{}", status::render(&workers));
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -68,6 +68,34 @@ pub async fn serve(
     }
 }
 
+/// The workers' health as a table, one line per (worker, provider, model).
+pub fn render(workers: &[WorkerStatus]) -> String {
+    let mut out = format!(
+        "{:<24} {:<16} {:<28} {:<12} {:>8} {:>10}\n",
+        "worker", "provider", "model", "state", "failures", "ttft_ms"
+    );
+    for w in workers {
+        if w.providers.is_empty() {
+            out.push_str(&format!("{:<24} (no provider called yet)\n", w.worker_id));
+        }
+        for p in &w.providers {
+            let ttft = p
+                .ewma_ttft_ms
+                .map_or("-".to_string(), |t| format!("{t:.0}"));
+            let state = match p.state {
+                crate::health::State::Healthy => "healthy",
+                crate::health::State::Degraded => "degraded",
+                crate::health::State::Unavailable => "unavailable",
+            };
+            out.push_str(&format!(
+                "{:<24} {:<16} {:<28} {:<12} {:>8} {:>10}\n",
+                w.worker_id, p.provider, p.model, state, p.consecutive_failures, ttft
+            ));
+        }
+    }
+    out
+}
+
 /// Ask every running worker for its status; answers arriving within `wait` are returned.
 pub async fn collect(
     client: &async_nats::Client,

@@ -119,6 +119,74 @@ fn finish_output(
     Ok(result)
 }
 
+/// The options of `llm-worker submit` that become job fields.
+#[derive(Debug, Clone, Default)]
+pub struct Fields {
+    pub model: Option<String>,
+    pub provider: Option<String>,
+    pub task_type: Option<String>,
+    pub tenant: Option<String>,
+    pub timeout_ms: Option<u64>,
+    /// Generation only.
+    pub system: Option<String>,
+    pub max_tokens: Option<u32>,
+    pub stream: bool,
+    /// Embedding only.
+    pub dimensions: Option<u32>,
+}
+
+/// The job JSON for a prompt (generation) or for inputs (embeddings).
+pub fn build_job(kind: JobKind, text: Vec<String>, f: &Fields) -> serde_json::Value {
+    let mut job = match kind {
+        JobKind::Generate => serde_json::json!({"prompt": text.concat(), "stream": f.stream}),
+        JobKind::Embed => serde_json::json!({"input": text}),
+    };
+    let common = [
+        ("model", f.model.clone().map(Into::into)),
+        ("provider", f.provider.clone().map(Into::into)),
+        ("task_type", f.task_type.clone().map(Into::into)),
+        ("tenant", f.tenant.clone().map(Into::into)),
+        ("timeout_ms", f.timeout_ms.map(Into::into)),
+    ];
+    let own = match kind {
+        JobKind::Generate => [
+            ("system_prompt", f.system.clone().map(Into::into)),
+            (
+                "options",
+                f.max_tokens.map(|m| serde_json::json!({"max_tokens": m})),
+            ),
+        ],
+        JobKind::Embed => [
+            (
+                "options",
+                f.dimensions.map(|d| serde_json::json!({"dimensions": d})),
+            ),
+            ("", None),
+        ],
+    };
+    for (k, v) in common.into_iter().chain(own) {
+        if let Some(v) = v {
+            job[k] = v;
+        }
+    }
+    job
+}
+
+/// Each vector's size and first values, one line each.
+pub fn describe_vectors(vectors: &[Vec<f32>]) -> String {
+    let mut out = String::new();
+    for (i, v) in vectors.iter().enumerate() {
+        let head: Vec<String> = v.iter().take(4).map(|x| format!("{x:.4}")).collect();
+        out.push_str(&format!(
+            "[{i}] {} dims: [{}{}]\n",
+            v.len(),
+            head.join(", "),
+            if v.len() > 4 { ", ..." } else { "" }
+        ));
+    }
+    out
+}
+
 /// The one-line summary printed after the answer.
 pub fn summary(r: &ResultEvent) -> String {
     let cost = r
@@ -142,5 +210,31 @@ pub fn summary(r: &ResultEvent) -> String {
             r.processing_time_ms,
             r.attempts.len(),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_become_the_fields_of_each_kind_of_job() {
+        let f = Fields {
+            model: Some("m".into()),
+            system: Some("s".into()),
+            max_tokens: Some(5),
+            dimensions: Some(8),
+            stream: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            build_job(JobKind::Generate, vec!["hi".into()], &f),
+            serde_json::json!({"prompt": "hi", "stream": true, "model": "m",
+                "system_prompt": "s", "options": {"max_tokens": 5}})
+        );
+        assert_eq!(
+            build_job(JobKind::Embed, vec!["a".into(), "b".into()], &f),
+            serde_json::json!({"input": ["a", "b"], "model": "m", "options": {"dimensions": 8}})
+        );
     }
 }

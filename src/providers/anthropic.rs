@@ -12,7 +12,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::openai::clip;
+use super::helpers::clip;
 use super::sse::{SseDecoder, Step};
 use super::{Call, ProviderEvent, Usage};
 use crate::config::ProviderConfig;
@@ -36,7 +36,7 @@ impl Anthropic {
             .unwrap_or("https://api.anthropic.com");
         Ok(Self {
             http,
-            url: super::openai::endpoint(base, "messages")?,
+            url: super::helpers::endpoint(base, "messages")?,
             key: cfg.api_key.clone(),
             default_max_tokens: cfg.default_max_tokens,
         })

@@ -9,7 +9,7 @@ use reqwest::Url;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
 
-use super::openai::clip;
+use super::helpers::clip;
 use super::sse::{SseDecoder, Step};
 use super::{Call, ProviderEvent, Usage};
 use crate::config::ProviderConfig;

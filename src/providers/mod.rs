@@ -10,6 +10,7 @@
 pub mod anthropic;
 pub mod fake;
 pub mod gemini;
+mod helpers;
 pub mod ollama;
 pub mod openai;
 pub(crate) mod sse;
@@ -262,7 +263,7 @@ impl Provider {
     /// A provider message with this provider's key (and anything shaped like an API key)
     /// removed: some providers quote the key, masked or not, in auth errors.
     pub fn redact(&self, message: &str) -> String {
-        openai::redact(message, self.key.as_ref())
+        helpers::redact(message, self.key.as_ref())
     }
 
     /// Whether a job may pin `model` on this provider.

@@ -8,7 +8,7 @@ use futures::StreamExt;
 use reqwest::Url;
 use serde_json::{Value, json};
 
-use super::openai::clip;
+use super::helpers::clip;
 use super::{Call, EventStream, ProviderEvent, Usage};
 use crate::config::ProviderConfig;
 use crate::error::{ErrorCode, ProviderError, code_for_status};

@@ -12,14 +12,12 @@ use reqwest::Url;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
+use super::helpers::{clip, endpoint};
 use super::sse::{SseDecoder, Step};
 use super::{Call, ProviderEvent, Usage};
 use crate::config::{MaxTokensField, ProviderConfig};
 use crate::error::{ErrorCode, ProviderError, code_for_status};
 use crate::job::{GenerateRequest, Role};
-
-/// Longest provider error text we keep (bodies can be HTML pages).
-const MAX_ERROR_CHARS: usize = 500;
 
 pub struct OpenAi {
     http: super::Http,
@@ -109,18 +107,6 @@ impl OpenAi {
             http_status: Some(status),
         })
     }
-}
-
-/// `{base}/{path}`; a base URL with no path gets `/v1` (the SDKs' `OPENAI_BASE_URL` includes it).
-pub fn endpoint(base: &str, path: &str) -> Result<Url, ProviderError> {
-    let mut url = Url::parse(base)
-        .map_err(|e| ProviderError::new(ErrorCode::BadRequest, format!("base_url: {e}")))?;
-    if url.path() == "/" || url.path().is_empty() {
-        url.set_path("/v1");
-    }
-    let joined = format!("{}/{}", url.path().trim_end_matches('/'), path);
-    url.set_path(&joined);
-    Ok(url)
 }
 
 #[derive(Serialize)]
@@ -400,38 +386,6 @@ pub fn classify_error_body(status: u16, body: &str) -> ProviderError {
     ProviderError::new(code, clip(&message))
 }
 
-pub(crate) fn clip(s: &str) -> String {
-    if s.chars().count() <= MAX_ERROR_CHARS {
-        s.to_string()
-    } else {
-        let mut t: String = s.chars().take(MAX_ERROR_CHARS).collect();
-        t.push('…');
-        t
-    }
-}
-
-/// Remove the key (and anything shaped like an OpenAI key) from a provider's message: OpenAI's
-/// 401 text quotes a masked key, which is still part of a secret.
-pub fn redact(message: &str, key: Option<&SecretString>) -> String {
-    let mut out = message.to_string();
-    if let Some(key) = key {
-        let k = key.expose_secret();
-        if !k.is_empty() {
-            out = out.replace(k, "[REDACTED]");
-        }
-    }
-    out.split(' ')
-        .map(|w| {
-            if w.starts_with("sk-") {
-                "[REDACTED]"
-            } else {
-                w
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -530,26 +484,6 @@ mod tests {
         );
         assert_eq!(c(502, "<html>bad gateway</html>"), ErrorCode::ServerError);
         assert_eq!(c(401, ""), ErrorCode::Unauthorized);
-    }
-
-    #[test]
-    fn keys_are_redacted_from_provider_messages() {
-        let key = SecretString::from("sk-live-123456");
-        let m = redact(
-            "Incorrect API key provided: sk-live-123456 and sk-abc***xyz.",
-            Some(&key),
-        );
-        assert!(!m.contains("sk-"), "{m}");
-    }
-
-    #[test]
-    fn base_urls_with_and_without_v1_reach_the_same_endpoint() {
-        let a = endpoint("http://h:1", "chat/completions").unwrap();
-        let b = endpoint("http://h:1/v1/", "chat/completions").unwrap();
-        assert_eq!(a, b);
-        assert_eq!(a.as_str(), "http://h:1/v1/chat/completions");
-        let c = endpoint("https://openrouter.ai/api/v1", "chat/completions").unwrap();
-        assert_eq!(c.path(), "/api/v1/chat/completions");
     }
 
     #[test]

@@ -673,3 +673,36 @@ async fn answers_reuse_the_providers_connection() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_configured_key_of_another_shape_quoted_in_a_401_never_reaches_the_result() {
+    // Not an `sk-` word, so only the redaction of the configured key itself can catch it.
+    let key = "AIzaSyD-4kX9test0secret1key2gemini3";
+    let fake = FakeProvider::start().await.unwrap();
+    let body = json!({"error": {"code": 401, "message": format!("API key not valid: {key}. Please pass a valid API key."), "status": "UNAUTHENTICATED"}});
+    fake.set_default(Reply::Status {
+        status: 401,
+        body: body.to_string(),
+        headers: vec![],
+    });
+    let mut config = Config::from_toml(&section(
+        "g",
+        "gemini",
+        &fake.root_url(),
+        "gemini-2.5-flash",
+        "",
+    ))
+    .unwrap();
+    config.providers.get_mut("g").unwrap().api_key = Some(secrecy::SecretString::from(key));
+    let chain = Chain::new(
+        &config,
+        Registry::from_config(&config).unwrap(),
+        PriceBook::default(),
+        Health::new(&config.circuit_breaker),
+    );
+    let (o, _) = run(&chain, json!({"prompt": "hi"})).await;
+    let everything = format!("{:?} {:?}", o.result, o.attempts);
+    assert_eq!(codes(&o), vec![Some(ErrorCode::Unauthorized)]);
+    assert!(!everything.contains("AIzaSyD"), "{everything}");
+    assert!(everything.contains("API key not valid"), "{everything}");
+}
