@@ -203,7 +203,7 @@ impl PullLoop {
                 let next = tokio::select! {
                     m = batch.next() => m,
                     _ = self.stop_pulling.cancelled() => {
-                        drain(&mut batch).await;
+                        drain(&mut batch, self.pull_expires).await;
                         return;
                     }
                 };
@@ -211,7 +211,7 @@ impl PullLoop {
                     Some(Ok(msg)) => {
                         let Some(permit) = held.pop() else {
                             // More messages than asked for: hand it back rather than overload.
-                            let _ = msg.ack_with(AckKind::Nak(None)).await;
+                            let _ = msg.ack_with(hand_back(self.pull_expires)).await;
                             continue;
                         };
                         let worker = worker.clone();
@@ -244,10 +244,18 @@ impl PullLoop {
 
 /// On shutdown, hand back any message already delivered to this pull request (instead of
 /// letting it wait for its ack timer), waiting briefly for ones in flight.
-async fn drain(batch: &mut pull::Batch) {
+async fn drain(batch: &mut pull::Batch, pull_expires: Duration) {
     while let Ok(Some(Ok(msg))) =
         tokio::time::timeout(Duration::from_millis(100), batch.next()).await
     {
-        let _ = msg.ack_with(AckKind::Nak(None)).await;
+        let _ = msg.ack_with(hand_back(pull_expires)).await;
     }
+}
+
+/// A Nak for a message this process will not handle. Delayed past the life of this process's
+/// pull requests: an immediate Nak is redelivered at once to a pull request the server still
+/// holds for the stopping process, again and again (each a delivery, until `max_deliver`
+/// strands the job), instead of going to another worker.
+pub fn hand_back(pull_expires: Duration) -> AckKind {
+    AckKind::Nak(Some(pull_expires + Duration::from_millis(500)))
 }

@@ -82,6 +82,8 @@ pub struct Worker {
     tenant_from_subject: bool,
     worker_id: Arc<str>,
     progress_every: Duration,
+    /// Life of a pull request (a handed-back job waits it out, see [`crate::queue::hand_back`]).
+    pull_expires: Duration,
     log_prompts: bool,
 }
 
@@ -111,6 +113,7 @@ impl Worker {
             tenant_from_subject: config.nats.tenant_from_subject,
             worker_id: config.worker_id().into(),
             progress_every: config.nats.ack_wait() / 3,
+            pull_expires: Duration::from_millis(config.worker.pull_expires_ms),
             log_prompts: config.telemetry.log_prompts,
         })
     }
@@ -240,7 +243,7 @@ impl Worker {
             }
             None => {
                 tracing::warn!("shutdown grace exceeded; handing the job back");
-                ack(msg, AckKind::Nak(None)).await
+                ack(msg, crate::queue::hand_back(self.pull_expires)).await
             }
         }
     }

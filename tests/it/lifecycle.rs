@@ -135,21 +135,32 @@ async fn graceful_shutdown_finishes_the_in_flight_job_and_stops_pulling() {
     assert_eq!(first["type"], "chunk", "the job is in flight");
 
     let worker = app.workers.pop().unwrap();
-    let shutdown = tokio::spawn(worker.shutdown());
+    worker.stop_token().cancel();
+    // Published during the grace period: the stopping worker must not take it.
+    let (late_reply_to, mut late_sub) = app.reply_inbox().await;
+    app.publish(json!({"prompt": "during grace", "reply_to": late_reply_to}))
+        .await;
     let reply = collect_reply(&mut sub).await;
     assert_eq!(reply.result["status"], "ok");
     assert_eq!(reply.result["output"], "w0 w1 w2 w3 w4 w5 ");
-    tokio::time::timeout(Duration::from_secs(15), shutdown)
+    tokio::time::timeout(Duration::from_secs(15), worker.wait())
         .await
-        .unwrap()
         .unwrap();
 
-    // The job was acked; a job published after shutdown waits for another worker.
-    assert_eq!(app.jobs_in_stream().await, 0);
-    app.publish(json!({"prompt": "later", "reply_to": reply_to}))
-        .await;
-    assert_eq!(app.jobs_in_stream().await, 1);
+    // The first job was acked; the one published during the grace period never reached the
+    // provider and waits for another worker, which answers it.
     assert_eq!(fake.request_count(), 1);
+    assert_eq!(app.jobs_in_stream().await, 1);
+    app.start_worker().await;
+    assert_eq!(collect_reply(&mut late_sub).await.result["status"], "ok");
+    // Two jobs, at most three deliveries: the late job was handed back once, not bounced
+    // between the stopping worker's pull requests until max_deliver stranded it.
+    let deliveries = app
+        .generate_consumer_info()
+        .await
+        .delivered
+        .consumer_sequence;
+    assert!(deliveries <= 3, "{deliveries} deliveries");
     app.teardown().await;
 }
 
@@ -159,8 +170,13 @@ async fn a_job_still_running_when_the_grace_period_ends_is_handed_to_another_wor
     fake.push(slow_answer(50, 100));
     fake.set_default(Reply::answer(&["second ", "worker"], (1, 2)));
     let mut app = TestApp::new(&openai_provider("openai", &fake.base_url(), "m")).await;
-    app.start_worker_with(JOBS_ONLY, |c| c.worker.shutdown_grace_secs = 1)
-        .await;
+    // An ack wait the test cannot reach: only the worker's hand-back (Nak) lets the successor
+    // have the job in time.
+    app.start_worker_with(JOBS_ONLY, |c| {
+        c.worker.shutdown_grace_secs = 1;
+        c.nats.ack_wait_secs = 120;
+    })
+    .await;
     let (reply_to, mut sub) = app.reply_inbox().await;
 
     app.publish(json!({"prompt": "x", "reply_to": reply_to}))
@@ -175,8 +191,11 @@ async fn a_job_still_running_when_the_grace_period_ends_is_handed_to_another_wor
     );
     app.workers.pop().unwrap().shutdown().await;
 
-    app.start_worker_with(JOBS_ONLY, |c| c.worker.id = Some("successor".into()))
-        .await;
+    app.start_worker_with(JOBS_ONLY, |c| {
+        c.worker.id = Some("successor".into());
+        c.nats.ack_wait_secs = 120;
+    })
+    .await;
     let reply = collect_reply(&mut sub).await;
     assert_eq!(reply.result["status"], "ok");
     assert_eq!(reply.result["output"], "second worker");
