@@ -90,7 +90,7 @@ impl Chain {
             let least = n.saturating_mul(dims.saturating_mul(4).saturating_add(3));
             if least > max_vector_bytes {
                 let message = format!(
-                    "{n} vectors of {dims} dimensions need at least {least} bytes as JSON, more than the {max_vector_bytes} bytes a result can hold (the NATS server's max_payload): split the input over several jobs"
+                    "{n} vectors of {dims} dimensions need at least {least} bytes as JSON, more than the {max_vector_bytes} bytes a result has for vectors (the NATS server's max_payload less the rest of the result): split the input over several jobs"
                 );
                 return too_large(attempts, message);
             }
@@ -239,7 +239,7 @@ fn extrapolate(first: &[Vec<f32>], n: usize, max_bytes: usize) -> Option<String>
     let estimate = per_vector.saturating_mul(n);
     (estimate > max_bytes).then(|| {
         format!(
-            "{n} vectors of about {per_vector} bytes as JSON (judged by the first batch) are about {estimate} bytes, more than the {max_bytes} bytes a result can hold (the NATS server's max_payload): split the input over several jobs"
+            "{n} vectors of about {per_vector} bytes as JSON (judged by the first batch) are about {estimate} bytes, more than the {max_bytes} bytes a result has for vectors (the NATS server's max_payload less the rest of the result): split the input over several jobs"
         )
     })
 }

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use futures::StreamExt;
 use llm_worker::testkit::{FakeOpenAi, Reply};
 use serde_json::json;
 
@@ -143,6 +144,19 @@ async fn a_non_streamed_job_gets_no_chunks_and_the_full_result() {
 async fn invalid_jobs_get_invalid_job_results_are_terminated_and_the_worker_keeps_serving() {
     let (app, fake) = app_with_fake().await;
     let (reply_to, mut sub) = app.reply_inbox().await;
+    // JetStream announces every terminated message: an Ack would not be announced here.
+    let mut terminated = app
+        .client
+        .subscribe(format!(
+            "$JS.EVENT.ADVISORY.CONSUMER.MSG_TERMINATED.{}.{}",
+            app.config.nats.jobs_stream,
+            app.config
+                .nats
+                .consumer_name(llm_worker::job::JobKind::Generate)
+        ))
+        .await
+        .unwrap();
+    app.client.flush().await.unwrap();
 
     // Not JSON at all: answered in the results stream under its Nats-Msg-Id.
     let garbage_id = uuid::Uuid::now_v7();
@@ -180,7 +194,14 @@ async fn invalid_jobs_get_invalid_job_results_are_terminated_and_the_worker_keep
         .await;
     assert_eq!(collect_reply(&mut sub).await.result["status"], "ok");
 
-    // Terminated, not redelivered: nothing pending, nothing left in the work queue.
+    // Terminated (one advisory per invalid job), not redelivered: nothing pending, nothing
+    // left in the work queue.
+    for _ in 0..6 {
+        tokio::time::timeout(Duration::from_secs(10), terminated.next())
+            .await
+            .expect("an invalid job was not terminated")
+            .unwrap();
+    }
     let info = app.generate_consumer_info().await;
     assert_eq!(info.num_ack_pending, 0);
     assert_eq!(info.num_redelivered, 0);
