@@ -323,3 +323,73 @@ async fn a_missing_done_marker_after_a_finish_reason_is_a_success() {
     assert!(r["tokens_used"]["output"].as_u64().unwrap() > 0);
     app.teardown().await;
 }
+
+#[tokio::test]
+async fn a_job_whose_deadline_passes_mid_answer_ends_as_timeout() {
+    let (app, fake) = app_with_fake().await;
+    fake.set_default(Reply::Answer {
+        deltas: (0..50).map(|i| format!("w{i} ")).collect(),
+        usage: Some((1, 50)),
+        done_marker: true,
+        chunk_delay: Duration::from_millis(100),
+    });
+    let (reply_to, mut sub) = app.reply_inbox().await;
+
+    app.publish(json!({"prompt": "x", "timeout_ms": 800, "reply_to": reply_to}))
+        .await;
+    let reply = collect_reply(&mut sub).await;
+
+    assert_eq!(reply.result["status"], "error");
+    assert_eq!(reply.result["error"]["code"], "timeout", "{}", reply.result);
+    assert!(!reply.chunks.is_empty(), "the answer had started");
+    assert_eq!(fake.request_count(), 1, "the deadline covers every attempt");
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn a_result_that_cannot_be_stored_is_requeued_never_acked() {
+    let (app, fake) = app_with_fake().await;
+    fake.set_default(Reply::answer(&["stored at last"], (1, 1)));
+    // The results stream is full and refuses new messages: no result can be stored, though
+    // looking one up still works.
+    let mut stream = app
+        .js
+        .get_stream(&app.config.nats.results_stream)
+        .await
+        .unwrap();
+    let mut full = stream.info().await.unwrap().config.clone();
+    full.max_bytes = 1;
+    full.discard = async_nats::jetstream::stream::DiscardPolicy::New;
+    app.js.update_stream(&full).await.unwrap();
+    let (reply_to, mut sub) = app.reply_inbox().await;
+    let id = app
+        .publish(json!({"prompt": "x", "stream": false, "reply_to": reply_to}))
+        .await;
+    // Answered by the provider, refused by the stream, handed back: delivered again.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while app
+        .generate_consumer_info()
+        .await
+        .delivered
+        .consumer_sequence
+        < 2
+    {
+        assert!(tokio::time::Instant::now() < deadline, "never handed back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(fake.request_count() >= 1);
+    assert_eq!(app.jobs_in_stream().await, 1, "not acked");
+    assert!(
+        futures::FutureExt::now_or_never(sub.next()).is_none(),
+        "nothing is published before the result is stored"
+    );
+
+    // Once the stream takes messages again, the requeued job is answered and stored.
+    full.max_bytes = -1;
+    app.js.update_stream(&full).await.unwrap();
+    let reply = collect_reply(&mut sub).await;
+    assert_eq!(reply.result["job_id"], id.to_string());
+    assert_eq!(reply.result["output"], "stored at last");
+    assert_eq!(app.wait_stored_result(id).await, reply.result);
+    app.teardown().await;
+}

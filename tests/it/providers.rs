@@ -706,3 +706,27 @@ async fn a_configured_key_of_another_shape_quoted_in_a_401_never_reaches_the_res
     assert!(!everything.contains("AIzaSyD"), "{everything}");
     assert!(everything.contains("API key not valid"), "{everything}");
 }
+
+#[tokio::test]
+async fn a_retry_hint_above_a_minute_or_past_the_deadline_falls_back_at_once() {
+    let (p, b, chain, _) = two("openai", "openai", "").await;
+    let hint = |secs: &str| Reply::Status {
+        status: 429,
+        body: json!({"error": {"message": "slow down", "code": "rate_limit_exceeded"}}).to_string(),
+        headers: vec![("retry-after".into(), secs.into())],
+    };
+    b.set_default(Reply::answer(&["backup"], (1, 1)));
+
+    // 120 s is more than the chain waits for any provider.
+    p.push(hint("120"));
+    let (o, _) = run(&chain, json!({"prompt": "hi"})).await;
+    assert_eq!(codes(&o), vec![Some(ErrorCode::RateLimited), None]);
+    assert_eq!(p.request_count(), 1, "no retry after a 120 s hint");
+
+    // 10 s is allowed, but not with 3 s left before the job's deadline.
+    p.push(hint("10"));
+    let (o, _) = run(&chain, json!({"prompt": "hi", "timeout_ms": 3000})).await;
+    assert_eq!(codes(&o), vec![Some(ErrorCode::RateLimited), None]);
+    assert_eq!(o.result.unwrap().provider, "backup");
+    assert_eq!(p.request_count(), 2, "no retry past the deadline");
+}
