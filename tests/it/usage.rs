@@ -423,3 +423,51 @@ async fn the_usage_report_sums_the_daily_view() {
     );
     app.teardown().await;
 }
+
+#[tokio::test]
+async fn a_job_with_one_unpriced_billed_call_among_priced_ones_has_no_cost() {
+    // The primary (no price) streams some text and breaks: a billed call, estimated.
+    let primary = FakeOpenAi::start().await.unwrap();
+    primary.set_default(Reply::Cut {
+        deltas: vec!["half an ".into(), "answer".into()],
+    });
+    let backup = FakeOpenAi::start().await.unwrap();
+    backup.push(Reply::answer(&["whole"], (11, 5)));
+    let providers = format!(
+        "{}{}max_retries = 0\n[routes]\ndefault = [\"primary\", \"backup\"]\n",
+        openai_provider("backup", &backup.base_url(), "small"),
+        openai_provider("primary", &primary.base_url(), "big").replace("max_retries = 1\n", ""),
+    );
+    let mut app = TestApp::new(&providers).await;
+    migrate(&app).await;
+    set_price(&app, "backup", "small", BACKUP_PRICE, "2000-01-01").await;
+    app.start_worker().await;
+    let (reply_to, mut sub) = app.reply_inbox().await;
+
+    let job_id = app
+        .publish(json!({"prompt": "x", "reply_to": reply_to}))
+        .await;
+    let result = collect_reply(&mut sub).await.result;
+    assert_eq!(result["status"], "ok");
+    assert!(result["attempts"][0]["output_tokens"].as_u64().unwrap() > 0);
+    assert!(result["cost_usd"].is_null(), "{result}");
+
+    app.wait_count(
+        &format!("SELECT count(*) FROM llm_jobs WHERE job_id = '{job_id}'"),
+        1,
+    )
+    .await;
+    let (cost, priced_calls): (Option<f64>, i64) = sqlx::query_as(&format!(
+        "SELECT j.cost_usd::float8, (SELECT count(*) FROM llm_calls c WHERE c.job_id = j.job_id AND c.cost_usd IS NOT NULL) \
+         FROM llm_jobs j WHERE j.job_id = '{job_id}'"
+    ))
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(
+        cost, None,
+        "a job's cost is unknown when one billed call has no price"
+    );
+    assert_eq!(priced_calls, 1, "the backup's call itself is priced");
+    app.teardown().await;
+}
