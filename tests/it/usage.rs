@@ -471,3 +471,43 @@ async fn a_job_with_one_unpriced_billed_call_among_priced_ones_has_no_cost() {
     assert_eq!(priced_calls, 1, "the backup's call itself is priced");
     app.teardown().await;
 }
+
+#[tokio::test]
+async fn when_postgres_goes_away_mid_run_jobs_flow_and_the_rows_appear_once_it_is_back() {
+    let fake = FakeOpenAi::start().await.unwrap();
+    let mut app = TestApp::new(&openai_provider("openai", &fake.base_url(), "m")).await;
+    let real = url_host_port(&app.services.database_url);
+    let outage = Outage::start(real.clone()).await;
+    let proxied = app
+        .database
+        .url
+        .replacen(&real, &format!("127.0.0.1:{}", outage.port), 1);
+    app.start_worker_with(ALL_ROLES, |c| {
+        c.database.url = Some(proxied.into());
+    })
+    .await;
+    let (reply_to, mut sub) = app.reply_inbox().await;
+    let mut run = async |n: usize| {
+        for i in 0..n {
+            app.publish(json!({"prompt": format!("job {i}"), "reply_to": reply_to}))
+                .await;
+            assert_eq!(collect_reply(&mut sub).await.result["status"], "ok");
+        }
+    };
+
+    run(3).await;
+    app.wait_count("SELECT count(*) FROM llm_jobs", 3).await;
+    // The database goes away (connections cut, new ones refused) while jobs keep coming.
+    outage.set_up(false);
+    run(4).await;
+    assert_eq!(app.count("SELECT count(*) FROM llm_jobs").await, 3);
+    outage.set_up(true);
+    app.wait_count("SELECT count(*) FROM llm_jobs", 7).await;
+    app.wait_count("SELECT count(*) FROM llm_calls", 7).await;
+    // Nothing went to the dead letters: an outage is not bad data.
+    let dead = llm_worker::dead::list(&app.js, &app.config.nats, None, 10)
+        .await
+        .unwrap();
+    assert!(dead.is_empty(), "{dead:?}");
+    app.teardown().await;
+}
