@@ -283,3 +283,52 @@ async fn empty_input_or_empty_strings_are_invalid_jobs() {
     }
     app.teardown().await;
 }
+
+#[tokio::test]
+async fn embed_mixed_dimensions_in_the_config_lets_a_fallback_change_the_size_through_nats() {
+    let primary = FakeProvider::start().await.unwrap();
+    let backup = FakeProvider::start().await.unwrap();
+    let toml = format!(
+        "{}{}[routes]\ndefault = [\"primary\"]\nmixed = [\"primary\"]\n[embed_routes]\ndefault = [\"primary\", \"backup\"]\nmixed = [\"primary\", \"backup\"]\n",
+        section("primary", "openai", &primary.base_url(), "max_retries = 0"),
+        section("backup", "ollama", &backup.root_url(), ""),
+    );
+    let mut app = TestApp::new(&toml).await;
+    app.start_worker_with(crate::helpers::ALL_ROLES, |c| {
+        c.embed_mixed_dimensions = vec!["mixed".into()];
+    })
+    .await;
+    let (reply_to, mut sub) = app.reply_inbox().await;
+    // The primary serves 8-dimension vectors, then fails; the backup answers with 4.
+    primary.push(Reply::Vectors { dims: 8 });
+    app.publish_to("embed", json!({"input": ["warm up"], "reply_to": reply_to}))
+        .await;
+    assert_eq!(collect_reply(&mut sub).await.result["status"], "ok");
+    primary.set_default(Reply::status(500, "down"));
+    backup.set_default(Reply::Vectors { dims: 4 });
+
+    app.publish_to("embed", json!({"input": ["x"], "reply_to": reply_to}))
+        .await;
+    let refused = collect_reply(&mut sub).await.result;
+    assert_eq!(
+        refused["error"]["code"], "all_providers_failed",
+        "{refused}"
+    );
+    let last = refused["attempts"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    assert_eq!(last["error"]["code"], "dimension_mismatch");
+
+    app.publish_to(
+        "embed",
+        json!({"input": ["x"], "task_type": "mixed", "reply_to": reply_to}),
+    )
+    .await;
+    let accepted = collect_reply(&mut sub).await.result;
+    assert_eq!(accepted["status"], "ok", "{accepted}");
+    assert_eq!(accepted["embeddings"][0].as_array().unwrap().len(), 4);
+    app.teardown().await;
+}
