@@ -241,10 +241,17 @@ async fn workers_report_per_provider_health_over_nats() {
         .await;
     assert_eq!(collect_reply(&mut sub).await.result["status"], "error");
 
-    let workers =
-        llm_worker::status::collect(&app.client, &app.config.nats, Duration::from_millis(500))
-            .await
-            .unwrap();
+    // Ask until the worker has answered (a loaded machine may take longer than one window).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let workers = loop {
+        let workers =
+            llm_worker::status::collect(&app.client, &app.config.nats, Duration::from_millis(500))
+                .await
+                .unwrap();
+        if !workers.is_empty() || tokio::time::Instant::now() > deadline {
+            break workers;
+        }
+    };
     assert_eq!(workers.len(), 1);
     assert_eq!(workers[0].worker_id, "worker-1");
     let p = &workers[0].providers[0];
