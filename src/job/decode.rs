@@ -1,0 +1,365 @@
+//! Decoding and validating one job message: identity first (so even a refused job can be
+//! answered and recorded), then the body, the bounds and the pinning rules.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+use uuid::Uuid;
+
+use super::bounds::{
+    MAX_STOP_BYTES, check_metadata, check_name, check_prompt_bounds, clip_reason, no_nul, safe_name,
+};
+use super::wire::{StopWire, WireEmbed, WireEnvelope, WireGenerate};
+use super::{
+    Delivery, EmbedRequest, Envelope, GenerateOptions, GenerateRequest, InvalidJob, Job, JobBody,
+    JobKind, Message, Role, Rules,
+};
+use crate::config::LimitsConfig;
+use crate::trust::{QUOTE_CHARS, check_model_name, quote};
+
+/// Decode and validate one job message.
+pub fn decode(
+    kind: JobKind,
+    payload: &[u8],
+    delivery: &Delivery<'_>,
+    rules: &Rules<'_>,
+) -> Result<Job, Box<InvalidJob>> {
+    let limits = rules.limits;
+    // Checked before parsing: the size of a message bounds what parsing it costs. Its identity
+    // then comes from the transport alone (header, subject), and no reply subject is known.
+    if payload.len() > limits.max_job_bytes {
+        let (envelope, _) = read_envelope(WireEnvelope::default(), delivery, rules);
+        return Err(Box::new(InvalidJob {
+            envelope,
+            reason: format!(
+                "job is {} bytes, more than the limit of {} bytes",
+                payload.len(),
+                limits.max_job_bytes
+            ),
+        }));
+    }
+    // Read the envelope leniently: wrong types in it are reported, not fatal to answering.
+    let value: Option<serde_json::Value> = serde_json::from_slice(payload).ok();
+    let wire_env: WireEnvelope = value
+        .as_ref()
+        .and_then(|v| WireEnvelope::deserialize(v).ok())
+        .unwrap_or_default();
+    let (envelope, envelope_problem) = read_envelope(wire_env, delivery, rules);
+    let fail = |reason: String| {
+        Box::new(InvalidJob {
+            envelope: envelope.clone(),
+            reason,
+        })
+    };
+
+    let value = match value {
+        Some(v @ serde_json::Value::Object(_)) => v,
+        Some(_) => return Err(fail("job must be a JSON object".into())),
+        None => {
+            let err = serde_json::from_slice::<serde_json::Value>(payload).err();
+            let detail = err.map(|e| e.to_string()).unwrap_or_default();
+            return Err(fail(format!(
+                "job is not valid JSON: {}",
+                clip_reason(&detail)
+            )));
+        }
+    };
+    if let Some(problem) = envelope_problem {
+        return Err(fail(problem));
+    }
+
+    // The path names job keys, which can be anything (an unknown `options` key): clipped too.
+    let serde_fail = |path: String, e: &serde_json::Error| {
+        let mut short: String = path.chars().take(QUOTE_CHARS).collect();
+        if short.len() < path.len() {
+            short.push('…');
+        }
+        let short = short.escape_debug();
+        fail(format!("{short}: {}", clip_reason(&e.to_string())))
+    };
+    let (provider, model, timeout_ms, body) = match kind {
+        JobKind::Generate => {
+            let w: WireGenerate = serde_path_to_error::deserialize(&value)
+                .map_err(|e| serde_fail(e.path().to_string(), e.inner()))?;
+            let body = JobBody::Generate(generate_request(&w, &limits.bounds).map_err(&fail)?);
+            (w.provider, w.model, w.timeout_ms, body)
+        }
+        JobKind::Embed => {
+            let w: WireEmbed = serde_path_to_error::deserialize(&value)
+                .map_err(|e| serde_fail(e.path().to_string(), e.inner()))?;
+            let body = JobBody::Embed(embed_request(&w, &limits.bounds).map_err(&fail)?);
+            (w.provider, w.model, w.timeout_ms, body)
+        }
+    };
+    if let Some(m) = &model {
+        check_model_name(m, limits.bounds.max_model_bytes).map_err(&fail)?;
+    }
+    rules
+        .catalog
+        .check_pin(
+            envelope.task_type.as_deref(),
+            provider.as_deref(),
+            model.as_deref(),
+        )
+        .map_err(&fail)?;
+    let timeout = match timeout_ms {
+        None => limits.default_timeout,
+        Some(0) => return Err(fail("timeout_ms: must be positive".into())),
+        Some(ms) => {
+            let t = Duration::from_millis(ms);
+            if t > limits.max_timeout {
+                return Err(fail(format!(
+                    "timeout_ms: {ms} is above the limit of {}",
+                    limits.max_timeout.as_millis()
+                )));
+            }
+            t
+        }
+    };
+    Ok(Job {
+        envelope,
+        kind,
+        provider,
+        model,
+        timeout,
+        body,
+    })
+}
+
+/// The job's identity from its body and transport. Problems are noted (the first one wins) but
+/// an identity is always produced, so even a refused job can be answered and recorded.
+fn read_envelope(
+    w: WireEnvelope,
+    delivery: &Delivery<'_>,
+    rules: &Rules<'_>,
+) -> (Envelope, Option<String>) {
+    let bounds = &rules.limits.bounds;
+    use serde_json::Value;
+    let mut problem: Option<String> = None;
+    let mut note = |p: String| {
+        problem.get_or_insert(p);
+    };
+    let body_id = match w.job_id {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => match Uuid::parse_str(&s) {
+            Ok(id) => Some(id),
+            Err(_) => {
+                note(format!("job_id: {} is not a UUID", quote(&s)));
+                None
+            }
+        },
+        Some(_) => {
+            note("job_id: must be a string (a UUID)".into());
+            None
+        }
+    };
+    let header_id = delivery.msg_id.map(|h| (h, Uuid::parse_str(h).ok()));
+    // The header is JetStream's dedup key: it must be the job id, so the duplicate window
+    // protects every id. Without either, the id is random (never derived from anything a
+    // publisher could predict, such as the stream sequence).
+    let job_id = match (body_id, header_id) {
+        (Some(id), Some((_, Some(h)))) if h == id => id,
+        (Some(id), Some((h, _))) => {
+            note(format!(
+                "job_id: does not match the Nats-Msg-Id header {}",
+                quote(h)
+            ));
+            id
+        }
+        (Some(id), None) => id,
+        (None, Some((_, Some(h)))) => h,
+        (None, Some((h, None))) => {
+            note(format!(
+                "Nats-Msg-Id: {} is not a UUID (the header is the job id)",
+                quote(h)
+            ));
+            Uuid::now_v7()
+        }
+        (None, None) => Uuid::now_v7(),
+    };
+    let mut string_field = |name: &str, v: Option<Value>| -> Option<String> {
+        match v {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s),
+            Some(_) => {
+                note(format!("{name}: must be a string"));
+                None
+            }
+        }
+    };
+    let trace_id = string_field("trace_id", w.trace_id);
+    let body_tenant = string_field("tenant", w.tenant);
+    let task_type = string_field("task_type", w.task_type);
+    let reply_to = string_field("reply_to", w.reply_to);
+    // Names are echoed into every event, log line and row: bounded, no control characters
+    // (Postgres cannot store NUL). A refused one is still recorded, made safe.
+    let mut name = |field: &str, value: String| match check_name(&value, bounds.max_name_bytes) {
+        Ok(()) => value,
+        Err(why) => {
+            note(format!("{field}: {why}"));
+            safe_name(&value, bounds.max_name_bytes)
+        }
+    };
+    let trace_id = trace_id.map_or_else(|| job_id.to_string(), |t| name("trace_id", t));
+    let tenant = match delivery.subject_tenant {
+        Some(t) => name("tenant (from the subject)", t.to_string()),
+        None => name("tenant", body_tenant.unwrap_or_else(|| "default".into())),
+    };
+    let task_type = task_type.map(|t| name("task_type", t));
+    // A refused reply subject is never published to, not even the refusal.
+    let reply_to = match reply_to.map(|s| rules.replies.check(&s, &tenant).map(|()| s)) {
+        Some(Ok(s)) => Some(s),
+        Some(Err(refused)) => {
+            note(refused);
+            None
+        }
+        None => None,
+    };
+    if tenant.is_empty() {
+        note("tenant: must not be empty".into());
+    }
+    // Metadata is echoed into results and stored as jsonb: bounded as echoed, and never
+    // echoed at all when refused.
+    let metadata = match w.metadata {
+        None | Some(Value::Null) => Value::Null,
+        Some(m) => match check_metadata(&m, bounds) {
+            Ok(()) => m,
+            Err(why) => {
+                note(format!("metadata: {why}"));
+                Value::Null
+            }
+        },
+    };
+    (
+        Envelope {
+            job_id,
+            trace_id,
+            tenant,
+            task_type,
+            reply_to,
+            metadata,
+        },
+        problem,
+    )
+}
+
+fn generate_request(w: &WireGenerate, bounds: &LimitsConfig) -> Result<GenerateRequest, String> {
+    check_prompt_bounds(w, bounds)?;
+    let mut system = w.system_prompt.clone().filter(|s| !s.is_empty());
+    let mut messages = Vec::new();
+    for (i, m) in w.messages.iter().flatten().enumerate() {
+        match m.role {
+            // System messages in the list join the system prompt, in order.
+            Role::System => {
+                let s = system.get_or_insert_with(String::new);
+                if !s.is_empty() {
+                    s.push_str("\n\n");
+                }
+                s.push_str(&m.content);
+            }
+            _ if m.content.is_empty() => {
+                return Err(format!("messages[{i}].content: must not be empty"));
+            }
+            _ => messages.push(m.clone()),
+        }
+    }
+    if let Some(p) = w.prompt.as_deref().filter(|p| !p.is_empty()) {
+        messages.push(Message {
+            role: Role::User,
+            content: p.to_string(),
+        });
+    }
+    if messages.is_empty() {
+        return Err("prompt: a job needs a non-empty prompt or messages".into());
+    }
+    if let Some(context) = w.context.as_ref().filter(|c| !c.is_empty()) {
+        // Retrieval context goes into the system prompt, most relevant first, numbered.
+        let mut block = String::from("Context:\n");
+        for (i, c) in context.iter().enumerate() {
+            block.push_str(&format!("[{}] {}\n", i + 1, c));
+        }
+        system = Some(match system {
+            Some(s) => format!("{s}\n\n{block}"),
+            None => block,
+        });
+    }
+    let o = &w.options;
+    if let Some(t) = o.temperature
+        && !(0.0..=2.0).contains(&t)
+    {
+        return Err(format!("options.temperature: {t} is outside 0..=2"));
+    }
+    if let Some(p) = o.top_p
+        && !(0.0..=1.0).contains(&p)
+    {
+        return Err(format!("options.top_p: {p} is outside 0..=1"));
+    }
+    match o.max_tokens {
+        Some(0) => return Err("options.max_tokens: must be positive".into()),
+        Some(n) if n > bounds.max_output_tokens => {
+            return Err(format!(
+                "options.max_tokens: {n} is above the limit of {} (limits.max_output_tokens)",
+                bounds.max_output_tokens
+            ));
+        }
+        _ => {}
+    }
+    let stop = match &o.stop {
+        None => Vec::new(),
+        Some(StopWire::One(s)) => vec![s.clone()],
+        Some(StopWire::Many(v)) => v.clone(),
+    };
+    if stop.len() > 4
+        || stop
+            .iter()
+            .any(|s| s.is_empty() || s.len() > MAX_STOP_BYTES || s.contains('\0'))
+    {
+        return Err(format!(
+            "options.stop: at most 4 non-empty sequences of at most {MAX_STOP_BYTES} bytes, without NUL"
+        ));
+    }
+    Ok(GenerateRequest {
+        system,
+        messages,
+        options: GenerateOptions {
+            temperature: o.temperature,
+            max_tokens: o.max_tokens,
+            top_p: o.top_p,
+            stop,
+        },
+        stream: w.stream.unwrap_or(true),
+    })
+}
+
+fn embed_request(w: &WireEmbed, bounds: &LimitsConfig) -> Result<EmbedRequest, String> {
+    if w.input.is_empty() {
+        return Err("input: must hold at least one text".into());
+    }
+    if w.input.len() > bounds.max_embed_inputs {
+        return Err(format!(
+            "input: {} texts, more than the limit of {} (limits.max_embed_inputs)",
+            w.input.len(),
+            bounds.max_embed_inputs
+        ));
+    }
+    let total: usize = w.input.iter().map(String::len).sum();
+    if total > bounds.max_embed_input_bytes {
+        return Err(format!(
+            "input: {total} bytes, more than the limit of {} bytes (limits.max_embed_input_bytes)",
+            bounds.max_embed_input_bytes
+        ));
+    }
+    for (i, text) in w.input.iter().enumerate() {
+        if text.is_empty() {
+            return Err(format!("input[{i}]: must not be empty"));
+        }
+        no_nul(&format!("input[{i}]"), text)?;
+    }
+    if w.options.dimensions == Some(0) {
+        return Err("options.dimensions: must be positive".into());
+    }
+    Ok(EmbedRequest {
+        input: w.input.clone(),
+        dimensions: w.options.dimensions,
+    })
+}

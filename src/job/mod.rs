@@ -1,0 +1,169 @@
+//! The contract's job messages: wire types, decoding and validation into domain types.
+//!
+//! "Parse, don't validate": a [`Job`] only exists when every field is valid, so everything after
+//! [`decode`] works with valid values. A message that fails gets an [`InvalidJob`] that still
+//! carries whatever identity could be read (job id, trace id, reply subject), so it can be
+//! answered and recorded. This module does no I/O.
+
+mod bounds;
+mod decode;
+mod wire;
+
+use std::time::Duration;
+
+use serde::Deserialize;
+use uuid::Uuid;
+
+use crate::config::{Config, LimitsConfig};
+use crate::trust::ReplyPolicy;
+
+pub use decode::decode;
+
+/// The two job kinds, one JetStream subject and one durable consumer each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobKind {
+    Generate,
+    Embed,
+}
+
+impl JobKind {
+    pub const ALL: [JobKind; 2] = [JobKind::Generate, JobKind::Embed];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobKind::Generate => "generate",
+            JobKind::Embed => "embed",
+        }
+    }
+}
+
+/// Limits that validation needs from configuration.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_job_bytes: usize,
+    pub default_timeout: Duration,
+    pub max_timeout: Duration,
+    /// Bounds on the job's fields (`[limits]`).
+    pub bounds: LimitsConfig,
+}
+
+impl Limits {
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            max_job_bytes: config.worker.max_job_bytes,
+            default_timeout: Duration::from_millis(config.worker.default_timeout_ms),
+            max_timeout: Duration::from_millis(config.worker.max_timeout_ms),
+            bounds: config.limits.clone(),
+        }
+    }
+}
+
+/// Who a job is and where its answers go: known even for many invalid jobs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Envelope {
+    pub job_id: Uuid,
+    pub trace_id: String,
+    pub tenant: String,
+    pub task_type: Option<String>,
+    pub reply_to: Option<String>,
+    pub metadata: serde_json::Value,
+}
+
+/// A valid job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    pub envelope: Envelope,
+    pub kind: JobKind,
+    /// Pinned first provider and model, if the job names them.
+    pub provider: Option<String>,
+    pub model: Option<String>,
+    pub timeout: Duration,
+    pub body: JobBody,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobBody {
+    Generate(GenerateRequest),
+    Embed(EmbedRequest),
+}
+
+/// A chat conversation ready for any provider.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateRequest {
+    pub system: Option<String>,
+    /// Non-empty; roles are `user` / `assistant` (system text is in `system`).
+    pub messages: Vec<Message>,
+    pub options: GenerateOptions,
+    /// Publish chunk events as text arrives.
+    pub stream: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
+pub struct Message {
+    pub role: Role,
+    pub content: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GenerateOptions {
+    pub temperature: Option<f64>,
+    pub max_tokens: Option<u32>,
+    pub top_p: Option<f64>,
+    pub stop: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EmbedRequest {
+    pub input: Vec<String>,
+    pub dimensions: Option<u32>,
+}
+
+/// Why a job was refused, with the identity needed to answer it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InvalidJob {
+    pub envelope: Envelope,
+    pub reason: String,
+}
+
+/// What the transport says about a message beyond its body.
+#[derive(Debug, Clone, Default)]
+pub struct Delivery<'a> {
+    /// The `Nats-Msg-Id` header: JetStream's dedup key, and the job id.
+    pub msg_id: Option<&'a str>,
+    /// The tenant NATS vouches for (the last token of the job's subject), when the deployment
+    /// takes tenants from subjects; the body's `tenant` is then ignored.
+    pub subject_tenant: Option<&'a str>,
+}
+
+/// What the deployment's configuration decides about pinning (the chain implements it; this
+/// module knows no routes).
+pub trait Catalog: Send + Sync {
+    /// Whether a job of `task_type` may pin `provider` and/or `model`; the reason (naming the
+    /// field) when not: an unknown provider, one outside the job's route, a model outside the
+    /// provider's allow-list.
+    fn check_pin(
+        &self,
+        task_type: Option<&str>,
+        provider: Option<&str>,
+        model: Option<&str>,
+    ) -> Result<(), String>;
+}
+
+/// Everything a job is checked against.
+#[derive(Clone, Copy)]
+pub struct Rules<'a> {
+    pub limits: &'a Limits,
+    pub replies: &'a ReplyPolicy,
+    pub catalog: &'a dyn Catalog,
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,352 @@
+//! Decoding, identity and bounds of jobs.
+
+use super::*;
+use crate::config::NatsConfig;
+
+fn limits() -> Limits {
+    Limits {
+        max_job_bytes: 10_000,
+        default_timeout: Duration::from_secs(120),
+        max_timeout: Duration::from_secs(600),
+        bounds: LimitsConfig {
+            max_model_bytes: 64,
+            max_metadata_bytes: 200,
+            max_messages: 3,
+            max_embed_inputs: 4,
+            ..Default::default()
+        },
+    }
+}
+
+/// Knows one provider, `openai`, and allows any pin of it.
+struct OneProvider;
+impl Catalog for OneProvider {
+    fn check_pin(
+        &self,
+        _: Option<&str>,
+        provider: Option<&str>,
+        _: Option<&str>,
+    ) -> Result<(), String> {
+        match provider {
+            Some(p) if p != "openai" => Err(format!("provider: unknown provider {p:?}")),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn decode_with(kind: JobKind, json: &str, delivery: &Delivery<'_>) -> Result<Job, Box<InvalidJob>> {
+    let replies = ReplyPolicy::new(&NatsConfig {
+        reply_prefixes: Some(vec!["r.".into(), "llm.replies.".into()]),
+        ..Default::default()
+    })
+    .unwrap();
+    let rules = Rules {
+        limits: &limits(),
+        replies: &replies,
+        catalog: &OneProvider,
+    };
+    decode(kind, json.as_bytes(), delivery, &rules)
+}
+
+fn gen_job(json: &str) -> Result<Job, Box<InvalidJob>> {
+    decode_with(JobKind::Generate, json, &Delivery::default())
+}
+
+#[test]
+fn a_minimal_job_gets_defaults() {
+    let job = gen_job(r#"{"prompt":"hi"}"#).unwrap();
+    assert_eq!(job.envelope.tenant, "default");
+    assert_eq!(job.envelope.trace_id, job.envelope.job_id.to_string());
+    assert_eq!(job.envelope.job_id.get_version_num(), 7);
+    assert_eq!(job.timeout, Duration::from_secs(120));
+    let JobBody::Generate(g) = job.body else {
+        panic!()
+    };
+    assert!(g.stream);
+    assert_eq!(
+        g.messages,
+        vec![Message {
+            role: Role::User,
+            content: "hi".into()
+        }]
+    );
+}
+
+#[test]
+fn prompt_is_appended_after_messages_and_system_messages_join_the_system_prompt() {
+    let job = gen_job(r#"{"system_prompt":"S","messages":[{"role":"system","content":"T"},{"role":"user","content":"a"},{"role":"assistant","content":"b"}],"prompt":"c","context":["k1"]}"#).unwrap();
+    let JobBody::Generate(g) = job.body else {
+        panic!()
+    };
+    let roles: Vec<_> = g.messages.iter().map(|m| m.content.as_str()).collect();
+    assert_eq!(roles, ["a", "b", "c"]);
+    let system = g.system.unwrap();
+    assert!(
+        system.starts_with("S\n\nT") && system.contains("[1] k1"),
+        "{system}"
+    );
+}
+
+#[test]
+fn invalid_jobs_keep_their_identity_for_the_answer() {
+    let id = "0192f0c4-0000-7000-8000-000000000001";
+    let err = gen_job(&format!(
+        r#"{{"job_id":"{id}","reply_to":"r.1","stream":"yes","prompt":"x"}}"#
+    ))
+    .unwrap_err();
+    assert_eq!(err.envelope.job_id.to_string(), id);
+    assert_eq!(err.envelope.reply_to.as_deref(), Some("r.1"));
+    assert!(err.reason.starts_with("stream"), "{}", err.reason);
+}
+
+#[test]
+fn each_kind_of_invalid_job_is_refused_with_a_reason() {
+    for (json, starts) in [
+        ("not json", "job is not valid JSON"),
+        ("[1]", "job must be a JSON object"),
+        (r#"{"system_prompt":"x"}"#, "prompt"),
+        (r#"{"prompt":"x","provider":"nope"}"#, "provider"),
+        (
+            r#"{"prompt":"x","options":{"temperature":9}}"#,
+            "options.temperature",
+        ),
+        (r#"{"prompt":"x","options":{"bogus":1}}"#, "options"),
+        (r#"{"prompt":"x","timeout_ms":0}"#, "timeout_ms"),
+        (r#"{"prompt":"x","job_id":"abc"}"#, "job_id"),
+        (r#"{"prompt":"x","reply_to":"r.*"}"#, "reply_to"),
+        (r#"{"prompt":"x","model":"a/../b"}"#, "model"),
+    ] {
+        let err = gen_job(json).unwrap_err();
+        assert!(err.reason.starts_with(starts), "{json}: {}", err.reason);
+    }
+}
+
+#[test]
+fn a_refused_reply_subject_is_named_and_never_kept_for_publishing() {
+    let err = gen_job(r#"{"prompt":"x","reply_to":"$JS.API.STREAM.PURGE.LLM_JOBS"}"#).unwrap_err();
+    assert_eq!(err.envelope.reply_to, None);
+    assert!(
+        err.reason.contains("$JS.API.STREAM.PURGE.LLM_JOBS") && err.reason.contains("under $"),
+        "{}",
+        err.reason
+    );
+}
+
+#[test]
+fn the_body_id_and_the_dedup_header_must_agree() {
+    let id = "0192f0c4-0000-7000-8000-000000000001";
+    let other = "0192f0c4-0000-7000-8000-000000000002";
+    let json = format!(r#"{{"job_id":"{id}","prompt":"x"}}"#);
+    let same = Delivery {
+        msg_id: Some(id),
+        ..Default::default()
+    };
+    assert!(decode_with(JobKind::Generate, &json, &same).is_ok());
+    let different = Delivery {
+        msg_id: Some(other),
+        ..Default::default()
+    };
+    let err = decode_with(JobKind::Generate, &json, &different).unwrap_err();
+    assert!(err.reason.contains("Nats-Msg-Id"), "{}", err.reason);
+    let not_uuid = Delivery {
+        msg_id: Some("order-17"),
+        ..Default::default()
+    };
+    let err = decode_with(JobKind::Generate, r#"{"prompt":"x"}"#, &not_uuid).unwrap_err();
+    assert!(err.reason.starts_with("Nats-Msg-Id"), "{}", err.reason);
+    // The header alone names the job.
+    let job = decode_with(JobKind::Generate, r#"{"prompt":"x"}"#, &same).unwrap();
+    assert_eq!(job.envelope.job_id.to_string(), id);
+}
+
+#[test]
+fn a_job_without_an_id_gets_a_fresh_random_one_not_a_predictable_one() {
+    let a = gen_job("garbage").unwrap_err().envelope.job_id;
+    let b = gen_job("garbage").unwrap_err().envelope.job_id;
+    assert_ne!(a, b);
+    assert_eq!(a.get_version_num(), 7);
+}
+
+#[test]
+fn a_tenant_from_the_subject_overrides_the_bodys_claim() {
+    let delivery = Delivery {
+        subject_tenant: Some("acme"),
+        ..Default::default()
+    };
+    let job = decode_with(
+        JobKind::Generate,
+        r#"{"prompt":"x","tenant":"globex"}"#,
+        &delivery,
+    )
+    .unwrap();
+    assert_eq!(job.envelope.tenant, "acme");
+}
+
+#[test]
+fn oversized_jobs_are_refused_before_parsing_with_both_sizes() {
+    let big = format!(r#"{{"prompt":"{}","reply_to":"r.1"}}"#, "x".repeat(20_000));
+    let err = gen_job(&big).unwrap_err();
+    assert!(
+        err.reason.contains(&big.len().to_string()) && err.reason.contains("10000"),
+        "{}",
+        err.reason
+    );
+    // Not parsed: the body's reply subject is unknown.
+    assert_eq!(err.envelope.reply_to, None);
+}
+
+#[test]
+fn a_reason_quotes_only_a_short_prefix_of_a_value() {
+    let secret = format!("PRIVATE {}", "y".repeat(500));
+    let err = gen_job(&format!(r#"{{"prompt":"x","stream":"{secret}"}}"#)).unwrap_err();
+    assert!(err.reason.starts_with("stream"), "{}", err.reason);
+    assert!(err.reason.len() < 160, "{}", err.reason);
+    assert!(!err.reason.contains(&"y".repeat(60)), "{}", err.reason);
+    let err = gen_job(&format!(r#"{{"prompt":"x","options":{{"{secret}":1}}}}"#)).unwrap_err();
+    assert!(err.reason.len() < 260, "{}", err.reason);
+    assert!(!err.reason.contains(&"y".repeat(60)), "{}", err.reason);
+}
+
+#[test]
+fn embed_jobs_refuse_empty_input() {
+    let e = |j: &str| decode_with(JobKind::Embed, j, &Delivery::default());
+    assert!(e(r#"{"input":["a","b"],"options":{"dimensions":8}}"#).is_ok());
+    assert!(
+        e(r#"{"input":[]}"#)
+            .unwrap_err()
+            .reason
+            .starts_with("input")
+    );
+    assert!(
+        e(r#"{"input":["a",""]}"#)
+            .unwrap_err()
+            .reason
+            .starts_with("input[1]")
+    );
+}
+
+#[test]
+fn a_nul_in_any_text_field_is_refused_naming_the_field() {
+    for (json, field) in [
+        (r#"{"prompt":"a\u0000b"}"#, "prompt"),
+        (
+            r#"{"prompt":"x","system_prompt":"\u0000"}"#,
+            "system_prompt",
+        ),
+        (
+            r#"{"messages":[{"role":"user","content":"\u0000"}]}"#,
+            "messages[0].content",
+        ),
+        (r#"{"prompt":"x","context":["ok","\u0000"]}"#, "context[1]"),
+        (
+            r#"{"prompt":"x","options":{"stop":["\u0000"]}}"#,
+            "options.stop",
+        ),
+        (r#"{"prompt":"x","tenant":"a\u0000"}"#, "tenant"),
+        (r#"{"prompt":"x","task_type":"t\n"}"#, "task_type"),
+        (r#"{"prompt":"x","trace_id":"\u0000"}"#, "trace_id"),
+        (r#"{"prompt":"x","metadata":{"k":"\u0000"}}"#, "metadata"),
+        (r#"{"prompt":"x","metadata":{"\u0000":1}}"#, "metadata"),
+    ] {
+        let err = gen_job(json).unwrap_err();
+        assert!(err.reason.starts_with(field), "{json}: {}", err.reason);
+    }
+    let e = decode_with(
+        JobKind::Embed,
+        r#"{"input":["a","\u0000"]}"#,
+        &Delivery::default(),
+    )
+    .unwrap_err();
+    assert!(e.reason.starts_with("input[1]"), "{}", e.reason);
+}
+
+#[test]
+fn a_refused_name_is_recorded_without_its_control_characters() {
+    let err = gen_job(r#"{"prompt":"x","tenant":"ac\u0000me"}"#).unwrap_err();
+    assert_eq!(err.envelope.tenant, "ac\u{fffd}me");
+    let err = gen_job(&format!(
+        r#"{{"prompt":"x","trace_id":"{}"}}"#,
+        "t".repeat(500)
+    ))
+    .unwrap_err();
+    assert!(
+        err.reason.contains("limits.max_name_bytes"),
+        "{}",
+        err.reason
+    );
+    assert_eq!(err.envelope.trace_id.len(), 128);
+}
+
+#[test]
+fn metadata_is_bounded_as_echoed_and_in_depth_and_dropped_when_refused() {
+    // 20 numbers written `1e15` are 100 bytes in the job but 380 as echoed.
+    let numbers = vec!["1e15"; 20].join(",");
+    let err = gen_job(&format!(r#"{{"prompt":"x","metadata":[{numbers}]}}"#)).unwrap_err();
+    assert!(
+        err.reason.starts_with("metadata: ") && err.reason.contains("as echoed"),
+        "{}",
+        err.reason
+    );
+    assert_eq!(err.envelope.metadata, serde_json::Value::Null);
+    let deep = format!("{}1{}", "[".repeat(20), "]".repeat(20));
+    let err = gen_job(&format!(r#"{{"prompt":"x","metadata":{deep}}}"#)).unwrap_err();
+    assert!(err.reason.contains("max_metadata_depth"), "{}", err.reason);
+    assert!(gen_job(r#"{"prompt":"x","metadata":{"a":[1,{"b":"c"}]}}"#).is_ok());
+}
+
+#[test]
+fn counts_sizes_and_the_output_ceiling_are_bounded_with_the_bound_named() {
+    let four = r#"{"role":"user","content":"m"}"#.repeat(4).replace("}{", "},{");
+    for (json, names) in [
+        (format!(r#"{{"messages":[{four}]}}"#), "limits.max_messages"),
+        (
+            r#"{"prompt":"x","options":{"max_tokens":200000}}"#.to_string(),
+            "limits.max_output_tokens",
+        ),
+        (
+            format!(
+                r#"{{"prompt":"x","options":{{"stop":["{}"]}}}}"#,
+                "s".repeat(300)
+            ),
+            "256 bytes",
+        ),
+    ] {
+        let err = gen_job(&json).unwrap_err();
+        assert!(err.reason.contains(names), "{json}: {}", err.reason);
+    }
+    let e = decode_with(
+        JobKind::Embed,
+        r#"{"input":["a","b","c","d","e"]}"#,
+        &Delivery::default(),
+    )
+    .unwrap_err();
+    assert!(
+        e.reason.contains("5 texts") && e.reason.contains("limits.max_embed_inputs"),
+        "{}",
+        e.reason
+    );
+}
+
+#[test]
+fn the_prompt_text_together_is_bounded() {
+    let limits = Limits {
+        bounds: LimitsConfig {
+            max_prompt_bytes: 10,
+            ..Default::default()
+        },
+        ..limits()
+    };
+    let replies = ReplyPolicy::new(&NatsConfig::default()).unwrap();
+    let rules = Rules {
+        limits: &limits,
+        replies: &replies,
+        catalog: &OneProvider,
+    };
+    let job = br#"{"system_prompt":"12345","prompt":"123","context":["123"]}"#;
+    let err = decode(JobKind::Generate, job, &Delivery::default(), &rules).unwrap_err();
+    assert!(
+        err.reason.contains("11 bytes") && err.reason.contains("limits.max_prompt_bytes"),
+        "{}",
+        err.reason
+    );
+}

@@ -1,0 +1,63 @@
+//! The job JSON as published: read leniently (the envelope) or strictly (the body), before
+//! [`super::decode`] turns it into domain types.
+
+use serde::Deserialize;
+
+use super::Message;
+
+/// The envelope fields, read leniently first so that an invalid job can still be answered.
+#[derive(Deserialize, Default)]
+pub(super) struct WireEnvelope {
+    pub(super) job_id: Option<serde_json::Value>,
+    pub(super) trace_id: Option<serde_json::Value>,
+    pub(super) tenant: Option<serde_json::Value>,
+    pub(super) task_type: Option<serde_json::Value>,
+    pub(super) reply_to: Option<serde_json::Value>,
+    pub(super) metadata: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+pub(super) struct WireGenerate {
+    pub(super) provider: Option<String>,
+    pub(super) model: Option<String>,
+    pub(super) system_prompt: Option<String>,
+    pub(super) prompt: Option<String>,
+    pub(super) messages: Option<Vec<Message>>,
+    pub(super) context: Option<Vec<String>>,
+    #[serde(default)]
+    pub(super) options: WireGenerateOptions,
+    pub(super) stream: Option<bool>,
+    pub(super) timeout_ms: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct WireGenerateOptions {
+    pub(super) temperature: Option<f64>,
+    pub(super) max_tokens: Option<u32>,
+    pub(super) top_p: Option<f64>,
+    pub(super) stop: Option<StopWire>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub(super) enum StopWire {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+pub(super) struct WireEmbed {
+    pub(super) provider: Option<String>,
+    pub(super) model: Option<String>,
+    pub(super) input: Vec<String>,
+    #[serde(default)]
+    pub(super) options: WireEmbedOptions,
+    pub(super) timeout_ms: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct WireEmbedOptions {
+    pub(super) dimensions: Option<u32>,
+}
