@@ -1,0 +1,445 @@
+//! Configuration: one TOML file plus environment overrides, validated once at start.
+//!
+//! This is the only module that reads environment variables. Layers, later wins:
+//! 1. built-in defaults;
+//! 2. the TOML file named by `--config` / `LLM_WORKER_CONFIG` (optional);
+//! 3. `LLM_WORKER__SECTION__KEY=value` for any key (`__` separates path segments,
+//!    the value is read as a TOML scalar when it parses as one, else as a string);
+//! 4. the conventional variables `NATS_URL`, `DATABASE_URL`, and, when the file declares no
+//!    providers, `OPENAI_API_KEY` / `OPENAI_BASE_URL` / `OPENAI_MODEL`, which declare one
+//!    OpenAI-compatible provider named `openai`.
+//!
+//! Errors name the offending key (`worker.max_in_flight: invalid type ...`). API keys are read
+//! from the environment variable each provider names and kept as [`SecretString`]; they are never
+//! part of a `Debug` or `Display` output.
+
+mod env;
+mod provider;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use secrecy::SecretString;
+use serde::Deserialize;
+
+pub use env::EnvLookup;
+pub use provider::{MaxTokensField, ProviderConfig, ProviderType};
+
+/// A configuration problem, naming the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// The whole, validated configuration.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub nats: NatsConfig,
+    pub worker: WorkerConfig,
+    pub database: DatabaseConfig,
+    pub recorder: RecorderConfig,
+    pub telemetry: TelemetryConfig,
+    /// Providers by name. The name is what jobs pin and routes reference.
+    pub providers: BTreeMap<String, ProviderConfig>,
+    /// `task_type` -> ordered chain of `provider` or `provider:model` entries; `default` is used
+    /// for jobs without a task type or with one that has no route of its own.
+    pub routes: BTreeMap<String, Vec<String>>,
+    /// Routes for embedding jobs; when absent, `routes` serve them too (if every provider in
+    /// them can embed; otherwise embedding jobs are not consumed and a warning says why).
+    pub embed_routes: BTreeMap<String, Vec<String>>,
+    /// Embedding routes whose fallback entries may return vectors of another dimension.
+    pub embed_mixed_dimensions: Vec<String>,
+    /// `task_type` -> how its route's entries are ordered (default `ordered`).
+    pub strategies: BTreeMap<String, Strategy>,
+    /// Routes whose jobs may pin a provider the route does not list. Elsewhere a job may pin
+    /// only the route's own providers.
+    pub pin_any_provider: Vec<String>,
+    pub circuit_breaker: CircuitConfig,
+    pub limits: LimitsConfig,
+}
+
+/// Bounds on what a job may carry and what a provider may answer, so that no single job or
+/// answer can stop a worker or the usage recorder (CONTRACT.md section 5, Bounds). A job over a
+/// job bound is `invalid_job` naming the field and the bound; a provider over an answer bound
+/// fails the attempt (`response_too_large`) and the chain moves on.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// All prompt text together: `system_prompt`, `prompt`, `messages`, `context`.
+    pub max_prompt_bytes: usize,
+    pub max_messages: usize,
+    pub max_context_items: usize,
+    /// `metadata` as it is echoed into results and rows (re-serialized JSON).
+    pub max_metadata_bytes: usize,
+    pub max_metadata_depth: usize,
+    /// `tenant`, `task_type`, `trace_id` (and a subject's tenant token).
+    pub max_name_bytes: usize,
+    /// A model name a job pins.
+    pub max_model_bytes: usize,
+    /// Ceiling of `options.max_tokens`.
+    pub max_output_tokens: u32,
+    /// Embedding jobs: number of inputs and their total size.
+    pub max_embed_inputs: usize,
+    pub max_embed_input_bytes: usize,
+    /// Text of one attempt's answer, streamed or not.
+    pub max_output_bytes: usize,
+    /// A non-streamed response body (answers and embeddings).
+    pub max_response_bytes: usize,
+    /// An error response body: only this much is read (and classified).
+    pub max_error_body_bytes: usize,
+    /// One SSE event or NDJSON line of a streamed answer.
+    pub max_line_bytes: usize,
+    /// Text arriving within this long of the last chunk event is sent with the next one (one
+    /// chunk event per interval at most); 0 sends every delta as its own event.
+    pub chunk_interval_ms: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_prompt_bytes: 1024 * 1024,
+            max_messages: 1000,
+            max_context_items: 1000,
+            max_metadata_bytes: 16 * 1024,
+            max_metadata_depth: 16,
+            max_name_bytes: 128,
+            max_model_bytes: 128,
+            max_output_tokens: 131_072,
+            max_embed_inputs: 2048,
+            max_embed_input_bytes: 1024 * 1024,
+            max_output_bytes: 512 * 1024,
+            max_response_bytes: 16 * 1024 * 1024,
+            max_error_body_bytes: 64 * 1024,
+            max_line_bytes: 1024 * 1024,
+            chunk_interval_ms: 20,
+        }
+    }
+}
+
+/// How a route's entries are ordered for a job (a pinned provider always goes first).
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Strategy {
+    /// As listed.
+    #[default]
+    Ordered,
+    /// Lowest listed price first (from `llm_prices`; unpriced entries last).
+    Cheapest,
+    /// Lowest recent time to first token first (an EWMA per provider and model; untried first).
+    Fastest,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CircuitConfig {
+    /// Consecutive failures (provider faults, not bad requests) that open a circuit.
+    pub failure_threshold: u32,
+    /// How long an open circuit is skipped before one probe call may test it.
+    pub cooldown_secs: u64,
+}
+
+impl Default for CircuitConfig {
+    fn default() -> Self {
+        Self {
+            failure_threshold: 5,
+            cooldown_secs: 30,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsConfig {
+    /// Server URL(s), comma separated. May carry `user:password@`; never printed.
+    pub url: String,
+    /// Path to a `.creds` file (NGS / decentralised auth).
+    pub credentials_file: Option<PathBuf>,
+    /// User name and password (set the password with `LLM_WORKER__NATS__PASSWORD`).
+    pub user: Option<String>,
+    pub password: Option<SecretString>,
+    /// Path to a file holding an NKey seed (`SU...`).
+    pub nkey_seed_file: Option<PathBuf>,
+    /// CA certificate (PEM) that signs the server's certificate; implies TLS.
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate and key (PEM) for servers that verify clients.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Refuse to talk to the server without TLS.
+    pub require_tls: bool,
+    /// Subject prefixes a job's `reply_to` (and a status request's reply) must start with.
+    /// Default `["<subject_prefix>.replies.", "_INBOX."]`. A `{tenant}` token is replaced by
+    /// the job's tenant (`llm.replies.{tenant}.`), binding reply subjects to tenants.
+    pub reply_prefixes: Option<Vec<String>>,
+    /// Take the tenant from the job's subject (`<prefix>.jobs.generate.<tenant>`) instead of
+    /// its body: with one NATS user per tenant, NATS itself vouches for it.
+    pub tenant_from_subject: bool,
+    /// Inbox prefix of the worker's own NATS connection (JetStream API answers). Never a valid
+    /// reply subject for a job, so no job can inject a message into the worker's requests.
+    pub inbox_prefix: String,
+    /// Inbox prefix of client connections (`submit`, `status`): `_INBOX.<tenant>` for a
+    /// tenant's NATS user, whose permissions cover only its own inboxes.
+    pub client_inbox_prefix: String,
+    /// Subject prefix: jobs on `<prefix>.jobs.*`, results on `<prefix>.results.<job_id>`.
+    pub subject_prefix: String,
+    pub jobs_stream: String,
+    pub results_stream: String,
+    /// Dead letters: jobs delivered `worker.max_deliver` times, results the recorder cannot
+    /// write (`<prefix>.dead.>`).
+    pub dead_stream: String,
+    /// How long dead letters are kept.
+    pub dead_max_age_secs: u64,
+    /// Durable consumer names are `<consumer_prefix>-generate` and `<consumer_prefix>-embed`.
+    pub consumer_prefix: String,
+    /// How long stored results are kept.
+    pub results_max_age_secs: u64,
+    /// JetStream dedup window of both streams (the contract asks for at least 2 minutes).
+    pub duplicate_window_secs: u64,
+    /// Consumer ack wait; in-flight jobs send progress acks at a third of it.
+    pub ack_wait_secs: u64,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            url: "nats://127.0.0.1:4222".into(),
+            credentials_file: None,
+            user: None,
+            password: None,
+            nkey_seed_file: None,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+            require_tls: false,
+            reply_prefixes: None,
+            tenant_from_subject: false,
+            inbox_prefix: "_LLMW_INBOX".into(),
+            client_inbox_prefix: "_INBOX".into(),
+            subject_prefix: "llm".into(),
+            jobs_stream: "LLM_JOBS".into(),
+            results_stream: "LLM_RESULTS".into(),
+            dead_stream: "LLM_DEAD".into(),
+            dead_max_age_secs: 30 * 24 * 3600,
+            consumer_prefix: "llm-worker".into(),
+            results_max_age_secs: 24 * 3600,
+            duplicate_window_secs: 120,
+            ack_wait_secs: 30,
+        }
+    }
+}
+
+impl NatsConfig {
+    pub fn ack_wait(&self) -> Duration {
+        Duration::from_secs(self.ack_wait_secs)
+    }
+    pub fn result_subject(&self, job_id: &uuid::Uuid) -> String {
+        format!("{}.results.{job_id}", self.subject_prefix)
+    }
+    /// Where orchestrators publish jobs of `kind` (without the tenant token).
+    pub fn job_subject(&self, kind: crate::job::JobKind) -> String {
+        format!("{}.jobs.{}", self.subject_prefix, kind.as_str())
+    }
+    /// What the consumer of `kind` takes: the job subject, or with `tenant_from_subject` every
+    /// `<job subject>.<tenant>` (one token).
+    pub fn job_filter(&self, kind: crate::job::JobKind) -> String {
+        if self.tenant_from_subject {
+            format!("{}.*", self.job_subject(kind))
+        } else {
+            self.job_subject(kind)
+        }
+    }
+    /// The reply prefixes in force (the configured ones, or the defaults).
+    pub fn reply_prefixes(&self) -> Vec<String> {
+        self.reply_prefixes.clone().unwrap_or_else(|| {
+            vec![
+                format!("{}.replies.", self.subject_prefix),
+                "_INBOX.".to_string(),
+            ]
+        })
+    }
+
+    /// The usage recorder's durable consumer on the results stream.
+    pub fn recorder_consumer_name(&self) -> String {
+        format!("{}-recorder", self.consumer_prefix)
+    }
+    /// The durable consumer of one job kind, shared by every worker process of a deployment.
+    pub fn consumer_name(&self, kind: crate::job::JobKind) -> String {
+        format!("{}-{}", self.consumer_prefix, kind.as_str())
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// Identifies this process in usage rows; default `<hostname>-<pid>`.
+    pub id: Option<String>,
+    /// Jobs processed concurrently by this process; messages are pulled only for free permits.
+    pub max_in_flight: usize,
+    /// On SIGTERM, how long in-flight jobs may still run before they are handed back.
+    pub shutdown_grace_secs: u64,
+    /// Deadline of a job that sets no `timeout_ms`.
+    pub default_timeout_ms: u64,
+    /// Largest `timeout_ms` a job may ask for.
+    pub max_timeout_ms: u64,
+    /// Largest job message accepted, in bytes.
+    pub max_job_bytes: usize,
+    /// How long one pull request waits for messages before it is renewed.
+    pub pull_expires_ms: u64,
+    /// A job delivered this many times without an answer (its workers crashed, or its result
+    /// could not be stored) is answered `dead_lettered` and copied to the dead-letter stream.
+    pub max_deliver: i64,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            id: None,
+            max_in_flight: 256,
+            shutdown_grace_secs: 30,
+            default_timeout_ms: 120_000,
+            max_timeout_ms: 3_600_000,
+            max_job_bytes: 1024 * 1024,
+            pull_expires_ms: 5_000,
+            max_deliver: 5,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// Postgres URL (may hold a password, hence secret). `DATABASE_URL` overrides it.
+    pub url: Option<SecretString>,
+    pub max_connections: u32,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            max_connections: 4,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RecorderConfig {
+    /// Run the usage recorder (LLM_RESULTS -> Postgres) inside this process.
+    pub enabled: bool,
+    /// Results written per database round trip at most.
+    pub batch_size: usize,
+    /// After a result arrives, how long to wait for more to share its transaction: rows
+    /// appear up to this much later, and a moderate rate costs one commit per interval
+    /// instead of one per job. 0 writes whatever is already there at once.
+    pub batch_wait_ms: u64,
+    /// Ack wait of the recorder's consumer: a batch whose recorder dies is written again this
+    /// soon by another (progress acks keep a slow write alive).
+    pub ack_wait_secs: u64,
+}
+
+impl Default for RecorderConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            batch_size: 1000,
+            batch_wait_ms: 20,
+            ack_wait_secs: 5,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// `text` or `json`.
+    pub log_format: LogFormat,
+    /// Log prompts and outputs at debug level. Off by default: prompts can hold personal data.
+    pub log_prompts: bool,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            log_format: LogFormat::Text,
+            log_prompts: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Config {
+    /// A process that answers jobs needs at least one provider.
+    pub fn require_providers(&self) -> Result<(), ConfigError> {
+        if self.providers.is_empty() {
+            return Err(invalid(
+                "providers",
+                "no provider configured: set OPENAI_API_KEY and/or OPENAI_BASE_URL, or declare \
+                 [providers.<name>] in a config file (see examples/fake.toml for a demo setup)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The routes embedding jobs use, or why there are none.
+    pub fn embedding_routes(&self) -> Result<&BTreeMap<String, Vec<String>>, String> {
+        if !self.embed_routes.is_empty() {
+            return Ok(&self.embed_routes);
+        }
+        for (task, entries) in &self.routes {
+            for entry in entries {
+                let (provider, _) = split_route_entry(entry);
+                if self.providers.get(provider).map(|p| p.kind) == Some(ProviderType::Anthropic) {
+                    return Err(format!(
+                        "routes.{task} includes '{provider}' (Anthropic, no embeddings API) and no [embed_routes] are configured"
+                    ));
+                }
+            }
+        }
+        Ok(&self.routes)
+    }
+
+    pub fn worker_id(&self) -> String {
+        self.worker.id.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/etc/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "worker".into());
+            format!("{host}-{}", std::process::id())
+        })
+    }
+}
+
+/// `"openai:gpt-4o"` -> `("openai", Some("gpt-4o"))`; `"openai"` -> `("openai", None)`.
+pub fn split_route_entry(entry: &str) -> (&str, Option<&str>) {
+    match entry.split_once(':') {
+        Some((p, m)) if !m.is_empty() => (p, Some(m)),
+        Some((p, _)) => (p, None),
+        None => (entry, None),
+    }
+}
+
+#[cfg(test)]
+mod tests;

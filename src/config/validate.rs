@@ -1,0 +1,201 @@
+//! Checks that need the whole configuration, made once at load.
+
+use super::{Config, ConfigError, ProviderType, invalid, split_route_entry};
+
+impl Config {
+    /// Checks that need the whole picture; fills the implicit default route.
+    pub fn validate(&mut self) -> Result<(), ConfigError> {
+        if self.worker.max_in_flight == 0 {
+            return Err(invalid("worker.max_in_flight", "must be at least 1"));
+        }
+        if self.nats.duplicate_window_secs < 120 {
+            return Err(invalid(
+                "nats.duplicate_window_secs",
+                "must be at least 120 (the contract's dedup window)",
+            ));
+        }
+        if self.nats.ack_wait_secs < 3 {
+            return Err(invalid("nats.ack_wait_secs", "must be at least 3"));
+        }
+        if self.nats.results_max_age_secs == 0 {
+            return Err(invalid("nats.results_max_age_secs", "must be positive"));
+        }
+        if self.nats.dead_max_age_secs == 0 {
+            return Err(invalid("nats.dead_max_age_secs", "must be positive"));
+        }
+        if self.worker.max_deliver < 2 {
+            return Err(invalid("worker.max_deliver", "must be at least 2"));
+        }
+        if self.recorder.ack_wait_secs < 2 {
+            return Err(invalid("recorder.ack_wait_secs", "must be at least 2"));
+        }
+        for (key, value) in [
+            ("nats.subject_prefix", &self.nats.subject_prefix),
+            ("nats.jobs_stream", &self.nats.jobs_stream),
+            ("nats.results_stream", &self.nats.results_stream),
+            ("nats.dead_stream", &self.nats.dead_stream),
+            ("nats.consumer_prefix", &self.nats.consumer_prefix),
+        ] {
+            if value.is_empty() || value.contains([' ', '*', '>', '\t']) {
+                return Err(invalid(key, "must be a non-empty NATS token"));
+            }
+        }
+        let l = &self.limits;
+        for (key, value) in [
+            ("limits.max_prompt_bytes", l.max_prompt_bytes),
+            ("limits.max_messages", l.max_messages),
+            ("limits.max_context_items", l.max_context_items),
+            ("limits.max_metadata_bytes", l.max_metadata_bytes),
+            ("limits.max_metadata_depth", l.max_metadata_depth),
+            ("limits.max_name_bytes", l.max_name_bytes),
+            ("limits.max_model_bytes", l.max_model_bytes),
+            ("limits.max_output_tokens", l.max_output_tokens as usize),
+            ("limits.max_embed_inputs", l.max_embed_inputs),
+            ("limits.max_embed_input_bytes", l.max_embed_input_bytes),
+            ("limits.max_output_bytes", l.max_output_bytes),
+            ("limits.max_response_bytes", l.max_response_bytes),
+            ("limits.max_error_body_bytes", l.max_error_body_bytes),
+            ("limits.max_line_bytes", l.max_line_bytes),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be positive"));
+            }
+        }
+        if self.nats.inbox_prefix.is_empty()
+            || self.nats.inbox_prefix.starts_with('$')
+            || !crate::trust::is_literal_subject(&self.nats.inbox_prefix)
+        {
+            return Err(invalid(
+                "nats.inbox_prefix",
+                "must be a literal subject not under $",
+            ));
+        }
+        crate::trust::ReplyPolicy::new(&self.nats)
+            .map_err(|e| invalid("nats.reply_prefixes", e))?;
+        if self.nats.tls_cert.is_some() != self.nats.tls_key.is_some() {
+            return Err(invalid(
+                "nats.tls_cert",
+                "nats.tls_cert and nats.tls_key must be set together",
+            ));
+        }
+        if self.nats.password.is_some() && self.nats.user.is_none() {
+            return Err(invalid("nats.password", "needs nats.user"));
+        }
+        if self.worker.default_timeout_ms == 0
+            || self.worker.default_timeout_ms > self.worker.max_timeout_ms
+        {
+            return Err(invalid(
+                "worker.default_timeout_ms",
+                "must be positive and at most worker.max_timeout_ms",
+            ));
+        }
+        for (name, p) in &self.providers {
+            if name.is_empty() || name.contains(':') {
+                return Err(invalid(
+                    format!("providers.{name}"),
+                    "a provider name must be non-empty and contain no ':'",
+                ));
+            }
+            if p.kind == ProviderType::Openai {
+                let base = p.base_url.as_deref().ok_or_else(|| {
+                    invalid(
+                        format!("providers.{name}.base_url"),
+                        "required for type openai",
+                    )
+                })?;
+                reqwest::Url::parse(base).map_err(|e| {
+                    invalid(
+                        format!("providers.{name}.base_url"),
+                        format!("not a URL: {e}"),
+                    )
+                })?;
+            }
+        }
+        if self.providers.is_empty() {
+            // Clients (`submit`, `usage`, `migrate`) need no providers; `run` checks with
+            // [`Config::require_providers`].
+            return Ok(());
+        }
+        if !self.routes.contains_key("default") {
+            if self.providers.len() == 1 {
+                let only = self.providers.keys().cloned().collect();
+                self.routes.insert("default".into(), only);
+            } else {
+                return Err(invalid(
+                    "routes.default",
+                    "required when more than one provider is configured",
+                ));
+            }
+        }
+        for task in &self.pin_any_provider {
+            if !self.routes.contains_key(task) && !self.embed_routes.contains_key(task) {
+                return Err(invalid(
+                    "pin_any_provider",
+                    format!("names route '{task}', which does not exist"),
+                ));
+            }
+        }
+        for task in self.strategies.keys() {
+            if !self.routes.contains_key(task) {
+                return Err(invalid(
+                    format!("strategies.{task}"),
+                    "names a route that does not exist",
+                ));
+            }
+        }
+        for (task, entries) in &self.embed_routes {
+            for entry in entries {
+                let (provider, _) = split_route_entry(entry);
+                match self.providers.get(provider) {
+                    None => {
+                        return Err(invalid(
+                            format!("embed_routes.{task}"),
+                            format!("unknown provider '{provider}'"),
+                        ));
+                    }
+                    Some(p) if p.kind == ProviderType::Anthropic => {
+                        return Err(invalid(
+                            format!("embed_routes.{task}"),
+                            format!(
+                                "provider '{provider}' is Anthropic, which has no embeddings API"
+                            ),
+                        ));
+                    }
+                    Some(_) => {}
+                }
+            }
+            if entries.is_empty() {
+                return Err(invalid(
+                    format!("embed_routes.{task}"),
+                    "must list at least one provider",
+                ));
+            }
+        }
+        for (task, entries) in &self.routes {
+            if entries.is_empty() {
+                return Err(invalid(
+                    format!("routes.{task}"),
+                    "must list at least one provider",
+                ));
+            }
+            for entry in entries {
+                let (provider, model) = split_route_entry(entry);
+                let Some(p) = self.providers.get(provider) else {
+                    return Err(invalid(
+                        format!("routes.{task}"),
+                        format!("unknown provider '{provider}'"),
+                    ));
+                };
+                if model.is_none() && p.default_model.is_none() && p.kind != ProviderType::Fake {
+                    return Err(invalid(
+                        format!("routes.{task}"),
+                        format!(
+                            "'{entry}' names no model and provider '{provider}' has no default_model"
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
