@@ -5,13 +5,17 @@
 //!
 //! ```text
 //! JetStream LLM_JOBS ──pull (free permits only)──▶ queue ──▶ worker::Worker::handle
-//!   job::decode (parse, don't validate) ──invalid──▶ invalid_job result, Term
-//!   reply::Replies::stored (answered before?) ──yes──▶ re-send stored result, Ack
+//!   job::decode (parse, don't validate; trust rules, bounds) ──invalid──▶ invalid_job, Term
+//!   reply::Replies::stored (answered before?) ──same job──▶ re-send stored result, Ack
+//!                                             ──another tenant's──▶ invalid_job, Term
+//!   delivered worker.max_deliver times ──▶ dead::DeadLetters, dead_lettered, Term
 //!   chain::Chain::generate: route → for each target: providers::Provider call,
 //!       retry transient errors (backon), fall back, enforce first-token/stall/deadline
-//!   reply: chunk events on reply_to as text arrives; result stored in LLM_RESULTS, sent live
+//!   reply: chunk events on reply_to as text arrives (coalesced); result stored in
+//!       LLM_RESULTS (never replacing one), sent live
 //!   Ack (only after the result is stored)
-//! LLM_RESULTS ──usage::Recorder (batches, idempotent)──▶ Postgres llm_jobs / llm_calls
+//! LLM_RESULTS ──usage::Recorder (batches, idempotent; bad rows split out to LLM_DEAD)──▶
+//!   Postgres llm_jobs / llm_calls
 //! ```
 //!
 //! - [`config`]: TOML + environment, validated once; the only reader of env vars.
@@ -26,7 +30,8 @@
 //!   of other jobs, model names in URLs); [`nats_account`]: the least-privilege NATS account.
 //! - [`app`]: start-up and graceful shutdown. [`submit`]: the client side of `llm-worker submit`.
 //! - [`testkit`]: a fake OpenAI-compatible server for tests, demos and benchmarks;
-//!   [`bench`]: `llm-worker bench`, the end-to-end benchmark.
+//!   [`bench`]: `llm-worker bench`, the end-to-end benchmark; `fuzzing`: the fuzz targets'
+//!   entry points.
 
 pub mod app;
 pub mod bench;
