@@ -250,49 +250,44 @@ impl Chain {
         'targets: for target in &targets {
             let mut backoff = retry_delays(&target.provider);
             loop {
-                if Instant::now() >= deadline {
-                    timed_out = true;
-                    break 'targets;
-                }
-                let name = &target.provider.name;
-                if self.health.admit(name, &target.model) == Admission::Skip {
-                    // Circuit open: no waiting on a provider known to be down.
-                    skipped.push(format!("{name}:{}", target.model));
-                    continue 'targets;
-                }
-                // Capacity waits (concurrency, rate) are not part of the attempt's timers.
-                let Ok(_permit) =
-                    tokio::time::timeout_at(deadline, target.provider.limiter.acquire()).await
-                else {
-                    timed_out = true;
-                    break 'targets;
+                let admitted = match self.admit(target, deadline, &attempts, &mut skipped).await {
+                    Ok(admitted) => admitted,
+                    Err(Refused::NextTarget) => continue 'targets,
+                    Err(Refused::TimedOut) => {
+                        timed_out = true;
+                        break 'targets;
+                    }
                 };
-                let number = attempts.len() as u32 + 1;
-                let (record, result) =
-                    attempt(target, number, req, deadline, self.max_output_bytes, sink).await;
-                let health = match &result {
-                    Ok(_) => Ok(record.ttft_ms.map(Duration::from_millis)),
-                    Err(e) => Err(e),
-                };
-                self.health.record(name, &target.model, health);
-                attempts.push(record);
-                let err = match result {
-                    Ok(success) => {
+                let (record, result) = attempt(
+                    target,
+                    admitted.number,
+                    req,
+                    deadline,
+                    self.max_output_bytes,
+                    sink,
+                )
+                .await;
+                match self.settle(
+                    target,
+                    record,
+                    result,
+                    &mut backoff,
+                    deadline,
+                    &mut attempts,
+                ) {
+                    Settled::Done(success) => {
                         return Outcome {
                             attempts,
                             result: Ok(success),
                         };
                     }
-                    Err(err) => err,
-                };
-                match next_step(&err, &mut backoff, &target.provider, deadline) {
-                    Next::RetryIn(delay) => tokio::time::sleep(delay).await,
-                    Next::Fallback => continue 'targets,
-                    Next::TimedOut => {
+                    Settled::RetryIn(delay) => tokio::time::sleep(delay).await,
+                    Settled::NextTarget => continue 'targets,
+                    Settled::TimedOut => {
                         timed_out = true;
                         break 'targets;
                     }
-                    Next::Fail(error) => {
+                    Settled::Fail(error) => {
                         return Outcome {
                             attempts,
                             result: Err(error),
@@ -305,6 +300,93 @@ impl Chain {
         Outcome {
             attempts,
             result: Err(error),
+        }
+    }
+}
+
+/// A call that may go ahead: its number, and the capacity it holds while it runs.
+pub(crate) struct Admitted {
+    pub number: u32,
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+/// Why a call may not go ahead.
+pub(crate) enum Refused {
+    /// The target's circuit is open: go to the next one.
+    NextTarget,
+    /// The job's deadline passed (before, or while waiting for capacity).
+    TimedOut,
+}
+
+/// What follows a call.
+pub(crate) enum Settled<T> {
+    Done(T),
+    /// Call the same target again after this delay.
+    RetryIn(Duration),
+    NextTarget,
+    TimedOut,
+    /// End the job with this error.
+    Fail(ErrorBody),
+}
+
+/// The steps every attempt loop (generation, each embedding batch) shares, so a change to
+/// admission or to the retry decision is made once: [`Chain::admit`] before a call,
+/// [`Chain::settle`] after it.
+impl Chain {
+    /// Admit a call to `target`: within the job's deadline, not while its circuit is open,
+    /// and once it has capacity (concurrency, rate). Capacity waits are not part of the
+    /// attempt's own timers.
+    pub(crate) async fn admit(
+        &self,
+        target: &Target,
+        deadline: Instant,
+        attempts: &[AttemptRecord],
+        skipped: &mut Vec<String>,
+    ) -> Result<Admitted, Refused> {
+        if Instant::now() >= deadline {
+            return Err(Refused::TimedOut);
+        }
+        let name = &target.provider.name;
+        if self.health.admit(name, &target.model) == Admission::Skip {
+            // Circuit open: no waiting on a provider known to be down.
+            skipped.push(format!("{name}:{}", target.model));
+            return Err(Refused::NextTarget);
+        }
+        let permit = tokio::time::timeout_at(deadline, target.provider.limiter.acquire())
+            .await
+            .map_err(|_| Refused::TimedOut)?;
+        Ok(Admitted {
+            number: attempts.len() as u32 + 1,
+            _permit: permit,
+        })
+    }
+
+    /// Record a call (its attempt, the target's health) and decide what follows it.
+    pub(crate) fn settle<T>(
+        &self,
+        target: &Target,
+        record: AttemptRecord,
+        result: Result<T, ProviderError>,
+        backoff: &mut impl Iterator<Item = Duration>,
+        deadline: Instant,
+        attempts: &mut Vec<AttemptRecord>,
+    ) -> Settled<T> {
+        let health = match &result {
+            Ok(_) => Ok(record.ttft_ms.map(Duration::from_millis)),
+            Err(e) => Err(e),
+        };
+        self.health
+            .record(&target.provider.name, &target.model, health);
+        attempts.push(record);
+        let err = match result {
+            Ok(done) => return Settled::Done(done),
+            Err(err) => err,
+        };
+        match next_step(&err, backoff, &target.provider, deadline) {
+            Next::RetryIn(delay) => Settled::RetryIn(delay),
+            Next::Fallback => Settled::NextTarget,
+            Next::TimedOut => Settled::TimedOut,
+            Next::Fail(error) => Settled::Fail(error),
         }
     }
 }
@@ -362,7 +444,7 @@ pub(crate) fn retry_delays(provider: &Provider) -> impl Iterator<Item = Duration
 }
 
 /// What the chain does after a failed call.
-pub(crate) enum Next {
+enum Next {
     /// Call the same entry again after this delay.
     RetryIn(Duration),
     /// Go to the next entry of the route.
@@ -376,7 +458,7 @@ pub(crate) enum Next {
 /// The one retry decision, shared by generation and embeddings: the error's disposition says
 /// retry / fall back / final; retries wait for the backoff or the provider's hint if longer,
 /// and give way to the next entry when the hint is too long or the deadline too close.
-pub(crate) fn next_step(
+fn next_step(
     err: &ProviderError,
     backoff: &mut impl Iterator<Item = Duration>,
     provider: &Provider,

@@ -14,10 +14,9 @@
 use chrono::Utc;
 use tokio::time::Instant;
 
-use crate::chain::{Chain, Next, Target, chain_error, next_step, retry_delays};
+use crate::chain::{Chain, Refused, Settled, Target, chain_error, retry_delays};
 use crate::error::{Disposition, ErrorCode, ProviderError};
 use crate::event::{AttemptRecord, ErrorBody, elapsed_ms};
-use crate::health::Admission;
 use crate::job::{EmbedRequest, Job};
 use crate::providers::{MAX_REPORTED_TOKENS, estimate_tokens};
 
@@ -106,31 +105,26 @@ impl Chain {
             ) {
                 let mut backoff = retry_delays(provider);
                 loop {
-                    if Instant::now() >= deadline {
-                        timed_out = true;
-                        break 'targets;
-                    }
-                    if self.health.admit(&provider.name, &target.model) == Admission::Skip {
-                        skipped.push(format!("{}:{}", provider.name, target.model));
-                        continue 'targets;
-                    }
-                    let Ok(_permit) =
-                        tokio::time::timeout_at(deadline, provider.limiter.acquire()).await
-                    else {
-                        timed_out = true;
-                        break 'targets;
+                    let admitted = match self.admit(target, deadline, &attempts, &mut skipped).await
+                    {
+                        Ok(admitted) => admitted,
+                        Err(Refused::NextTarget) => continue 'targets,
+                        Err(Refused::TimedOut) => {
+                            timed_out = true;
+                            break 'targets;
+                        }
                     };
-                    let number = attempts.len() as u32 + 1;
                     let (record, result) =
-                        call(target, number, batch, req.dimensions, deadline).await;
-                    let health = match &result {
-                        Ok(_) => Ok(None),
-                        Err(e) => Err(e),
-                    };
-                    self.health.record(&provider.name, &target.model, health);
-                    attempts.push(record);
-                    let err = match result {
-                        Ok(embedded) => {
+                        call(target, admitted.number, batch, req.dimensions, deadline).await;
+                    match self.settle(
+                        target,
+                        record,
+                        result,
+                        &mut backoff,
+                        deadline,
+                        &mut attempts,
+                    ) {
+                        Settled::Done(embedded) => {
                             tokens = tokens
                                 .saturating_add(attempts.last().map_or(0, |a| a.input_tokens));
                             if vectors.is_empty()
@@ -141,16 +135,13 @@ impl Chain {
                             vectors.extend(embedded);
                             break;
                         }
-                        Err(e) => e,
-                    };
-                    match next_step(&err, &mut backoff, provider, deadline) {
-                        Next::RetryIn(delay) => tokio::time::sleep(delay).await,
-                        Next::Fallback => continue 'targets,
-                        Next::TimedOut => {
+                        Settled::RetryIn(delay) => tokio::time::sleep(delay).await,
+                        Settled::NextTarget => continue 'targets,
+                        Settled::TimedOut => {
                             timed_out = true;
                             break 'targets;
                         }
-                        Next::Fail(error) => {
+                        Settled::Fail(error) => {
                             return EmbedOutcome {
                                 attempts,
                                 result: Err(error),
