@@ -24,8 +24,8 @@ pub const TARGETS: [(&str, Target); 5] = [
     ("retry_hints", retry_hints),
 ];
 
-/// Allows pinning provider `p` and nothing else.
-struct OneProvider;
+/// A catalog of one provider, which a job may pin with any model (also for unit tests).
+pub(crate) struct OneProvider(pub &'static str);
 
 impl Catalog for OneProvider {
     fn check_pin(
@@ -35,7 +35,7 @@ impl Catalog for OneProvider {
         _: Option<&str>,
     ) -> Result<(), String> {
         match provider {
-            Some(p) if p != "p" => Err("provider: unknown".into()),
+            Some(p) if p != self.0 => Err(format!("provider: unknown provider {p:?}")),
             _ => Ok(()),
         }
     }
@@ -59,7 +59,7 @@ pub fn job_decode(data: &[u8]) {
     let rules = Rules {
         limits: &limits,
         replies: &replies,
-        catalog: &OneProvider,
+        catalog: &OneProvider("p"),
     };
     let header = match data.first() {
         Some(b) if b % 3 == 0 => Some("0192f0c4-0000-7000-8000-000000000001"),

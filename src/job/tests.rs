@@ -19,20 +19,7 @@ fn limits() -> Limits {
 }
 
 /// Knows one provider, `openai`, and allows any pin of it.
-struct OneProvider;
-impl Catalog for OneProvider {
-    fn check_pin(
-        &self,
-        _: Option<&str>,
-        provider: Option<&str>,
-        _: Option<&str>,
-    ) -> Result<(), String> {
-        match provider {
-            Some(p) if p != "openai" => Err(format!("provider: unknown provider {p:?}")),
-            _ => Ok(()),
-        }
-    }
-}
+const OPENAI: crate::fuzzing::OneProvider = crate::fuzzing::OneProvider("openai");
 
 fn decode_with(kind: JobKind, json: &str, delivery: &Delivery<'_>) -> Result<Job, Box<InvalidJob>> {
     let replies = ReplyPolicy::new(&NatsConfig {
@@ -43,7 +30,7 @@ fn decode_with(kind: JobKind, json: &str, delivery: &Delivery<'_>) -> Result<Job
     let rules = Rules {
         limits: &limits(),
         replies: &replies,
-        catalog: &OneProvider,
+        catalog: &OPENAI,
     };
     decode(kind, json.as_bytes(), delivery, &rules)
 }
@@ -340,7 +327,7 @@ fn the_prompt_text_together_is_bounded() {
     let rules = Rules {
         limits: &limits,
         replies: &replies,
-        catalog: &OneProvider,
+        catalog: &OPENAI,
     };
     let job = br#"{"system_prompt":"12345","prompt":"123","context":["123"]}"#;
     let err = decode(JobKind::Generate, job, &Delivery::default(), &rules).unwrap_err();
