@@ -30,6 +30,9 @@ pub enum ReplyError {
 /// Room kept in a message for NATS headers.
 const HEADER_ROOM: usize = 1024;
 
+/// Text up to this size always fits one chunk event (NATS servers take at least this much).
+const SMALL_TEXT: usize = 4096;
+
 /// What [`Replies::store`] found.
 #[derive(Debug)]
 pub enum Stored {
@@ -74,8 +77,6 @@ impl Replies {
             seq: 0,
             failed: false,
             interval: self.chunk_interval,
-            // Worst case JSON escapes a byte as six (`\u0000`): a delta up to this size fits.
-            max_text: self.max_payload().saturating_sub(HEADER_ROOM + 1024) / 6,
             held: String::new(),
             held_by: None,
             last_sent: None,
@@ -220,8 +221,6 @@ pub struct ChunkPublisher {
     seq: u64,
     failed: bool,
     interval: Duration,
-    /// Longest text one event carries; longer text goes out as several events.
-    max_text: usize,
     /// Text held back, and the attempt (number, provider, model) it belongs to.
     held: String,
     held_by: Option<(u32, String, String)>,
@@ -231,8 +230,19 @@ pub struct ChunkPublisher {
 impl ChunkPublisher {
     /// Publish `text` as one event, or as several when it is too long for one message.
     async fn publish(&mut self, meta: AttemptMeta<'_>, mut text: &str) {
-        while text.len() > self.max_text.max(4) {
-            let mut cut = self.max_text.max(4);
+        // Deltas are small; only a long one is worth asking the server's limit for (the
+        // server info is cloned on every call).
+        if text.len() <= SMALL_TEXT {
+            return self.publish_one(meta, text).await;
+        }
+        // Worst case JSON escapes a byte as six (`\u0000`): a piece of this size fits.
+        let max_payload = match self.client.server_info().max_payload {
+            0 => usize::MAX,
+            max => max,
+        };
+        let max_text = (max_payload.saturating_sub(HEADER_ROOM + 1024) / 6).max(4);
+        while text.len() > max_text {
+            let mut cut = max_text;
             while !text.is_char_boundary(cut) {
                 cut -= 1;
             }

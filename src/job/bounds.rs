@@ -124,7 +124,11 @@ pub(super) fn check_metadata(
     }
     walk(value, 1, bounds.max_metadata_depth)?;
     // Measured as it is echoed: numbers re-serialize longer (`1e15` -> `1000000000000000.0`).
-    let echoed = serde_json::to_vec(value).map_or(usize::MAX, |v| v.len());
+    let mut echoed = ByteCount(0);
+    if serde_json::to_writer(&mut echoed, value).is_err() {
+        echoed.0 = usize::MAX;
+    }
+    let echoed = echoed.0;
     if echoed > bounds.max_metadata_bytes {
         return Err(format!(
             "{echoed} bytes as echoed, more than the limit of {} (limits.max_metadata_bytes)",
@@ -170,4 +174,18 @@ pub(super) fn clip_reason(text: &str) -> String {
         out = out.chars().take(MAX).collect::<String>() + "…";
     }
     out
+}
+
+/// Counts what is written to it (the size of metadata as echoed, without building it).
+struct ByteCount(usize);
+
+impl std::io::Write for ByteCount {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
