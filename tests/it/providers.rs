@@ -628,14 +628,10 @@ async fn an_api_key_quoted_by_a_provider_never_reaches_the_result() {
         body: body.to_string(),
         headers: vec![],
     });
-    let mut config = Config::from_toml(&section("p", "openai", &fake.base_url(), "m", "")).unwrap();
-    config.providers.get_mut("p").unwrap().api_key =
-        Some(secrecy::SecretString::from("sk-test-9f8e7d6c5b4a"));
-    let chain = Chain::new(
-        &config,
-        Registry::from_config(&config).unwrap(),
-        PriceBook::default(),
-        Health::new(&config.circuit_breaker),
+    let chain = chain_with_key(
+        &section("p", "openai", &fake.base_url(), "m", ""),
+        "p",
+        "sk-test-9f8e7d6c5b4a",
     );
     let (o, _) = run(&chain, json!({"prompt": "hi"})).await;
     let everything = format!("{:?} {:?}", o.result, o.attempts);
@@ -685,20 +681,10 @@ async fn a_configured_key_of_another_shape_quoted_in_a_401_never_reaches_the_res
         body: body.to_string(),
         headers: vec![],
     });
-    let mut config = Config::from_toml(&section(
+    let chain = chain_with_key(
+        &section("g", "gemini", &fake.root_url(), "gemini-2.5-flash", ""),
         "g",
-        "gemini",
-        &fake.root_url(),
-        "gemini-2.5-flash",
-        "",
-    ))
-    .unwrap();
-    config.providers.get_mut("g").unwrap().api_key = Some(secrecy::SecretString::from(key));
-    let chain = Chain::new(
-        &config,
-        Registry::from_config(&config).unwrap(),
-        PriceBook::default(),
-        Health::new(&config.circuit_breaker),
+        key,
     );
     let (o, _) = run(&chain, json!({"prompt": "hi"})).await;
     let everything = format!("{:?} {:?}", o.result, o.attempts);
@@ -729,4 +715,16 @@ async fn a_retry_hint_above_a_minute_or_past_the_deadline_falls_back_at_once() {
     assert_eq!(codes(&o), vec![Some(ErrorCode::RateLimited), None]);
     assert_eq!(o.result.unwrap().provider, "backup");
     assert_eq!(p.request_count(), 2, "no retry past the deadline");
+}
+
+/// A chain over `toml` whose provider `name` holds the API key `key`.
+fn chain_with_key(toml: &str, name: &str, key: &str) -> Chain {
+    let mut config = Config::from_toml(toml).unwrap();
+    config.providers.get_mut(name).unwrap().api_key = Some(secrecy::SecretString::from(key));
+    Chain::new(
+        &config,
+        Registry::from_config(&config).unwrap(),
+        PriceBook::default(),
+        Health::new(&config.circuit_breaker),
+    )
 }

@@ -19,6 +19,11 @@ async fn app_with_fake(extra: &str) -> (TestApp, FakeProvider) {
     (app, fake)
 }
 
+/// The error message of a result.
+fn message(result: &Value) -> &str {
+    result["error"]["message"].as_str().unwrap_or_default()
+}
+
 /// A stream of someone else's holding `n` messages, to show it survives.
 async fn victim_stream(app: &TestApp, n: usize) -> String {
     let name = format!("VICTIM_{}", &Uuid::new_v4().simple().to_string()[..10]);
@@ -96,7 +101,7 @@ async fn reply_subjects_outside_the_policy_get_invalid_job_stored_and_published_
         let stored = app.wait_stored_result(id).await;
         assert_eq!(stored["status"], "error", "{subject}");
         assert_eq!(stored["error"]["code"], "invalid_job", "{subject}");
-        let message = stored["error"]["message"].as_str().unwrap();
+        let message = message(&stored);
         assert!(
             message.starts_with("reply_to: ") && message.contains("refused"),
             "{subject}: {message}"
@@ -194,10 +199,7 @@ async fn a_job_id_that_differs_from_its_nats_msg_id_or_a_header_that_is_no_uuid_
     let r = collect_reply(&mut sub).await.result;
     assert_eq!(r["error"]["code"], "invalid_job");
     assert!(
-        r["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("does not match the Nats-Msg-Id header"),
+        message(&r).contains("does not match the Nats-Msg-Id header"),
         "{r}"
     );
     assert_eq!(app.wait_stored_result(body_id).await, r);
@@ -207,13 +209,7 @@ async fn a_job_id_that_differs_from_its_nats_msg_id_or_a_header_that_is_no_uuid_
         .await;
     let r = collect_reply(&mut sub).await.result;
     assert_eq!(r["error"]["code"], "invalid_job");
-    assert!(
-        r["error"]["message"]
-            .as_str()
-            .unwrap()
-            .starts_with("Nats-Msg-Id"),
-        "{r}"
-    );
+    assert!(message(&r).starts_with("Nats-Msg-Id"), "{r}");
     assert_eq!(fake.request_count(), 0);
 
     // No id at all: a random UUID v7, under which the result is stored.
@@ -249,13 +245,7 @@ async fn a_job_id_reused_by_another_tenant_is_refused_and_never_sees_the_stored_
     assert_eq!(refused["job_id"], id.to_string());
     assert_eq!(refused["tenant"], "globex");
     assert_eq!(refused["error"]["code"], "invalid_job");
-    assert!(
-        refused["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("already used"),
-        "{refused}"
-    );
+    assert!(message(&refused).contains("already used"), "{refused}");
     assert!(!refused.to_string().contains("secret"), "{refused}");
     // An invalid job under the same id does not replace the stored result either.
     let invalid = json!({"job_id": id.to_string(), "tenant": "globex", "reply_to": reply_to});
@@ -306,25 +296,13 @@ async fn a_traversal_in_a_gemini_model_name_is_refused_before_any_request() {
             .await;
         let r = collect_reply(&mut sub).await.result;
         assert_eq!(r["error"]["code"], "invalid_job", "{model}");
-        assert!(
-            r["error"]["message"]
-                .as_str()
-                .unwrap()
-                .starts_with("model:"),
-            "{model}: {r}"
-        );
+        assert!(message(&r).starts_with("model:"), "{model}: {r}");
     }
     let long = "m".repeat(200);
     app.publish(json!({"prompt": "x", "model": long, "reply_to": reply_to}))
         .await;
     let r = collect_reply(&mut sub).await.result;
-    assert!(
-        r["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("1 to 128 bytes"),
-        "{r}"
-    );
+    assert!(message(&r).contains("1 to 128 bytes"), "{r}");
     assert_eq!(fake.request_count(), 0);
     app.teardown().await;
 }
@@ -351,27 +329,12 @@ async fn a_job_may_pin_only_its_routes_providers_and_the_models_a_provider_allow
 
     let r = run(json!({"prompt": "x", "provider": "b"})).await;
     assert_eq!(r["error"]["code"], "invalid_job");
-    assert!(
-        r["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("is not in route 'default'"),
-        "{r}"
-    );
+    assert!(message(&r).contains("is not in route 'default'"), "{r}");
     let r = run(json!({"prompt": "x", "provider": "nope", "task_type": "open"})).await;
-    assert!(
-        r["error"]["message"]
-            .as_str()
-            .unwrap()
-            .starts_with("provider: unknown provider"),
-        "{r}"
-    );
+    assert!(message(&r).starts_with("provider: unknown provider"), "{r}");
     let r = run(json!({"prompt": "x", "provider": "b", "model": "o1", "task_type": "open"})).await;
     assert!(
-        r["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("is not allowed for provider 'b'"),
+        message(&r).contains("is not allowed for provider 'b'"),
         "{r}"
     );
     assert_eq!(fake.request_count(), 0);
