@@ -196,7 +196,10 @@ impl Chain {
             let Some(provider) = self.registry.get(&p) else {
                 continue;
             };
-            let model = provider.model_or_default(m.as_deref()).to_string();
+            // Config validation and the job decoder make sure a model is known.
+            let Some(model) = m.or_else(|| provider.default_model.clone()) else {
+                continue;
+            };
             if !targets
                 .iter()
                 .any(|t| t.provider.name == p && t.model == model)
@@ -427,6 +430,14 @@ impl Catalog for Chain {
                 "model: {} is not allowed for provider '{name}'",
                 quote(m)
             )),
+            (None, Some(p))
+                if p.default_model.is_none()
+                    && !route.iter().any(|(rp, m)| rp == name && m.is_some()) =>
+            {
+                Err(format!(
+                    "model: provider '{name}' has no default model here; name one"
+                ))
+            }
             _ => Ok(()),
         }
     }

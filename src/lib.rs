@@ -29,12 +29,12 @@
 //! - [`trust`]: what an untrusted job may make the worker do (reply subjects, stored results
 //!   of other jobs, model names in URLs); [`nats_account`]: the least-privilege NATS account.
 //! - [`app`]: start-up and graceful shutdown. [`submit`]: the client side of `llm-worker submit`.
-//! - [`testkit`]: a fake OpenAI-compatible server for tests, demos and benchmarks;
-//!   [`bench`]: `llm-worker bench`, the end-to-end benchmark; `fuzzing`: the fuzz targets'
-//!   entry points.
+//! - `fuzzing`: the fuzz targets' entry points (hidden).
+//!
+//! Not in this crate: the fake LLM API server and scratch databases of tests, demos and
+//! benchmarks (`crates/testkit`), and the benchmark (`crates/bench`).
 
 pub mod app;
-pub mod bench;
 pub mod chain;
 pub mod config;
 pub mod dead;
@@ -53,7 +53,6 @@ pub mod reply;
 pub mod status;
 pub mod submit;
 pub mod telemetry;
-pub mod testkit;
 pub mod trust;
 pub mod usage;
 pub mod worker;

@@ -11,7 +11,7 @@ use llm_worker::app::{self, Roles};
 use llm_worker::config::Config;
 use llm_worker::event::Status;
 use llm_worker::job::JobKind;
-use llm_worker::{status, submit, telemetry, testkit, usage};
+use llm_worker::{status, submit, telemetry, usage};
 
 #[derive(Parser)]
 #[command(
@@ -109,36 +109,6 @@ enum Command {
         #[arg(long)]
         tenant: Option<String>,
     },
-    /// Benchmark the worker end to end against the local NATS and Postgres, with a fake
-    /// provider over HTTP, and print a table (see the README's Benchmarks section).
-    Bench {
-        /// Smaller counts and shorter phases (noisier figures).
-        #[arg(long)]
-        quick: bool,
-        /// Run only these scenarios (comma separated).
-        #[arg(long, value_enum, value_delimiter = ',')]
-        only: Vec<llm_worker::bench::Scenario>,
-        /// Concurrent slow streams in the concurrency scenario.
-        #[arg(long, default_value_t = 5000)]
-        streams: usize,
-        /// Length of each slow stream in seconds (a token every 100 ms).
-        #[arg(long, default_value_t = 20)]
-        stream_secs: u64,
-        /// `worker.max_in_flight` of the single-worker scenarios (and the bare pipeline).
-        #[arg(long, default_value_t = 256)]
-        max_in_flight: usize,
-        /// Short jobs in the throughput and ceiling runs (default 20,000; 5,000 with --quick).
-        #[arg(long)]
-        jobs: Option<usize>,
-    },
-    /// The benchmark's bare pipeline process (started by `bench`).
-    #[command(hide = true)]
-    BenchPipeline(llm_worker::bench::PipelineArgs),
-    /// Serve a fake provider API: OpenAI, Anthropic, Gemini and Ollama routes (demos and benchmarks only).
-    FakeOpenai {
-        #[arg(long, default_value = "127.0.0.1:8089")]
-        listen: String,
-    },
 }
 
 #[derive(Subcommand)]
@@ -189,19 +159,6 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    if let Command::BenchPipeline(args) = cli.command {
-        llm_worker::bench::serve_pipeline(args).await?;
-        return Ok(ExitCode::SUCCESS);
-    }
-    if let Command::FakeOpenai { listen } = &cli.command {
-        let server = testkit::FakeOpenAi::start_on(listen).await?;
-        eprintln!(
-            "fake OpenAI API on {} (for demos and benchmarks)",
-            server.base_url()
-        );
-        server.wait().await;
-        return Ok(ExitCode::SUCCESS);
-    }
     let config = Config::load(cli.config.as_deref())?;
     let level = if matches!(cli.command, Command::Run { .. }) {
         "info"
@@ -374,36 +331,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bench {
-            quick,
-            only,
-            streams,
-            stream_secs,
-            max_in_flight,
-            jobs,
-        } => {
-            let database_url = config
-                .database
-                .url
-                .as_ref()
-                .context("the benchmark needs DATABASE_URL (or database.url)")?;
-            let target = llm_worker::bench::Target {
-                nats_url: config.nats.url.clone(),
-                database_url: secrecy::ExposeSecret::expose_secret(database_url).to_string(),
-                worker_exe: std::env::current_exe().context("locating the llm-worker binary")?,
-            };
-            let options = llm_worker::bench::Options {
-                only,
-                quick,
-                streams,
-                stream_secs,
-                max_in_flight,
-                jobs,
-            };
-            llm_worker::bench::run(&target, &options).await?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::FakeOpenai { .. } | Command::BenchPipeline(_) => Ok(ExitCode::SUCCESS),
     }
 }
 

@@ -398,7 +398,7 @@ impl Config {
             return Err(invalid(
                 "providers",
                 "no provider configured: set OPENAI_API_KEY and/or OPENAI_BASE_URL, or declare \
-                 [providers.<name>] in a config file (see examples/fake.toml for a demo setup)",
+                 [providers.<name>] in a config file (see examples/demo.toml for a demo setup)",
             ));
         }
         Ok(())

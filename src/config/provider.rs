@@ -15,8 +15,6 @@ pub enum ProviderType {
     Gemini,
     /// Ollama's native API (`/api/chat`); base URL defaults to `OLLAMA_HOST` or localhost.
     Ollama,
-    /// In-process fake for tests, demos and benchmarks: deterministic text, no network.
-    Fake,
 }
 
 /// Which request field carries the output-token limit for OpenAI-style providers.
@@ -82,18 +80,6 @@ pub struct ProviderConfig {
     /// Most estimated input tokens per embedding request (OpenAI allows 300k).
     #[serde(default = "default_embed_batch_tokens")]
     pub embed_batch_tokens: u64,
-    /// `fake` only: vector size when the job asks for none.
-    #[serde(default = "default_fake_dimensions")]
-    pub embedding_dimensions: u32,
-    /// `fake` only: delay before the first token.
-    #[serde(default)]
-    pub latency_ms: u64,
-    /// `fake` only: output speed (0 = as fast as possible).
-    #[serde(default)]
-    pub tokens_per_sec: u64,
-    /// `fake` only: answer length in words (tokens) unless the job's `max_tokens` is lower.
-    #[serde(default = "default_fake_output_tokens")]
-    pub output_tokens: u64,
 }
 
 fn default_max_tokens_field() -> MaxTokensField {
@@ -120,14 +106,8 @@ fn default_retry_max_delay_ms() -> u64 {
 fn default_embed_batch_tokens() -> u64 {
     250_000
 }
-fn default_fake_dimensions() -> u32 {
-    768
-}
 fn default_max_tokens() -> u32 {
     4096
-}
-fn default_fake_output_tokens() -> u64 {
-    16
 }
 
 impl ProviderConfig {
@@ -149,12 +129,8 @@ impl ProviderConfig {
             default_max_tokens: default_max_tokens(),
             embed_batch_size: None,
             embed_batch_tokens: default_embed_batch_tokens(),
-            embedding_dimensions: default_fake_dimensions(),
             max_concurrent: None,
             requests_per_minute: None,
-            latency_ms: 0,
-            tokens_per_sec: 0,
-            output_tokens: default_fake_output_tokens(),
         }
     }
 }

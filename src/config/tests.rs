@@ -28,7 +28,7 @@ fn the_shipped_example_configs_load() {
             "config.example.toml",
             include_str!("../../examples/config.example.toml"),
         ),
-        ("fake.toml", include_str!("../../examples/fake.toml")),
+        ("fake.toml", include_str!("../../examples/demo.toml")),
     ] {
         let keys = ["OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY"].map(|k| (k, "x"));
         let config = load(text, &keys);
@@ -53,7 +53,7 @@ fn openai_env_vars_alone_make_a_working_config() {
 #[test]
 fn errors_name_the_bad_key() {
     let e = load(
-        "[worker]\nmax_in_flight = \"many\"\n[providers.f]\ntype = \"fake\"\n",
+        "[worker]\nmax_in_flight = \"many\"\n[providers.f]\ntype = \"ollama\"\ndefault_model = \"m\"\n",
         &[],
     )
     .unwrap_err()
@@ -68,7 +68,7 @@ fn errors_name_the_bad_key() {
 #[test]
 fn env_overrides_reach_nested_keys_with_typed_values() {
     let c = load(
-        "[providers.f]\ntype = \"fake\"\n",
+        "[providers.f]\ntype = \"ollama\"\ndefault_model = \"m\"\n",
         &[
             ("LLM_WORKER__WORKER__MAX_IN_FLIGHT", "7"),
             ("LLM_WORKER__NATS__SUBJECT_PREFIX", "t1"),
@@ -82,7 +82,7 @@ fn env_overrides_reach_nested_keys_with_typed_values() {
 #[test]
 fn a_route_to_an_unknown_provider_is_rejected() {
     let e = load(
-        "[providers.f]\ntype = \"fake\"\n[routes]\ndefault = [\"nope:m\"]\n",
+        "[providers.f]\ntype = \"ollama\"\ndefault_model = \"m\"\n[routes]\ndefault = [\"nope:m\"]\n",
         &[],
     )
     .unwrap_err()
@@ -117,7 +117,7 @@ fn secrets_do_not_appear_in_debug_output() {
 
 #[test]
 fn trust_settings_are_checked_at_load() {
-    let base = "[providers.f]\ntype = \"fake\"\n";
+    let base = "[providers.f]\ntype = \"ollama\"\ndefault_model = \"m\"\n";
     let e = load(
         &format!("[nats]\nreply_prefixes = [\"llm.jobs.\"]\n{base}"),
         &[],

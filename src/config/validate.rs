@@ -186,7 +186,7 @@ impl Config {
                         format!("unknown provider '{provider}'"),
                     ));
                 };
-                if model.is_none() && p.default_model.is_none() && p.kind != ProviderType::Fake {
+                if model.is_none() && p.default_model.is_none() {
                     return Err(invalid(
                         format!("routes.{task}"),
                         format!(

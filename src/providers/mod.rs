@@ -8,7 +8,6 @@
 //! ends before one yields a `truncated` error as its last item.
 
 pub mod anthropic;
-pub mod fake;
 pub mod gemini;
 mod helpers;
 pub mod ollama;
@@ -106,7 +105,6 @@ pub enum ProviderImpl {
     Anthropic(anthropic::Anthropic),
     Gemini(gemini::Gemini),
     Ollama(ollama::Ollama),
-    Fake(fake::Fake),
 }
 
 /// One configured provider.
@@ -180,7 +178,6 @@ impl Provider {
             }
             ProviderType::Gemini => ProviderImpl::Gemini(gemini::Gemini::new(cfg, http.clone())?),
             ProviderType::Ollama => ProviderImpl::Ollama(ollama::Ollama::new(cfg, http.clone())?),
-            ProviderType::Fake => ProviderImpl::Fake(fake::Fake::new(cfg)),
         };
         Ok(Self {
             name: name.to_string(),
@@ -219,7 +216,6 @@ impl Provider {
             ProviderImpl::Anthropic(p) => p.generate(model, req).await,
             ProviderImpl::Gemini(p) => p.generate(model, req).await,
             ProviderImpl::Ollama(p) => p.generate(model, req).await,
-            ProviderImpl::Fake(p) => p.generate(model, req),
         }
     }
 
@@ -239,7 +235,6 @@ impl Provider {
             ProviderImpl::OpenAi(p) => p.embed(model, inputs, dimensions).await?,
             ProviderImpl::Gemini(p) => p.embed(model, inputs, dimensions).await?,
             ProviderImpl::Ollama(p) => p.embed(model, inputs, dimensions).await?,
-            ProviderImpl::Fake(p) => p.embed(model, inputs, dimensions)?,
             ProviderImpl::Anthropic(_) => {
                 return Err(ProviderError::new(
                     ErrorCode::BadRequest,
@@ -274,11 +269,6 @@ impl Provider {
                 None => m == model,
             })
         })
-    }
-
-    /// The model used when neither job nor route names one.
-    pub fn model_or_default<'a>(&'a self, model: Option<&'a str>) -> &'a str {
-        model.or(self.default_model.as_deref()).unwrap_or("fake")
     }
 }
 

@@ -10,11 +10,10 @@ use llm_worker::health::Health;
 use llm_worker::job::{JobBody, JobKind};
 use llm_worker::pricing::PriceBook;
 use llm_worker::providers::Registry;
-use llm_worker::providers::fake::fake_vector;
-use llm_worker::testkit::{FakeProvider, Reply};
+use llm_worker_testkit::{FakeLlmServer, Reply, fake_vector};
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, collect_reply, decode_job, provider_base_url};
+use crate::helpers::{TestApp, collect_reply, decode_job, openai_provider, provider_base_url};
 
 const EMBEDDERS: [&str; 3] = ["openai", "gemini", "ollama"];
 
@@ -61,7 +60,7 @@ fn texts(n: usize) -> Vec<String> {
 #[tokio::test]
 async fn every_provider_returns_vectors_in_input_order_with_usage() {
     for kind in EMBEDDERS {
-        let fake = FakeProvider::start().await.unwrap();
+        let fake = FakeLlmServer::start().await.unwrap();
         let chain = chain(&section("p", kind, &provider_base_url(kind, &fake), ""));
         let inputs = texts(5);
         let o = run(
@@ -93,7 +92,7 @@ async fn every_provider_returns_vectors_in_input_order_with_usage() {
 #[tokio::test]
 async fn a_batch_larger_than_the_provider_limit_is_split_and_reassembled_in_order() {
     for kind in EMBEDDERS {
-        let fake = FakeProvider::start().await.unwrap();
+        let fake = FakeLlmServer::start().await.unwrap();
         let chain = chain(&section(
             "p",
             kind,
@@ -121,7 +120,7 @@ async fn a_batch_larger_than_the_provider_limit_is_split_and_reassembled_in_orde
 #[tokio::test]
 async fn a_429_is_retried_and_then_succeeds() {
     for kind in EMBEDDERS {
-        let fake = FakeProvider::start().await.unwrap();
+        let fake = FakeLlmServer::start().await.unwrap();
         fake.push(Reply::Status {
             status: 429,
             body: r#"{"error":{"message":"slow down"}}"#.into(),
@@ -141,9 +140,9 @@ async fn a_429_is_retried_and_then_succeeds() {
     }
 }
 
-async fn two() -> (FakeProvider, FakeProvider, Chain) {
-    let a = FakeProvider::start().await.unwrap();
-    let b = FakeProvider::start().await.unwrap();
+async fn two() -> (FakeLlmServer, FakeLlmServer, Chain) {
+    let a = FakeLlmServer::start().await.unwrap();
+    let b = FakeLlmServer::start().await.unwrap();
     let toml = format!(
         "{}{}[routes]\ndefault = [\"primary\"]\n[embed_routes]\ndefault = [\"primary\", \"backup\"]\n",
         section("primary", "openai", &a.base_url(), "max_retries = 0"),
@@ -202,13 +201,19 @@ async fn anthropic_in_an_embedding_route_is_a_configuration_error() {
     );
 }
 
-fn fake_embedder(dims: u32) -> String {
-    format!("[providers.fake]\ntype = \"fake\"\nembedding_dimensions = {dims}\n")
+/// A fake server answering every embedding request with `dims`-sized vectors, and an
+/// OpenAI-type provider section for it.
+async fn fake_embedder(dims: usize) -> (FakeLlmServer, String) {
+    let server = FakeLlmServer::start().await.unwrap();
+    server.set_default(Reply::Vectors { dims });
+    let toml = openai_provider("fake", &server.base_url(), "embed-model");
+    (server, toml)
 }
 
 #[tokio::test]
 async fn an_embedding_job_is_answered_in_order_and_recorded() {
-    let mut app = TestApp::new(&fake_embedder(32)).await;
+    let (_server, toml) = fake_embedder(32).await;
+    let mut app = TestApp::new(&toml).await;
     app.start_worker().await;
     let (reply_to, mut sub) = app.reply_inbox().await;
     let inputs = texts(3);
@@ -236,7 +241,8 @@ async fn an_embedding_job_is_answered_in_order_and_recorded() {
 
 #[tokio::test]
 async fn a_result_above_the_nats_payload_limit_is_a_payload_too_large_error_naming_the_limit() {
-    let mut app = TestApp::new(&fake_embedder(768)).await;
+    let (_server, toml) = fake_embedder(768).await;
+    let mut app = TestApp::new(&toml).await;
     app.start_worker().await;
     let (reply_to, mut sub) = app.reply_inbox().await;
     // 300 x 768 floats as JSON is well above the default 1 MiB max_payload.
@@ -272,7 +278,8 @@ async fn a_result_above_the_nats_payload_limit_is_a_payload_too_large_error_nami
 
 #[tokio::test]
 async fn empty_input_or_empty_strings_are_invalid_jobs() {
-    let mut app = TestApp::new(&fake_embedder(8)).await;
+    let (_server, toml) = fake_embedder(8).await;
+    let mut app = TestApp::new(&toml).await;
     app.start_worker().await;
     let (reply_to, mut sub) = app.reply_inbox().await;
     for input in [json!([]), json!(["ok", ""]), json!("not a list")] {
@@ -286,8 +293,8 @@ async fn empty_input_or_empty_strings_are_invalid_jobs() {
 
 #[tokio::test]
 async fn embed_mixed_dimensions_in_the_config_lets_a_fallback_change_the_size_through_nats() {
-    let primary = FakeProvider::start().await.unwrap();
-    let backup = FakeProvider::start().await.unwrap();
+    let primary = FakeLlmServer::start().await.unwrap();
+    let backup = FakeLlmServer::start().await.unwrap();
     let toml = format!(
         "{}{}[routes]\ndefault = [\"primary\"]\nmixed = [\"primary\"]\n[embed_routes]\ndefault = [\"primary\", \"backup\"]\nmixed = [\"primary\", \"backup\"]\n",
         section("primary", "openai", &primary.base_url(), "max_retries = 0"),

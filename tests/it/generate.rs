@@ -3,13 +3,13 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use llm_worker::testkit::{FakeOpenAi, Reply};
+use llm_worker_testkit::{FakeLlmServer, Reply};
 use serde_json::json;
 
 use crate::helpers::{TestApp, collect_reply, openai_provider};
 
-async fn app_with_fake() -> (TestApp, FakeOpenAi) {
-    let fake = FakeOpenAi::start().await.unwrap();
+async fn app_with_fake() -> (TestApp, FakeLlmServer) {
+    let fake = FakeLlmServer::start().await.unwrap();
     let mut app = TestApp::new(&openai_provider("openai", &fake.base_url(), "gpt-test")).await;
     app.start_worker().await;
     (app, fake)
@@ -18,7 +18,7 @@ async fn app_with_fake() -> (TestApp, FakeOpenAi) {
 #[tokio::test]
 async fn a_streamed_job_sends_ordered_chunks_and_a_result_equal_to_their_concatenation() {
     // Every delta its own event (no coalescing), to see the chunks mirror the provider's.
-    let fake = FakeOpenAi::start().await.unwrap();
+    let fake = FakeLlmServer::start().await.unwrap();
     let mut app = TestApp::new(&openai_provider("openai", &fake.base_url(), "gpt-test")).await;
     app.start_worker_with(crate::helpers::ALL_ROLES, |c| {
         c.limits.chunk_interval_ms = 0

@@ -9,7 +9,7 @@ use async_nats::jetstream::{self, message::PublishMessage};
 use futures::StreamExt;
 use llm_worker::app::{self, Roles, Running};
 use llm_worker::config::Config;
-use llm_worker::testkit::ScratchDatabase;
+use llm_worker_testkit::ScratchDatabase;
 use serde_json::{Value, json};
 use testcontainers_modules::testcontainers::{ContainerAsync, ImageExt, runners::AsyncRunner};
 use uuid::Uuid;
@@ -123,7 +123,7 @@ url = "{db_url}"
 
 /// The base URL a provider of `kind` uses to reach the fake server: the OpenAI SDK convention
 /// (`.../v1`) for `openai`, the server root for the others.
-pub fn provider_base_url(kind: &str, fake: &llm_worker::testkit::FakeProvider) -> String {
+pub fn provider_base_url(kind: &str, fake: &llm_worker_testkit::FakeLlmServer) -> String {
     if kind == "openai" {
         fake.base_url()
     } else {

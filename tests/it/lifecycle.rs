@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::message::PublishMessage;
 use futures::StreamExt;
-use llm_worker::testkit::{FakeOpenAi, Reply};
+use llm_worker_testkit::{FakeLlmServer, Reply};
 use serde_json::{Value, json};
 
 use crate::helpers::{JOBS_ONLY, TestApp, collect_reply, openai_provider};
@@ -22,7 +22,7 @@ fn slow_answer(chunks: usize, delay_ms: u64) -> Reply {
 
 #[tokio::test]
 async fn a_job_whose_result_is_stored_is_answered_from_it_without_calling_the_provider() {
-    let fake = FakeOpenAi::start().await.unwrap();
+    let fake = FakeLlmServer::start().await.unwrap();
     let mut app = TestApp::new(&openai_provider("openai", &fake.base_url(), "m")).await;
     app.start_worker().await;
     let (reply_to, mut sub) = app.reply_inbox().await;
@@ -66,7 +66,7 @@ async fn a_job_whose_result_is_stored_is_answered_from_it_without_calling_the_pr
 
 #[tokio::test]
 async fn two_workers_share_one_consumer_and_answer_every_job_exactly_once() {
-    let fake = FakeOpenAi::start().await.unwrap();
+    let fake = FakeLlmServer::start().await.unwrap();
     fake.set_default(slow_answer(3, 30));
     let mut app = TestApp::new(&openai_provider("openai", &fake.base_url(), "m")).await;
     for _ in 0..2 {
@@ -119,7 +119,7 @@ async fn two_workers_share_one_consumer_and_answer_every_job_exactly_once() {
 
 #[tokio::test]
 async fn graceful_shutdown_finishes_the_in_flight_job_and_stops_pulling() {
-    let fake = FakeOpenAi::start().await.unwrap();
+    let fake = FakeLlmServer::start().await.unwrap();
     fake.set_default(slow_answer(6, 150));
     let mut app = TestApp::new(&openai_provider("openai", &fake.base_url(), "m")).await;
     app.start_worker().await;
@@ -166,7 +166,7 @@ async fn graceful_shutdown_finishes_the_in_flight_job_and_stops_pulling() {
 
 #[tokio::test]
 async fn a_job_still_running_when_the_grace_period_ends_is_handed_to_another_worker() {
-    let fake = FakeOpenAi::start().await.unwrap();
+    let fake = FakeLlmServer::start().await.unwrap();
     fake.push(slow_answer(50, 100));
     fake.set_default(Reply::answer(&["second ", "worker"], (1, 2)));
     let mut app = TestApp::new(&openai_provider("openai", &fake.base_url(), "m")).await;
@@ -206,7 +206,7 @@ async fn a_job_still_running_when_the_grace_period_ends_is_handed_to_another_wor
 
 #[tokio::test]
 async fn a_job_longer_than_ack_wait_is_kept_alive_by_progress_acks_and_not_redelivered() {
-    let fake = FakeOpenAi::start().await.unwrap();
+    let fake = FakeLlmServer::start().await.unwrap();
     // About 4.5 s of streaming against an ack wait of 3 s.
     fake.set_default(slow_answer(8, 500));
     let mut app = TestApp::new(&openai_provider("openai", &fake.base_url(), "m")).await;
@@ -232,7 +232,7 @@ async fn a_job_longer_than_ack_wait_is_kept_alive_by_progress_acks_and_not_redel
 
 #[tokio::test]
 async fn workers_report_per_provider_health_over_nats() {
-    let fake = FakeOpenAi::start().await.unwrap();
+    let fake = FakeLlmServer::start().await.unwrap();
     fake.set_default(Reply::status(500, "down"));
     let mut app = TestApp::new(&openai_provider("openai", &fake.base_url(), "m")).await;
     app.start_worker_with(JOBS_ONLY, |_| {}).await;

@@ -9,7 +9,7 @@ use async_nats::jetstream::{self, message::PublishMessage};
 use async_nats::{Event, ServerError};
 use llm_worker::app;
 use llm_worker::nats_account::{self, Password, Role, User};
-use llm_worker::testkit::{FakeProvider, Reply, ScratchDatabase};
+use llm_worker_testkit::{FakeLlmServer, Reply, ScratchDatabase};
 use serde_json::json;
 use tokio::sync::mpsc;
 use uuid::Uuid;
@@ -79,7 +79,7 @@ async fn a_worker_with_least_privilege_runs_jobs_and_nobody_can_purge_a_stream()
     let database = ScratchDatabase::create(&services.database_url, "llmw")
         .await
         .unwrap();
-    let fake = FakeProvider::start().await.unwrap();
+    let fake = FakeLlmServer::start().await.unwrap();
     fake.set_default(Reply::answer(&["fine"], (3, 1)));
     let mut config = test_config(
         &services,
@@ -376,7 +376,7 @@ async fn a_worker_talks_to_nats_over_tls_with_a_client_certificate() {
     let database = ScratchDatabase::create(&services.database_url, "llmw")
         .await
         .unwrap();
-    let fake = FakeProvider::start().await.unwrap();
+    let fake = FakeLlmServer::start().await.unwrap();
     fake.set_default(Reply::answer(&["secure"], (1, 1)));
     let mut config = test_config(
         &services,

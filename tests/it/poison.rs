@@ -8,13 +8,13 @@ use async_nats::jetstream::{AckKind, message::PublishMessage};
 use futures::StreamExt;
 use llm_worker::dead::{self, Kind, Replayed};
 use llm_worker::job::JobKind;
-use llm_worker::testkit::{FakeProvider, Reply};
+use llm_worker_testkit::{FakeLlmServer, Reply};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::helpers::{JOBS_ONLY, TestApp, collect_reply, openai_provider};
 
-async fn app_with(fake: &FakeProvider) -> TestApp {
+async fn app_with(fake: &FakeLlmServer) -> TestApp {
     TestApp::new(&openai_provider("openai", &fake.base_url(), "m")).await
 }
 
@@ -39,7 +39,7 @@ async fn wait_letters(app: &TestApp, kind: Kind, n: usize) -> Vec<dead::Letter> 
 
 #[tokio::test]
 async fn a_job_delivered_max_deliver_times_is_dead_lettered_answered_and_replayable() {
-    let fake = FakeProvider::start().await.unwrap();
+    let fake = FakeLlmServer::start().await.unwrap();
     fake.set_default(Reply::answer(&["replayed"], (1, 1)));
     let mut app = app_with(&fake).await;
     let nats = app.config.nats.clone();
@@ -125,7 +125,7 @@ fn crafted(template: &Value, job_id: Uuid, tenant: &str) -> Vec<u8> {
 
 #[tokio::test]
 async fn results_the_database_refuses_are_dead_lettered_and_the_others_recorded() {
-    let fake = FakeProvider::start().await.unwrap();
+    let fake = FakeLlmServer::start().await.unwrap();
     let mut app = app_with(&fake).await;
     app.start_worker().await;
     let (reply_to, mut sub) = app.reply_inbox().await;
@@ -221,7 +221,7 @@ async fn results_the_database_refuses_are_dead_lettered_and_the_others_recorded(
 
 #[tokio::test]
 async fn a_recorder_killed_mid_batch_has_its_batch_written_seconds_after_another_starts() {
-    let fake = FakeProvider::start().await.unwrap();
+    let fake = FakeLlmServer::start().await.unwrap();
     let mut app = app_with(&fake).await;
     app.start_worker_with(JOBS_ONLY, |_| {}).await;
     let recorder = app.spawn_process("", &["run", "--recorder-only"]).await;
@@ -262,7 +262,7 @@ async fn a_recorder_killed_mid_batch_has_its_batch_written_seconds_after_another
 
 #[tokio::test]
 async fn poison_between_two_good_jobs_is_answered_and_nothing_stalls_or_loops() {
-    let fake = FakeProvider::start().await.unwrap();
+    let fake = FakeLlmServer::start().await.unwrap();
     let app = app_with(&fake).await;
     // A worker process of its own, to see its memory; its circuit stays closed through the
     // provider's tantrums, so the last good job goes to the same provider.
@@ -460,7 +460,7 @@ impl Orchestrator<'_> {
 
 #[tokio::test]
 async fn a_recorder_consumer_made_by_an_older_worker_gets_the_short_ack_wait() {
-    let fake = FakeProvider::start().await.unwrap();
+    let fake = FakeLlmServer::start().await.unwrap();
     let mut app = app_with(&fake).await;
     let nats = app.config.nats.clone();
     llm_worker::queue::ensure_streams(&app.js, &nats)

@@ -10,7 +10,7 @@ use llm_worker::health::{Health, State};
 use llm_worker::job::{Job, JobBody, JobKind};
 use llm_worker::pricing::PriceBook;
 use llm_worker::providers::Registry;
-use llm_worker::testkit::{FakeProvider, Reply};
+use llm_worker_testkit::{FakeLlmServer, Reply};
 use serde_json::{Value, json};
 
 use crate::helpers::{decode_job, provider_base_url};
@@ -79,8 +79,8 @@ fn codes(o: &Outcome) -> Vec<Option<ErrorCode>> {
         .collect()
 }
 
-async fn single(kind: &str) -> (FakeProvider, Chain) {
-    let fake = FakeProvider::start().await.unwrap();
+async fn single(kind: &str) -> (FakeLlmServer, Chain) {
+    let fake = FakeLlmServer::start().await.unwrap();
     let (chain, _) = chain(&section(
         "p",
         kind,
@@ -312,9 +312,9 @@ async fn two(
     primary: &str,
     backup: &str,
     extra_primary: &str,
-) -> (FakeProvider, FakeProvider, Chain, Health) {
-    let p = FakeProvider::start().await.unwrap();
-    let b = FakeProvider::start().await.unwrap();
+) -> (FakeLlmServer, FakeLlmServer, Chain, Health) {
+    let p = FakeLlmServer::start().await.unwrap();
+    let b = FakeLlmServer::start().await.unwrap();
     let toml = format!(
         "{}{}[routes]\ndefault = [\"primary\", \"backup:model-b\"]\n[circuit_breaker]\nfailure_threshold = 2\ncooldown_secs = 1\n",
         section(
@@ -356,7 +356,7 @@ async fn a_persistent_503_falls_back_to_the_next_provider_with_its_model_and_usa
 #[tokio::test]
 async fn a_redirect_is_not_followed_and_the_chain_falls_back() {
     let (primary, backup, chain, _) = two("openai", "openai", "").await;
-    let elsewhere = FakeProvider::start().await.unwrap();
+    let elsewhere = FakeLlmServer::start().await.unwrap();
     primary.set_default(Reply::Status {
         status: 307,
         body: String::new(),
@@ -495,7 +495,7 @@ async fn the_circuit_opens_during_an_outage_and_a_probe_closes_it_after_recovery
 
 #[tokio::test]
 async fn per_provider_concurrency_limits_queue_work_instead_of_overloading() {
-    let fake = FakeProvider::start().await.unwrap();
+    let fake = FakeLlmServer::start().await.unwrap();
     fake.set_default(Reply::Answer {
         deltas: vec!["slow".into()],
         usage: Some((1, 1)),
@@ -523,8 +523,8 @@ async fn per_provider_concurrency_limits_queue_work_instead_of_overloading() {
 
 #[tokio::test]
 async fn the_cheapest_strategy_orders_a_route_by_price() {
-    let a = FakeProvider::start().await.unwrap();
-    let b = FakeProvider::start().await.unwrap();
+    let a = FakeLlmServer::start().await.unwrap();
+    let b = FakeLlmServer::start().await.unwrap();
     let toml = format!(
         "{}{}[routes]\ndefault = [\"dear\", \"cheap\"]\n[strategies]\ndefault = \"cheapest\"\n",
         section("dear", "openai", &a.base_url(), "big", ""),
@@ -595,9 +595,9 @@ async fn a_llama_cpp_error_field_inside_a_200_stream_is_seen_and_a_context_overf
 
 #[tokio::test]
 async fn the_fastest_strategy_prefers_the_lowest_recent_time_to_first_token() {
-    let a = FakeProvider::start().await.unwrap();
-    let b = FakeProvider::start().await.unwrap();
-    let c = FakeProvider::start().await.unwrap();
+    let a = FakeLlmServer::start().await.unwrap();
+    let b = FakeLlmServer::start().await.unwrap();
+    let c = FakeLlmServer::start().await.unwrap();
     let toml = format!(
         "{}{}{}[routes]\ndefault = [\"slow\", \"fast\", \"new\"]\n[strategies]\ndefault = \"fastest\"\n",
         section("slow", "openai", &a.base_url(), "m", ""),
@@ -621,7 +621,7 @@ async fn the_fastest_strategy_prefers_the_lowest_recent_time_to_first_token() {
 
 #[tokio::test]
 async fn an_api_key_quoted_by_a_provider_never_reaches_the_result() {
-    let fake = FakeProvider::start().await.unwrap();
+    let fake = FakeLlmServer::start().await.unwrap();
     let body = json!({"error": {"message": "Incorrect API key provided: sk-test-9f8e7d6c5b4a. You can find your API key at https://platform.openai.com/account/api-keys.", "type": "invalid_request_error", "code": "invalid_api_key"}});
     fake.set_default(Reply::Status {
         status: 401,
@@ -674,7 +674,7 @@ async fn answers_reuse_the_providers_connection() {
 async fn a_configured_key_of_another_shape_quoted_in_a_401_never_reaches_the_result() {
     // Not an `sk-` word, so only the redaction of the configured key itself can catch it.
     let key = "AIzaSyD-4kX9test0secret1key2gemini3";
-    let fake = FakeProvider::start().await.unwrap();
+    let fake = FakeLlmServer::start().await.unwrap();
     let body = json!({"error": {"code": 401, "message": format!("API key not valid: {key}. Please pass a valid API key."), "status": "UNAUTHENTICATED"}});
     fake.set_default(Reply::Status {
         status: 401,

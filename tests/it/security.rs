@@ -4,14 +4,14 @@
 
 use async_nats::jetstream::{self, message::PublishMessage};
 use futures::{FutureExt, StreamExt};
-use llm_worker::testkit::{FakeProvider, Reply};
+use llm_worker_testkit::{FakeLlmServer, Reply};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::helpers::{TestApp, collect_reply, openai_provider};
 
-async fn app_with_fake(extra: &str) -> (TestApp, FakeProvider) {
-    let fake = FakeProvider::start().await.unwrap();
+async fn app_with_fake(extra: &str) -> (TestApp, FakeLlmServer) {
+    let fake = FakeLlmServer::start().await.unwrap();
     fake.set_default(Reply::answer(&["the ", "answer"], (5, 2)));
     let toml = openai_provider("openai", &fake.base_url(), "gpt-test") + extra;
     let mut app = TestApp::new(&toml).await;
@@ -282,7 +282,7 @@ async fn a_job_id_reused_by_another_tenant_is_refused_and_never_sees_the_stored_
 
 #[tokio::test]
 async fn a_traversal_in_a_gemini_model_name_is_refused_before_any_request() {
-    let fake = FakeProvider::start().await.unwrap();
+    let fake = FakeLlmServer::start().await.unwrap();
     let toml = format!(
         "[providers.g]\ntype = \"gemini\"\nbase_url = \"{}\"\ndefault_model = \"gemini-2.5-flash\"\n",
         fake.root_url()
@@ -309,7 +309,7 @@ async fn a_traversal_in_a_gemini_model_name_is_refused_before_any_request() {
 
 #[tokio::test]
 async fn a_job_may_pin_only_its_routes_providers_and_the_models_a_provider_allows() {
-    let fake = FakeProvider::start().await.unwrap();
+    let fake = FakeLlmServer::start().await.unwrap();
     fake.set_default(Reply::answer(&["ok"], (1, 1)));
     let toml = openai_provider("a", &fake.base_url(), "model-a")
         + &openai_provider("b", &fake.base_url(), "gpt-4o")
@@ -353,7 +353,7 @@ async fn a_job_may_pin_only_its_routes_providers_and_the_models_a_provider_allow
 
 #[tokio::test]
 async fn with_tenants_from_subjects_the_subject_decides_the_tenant_not_the_body() {
-    let fake = FakeProvider::start().await.unwrap();
+    let fake = FakeLlmServer::start().await.unwrap();
     fake.set_default(Reply::answer(&["ok"], (1, 1)));
     let mut app = TestApp::new(&openai_provider("openai", &fake.base_url(), "m")).await;
     app.start_worker_with(crate::helpers::ALL_ROLES, |c| {

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use async_nats::jetstream::message::PublishMessage;
-use llm_worker::testkit::{FakeOpenAi, Reply};
+use llm_worker_testkit::{FakeLlmServer, Reply};
 use serde_json::json;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -35,9 +35,9 @@ async fn migrate(app: &TestApp) {
 
 #[tokio::test]
 async fn a_job_that_falls_back_records_one_job_row_and_two_call_rows_with_tokens_and_costs() {
-    let primary = FakeOpenAi::start().await.unwrap();
+    let primary = FakeLlmServer::start().await.unwrap();
     primary.set_default(Reply::status(503, "overloaded"));
-    let backup = FakeOpenAi::start().await.unwrap();
+    let backup = FakeLlmServer::start().await.unwrap();
     backup.push(Reply::answer(&["from ", "backup"], (11, 5)));
     let providers = format!(
         "{}{}max_retries = 0\n[routes]\ndefault = [\"primary\", \"backup\"]\n",
@@ -123,7 +123,7 @@ async fn a_job_that_falls_back_records_one_job_row_and_two_call_rows_with_tokens
 
 #[tokio::test]
 async fn results_delivered_twice_to_the_recorder_produce_no_duplicate_rows() {
-    let fake = FakeOpenAi::start().await.unwrap();
+    let fake = FakeLlmServer::start().await.unwrap();
     let mut app = TestApp::new(&openai_provider("openai", &fake.base_url(), "m")).await;
     app.start_worker().await;
     let (reply_to, mut sub) = app.reply_inbox().await;
@@ -177,7 +177,7 @@ async fn results_delivered_twice_to_the_recorder_produce_no_duplicate_rows() {
 
 #[tokio::test]
 async fn results_arriving_within_the_batch_wait_share_one_transaction() {
-    let fake = FakeOpenAi::start().await.unwrap();
+    let fake = FakeLlmServer::start().await.unwrap();
     fake.set_default(Reply::answer(&["ok"], (3, 1)));
     let mut app = TestApp::new(&openai_provider("openai", &fake.base_url(), "m")).await;
     // Long enough that a slow machine still lands the three results in one window.
@@ -245,7 +245,7 @@ impl Outage {
 #[tokio::test]
 async fn with_postgres_unreachable_from_the_start_jobs_flow_and_every_row_appears_once_it_is_back()
 {
-    let fake = FakeOpenAi::start().await.unwrap();
+    let fake = FakeLlmServer::start().await.unwrap();
     let mut app = TestApp::new(&openai_provider("openai", &fake.base_url(), "m")).await;
     let real = url_host_port(&app.services.database_url);
     let outage = Outage::start(real.clone()).await;
@@ -292,7 +292,7 @@ fn url_host_port(url: &str) -> String {
 
 #[tokio::test]
 async fn a_price_change_applies_to_later_calls_only_and_an_unknown_price_gives_null_cost() {
-    let fake = FakeOpenAi::start().await.unwrap();
+    let fake = FakeLlmServer::start().await.unwrap();
     fake.set_default(Reply::answer(&["ok"], (1000, 500)));
     let mut app = TestApp::new(&openai_provider("openai", &fake.base_url(), "priced")).await;
     migrate(&app).await;
@@ -344,7 +344,7 @@ async fn a_price_change_applies_to_later_calls_only_and_an_unknown_price_gives_n
 
 #[tokio::test]
 async fn a_stream_cut_before_its_usage_chunk_records_estimated_tokens_for_the_partial_output() {
-    let fake = FakeOpenAi::start().await.unwrap();
+    let fake = FakeLlmServer::start().await.unwrap();
     fake.set_default(Reply::Cut {
         deltas: vec!["abcdefgh".into(), "ijklmnop".into()],
     });
@@ -388,7 +388,7 @@ async fn a_stream_cut_before_its_usage_chunk_records_estimated_tokens_for_the_pa
 
 #[tokio::test]
 async fn the_usage_report_sums_the_daily_view() {
-    let fake = FakeOpenAi::start().await.unwrap();
+    let fake = FakeLlmServer::start().await.unwrap();
     fake.set_default(Reply::answer(&["ok"], (10, 20)));
     let mut app = TestApp::new(&openai_provider("openai", &fake.base_url(), "m")).await;
     app.start_worker().await;
@@ -427,11 +427,11 @@ async fn the_usage_report_sums_the_daily_view() {
 #[tokio::test]
 async fn a_job_with_one_unpriced_billed_call_among_priced_ones_has_no_cost() {
     // The primary (no price) streams some text and breaks: a billed call, estimated.
-    let primary = FakeOpenAi::start().await.unwrap();
+    let primary = FakeLlmServer::start().await.unwrap();
     primary.set_default(Reply::Cut {
         deltas: vec!["half an ".into(), "answer".into()],
     });
-    let backup = FakeOpenAi::start().await.unwrap();
+    let backup = FakeLlmServer::start().await.unwrap();
     backup.push(Reply::answer(&["whole"], (11, 5)));
     let providers = format!(
         "{}{}max_retries = 0\n[routes]\ndefault = [\"primary\", \"backup\"]\n",
@@ -474,7 +474,7 @@ async fn a_job_with_one_unpriced_billed_call_among_priced_ones_has_no_cost() {
 
 #[tokio::test]
 async fn when_postgres_goes_away_mid_run_jobs_flow_and_the_rows_appear_once_it_is_back() {
-    let fake = FakeOpenAi::start().await.unwrap();
+    let fake = FakeLlmServer::start().await.unwrap();
     let mut app = TestApp::new(&openai_provider("openai", &fake.base_url(), "m")).await;
     let real = url_host_port(&app.services.database_url);
     let outage = Outage::start(real.clone()).await;

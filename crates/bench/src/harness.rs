@@ -1,5 +1,5 @@
 //! A throw-away deployment for one benchmark scenario: unique stream, subject and consumer
-//! names, a fresh database, and worker *processes* (this binary's `run`, so a figure is one
+//! names, a fresh database, and worker *processes* (the `llm-worker` binary's `run`, so a figure is one
 //! real worker process and its peak RSS can be read from `/proc`). Everything is removed
 //! again by [`Deployment::teardown`]; worker logs are kept when a scenario fails.
 
@@ -12,9 +12,9 @@ use async_nats::jetstream;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::config::{Config, NatsConfig};
-use crate::job::JobKind;
-use crate::testkit::ScratchDatabase;
+use llm_worker::config::{Config, NatsConfig};
+use llm_worker::job::JobKind;
+use llm_worker_testkit::ScratchDatabase;
 
 /// Where the benchmark runs: the servers and the worker executable.
 #[derive(Debug, Clone)]
@@ -23,6 +23,8 @@ pub struct Target {
     pub database_url: String,
     /// The `llm-worker` binary started as worker processes.
     pub worker_exe: PathBuf,
+    /// This binary, started as the bare pipeline process.
+    pub bench_exe: PathBuf,
 }
 
 pub struct Deployment {
@@ -74,13 +76,13 @@ url = "{db_url}"
             .with_context(|| {
                 format!(
                     "connecting to NATS at {}",
-                    crate::trust::redact_url(&target.nats_url)
+                    llm_worker::trust::redact_url(&target.nats_url)
                 )
             })?;
         let js = jetstream::new(client.clone());
-        crate::queue::ensure_streams(&js, &config.nats).await?;
+        llm_worker::queue::ensure_streams(&js, &config.nats).await?;
         let pool = PgPool::connect(&database.url).await?;
-        crate::usage::migrate(&pool).await?;
+        llm_worker::usage::migrate(&pool).await?;
         Ok(Self {
             nats: config.nats,
             client,
@@ -118,7 +120,7 @@ url = "{db_url}"
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
             let answers =
-                crate::status::collect(&self.client, &self.nats, Duration::from_millis(200))
+                llm_worker::status::collect(&self.client, &self.nats, Duration::from_millis(200))
                     .await
                     .map_err(|e| anyhow::anyhow!("status request: {e}"))?;
             let ready =

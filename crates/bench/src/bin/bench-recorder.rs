@@ -1,6 +1,6 @@
 //! Recorder benchmark: how fast stored results become Postgres rows.
 //!
-//!   scripts/services && cargo run --release --example bench_recorder
+//!   scripts/services && cargo run --release -p llm-worker-bench --bin bench-recorder
 //!
 //! Uses NATS_URL / DATABASE_URL (defaults: local), a throw-away database and unique stream
 //! names. Prints two figures:
@@ -18,8 +18,8 @@ use llm_worker::config::{Config, RecorderConfig};
 use llm_worker::error::ErrorCode;
 use llm_worker::event::{AttemptRecord, ErrorBody, ResultEvent, Status, TokensUsed};
 use llm_worker::job::JobKind;
-use llm_worker::testkit::ScratchDatabase;
 use llm_worker::usage::Recorder;
+use llm_worker_testkit::ScratchDatabase;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 

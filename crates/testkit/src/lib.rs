@@ -1,13 +1,14 @@
-//! A fake LLM provider HTTP server for tests, demos and benchmarks (never production).
+//! Test, demo and benchmark scaffolding for llm-worker; the worker itself never links it.
 //!
-//! One server speaks all four wire formats, chosen by the route a request hits:
+//! [`FakeLlmServer`]: a fake LLM API server. One server speaks all four wire formats, chosen by the route a request hits:
 //! OpenAI (`POST /v1/chat/completions`: SSE chunks, usage chunk, `[DONE]`), Anthropic
 //! (`POST /v1/messages`: named SSE events), Gemini (`POST /v1beta/models/{model}:
 //! {generateContent|streamGenerateContent}`: SSE, no sentinel) and Ollama (`POST /api/chat`:
 //! NDJSON). It plays scripted [`Reply`]s in order, then the default reply, including the
 //! failures real servers produce: HTTP errors with retry hints, streams cut mid-answer, errors
 //! inside a 200 stream, malformed chunks, silence. It records every request body so tests can
-//! assert what reached the provider. Also [`ScratchDatabase`], the throw-away Postgres database
+//! assert what reached the provider. With [`FakeLlmServer::demo_mode`] (the `fake-llm-server`
+//! binary) the model name picks the failure instead of a script. Also [`ScratchDatabase`], the throw-away Postgres database
 //! each test and benchmark runs against.
 
 use std::collections::VecDeque;
@@ -57,7 +58,7 @@ pub enum Reply {
     /// (`status` >= 400), or with 200 an SSE `data:` line that never ends.
     Huge { status: u16, bytes: usize },
     /// Embeddings of this size (embedding routes; any other success reply gives the request's
-    /// `dimensions`, or 8). Vectors are `providers::fake::fake_vector(input, dims)`.
+    /// `dimensions`, or 8). Vectors are [`fake_vector`]`(input, dims)`.
     Vectors { dims: usize },
 }
 
@@ -93,6 +94,15 @@ struct Script {
     latency: Duration,
     /// When on: (last message content, time spent in the handler) per generation request.
     timings: Option<Vec<(String, Duration)>>,
+    /// Demo mode: the reply (once the queue is empty) follows the model name.
+    demo: Option<Demo>,
+}
+
+/// The demo answers: `words` words (seeded by the prompt) at `tokens_per_sec`.
+#[derive(Debug, Clone, Copy)]
+pub struct Demo {
+    pub words: usize,
+    pub tokens_per_sec: u64,
 }
 
 impl Default for Script {
@@ -104,12 +114,14 @@ impl Default for Script {
             record: true,
             latency: Duration::ZERO,
             timings: None,
+            demo: None,
         }
     }
 }
 
-/// A running fake server; stops when dropped.
-pub struct FakeProvider {
+/// A running fake LLM API server (OpenAI, Anthropic, Gemini and Ollama routes); stops when
+/// dropped.
+pub struct FakeLlmServer {
     addr: SocketAddr,
     script: Arc<Mutex<Script>>,
     /// TCP connections accepted so far.
@@ -117,10 +129,7 @@ pub struct FakeProvider {
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
-/// The historical name: the same server, most often used for its OpenAI routes.
-pub type FakeOpenAi = FakeProvider;
-
-impl Drop for FakeProvider {
+impl Drop for FakeLlmServer {
     fn drop(&mut self) {
         if let Some(task) = &self.task {
             task.abort();
@@ -128,7 +137,7 @@ impl Drop for FakeProvider {
     }
 }
 
-impl FakeProvider {
+impl FakeLlmServer {
     /// Start on an ephemeral loopback port.
     pub async fn start() -> std::io::Result<Self> {
         Self::start_on("127.0.0.1:0").await
@@ -228,7 +237,7 @@ impl FakeProvider {
         }
     }
 
-    /// The handler times recorded since [`FakeProvider::bench_mode`] (drained).
+    /// The handler times recorded since [`FakeLlmServer::bench_mode`] (drained).
     pub fn take_timings(&self) -> Vec<(String, Duration)> {
         self.script
             .lock()
@@ -249,7 +258,18 @@ impl FakeProvider {
         self.script.lock().map(|s| s.requests.len()).unwrap_or(0)
     }
 
-    /// Serve until the process ends (for `llm-worker fake-openai`).
+    /// Demos: once the queue is empty, the model name picks the reply: `error` in it, HTTP
+    /// 500; `filter`, a content-filter refusal; `cut`, half the answer then a broken
+    /// connection; `silent`, no answer at all; anything else, `demo.words` words.
+    pub fn demo_mode(&self, demo: Demo) {
+        if let Ok(mut s) = self.script.lock() {
+            s.record = false;
+            s.requests = Vec::new();
+            s.demo = Some(demo);
+        }
+    }
+
+    /// Serve until the process ends (for the `fake-llm-server` binary).
     pub async fn wait(mut self) {
         if let Some(task) = self.task.take() {
             let _ = task.await;
@@ -416,13 +436,11 @@ async fn embed(script: Arc<Mutex<Script>>, flavor: Flavor, body: &[u8]) -> Respo
         }
         _ => asked.unwrap_or(8) as usize,
     };
-    let vectors: Vec<Vec<f32>> = inputs
-        .iter()
-        .map(|t| crate::providers::fake::fake_vector(t, dims))
-        .collect();
+    let vectors: Vec<Vec<f32>> = inputs.iter().map(|t| fake_vector(t, dims)).collect();
+    // The worker's own estimate (a token per 4 characters), so usage matches it in tests.
     let tokens: u64 = inputs
         .iter()
-        .map(|t| crate::providers::estimate_tokens(t))
+        .map(|t| (t.chars().count() as u64).div_ceil(4))
         .sum();
     let v = match flavor {
         Flavor::Gemini => {
@@ -466,20 +484,18 @@ async fn serve(
     let (reply, latency, timing_key) = match script.lock() {
         Ok(mut s) => {
             // Benchmarks key each request's handler time by its last message (the job's prompt).
-            let timing_key = s.timings.is_some().then(|| {
-                request["messages"]
-                    .as_array()
-                    .and_then(|m| m.last())
-                    .and_then(|m| m["content"].as_str())
-                    .unwrap_or_default()
-                    .to_string()
-            });
+            let timing_key = s
+                .timings
+                .is_some()
+                .then(|| last_prompt(&request).to_string());
+            let demo = s.demo.map(|d| demo_reply(d, &model, last_prompt(&request)));
             if s.record {
                 s.requests.push(request);
             }
             let reply = s
                 .queue
                 .pop_front()
+                .or(demo)
                 .or_else(|| s.default.clone())
                 .unwrap_or_else(default_reply);
             (reply, s.latency, timing_key)
@@ -497,6 +513,84 @@ async fn serve(
         timings.push((key, started.elapsed()));
     }
     response
+}
+
+/// The last message's text (OpenAI, Anthropic and Ollama requests; Gemini's last part).
+fn last_prompt(request: &serde_json::Value) -> &str {
+    let last = |k: &str| request[k].as_array().and_then(|m| m.last());
+    last("messages")
+        .and_then(|m| m["content"].as_str())
+        .or_else(|| last("contents").and_then(|c| c["parts"][0]["text"].as_str()))
+        .unwrap_or_default()
+}
+
+const WORDS: [&str; 16] = [
+    "alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet",
+    "kilo", "lima", "mike", "november", "oscar", "papa",
+];
+
+/// The demo reply for `model` (see [`FakeLlmServer::demo_mode`]).
+fn demo_reply(demo: Demo, model: &str, prompt: &str) -> Reply {
+    if model.contains("error") {
+        return Reply::status(500, "fake-llm-server: injected error");
+    }
+    if model.contains("filter") {
+        let body = json!({"error": {"message": "fake-llm-server: injected refusal",
+            "type": "invalid_request_error", "code": "content_filter"}});
+        return Reply::Status {
+            status: 400,
+            body: body.to_string(),
+            headers: Vec::new(),
+        };
+    }
+    if model.contains("silent") {
+        return Reply::Hang;
+    }
+    let seed = prompt.bytes().fold(0usize, |h, b| {
+        h.wrapping_mul(31).wrapping_add(usize::from(b))
+    });
+    let deltas: Vec<String> = (0..demo.words.max(1))
+        .map(|i| {
+            let w = WORDS[(seed + i) % WORDS.len()];
+            if i == 0 {
+                w.to_string()
+            } else {
+                format!(" {w}")
+            }
+        })
+        .collect();
+    if model.contains("cut") {
+        return Reply::Cut {
+            deltas: deltas[..deltas.len() / 2].to_vec(),
+        };
+    }
+    let usage = (
+        (prompt.chars().count() as u64).div_ceil(4),
+        deltas.len() as u64,
+    );
+    Reply::Answer {
+        deltas,
+        usage: Some(usage),
+        done_marker: true,
+        chunk_delay: Duration::from_secs(1)
+            .checked_div(u32::try_from(demo.tokens_per_sec).unwrap_or(u32::MAX))
+            .unwrap_or_default(),
+    }
+}
+
+/// A deterministic vector in [-1, 1) seeded by the text.
+pub fn fake_vector(text: &str, dims: usize) -> Vec<f32> {
+    let mut h = text.bytes().fold(0x9e37_79b9_7f4a_7c15_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    (0..dims)
+        .map(|_| {
+            h ^= h << 13;
+            h ^= h >> 7;
+            h ^= h << 17;
+            (h % 2000) as f32 / 1000.0 - 1.0
+        })
+        .collect()
 }
 
 fn sse(data: &str) -> Bytes {

@@ -1,7 +1,7 @@
 //! The ceiling: a bare pipeline doing only the I/O every job needs and no worker logic. Per
 //! job: pull it from JetStream, one HTTP round trip to the same fake provider, publish a
 //! result to a JetStream stream and wait for its ack, publish the reply on core NATS, ack the
-//! job. It runs as its own process (this binary's hidden `bench-pipeline` command), like a
+//! job. It runs as its own process (this binary's hidden `pipeline` command), like a
 //! worker: in the benchmark process it would share a runtime with the fake provider and the
 //! client and skip the cross-process wake-ups every real worker pays. Same in-flight limit.
 
@@ -57,7 +57,7 @@ pub struct ProcessArgs {
 }
 
 impl Pipeline {
-    /// Create the streams and consumer, start the pipeline process (`exe bench-pipeline`) and
+    /// Create the streams and consumer, start the pipeline process (`exe pipeline`) and
     /// wait until it consumes.
     pub async fn start(
         js: &jetstream::Context,
@@ -95,7 +95,7 @@ impl Pipeline {
         })
         .await?;
         let mut child = tokio::process::Command::new(exe)
-            .arg("bench-pipeline")
+            .arg("pipeline")
             .args(["--nats-url", nats_url, "--stream", &streams[0]])
             .args(["--results", &format!("pipe{id}.results"), "--url"])
             .arg(&completions_url)
@@ -105,7 +105,7 @@ impl Pipeline {
             .stdout(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
-            .with_context(|| format!("starting {} bench-pipeline", exe.display()))?;
+            .with_context(|| format!("starting {} pipeline", exe.display()))?;
         let stdout = child.stdout.take().context("pipeline stdout")?;
         let mut line = String::new();
         let ready = tokio::time::timeout(
@@ -149,7 +149,7 @@ pub async fn serve(args: ProcessArgs) -> anyhow::Result<()> {
         .get_consumer(CONSUMER)
         .await
         .map_err(|e| anyhow::anyhow!("the pipeline's consumer: {e}"))?;
-    crate::providers::install_crypto_provider();
+    llm_worker::providers::install_crypto_provider();
     let http = reqwest::Client::new();
     let mut messages = consumer
         .stream()

@@ -1,4 +1,4 @@
-//! `llm-worker bench`: end-to-end figures for one worker process and a small fleet, against
+//! The benchmark scenarios: end-to-end figures for one worker process and a small fleet, against
 //! the local NATS and Postgres, with the fake provider served over HTTP on loopback (so the
 //! worker's HTTP client path is included). Prints a table (Markdown) of:
 //!
@@ -13,23 +13,20 @@
 //! 5. scaling: 1, 2, 3 worker processes against a latency-bound provider.
 //!
 //! The benchmark only speaks the contract to the workers (JetStream jobs, reply events, SQL
-//! rows). Workers and the bare pipeline are child processes of this binary; the fake provider
+//! rows). Workers (the `llm-worker` binary) and the bare pipeline (this binary's hidden
+//! `pipeline` command) are child processes; the fake provider
 //! and the client run in this process, and everything shares the machine's cores.
-
-mod harness;
-mod load;
-mod pipeline;
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 
-use crate::testkit::{FakeProvider, Reply};
-use harness::Deployment;
-pub use harness::Target;
-use load::{Collector, Pace, Received, percentile};
-pub use pipeline::{ProcessArgs as PipelineArgs, serve as serve_pipeline};
+use llm_worker_testkit::{FakeLlmServer, Reply};
+
+use crate::harness::{Deployment, Target};
+use crate::load::{self, Collector, Pace, Received, percentile};
+use crate::pipeline;
 
 /// The scenarios, in the order they run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -137,7 +134,7 @@ async fn machine(target: &Target) -> String {
 }
 
 /// Provider and worker settings of a deployment served by `fake`.
-fn worker_toml(fake: &FakeProvider, max_in_flight: usize) -> String {
+fn worker_toml(fake: &FakeLlmServer, max_in_flight: usize) -> String {
     format!(
         r#"
 [worker]
@@ -229,7 +226,7 @@ async fn single_worker(
     options: &Options,
     wants: &dyn Fn(Scenario) -> bool,
 ) -> anyhow::Result<Vec<Row>> {
-    let fake = FakeProvider::start().await?;
+    let fake = FakeLlmServer::start().await?;
     fake.bench_mode(false);
     fake.set_default(short_answer());
     let mut dep = Deployment::new(target, &worker_toml(&fake, options.max_in_flight)).await?;
@@ -252,7 +249,7 @@ async fn single_worker(
             pipeline::Pipeline::start(
                 &dep.js,
                 &target.nats_url,
-                &target.worker_exe,
+                &target.bench_exe,
                 format!("{}/chat/completions", fake.base_url()),
                 options.max_in_flight,
             )
@@ -450,7 +447,7 @@ async fn overhead(
     client: &async_nats::Client,
     js: &async_nats::jetstream::Context,
     subject: &str,
-    fake: &FakeProvider,
+    fake: &FakeLlmServer,
     n: usize,
     stream: bool,
 ) -> anyhow::Result<Overhead> {
@@ -561,7 +558,7 @@ async fn concurrency(target: &Target, options: &Options) -> anyhow::Result<Vec<R
     } else {
         (options.streams, options.stream_secs)
     };
-    let fake = FakeProvider::start().await?;
+    let fake = FakeLlmServer::start().await?;
     fake.bench_mode(false);
     fake.set_default(streamed_answer(
         (secs * 10) as usize,
@@ -652,7 +649,7 @@ async fn concurrency(target: &Target, options: &Options) -> anyhow::Result<Vec<R
 async fn scaling(target: &Target, options: &Options) -> anyhow::Result<Vec<Row>> {
     const IN_FLIGHT: usize = 32;
     let per_worker = if options.quick { 640 } else { 1_600 };
-    let fake = FakeProvider::start().await?;
+    let fake = FakeLlmServer::start().await?;
     fake.bench_mode(false);
     fake.set_default(short_answer());
     fake.set_latency(Duration::from_millis(100));

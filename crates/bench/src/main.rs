@@ -1,0 +1,107 @@
+//! `llm-worker-bench`: end-to-end figures for `llm-worker` against the local NATS and
+//! Postgres, with a fake LLM API on loopback (see the README's Benchmarks section). A crate
+//! of its own so the worker binary links no benchmark code.
+//!
+//! - [`scenarios`]: what is measured and the table it prints.
+//! - [`harness`]: a throw-away deployment (streams, database, worker processes).
+//! - [`load`]: publishing at a pace and collecting reply events.
+//! - [`pipeline`]: the bare pipeline, the ceiling a worker is compared with.
+
+mod harness;
+mod load;
+mod pipeline;
+mod scenarios;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(version, about = "Benchmark llm-worker end to end and print a table")]
+struct Cli {
+    #[command(subcommand)]
+    pipeline: Option<Hidden>,
+    /// Smaller counts and shorter phases (noisier figures).
+    #[arg(long)]
+    quick: bool,
+    /// Run only these scenarios (comma separated).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<scenarios::Scenario>,
+    /// Concurrent slow streams in the concurrency scenario.
+    #[arg(long, default_value_t = 5000)]
+    streams: usize,
+    /// Length of each slow stream in seconds (a token every 100 ms).
+    #[arg(long, default_value_t = 20)]
+    stream_secs: u64,
+    /// `worker.max_in_flight` of the single-worker scenarios (and the bare pipeline).
+    #[arg(long, default_value_t = 256)]
+    max_in_flight: usize,
+    /// Short jobs in the throughput and ceiling runs (default 20,000; 5,000 with --quick).
+    #[arg(long)]
+    jobs: Option<usize>,
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    nats_url: String,
+    /// The server each scenario creates its own database on.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres",
+        hide_env_values = true
+    )]
+    database_url: String,
+    /// The worker binary (default: `llm-worker` next to this binary, as cargo builds it).
+    #[arg(long)]
+    worker_exe: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Hidden {
+    /// The bare pipeline process (started by the benchmark itself).
+    #[command(hide = true)]
+    Pipeline(pipeline::ProcessArgs),
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    match run(Cli::parse()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Some(Hidden::Pipeline(args)) = cli.pipeline {
+        return pipeline::serve(args).await;
+    }
+    let bench_exe = std::env::current_exe().context("locating this binary")?;
+    let worker_exe = match cli.worker_exe {
+        Some(exe) => exe,
+        None => bench_exe.with_file_name("llm-worker"),
+    };
+    anyhow::ensure!(
+        worker_exe.is_file(),
+        "no worker binary at {} (build it: cargo build --release --workspace, or pass --worker-exe)",
+        worker_exe.display()
+    );
+    let target = harness::Target {
+        nats_url: cli.nats_url,
+        database_url: cli.database_url,
+        worker_exe,
+        bench_exe,
+    };
+    let options = scenarios::Options {
+        only: cli.only,
+        quick: cli.quick,
+        streams: cli.streams,
+        stream_secs: cli.stream_secs,
+        max_in_flight: cli.max_in_flight,
+        jobs: cli.jobs,
+    };
+    scenarios::run(&target, &options).await?;
+    Ok(())
+}
