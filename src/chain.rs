@@ -20,7 +20,7 @@ use chrono::Utc;
 use futures::StreamExt;
 use tokio::time::Instant;
 
-use crate::config::{Config, Strategy, split_route_entry};
+use crate::config::{Config, RouteEntry, Strategy};
 use crate::error::{Disposition, ErrorCode, ProviderError};
 use crate::event::{AttemptRecord, ErrorBody, elapsed_ms};
 use crate::health::{Admission, Health};
@@ -93,8 +93,8 @@ pub struct Outcome {
     pub result: Result<Success, ErrorBody>,
 }
 
-/// An ordered route: `(provider, model)` entries; `None` means the provider's default model.
-type Route = Vec<(String, Option<String>)>;
+/// An ordered route; an entry without a model means the provider's default model.
+type Route = Vec<RouteEntry>;
 
 /// Routes and providers, built once from configuration.
 #[derive(Clone)]
@@ -117,28 +117,15 @@ impl Chain {
 
     /// A chain over other routes (embedding jobs use `embed_routes`).
     pub fn with_routes(
-        routes: &BTreeMap<String, Vec<String>>,
+        routes: &BTreeMap<String, Route>,
         config: &Config,
         registry: Registry,
         prices: PriceBook,
         health: Health,
     ) -> Self {
-        let routes = routes
-            .iter()
-            .map(|(task, entries)| {
-                let parsed = entries
-                    .iter()
-                    .map(|e| {
-                        let (p, m) = split_route_entry(e);
-                        (p.to_string(), m.map(str::to_string))
-                    })
-                    .collect();
-                (task.clone(), parsed)
-            })
-            .collect();
         Self {
             registry,
-            routes: Arc::new(routes),
+            routes: Arc::new(routes.clone()),
             strategies: Arc::new(config.strategies.clone()),
             pin_any: config.pin_any_provider.clone().into(),
             max_output_bytes: config.limits.max_output_bytes,
@@ -168,36 +155,39 @@ impl Chain {
     pub fn plan(&self, job: &Job) -> Vec<Target> {
         let task = self.route_name(job.envelope.task_type.as_deref());
         let strategy = self.strategies.get(task).copied().unwrap_or_default();
-        let route = self.routes.get(task).cloned().unwrap_or_default();
-        let mut entries: Vec<(String, Option<String>)> = Vec::new();
+        let route = self.routes.get(task).map(Vec::as_slice).unwrap_or_default();
+        let listed = route
+            .iter()
+            .map(|e| (e.provider.as_str(), e.model.as_deref()));
+        let mut entries: Vec<(&str, Option<&str>)> = Vec::with_capacity(route.len() + 1);
         let pinned = job.provider.is_some() || job.model.is_some();
-        match (&job.provider, &job.model) {
+        match (job.provider.as_deref(), job.model.as_deref()) {
             (Some(p), model) => {
-                let model = model.clone().or_else(|| {
+                let model = model.or_else(|| {
                     route
                         .iter()
-                        .find(|(rp, _)| rp == p)
-                        .and_then(|(_, m)| m.clone())
+                        .find(|e| e.provider == p)
+                        .and_then(|e| e.model.as_deref())
                 });
-                entries.push((p.clone(), model));
-                entries.extend(route);
+                entries.push((p, model));
+                entries.extend(listed);
             }
             (None, Some(m)) => {
-                let mut route = route.into_iter();
-                if let Some((p, _)) = route.next() {
-                    entries.push((p, Some(m.clone())));
+                let mut listed = listed;
+                if let Some((p, _)) = listed.next() {
+                    entries.push((p, Some(m)));
                 }
-                entries.extend(route);
+                entries.extend(listed);
             }
-            (None, None) => entries.extend(route),
+            (None, None) => entries.extend(listed),
         }
-        let mut targets: Vec<Target> = Vec::new();
+        let mut targets: Vec<Target> = Vec::with_capacity(entries.len());
         for (p, m) in entries {
-            let Some(provider) = self.registry.get(&p) else {
+            let Some(provider) = self.registry.get(p) else {
                 continue;
             };
             // Config validation and the job decoder make sure a model is known.
-            let Some(model) = m.or_else(|| provider.default_model.clone()) else {
+            let Some(model) = m.or(provider.default_model.as_deref()) else {
                 continue;
             };
             if !targets
@@ -206,7 +196,7 @@ impl Chain {
             {
                 targets.push(Target {
                     provider: provider.clone(),
-                    model,
+                    model: model.to_string(),
                 });
             }
         }
@@ -411,7 +401,7 @@ impl Catalog for Chain {
                 if !self.registry.contains(p) {
                     return Err(format!("provider: unknown provider {}", quote(p)));
                 }
-                let in_route = route.iter().any(|(rp, _)| rp == p);
+                let in_route = route.iter().any(|e| e.provider == p);
                 if !in_route && !self.pin_any.iter().any(|r| r == task) {
                     return Err(format!(
                         "provider: {} is not in route '{task}' (list the route in pin_any_provider to allow it)",
@@ -421,7 +411,7 @@ impl Catalog for Chain {
                 p
             }
             None => match route.first() {
-                Some((p, _)) => p.as_str(),
+                Some(e) => e.provider.as_str(),
                 None => return Ok(()),
             },
         };
@@ -432,7 +422,9 @@ impl Catalog for Chain {
             )),
             (None, Some(p))
                 if p.default_model.is_none()
-                    && !route.iter().any(|(rp, m)| rp == name && m.is_some()) =>
+                    && !route
+                        .iter()
+                        .any(|e| e.provider == name && e.model.is_some()) =>
             {
                 Err(format!(
                     "model: provider '{name}' has no default model here; name one"

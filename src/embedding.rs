@@ -96,13 +96,13 @@ impl Chain {
         }
         'targets: for (index, target) in targets.iter().enumerate() {
             let provider = &target.provider;
+            // Only providers with an embeddings API reach an embedding route (checked at load).
+            let Some(batching) = provider.embedding else {
+                continue 'targets;
+            };
             let mut vectors: Vec<Vec<f32>> = Vec::with_capacity(req.input.len());
             let mut tokens = 0u64;
-            for batch in batches(
-                &req.input,
-                provider.embed_batch_size,
-                provider.embed_batch_tokens,
-            ) {
+            for batch in batches(&req.input, batching.batch_size, batching.batch_tokens) {
                 let mut backoff = retry_delays(provider);
                 loop {
                     let admitted = match self.admit(target, deadline, &attempts, &mut skipped).await

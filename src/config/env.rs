@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use secrecy::SecretString;
 
-use super::{Config, ConfigError, MaxTokensField, ProviderConfig, ProviderType, invalid};
+use super::{Api, Config, ConfigError, MaxTokensField, ProviderConfig, invalid};
 
 /// Environment variable prefix for generic overrides.
 const ENV_PREFIX: &str = "LLM_WORKER__";
@@ -84,7 +84,7 @@ impl Config {
                 format!("http://{host}")
             };
             for p in self.providers.values_mut() {
-                if p.kind == ProviderType::Ollama && p.base_url.is_none() {
+                if matches!(p.api, Api::Ollama { .. }) && p.base_url.is_none() {
                     p.base_url = Some(url.clone());
                 }
             }
@@ -92,11 +92,10 @@ impl Config {
         let base = env("OPENAI_BASE_URL");
         let has_key = env("OPENAI_API_KEY").is_some();
         if self.providers.is_empty() && (base.is_some() || has_key) {
-            let mut p = ProviderConfig::new(ProviderType::Openai);
+            let mut p = ProviderConfig::new(Api::openai(MaxTokensField::MaxCompletionTokens));
             p.base_url = Some(base.unwrap_or_else(|| "https://api.openai.com/v1".into()));
             p.api_key_env = has_key.then(|| "OPENAI_API_KEY".to_string());
             p.default_model = Some(env("OPENAI_MODEL").unwrap_or_else(|| "gpt-4o-mini".into()));
-            p.max_tokens_field = MaxTokensField::MaxCompletionTokens;
             self.providers.insert("openai".into(), p);
         }
     }

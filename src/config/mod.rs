@@ -25,7 +25,7 @@ use secrecy::SecretString;
 use serde::Deserialize;
 
 pub use env::EnvLookup;
-pub use provider::{MaxTokensField, ProviderConfig, ProviderType};
+pub use provider::{Api, EmbedBatching, MaxTokensField, ProviderConfig, RouteEntry};
 
 /// A configuration problem, naming the key at fault.
 #[derive(Debug, thiserror::Error)]
@@ -61,10 +61,10 @@ pub struct Config {
     pub providers: BTreeMap<String, ProviderConfig>,
     /// `task_type` -> ordered chain of `provider` or `provider:model` entries; `default` is used
     /// for jobs without a task type or with one that has no route of its own.
-    pub routes: BTreeMap<String, Vec<String>>,
+    pub routes: BTreeMap<String, Vec<RouteEntry>>,
     /// Routes for embedding jobs; when absent, `routes` serve them too (if every provider in
     /// them can embed; otherwise embedding jobs are not consumed and a warning says why).
-    pub embed_routes: BTreeMap<String, Vec<String>>,
+    pub embed_routes: BTreeMap<String, Vec<RouteEntry>>,
     /// Embedding routes whose fallback entries may return vectors of another dimension.
     pub embed_mixed_dimensions: Vec<String>,
     /// `task_type` -> how its route's entries are ordered (default `ordered`).
@@ -405,21 +405,37 @@ impl Config {
     }
 
     /// The routes embedding jobs use, or why there are none.
-    pub fn embedding_routes(&self) -> Result<&BTreeMap<String, Vec<String>>, String> {
+    pub fn embedding_routes(&self) -> Result<&BTreeMap<String, Vec<RouteEntry>>, String> {
         if !self.embed_routes.is_empty() {
+            // Checked at load: every entry names a provider with an embeddings API.
             return Ok(&self.embed_routes);
         }
         for (task, entries) in &self.routes {
-            for entry in entries {
-                let (provider, _) = split_route_entry(entry);
-                if self.providers.get(provider).map(|p| p.kind) == Some(ProviderType::Anthropic) {
-                    return Err(format!(
-                        "routes.{task} includes '{provider}' (Anthropic, no embeddings API) and no [embed_routes] are configured"
-                    ));
-                }
+            if let Err(e) = self.check_embedders(entries) {
+                return Err(format!(
+                    "routes.{task}: {e}, and no [embed_routes] are configured"
+                ));
             }
         }
         Ok(&self.routes)
+    }
+
+    /// Every entry names a configured provider whose protocol has an embeddings API.
+    pub(super) fn check_embedders(&self, entries: &[RouteEntry]) -> Result<(), String> {
+        for entry in entries {
+            match self.providers.get(&entry.provider) {
+                None => return Err(format!("unknown provider '{}'", entry.provider)),
+                Some(p) if p.api.embedding().is_none() => {
+                    return Err(format!(
+                        "provider '{}' is {}, which has no embeddings API",
+                        entry.provider,
+                        p.api.name()
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
     }
 
     pub fn worker_id(&self) -> String {
@@ -429,15 +445,6 @@ impl Config {
                 .unwrap_or_else(|_| "worker".into());
             format!("{host}-{}", std::process::id())
         })
-    }
-}
-
-/// `"openai:gpt-4o"` -> `("openai", Some("gpt-4o"))`; `"openai"` -> `("openai", None)`.
-pub fn split_route_entry(entry: &str) -> (&str, Option<&str>) {
-    match entry.split_once(':') {
-        Some((p, m)) if !m.is_empty() => (p, Some(m)),
-        Some((p, _)) => (p, None),
-        None => (entry, None),
     }
 }
 

@@ -46,7 +46,7 @@ fn openai_env_vars_alone_make_a_working_config() {
         ],
     )
     .unwrap();
-    assert_eq!(c.routes["default"], vec!["openai".to_string()]);
+    assert_eq!(c.routes["default"], vec![RouteEntry::parse("openai")]);
     assert!(c.providers["openai"].api_key.is_some());
 }
 
@@ -142,4 +142,98 @@ fn trust_settings_are_checked_at_load() {
     )
     .unwrap();
     assert!(!format!("{c:?}").contains("pw-secret"));
+}
+
+#[test]
+fn an_unknown_key_in_a_provider_table_is_an_error_naming_it() {
+    // A typo, and a key that belongs to another protocol.
+    for (table, key) in [
+        (
+            "type = \"openai\"\nbase_url = \"http://x/v1\"\nmax_retrys = 3\n",
+            "max_retrys",
+        ),
+        (
+            "type = \"anthropic\"\nembed_batch_size = 10\n",
+            "embed_batch_size",
+        ),
+        (
+            "type = \"gemini\"\nmax_tokens_field = \"max_tokens\"\n",
+            "max_tokens_field",
+        ),
+        (
+            "type = \"ollama\"\ndefault_max_tokens = 5\n",
+            "default_max_tokens",
+        ),
+    ] {
+        let e = load(
+            &format!("[providers.p]\ndefault_model = \"m\"\n{table}"),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("providers.p") && e.contains(key),
+            "{table}: {e}"
+        );
+    }
+    let e = load("[providers.p]\ntype = \"fake\"\n", &[])
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("providers.p") && e.contains("fake"), "{e}");
+}
+
+#[test]
+fn each_protocol_gets_its_own_settings_and_defaults() {
+    let c = load(
+        "[providers.o]\ntype = \"openai\"\nbase_url = \"http://x/v1\"\ndefault_model = \"m\"\nmax_tokens_field = \"max_completion_tokens\"\nembed_batch_size = 7\n\
+         [providers.a]\ntype = \"anthropic\"\ndefault_model = \"c\"\ndefault_max_tokens = 99\nmax_retries = 0\n\
+         [providers.g]\ntype = \"gemini\"\ndefault_model = \"g\"\n\
+         [routes]\ndefault = [\"o\", \"a:claude-x\", \"g:models:odd\"]\n",
+        &[],
+    )
+    .unwrap();
+    let o = &c.providers["o"];
+    assert_eq!(
+        o.api,
+        Api::Openai {
+            max_tokens_field: MaxTokensField::MaxCompletionTokens,
+            embed: EmbedBatching {
+                batch_size: 7,
+                batch_tokens: 250_000
+            }
+        }
+    );
+    assert_eq!(o.max_retries, 2);
+    let a = &c.providers["a"];
+    assert_eq!(
+        a.api,
+        Api::Anthropic {
+            default_max_tokens: 99
+        }
+    );
+    assert_eq!((a.max_retries, a.api.embedding()), (0, None));
+    assert_eq!(
+        c.providers["g"].api.embedding().map(|e| e.batch_size),
+        Some(100)
+    );
+    // Route entries are parsed once: the model is everything after the first ':'.
+    let route: Vec<String> = c.routes["default"].iter().map(|e| e.to_string()).collect();
+    assert_eq!(route, ["o", "a:claude-x", "g:models:odd"]);
+    assert_eq!(c.routes["default"][2].model.as_deref(), Some("models:odd"));
+    assert_eq!(c.routes["default"][0].model, None);
+}
+
+#[test]
+fn an_embedding_route_through_anthropic_is_refused_at_load() {
+    let e = load(
+        "[providers.claude]\ntype = \"anthropic\"\ndefault_model = \"c\"\n[embed_routes]\ndefault = [\"claude\"]\n",
+        &[],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.starts_with("embed_routes.default")
+            && e.contains("anthropic, which has no embeddings API"),
+        "{e}"
+    );
 }

@@ -1,6 +1,6 @@
 //! Checks that need the whole configuration, made once at load.
 
-use super::{Config, ConfigError, ProviderType, invalid, split_route_entry};
+use super::{Api, Config, ConfigError, RouteEntry, invalid};
 
 impl Config {
     /// Checks that need the whole picture; fills the implicit default route.
@@ -96,7 +96,7 @@ impl Config {
                     "a provider name must be non-empty and contain no ':'",
                 ));
             }
-            if p.kind == ProviderType::Openai {
+            if matches!(p.api, Api::Openai { .. }) {
                 let base = p.base_url.as_deref().ok_or_else(|| {
                     invalid(
                         format!("providers.{name}.base_url"),
@@ -118,7 +118,11 @@ impl Config {
         }
         if !self.routes.contains_key("default") {
             if self.providers.len() == 1 {
-                let only = self.providers.keys().cloned().collect();
+                let only = self
+                    .providers
+                    .keys()
+                    .map(|p| RouteEntry::parse(p))
+                    .collect();
                 self.routes.insert("default".into(), only);
             } else {
                 return Err(invalid(
@@ -144,26 +148,8 @@ impl Config {
             }
         }
         for (task, entries) in &self.embed_routes {
-            for entry in entries {
-                let (provider, _) = split_route_entry(entry);
-                match self.providers.get(provider) {
-                    None => {
-                        return Err(invalid(
-                            format!("embed_routes.{task}"),
-                            format!("unknown provider '{provider}'"),
-                        ));
-                    }
-                    Some(p) if p.kind == ProviderType::Anthropic => {
-                        return Err(invalid(
-                            format!("embed_routes.{task}"),
-                            format!(
-                                "provider '{provider}' is Anthropic, which has no embeddings API"
-                            ),
-                        ));
-                    }
-                    Some(_) => {}
-                }
-            }
+            self.check_embedders(entries)
+                .map_err(|e| invalid(format!("embed_routes.{task}"), e))?;
             if entries.is_empty() {
                 return Err(invalid(
                     format!("embed_routes.{task}"),
@@ -179,14 +165,14 @@ impl Config {
                 ));
             }
             for entry in entries {
-                let (provider, model) = split_route_entry(entry);
+                let provider = &entry.provider;
                 let Some(p) = self.providers.get(provider) else {
                     return Err(invalid(
                         format!("routes.{task}"),
                         format!("unknown provider '{provider}'"),
                     ));
                 };
-                if model.is_none() && p.default_model.is_none() {
+                if entry.model.is_none() && p.default_model.is_none() {
                     return Err(invalid(
                         format!("routes.{task}"),
                         format!(

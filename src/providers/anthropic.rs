@@ -29,7 +29,11 @@ pub struct Anthropic {
 }
 
 impl Anthropic {
-    pub fn new(cfg: &ProviderConfig, http: super::Http) -> Result<Self, ProviderError> {
+    pub fn new(
+        cfg: &ProviderConfig,
+        default_max_tokens: u32,
+        http: super::Http,
+    ) -> Result<Self, ProviderError> {
         let base = cfg
             .base_url
             .as_deref()
@@ -38,7 +42,7 @@ impl Anthropic {
             http,
             url: super::helpers::endpoint(base, "messages")?,
             key: cfg.api_key.clone(),
-            default_max_tokens: cfg.default_max_tokens,
+            default_max_tokens,
         })
     }
 

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use futures::Stream;
 
-use crate::config::{Config, LimitsConfig, ProviderConfig, ProviderType};
+use crate::config::{Api, Config, EmbedBatching, LimitsConfig, ProviderConfig};
 use crate::error::{ErrorCode, ProviderError};
 use crate::job::GenerateRequest;
 
@@ -117,10 +117,8 @@ pub struct Provider {
     pub limiter: Limiter,
     /// Kept only to scrub it from provider error messages.
     key: Option<secrecy::SecretString>,
-    /// Most inputs per embedding request.
-    pub embed_batch_size: usize,
-    /// Most (estimated) input tokens per embedding request.
-    pub embed_batch_tokens: u64,
+    /// How embedding requests are batched; `None` for protocols without an embeddings API.
+    pub embedding: Option<EmbedBatching>,
     /// Models a job may pin (exact, or `prefix*`); `None` allows any. Route models always go.
     models: Option<Vec<String>>,
     imp: ProviderImpl,
@@ -171,13 +169,15 @@ impl Provider {
         cfg: &ProviderConfig,
         http: &Http,
     ) -> Result<Self, ProviderError> {
-        let imp = match cfg.kind {
-            ProviderType::Openai => ProviderImpl::OpenAi(openai::OpenAi::new(cfg, http.clone())?),
-            ProviderType::Anthropic => {
-                ProviderImpl::Anthropic(anthropic::Anthropic::new(cfg, http.clone())?)
-            }
-            ProviderType::Gemini => ProviderImpl::Gemini(gemini::Gemini::new(cfg, http.clone())?),
-            ProviderType::Ollama => ProviderImpl::Ollama(ollama::Ollama::new(cfg, http.clone())?),
+        let imp = match &cfg.api {
+            Api::Openai {
+                max_tokens_field, ..
+            } => ProviderImpl::OpenAi(openai::OpenAi::new(cfg, *max_tokens_field, http.clone())?),
+            Api::Anthropic { default_max_tokens } => ProviderImpl::Anthropic(
+                anthropic::Anthropic::new(cfg, *default_max_tokens, http.clone())?,
+            ),
+            Api::Gemini { .. } => ProviderImpl::Gemini(gemini::Gemini::new(cfg, http.clone())?),
+            Api::Ollama { .. } => ProviderImpl::Ollama(ollama::Ollama::new(cfg, http.clone())?),
         };
         Ok(Self {
             name: name.to_string(),
@@ -193,12 +193,7 @@ impl Provider {
             },
             limiter: Limiter::new(cfg.max_concurrent, cfg.requests_per_minute),
             key: cfg.api_key.clone(),
-            embed_batch_size: cfg.embed_batch_size.unwrap_or(match cfg.kind {
-                ProviderType::Gemini => 100,
-                ProviderType::Ollama => 512,
-                _ => 2048,
-            }),
-            embed_batch_tokens: cfg.embed_batch_tokens,
+            embedding: cfg.api.embedding(),
             models: cfg.models.clone(),
             imp,
         })
@@ -217,11 +212,6 @@ impl Provider {
             ProviderImpl::Gemini(p) => p.generate(model, req).await,
             ProviderImpl::Ollama(p) => p.generate(model, req).await,
         }
-    }
-
-    /// Whether this provider has an embeddings API.
-    pub fn can_embed(&self) -> bool {
-        !matches!(self.imp, ProviderImpl::Anthropic(_))
     }
 
     /// One embedding call for a batch of inputs (already sized by the caller).

@@ -28,7 +28,11 @@ pub struct OpenAi {
 }
 
 impl OpenAi {
-    pub fn new(cfg: &ProviderConfig, http: super::Http) -> Result<Self, ProviderError> {
+    pub fn new(
+        cfg: &ProviderConfig,
+        max_tokens_field: MaxTokensField,
+        http: super::Http,
+    ) -> Result<Self, ProviderError> {
         let base = cfg
             .base_url
             .as_deref()
@@ -38,7 +42,7 @@ impl OpenAi {
             chat_url: endpoint(base, "chat/completions")?,
             embed_url: endpoint(base, "embeddings")?,
             key: cfg.api_key.clone(),
-            max_tokens_field: cfg.max_tokens_field,
+            max_tokens_field,
         })
     }
 
