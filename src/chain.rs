@@ -27,7 +27,8 @@ use crate::health::{Admission, Health};
 use crate::job::{Catalog, GenerateRequest, Job};
 use crate::pricing::PriceBook;
 use crate::providers::{
-    Provider, ProviderEvent, Registry, Usage, estimate_request_tokens, estimate_tokens,
+    FinishReason, Provider, ProviderEvent, Registry, Usage, estimate_request_tokens,
+    estimate_tokens,
 };
 use crate::trust::quote;
 
@@ -572,7 +573,7 @@ async fn attempt<S: DeltaSink>(
 
     let mut output = String::new();
     let mut usage: Option<Usage> = None;
-    let mut finish: Option<String> = None;
+    let mut finish: Option<FinishReason> = None;
     let mut ttft: Option<Duration> = None;
     let mut started = false;
 
@@ -686,7 +687,7 @@ async fn attempt<S: DeltaSink>(
             provider: provider.name.clone(),
             model: target.model.clone(),
             output,
-            finish_reason,
+            finish_reason: finish_reason.as_str().to_string(),
             usage: tokens,
         }),
         (None, None) => Err(ProviderError::new(ErrorCode::Truncated, "no finish signal")),

@@ -9,12 +9,11 @@
 use eventsource_stream::Event;
 use reqwest::Url;
 use secrecy::{ExposeSecret, SecretString};
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
 
 use super::helpers::clip;
 use super::sse::{SseDecoder, Step};
-use super::{Call, ProviderEvent, Usage};
+use super::{Call, FinishReason, ProviderEvent, Usage};
 use crate::config::ProviderConfig;
 use crate::error::{ErrorCode, ProviderError, code_for_status};
 use crate::job::{GenerateRequest, Role};
@@ -75,54 +74,72 @@ impl Anthropic {
     }
 }
 
-fn request_body(model: &str, req: &GenerateRequest, default_max_tokens: u32) -> serde_json::Value {
-    let messages: Vec<serde_json::Value> = req
+/// A Messages API request.
+#[derive(Serialize)]
+struct WireRequest<'a> {
+    model: &'a str,
+    max_tokens: u32,
+    messages: Vec<MessageIn<'a>>,
+    stream: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    system: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_p: Option<f64>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    stop_sequences: &'a [String],
+}
+
+#[derive(Serialize)]
+struct MessageIn<'a> {
+    role: &'static str,
+    content: &'a str,
+}
+
+fn request_body<'a>(
+    model: &'a str,
+    req: &'a GenerateRequest,
+    default_max_tokens: u32,
+) -> WireRequest<'a> {
+    let messages = req
         .messages
         .iter()
         .filter(|m| m.role != Role::System)
-        .map(|m| {
-            let role = if m.role == Role::Assistant {
+        .map(|m| MessageIn {
+            role: if m.role == Role::Assistant {
                 "assistant"
             } else {
                 "user"
-            };
-            json!({"role": role, "content": m.content})
+            },
+            content: &m.content,
         })
         .collect();
     let o = &req.options;
-    let mut body = json!({
-        "model": model,
-        "max_tokens": o.max_tokens.unwrap_or(default_max_tokens),
-        "messages": messages,
-        "stream": req.stream,
-    });
-    if let Some(system) = &req.system {
-        body["system"] = json!(system);
-    }
-    if let Some(t) = o.temperature {
+    WireRequest {
+        model,
+        max_tokens: o.max_tokens.unwrap_or(default_max_tokens),
+        messages,
+        stream: req.stream,
+        system: req.system.as_deref(),
         // Anthropic's range is 0..=1; the contract's is 0..=2.
-        body["temperature"] = json!(t.min(1.0));
+        temperature: o.temperature.map(|t| t.min(1.0)),
+        top_p: o.top_p,
+        stop_sequences: &o.stop,
     }
-    if let Some(p) = o.top_p {
-        body["top_p"] = json!(p);
-    }
-    if !o.stop.is_empty() {
-        body["stop_sequences"] = json!(o.stop);
-    }
-    body
 }
 
 /// Map a stop reason to a finish reason, or to the error it really is.
-fn finish(stop_reason: &str) -> Result<String, ProviderError> {
+fn finish(stop_reason: &str) -> Result<FinishReason, ProviderError> {
     match stop_reason {
-        "end_turn" | "stop_sequence" => Ok("stop".into()),
-        "max_tokens" | "model_context_window_exceeded" => Ok("length".into()),
-        "tool_use" => Ok("tool_calls".into()),
+        "end_turn" | "stop_sequence" => Ok(FinishReason::Stop),
+        "max_tokens" | "model_context_window_exceeded" => Ok(FinishReason::Length),
+        "tool_use" => Ok(FinishReason::ToolCalls),
         "refusal" => Err(ProviderError::new(
             ErrorCode::ContentFiltered,
             "the model refused to answer (stop_reason: refusal)",
         )),
-        other => Ok(other.to_string()),
+        other => Ok(FinishReason::other(other)),
     }
 }
 
@@ -146,23 +163,65 @@ impl WireUsage {
     }
 }
 
+/// One streamed event, by its `type`. `ping`, `content_block_start/stop` and event types
+/// added later are `Unknown`, and ignored.
 #[derive(Deserialize)]
-struct WireEvent {
-    #[serde(rename = "type")]
-    kind: String,
-    message: Option<WireMessage>,
-    delta: Option<serde_json::Value>,
-    usage: Option<WireUsage>,
-    error: Option<WireError>,
+#[serde(tag = "type", rename_all = "snake_case")]
+enum WireEvent {
+    MessageStart {
+        message: WireMessage,
+    },
+    ContentBlockDelta {
+        delta: BlockDelta,
+    },
+    MessageDelta {
+        #[serde(default)]
+        delta: MessageDelta,
+        usage: Option<WireUsage>,
+    },
+    MessageStop,
+    Error {
+        error: Option<WireError>,
+    },
+    #[serde(other)]
+    Unknown,
 }
 
+/// A content block's increment: text, or kinds we do not use (thinking, tool input JSON).
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum BlockDelta {
+    TextDelta {
+        text: String,
+    },
+    #[serde(other)]
+    Unknown,
+}
+
+#[derive(Deserialize, Default)]
+struct MessageDelta {
+    stop_reason: Option<String>,
+}
+
+/// A whole message (non-streamed answers, and `message_start`).
 #[derive(Deserialize)]
 struct WireMessage {
     #[serde(default)]
     usage: WireUsage,
     #[serde(default)]
-    content: Vec<serde_json::Value>,
+    content: Vec<Block>,
     stop_reason: Option<String>,
+}
+
+/// A content block: text, or kinds we do not use.
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Block {
+    Text {
+        text: String,
+    },
+    #[serde(other)]
+    Unknown,
 }
 
 #[derive(Deserialize)]
@@ -171,6 +230,12 @@ struct WireError {
     kind: String,
     #[serde(default)]
     message: String,
+}
+
+/// An error response: `{"type":"error","error":{"type","message"}}`.
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: WireError,
 }
 
 #[derive(Default)]
@@ -191,40 +256,26 @@ impl SseDecoder for StreamDecoder {
             )
         })?;
         let mut out = Vec::new();
-        match ev.kind.as_str() {
-            "message_start" => {
-                if let Some(m) = ev.message {
-                    self.input_tokens = m.usage.total_input();
-                }
+        match ev {
+            WireEvent::MessageStart { message } => {
+                self.input_tokens = message.usage.total_input();
             }
-            "content_block_delta" => {
-                let delta = ev.delta.unwrap_or_default();
-                if delta.get("type").and_then(|t| t.as_str()) == Some("text_delta")
-                    && let Some(text) = delta.get("text").and_then(|t| t.as_str())
-                    && !text.is_empty()
-                {
-                    out.push(ProviderEvent::Delta(text.to_string()));
-                }
-            }
-            "message_delta" => {
-                let reason = ev
-                    .delta
-                    .as_ref()
-                    .and_then(|d| d.get("stop_reason"))
-                    .and_then(|r| r.as_str())
-                    .map(finish);
-                if let Some(u) = ev.usage {
+            WireEvent::ContentBlockDelta {
+                delta: BlockDelta::TextDelta { text },
+            } if !text.is_empty() => out.push(ProviderEvent::Delta(text)),
+            WireEvent::MessageDelta { delta, usage } => {
+                if let Some(u) = usage {
                     out.push(ProviderEvent::Usage(Usage {
                         input_tokens: self.input_tokens.max(u.total_input()),
                         output_tokens: u.output_tokens,
                     }));
                 }
-                if let Some(reason) = reason {
+                if let Some(reason) = delta.stop_reason {
                     self.finished = true;
-                    out.push(ProviderEvent::Finish(reason?));
+                    out.push(ProviderEvent::Finish(finish(&reason)?));
                 }
             }
-            "message_stop" => {
+            WireEvent::MessageStop => {
                 return if self.finished {
                     Ok(Step::End(out))
                 } else {
@@ -234,15 +285,14 @@ impl SseDecoder for StreamDecoder {
                     ))
                 };
             }
-            "error" => {
-                let e = ev.error.unwrap_or(WireError {
+            WireEvent::Error { error } => {
+                let e = error.unwrap_or(WireError {
                     kind: String::new(),
                     message: event.data.clone(),
                 });
                 return Err(classify_error_type(&e.kind, &e.message, 200));
             }
-            // ping, content_block_start/stop, and types added later.
-            _ => {}
+            WireEvent::ContentBlockDelta { .. } | WireEvent::Unknown => {}
         }
         Ok(Step::More(out))
     }
@@ -275,8 +325,10 @@ fn parse_message(text: &str) -> Vec<Result<ProviderEvent, ProviderError>> {
     let text: String = m
         .content
         .iter()
-        .filter(|b| b.get("type").and_then(|t| t.as_str()) == Some("text"))
-        .filter_map(|b| b.get("text").and_then(|t| t.as_str()))
+        .filter_map(|b| match b {
+            Block::Text { text } => Some(text.as_str()),
+            Block::Unknown => None,
+        })
         .collect();
     let mut out = Vec::new();
     if !text.is_empty() {
@@ -292,19 +344,20 @@ fn parse_message(text: &str) -> Vec<Result<ProviderEvent, ProviderError>> {
 
 /// Classify an HTTP error body `{"type":"error","error":{"type","message"}}`.
 pub fn classify(status: u16, body: &str) -> ProviderError {
-    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
-    let kind = v["error"]["type"].as_str().unwrap_or_default();
-    let message = v["error"]["message"]
-        .as_str()
-        .map(str::to_string)
-        .unwrap_or_else(|| {
-            if body.is_empty() {
+    match serde_json::from_str::<ErrorBody>(body) {
+        Ok(ErrorBody { error }) if !error.message.is_empty() => {
+            classify_error_type(&error.kind, &error.message, status)
+        }
+        parsed => {
+            let kind = parsed.map(|b| b.error.kind).unwrap_or_default();
+            let message = if body.is_empty() {
                 format!("HTTP {status}")
             } else {
                 clip(body)
-            }
-        });
-    classify_error_type(kind, &message, status)
+            };
+            classify_error_type(&kind, &message, status)
+        }
+    }
 }
 
 fn classify_error_type(kind: &str, message: &str, status: u16) -> ProviderError {
@@ -332,6 +385,7 @@ fn classify_error_type(kind: &str, message: &str, status: u16) -> ProviderError 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn ev(name: &str, data: &str) -> Event {
         Event {
@@ -391,7 +445,7 @@ mod tests {
                     input_tokens: 30,
                     output_tokens: 15
                 }),
-                ProviderEvent::Finish("stop".into()),
+                ProviderEvent::Finish(FinishReason::Stop),
             ]
         );
     }
@@ -453,7 +507,7 @@ mod tests {
             options: Default::default(),
             stream: true,
         };
-        let body = request_body("claude", &req, 1024);
+        let body = serde_json::to_value(request_body("claude", &req, 1024)).unwrap();
         assert_eq!(body["system"], "be brief");
         assert_eq!(body["max_tokens"], 1024);
         assert_eq!(body["messages"], json!([{"role": "user", "content": "hi"}]));
@@ -474,5 +528,41 @@ mod tests {
         })));
         let bad = r#"{"type":"message_delta","usage":{"output_tokens":-1}}"#;
         assert!(d.event(&ev("message_delta", bad)).is_err());
+    }
+
+    #[test]
+    fn events_and_values_it_does_not_know_are_ignored_or_passed_through_by_name() {
+        let mut d = StreamDecoder::default();
+        for (name, data) in [
+            (
+                "content_block_start",
+                r#"{"type":"content_block_start","index":0,"content_block":{"type":"thinking","thinking":""}}"#,
+            ),
+            (
+                "content_block_delta",
+                r#"{"type":"content_block_delta","index":0,"delta":{"type":"thinking_delta","thinking":"hmm"}}"#,
+            ),
+            (
+                "brand_new_event",
+                r#"{"type":"brand_new_event","anything":[1,2]}"#,
+            ),
+        ] {
+            let Step::More(out) = d.event(&ev(name, data)).unwrap() else {
+                panic!("{name} ended the stream")
+            };
+            assert!(out.is_empty(), "{name}: {out:?}");
+        }
+        let Step::More(out) = d
+            .event(&ev("message_delta", r#"{"type":"message_delta","delta":{"stop_reason":"pause_turn"},"usage":{"output_tokens":3}}"#))
+            .unwrap()
+        else {
+            panic!("ended before message_stop")
+        };
+        assert_eq!(
+            out.last(),
+            Some(&ProviderEvent::Finish(FinishReason::Other(
+                "pause_turn".into()
+            )))
+        );
     }
 }

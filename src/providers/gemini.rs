@@ -7,11 +7,12 @@ use std::time::Duration;
 use eventsource_stream::Event;
 use reqwest::Url;
 use secrecy::{ExposeSecret, SecretString};
-use serde_json::{Value, json};
+use serde::de::IgnoredAny;
+use serde::{Deserialize, Serialize};
 
-use super::helpers::clip;
+use super::helpers::{clip, lenient_count};
 use super::sse::{SseDecoder, Step};
-use super::{Call, ProviderEvent, Usage};
+use super::{Call, FinishReason, ProviderEvent, Usage};
 use crate::config::ProviderConfig;
 use crate::error::{ErrorCode, ProviderError, code_for_status};
 use crate::job::{GenerateRequest, Role};
@@ -70,21 +71,30 @@ impl Gemini {
         dimensions: Option<u32>,
     ) -> Result<super::Embedded, ProviderError> {
         let url = self.method_url(model, "batchEmbedContents")?;
-        let requests: Vec<Value> = inputs
+        #[derive(Serialize)]
+        struct Batch<'a> {
+            requests: Vec<EmbedRequest<'a>>,
+        }
+        #[derive(Serialize)]
+        #[serde(rename_all = "camelCase")]
+        struct EmbedRequest<'a> {
+            model: &'a str,
+            content: SystemIn<'a>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            output_dimensionality: Option<u32>,
+        }
+        let name = format!("models/{model}");
+        let requests = inputs
             .iter()
-            .map(|text| {
-                let mut r = json!({"model": format!("models/{model}"), "content": {"parts": [{"text": text}]}});
-                if let Some(d) = dimensions {
-                    r["outputDimensionality"] = json!(d);
-                }
-                r
+            .map(|text| EmbedRequest {
+                model: &name,
+                content: SystemIn {
+                    parts: [PartIn { text }],
+                },
+                output_dimensionality: dimensions,
             })
             .collect();
-        let mut builder = self
-            .http
-            .client
-            .post(url)
-            .json(&json!({"requests": requests}));
+        let mut builder = self.http.client.post(url).json(&Batch { requests });
         if let Some(key) = &self.key {
             builder = builder.header("x-goog-api-key", key.expose_secret());
         }
@@ -130,19 +140,13 @@ impl Gemini {
         } else {
             let text = self.http.read_body(response).await?;
             let mut d = StreamDecoder::default();
-            let events = match serde_json::from_str::<Value>(&text) {
-                Ok(v) => match d.response(&v) {
-                    Ok(_) if !d.finished => vec![Err(ProviderError::new(
-                        ErrorCode::Truncated,
-                        "response has no finishReason",
-                    ))],
-                    Ok(evs) => evs.into_iter().map(Ok).collect(),
-                    Err(e) => vec![Err(e)],
-                },
-                Err(e) => vec![Err(ProviderError::new(
-                    ErrorCode::MalformedResponse,
-                    format!("undecodable response ({e}): {}", clip(&text)),
+            let events = match d.response(&text) {
+                Ok(_) if !d.finished => vec![Err(ProviderError::new(
+                    ErrorCode::Truncated,
+                    "response has no finishReason",
                 ))],
+                Ok(evs) => evs.into_iter().map(Ok).collect(),
+                Err(e) => vec![Err(e)],
             };
             Box::pin(futures::stream::iter(events))
         };
@@ -153,42 +157,149 @@ impl Gemini {
     }
 }
 
-fn request_body(req: &GenerateRequest) -> Value {
-    let contents: Vec<Value> = req
+/// A `generateContent` request.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct WireRequest<'a> {
+    contents: Vec<ContentIn<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    system_instruction: Option<SystemIn<'a>>,
+    #[serde(skip_serializing_if = "GenerationConfig::is_empty")]
+    generation_config: GenerationConfig<'a>,
+}
+
+#[derive(Serialize)]
+struct ContentIn<'a> {
+    role: &'static str,
+    parts: [PartIn<'a>; 1],
+}
+
+/// Parts without a role (the system instruction, an embedding's content).
+#[derive(Serialize)]
+struct SystemIn<'a> {
+    parts: [PartIn<'a>; 1],
+}
+
+#[derive(Serialize)]
+struct PartIn<'a> {
+    text: &'a str,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct GenerationConfig<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_p: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_output_tokens: Option<u32>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    stop_sequences: &'a [String],
+}
+
+impl GenerationConfig<'_> {
+    fn is_empty(&self) -> bool {
+        self.temperature.is_none()
+            && self.top_p.is_none()
+            && self.max_output_tokens.is_none()
+            && self.stop_sequences.is_empty()
+    }
+}
+
+fn request_body(req: &GenerateRequest) -> WireRequest<'_> {
+    let contents = req
         .messages
         .iter()
         .filter(|m| m.role != Role::System)
-        .map(|m| {
-            let role = if m.role == Role::Assistant {
+        .map(|m| ContentIn {
+            role: if m.role == Role::Assistant {
                 "model"
             } else {
                 "user"
-            };
-            json!({"role": role, "parts": [{"text": m.content}]})
+            },
+            parts: [PartIn { text: &m.content }],
         })
         .collect();
     let o = &req.options;
-    let mut config = serde_json::Map::new();
-    if let Some(t) = o.temperature {
-        config.insert("temperature".into(), json!(t));
+    WireRequest {
+        contents,
+        system_instruction: req.system.as_deref().map(|text| SystemIn {
+            parts: [PartIn { text }],
+        }),
+        generation_config: GenerationConfig {
+            temperature: o.temperature,
+            top_p: o.top_p,
+            max_output_tokens: o.max_tokens,
+            stop_sequences: &o.stop,
+        },
     }
-    if let Some(p) = o.top_p {
-        config.insert("topP".into(), json!(p));
+}
+
+/// One `GenerateContentResponse` (a whole answer, or one streamed chunk of it).
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WireResponse {
+    /// Present when a 200 stream carries an error instead of an answer.
+    error: Option<IgnoredAny>,
+    #[serde(default)]
+    candidates: Vec<Candidate>,
+    prompt_feedback: Option<PromptFeedback>,
+    usage_metadata: Option<UsageMetadata>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Candidate {
+    content: Option<ContentOut>,
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ContentOut {
+    #[serde(default)]
+    parts: Vec<PartOut>,
+}
+
+/// A part of an answer: text (thoughts are skipped), or kinds we do not use.
+#[derive(Deserialize)]
+struct PartOut {
+    text: Option<String>,
+    #[serde(default)]
+    thought: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PromptFeedback {
+    block_reason: Option<String>,
+}
+
+/// Running (cumulative) counts.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct UsageMetadata {
+    #[serde(default, deserialize_with = "lenient_count")]
+    prompt_token_count: u64,
+    #[serde(default, deserialize_with = "lenient_count")]
+    candidates_token_count: u64,
+    #[serde(default, deserialize_with = "lenient_count")]
+    thoughts_token_count: u64,
+}
+
+/// Map a `finishReason` to a finish reason, or to the error it really is.
+fn finish(reason: &str) -> Result<FinishReason, ProviderError> {
+    match reason {
+        "STOP" => Ok(FinishReason::Stop),
+        "MAX_TOKENS" => Ok(FinishReason::Length),
+        "SAFETY" | "RECITATION" | "BLOCKLIST" | "PROHIBITED_CONTENT" | "SPII" | "IMAGE_SAFETY" => {
+            Err(ProviderError::new(
+                ErrorCode::ContentFiltered,
+                format!("the answer was blocked (finishReason: {reason})"),
+            ))
+        }
+        other => Ok(FinishReason::other(other)),
     }
-    if let Some(m) = o.max_tokens {
-        config.insert("maxOutputTokens".into(), json!(m));
-    }
-    if !o.stop.is_empty() {
-        config.insert("stopSequences".into(), json!(o.stop));
-    }
-    let mut body = json!({"contents": contents});
-    if let Some(system) = &req.system {
-        body["systemInstruction"] = json!({"parts": [{"text": system}]});
-    }
-    if !config.is_empty() {
-        body["generationConfig"] = Value::Object(config);
-    }
-    body
 }
 
 #[derive(Default)]
@@ -197,61 +308,46 @@ pub struct StreamDecoder {
 }
 
 impl StreamDecoder {
-    /// Decode one `GenerateContentResponse`.
-    fn response(&mut self, v: &Value) -> Result<Vec<ProviderEvent>, ProviderError> {
-        if v.get("error").is_some() {
-            return Err(classify(200, &v.to_string()));
+    /// Decode one `GenerateContentResponse` (`text` is its JSON).
+    fn response(&mut self, text: &str) -> Result<Vec<ProviderEvent>, ProviderError> {
+        let v: WireResponse = serde_json::from_str(text).map_err(|e| {
+            ProviderError::new(
+                ErrorCode::MalformedResponse,
+                format!("undecodable response ({e}): {}", clip(text)),
+            )
+        })?;
+        if v.error.is_some() {
+            return Err(classify(200, text));
         }
         let mut out = Vec::new();
-        let candidate = v.get("candidates").and_then(|c| c.get(0));
+        let candidate = v.candidates.into_iter().next();
         if candidate.is_none()
-            && let Some(reason) = v
-                .pointer("/promptFeedback/blockReason")
-                .and_then(|r| r.as_str())
+            && let Some(reason) = v.prompt_feedback.and_then(|f| f.block_reason)
         {
             return Err(ProviderError::new(
                 ErrorCode::ContentFiltered,
                 format!("the prompt was blocked (blockReason: {reason})"),
             ));
         }
-        if let Some(parts) = candidate
-            .and_then(|c| c.pointer("/content/parts"))
-            .and_then(|p| p.as_array())
-        {
-            for part in parts {
-                if part.get("thought").and_then(|t| t.as_bool()) == Some(true) {
-                    continue;
-                }
-                if let Some(text) = part.get("text").and_then(|t| t.as_str())
-                    && !text.is_empty()
-                {
-                    out.push(ProviderEvent::Delta(text.to_string()));
-                }
+        let (content, reason) = candidate.map_or((None, None), |c| (c.content, c.finish_reason));
+        for part in content.map(|c| c.parts).unwrap_or_default() {
+            if let Some(text) = part.text
+                && !part.thought
+                && !text.is_empty()
+            {
+                out.push(ProviderEvent::Delta(text));
             }
         }
-        if let Some(u) = v.get("usageMetadata") {
-            let n = |k: &str| u.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+        if let Some(u) = v.usage_metadata {
             out.push(ProviderEvent::Usage(Usage {
-                input_tokens: n("promptTokenCount"),
-                output_tokens: n("candidatesTokenCount").saturating_add(n("thoughtsTokenCount")),
+                input_tokens: u.prompt_token_count,
+                output_tokens: u
+                    .candidates_token_count
+                    .saturating_add(u.thoughts_token_count),
             }));
         }
-        if let Some(reason) = candidate
-            .and_then(|c| c.get("finishReason"))
-            .and_then(|r| r.as_str())
-        {
-            match reason {
-                "STOP" => out.push(ProviderEvent::Finish("stop".into())),
-                "MAX_TOKENS" => out.push(ProviderEvent::Finish("length".into())),
-                "SAFETY" | "RECITATION" | "BLOCKLIST" | "PROHIBITED_CONTENT" | "SPII"
-                | "IMAGE_SAFETY" => {
-                    return Err(ProviderError::new(
-                        ErrorCode::ContentFiltered,
-                        format!("the answer was blocked (finishReason: {reason})"),
-                    ));
-                }
-                other => out.push(ProviderEvent::Finish(other.to_ascii_lowercase())),
-            }
+        if let Some(reason) = reason {
+            out.push(ProviderEvent::Finish(finish(&reason)?));
             self.finished = true;
         }
         Ok(out)
@@ -263,13 +359,7 @@ impl SseDecoder for StreamDecoder {
         if event.data.trim().is_empty() {
             return Ok(Step::More(Vec::new()));
         }
-        let v: Value = serde_json::from_str(&event.data).map_err(|e| {
-            ProviderError::new(
-                ErrorCode::MalformedResponse,
-                format!("undecodable stream chunk ({e}): {}", clip(&event.data)),
-            )
-        })?;
-        let out = self.response(&v)?;
+        let out = self.response(&event.data)?;
         // Usage rides on the chunk with the finish reason; nothing follows it.
         Ok(if self.finished {
             Step::End(out)
@@ -283,14 +373,57 @@ impl SseDecoder for StreamDecoder {
     }
 }
 
-/// Classify `{"error":{code,message,status,details}}` (sometimes wrapped in an array).
+/// `{"error": {...}}`: an error response, or an error inside a 200 stream.
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: WireError,
+}
+
+#[derive(Deserialize)]
+struct WireError {
+    message: Option<String>,
+    /// The canonical status name (`UNAVAILABLE`, `RESOURCE_EXHAUSTED`, ...).
+    status: Option<String>,
+    /// The HTTP status the error stands for (what matters inside a 200 stream).
+    #[serde(default, deserialize_with = "lenient_count")]
+    code: u64,
+    #[serde(default)]
+    details: Vec<Detail>,
+}
+
+/// One `google.rpc` detail: `RetryInfo` (a delay) or `QuotaFailure` (violations); others
+/// are kept only by type.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Detail {
+    #[serde(rename = "@type", default)]
+    kind: String,
+    retry_delay: Option<String>,
+    #[serde(default)]
+    violations: Vec<Violation>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Violation {
+    #[serde(default)]
+    quota_id: String,
+}
+
+/// Classify `{"error":{code,message,status,details}}` (sometimes wrapped in an array). A body
+/// of another shape keeps the HTTP status and is quoted (clipped).
 pub fn classify(status: u16, body: &str) -> ProviderError {
-    let v: Value = serde_json::from_str(body).unwrap_or_default();
-    let v = if v.is_array() { v[0].clone() } else { v };
-    let e = &v["error"];
-    let message = e["message"]
-        .as_str()
-        .map(str::to_string)
+    let parsed = if body.trim_start().starts_with('[') {
+        serde_json::from_str::<Vec<ErrorBody>>(body)
+            .ok()
+            .and_then(|v| v.into_iter().next())
+    } else {
+        serde_json::from_str::<ErrorBody>(body).ok()
+    };
+    let e = parsed.map(|b| b.error);
+    let message = e
+        .as_ref()
+        .and_then(|e| e.message.clone())
         .unwrap_or_else(|| {
             if body.is_empty() {
                 format!("HTTP {status}")
@@ -298,25 +431,24 @@ pub fn classify(status: u16, body: &str) -> ProviderError {
                 clip(body)
             }
         });
-    let state = e["status"].as_str().unwrap_or_default();
-    let details = e["details"].as_array().cloned().unwrap_or_default();
+    let state = e
+        .as_ref()
+        .and_then(|e| e.status.as_deref())
+        .unwrap_or_default();
+    let details = e.as_ref().map(|e| e.details.as_slice()).unwrap_or_default();
     let retry_delay = details
         .iter()
-        .filter(|d| {
-            d["@type"]
-                .as_str()
-                .is_some_and(|t| t.ends_with("RetryInfo"))
-        })
-        .find_map(|d| d["retryDelay"].as_str().and_then(parse_duration));
-    let per_day = details.iter().any(|d| {
-        d["violations"].as_array().is_some_and(|vs| {
-            vs.iter()
-                .any(|x| x["quotaId"].as_str().is_some_and(|q| q.contains("PerDay")))
-        })
-    });
+        .filter(|d| d.kind.ends_with("RetryInfo"))
+        .find_map(|d| d.retry_delay.as_deref().and_then(parse_duration));
+    let per_day = details
+        .iter()
+        .any(|d| d.violations.iter().any(|v| v.quota_id.contains("PerDay")));
     let lower = message.to_ascii_lowercase();
     let status = if status == 200 {
-        e["code"].as_u64().unwrap_or(500) as u16
+        e.as_ref()
+            .and_then(|e| u16::try_from(e.code).ok())
+            .filter(|c| *c != 0)
+            .unwrap_or(500)
     } else {
         status
     };
@@ -371,7 +503,7 @@ mod tests {
                     input_tokens: 4,
                     output_tokens: 7
                 }),
-                ProviderEvent::Finish("stop".into()),
+                ProviderEvent::Finish(FinishReason::Stop),
             ]
         );
     }

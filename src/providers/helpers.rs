@@ -21,6 +21,32 @@ pub fn endpoint(base: &str, path: &str) -> Result<Url, ProviderError> {
     Ok(url)
 }
 
+/// A token count as a provider wrote it: any JSON number or null. Negative, fractional and
+/// null counts are 0 (a provider's nonsense is not a reason to lose the answer); the chain
+/// clamps absurdly large ones.
+pub(crate) fn lenient_count<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    struct Count;
+    impl serde::de::Visitor<'_> for Count {
+        type Value = u64;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a token count")
+        }
+        fn visit_u64<E>(self, v: u64) -> Result<u64, E> {
+            Ok(v)
+        }
+        fn visit_i64<E>(self, v: i64) -> Result<u64, E> {
+            Ok(u64::try_from(v).unwrap_or(0))
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<u64, E> {
+            Ok(0)
+        }
+        fn visit_unit<E>(self) -> Result<u64, E> {
+            Ok(0)
+        }
+    }
+    d.deserialize_any(Count)
+}
+
 /// A provider text cut to [`MAX_ERROR_CHARS`] characters.
 pub(crate) fn clip(s: &str) -> String {
     if s.chars().count() <= MAX_ERROR_CHARS {

@@ -30,7 +30,38 @@ use crate::job::GenerateRequest;
 pub enum ProviderEvent {
     Delta(String),
     Usage(Usage),
-    Finish(String),
+    Finish(FinishReason),
+}
+
+/// Why an answer ended, each provider's own reason mapped onto the contract's `finish_reason`
+/// (a refusal is not a reason but a `content_filtered` error). Reasons a provider adds later
+/// pass through by name, lower-cased.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FinishReason {
+    /// The model finished (or hit a stop sequence).
+    Stop,
+    /// The output-token limit (or the context window) cut the answer.
+    Length,
+    /// The model asked for a tool.
+    ToolCalls,
+    Other(String),
+}
+
+impl FinishReason {
+    /// The contract's name: `stop`, `length`, `tool_calls`, or the provider's own.
+    pub fn as_str(&self) -> &str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::ToolCalls => "tool_calls",
+            FinishReason::Other(name) => name,
+        }
+    }
+
+    /// A reason no mapping knows, kept by name.
+    pub(crate) fn other(name: &str) -> Self {
+        FinishReason::Other(name.to_ascii_lowercase())
+    }
 }
 
 /// Token counts as the provider reported them.

@@ -6,10 +6,11 @@ use std::collections::VecDeque;
 
 use futures::StreamExt;
 use reqwest::Url;
-use serde_json::{Value, json};
+use serde::de::IgnoredAny;
+use serde::{Deserialize, Serialize};
 
-use super::helpers::clip;
-use super::{Call, EventStream, ProviderEvent, Usage};
+use super::helpers::{clip, lenient_count};
+use super::{Call, EventStream, FinishReason, ProviderEvent, Usage};
 use crate::config::ProviderConfig;
 use crate::error::{ErrorCode, ProviderError, code_for_status};
 use crate::job::{GenerateRequest, Role};
@@ -43,10 +44,18 @@ impl Ollama {
         inputs: &[String],
         dimensions: Option<u32>,
     ) -> Result<super::Embedded, ProviderError> {
-        let mut body = json!({"model": model, "input": inputs});
-        if let Some(d) = dimensions {
-            body["dimensions"] = json!(d);
+        #[derive(Serialize)]
+        struct EmbedRequest<'a> {
+            model: &'a str,
+            input: &'a [String],
+            #[serde(skip_serializing_if = "Option::is_none")]
+            dimensions: Option<u32>,
         }
+        let body = EmbedRequest {
+            model,
+            input: inputs,
+            dimensions,
+        };
         let request = self.http.client.post(self.embed_url.clone()).json(&body);
         let (response, status) = self.http.send(request, classify).await?;
         let text = self.http.read_body(response).await?;
@@ -87,39 +96,102 @@ impl Ollama {
     }
 }
 
-fn request_body(model: &str, req: &GenerateRequest) -> Value {
-    let mut messages = Vec::with_capacity(req.messages.len() + 1);
-    if let Some(system) = &req.system {
-        messages.push(json!({"role": "system", "content": system}));
+/// An `/api/chat` request.
+#[derive(Serialize)]
+struct WireRequest<'a> {
+    model: &'a str,
+    messages: Vec<MessageIn<'a>>,
+    /// Always explicit: Ollama streams unless told otherwise.
+    stream: bool,
+    #[serde(skip_serializing_if = "Options::is_empty")]
+    options: Options<'a>,
+}
+
+#[derive(Serialize)]
+struct MessageIn<'a> {
+    role: &'static str,
+    content: &'a str,
+}
+
+#[derive(Serialize)]
+struct Options<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_p: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    num_predict: Option<u32>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    stop: &'a [String],
+}
+
+impl Options<'_> {
+    fn is_empty(&self) -> bool {
+        self.temperature.is_none()
+            && self.top_p.is_none()
+            && self.num_predict.is_none()
+            && self.stop.is_empty()
     }
-    for m in &req.messages {
-        let role = match m.role {
-            Role::System => "system",
-            Role::User => "user",
-            Role::Assistant => "assistant",
-        };
-        messages.push(json!({"role": role, "content": m.content}));
-    }
+}
+
+fn request_body<'a>(model: &'a str, req: &'a GenerateRequest) -> WireRequest<'a> {
+    let system = req.system.as_deref().map(|content| MessageIn {
+        role: "system",
+        content,
+    });
+    let messages = system
+        .into_iter()
+        .chain(req.messages.iter().map(|m| MessageIn {
+            role: match m.role {
+                Role::System => "system",
+                Role::User => "user",
+                Role::Assistant => "assistant",
+            },
+            content: &m.content,
+        }))
+        .collect();
     let o = &req.options;
-    let mut options = serde_json::Map::new();
-    if let Some(t) = o.temperature {
-        options.insert("temperature".into(), json!(t));
+    WireRequest {
+        model,
+        messages,
+        stream: req.stream,
+        options: Options {
+            temperature: o.temperature,
+            top_p: o.top_p,
+            num_predict: o.max_tokens,
+            stop: &o.stop,
+        },
     }
-    if let Some(p) = o.top_p {
-        options.insert("top_p".into(), json!(p));
+}
+
+/// One NDJSON line of `/api/chat` (or the whole non-streamed answer).
+#[derive(Deserialize)]
+struct WireLine {
+    /// Present when the server reports an error instead of an answer.
+    error: Option<IgnoredAny>,
+    message: Option<MessageOut>,
+    #[serde(default)]
+    done: bool,
+    done_reason: Option<String>,
+    #[serde(default, deserialize_with = "lenient_count")]
+    prompt_eval_count: u64,
+    #[serde(default, deserialize_with = "lenient_count")]
+    eval_count: u64,
+}
+
+#[derive(Deserialize)]
+struct MessageOut {
+    #[serde(default)]
+    content: String,
+}
+
+/// Map a `done_reason` (absent on older servers: a plain stop).
+fn finish(reason: Option<&str>) -> FinishReason {
+    match reason {
+        None | Some("stop") => FinishReason::Stop,
+        Some("length") => FinishReason::Length,
+        Some(other) => FinishReason::other(other),
     }
-    if let Some(m) = o.max_tokens {
-        options.insert("num_predict".into(), json!(m));
-    }
-    if !o.stop.is_empty() {
-        options.insert("stop".into(), json!(o.stop));
-    }
-    // Always explicit: Ollama streams unless told otherwise.
-    let mut body = json!({"model": model, "messages": messages, "stream": req.stream});
-    if !options.is_empty() {
-        body["options"] = Value::Object(options);
-    }
-    body
 }
 
 /// Decoder state for one answer (a streamed NDJSON body or one JSON object).
@@ -130,7 +202,7 @@ struct Decoder {
 
 impl Decoder {
     fn line(&mut self, line: &[u8]) -> Result<Vec<ProviderEvent>, ProviderError> {
-        let v: Value = serde_json::from_slice(line).map_err(|e| {
+        let v: WireLine = serde_json::from_slice(line).map_err(|e| {
             ProviderError::new(
                 ErrorCode::MalformedResponse,
                 format!(
@@ -139,26 +211,21 @@ impl Decoder {
                 ),
             )
         })?;
-        if v.get("error").is_some() {
-            return Err(classify(200, &v.to_string()));
+        if v.error.is_some() {
+            return Err(classify(200, &String::from_utf8_lossy(line)));
         }
         let mut out = Vec::new();
-        if let Some(text) = v.pointer("/message/content").and_then(|t| t.as_str())
-            && !text.is_empty()
+        if let Some(message) = v.message
+            && !message.content.is_empty()
         {
-            out.push(ProviderEvent::Delta(text.to_string()));
+            out.push(ProviderEvent::Delta(message.content));
         }
-        if v.get("done").and_then(|d| d.as_bool()) == Some(true) {
-            let n = |k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+        if v.done {
             out.push(ProviderEvent::Usage(Usage {
-                input_tokens: n("prompt_eval_count"),
-                output_tokens: n("eval_count"),
+                input_tokens: v.prompt_eval_count,
+                output_tokens: v.eval_count,
             }));
-            let reason = v
-                .get("done_reason")
-                .and_then(|r| r.as_str())
-                .unwrap_or("stop");
-            out.push(ProviderEvent::Finish(reason.to_string()));
+            out.push(ProviderEvent::Finish(finish(v.done_reason.as_deref())));
             self.finished = true;
         }
         Ok(out)
@@ -262,8 +329,12 @@ pub(crate) fn decode_body(body: super::sse::ByteStream, max_line: usize) -> Even
 
 /// Classify `{"error": "..."}`.
 pub fn classify(status: u16, body: &str) -> ProviderError {
-    let v: Value = serde_json::from_str(body).unwrap_or_default();
-    let message = v["error"].as_str().map(str::to_string).unwrap_or_else(|| {
+    #[derive(Deserialize)]
+    struct ErrorBody {
+        error: String,
+    }
+    let parsed = serde_json::from_str::<ErrorBody>(body).ok();
+    let message = parsed.map(|b| b.error).unwrap_or_else(|| {
         if body.is_empty() {
             format!("HTTP {status}")
         } else {
@@ -302,7 +373,7 @@ mod tests {
                     input_tokens: 26,
                     output_tokens: 2
                 }),
-                ProviderEvent::Finish("stop".into()),
+                ProviderEvent::Finish(FinishReason::Stop),
             ]
         );
         assert!(d.finished);
@@ -339,7 +410,7 @@ mod tests {
             },
             stream: false,
         };
-        let body = request_body("llama3.2", &req);
+        let body = serde_json::to_value(request_body("llama3.2", &req)).unwrap();
         assert_eq!(body["stream"], false);
         assert_eq!(body["options"]["num_predict"], 7);
         assert_eq!(body["messages"][0]["role"], "system");
@@ -361,5 +432,23 @@ mod tests {
             .err()
             .unwrap();
         assert_eq!(e.code, ErrorCode::MalformedResponse);
+    }
+
+    #[test]
+    fn done_reasons_map_to_finish_reasons() {
+        for (line, reason) in [
+            (r#"{"done":true}"#, FinishReason::Stop),
+            (
+                r#"{"done":true,"done_reason":"length"}"#,
+                FinishReason::Length,
+            ),
+            (
+                r#"{"done":true,"done_reason":"Unload"}"#,
+                FinishReason::Other("unload".into()),
+            ),
+        ] {
+            let out = Decoder::default().line(line.as_bytes()).unwrap();
+            assert_eq!(out.last(), Some(&ProviderEvent::Finish(reason)), "{line}");
+        }
     }
 }

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::helpers::{clip, endpoint};
 use super::sse::{SseDecoder, Step};
-use super::{Call, ProviderEvent, Usage};
+use super::{Call, FinishReason, ProviderEvent, Usage};
 use crate::config::{MaxTokensField, ProviderConfig};
 use crate::error::{ErrorCode, ProviderError, code_for_status};
 use crate::job::{GenerateRequest, Role};
@@ -77,11 +77,20 @@ impl OpenAi {
         inputs: &[String],
         dimensions: Option<u32>,
     ) -> Result<super::Embedded, ProviderError> {
-        let mut body =
-            serde_json::json!({"model": model, "input": inputs, "encoding_format": "float"});
-        if let Some(d) = dimensions {
-            body["dimensions"] = d.into();
+        #[derive(Serialize)]
+        struct EmbedRequest<'a> {
+            model: &'a str,
+            input: &'a [String],
+            encoding_format: &'static str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            dimensions: Option<u32>,
         }
+        let body = EmbedRequest {
+            model,
+            input: inputs,
+            encoding_format: "float",
+            dimensions,
+        };
         let mut builder = self.http.client.post(self.embed_url.clone()).json(&body);
         if let Some(key) = &self.key {
             builder = builder.bearer_auth(key.expose_secret());
@@ -119,13 +128,19 @@ struct WireMessage<'a> {
     content: &'a str,
 }
 
+/// `{"include_usage": true}`: a last chunk with the usage.
+#[derive(Serialize)]
+struct StreamOptions {
+    include_usage: bool,
+}
+
 #[derive(Serialize)]
 struct ChatRequest<'a> {
     model: &'a str,
     messages: Vec<WireMessage<'a>>,
     stream: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
-    stream_options: Option<serde_json::Value>,
+    stream_options: Option<StreamOptions>,
     #[serde(skip_serializing_if = "Option::is_none")]
     temperature: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -166,9 +181,9 @@ fn request_body<'a>(
         model,
         messages,
         stream: req.stream,
-        stream_options: req
-            .stream
-            .then(|| serde_json::json!({"include_usage": true})),
+        stream_options: req.stream.then_some(StreamOptions {
+            include_usage: true,
+        }),
         temperature: o.temperature,
         top_p: o.top_p,
         stop: &o.stop,
@@ -201,7 +216,7 @@ struct WireChunk {
     #[serde(default)]
     choices: Vec<WireChoice>,
     usage: Option<WireUsage>,
-    error: Option<serde_json::Value>,
+    error: Option<serde::de::IgnoredAny>,
     // Old vLLM puts errors at the top level: `{"object":"error","message",...}`.
     object: Option<String>,
 }
@@ -265,12 +280,7 @@ impl SseDecoder for StreamDecoder {
                 out.push(ProviderEvent::Delta(text));
             }
             if let Some(reason) = choice.finish_reason {
-                if reason == "content_filter" {
-                    return Err(ProviderError::new(
-                        ErrorCode::ContentFiltered,
-                        "the provider's content filter stopped the answer (finish_reason: content_filter)",
-                    ));
-                }
+                let reason = finish(&reason)?;
                 self.finished = true;
                 out.push(ProviderEvent::Finish(reason));
             }
@@ -289,6 +299,20 @@ impl SseDecoder for StreamDecoder {
 
     fn finished(&self) -> bool {
         self.finished
+    }
+}
+
+/// Map a `finish_reason` to a finish reason, or to the error it really is.
+fn finish(reason: &str) -> Result<FinishReason, ProviderError> {
+    match reason {
+        "stop" => Ok(FinishReason::Stop),
+        "length" => Ok(FinishReason::Length),
+        "tool_calls" | "function_call" => Ok(FinishReason::ToolCalls),
+        "content_filter" => Err(ProviderError::new(
+            ErrorCode::ContentFiltered,
+            "the provider's content filter stopped the answer (finish_reason: content_filter)",
+        )),
+        other => Ok(FinishReason::other(other)),
     }
 }
 
@@ -318,12 +342,10 @@ fn parse_completion(text: &str) -> Vec<Result<ProviderEvent, ProviderError>> {
             "completion has no finish_reason",
         ))];
     };
-    if reason == "content_filter" {
-        return vec![Err(ProviderError::new(
-            ErrorCode::ContentFiltered,
-            "the provider's content filter stopped the answer (finish_reason: content_filter)",
-        ))];
-    }
+    let reason = match finish(&reason) {
+        Ok(reason) => reason,
+        Err(e) => return vec![Err(e)],
+    };
     let mut out = Vec::new();
     if let Some(content) = choice
         .message
@@ -429,7 +451,7 @@ mod tests {
             all,
             vec![
                 ProviderEvent::Delta("Hi".into()),
-                ProviderEvent::Finish("stop".into()),
+                ProviderEvent::Finish(FinishReason::Stop),
                 ProviderEvent::Usage(Usage {
                     input_tokens: 9,
                     output_tokens: 1
