@@ -713,3 +713,6 @@ fn limit_error(deadline: Instant, before_first_text: bool) -> ProviderError {
         )
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -12,6 +12,8 @@ pub mod gemini;
 mod helpers;
 pub mod ollama;
 pub mod openai;
+#[cfg(test)]
+pub(crate) mod scripted;
 pub(crate) mod sse;
 
 use std::collections::BTreeMap;
@@ -131,11 +133,13 @@ pub struct RetryPolicy {
     pub max_delay: Duration,
 }
 
-pub enum ProviderImpl {
+pub(crate) enum ProviderImpl {
     OpenAi(openai::OpenAi),
     Anthropic(anthropic::Anthropic),
     Gemini(gemini::Gemini),
     Ollama(ollama::Ollama),
+    #[cfg(test)]
+    Scripted(std::sync::Arc<scripted::Scripted>),
 }
 
 /// One configured provider.
@@ -242,6 +246,8 @@ impl Provider {
             ProviderImpl::Anthropic(p) => p.generate(model, req).await,
             ProviderImpl::Gemini(p) => p.generate(model, req).await,
             ProviderImpl::Ollama(p) => p.generate(model, req).await,
+            #[cfg(test)]
+            ProviderImpl::Scripted(p) => p.generate().await,
         }
     }
 
@@ -256,6 +262,13 @@ impl Provider {
             ProviderImpl::OpenAi(p) => p.embed(model, inputs, dimensions).await?,
             ProviderImpl::Gemini(p) => p.embed(model, inputs, dimensions).await?,
             ProviderImpl::Ollama(p) => p.embed(model, inputs, dimensions).await?,
+            #[cfg(test)]
+            ProviderImpl::Scripted(_) => {
+                return Err(ProviderError::new(
+                    ErrorCode::BadRequest,
+                    "scripted providers do not embed",
+                ));
+            }
             ProviderImpl::Anthropic(_) => {
                 return Err(ProviderError::new(
                     ErrorCode::BadRequest,
@@ -297,6 +310,25 @@ impl Provider {
 #[derive(Clone)]
 pub struct Registry {
     providers: Arc<BTreeMap<String, Arc<Provider>>>,
+}
+
+#[cfg(test)]
+impl Registry {
+    /// The providers of `config`, those named in `scripts` answering from their script.
+    pub(crate) fn scripted(
+        config: &Config,
+        scripts: &[(&str, std::sync::Arc<scripted::Scripted>)],
+    ) -> Result<Self, ProviderError> {
+        let mut providers = (*Self::from_config(config)?.providers).clone();
+        for (name, script) in scripts {
+            if let Some(p) = providers.get_mut(*name).and_then(Arc::get_mut) {
+                p.imp = ProviderImpl::Scripted(script.clone());
+            }
+        }
+        Ok(Self {
+            providers: Arc::new(providers),
+        })
+    }
 }
 
 impl Registry {

@@ -1,0 +1,261 @@
+//! The chain's timing rules on a paused clock, with scripted in-memory providers: retry
+//! backoff and Retry-After, the first-token and stall limits, the job deadline, and circuit
+//! breaking. Tokio advances the paused clock only when every task waits, so each test runs in
+//! microseconds and every instant it asserts is exact.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::*;
+use crate::error::ErrorCode;
+use crate::job::{Envelope, GenerateOptions, JobBody, JobKind, Message, Role};
+use crate::providers::scripted::{Play, Scripted};
+
+const MS: Duration = Duration::from_millis(1);
+
+/// Providers `a` and `b` (route `default = [a, b]`) with `a_settings` added to `a`, the
+/// circuit breaker settings given, and `a` and `b` answering from their scripts.
+fn chain(a_settings: &str, circuit: &str, a: &Arc<Scripted>, b: &Arc<Scripted>) -> Chain {
+    let toml = format!(
+        r#"
+[providers.a]
+type = "openai"
+base_url = "http://127.0.0.1:9/v1"
+default_model = "m"
+retry_min_delay_ms = 100
+retry_max_delay_ms = 1000
+{a_settings}
+[providers.b]
+type = "openai"
+base_url = "http://127.0.0.1:9/v1"
+default_model = "m"
+max_retries = 0
+[routes]
+default = ["a", "b"]
+[circuit_breaker]
+{circuit}
+"#
+    );
+    let config = Config::from_toml(&toml).unwrap();
+    let registry = Registry::scripted(&config, &[("a", a.clone()), ("b", b.clone())]).unwrap();
+    let health = Health::new(&config.circuit_breaker);
+    Chain::new(&config, registry, PriceBook::default(), health)
+}
+
+fn job() -> (Job, GenerateRequest) {
+    let req = GenerateRequest {
+        system: None,
+        messages: vec![Message {
+            role: Role::User,
+            content: "hi".into(),
+        }],
+        options: GenerateOptions::default(),
+        stream: true,
+    };
+    let job = Job {
+        envelope: Envelope {
+            job_id: uuid::Uuid::now_v7(),
+            trace_id: "t".into(),
+            tenant: "default".into(),
+            task_type: None,
+            reply_to: None,
+            metadata: serde_json::Value::Null,
+        },
+        kind: JobKind::Generate,
+        provider: None,
+        model: None,
+        timeout: Duration::from_secs(120),
+        body: JobBody::Generate(req.clone()),
+    };
+    (job, req)
+}
+
+async fn run(chain: &Chain, deadline: Instant) -> Outcome {
+    let (job, req) = job();
+    chain.generate(&job, &req, deadline, &mut NoSink).await
+}
+
+fn answer() -> Play {
+    Play::Answer(vec![(Duration::ZERO, "ok")])
+}
+
+fn server_error() -> Play {
+    Play::Fail(ProviderError::new(ErrorCode::ServerError, "boom").with_status(500))
+}
+
+fn rate_limited(after: Duration) -> Play {
+    Play::Fail(
+        ProviderError::new(ErrorCode::RateLimited, "slow down")
+            .with_status(429)
+            .with_retry_after(Some(after)),
+    )
+}
+
+fn codes(outcome: &Outcome) -> Vec<Option<ErrorCode>> {
+    outcome
+        .attempts
+        .iter()
+        .map(|a| a.error.as_ref().map(|e| e.code))
+        .collect()
+}
+
+fn far() -> Instant {
+    Instant::now() + Duration::from_secs(600)
+}
+
+#[tokio::test(start_paused = true)]
+async fn retries_wait_the_jittered_backoff_and_a_longer_retry_after_wins() {
+    let a = Scripted::new([
+        server_error(),
+        rate_limited(Duration::from_secs(5)),
+        answer(),
+    ]);
+    let b = Scripted::new([]);
+    let chain = chain("max_retries = 2", "", &a, &b);
+    let outcome = run(&chain, far()).await;
+    assert_eq!(outcome.result.as_ref().unwrap().provider, "a");
+    let calls = a.calls();
+    // backon's jitter adds up to the current delay: the first retry waits 100..200 ms.
+    let first = calls[1] - calls[0];
+    assert!(first >= 100 * MS && first < 200 * MS, "{first:?}");
+    // The second backoff (200..400 ms) is shorter than the provider's hint: the hint wins.
+    assert_eq!(calls[2] - calls[1], Duration::from_secs(5));
+    assert!(b.calls().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn retries_end_after_max_retries_and_the_chain_falls_back() {
+    let a = Scripted::new([server_error(), server_error(), server_error()]);
+    let b = Scripted::new([answer()]);
+    let chain = chain("max_retries = 1", "", &a, &b);
+    let outcome = run(&chain, far()).await;
+    assert_eq!(outcome.result.as_ref().unwrap().provider, "b");
+    assert_eq!(a.calls().len(), 2, "one call and one retry");
+    assert_eq!(
+        codes(&outcome),
+        [
+            Some(ErrorCode::ServerError),
+            Some(ErrorCode::ServerError),
+            None
+        ]
+    );
+    // No wait before a fallback.
+    assert_eq!(b.calls()[0], a.calls()[1]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_after_over_a_minute_falls_back_at_once() {
+    let a = Scripted::new([rate_limited(Duration::from_secs(61)), answer()]);
+    let b = Scripted::new([answer()]);
+    let chain = chain("max_retries = 2", "", &a, &b);
+    let outcome = run(&chain, far()).await;
+    assert_eq!(outcome.result.as_ref().unwrap().provider, "b");
+    assert_eq!(a.calls().len(), 1);
+    assert_eq!(b.calls()[0], a.calls()[0]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_delay_past_the_deadline_falls_back_at_once() {
+    let a = Scripted::new([rate_limited(Duration::from_secs(3)), answer()]);
+    let b = Scripted::new([answer()]);
+    let chain = chain("max_retries = 2", "", &a, &b);
+    let start = Instant::now();
+    let outcome = run(&chain, start + Duration::from_secs(2)).await;
+    assert_eq!(outcome.result.as_ref().unwrap().provider, "b");
+    assert_eq!(a.calls().len(), 1);
+    assert_eq!(b.calls()[0], start);
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_first_text_within_the_first_token_limit_moves_to_the_next_provider() {
+    // A response that never starts, and one whose first text comes too late (the limit is
+    // on the first text, not the first byte).
+    for late in [
+        Play::Hang,
+        Play::Answer(vec![(Duration::from_secs(4), "late")]),
+    ] {
+        let a = Scripted::new([late]);
+        let b = Scripted::new([answer()]);
+        let chain = chain("max_retries = 0\nfirst_token_timeout_ms = 3000", "", &a, &b);
+        let start = Instant::now();
+        let outcome = run(&chain, far()).await;
+        assert_eq!(outcome.result.as_ref().unwrap().provider, "b");
+        assert_eq!(codes(&outcome), [Some(ErrorCode::FirstTokenTimeout), None]);
+        assert_eq!(b.calls()[0] - start, Duration::from_secs(3));
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn silence_longer_than_the_stall_limit_fails_the_attempt_and_shorter_does_not() {
+    let a = Scripted::new([
+        // Pauses under the 2 s limit: a slow but live answer.
+        Play::Answer(vec![
+            (Duration::ZERO, "a"),
+            (1900 * MS, "b"),
+            (1900 * MS, "c"),
+        ]),
+        Play::Stall(vec![(Duration::ZERO, "he")]),
+    ]);
+    let b = Scripted::new([answer()]);
+    let chain = chain("max_retries = 0\nstall_timeout_ms = 2000", "", &a, &b);
+    let slow = run(&chain, far()).await;
+    assert_eq!(slow.result.as_ref().unwrap().output, "abc");
+    let start = Instant::now();
+    let stalled = run(&chain, far()).await;
+    assert_eq!(stalled.result.as_ref().unwrap().provider, "b");
+    assert_eq!(codes(&stalled), [Some(ErrorCode::Stalled), None]);
+    assert_eq!(b.calls()[0] - start, Duration::from_secs(2));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_job_deadline_ends_an_answer_mid_stream_as_timeout_and_nothing_follows() {
+    let pieces = vec![(Duration::from_secs(2), "x"); 5];
+    let a = Scripted::new([Play::Answer(pieces)]);
+    let b = Scripted::new([answer()]);
+    let chain = chain("max_retries = 2", "", &a, &b);
+    let start = Instant::now();
+    let outcome = run(&chain, start + Duration::from_secs(5)).await;
+    assert_eq!(Instant::now() - start, Duration::from_secs(5));
+    let error = outcome.result.as_ref().unwrap_err();
+    assert_eq!(error.code, ErrorCode::Timeout, "{}", error.message);
+    assert_eq!(codes(&outcome), [Some(ErrorCode::Timeout)]);
+    assert!(b.calls().is_empty(), "no call after the deadline");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_circuit_opens_after_the_threshold_and_one_probe_goes_after_the_cooldown() {
+    let a = Scripted::new([server_error(), server_error(), answer()]);
+    let b = Scripted::new([answer(), answer(), answer(), answer()]);
+    let chain = chain(
+        "max_retries = 0",
+        "failure_threshold = 2\ncooldown_secs = 30",
+        &a,
+        &b,
+    );
+    for _ in 0..2 {
+        assert_eq!(
+            run(&chain, far()).await.result.as_ref().unwrap().provider,
+            "b"
+        );
+    }
+    assert_eq!(a.calls().len(), 2);
+    // Open: `a` is skipped without a call, and the result says so.
+    let skipped = run(&chain, far()).await;
+    assert_eq!(skipped.result.as_ref().unwrap().provider, "b");
+    assert_eq!(a.calls().len(), 2);
+    assert_eq!(skipped.attempts.len(), 1);
+    tokio::time::advance(Duration::from_secs(29)).await;
+    run(&chain, far()).await.result.as_ref().unwrap();
+    assert_eq!(
+        a.calls().len(),
+        2,
+        "still open 1 s before the cooldown ends"
+    );
+    tokio::time::advance(Duration::from_secs(1)).await;
+    // After the cooldown one probe call goes to `a`; it answers and closes the circuit.
+    let probed = run(&chain, far()).await;
+    assert_eq!(probed.result.as_ref().unwrap().provider, "a");
+    assert_eq!(a.calls().len(), 3);
+}
