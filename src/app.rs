@@ -246,7 +246,8 @@ pub async fn start(config: Config, roles: Roles) -> anyhow::Result<Running> {
             vec![JobKind::Generate]
         };
         let dead = DeadLetters::new(js.clone(), nats_cfg.clone());
-        let worker = Worker::new(&config, chain, embed_chain, replies, dead, prices.clone())?;
+        let outbox = crate::worker::NatsOutbox { replies, dead };
+        let worker = Worker::new(&config, chain, embed_chain, outbox, prices.clone())?;
         background.spawn(status::serve(
             client.clone(),
             status::subject(&nats_cfg),

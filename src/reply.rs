@@ -91,59 +91,6 @@ impl Replies {
         }
     }
 
-    /// Encode a result for the wire. A result larger than the server's max payload is replaced
-    /// by a `payload_too_large` error result that is guaranteed to fit: nothing is silently
-    /// truncated, and nothing is echoed without a bound (first the output is dropped, then the
-    /// metadata and the attempts' messages, then everything but the identity and the error).
-    pub fn encode_result(&self, result: &ResultEvent) -> Result<Bytes, ReplyError> {
-        let payload = serde_json::to_vec(result)?;
-        let room = self.max_payload().saturating_sub(HEADER_ROOM);
-        if payload.len() <= room {
-            return Ok(Bytes::from(payload));
-        }
-        let size = payload.len();
-        let mut small = result.clone();
-        small.status = Status::Error;
-        small.output = None;
-        small.embeddings = None;
-        small.error = Some(ErrorBody {
-            code: ErrorCode::PayloadTooLarge,
-            message: format!(
-                "the result is {size} bytes; the NATS server's max_payload is {} bytes",
-                self.max_payload()
-            ),
-            retryable: false,
-        });
-        let shrink: [fn(&mut ResultEvent); 3] = [
-            |_| {},
-            |r| {
-                r.metadata = serde_json::Value::Null;
-                for a in &mut r.attempts {
-                    if let Some(e) = &mut a.error {
-                        e.message = e.message.chars().take(80).collect();
-                    }
-                }
-            },
-            |r| {
-                tracing::error!(
-                    attempts = r.attempts.len(),
-                    "even a reduced result is too large: its attempts are not recorded"
-                );
-                r.attempts.clear();
-                r.task_type = None;
-            },
-        ];
-        let mut last = Vec::new();
-        for step in shrink {
-            step(&mut small);
-            last = serde_json::to_vec(&small)?;
-            if last.len() <= room {
-                break;
-            }
-        }
-        Ok(Bytes::from(last))
-    }
-
     /// Store the result durably, unless a result is already stored under its job id: a stored
     /// result is never replaced, whoever asks (a crashed worker's retry, another delivery of
     /// the same job, or another tenant re-using the id). JetStream checks this atomically
@@ -206,6 +153,59 @@ impl Replies {
             Err(e) => Err(ReplyError::Lookup(e.to_string())),
         }
     }
+}
+
+/// Encode a result for the wire. A result larger than `max_payload` (the server's) is replaced
+/// by a `payload_too_large` error result that is guaranteed to fit: nothing is silently
+/// truncated, and nothing is echoed without a bound (first the output is dropped, then the
+/// metadata and the attempts' messages, then everything but the identity and the error).
+pub fn encode_result(result: &ResultEvent, max_payload: usize) -> Result<Bytes, ReplyError> {
+    let payload = serde_json::to_vec(result)?;
+    let room = max_payload.saturating_sub(HEADER_ROOM);
+    if payload.len() <= room {
+        return Ok(Bytes::from(payload));
+    }
+    let size = payload.len();
+    let mut small = result.clone();
+    small.status = Status::Error;
+    small.output = None;
+    small.embeddings = None;
+    small.error = Some(ErrorBody {
+        code: ErrorCode::PayloadTooLarge,
+        message: format!(
+            "the result is {size} bytes; the NATS server's max_payload is {} bytes",
+            max_payload
+        ),
+        retryable: false,
+    });
+    let shrink: [fn(&mut ResultEvent); 3] = [
+        |_| {},
+        |r| {
+            r.metadata = serde_json::Value::Null;
+            for a in &mut r.attempts {
+                if let Some(e) = &mut a.error {
+                    e.message = e.message.chars().take(80).collect();
+                }
+            }
+        },
+        |r| {
+            tracing::error!(
+                attempts = r.attempts.len(),
+                "even a reduced result is too large: its attempts are not recorded"
+            );
+            r.attempts.clear();
+            r.task_type = None;
+        },
+    ];
+    let mut last = Vec::new();
+    for step in shrink {
+        step(&mut small);
+        last = serde_json::to_vec(&small)?;
+        if last.len() <= room {
+            break;
+        }
+    }
+    Ok(Bytes::from(last))
 }
 
 /// Publishes `chunk` events with contiguous `seq` for one job. Deltas arriving within

@@ -8,11 +8,18 @@
 //! While the job runs it sends in-progress acks so JetStream does not redeliver it, and if the
 //! process must stop before the job ends, the message is handed back (Nak) to another worker.
 //! A message is only acked or terminated after its result is durably stored.
+//!
+//! The message and where its events go are the [`JobMessage`] and [`Outbox`] traits
+//! ([`outbox`]), so these decisions are unit-tested without JetStream.
+
+pub mod outbox;
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, AckKind};
+use async_nats::jetstream::AckKind;
 use chrono::{DateTime, Utc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -20,13 +27,13 @@ use tracing::Instrument;
 
 use crate::chain::Chain;
 use crate::config::Config;
-use crate::dead::DeadLetters;
 use crate::error::ErrorCode;
 use crate::event::{AttemptRecord, ErrorBody, ResultEvent, Status, TokensUsed, elapsed_ms};
 use crate::job::{self, Delivery, Envelope, Job, JobBody, JobKind, Limits, Rules};
 use crate::pricing::PriceBook;
-use crate::reply::{Replies, Stored};
+use crate::reply::{Stored, encode_result};
 use crate::trust::{self, ReplyPolicy};
+pub use outbox::{JobMessage, NatsOutbox, Outbox};
 
 /// Room kept in a message for NATS headers.
 const PAYLOAD_HEADROOM: usize = 1024;
@@ -65,13 +72,12 @@ pub enum Disposal {
 
 /// Everything a job needs, shared by all in-flight jobs of a process.
 #[derive(Clone)]
-pub struct Worker {
+pub struct Worker<O: Outbox = NatsOutbox> {
     chain: Chain,
     /// The embedding chain and the routes allowed to mix vector sizes; `None` when embedding
     /// is not configured (embedding jobs are then not consumed).
     embed_chain: Option<(Chain, Arc<[String]>)>,
-    replies: Replies,
-    dead: DeadLetters,
+    outbox: O,
     prices: PriceBook,
     limits: Limits,
     /// Deliveries after which a job is dead-lettered.
@@ -87,13 +93,12 @@ pub struct Worker {
     log_prompts: bool,
 }
 
-impl Worker {
+impl<O: Outbox> Worker<O> {
     pub fn new(
         config: &Config,
         chain: Chain,
         embed_chain: Option<Chain>,
-        replies: Replies,
-        dead: DeadLetters,
+        outbox: O,
         prices: PriceBook,
     ) -> Result<Self, crate::config::ConfigError> {
         let reply_policy =
@@ -104,8 +109,7 @@ impl Worker {
         Ok(Self {
             chain,
             embed_chain: embed_chain.map(|c| (c, config.embed_mixed_dimensions.clone().into())),
-            replies,
-            dead,
+            outbox,
             prices,
             limits: Limits::from_config(config),
             max_deliver: config.worker.max_deliver,
@@ -120,28 +124,23 @@ impl Worker {
 
     /// Handle one job message to its end. `abandon` fires when the process can wait no longer
     /// (shutdown grace exceeded): the job is then handed back for another worker.
-    pub async fn handle(
+    pub async fn handle<M: JobMessage>(
         &self,
         kind: JobKind,
-        msg: jetstream::Message,
+        msg: M,
         abandon: &CancellationToken,
     ) -> Disposal {
         let received_at = Utc::now();
-        let delivered = msg.info().map_or(1, |i| i.delivered);
-        let msg_id = msg
-            .headers
-            .as_ref()
-            .and_then(|h| h.get("Nats-Msg-Id"))
-            .map(|v| v.as_str().to_string());
+        let delivered = msg.delivered();
         // With tenants bound to subjects, the consumer's filter (`<jobs subject>.*`) makes the
         // last token the tenant: whoever NATS let publish there.
         let subject_tenant = self
             .tenant_from_subject
-            .then(|| msg.subject.rsplit_once('.').map(|(_, t)| t.to_string()))
+            .then(|| msg.subject().rsplit_once('.').map(|(_, t)| t))
             .flatten();
         let delivery = Delivery {
-            msg_id: msg_id.as_deref(),
-            subject_tenant: subject_tenant.as_deref(),
+            msg_id: msg.msg_id(),
+            subject_tenant,
         };
         let catalog = match (kind, &self.embed_chain) {
             (JobKind::Embed, Some((chain, _))) => chain,
@@ -152,7 +151,7 @@ impl Worker {
             replies: &self.reply_policy,
             catalog,
         };
-        match job::decode(kind, &msg.payload, &delivery, &rules) {
+        match job::decode(kind, msg.payload(), &delivery, &rules) {
             Err(invalid) => {
                 let span = job_span(&invalid.envelope, kind, delivered);
                 async {
@@ -191,14 +190,14 @@ impl Worker {
 
     async fn run(
         &self,
-        msg: &jetstream::Message,
+        msg: &impl JobMessage,
         job: Job,
         delivered: i64,
         received_at: DateTime<Utc>,
         abandon: &CancellationToken,
     ) -> Disposal {
         // A job whose result is already stored is answered from it: no second provider call.
-        match self.replies.stored(job.envelope.job_id).await {
+        match self.outbox.stored(job.envelope.job_id).await {
             Ok(Some(payload)) => {
                 return self
                     .answer_again(msg, job.kind, &job.envelope, payload, received_at)
@@ -229,7 +228,7 @@ impl Worker {
             tokio::select! {
                 result = &mut work => break Some(result),
                 _ = progress.tick() => {
-                    if let Err(e) = msg.ack_with(AckKind::Progress).await {
+                    if let Err(e) = msg.settle(AckKind::Progress).await {
                         tracing::warn!(error = %e, "in-progress ack failed");
                     }
                 }
@@ -259,7 +258,7 @@ impl Worker {
         let (attempts, answer) = match &job.body {
             JobBody::Generate(req) => {
                 let reply_to = env.reply_to.as_deref().filter(|_| req.stream);
-                let mut sink = self.replies.chunks(env.job_id, &env.trace_id, reply_to);
+                let mut sink = self.outbox.chunks(env.job_id, &env.trace_id, reply_to);
                 let o = self.chain.generate(job, req, deadline, &mut sink).await;
                 (o.attempts, o.result.map(Answer::Text))
             }
@@ -268,7 +267,7 @@ impl Worker {
                     let task = env.task_type.as_deref().unwrap_or("default");
                     // Room for vectors: the payload limit less the rest of the result (its
                     // metadata at most, and ids, attempts and timings within a margin).
-                    let room = self.replies.max_payload().saturating_sub(
+                    let room = self.outbox.max_payload().saturating_sub(
                         PAYLOAD_HEADROOM + self.limits.bounds.max_metadata_bytes + RESULT_MARGIN,
                     );
                     let mixed = mixed.iter().any(|r| r == task);
@@ -362,25 +361,25 @@ impl Worker {
     /// reply subject only, and a valid one is answered as [`Self::answer_again`] decides.
     async fn finish(
         &self,
-        msg: &jetstream::Message,
+        msg: &impl JobMessage,
         kind: JobKind,
         envelope: &Envelope,
         result: &ResultEvent,
         disposal: AckKind,
     ) -> Disposal {
-        let payload = match self.replies.encode_result(result) {
+        let payload = match encode_result(result, self.outbox.max_payload()) {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!(error = %e, "cannot encode the result; requeueing");
-                return ack(msg, requeue(delivered_of(msg))).await;
+                return ack(msg, requeue(msg.delivered())).await;
             }
         };
-        let existing = match self.replies.store(envelope.job_id, payload.clone()).await {
+        let existing = match self.outbox.store(envelope.job_id, payload.clone()).await {
             Ok(Stored::New) => None,
             Ok(Stored::Existing(existing)) => Some(existing),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot store the result; requeueing the job");
-                return ack(msg, requeue(delivered_of(msg))).await;
+                return ack(msg, requeue(msg.delivered())).await;
             }
         };
         match existing {
@@ -401,7 +400,7 @@ impl Worker {
             }
         }
         if let Some(reply_to) = &envelope.reply_to {
-            self.replies.publish_live(reply_to, payload).await;
+            self.outbox.publish_live(reply_to, payload).await;
         }
         ack(msg, disposal).await
     }
@@ -411,7 +410,7 @@ impl Worker {
     /// job is handed back, to be dead-lettered on its next delivery.
     async fn dead_letter(
         &self,
-        msg: &jetstream::Message,
+        msg: &impl JobMessage,
         kind: JobKind,
         envelope: &Envelope,
         delivered: i64,
@@ -422,11 +421,11 @@ impl Worker {
         );
         let job_id = envelope.job_id;
         if let Err(e) = self
-            .dead
-            .job(
+            .outbox
+            .dead_letter(
                 job_id,
-                &msg.subject,
-                msg.payload.clone(),
+                msg.subject(),
+                msg.payload().clone(),
                 delivered,
                 &reason,
             )
@@ -450,7 +449,7 @@ impl Worker {
     /// gets that result again; anyone else re-using the id gets `invalid_job` and never sees it.
     async fn answer_again(
         &self,
-        msg: &jetstream::Message,
+        msg: &impl JobMessage,
         kind: JobKind,
         envelope: &Envelope,
         stored: bytes::Bytes,
@@ -459,7 +458,7 @@ impl Worker {
         if trust::same_job(&stored, &envelope.tenant, kind) {
             tracing::info!("job already answered; re-sending the stored result");
             if let Some(reply_to) = &envelope.reply_to {
-                self.replies.publish_live(reply_to, stored).await;
+                self.outbox.publish_live(reply_to, stored).await;
             }
             return ack(msg, AckKind::Ack).await;
         }
@@ -471,8 +470,8 @@ impl Worker {
         };
         let refusal = ResultEvent::failure(envelope, kind, error, &self.worker_id, received_at);
         if let Some(reply_to) = &envelope.reply_to {
-            match self.replies.encode_result(&refusal) {
-                Ok(payload) => self.replies.publish_live(reply_to, payload).await,
+            match encode_result(&refusal, self.outbox.max_payload()) {
+                Ok(payload) => self.outbox.publish_live(reply_to, payload).await,
                 Err(e) => tracing::error!(error = %e, "cannot encode the refusal"),
             }
         }
@@ -480,21 +479,17 @@ impl Worker {
     }
 }
 
-async fn ack(msg: &jetstream::Message, kind: AckKind) -> Disposal {
+async fn ack(msg: &impl JobMessage, kind: AckKind) -> Disposal {
     let disposal = match kind {
         AckKind::Term => Disposal::Terminated,
         AckKind::Nak(_) => Disposal::Requeued,
         _ => Disposal::Acked,
     };
-    if let Err(e) = msg.ack_with(kind).await {
+    if let Err(e) = msg.settle(kind).await {
         // The message will be redelivered after ack_wait and answered from the stored result.
         tracing::warn!(error = %e, "acknowledging the job message failed");
     }
     disposal
-}
-
-fn delivered_of(msg: &jetstream::Message) -> i64 {
-    msg.info().map_or(1, |i| i.delivered)
 }
 
 fn job_span(env: &Envelope, kind: JobKind, delivered: i64) -> tracing::Span {
