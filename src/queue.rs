@@ -88,9 +88,20 @@ pub async fn ensure_consumer(
     kind: JobKind,
     max_deliver: i64,
 ) -> Result<PullConsumer, QueueError> {
-    let name = nats.consumer_name(kind);
-    let config = pull::Config {
-        durable_name: Some(name.clone()),
+    durable_consumer(
+        js,
+        &nats.jobs_stream,
+        consumer_config(nats, kind, max_deliver),
+    )
+    .await
+}
+
+/// The job consumer of `kind`: explicit acks within `nats.ack_wait`, its kind's subjects
+/// only, and one delivery more than `max_deliver` (the last delivery is the one the worker
+/// dead-letters instead of running).
+fn consumer_config(nats: &NatsConfig, kind: JobKind, max_deliver: i64) -> pull::Config {
+    pull::Config {
+        durable_name: Some(nats.consumer_name(kind)),
         ack_policy: AckPolicy::Explicit,
         ack_wait: nats.ack_wait(),
         filter_subject: nats.job_filter(kind),
@@ -98,8 +109,7 @@ pub async fn ensure_consumer(
         // Each worker bounds its own in-flight work; the fleet as a whole is not capped here.
         max_ack_pending: -1,
         ..Default::default()
-    };
-    durable_consumer(js, &nats.jobs_stream, config).await
+    }
 }
 
 /// Get or create the durable pull consumer `config` names on `stream` (idempotent). An
@@ -169,9 +179,7 @@ impl PullLoop {
                 _ = self.stop_pulling.cancelled() => return,
             };
             let mut held = vec![first];
-            while let Ok(p) = permits.clone().try_acquire_owned() {
-                held.push(p);
-            }
+            held.extend(free_permits(&permits));
             let c = match &consumer {
                 Some(c) => c,
                 None => match ensure_consumer(&js, &nats, self.kind, self.max_deliver).await {
@@ -256,6 +264,48 @@ async fn drain(batch: &mut pull::Batch, pull_expires: Duration) {
 /// pull requests: an immediate Nak is redelivered at once to a pull request the server still
 /// holds for the stopping process, again and again (each a delivery, until `max_deliver`
 /// strands the job), instead of going to another worker.
+/// Every permit free right now (the pull asks for exactly that many messages).
+fn free_permits(permits: &Arc<Semaphore>) -> Vec<tokio::sync::OwnedSemaphorePermit> {
+    std::iter::from_fn(|| permits.clone().try_acquire_owned().ok()).collect()
+}
+
 pub fn hand_back(pull_expires: Duration) -> AckKind {
     AckKind::Nak(Some(pull_expires + Duration::from_millis(500)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_consumer_takes_its_kinds_subjects_and_allows_one_delivery_past_max_deliver() {
+        let mut nats = NatsConfig::default();
+        let c = consumer_config(&nats, JobKind::Embed, 5);
+        assert_eq!(c.filter_subject, "llm.jobs.embed");
+        assert_eq!((c.max_deliver, c.ack_wait), (6, nats.ack_wait()));
+        assert_eq!(c.max_ack_pending, -1);
+        assert!(matches!(c.ack_policy, AckPolicy::Explicit));
+        nats.tenant_from_subject = true;
+        let c = consumer_config(&nats, JobKind::Generate, 5);
+        assert_eq!(c.filter_subject, "llm.jobs.generate.*");
+    }
+
+    #[test]
+    fn a_pull_asks_for_exactly_the_free_permits() {
+        let permits = Arc::new(Semaphore::new(4));
+        let busy = permits.clone().try_acquire_owned().unwrap();
+        let free = free_permits(&permits);
+        assert_eq!(free.len(), 3);
+        assert!(free_permits(&permits).is_empty());
+        drop(busy);
+        assert_eq!(free_permits(&permits).len(), 1);
+    }
+
+    #[test]
+    fn a_handed_back_job_waits_out_the_pull_requests_in_flight() {
+        let AckKind::Nak(Some(delay)) = hand_back(Duration::from_secs(5)) else {
+            panic!("not a delayed nak")
+        };
+        assert_eq!(delay, Duration::from_millis(5500));
+    }
 }
