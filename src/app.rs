@@ -69,7 +69,7 @@ pub async fn connect_nats(nats: &NatsConfig) -> anyhow::Result<async_nats::Clien
 
 /// Connect to NATS as a worker: like a client, but with the worker's own inbox prefix, which
 /// no job may name as its reply subject, and retrying until the server is there.
-pub async fn connect_worker_nats(nats: &NatsConfig) -> anyhow::Result<async_nats::Client> {
+pub(crate) async fn connect_worker_nats(nats: &NatsConfig) -> anyhow::Result<async_nats::Client> {
     connect(nats, &nats.inbox_prefix, true).await
 }
 

@@ -62,9 +62,11 @@ pub trait DeltaSink: Send {
     }
 }
 
-/// A sink that drops text (non-streamed jobs).
-pub struct NoSink;
+/// A sink that drops text (tests).
+#[cfg(test)]
+pub(crate) struct NoSink;
 
+#[cfg(test)]
 impl DeltaSink for NoSink {
     async fn delta(&mut self, _: AttemptMeta<'_>, _: &str) {}
 }
@@ -135,11 +137,7 @@ impl Chain {
         }
     }
 
-    pub fn health(&self) -> &Health {
-        &self.health
-    }
-
-    pub fn registry(&self) -> &Registry {
+    pub(crate) fn registry(&self) -> &Registry {
         &self.registry
     }
 

@@ -23,13 +23,13 @@ use crate::config::NatsConfig;
 use crate::event::ResultEvent;
 
 /// Why the message died (a short text; never a prompt).
-pub const REASON: &str = "Llm-Dead-Reason";
+pub(crate) const REASON: &str = "Llm-Dead-Reason";
 /// How many times the job was delivered.
-pub const DELIVERED: &str = "Llm-Delivered";
+pub(crate) const DELIVERED: &str = "Llm-Delivered";
 /// The subject the job was published to (its kind, and its tenant token if any).
-pub const SUBJECT: &str = "Llm-Subject";
+pub(crate) const SUBJECT: &str = "Llm-Subject";
 /// Set when the message was too large to keep beside its headers (it cannot be replayed).
-pub const DROPPED: &str = "Llm-Payload-Dropped";
+pub(crate) const DROPPED: &str = "Llm-Payload-Dropped";
 
 /// Longest reason kept in a header.
 const MAX_REASON_CHARS: usize = 300;
@@ -55,7 +55,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Kind::Jobs => "jobs",
             Kind::Usage => "usage",
@@ -77,7 +77,7 @@ impl DeadLetters {
 
     /// Keep a job that was delivered `delivered` times without an answer. `msg_id` makes a
     /// second copy of the same delivery (a retry after a failed write) a duplicate.
-    pub async fn job(
+    pub(crate) async fn job(
         &self,
         job_id: Uuid,
         subject: &str,
@@ -94,7 +94,12 @@ impl DeadLetters {
     }
 
     /// Keep a result the recorder cannot write.
-    pub async fn usage(&self, job_id: Uuid, payload: Bytes, reason: &str) -> Result<(), DeadError> {
+    pub(crate) async fn usage(
+        &self,
+        job_id: Uuid,
+        payload: Bytes,
+        reason: &str,
+    ) -> Result<(), DeadError> {
         let msg_id = format!("usage-{job_id}");
         self.write(
             Kind::Usage,
@@ -146,7 +151,7 @@ impl DeadLetters {
 }
 
 /// `<prefix>.dead.<jobs|usage>.<job_id>`.
-pub fn dead_subject(nats: &NatsConfig, kind: Kind, job_id: Uuid) -> String {
+pub(crate) fn dead_subject(nats: &NatsConfig, kind: Kind, job_id: Uuid) -> String {
     format!("{}.dead.{}.{job_id}", nats.subject_prefix, kind.as_str())
 }
 

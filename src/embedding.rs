@@ -39,7 +39,7 @@ pub struct EmbedOutcome {
 
 /// Split inputs into batches of at most `max_inputs` inputs and `max_tokens` estimated tokens
 /// (a single larger input still gets a batch of its own).
-pub fn batches(inputs: &[String], max_inputs: usize, max_tokens: u64) -> Vec<&[String]> {
+pub(crate) fn batches(inputs: &[String], max_inputs: usize, max_tokens: u64) -> Vec<&[String]> {
     let mut out = Vec::new();
     let mut start = 0;
     let mut tokens = 0u64;

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 /// What the chain does after a failed attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Disposition {
+pub(crate) enum Disposition {
     /// Transient: retry the same provider (with backoff), then fall back.
     Retry,
     /// This provider/model cannot answer this job: go to the next chain entry at once.
@@ -56,7 +56,7 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             ErrorCode::InvalidJob => "invalid_job",
             ErrorCode::AllProvidersFailed => "all_providers_failed",
@@ -114,18 +114,18 @@ impl ProviderError {
         }
     }
 
-    pub fn with_status(mut self, status: u16) -> Self {
+    pub(crate) fn with_status(mut self, status: u16) -> Self {
         self.http_status = Some(status);
         self
     }
 
-    pub fn with_retry_after(mut self, after: Option<Duration>) -> Self {
+    pub(crate) fn with_retry_after(mut self, after: Option<Duration>) -> Self {
         self.retry_after = after;
         self
     }
 
     /// The consequence of this error for the chain.
-    pub fn disposition(&self) -> Disposition {
+    pub(crate) fn disposition(&self) -> Disposition {
         match self.code {
             ErrorCode::RateLimited
             | ErrorCode::Overloaded
@@ -157,7 +157,7 @@ impl ProviderError {
 
 /// Classify an HTTP error status the way every provider's SDK does (see PROVIDERS.md);
 /// provider modules refine it with their error bodies (context overflow, quota, ...).
-pub fn code_for_status(status: u16) -> ErrorCode {
+pub(crate) fn code_for_status(status: u16) -> ErrorCode {
     match status {
         400 | 422 => ErrorCode::BadRequest,
         401 | 403 => ErrorCode::Unauthorized,

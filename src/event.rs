@@ -13,7 +13,7 @@ use crate::error::ErrorCode;
 use crate::job::{Envelope, JobKind};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct ChunkEvent<'a> {
+pub(crate) struct ChunkEvent<'a> {
     #[serde(rename = "type")]
     pub kind: &'a str,
     pub job_id: Uuid,
@@ -119,7 +119,7 @@ pub struct ResultEvent {
 
 impl ResultEvent {
     /// A result for a job that ended before or without a successful provider call.
-    pub fn failure(
+    pub(crate) fn failure(
         envelope: &Envelope,
         kind: JobKind,
         error: ErrorBody,
@@ -161,7 +161,7 @@ fn timestamp<S: serde::Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::
     s.serialize_str(&t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
 }
 
-pub fn elapsed_ms(from: DateTime<Utc>, to: DateTime<Utc>) -> u64 {
+pub(crate) fn elapsed_ms(from: DateTime<Utc>, to: DateTime<Utc>) -> u64 {
     u64::try_from((to - from).num_milliseconds()).unwrap_or(0)
 }
 

@@ -31,7 +31,7 @@ pub enum State {
 
 /// Whether the chain may call an entry now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Admission {
+pub(crate) enum Admission {
     Go,
     /// The circuit is open and cooled down: this call is its single probe.
     Probe,
@@ -82,7 +82,7 @@ pub struct Health {
 }
 
 /// Whether an error is the provider's fault (and so counts against its circuit).
-pub fn is_provider_fault(e: &ProviderError) -> bool {
+pub(crate) fn is_provider_fault(e: &ProviderError) -> bool {
     !matches!(
         e.code,
         ErrorCode::BadRequest
@@ -106,7 +106,7 @@ impl Health {
         }
     }
 
-    pub fn admit(&self, provider: &str, model: &str) -> Admission {
+    pub(crate) fn admit(&self, provider: &str, model: &str) -> Admission {
         let Ok(mut map) = self.entries.lock() else {
             return Admission::Go;
         };
@@ -179,7 +179,7 @@ impl Health {
     }
 
     /// Remember the vector size an entry returned.
-    pub fn record_dimensions(&self, provider: &str, model: &str, dims: usize) {
+    pub(crate) fn record_dimensions(&self, provider: &str, model: &str, dims: usize) {
         if let Ok(mut map) = self.entries.lock() {
             map.entry((provider.to_string(), model.to_string()))
                 .or_default()
@@ -188,13 +188,13 @@ impl Health {
     }
 
     /// The vector size an entry last returned, if it ever did in this process.
-    pub fn dimensions(&self, provider: &str, model: &str) -> Option<usize> {
+    pub(crate) fn dimensions(&self, provider: &str, model: &str) -> Option<usize> {
         let map = self.entries.lock().ok()?;
         map.get(&(provider.to_string(), model.to_string()))?
             .dimensions
     }
 
-    pub fn ewma_ttft_ms(&self, provider: &str, model: &str) -> Option<f64> {
+    pub(crate) fn ewma_ttft_ms(&self, provider: &str, model: &str) -> Option<f64> {
         let map = self.entries.lock().ok()?;
         map.get(&(provider.to_string(), model.to_string()))?
             .ewma_ttft_ms

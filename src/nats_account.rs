@@ -17,7 +17,7 @@ use crate::job::JobKind;
 
 /// The publish and subscribe allow-lists of one user.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Permissions {
+pub(crate) struct Permissions {
     pub publish: Vec<String>,
     pub subscribe: Vec<String>,
 }
@@ -51,7 +51,7 @@ pub struct User {
 }
 
 /// The permissions of a worker process (job roles and recorder together).
-pub fn worker(nats: &NatsConfig) -> Permissions {
+pub(crate) fn worker(nats: &NatsConfig) -> Permissions {
     let (jobs, results) = (&nats.jobs_stream, &nats.results_stream);
     let api = "$JS.API";
     let mut publish = Vec::new();
@@ -86,7 +86,7 @@ pub fn worker(nats: &NatsConfig) -> Permissions {
 }
 
 /// The permissions of an orchestrator, for every tenant or for one.
-pub fn orchestrator(nats: &NatsConfig, tenant: Option<&str>) -> Permissions {
+pub(crate) fn orchestrator(nats: &NatsConfig, tenant: Option<&str>) -> Permissions {
     let p = &nats.subject_prefix;
     let (jobs, results) = (&nats.jobs_stream, &nats.results_stream);
     let (job_subjects, replies, inbox) = match tenant {
@@ -185,7 +185,7 @@ fn list(items: &[String]) -> String {
 }
 
 /// The environment variable holding a user's password in the rendered file.
-pub fn password_var(user: &str) -> String {
+pub(crate) fn password_var(user: &str) -> String {
     let upper: String = user
         .chars()
         .map(|c| {

@@ -44,7 +44,7 @@ impl PriceBook {
     }
 
     /// Input + output USD per million tokens in force now (for the `cheapest` strategy).
-    pub fn current_rate(&self, provider: &str, model: &str) -> Option<f64> {
+    pub(crate) fn current_rate(&self, provider: &str, model: &str) -> Option<f64> {
         let now = Utc::now();
         let map = self.prices.read().ok()?;
         let list = map.get(&(provider.to_string(), model.to_string()))?;
@@ -53,7 +53,7 @@ impl PriceBook {
     }
 
     /// Cost of a call with the price in force at `at`; `None` when no price is known.
-    pub fn cost(
+    pub(crate) fn cost(
         &self,
         provider: &str,
         model: &str,

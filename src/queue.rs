@@ -115,7 +115,7 @@ fn consumer_config(nats: &NatsConfig, kind: JobKind, max_deliver: i64) -> pull::
 /// Get or create the durable pull consumer `config` names on `stream` (idempotent). An
 /// existing consumer whose ack wait or delivery limit differ from `config` is updated (NATS
 /// allows it); one whose filter differs is an error, as NATS 2.9 cannot change a filter.
-pub async fn durable_consumer(
+pub(crate) async fn durable_consumer(
     js: &jetstream::Context,
     stream: &str,
     config: pull::Config,
@@ -155,7 +155,7 @@ pub async fn durable_consumer(
 
 /// Settings of one pull loop.
 #[derive(Clone)]
-pub struct PullLoop {
+pub(crate) struct PullLoop {
     pub kind: JobKind,
     /// `worker.max_deliver`, for the consumer's settings.
     pub max_deliver: i64,
@@ -170,7 +170,7 @@ pub struct PullLoop {
 
 impl PullLoop {
     /// Pull and dispatch until `stop_pulling` fires.
-    pub async fn run(self, js: jetstream::Context, nats: Arc<NatsConfig>, worker: Worker) {
+    pub(crate) async fn run(self, js: jetstream::Context, nats: Arc<NatsConfig>, worker: Worker) {
         let permits = Arc::new(Semaphore::new(self.max_in_flight));
         let mut consumer: Option<PullConsumer> = None;
         loop {
@@ -269,7 +269,7 @@ fn free_permits(permits: &Arc<Semaphore>) -> Vec<tokio::sync::OwnedSemaphorePerm
     std::iter::from_fn(|| permits.clone().try_acquire_owned().ok()).collect()
 }
 
-pub fn hand_back(pull_expires: Duration) -> AckKind {
+pub(crate) fn hand_back(pull_expires: Duration) -> AckKind {
     AckKind::Nak(Some(pull_expires + Duration::from_millis(500)))
 }
 

@@ -18,7 +18,7 @@ use crate::error::ErrorCode;
 use crate::event::{ChunkEvent, ErrorBody, ResultEvent, Status};
 
 #[derive(Debug, thiserror::Error)]
-pub enum ReplyError {
+pub(crate) enum ReplyError {
     #[error("storing the result in JetStream failed: {0}")]
     Store(String),
     #[error("reading a stored result failed: {0}")]
@@ -35,7 +35,7 @@ const SMALL_TEXT: usize = 4096;
 
 /// What [`Replies::store`] found.
 #[derive(Debug)]
-pub enum Stored {
+pub(crate) enum Stored {
     /// The result is now the job id's stored result.
     New,
     /// Another result was already stored under the job id; it is kept, and here it is.
@@ -44,7 +44,7 @@ pub enum Stored {
 
 /// Publishes events for every job of one worker.
 #[derive(Clone)]
-pub struct Replies {
+pub(crate) struct Replies {
     client: async_nats::Client,
     js: jetstream::Context,
     nats: Arc<NatsConfig>,
@@ -68,7 +68,12 @@ impl Replies {
     }
 
     /// A sink publishing `chunk` events to `reply_to` (or nowhere, when `None`).
-    pub fn chunks(&self, job_id: Uuid, trace_id: &str, reply_to: Option<&str>) -> ChunkPublisher {
+    pub(crate) fn chunks(
+        &self,
+        job_id: Uuid,
+        trace_id: &str,
+        reply_to: Option<&str>,
+    ) -> ChunkPublisher {
         ChunkPublisher {
             client: self.client.clone(),
             subject: reply_to.map(async_nats::Subject::from),
@@ -84,7 +89,7 @@ impl Replies {
     }
 
     /// The largest message the NATS server takes (`usize::MAX` when it does not say).
-    pub fn max_payload(&self) -> usize {
+    pub(crate) fn max_payload(&self) -> usize {
         match self.client.server_info().max_payload {
             0 => usize::MAX,
             max => max,
@@ -97,7 +102,7 @@ impl Replies {
     /// (`Nats-Expected-Last-Subject-Sequence: 0`, NATS 2.9+); the result already there is
     /// returned so the caller can decide who it belongs to. Returns once JetStream has
     /// acknowledged the write.
-    pub async fn store(&self, job_id: Uuid, payload: Bytes) -> Result<Stored, ReplyError> {
+    pub(crate) async fn store(&self, job_id: Uuid, payload: Bytes) -> Result<Stored, ReplyError> {
         let subject = self.nats.result_subject(&job_id);
         let publish = PublishMessage::build()
             .payload(payload)
@@ -123,14 +128,14 @@ impl Replies {
 
     /// Send an encoded event to a reply subject. Best effort: live events are core NATS; the
     /// stored result is the durable copy.
-    pub async fn publish_live(&self, reply_to: &str, payload: Bytes) {
+    pub(crate) async fn publish_live(&self, reply_to: &str, payload: Bytes) {
         if let Err(e) = self.client.publish(reply_to.to_string(), payload).await {
             tracing::warn!(error = %e, "publishing a live result failed; it is stored in the results stream");
         }
     }
 
     /// The stored result of a job, if there is one.
-    pub async fn stored(&self, job_id: Uuid) -> Result<Option<Bytes>, ReplyError> {
+    pub(crate) async fn stored(&self, job_id: Uuid) -> Result<Option<Bytes>, ReplyError> {
         let stream = self
             .js
             .get_stream_no_info(&self.nats.results_stream)
@@ -159,7 +164,7 @@ impl Replies {
 /// by a `payload_too_large` error result that is guaranteed to fit: nothing is silently
 /// truncated, and nothing is echoed without a bound (first the output is dropped, then the
 /// metadata and the attempts' messages, then everything but the identity and the error).
-pub fn encode_result(result: &ResultEvent, max_payload: usize) -> Result<Bytes, ReplyError> {
+pub(crate) fn encode_result(result: &ResultEvent, max_payload: usize) -> Result<Bytes, ReplyError> {
     let payload = serde_json::to_vec(result)?;
     let room = max_payload.saturating_sub(HEADER_ROOM);
     if payload.len() <= room {

@@ -28,7 +28,7 @@ pub fn subject(nats: &NatsConfig) -> String {
 
 /// Answer status requests until `stop` fires. A request's reply subject must pass the same
 /// [`ReplyPolicy`] as a job's `reply_to` (a status request carries no tenant).
-pub async fn serve(
+pub(crate) async fn serve(
     client: async_nats::Client,
     subject: String,
     worker_id: String,

@@ -19,17 +19,17 @@ use crate::config::NatsConfig;
 use crate::job::JobKind;
 
 /// Longest reply subject accepted, in bytes.
-pub const MAX_SUBJECT_BYTES: usize = 255;
+pub(crate) const MAX_SUBJECT_BYTES: usize = 255;
 
 /// How many characters of a job's value an error text quotes.
-pub const QUOTE_CHARS: usize = 40;
+pub(crate) const QUOTE_CHARS: usize = 40;
 
 /// The placeholder a reply prefix may hold for the job's tenant.
 const TENANT_TOKEN: &str = "{tenant}";
 
 /// A subject one can publish to literally: non-empty dot-separated tokens of printable ASCII,
 /// without the wildcards `*` and `>` (and so without whitespace or control characters).
-pub fn is_literal_subject(s: &str) -> bool {
+pub(crate) fn is_literal_subject(s: &str) -> bool {
     !s.is_empty()
         && s.split('.').all(|t| {
             !t.is_empty()
@@ -134,7 +134,7 @@ impl ReplyPolicy {
     }
 
     /// Whether the worker may publish a job's events to `subject`; the reason when not.
-    pub fn check(&self, subject: &str, tenant: &str) -> Result<(), String> {
+    pub(crate) fn check(&self, subject: &str, tenant: &str) -> Result<(), String> {
         let refused = |why: String| Err(format!("reply_to: {} is refused: {why}", quote(subject)));
         if subject.len() > MAX_SUBJECT_BYTES {
             return refused(format!(
@@ -171,7 +171,7 @@ fn is_under(subject: &str, root: &str) -> bool {
 
 /// Whether a stored result belongs to the job that asks for it: the same tenant and kind (the
 /// job id is the subject it was found under). Anything unreadable is not the same job.
-pub fn same_job(stored: &[u8], tenant: &str, kind: JobKind) -> bool {
+pub(crate) fn same_job(stored: &[u8], tenant: &str, kind: JobKind) -> bool {
     #[derive(Deserialize)]
     struct Owner<'a> {
         #[serde(borrow)]
@@ -184,7 +184,7 @@ pub fn same_job(stored: &[u8], tenant: &str, kind: JobKind) -> bool {
 
 /// Whether a model name is safe to send: 1 to `max` bytes of letters, digits and `. _ - : / @ +`,
 /// with no empty, `.` or `..` path segment (a Gemini model is part of the URL path).
-pub fn check_model_name(model: &str, max: usize) -> Result<(), String> {
+pub(crate) fn check_model_name(model: &str, max: usize) -> Result<(), String> {
     if model.is_empty() || model.len() > max {
         return Err(format!(
             "model: must be 1 to {max} bytes (got {})",
@@ -212,7 +212,7 @@ pub fn check_model_name(model: &str, max: usize) -> Result<(), String> {
 
 /// A job's value for an error text or a log line: at most [`QUOTE_CHARS`] characters,
 /// escaped (no control characters reach a log), in quotes.
-pub fn quote(value: &str) -> String {
+pub(crate) fn quote(value: &str) -> String {
     let mut chars = value.chars();
     let head: String = chars.by_ref().take(QUOTE_CHARS).collect();
     let more = if chars.next().is_some() { "…" } else { "" };
@@ -221,7 +221,7 @@ pub fn quote(value: &str) -> String {
 
 /// Credentials written into server URLs (`nats://user:pass@host`, `nats://token@host`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum UrlCredentials {
+pub(crate) enum UrlCredentials {
     UserPassword(String, String),
     Token(String),
 }
@@ -229,7 +229,7 @@ pub enum UrlCredentials {
 /// Split the credentials out of comma-separated server URLs: the URLs without them, and the
 /// credentials of the first URL that has any. Libraries log server URLs (async-nats prints
 /// them, password included, at debug level); URLs without secrets cannot leak them.
-pub fn split_url_credentials(urls: &str) -> (String, Option<UrlCredentials>) {
+pub(crate) fn split_url_credentials(urls: &str) -> (String, Option<UrlCredentials>) {
     let mut found = None;
     let clean: Vec<String> = urls
         .split(',')

@@ -28,7 +28,7 @@ impl Config {
     }
 
     /// Load with an explicit environment (for tests).
-    pub fn load_with(
+    pub(crate) fn load_with(
         path: Option<&Path>,
         vars: &[(String, String)],
         env: EnvLookup<'_>,

@@ -246,7 +246,7 @@ impl Default for NatsConfig {
 }
 
 impl NatsConfig {
-    pub fn ack_wait(&self) -> Duration {
+    pub(crate) fn ack_wait(&self) -> Duration {
         Duration::from_secs(self.ack_wait_secs)
     }
     pub fn result_subject(&self, job_id: &uuid::Uuid) -> String {
@@ -258,7 +258,7 @@ impl NatsConfig {
     }
     /// What the consumer of `kind` takes: the job subject, or with `tenant_from_subject` every
     /// `<job subject>.<tenant>` (one token).
-    pub fn job_filter(&self, kind: crate::job::JobKind) -> String {
+    pub(crate) fn job_filter(&self, kind: crate::job::JobKind) -> String {
         if self.tenant_from_subject {
             format!("{}.*", self.job_subject(kind))
         } else {
@@ -266,7 +266,7 @@ impl NatsConfig {
         }
     }
     /// The reply prefixes in force (the configured ones, or the defaults).
-    pub fn reply_prefixes(&self) -> Vec<String> {
+    pub(crate) fn reply_prefixes(&self) -> Vec<String> {
         self.reply_prefixes.clone().unwrap_or_else(|| {
             vec![
                 format!("{}.replies.", self.subject_prefix),
@@ -393,7 +393,7 @@ pub enum LogFormat {
 
 impl Config {
     /// A process that answers jobs needs at least one provider.
-    pub fn require_providers(&self) -> Result<(), ConfigError> {
+    pub(crate) fn require_providers(&self) -> Result<(), ConfigError> {
         if self.providers.is_empty() {
             return Err(invalid(
                 "providers",
@@ -438,7 +438,7 @@ impl Config {
         Ok(())
     }
 
-    pub fn worker_id(&self) -> String {
+    pub(crate) fn worker_id(&self) -> String {
         self.worker.id.clone().unwrap_or_else(|| {
             let host = std::fs::read_to_string("/etc/hostname")
                 .map(|h| h.trim().to_string())

@@ -41,7 +41,7 @@ pub enum Api {
 
 impl Api {
     /// The `type` value of the table.
-    pub fn name(&self) -> &'static str {
+    pub(crate) fn name(&self) -> &'static str {
         match self {
             Api::Openai { .. } => "openai",
             Api::Anthropic { .. } => "anthropic",
@@ -51,7 +51,7 @@ impl Api {
     }
 
     /// How embedding requests are batched, for the protocols that have an embeddings API.
-    pub fn embedding(&self) -> Option<EmbedBatching> {
+    pub(crate) fn embedding(&self) -> Option<EmbedBatching> {
         match self {
             Api::Openai { embed, .. } | Api::Gemini { embed } | Api::Ollama { embed } => {
                 Some(*embed)
@@ -212,7 +212,7 @@ fn batching(size: Option<usize>, tokens: Option<u64>, default_size: usize) -> Em
 
 impl Api {
     /// OpenAI with its defaults.
-    pub fn openai(max_tokens_field: MaxTokensField) -> Self {
+    pub(crate) fn openai(max_tokens_field: MaxTokensField) -> Self {
         Api::Openai {
             max_tokens_field,
             embed: batching(None, None, 2048),
@@ -265,7 +265,7 @@ impl From<String> for RouteEntry {
 
 impl RouteEntry {
     /// `"openai:gpt-4o"` -> (`openai`, `gpt-4o`); `"openai"` and `"openai:"` -> (`openai`, none).
-    pub fn parse(entry: &str) -> Self {
+    pub(crate) fn parse(entry: &str) -> Self {
         let (provider, model) = match entry.split_once(':') {
             Some((p, m)) => (p, (!m.is_empty()).then(|| m.to_string())),
             None => (entry, None),

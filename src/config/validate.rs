@@ -4,7 +4,7 @@ use super::{Api, Config, ConfigError, RouteEntry, invalid};
 
 impl Config {
     /// Checks that need the whole picture; fills the implicit default route.
-    pub fn validate(&mut self) -> Result<(), ConfigError> {
+    pub(crate) fn validate(&mut self) -> Result<(), ConfigError> {
         if self.worker.max_in_flight == 0 {
             return Err(invalid("worker.max_in_flight", "must be at least 1"));
         }

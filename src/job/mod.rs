@@ -28,8 +28,8 @@ pub enum JobKind {
 }
 
 impl JobKind {
-    pub const ALL: [JobKind; 2] = [JobKind::Generate, JobKind::Embed];
-    pub fn as_str(self) -> &'static str {
+    pub(crate) const ALL: [JobKind; 2] = [JobKind::Generate, JobKind::Embed];
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             JobKind::Generate => "generate",
             JobKind::Embed => "embed",
@@ -48,7 +48,7 @@ pub struct Limits {
 }
 
 impl Limits {
-    pub fn from_config(config: &Config) -> Self {
+    pub(crate) fn from_config(config: &Config) -> Self {
         Self {
             max_job_bytes: config.worker.max_job_bytes,
             default_timeout: Duration::from_millis(config.worker.default_timeout_ms),

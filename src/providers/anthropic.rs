@@ -20,7 +20,7 @@ use crate::job::{GenerateRequest, Role};
 
 const API_VERSION: &str = "2023-06-01";
 
-pub struct Anthropic {
+pub(crate) struct Anthropic {
     http: super::Http,
     url: Url,
     key: Option<SecretString>,
@@ -239,7 +239,7 @@ struct ErrorBody {
 }
 
 #[derive(Default)]
-pub struct StreamDecoder {
+pub(crate) struct StreamDecoder {
     input_tokens: u64,
     finished: bool,
 }
@@ -343,7 +343,7 @@ fn parse_message(text: &str) -> Vec<Result<ProviderEvent, ProviderError>> {
 }
 
 /// Classify an HTTP error body `{"type":"error","error":{"type","message"}}`.
-pub fn classify(status: u16, body: &str) -> ProviderError {
+pub(crate) fn classify(status: u16, body: &str) -> ProviderError {
     match serde_json::from_str::<ErrorBody>(body) {
         Ok(ErrorBody { error }) if !error.message.is_empty() => {
             classify_error_type(&error.kind, &error.message, status)

@@ -17,7 +17,7 @@ use crate::config::ProviderConfig;
 use crate::error::{ErrorCode, ProviderError, code_for_status};
 use crate::job::{GenerateRequest, Role};
 
-pub struct Gemini {
+pub(crate) struct Gemini {
     http: super::Http,
     base: Url,
     key: Option<SecretString>,
@@ -303,7 +303,7 @@ fn finish(reason: &str) -> Result<FinishReason, ProviderError> {
 }
 
 #[derive(Default)]
-pub struct StreamDecoder {
+pub(crate) struct StreamDecoder {
     finished: bool,
 }
 
@@ -412,7 +412,7 @@ struct Violation {
 
 /// Classify `{"error":{code,message,status,details}}` (sometimes wrapped in an array). A body
 /// of another shape keeps the HTTP status and is quoted (clipped).
-pub fn classify(status: u16, body: &str) -> ProviderError {
+pub(crate) fn classify(status: u16, body: &str) -> ProviderError {
     let parsed = if body.trim_start().starts_with('[') {
         serde_json::from_str::<Vec<ErrorBody>>(body)
             .ok()

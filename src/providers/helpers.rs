@@ -10,7 +10,7 @@ use crate::error::{ErrorCode, ProviderError};
 const MAX_ERROR_CHARS: usize = 500;
 
 /// `{base}/{path}`; a base URL with no path gets `/v1` (the SDKs' `OPENAI_BASE_URL` includes it).
-pub fn endpoint(base: &str, path: &str) -> Result<Url, ProviderError> {
+pub(crate) fn endpoint(base: &str, path: &str) -> Result<Url, ProviderError> {
     let mut url = Url::parse(base)
         .map_err(|e| ProviderError::new(ErrorCode::BadRequest, format!("base_url: {e}")))?;
     if url.path() == "/" || url.path().is_empty() {
@@ -60,7 +60,7 @@ pub(crate) fn clip(s: &str) -> String {
 
 /// Remove the key (and anything shaped like an OpenAI key) from a provider's message: OpenAI's
 /// 401 text quotes a masked key, which is still part of a secret.
-pub fn redact(message: &str, key: Option<&SecretString>) -> String {
+pub(crate) fn redact(message: &str, key: Option<&SecretString>) -> String {
     let mut out = message.to_string();
     if let Some(key) = key {
         let k = key.expose_secret();

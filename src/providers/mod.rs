@@ -7,11 +7,11 @@
 //! Contract every provider stream keeps: it ends `Ok` only after a finish signal; a body that
 //! ends before one yields a `truncated` error as its last item.
 
-pub mod anthropic;
-pub mod gemini;
+pub(crate) mod anthropic;
+pub(crate) mod gemini;
 mod helpers;
-pub mod ollama;
-pub mod openai;
+pub(crate) mod ollama;
+pub(crate) mod openai;
 #[cfg(test)]
 pub(crate) mod scripted;
 pub(crate) mod sse;

@@ -15,7 +15,7 @@ use crate::config::ProviderConfig;
 use crate::error::{ErrorCode, ProviderError, code_for_status};
 use crate::job::{GenerateRequest, Role};
 
-pub struct Ollama {
+pub(crate) struct Ollama {
     http: super::Http,
     url: Url,
     embed_url: Url,
@@ -328,7 +328,7 @@ pub(crate) fn decode_body(body: super::sse::ByteStream, max_line: usize) -> Even
 }
 
 /// Classify `{"error": "..."}`.
-pub fn classify(status: u16, body: &str) -> ProviderError {
+pub(crate) fn classify(status: u16, body: &str) -> ProviderError {
     #[derive(Deserialize)]
     struct ErrorBody {
         error: String,

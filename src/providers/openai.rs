@@ -19,7 +19,7 @@ use crate::config::{MaxTokensField, ProviderConfig};
 use crate::error::{ErrorCode, ProviderError, code_for_status};
 use crate::job::{GenerateRequest, Role};
 
-pub struct OpenAi {
+pub(crate) struct OpenAi {
     http: super::Http,
     chat_url: Url,
     embed_url: Url,
@@ -237,7 +237,7 @@ struct WireDelta {
 
 /// Decoder state of one streamed answer.
 #[derive(Default)]
-pub struct StreamDecoder {
+pub(crate) struct StreamDecoder {
     finished: bool,
     usage_seen: bool,
 }
@@ -362,7 +362,7 @@ fn parse_completion(text: &str) -> Vec<Result<ProviderEvent, ProviderError>> {
 }
 
 /// Classify an error body (HTTP error or an error inside a 200 stream).
-pub fn classify_error_body(status: u16, body: &str) -> ProviderError {
+pub(crate) fn classify_error_body(status: u16, body: &str) -> ProviderError {
     let value: serde_json::Value = serde_json::from_str(body).unwrap_or(serde_json::Value::Null);
     // `{"error": {...}}`, `{"error": "text"}`, or old vLLM's top-level object.
     let err = match value.get("error") {

@@ -57,14 +57,14 @@ impl std::fmt::Display for BodyError {
 }
 
 /// What a decoder wants after one SSE event.
-pub enum Step {
+pub(crate) enum Step {
     /// Keep reading.
     More(Vec<ProviderEvent>),
     /// The answer (and its usage) is complete: stop reading the body.
     End(Vec<ProviderEvent>),
 }
 
-pub trait SseDecoder: Send + 'static {
+pub(crate) trait SseDecoder: Send + 'static {
     /// Decode one event; an `Err` ends the stream with that error.
     fn event(&mut self, event: &Event) -> Result<Step, ProviderError>;
     /// Whether the provider has signalled the end of the answer (a finish reason).

@@ -26,7 +26,7 @@ pub async fn migrate(pool: &sqlx::PgPool) -> Result<(), sqlx::migrate::MigrateEr
 }
 
 /// Load `llm_prices` into `book`.
-pub async fn load_prices(pool: &sqlx::PgPool, book: &PriceBook) -> Result<(), sqlx::Error> {
+pub(crate) async fn load_prices(pool: &sqlx::PgPool, book: &PriceBook) -> Result<(), sqlx::Error> {
     let rows: Vec<(String, String, DateTime<Utc>, f64, f64)> = sqlx::query_as(
         "SELECT provider, model, effective_from, input_usd_per_mtok::float8, output_usd_per_mtok::float8 \
          FROM llm_prices",
@@ -50,7 +50,7 @@ pub async fn load_prices(pool: &sqlx::PgPool, book: &PriceBook) -> Result<(), sq
 
 /// The database side of a worker process: apply migrations (retrying until the database is
 /// reachable, unless `ready`), then keep prices fresh and run the recorder until `stop` fires.
-pub async fn maintain(
+pub(crate) async fn maintain(
     pool: sqlx::PgPool,
     book: PriceBook,
     recorder: Option<Recorder>,
@@ -82,7 +82,7 @@ pub async fn maintain(
 }
 
 /// Keep `book` in step with `llm_prices` until `stop` fires.
-pub async fn refresh_prices(pool: sqlx::PgPool, book: PriceBook, stop: CancellationToken) {
+pub(crate) async fn refresh_prices(pool: sqlx::PgPool, book: PriceBook, stop: CancellationToken) {
     let mut every = tokio::time::interval(PRICE_REFRESH);
     loop {
         tokio::select! {
