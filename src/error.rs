@@ -1,7 +1,7 @@
 //! Error types that carry their own consequence.
 //!
-//! A [`ProviderError`] says, through its [`ProviderErrorKind`], whether the chain should retry the
-//! same provider, fall back to the next entry, or end the job ([`Disposition`]). The chain never
+//! A [`ProviderError`] says, through its [`ErrorCode`], whether the chain should retry the
+//! same provider, fall back to the next entry, or end the job (`Disposition`). The chain never
 //! decides by matching strings; provider modules classify their own wire errors into these kinds.
 //! [`ErrorCode`] is the contract's `error.code` vocabulary, for attempts and for whole jobs.
 

@@ -1,5 +1,5 @@
 //! The contract's event messages: `chunk` and `result`, as published on `reply_to` and stored
-//! in `LLM_RESULTS`. Serialization only; publishing lives in [`crate::reply`].
+//! in `LLM_RESULTS`. Serialization only; publishing lives in `reply`.
 //!
 //! The result carries, per attempt, more than the contract's minimum (tokens, cost, timings,
 //! HTTP status): that is what the usage recorder projects into `llm_calls`. Clients ignore

@@ -6,24 +6,30 @@
 //! ```text
 //! JetStream LLM_JOBS ──pull (free permits only)──▶ queue ──▶ worker::Worker::handle
 //!   job::decode (parse, don't validate; trust rules, bounds) ──invalid──▶ invalid_job, Term
-//!   reply::Replies::stored (answered before?) ──same job──▶ re-send stored result, Ack
+//!   Outbox::stored (answered before?) ──same job──▶ re-send stored result, Ack
 //!                                             ──another tenant's──▶ invalid_job, Term
-//!   delivered worker.max_deliver times ──▶ dead::DeadLetters, dead_lettered, Term
+//!   delivered worker.max_deliver times ──▶ Outbox::dead_letter, dead_lettered, Term
 //!   chain::Chain::generate: route → for each target: providers::Provider call,
 //!       retry transient errors (backon), fall back, enforce first-token/stall/deadline
-//!   reply: chunk events on reply_to as text arrives (coalesced); result stored in
-//!       LLM_RESULTS (never replacing one), sent live
+//!   Outbox (reply over NATS): chunk events on reply_to as text arrives (coalesced);
+//!       result stored in LLM_RESULTS (never replacing one), sent live
 //!   Ack (only after the result is stored)
 //! LLM_RESULTS ──usage::Recorder (batches, idempotent; bad rows split out to LLM_DEAD)──▶
 //!   Postgres llm_jobs / llm_calls
 //! ```
 //!
-//! - [`config`]: TOML + environment, validated once; the only reader of env vars.
+//! - [`config`]: TOML + environment, validated once; the only reader of env vars. Provider
+//!   tables are typed per protocol (`config::Api`); route entries are parsed once.
 //! - [`job`] / [`event`]: the contract's wire types. [`error`]: errors that carry their consequence.
-//! - [`queue`]: streams, consumers, the pull loop. [`worker`]: one message from start to ack.
-//! - [`chain`]: routing, retries, fallback, deadlines. [`providers`]: one module per wire protocol.
+//! - [`queue`]: streams, consumers, the pull loop. `worker`: one message from start to ack,
+//!   over two small traits (`JobMessage`, `Outbox`) so its decisions are unit-tested
+//!   without JetStream.
+//! - [`chain`]: routing, retries, fallback, deadlines; `Chain::admit` / `Chain::settle` are
+//!   the steps every attempt loop (generation, [`embedding`] batches) shares.
+//!   [`providers`]: one crate-private module per wire protocol, each with typed request,
+//!   response and stream-event structs; shared `helpers`; `scripted` (test builds only).
 //! - [`dead`]: the dead-letter stream (jobs and results that failed repeatedly).
-//! - [`reply`]: publishing chunks and results. [`usage`]: migrations, recorder, reports;
+//! - `reply`: publishing chunks and results. [`usage`]: migrations, recorder, reports;
 //!   [`pricing`]: prices and cost.
 //! - [`health`]: circuit breakers and latency per provider; [`status`]: health over NATS.
 //! - [`trust`]: what an untrusted job may make the worker do (reply subjects, stored results
@@ -31,8 +37,10 @@
 //! - [`app`]: start-up and graceful shutdown. [`submit`]: the client side of `llm-worker submit`.
 //! - `fuzzing`: the fuzz targets' entry points (hidden).
 //!
-//! Not in this crate: the fake LLM API server and scratch databases of tests, demos and
-//! benchmarks (`crates/testkit`), and the benchmark (`crates/bench`).
+//! The public API is what the binary, the integration tests, the benchmark and the fuzz
+//! targets use; everything else is `pub(crate)`, so unused code is reported. Not in this
+//! crate: the fake LLM API server and scratch databases of tests, demos and benchmarks
+//! (`crates/testkit`), and the benchmark (`crates/bench`).
 
 pub mod app;
 pub mod chain;

@@ -5,7 +5,7 @@
 //! permit, takes every other free one, and asks for a batch of exactly that size, so no message
 //! waits in a client buffer while its ack timer runs. Each message runs as a tracked task
 //! holding its permit. This module knows nothing about providers: it hands messages to
-//! [`Worker::handle`].
+//! `Worker::handle`.
 //!
 //! NATS 2.9 notes: a WorkQueue stream allows one consumer per subject, hence one per kind with
 //! a single `filter_subject` (`filter_subjects` needs 2.10 and is silently ignored by 2.9).

@@ -5,10 +5,10 @@
 //!   answer) to: literal subjects under the configured reply prefixes; never under `$`
 //!   (JetStream, KV, object store, system API), the worker's own jobs, results, status,
 //!   dead-letter and control subjects, or the worker's own inbox.
-//! - [`same_job`]: a stored result is re-sent only to the job that produced it (same job id,
+//! - `same_job`: a stored result is re-sent only to the job that produced it (same job id,
 //!   tenant and kind); anyone else re-using the id is refused.
-//! - [`check_model_name`]: a model name a job pins is safe to put in a URL path.
-//! - [`quote`] / [`redact_url`]: job values in error texts are short, escaped prefixes, and
+//! - `check_model_name`: a model name a job pins is safe to put in a URL path.
+//! - `quote` / [`redact_url`]: job values in error texts are short, escaped prefixes, and
 //!   server URLs are printed without passwords.
 //!
 //! No I/O.
