@@ -259,3 +259,26 @@ async fn the_circuit_opens_after_the_threshold_and_one_probe_goes_after_the_cool
     assert_eq!(probed.result.as_ref().unwrap().provider, "a");
     assert_eq!(a.calls().len(), 3);
 }
+
+#[test]
+fn a_pin_of_a_provider_with_no_model_known_is_refused_at_decode() {
+    let config = Config::from_toml(
+        "pin_any_provider = [\"other\"]\n\
+         [providers.a]\ntype = \"openai\"\nbase_url = \"http://127.0.0.1:9/v1\"\n\
+         [providers.b]\ntype = \"openai\"\nbase_url = \"http://127.0.0.1:9/v1\"\ndefault_model = \"m\"\n\
+         [routes]\ndefault = [\"a:x\", \"b\"]\nother = [\"b\"]\n",
+    )
+    .unwrap();
+    let registry = Registry::from_config(&config).unwrap();
+    let chain = Chain::new(
+        &config,
+        registry,
+        PriceBook::default(),
+        Health::new(&config.circuit_breaker),
+    );
+    // In its route `a` comes with a model; pinned elsewhere it has none to use.
+    assert_eq!(chain.check_pin(None, Some("a"), None), Ok(()));
+    let refused = chain.check_pin(Some("other"), Some("a"), None).unwrap_err();
+    assert!(refused.contains("no default model"), "{refused}");
+    assert_eq!(chain.check_pin(Some("other"), Some("a"), Some("x")), Ok(()));
+}
