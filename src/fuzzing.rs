@@ -70,6 +70,7 @@ pub fn job_decode(data: &[u8]) {
         let delivery = Delivery {
             msg_id: header,
             subject_tenant: None,
+            published: None,
         };
         let _ = job::decode(kind, data, &delivery, &rules);
     }

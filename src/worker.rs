@@ -141,6 +141,7 @@ impl<O: Outbox> Worker<O> {
         let delivery = Delivery {
             msg_id: msg.msg_id(),
             subject_tenant,
+            published: msg.published(),
         };
         let catalog = match (kind, &self.embed_chain) {
             (JobKind::Embed, Some((chain, _))) => chain,
@@ -216,10 +217,32 @@ impl<O: Outbox> Worker<O> {
                 .dead_letter(msg, job.kind, &job.envelope, delivered, received_at)
                 .await;
         }
+        // Nobody waits for the answer any more: say so, without a provider call.
+        let now = Utc::now();
+        if let Some(at) = job.expires_at.filter(|at| *at <= now) {
+            tracing::info!(expired_at = %at, "job expired before it started");
+            let error = ErrorBody {
+                code: ErrorCode::Timeout,
+                message: format!(
+                    "expired: the job's deadline ({}) passed before a worker started it",
+                    at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+                ),
+                retryable: false,
+            };
+            let result =
+                ResultEvent::failure(&job.envelope, job.kind, error, &self.worker_id, received_at);
+            return self
+                .finish(msg, job.kind, &job.envelope, &result, AckKind::Ack)
+                .await;
+        }
         if self.log_prompts {
             tracing::debug!(job = ?job.body, "job body");
         }
-        let deadline = Instant::now() + job.timeout;
+        // The chain never runs past the job's timeout, nor past its deadline.
+        let left = job
+            .expires_at
+            .map_or(job.timeout, |at| (at - now).to_std().unwrap_or_default());
+        let deadline = Instant::now() + job.timeout.min(left);
         let work = self.execute(&job, received_at, deadline);
         tokio::pin!(work);
         let mut progress =

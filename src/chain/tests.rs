@@ -67,6 +67,7 @@ fn job() -> (Job, GenerateRequest) {
         provider: None,
         model: None,
         timeout: Duration::from_secs(120),
+        expires_at: None,
         body: JobBody::Generate(req.clone()),
     };
     (job, req)

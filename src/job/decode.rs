@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
+
 use serde::Deserialize;
 use uuid::Uuid;
 
@@ -77,20 +79,33 @@ pub fn decode(
         let short = short.escape_debug();
         fail(format!("{short}: {}", clip_reason(&e.to_string())))
     };
-    let (provider, model, timeout_ms, body) = match kind {
+    let (provider, model, timeout_ms, expiry, body) = match kind {
         JobKind::Generate => {
             let w: WireGenerate = serde_path_to_error::deserialize(&value)
                 .map_err(|e| serde_fail(e.path().to_string(), e.inner()))?;
             let body = JobBody::Generate(generate_request(&w, &limits.bounds).map_err(&fail)?);
-            (w.provider, w.model, w.timeout_ms, body)
+            (
+                w.provider,
+                w.model,
+                w.timeout_ms,
+                (w.deadline, w.expires_in_ms),
+                body,
+            )
         }
         JobKind::Embed => {
             let w: WireEmbed = serde_path_to_error::deserialize(&value)
                 .map_err(|e| serde_fail(e.path().to_string(), e.inner()))?;
             let body = JobBody::Embed(embed_request(&w, &limits.bounds).map_err(&fail)?);
-            (w.provider, w.model, w.timeout_ms, body)
+            (
+                w.provider,
+                w.model,
+                w.timeout_ms,
+                (w.deadline, w.expires_in_ms),
+                body,
+            )
         }
     };
+    let expires_at = expires_at(expiry, delivery.published).map_err(&fail)?;
     if let Some(m) = &model {
         check_model_name(m, limits.bounds.max_model_bytes).map_err(&fail)?;
     }
@@ -122,7 +137,50 @@ pub fn decode(
         provider,
         model,
         timeout,
+        expires_at,
         body,
+    })
+}
+
+/// The longest `expires_in_ms` taken (30 days): further out is no deadline worth keeping, and
+/// the bound keeps time arithmetic from overflowing.
+const MAX_EXPIRES_IN_MS: u64 = 30 * 24 * 3600 * 1000;
+
+/// The earlier of `deadline` (RFC 3339) and `published + expires_in_ms`, if either is given.
+fn expires_at(
+    (deadline, expires_in_ms): (Option<String>, Option<u64>),
+    published: Option<DateTime<Utc>>,
+) -> Result<Option<DateTime<Utc>>, String> {
+    let deadline = match &deadline {
+        None => None,
+        Some(text) => Some(
+            DateTime::parse_from_rfc3339(text)
+                .map_err(|e| {
+                    format!(
+                        "deadline: {} is not an RFC 3339 time ({e})",
+                        crate::trust::quote(text)
+                    )
+                })?
+                .with_timezone(&Utc),
+        ),
+    };
+    let relative = match expires_in_ms {
+        None => None,
+        Some(0) => return Err("expires_in_ms: must be positive".into()),
+        Some(ms) if ms > MAX_EXPIRES_IN_MS => {
+            return Err(format!(
+                "expires_in_ms: {ms} is above the limit of {MAX_EXPIRES_IN_MS} (30 days)"
+            ));
+        }
+        Some(ms) => {
+            let from = published.unwrap_or_else(Utc::now);
+            let ms = i64::try_from(ms).map_err(|_| "expires_in_ms: too large".to_string())?;
+            from.checked_add_signed(chrono::TimeDelta::milliseconds(ms))
+        }
+    };
+    Ok(match (deadline, relative) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     })
 }
 

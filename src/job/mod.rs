@@ -11,6 +11,8 @@ mod wire;
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
+
 use serde::Deserialize;
 use uuid::Uuid;
 
@@ -78,6 +80,9 @@ pub struct Job {
     pub provider: Option<String>,
     pub model: Option<String>,
     pub timeout: Duration,
+    /// After this the job is not worth an answer: it is answered `timeout` without a call if
+    /// it starts later, and the chain never runs past it (`deadline` / `expires_in_ms`).
+    pub expires_at: Option<DateTime<Utc>>,
     pub body: JobBody,
 }
 
@@ -141,6 +146,9 @@ pub struct Delivery<'a> {
     /// The tenant NATS vouches for (the last token of the job's subject), when the deployment
     /// takes tenants from subjects; the body's `tenant` is then ignored.
     pub subject_tenant: Option<&'a str>,
+    /// When JetStream received the message (the start of `expires_in_ms`); the decode time
+    /// when unknown.
+    pub published: Option<DateTime<Utc>>,
 }
 
 /// What the deployment's configuration decides about pinning (the chain implements it; this

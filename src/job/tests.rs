@@ -337,3 +337,52 @@ fn the_prompt_text_together_is_bounded() {
         err.reason
     );
 }
+
+#[test]
+fn a_deadline_or_an_expiry_after_publication_sets_when_the_job_expires_the_earlier_winning() {
+    let published: DateTime<Utc> = "2026-01-01T10:00:00Z".parse().unwrap();
+    let delivery = Delivery {
+        published: Some(published),
+        ..Default::default()
+    };
+    let expiry = |json: &str| {
+        decode_with(JobKind::Generate, json, &delivery)
+            .map(|j| j.expires_at.map(|t| t.to_rfc3339()))
+            .map_err(|e| e.reason)
+    };
+    assert_eq!(expiry(r#"{"prompt":"x"}"#), Ok(None));
+    assert_eq!(
+        expiry(r#"{"prompt":"x","deadline":"2026-01-01T12:00:00+02:00"}"#),
+        Ok(Some("2026-01-01T10:00:00+00:00".into()))
+    );
+    assert_eq!(
+        expiry(r#"{"prompt":"x","expires_in_ms":1500}"#),
+        Ok(Some("2026-01-01T10:00:01.500+00:00".into()))
+    );
+    assert_eq!(
+        expiry(r#"{"prompt":"x","expires_in_ms":1500,"deadline":"2026-01-01T10:00:01Z"}"#),
+        Ok(Some("2026-01-01T10:00:01+00:00".into()))
+    );
+    let embed = decode_with(
+        JobKind::Embed,
+        r#"{"input":["a"],"expires_in_ms":1000}"#,
+        &delivery,
+    )
+    .unwrap();
+    assert_eq!(
+        embed.expires_at,
+        Some(published + chrono::TimeDelta::seconds(1))
+    );
+    for (json, field) in [
+        (r#"{"prompt":"x","deadline":"tomorrow"}"#, "deadline"),
+        (r#"{"prompt":"x","deadline":7}"#, "deadline"),
+        (r#"{"prompt":"x","expires_in_ms":0}"#, "expires_in_ms"),
+        (
+            r#"{"prompt":"x","expires_in_ms":99999999999999}"#,
+            "expires_in_ms",
+        ),
+    ] {
+        let reason = expiry(json).unwrap_err();
+        assert!(reason.starts_with(field), "{json}: {reason}");
+    }
+}

@@ -28,6 +28,8 @@ pub(super) struct WireGenerate {
     pub(super) options: WireGenerateOptions,
     pub(super) stream: Option<bool>,
     pub(super) timeout_ms: Option<u64>,
+    pub(super) deadline: Option<String>,
+    pub(super) expires_in_ms: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -54,6 +56,8 @@ pub(super) struct WireEmbed {
     #[serde(default)]
     pub(super) options: WireEmbedOptions,
     pub(super) timeout_ms: Option<u64>,
+    pub(super) deadline: Option<String>,
+    pub(super) expires_in_ms: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]

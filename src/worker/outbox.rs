@@ -13,6 +13,7 @@ use std::future::Future;
 
 use async_nats::jetstream::{self, AckKind};
 use bytes::Bytes;
+use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::chain::DeltaSink;
@@ -27,6 +28,8 @@ pub trait JobMessage: Send + Sync {
     fn msg_id(&self) -> Option<&str>;
     /// How many times this message has been delivered (1 the first time).
     fn delivered(&self) -> i64;
+    /// When the queue received it from its publisher.
+    fn published(&self) -> Option<DateTime<Utc>>;
     /// Settle (or extend) the message with the queue.
     fn settle(&self, kind: AckKind) -> impl Future<Output = Result<(), String>> + Send;
 }
@@ -49,6 +52,11 @@ impl JobMessage for jetstream::Message {
 
     fn delivered(&self) -> i64 {
         self.info().map_or(1, |i| i.delivered)
+    }
+
+    fn published(&self) -> Option<DateTime<Utc>> {
+        let nanos = self.info().ok()?.published.unix_timestamp_nanos();
+        Some(DateTime::from_timestamp_nanos(i64::try_from(nanos).ok()?))
     }
 
     async fn settle(&self, kind: AckKind) -> Result<(), String> {

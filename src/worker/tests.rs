@@ -144,6 +144,10 @@ impl JobMessage for Msg {
         self.delivered
     }
 
+    fn published(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        Some(chrono::Utc::now())
+    }
+
     async fn settle(&self, kind: AckKind) -> Result<(), String> {
         self.settled.lock().unwrap().push(format!("{kind:?}"));
         Ok(())
@@ -327,4 +331,49 @@ async fn a_job_abandoned_at_shutdown_is_handed_back_unanswered() {
     // Handed back after the pull requests in flight expire (see queue::hand_back).
     assert_eq!(*settled.lock().unwrap(), ["Nak(Some(1.5s))"]);
     assert!(outbox.state().stored.is_empty() && outbox.live().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_job_past_its_deadline_is_answered_expired_without_a_provider_call() {
+    let script = Scripted::new([answer()]);
+    let (worker, outbox) = worker(&script, "");
+    let id = Uuid::now_v7();
+    let mut late = job(id, "t");
+    late["deadline"] = json!((chrono::Utc::now() - chrono::TimeDelta::seconds(1)).to_rfc3339());
+    let (disposal, settled) = handle(&worker, &late, 1).await;
+    assert_eq!(
+        (disposal, settled.as_slice()),
+        (Disposal::Acked, &["Ack".to_string()][..])
+    );
+    let result = outbox.stored(id).unwrap();
+    assert_eq!(result["error"]["code"], "timeout");
+    assert!(
+        result["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("expired"),
+        "{result}"
+    );
+    assert_eq!(outbox.live()[0].1, result);
+    assert!(script.calls().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_chain_stops_at_the_jobs_deadline_when_it_comes_before_its_timeout() {
+    let script = Scripted::new([Play::Hang]);
+    let (worker, outbox) = worker(&script, "");
+    let id = Uuid::now_v7();
+    let mut soon = job(id, "t");
+    soon["timeout_ms"] = json!(20_000);
+    soon["expires_in_ms"] = json!(3_000);
+    let started = tokio::time::Instant::now();
+    handle(&worker, &soon, 1).await;
+    let took = started.elapsed();
+    // The deadline is taken from the wall clock once: within a millisecond of 3 s.
+    assert!(
+        took <= Duration::from_secs(3) && took > Duration::from_millis(2990),
+        "{took:?}"
+    );
+    assert_eq!(outbox.stored(id).unwrap()["error"]["code"], "timeout");
+    assert_eq!(script.calls().len(), 1);
 }

@@ -347,6 +347,58 @@ async fn a_job_whose_deadline_passes_mid_answer_ends_as_timeout() {
 }
 
 #[tokio::test]
+async fn jobs_that_expire_before_a_worker_starts_them_are_answered_timeout_without_a_call() {
+    let fake = FakeLlmServer::start().await.unwrap();
+    let mut app = TestApp::new(&openai_provider("openai", &fake.base_url(), "gpt-test")).await;
+    llm_worker::queue::ensure_streams(&app.js, &app.config.nats)
+        .await
+        .unwrap();
+    let (reply_to, mut sub) = app.reply_inbox().await;
+    // Queued while no worker runs: one with a deadline already past, one that expires 1 ms
+    // after JetStream received it (the worker starts far later), one without either.
+    let past = (chrono::Utc::now() - chrono::TimeDelta::seconds(5)).to_rfc3339();
+    let a = app
+        .publish(json!({"prompt": "a", "deadline": past, "reply_to": reply_to, "stream": false}))
+        .await;
+    let b = app
+        .publish(json!({"prompt": "b", "expires_in_ms": 1, "reply_to": reply_to, "stream": false}))
+        .await;
+    let c = app
+        .publish(json!({"prompt": "c", "reply_to": reply_to, "stream": false}))
+        .await;
+    app.start_worker().await;
+    let mut results = std::collections::HashMap::new();
+    while results.len() < 3 {
+        let r = collect_reply(&mut sub).await.result;
+        results.insert(r["job_id"].as_str().unwrap().to_string(), r);
+    }
+    for id in [a, b] {
+        let r = &results[&id.to_string()];
+        assert_eq!(r["error"]["code"], "timeout", "{r}");
+        assert!(
+            r["error"]["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("expired"),
+            "{r}"
+        );
+        assert_eq!(r["attempts"], json!([]), "{r}");
+    }
+    assert_eq!(results[&c.to_string()]["status"], "ok");
+    assert_eq!(
+        fake.request_count(),
+        1,
+        "only the live job reached the provider"
+    );
+    app.wait_count(
+        &format!("SELECT count(*) FROM llm_jobs WHERE error_code = 'timeout' AND job_id IN ('{a}', '{b}')"),
+        2,
+    )
+    .await;
+    app.teardown().await;
+}
+
+#[tokio::test]
 async fn a_result_that_cannot_be_stored_is_requeued_never_acked() {
     let (app, fake) = app_with_fake().await;
     fake.set_default(Reply::answer(&["stored at last"], (1, 1)));
