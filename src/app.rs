@@ -248,6 +248,17 @@ pub async fn start(config: Config, roles: Roles) -> anyhow::Result<Running> {
         let dead = DeadLetters::new(js.clone(), nats_cfg.clone());
         let outbox = crate::worker::NatsOutbox { replies, dead };
         let worker = Worker::new(&config, chain, embed_chain, outbox, prices.clone())?;
+        let follower = crate::cancel::follow(
+            js.clone(),
+            nats_cfg.clone(),
+            worker.cancels().clone(),
+            stop.clone(),
+        )
+        .await
+        .map_err(anyhow::Error::msg)?;
+        background.spawn(async move {
+            let _ = follower.await;
+        });
         background.spawn(status::serve(
             client.clone(),
             status::subject(&nats_cfg),

@@ -8,7 +8,9 @@
 //! with its attempt number as it arrives. The chain knows nothing about NATS.
 //!
 //! Per attempt it enforces: the first-token limit (first *text*, not first byte), the stall
-//! limit (silence between texts), and the job deadline.
+//! limit (silence between texts), and the job deadline. A cancellation (the job's
+//! `CancellationToken`) ends any wait at once: a call in flight is dropped (its connection
+//! closed) and recorded with estimated usage, and the job ends `cancelled`.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -19,6 +21,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use chrono::Utc;
 use futures::StreamExt;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, RouteEntry, Strategy};
 use crate::error::{Disposition, ErrorCode, ProviderError};
@@ -233,6 +236,7 @@ impl Chain {
         job: &Job,
         req: &GenerateRequest,
         deadline: Instant,
+        cancel: &CancellationToken,
         sink: &mut S,
     ) -> Outcome {
         let targets = self.plan(job);
@@ -242,12 +246,21 @@ impl Chain {
         'targets: for target in &targets {
             let mut backoff = retry_delays(&target.provider);
             loop {
-                let admitted = match self.admit(target, deadline, &attempts, &mut skipped).await {
+                let admitted = match self
+                    .admit(target, deadline, cancel, &attempts, &mut skipped)
+                    .await
+                {
                     Ok(admitted) => admitted,
                     Err(Refused::NextTarget) => continue 'targets,
                     Err(Refused::TimedOut) => {
                         timed_out = true;
                         break 'targets;
+                    }
+                    Err(Refused::Cancelled) => {
+                        return Outcome {
+                            attempts,
+                            result: Err(cancelled()),
+                        };
                     }
                 };
                 let (record, result) = attempt(
@@ -255,6 +268,7 @@ impl Chain {
                     admitted.number,
                     req,
                     deadline,
+                    cancel,
                     self.max_output_bytes,
                     sink,
                 )
@@ -273,7 +287,14 @@ impl Chain {
                             result: Ok(success),
                         };
                     }
-                    Settled::RetryIn(delay) => tokio::time::sleep(delay).await,
+                    Settled::RetryIn(delay) => {
+                        if !wait_retry(delay, cancel).await {
+                            return Outcome {
+                                attempts,
+                                result: Err(cancelled()),
+                            };
+                        }
+                    }
                     Settled::NextTarget => continue 'targets,
                     Settled::TimedOut => {
                         timed_out = true;
@@ -296,6 +317,28 @@ impl Chain {
     }
 }
 
+/// The job-level error of a cancelled job.
+pub(crate) fn cancelled() -> ErrorBody {
+    ErrorBody {
+        code: ErrorCode::Cancelled,
+        message: "cancelled: a cancel request for this job arrived while it ran".into(),
+        retryable: false,
+    }
+}
+
+/// Wait out a retry delay; `false` when the job is cancelled meanwhile.
+pub(crate) async fn wait_retry(delay: Duration, cancel: &CancellationToken) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(delay) => true,
+        () = cancel.cancelled() => false,
+    }
+}
+
+/// The error a call in flight ends with when its job is cancelled.
+pub(crate) fn cancelled_call() -> ProviderError {
+    ProviderError::new(ErrorCode::Cancelled, "cancelled during the call")
+}
+
 /// A call that may go ahead: its number, and the capacity it holds while it runs.
 pub(crate) struct Admitted {
     pub number: u32,
@@ -308,6 +351,8 @@ pub(crate) enum Refused {
     NextTarget,
     /// The job's deadline passed (before, or while waiting for capacity).
     TimedOut,
+    /// The job was cancelled (before, or while waiting for capacity).
+    Cancelled,
 }
 
 /// What follows a call.
@@ -332,9 +377,13 @@ impl Chain {
         &self,
         target: &Target,
         deadline: Instant,
+        cancel: &CancellationToken,
         attempts: &[AttemptRecord],
         skipped: &mut Vec<String>,
     ) -> Result<Admitted, Refused> {
+        if cancel.is_cancelled() {
+            return Err(Refused::Cancelled);
+        }
         if Instant::now() >= deadline {
             return Err(Refused::TimedOut);
         }
@@ -344,9 +393,12 @@ impl Chain {
             skipped.push(format!("{name}:{}", target.model));
             return Err(Refused::NextTarget);
         }
-        let permit = tokio::time::timeout_at(deadline, target.provider.limiter.acquire())
-            .await
-            .map_err(|_| Refused::TimedOut)?;
+        let permit = tokio::select! {
+            permit = tokio::time::timeout_at(deadline, target.provider.limiter.acquire()) => {
+                permit.map_err(|_| Refused::TimedOut)?
+            }
+            () = cancel.cancelled() => return Err(Refused::Cancelled),
+        };
         Ok(Admitted {
             number: attempts.len() as u32 + 1,
             _permit: permit,
@@ -469,6 +521,9 @@ fn next_step(
     if err.code == ErrorCode::Timeout {
         return Next::TimedOut;
     }
+    if err.code == ErrorCode::Cancelled {
+        return Next::Fail(cancelled());
+    }
     match err.disposition() {
         Disposition::Final => Next::Fail(ErrorBody {
             code: err.code,
@@ -556,6 +611,7 @@ async fn attempt<S: DeltaSink>(
     number: u32,
     req: &GenerateRequest,
     deadline: Instant,
+    cancel: &CancellationToken,
     max_output_bytes: usize,
     sink: &mut S,
 ) -> (AttemptRecord, Result<Success, ProviderError>) {
@@ -575,13 +631,16 @@ async fn attempt<S: DeltaSink>(
     let mut ttft: Option<Duration> = None;
     let mut started = false;
 
-    let call =
-        match tokio::time::timeout_at(first_token_limit, provider.generate(&target.model, req))
-            .await
-        {
-            Ok(call) => call,
-            Err(_) => Err(limit_error(deadline, true)),
-        };
+    let call = tokio::select! {
+        biased;
+        () = cancel.cancelled() => Err(cancelled_call()),
+        call = tokio::time::timeout_at(first_token_limit, provider.generate(&target.model, req)) => {
+            match call {
+                Ok(call) => call,
+                Err(_) => Err(limit_error(deadline, true)),
+            }
+        }
+    };
     let (error, http_status) = match call {
         Err(e) => {
             let status = e.http_status;
@@ -604,13 +663,18 @@ async fn attempt<S: DeltaSink>(
                 let next = match sink.flush_at().filter(|at| *at < limit) {
                     Some(at) => tokio::select! {
                         biased;
+                        () = cancel.cancelled() => break Some(cancelled_call()),
                         event = events.next() => Ok(event),
                         () = tokio::time::sleep_until(at) => {
                             sink.flush().await;
                             continue;
                         }
                     },
-                    None => tokio::time::timeout_at(limit, events.next()).await,
+                    None => tokio::select! {
+                        biased;
+                        () = cancel.cancelled() => break Some(cancelled_call()),
+                        next = tokio::time::timeout_at(limit, events.next()) => next,
+                    },
                 };
                 match next {
                     Err(_) if finish.is_some() => break None,

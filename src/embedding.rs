@@ -13,8 +13,12 @@
 
 use chrono::Utc;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
-use crate::chain::{Chain, Refused, Settled, Target, chain_error, retry_delays};
+use crate::chain::{
+    Chain, Refused, Settled, Target, cancelled, cancelled_call, chain_error, retry_delays,
+    wait_retry,
+};
 use crate::error::{Disposition, ErrorCode, ProviderError};
 use crate::event::{AttemptRecord, ErrorBody, elapsed_ms};
 use crate::job::{EmbedRequest, Job};
@@ -70,6 +74,7 @@ impl Chain {
         job: &Job,
         req: &EmbedRequest,
         deadline: Instant,
+        cancel: &CancellationToken,
         mixed_dimensions: bool,
         max_vector_bytes: usize,
     ) -> EmbedOutcome {
@@ -105,7 +110,9 @@ impl Chain {
             for batch in batches(&req.input, batching.batch_size, batching.batch_tokens) {
                 let mut backoff = retry_delays(provider);
                 loop {
-                    let admitted = match self.admit(target, deadline, &attempts, &mut skipped).await
+                    let admitted = match self
+                        .admit(target, deadline, cancel, &attempts, &mut skipped)
+                        .await
                     {
                         Ok(admitted) => admitted,
                         Err(Refused::NextTarget) => continue 'targets,
@@ -113,9 +120,22 @@ impl Chain {
                             timed_out = true;
                             break 'targets;
                         }
+                        Err(Refused::Cancelled) => {
+                            return EmbedOutcome {
+                                attempts,
+                                result: Err(cancelled()),
+                            };
+                        }
                     };
-                    let (record, result) =
-                        call(target, admitted.number, batch, req.dimensions, deadline).await;
+                    let (record, result) = call(
+                        target,
+                        admitted.number,
+                        batch,
+                        req.dimensions,
+                        deadline,
+                        cancel,
+                    )
+                    .await;
                     match self.settle(
                         target,
                         record,
@@ -135,7 +155,14 @@ impl Chain {
                             vectors.extend(embedded);
                             break;
                         }
-                        Settled::RetryIn(delay) => tokio::time::sleep(delay).await,
+                        Settled::RetryIn(delay) => {
+                            if !wait_retry(delay, cancel).await {
+                                return EmbedOutcome {
+                                    attempts,
+                                    result: Err(cancelled()),
+                                };
+                            }
+                        }
                         Settled::NextTarget => continue 'targets,
                         Settled::TimedOut => {
                             timed_out = true;
@@ -242,16 +269,17 @@ async fn call(
     batch: &[String],
     dimensions: Option<u32>,
     deadline: Instant,
+    cancel: &CancellationToken,
 ) -> (AttemptRecord, Result<Vec<Vec<f32>>, ProviderError>) {
     let provider = &target.provider;
     let started_at = Utc::now();
     let limit = (Instant::now() + provider.timeouts.first_token).min(deadline);
-    let result = match tokio::time::timeout_at(
-        limit,
-        provider.embed(&target.model, batch, dimensions),
-    )
-    .await
-    {
+    let answer = tokio::select! {
+        biased;
+        () = cancel.cancelled() => Ok(Err(cancelled_call())),
+        r = tokio::time::timeout_at(limit, provider.embed(&target.model, batch, dimensions)) => r,
+    };
+    let result = match answer {
         Ok(r) => r,
         Err(_) if Instant::now() >= deadline => Err(ProviderError::new(
             ErrorCode::Timeout,
@@ -272,6 +300,10 @@ async fn call(
                 e.http_status,
             ),
         },
+        // The request went out: the provider may bill it.
+        Err(e) if e.code == ErrorCode::Cancelled => {
+            (batch.iter().map(|t| estimate_tokens(t)).sum(), true, None)
+        }
         Err(e) => (0, false, e.http_status),
     };
     let record = AttemptRecord {

@@ -29,6 +29,7 @@
 //!   [`providers`]: one crate-private module per wire protocol, each with typed request,
 //!   response and stream-event structs; shared `helpers`; `scripted` (test builds only).
 //! - [`dead`]: the dead-letter stream (jobs and results that failed repeatedly).
+//! - [`cancel`]: cancel requests, remembered in their stream; running jobs' tokens.
 //! - `reply`: publishing chunks and results. [`usage`]: migrations, recorder, reports;
 //!   [`pricing`]: prices and cost.
 //! - [`health`]: circuit breakers and latency per provider; [`status`]: health over NATS.
@@ -43,6 +44,7 @@
 //! (`crates/testkit`), and the benchmark (`crates/bench`).
 
 pub mod app;
+pub mod cancel;
 pub mod chain;
 pub mod config;
 pub mod dead;

@@ -74,6 +74,12 @@ enum Command {
         #[arg(long, requires = "embed")]
         dimensions: Option<u32>,
     },
+    /// Cancel a job: a running one stops at once (its provider call is closed and its usage
+    /// recorded), a queued one is answered `cancelled` when a worker picks it up.
+    Cancel {
+        /// The job's id.
+        job_id: uuid::Uuid,
+    },
     /// Apply database migrations and exit.
     Migrate,
     /// Show the per-provider health of every running worker.
@@ -311,6 +317,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let to = today + chrono::Days::new(1);
             let rows = usage::report::daily(&pool, from, to, tenant.as_deref()).await?;
             print!("{}", usage::report::render(&rows));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Cancel { job_id } => {
+            let client = app::connect_nats(&config.nats).await?;
+            let js = async_nats::jetstream::new(client);
+            llm_worker::cancel::request(&js, &config.nats, job_id)
+                .await
+                .map_err(anyhow::Error::msg)?;
+            println!(
+                "cancel request for {job_id} stored: a worker running the job stops it now; one picking it up later answers it cancelled"
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { wait_ms, json } => {

@@ -3,9 +3,10 @@
 //! `accounts` block (`llm-worker nats-account`).
 //!
 //! A worker may create its own streams and consumers, pull and ack jobs, store and read results,
-//! write dead letters and publish replies under the reply prefixes, and nothing else: no `STREAM.DELETE`,
-//! `STREAM.PURGE`, `MSG.DELETE`, `CONSUMER.DELETE`, no other stream. An orchestrator publishes
-//! jobs, reads stored results and subscribes to its replies; a tenant's orchestrator does so
+//! write dead letters, follow cancel requests and publish replies under the reply prefixes, and
+//! nothing else: no `STREAM.DELETE`, `STREAM.PURGE`, `MSG.DELETE`, `CONSUMER.DELETE`, no other
+//! stream. An orchestrator publishes jobs and cancel requests, reads stored results and
+//! subscribes to its replies; a tenant's orchestrator does so
 //! only on its tenant's job subjects and reply subjects (with `nats.tenant_from_subject` the
 //! worker then takes the tenant from the subject, so NATS vouches for it). This module does no
 //! I/O; the integration tests run a nats-server with exactly this output.
@@ -55,7 +56,7 @@ pub(crate) fn worker(nats: &NatsConfig) -> Permissions {
     let (jobs, results) = (&nats.jobs_stream, &nats.results_stream);
     let api = "$JS.API";
     let mut publish = Vec::new();
-    for stream in [jobs, results, &nats.dead_stream] {
+    for stream in [jobs, results, &nats.dead_stream, &nats.cancel_stream] {
         publish.push(format!("{api}.STREAM.INFO.{stream}"));
         publish.push(format!("{api}.STREAM.CREATE.{stream}"));
     }
@@ -75,6 +76,11 @@ pub(crate) fn worker(nats: &NatsConfig) -> Permissions {
     publish.push(format!("{api}.STREAM.MSG.GET.{results}"));
     publish.push(format!("{}.results.>", nats.subject_prefix));
     publish.push(format!("{}.dead.>", nats.subject_prefix));
+    // Following the cancel stream: an ordered (ephemeral) consumer and its flow control.
+    let cancel = &nats.cancel_stream;
+    publish.push(format!("{api}.CONSUMER.CREATE.{cancel}"));
+    publish.push(format!("{api}.CONSUMER.CREATE.{cancel}.>"));
+    publish.push(format!("$JS.FC.{cancel}.>"));
     publish.extend(reply_patterns(nats));
     Permissions {
         publish,
@@ -113,6 +119,8 @@ pub(crate) fn orchestrator(nats: &NatsConfig, tenant: Option<&str>) -> Permissio
         format!("$JS.API.DIRECT.GET.{results}.>"),
         format!("$JS.API.STREAM.MSG.GET.{results}"),
         format!("{p}.status"),
+        // Cancelling a job needs its id (see above), whoever's job it is.
+        format!("{p}.cancel.*"),
     ]);
     Permissions {
         publish,

@@ -67,7 +67,22 @@ pub async fn ensure_streams(js: &jetstream::Context, nats: &NatsConfig) -> Resul
         duplicate_window: dup,
         ..Default::default()
     };
-    for config in [jobs, results, dead] {
+    // One message per job id: a request remembered until cancel_max_age_secs, then forgotten.
+    let cancel = stream::Config {
+        name: nats.cancel_stream.clone(),
+        subjects: vec![format!("{}.cancel.*", nats.subject_prefix)],
+        retention: RetentionPolicy::Limits,
+        storage: StorageType::File,
+        max_age: Duration::from_secs(nats.cancel_max_age_secs),
+        max_messages_per_subject: 1,
+        // Requests carry nothing but their subject: bounded, whoever floods them.
+        max_message_size: 1024,
+        max_messages: crate::cancel::MAX_REMEMBERED as i64,
+        discard: stream::DiscardPolicy::Old,
+        duplicate_window: dup,
+        ..Default::default()
+    };
+    for config in [jobs, results, dead, cancel] {
         let name = config.name.clone();
         js.get_or_create_stream(config)
             .await

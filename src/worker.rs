@@ -25,6 +25,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::cancel::Cancels;
 use crate::chain::Chain;
 use crate::config::Config;
 use crate::error::ErrorCode;
@@ -78,6 +79,8 @@ pub struct Worker<O: Outbox = NatsOutbox> {
     /// is not configured (embedding jobs are then not consumed).
     embed_chain: Option<(Chain, Arc<[String]>)>,
     outbox: O,
+    /// Cancel requests known to this process, and its running jobs' tokens.
+    cancels: Cancels,
     prices: PriceBook,
     limits: Limits,
     /// Deliveries after which a job is dead-lettered.
@@ -110,6 +113,7 @@ impl<O: Outbox> Worker<O> {
             chain,
             embed_chain: embed_chain.map(|c| (c, config.embed_mixed_dimensions.clone().into())),
             outbox,
+            cancels: Cancels::default(),
             prices,
             limits: Limits::from_config(config),
             max_deliver: config.worker.max_deliver,
@@ -120,6 +124,11 @@ impl<O: Outbox> Worker<O> {
             pull_expires: Duration::from_millis(config.worker.pull_expires_ms),
             log_prompts: config.telemetry.log_prompts,
         })
+    }
+
+    /// The cancel requests this worker follows (`cancel::follow` feeds them).
+    pub(crate) fn cancels(&self) -> &Cancels {
+        &self.cancels
     }
 
     /// Handle one job message to its end. `abandon` fires when the process can wait no longer
@@ -218,6 +227,21 @@ impl<O: Outbox> Worker<O> {
                 .await;
         }
         // Nobody waits for the answer any more: say so, without a provider call.
+        if self.cancels.is_cancelled(job.envelope.job_id) {
+            tracing::info!("job cancelled before it started");
+            let error = ErrorBody {
+                code: ErrorCode::Cancelled,
+                message:
+                    "cancelled: a cancel request for this job arrived before a worker started it"
+                        .into(),
+                retryable: false,
+            };
+            let result =
+                ResultEvent::failure(&job.envelope, job.kind, error, &self.worker_id, received_at);
+            return self
+                .finish(msg, job.kind, &job.envelope, &result, AckKind::Ack)
+                .await;
+        }
         let now = Utc::now();
         if let Some(at) = job.expires_at.filter(|at| *at <= now) {
             tracing::info!(expired_at = %at, "job expired before it started");
@@ -243,7 +267,8 @@ impl<O: Outbox> Worker<O> {
             .expires_at
             .map_or(job.timeout, |at| (at - now).to_std().unwrap_or_default());
         let deadline = Instant::now() + job.timeout.min(left);
-        let work = self.execute(&job, received_at, deadline);
+        let running = self.cancels.run(job.envelope.job_id);
+        let work = self.execute(&job, received_at, deadline, running.token());
         tokio::pin!(work);
         let mut progress =
             tokio::time::interval_at(Instant::now() + self.progress_every, self.progress_every);
@@ -276,13 +301,17 @@ impl<O: Outbox> Worker<O> {
         job: &Job,
         received_at: DateTime<Utc>,
         deadline: Instant,
+        cancel: &CancellationToken,
     ) -> ResultEvent {
         let env = &job.envelope;
         let (attempts, answer) = match &job.body {
             JobBody::Generate(req) => {
                 let reply_to = env.reply_to.as_deref().filter(|_| req.stream);
                 let mut sink = self.outbox.chunks(env.job_id, &env.trace_id, reply_to);
-                let o = self.chain.generate(job, req, deadline, &mut sink).await;
+                let o = self
+                    .chain
+                    .generate(job, req, deadline, cancel, &mut sink)
+                    .await;
                 (o.attempts, o.result.map(Answer::Text))
             }
             JobBody::Embed(req) => match &self.embed_chain {
@@ -294,7 +323,7 @@ impl<O: Outbox> Worker<O> {
                         PAYLOAD_HEADROOM + self.limits.bounds.max_metadata_bytes + RESULT_MARGIN,
                     );
                     let mixed = mixed.iter().any(|r| r == task);
-                    let o = chain.embed(job, req, deadline, mixed, room).await;
+                    let o = chain.embed(job, req, deadline, cancel, mixed, room).await;
                     (o.attempts, o.result.map(Answer::Vectors))
                 }
                 None => (

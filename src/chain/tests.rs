@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use super::*;
 use crate::error::ErrorCode;
@@ -75,7 +76,9 @@ fn job() -> (Job, GenerateRequest) {
 
 async fn run(chain: &Chain, deadline: Instant) -> Outcome {
     let (job, req) = job();
-    chain.generate(&job, &req, deadline, &mut NoSink).await
+    chain
+        .generate(&job, &req, deadline, &CancellationToken::new(), &mut NoSink)
+        .await
 }
 
 fn answer() -> Play {
@@ -282,4 +285,56 @@ fn a_pin_of_a_provider_with_no_model_known_is_refused_at_decode() {
     let refused = chain.check_pin(Some("other"), Some("a"), None).unwrap_err();
     assert!(refused.contains("no default model"), "{refused}");
     assert_eq!(chain.check_pin(Some("other"), Some("a"), Some("x")), Ok(()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cancel_mid_answer_ends_the_call_at_once_with_its_usage_estimated() {
+    let pieces = vec![(Duration::from_secs(1), "word "); 10];
+    let a = Scripted::new([Play::Answer(pieces)]);
+    let b = Scripted::new([answer()]);
+    let chain = chain("max_retries = 2", "", &a, &b);
+    let cancel = CancellationToken::new();
+    let trigger = cancel.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(3500 * MS).await;
+        trigger.cancel();
+    });
+    let (job, req) = job();
+    let start = Instant::now();
+    let outcome = chain
+        .generate(&job, &req, far(), &cancel, &mut NoSink)
+        .await;
+    assert_eq!(
+        Instant::now() - start,
+        3500 * MS,
+        "no wait after the cancel"
+    );
+    let error = outcome.result.as_ref().unwrap_err();
+    assert_eq!(error.code, ErrorCode::Cancelled);
+    assert_eq!(codes(&outcome), [Some(ErrorCode::Cancelled)]);
+    let call = &outcome.attempts[0];
+    // Three words had arrived: the provider may bill them; counted, and marked estimated.
+    assert!(call.tokens_estimated && call.output_tokens > 0 && call.input_tokens > 0);
+    assert!(b.calls().is_empty(), "no fallback after a cancel");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cancel_during_a_retry_wait_ends_the_job_without_another_call() {
+    let a = Scripted::new([rate_limited(Duration::from_secs(30)), answer()]);
+    let b = Scripted::new([answer()]);
+    let chain = chain("max_retries = 2", "", &a, &b);
+    let cancel = CancellationToken::new();
+    let trigger = cancel.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        trigger.cancel();
+    });
+    let (job, req) = job();
+    let start = Instant::now();
+    let outcome = chain
+        .generate(&job, &req, far(), &cancel, &mut NoSink)
+        .await;
+    assert_eq!(Instant::now() - start, Duration::from_secs(1));
+    assert_eq!(outcome.result.unwrap_err().code, ErrorCode::Cancelled);
+    assert_eq!((a.calls().len(), b.calls().len()), (1, 0));
 }

@@ -206,6 +206,11 @@ pub struct NatsConfig {
     pub dead_stream: String,
     /// How long dead letters are kept.
     pub dead_max_age_secs: u64,
+    /// Cancel requests (`<prefix>.cancel.<job_id>`), kept so a queued job is cancelled when
+    /// a worker picks it up, and by workers started after the request.
+    pub cancel_stream: String,
+    /// How long a cancel request is remembered.
+    pub cancel_max_age_secs: u64,
     /// Durable consumer names are `<consumer_prefix>-generate` and `<consumer_prefix>-embed`.
     pub consumer_prefix: String,
     /// How long stored results are kept.
@@ -237,6 +242,8 @@ impl Default for NatsConfig {
             results_stream: "LLM_RESULTS".into(),
             dead_stream: "LLM_DEAD".into(),
             dead_max_age_secs: 30 * 24 * 3600,
+            cancel_stream: "LLM_CANCEL".into(),
+            cancel_max_age_secs: 24 * 3600,
             consumer_prefix: "llm-worker".into(),
             results_max_age_secs: 24 * 3600,
             duplicate_window_secs: 120,
@@ -251,6 +258,10 @@ impl NatsConfig {
     }
     pub fn result_subject(&self, job_id: &uuid::Uuid) -> String {
         format!("{}.results.{job_id}", self.subject_prefix)
+    }
+    /// Where a cancel request for `job_id` is published.
+    pub fn cancel_subject(&self, job_id: &uuid::Uuid) -> String {
+        format!("{}.cancel.{job_id}", self.subject_prefix)
     }
     /// Where orchestrators publish jobs of `kind` (without the tenant token).
     pub fn job_subject(&self, kind: crate::job::JobKind) -> String {

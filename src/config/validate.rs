@@ -20,6 +20,9 @@ impl Config {
         if self.nats.results_max_age_secs == 0 {
             return Err(invalid("nats.results_max_age_secs", "must be positive"));
         }
+        if self.nats.cancel_max_age_secs == 0 {
+            return Err(invalid("nats.cancel_max_age_secs", "must be positive"));
+        }
         if self.nats.dead_max_age_secs == 0 {
             return Err(invalid("nats.dead_max_age_secs", "must be positive"));
         }
@@ -34,6 +37,7 @@ impl Config {
             ("nats.jobs_stream", &self.nats.jobs_stream),
             ("nats.results_stream", &self.nats.results_stream),
             ("nats.dead_stream", &self.nats.dead_stream),
+            ("nats.cancel_stream", &self.nats.cancel_stream),
             ("nats.consumer_prefix", &self.nats.consumer_prefix),
         ] {
             if value.is_empty() || value.contains([' ', '*', '>', '\t']) {

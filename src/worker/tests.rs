@@ -377,3 +377,38 @@ async fn the_chain_stops_at_the_jobs_deadline_when_it_comes_before_its_timeout()
     assert_eq!(outbox.stored(id).unwrap()["error"]["code"], "timeout");
     assert_eq!(script.calls().len(), 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_job_cancelled_before_it_starts_is_answered_cancelled_without_a_provider_call() {
+    let script = Scripted::new([answer()]);
+    let (worker, outbox) = worker(&script, "");
+    let id = Uuid::now_v7();
+    worker.cancels().cancel(id);
+    let (disposal, settled) = handle(&worker, &job(id, "t"), 1).await;
+    assert_eq!(
+        (disposal, settled.as_slice()),
+        (Disposal::Acked, &["Ack".to_string()][..])
+    );
+    let result = outbox.stored(id).unwrap();
+    assert_eq!(result["error"]["code"], "cancelled");
+    assert_eq!(result["attempts"], json!([]));
+    assert!(script.calls().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_running_job_cancelled_is_answered_cancelled_with_its_attempt() {
+    let script = Scripted::new([Play::Stall(vec![(Duration::ZERO, "partial")])]);
+    let (worker, outbox) = worker(&script, "");
+    let id = Uuid::now_v7();
+    let cancels = worker.cancels().clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        cancels.cancel(id);
+    });
+    let (disposal, _) = handle(&worker, &job(id, "t"), 1).await;
+    assert_eq!(disposal, Disposal::Acked);
+    let result = outbox.stored(id).unwrap();
+    assert_eq!(result["error"]["code"], "cancelled");
+    assert_eq!(result["attempts"][0]["error"]["code"], "cancelled");
+    assert_eq!(result["attempts"][0]["tokens_estimated"], true);
+}

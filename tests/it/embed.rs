@@ -47,6 +47,7 @@ async fn run(chain: &Chain, v: Value, mixed: bool) -> EmbedOutcome {
             &job,
             req,
             tokio::time::Instant::now() + job.timeout,
+            &tokio_util::sync::CancellationToken::new(),
             mixed,
             usize::MAX,
         )

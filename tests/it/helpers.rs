@@ -103,6 +103,7 @@ subject_prefix = "t{id}"
 jobs_stream = "JOBS_{id}"
 results_stream = "RESULTS_{id}"
 dead_stream = "DEAD_{id}"
+cancel_stream = "CANCEL_{id}"
 consumer_prefix = "w{id}"
 ack_wait_secs = 5
 
@@ -372,6 +373,7 @@ impl TestApp {
             .delete_stream(&self.config.nats.results_stream)
             .await;
         let _ = self.js.delete_stream(&self.config.nats.dead_stream).await;
+        let _ = self.js.delete_stream(&self.config.nats.cancel_stream).await;
         self.db.close().await;
         self.database.drop().await;
     }

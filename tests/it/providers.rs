@@ -68,7 +68,10 @@ async fn run(chain: &Chain, v: Value) -> (Outcome, Collect) {
     };
     let mut sink = Collect::default();
     let deadline = tokio::time::Instant::now() + job.timeout;
-    let outcome = chain.generate(&job, req, deadline, &mut sink).await;
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let outcome = chain
+        .generate(&job, req, deadline, &cancel, &mut sink)
+        .await;
     (outcome, sink)
 }
 

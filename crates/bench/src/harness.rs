@@ -56,6 +56,7 @@ subject_prefix = "bench{id}"
 jobs_stream = "BENCH_JOBS_{id}"
 results_stream = "BENCH_RESULTS_{id}"
 dead_stream = "BENCH_DEAD_{id}"
+cancel_stream = "BENCH_CANCEL_{id}"
 consumer_prefix = "bench{id}"
 [database]
 url = "{db_url}"
@@ -207,6 +208,7 @@ url = "{db_url}"
         let _ = self.js.delete_stream(&self.nats.jobs_stream).await;
         let _ = self.js.delete_stream(&self.nats.results_stream).await;
         let _ = self.js.delete_stream(&self.nats.dead_stream).await;
+        let _ = self.js.delete_stream(&self.nats.cancel_stream).await;
         self.pool.close().await;
         self.database.drop().await;
         if keep_logs {

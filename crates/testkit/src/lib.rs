@@ -96,6 +96,8 @@ struct Script {
     timings: Option<Vec<(String, Duration)>>,
     /// Demo mode: the reply (once the queue is empty) follows the model name.
     demo: Option<Demo>,
+    /// Generation response bodies not yet finished or dropped.
+    open: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// The demo answers: `words` words (seeded by the prompt) at `tokens_per_sec`.
@@ -115,6 +117,7 @@ impl Default for Script {
             latency: Duration::ZERO,
             timings: None,
             demo: None,
+            open: Arc::default(),
         }
     }
 }
@@ -244,6 +247,15 @@ impl FakeLlmServer {
             .ok()
             .and_then(|mut s| s.timings.as_mut().map(std::mem::take))
             .unwrap_or_default()
+    }
+
+    /// Generation responses still being sent: a client that drops a stream (a cancelled job)
+    /// closes its connection, and the count goes down.
+    pub fn open_responses(&self) -> usize {
+        self.script
+            .lock()
+            .map(|s| s.open.load(std::sync::atomic::Ordering::SeqCst))
+            .unwrap_or(0)
     }
 
     /// Request bodies received so far.
@@ -505,7 +517,8 @@ async fn serve(
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }
-    let response = render(flavor, reply, stream, &model).await;
+    let open = script.lock().map(|s| s.open.clone()).unwrap_or_default();
+    let response = counted(render(flavor, reply, stream, &model).await, open);
     if let Some(key) = timing_key
         && let Ok(mut s) = script.lock()
         && let Some(timings) = s.timings.as_mut()
@@ -513,6 +526,28 @@ async fn serve(
         timings.push((key, started.elapsed()));
     }
     response
+}
+
+/// Counts a response as open until its body ends or is dropped.
+fn counted(response: Response<Body>, open: Arc<std::sync::atomic::AtomicUsize>) -> Response<Body> {
+    struct Open(Arc<std::sync::atomic::AtomicUsize>);
+    impl Drop for Open {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+    open.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let guard = Open(open);
+    response.map(|body| {
+        let stream = body.into_data_stream();
+        Body::from_stream(futures::stream::unfold(
+            (stream, guard),
+            |(mut stream, guard)| async move {
+                let next = stream.next().await?;
+                Some((next, (stream, guard)))
+            },
+        ))
+    })
 }
 
 /// The last message's text (OpenAI, Anthropic and Ollama requests; Gemini's last part).
