@@ -631,9 +631,12 @@ async fn attempt<S: DeltaSink>(
     let mut ttft: Option<Duration> = None;
     let mut started = false;
 
+    // One cancellation waiter for the whole attempt (registered once, not per event).
+    let cancelled = cancel.cancelled();
+    tokio::pin!(cancelled);
     let call = tokio::select! {
         biased;
-        () = cancel.cancelled() => Err(cancelled_call()),
+        () = &mut cancelled => Err(cancelled_call()),
         call = tokio::time::timeout_at(first_token_limit, provider.generate(&target.model, req)) => {
             match call {
                 Ok(call) => call,
@@ -663,7 +666,7 @@ async fn attempt<S: DeltaSink>(
                 let next = match sink.flush_at().filter(|at| *at < limit) {
                     Some(at) => tokio::select! {
                         biased;
-                        () = cancel.cancelled() => break Some(cancelled_call()),
+                        () = &mut cancelled => break Some(cancelled_call()),
                         event = events.next() => Ok(event),
                         () = tokio::time::sleep_until(at) => {
                             sink.flush().await;
@@ -672,7 +675,7 @@ async fn attempt<S: DeltaSink>(
                     },
                     None => tokio::select! {
                         biased;
-                        () = cancel.cancelled() => break Some(cancelled_call()),
+                        () = &mut cancelled => break Some(cancelled_call()),
                         next = tokio::time::timeout_at(limit, events.next()) => next,
                     },
                 };

@@ -250,7 +250,7 @@ impl FakeLlmServer {
     }
 
     /// Generation responses still being sent: a client that drops a stream (a cancelled job)
-    /// closes its connection, and the count goes down.
+    /// closes its connection, and the count goes down. Not counted in bench mode.
     pub fn open_responses(&self) -> usize {
         self.script
             .lock()
@@ -517,8 +517,16 @@ async fn serve(
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }
-    let open = script.lock().map(|s| s.open.clone()).unwrap_or_default();
-    let response = counted(render(flavor, reply, stream, &model).await, open);
+    // Tests count open responses; benchmarks (no recording) skip the wrapping.
+    let open = script
+        .lock()
+        .ok()
+        .and_then(|s| s.record.then(|| s.open.clone()));
+    let response = render(flavor, reply, stream, &model).await;
+    let response = match open {
+        Some(open) => counted(response, open),
+        None => response,
+    };
     if let Some(key) = timing_key
         && let Ok(mut s) = script.lock()
         && let Some(timings) = s.timings.as_mut()
