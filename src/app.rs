@@ -13,19 +13,18 @@ use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::chain::Chain;
 use crate::config::{Config, NatsConfig};
 use crate::dead::DeadLetters;
 use crate::health::Health;
 use crate::job::JobKind;
 use crate::pricing::PriceBook;
-use crate::providers::Registry;
 use crate::queue::{self, PullLoop};
+use crate::reload::{ConfigSource, Reloader};
 use crate::reply::Replies;
 use crate::status;
 use crate::trust::{ReplyPolicy, UrlCredentials};
 use crate::usage;
-use crate::worker::Worker;
+use crate::worker::{Routing, Worker};
 
 /// What this process runs.
 #[derive(Debug, Clone, Copy)]
@@ -41,9 +40,16 @@ pub struct Running {
     stop: CancellationToken,
     done: tokio::task::JoinHandle<()>,
     pub worker_id: String,
+    reloader: Option<Reloader>,
 }
 
 impl Running {
+    /// Re-read the configuration and apply what can change while running (see
+    /// [`crate::reload`]); `None` when this process answers no jobs or has no source.
+    pub fn reloader(&self) -> Option<Reloader> {
+        self.reloader.clone()
+    }
+
     /// Begin a graceful shutdown and wait for it to complete.
     pub async fn shutdown(self) {
         self.stop.cancel();
@@ -153,6 +159,17 @@ fn lazy_pool(config: &Config) -> anyhow::Result<Option<sqlx::PgPool>> {
 /// Start everything `roles` asks for and return once the process is ready (streams and
 /// consumers exist, migrations applied).
 pub async fn start(config: Config, roles: Roles) -> anyhow::Result<Running> {
+    start_with(config, roles, None).await
+}
+
+/// [`start`], reloadable from `reload` (SIGHUP through [`Running::reload`], and requests on
+/// `<prefix>.control.reload`) when given.
+pub async fn start_with(
+    config: Config,
+    roles: Roles,
+    reload: Option<ConfigSource>,
+) -> anyhow::Result<Running> {
+    let mut reload_handle: Option<Reloader> = None;
     if roles.jobs {
         config.require_providers()?;
     }
@@ -216,38 +233,42 @@ pub async fn start(config: Config, roles: Roles) -> anyhow::Result<Running> {
 
     let mut loops = Vec::new();
     if roles.jobs {
-        let registry = Registry::from_config(&config)?;
-        let chain = Chain::new(&config, registry, prices.clone(), health.clone());
+        let (routing, no_embedding) = Routing::from_config(&config, &health, &prices)?;
         let replies = Replies::new(
             client.clone(),
             js.clone(),
             nats_cfg.clone(),
             Duration::from_millis(config.limits.chunk_interval_ms),
         );
-        let embed_routes = match config.embedding_routes() {
-            Ok(routes) => Some(routes.clone()),
-            Err(why) => {
-                tracing::warn!(%why, "embedding jobs are not consumed");
-                None
-            }
-        };
-        let embed_chain = embed_routes.as_ref().map(|routes| {
-            Chain::with_routes(
-                routes,
-                &config,
-                chain.registry().clone(),
-                prices.clone(),
-                health.clone(),
-            )
-        });
-        let kinds: Vec<JobKind> = if embed_chain.is_some() {
+        if let Some(why) = no_embedding {
+            tracing::warn!(%why, "embedding jobs are not consumed");
+        }
+        let kinds: Vec<JobKind> = if routing.embeds() {
             vec![JobKind::Generate, JobKind::Embed]
         } else {
             vec![JobKind::Generate]
         };
         let dead = DeadLetters::new(js.clone(), nats_cfg.clone());
         let outbox = crate::worker::NatsOutbox { replies, dead };
-        let worker = Worker::new(&config, chain, embed_chain, outbox, prices.clone())?;
+        let worker = Worker::new(&config, routing, outbox, prices.clone())?;
+        if let Some(source) = reload {
+            let reloader = Reloader {
+                source,
+                current: Arc::new(std::sync::Mutex::new((*config).clone())),
+                worker: worker.clone(),
+                health: health.clone(),
+                prices: prices.clone(),
+            };
+            background.spawn(crate::reload::serve(
+                client.clone(),
+                format!("{}.control.reload", nats_cfg.subject_prefix),
+                config.worker_id(),
+                reloader.clone(),
+                ReplyPolicy::new(&nats_cfg).map_err(anyhow::Error::msg)?,
+                stop.clone(),
+            ));
+            reload_handle = Some(reloader);
+        }
         let follower = crate::cancel::follow(
             js.clone(),
             nats_cfg.clone(),
@@ -318,5 +339,6 @@ pub async fn start(config: Config, roles: Roles) -> anyhow::Result<Running> {
         stop,
         done,
         worker_id,
+        reloader: reload_handle,
     })
 }

@@ -35,6 +35,7 @@
 //! - [`health`]: circuit breakers and latency per provider; [`status`]: health over NATS.
 //! - [`trust`]: what an untrusted job may make the worker do (reply subjects, stored results
 //!   of other jobs, model names in URLs); [`nats_account`]: the least-privilege NATS account.
+//! - [`reload`]: configuration reload without a restart (SIGHUP, `<prefix>.control.reload`).
 //! - [`app`]: start-up and graceful shutdown. [`submit`]: the client side of `llm-worker submit`.
 //! - `fuzzing`: the fuzz targets' entry points (hidden).
 //!
@@ -59,6 +60,7 @@ pub mod nats_account;
 pub mod pricing;
 pub mod providers;
 pub mod queue;
+pub mod reload;
 pub(crate) mod reply;
 pub mod status;
 pub mod submit;

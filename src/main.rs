@@ -181,12 +181,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 jobs: !recorder_only,
                 recorder: !no_recorder,
             };
-            let running = app::start(config, roles).await?;
+            // Reloads read the same file (and environment) again.
+            let path = cli.config.clone();
+            let source: llm_worker::reload::ConfigSource =
+                std::sync::Arc::new(move || Config::load(path.as_deref()));
+            let running = app::start_with(config, roles, Some(source)).await?;
             let stop = running.stop_token();
             tokio::spawn(async move {
                 shutdown_signal().await;
                 stop.cancel();
             });
+            if let Some(reloader) = running.reloader() {
+                tokio::spawn(reload_on_sighup(reloader));
+            }
             running.wait().await;
             Ok(ExitCode::SUCCESS)
         }
@@ -359,6 +366,22 @@ fn read_source(source: &str) -> anyhow::Result<String> {
         text = std::fs::read_to_string(source).with_context(|| format!("reading {source}"))?;
     }
     Ok(text)
+}
+
+/// Reload the configuration on every SIGHUP.
+async fn reload_on_sighup(reloader: llm_worker::reload::Reloader) {
+    #[cfg(unix)]
+    {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            let _ = reloader.reload_logged();
+        }
+    }
+    #[cfg(not(unix))]
+    drop(reloader);
 }
 
 async fn shutdown_signal() {

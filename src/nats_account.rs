@@ -87,6 +87,8 @@ pub(crate) fn worker(nats: &NatsConfig) -> Permissions {
         subscribe: vec![
             format!("{}.>", nats.inbox_prefix),
             format!("{}.status", nats.subject_prefix),
+            // Reload requests: only the admin user may publish them.
+            format!("{}.control.reload", nats.subject_prefix),
         ],
     }
 }

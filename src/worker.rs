@@ -16,7 +16,7 @@ pub mod outbox;
 #[cfg(test)]
 mod tests;
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use async_nats::jetstream::AckKind;
@@ -30,6 +30,7 @@ use crate::chain::Chain;
 use crate::config::Config;
 use crate::error::ErrorCode;
 use crate::event::{AttemptRecord, ErrorBody, ResultEvent, Status, TokensUsed, elapsed_ms};
+use crate::health::Health;
 use crate::job::{self, Delivery, Envelope, Job, JobBody, JobKind, Limits, Rules};
 use crate::pricing::PriceBook;
 use crate::reply::{Stored, encode_result};
@@ -71,18 +72,65 @@ pub enum Disposal {
     Requeued,
 }
 
-/// Everything a job needs, shared by all in-flight jobs of a process.
-#[derive(Clone)]
-pub struct Worker<O: Outbox = NatsOutbox> {
+/// What a configuration reload replaces: the chains (routes, strategies, providers with their
+/// limits and keys) and the job bounds. A job keeps the one it started with.
+pub struct Routing {
     chain: Chain,
     /// The embedding chain and the routes allowed to mix vector sizes; `None` when embedding
     /// is not configured (embedding jobs are then not consumed).
-    embed_chain: Option<(Chain, Arc<[String]>)>,
+    embed: Option<(Chain, Arc<[String]>)>,
+    limits: Limits,
+}
+
+impl Routing {
+    pub(crate) fn new(config: &Config, chain: Chain, embed: Option<Chain>) -> Self {
+        Self {
+            chain,
+            embed: embed.map(|c| (c, config.embed_mixed_dimensions.clone().into())),
+            limits: Limits::from_config(config),
+        }
+    }
+
+    /// The chains `config` describes, sharing `health` (circuit state survives a reload) and
+    /// `prices`. Embedding is off (with the reason) when its routes name a provider that
+    /// cannot embed.
+    pub(crate) fn from_config(
+        config: &Config,
+        health: &Health,
+        prices: &PriceBook,
+    ) -> Result<(Self, Option<String>), crate::error::ProviderError> {
+        let registry = crate::providers::Registry::from_config(config)?;
+        let chain = Chain::new(config, registry, prices.clone(), health.clone());
+        let (embed, why_not) = match config.embedding_routes() {
+            Ok(routes) => (
+                Some(Chain::with_routes(
+                    routes,
+                    config,
+                    chain.registry().clone(),
+                    prices.clone(),
+                    health.clone(),
+                )),
+                None,
+            ),
+            Err(why) => (None, Some(why)),
+        };
+        Ok((Self::new(config, chain, embed), why_not))
+    }
+
+    /// Whether embedding jobs are answered.
+    pub(crate) fn embeds(&self) -> bool {
+        self.embed.is_some()
+    }
+}
+
+/// Everything a job needs, shared by all in-flight jobs of a process.
+#[derive(Clone)]
+pub struct Worker<O: Outbox = NatsOutbox> {
+    routing: Arc<RwLock<Arc<Routing>>>,
     outbox: O,
     /// Cancel requests known to this process, and its running jobs' tokens.
     cancels: Cancels,
     prices: PriceBook,
-    limits: Limits,
     /// Deliveries after which a job is dead-lettered.
     max_deliver: i64,
     /// Where a job may have its events published.
@@ -99,8 +147,7 @@ pub struct Worker<O: Outbox = NatsOutbox> {
 impl<O: Outbox> Worker<O> {
     pub fn new(
         config: &Config,
-        chain: Chain,
-        embed_chain: Option<Chain>,
+        routing: Routing,
         outbox: O,
         prices: PriceBook,
     ) -> Result<Self, crate::config::ConfigError> {
@@ -110,12 +157,10 @@ impl<O: Outbox> Worker<O> {
                 message: e,
             })?;
         Ok(Self {
-            chain,
-            embed_chain: embed_chain.map(|c| (c, config.embed_mixed_dimensions.clone().into())),
+            routing: Arc::new(RwLock::new(Arc::new(routing))),
             outbox,
             cancels: Cancels::default(),
             prices,
-            limits: Limits::from_config(config),
             max_deliver: config.worker.max_deliver,
             reply_policy: Arc::new(reply_policy),
             tenant_from_subject: config.nats.tenant_from_subject,
@@ -124,6 +169,31 @@ impl<O: Outbox> Worker<O> {
             pull_expires: Duration::from_millis(config.worker.pull_expires_ms),
             log_prompts: config.telemetry.log_prompts,
         })
+    }
+
+    /// The routing jobs start with from now on.
+    fn routing(&self) -> Arc<Routing> {
+        match self.routing.read() {
+            Ok(r) => r.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Replace the routing (a configuration reload); jobs running keep theirs. Turning
+    /// embedding on or off needs a restart (it decides which consumers exist): refused.
+    pub(crate) fn reload(&self, routing: Routing) -> Result<(), String> {
+        if routing.embeds() != self.routing().embeds() {
+            return Err(
+                "turning embedding jobs on or off needs a restart (embed_routes, or routes with a provider that cannot embed)"
+                    .into(),
+            );
+        }
+        let mut current = match self.routing.write() {
+            Ok(r) => r,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        *current = Arc::new(routing);
+        Ok(())
     }
 
     /// The cancel requests this worker follows (`cancel::follow` feeds them).
@@ -152,12 +222,13 @@ impl<O: Outbox> Worker<O> {
             subject_tenant,
             published: msg.published(),
         };
-        let catalog = match (kind, &self.embed_chain) {
+        let routing = self.routing();
+        let catalog = match (kind, &routing.embed) {
             (JobKind::Embed, Some((chain, _))) => chain,
-            _ => &self.chain,
+            _ => &routing.chain,
         };
         let rules = Rules {
-            limits: &self.limits,
+            limits: &routing.limits,
             replies: &self.reply_policy,
             catalog,
         };
@@ -191,7 +262,7 @@ impl<O: Outbox> Worker<O> {
             }
             Ok(job) => {
                 let span = job_span(&job.envelope, kind, delivered);
-                self.run(&msg, job, delivered, received_at, abandon)
+                self.run(&msg, &routing, job, delivered, received_at, abandon)
                     .instrument(span)
                     .await
             }
@@ -201,6 +272,7 @@ impl<O: Outbox> Worker<O> {
     async fn run(
         &self,
         msg: &impl JobMessage,
+        routing: &Routing,
         job: Job,
         delivered: i64,
         received_at: DateTime<Utc>,
@@ -268,7 +340,7 @@ impl<O: Outbox> Worker<O> {
             .map_or(job.timeout, |at| (at - now).to_std().unwrap_or_default());
         let deadline = Instant::now() + job.timeout.min(left);
         let running = self.cancels.run(job.envelope.job_id);
-        let work = self.execute(&job, received_at, deadline, running.token());
+        let work = self.execute(routing, &job, received_at, deadline, running.token());
         tokio::pin!(work);
         let mut progress =
             tokio::time::interval_at(Instant::now() + self.progress_every, self.progress_every);
@@ -298,6 +370,7 @@ impl<O: Outbox> Worker<O> {
     /// Run the job's provider chain and build its result.
     async fn execute(
         &self,
+        routing: &Routing,
         job: &Job,
         received_at: DateTime<Utc>,
         deadline: Instant,
@@ -308,19 +381,19 @@ impl<O: Outbox> Worker<O> {
             JobBody::Generate(req) => {
                 let reply_to = env.reply_to.as_deref().filter(|_| req.stream);
                 let mut sink = self.outbox.chunks(env.job_id, &env.trace_id, reply_to);
-                let o = self
+                let o = routing
                     .chain
                     .generate(job, req, deadline, cancel, &mut sink)
                     .await;
                 (o.attempts, o.result.map(Answer::Text))
             }
-            JobBody::Embed(req) => match &self.embed_chain {
+            JobBody::Embed(req) => match &routing.embed {
                 Some((chain, mixed)) => {
                     let task = env.task_type.as_deref().unwrap_or("default");
                     // Room for vectors: the payload limit less the rest of the result (its
                     // metadata at most, and ids, attempts and timings within a margin).
                     let room = self.outbox.max_payload().saturating_sub(
-                        PAYLOAD_HEADROOM + self.limits.bounds.max_metadata_bytes + RESULT_MARGIN,
+                        PAYLOAD_HEADROOM + routing.limits.bounds.max_metadata_bytes + RESULT_MARGIN,
                     );
                     let mixed = mixed.iter().any(|r| r == task);
                     let o = chain.embed(job, req, deadline, cancel, mixed, room).await;

@@ -102,6 +102,28 @@ impl Config {
 
     pub(super) fn resolve_secrets(&mut self, env: EnvLookup<'_>) -> Result<(), ConfigError> {
         for (name, p) in &mut self.providers {
+            if p.api_key_env.is_some() && p.api_key_file.is_some() {
+                return Err(invalid(
+                    format!("providers.{name}.api_key_file"),
+                    "set api_key_env or api_key_file, not both",
+                ));
+            }
+            if let Some(path) = &p.api_key_file {
+                let key = std::fs::read_to_string(path).map_err(|e| {
+                    invalid(
+                        format!("providers.{name}.api_key_file"),
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?;
+                let key = key.trim();
+                if key.is_empty() {
+                    return Err(invalid(
+                        format!("providers.{name}.api_key_file"),
+                        format!("{} is empty", path.display()),
+                    ));
+                }
+                p.api_key = Some(SecretString::from(key.to_string()));
+            }
             if let Some(var) = &p.api_key_env {
                 let key = env(var).ok_or_else(|| {
                     invalid(

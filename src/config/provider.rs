@@ -81,7 +81,10 @@ pub struct ProviderConfig {
     pub base_url: Option<String>,
     /// Name of the environment variable that holds the API key (never the key itself).
     pub api_key_env: Option<String>,
-    /// Resolved from `api_key_env` at load time.
+    /// Or a file holding it (a mounted secret: read again on every reload, so a rotated key
+    /// is picked up without a restart).
+    pub api_key_file: Option<std::path::PathBuf>,
+    /// Resolved from `api_key_env` or `api_key_file` at load time.
     pub api_key: Option<SecretString>,
     /// Model used when neither the job nor the route names one.
     pub default_model: Option<String>,
@@ -111,6 +114,7 @@ impl ProviderConfig {
             api,
             base_url: None,
             api_key_env: None,
+            api_key_file: None,
             api_key: None,
             default_model: None,
             models: None,
@@ -136,6 +140,7 @@ macro_rules! provider_table {
         struct $name {
             base_url: Option<String>,
             api_key_env: Option<String>,
+            api_key_file: Option<std::path::PathBuf>,
             default_model: Option<String>,
             models: Option<Vec<String>>,
             connect_timeout_ms: Option<u64>,
@@ -155,6 +160,7 @@ macro_rules! provider_table {
                 ProviderConfig {
                     base_url: self.base_url,
                     api_key_env: self.api_key_env,
+                    api_key_file: self.api_key_file,
                     default_model: self.default_model,
                     models: self.models,
                     connect_timeout_ms: self.connect_timeout_ms.unwrap_or(d.connect_timeout_ms),

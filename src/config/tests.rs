@@ -237,3 +237,25 @@ fn an_embedding_route_through_anthropic_is_refused_at_load() {
         "{e}"
     );
 }
+
+#[test]
+fn an_api_key_file_is_read_trimmed_and_cannot_be_combined_with_an_env_variable() {
+    let dir = std::env::temp_dir().join(format!("llmw-key-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = dir.join("key");
+    std::fs::write(&key, "sk-from-a-file\n").unwrap();
+    let table = format!(
+        "[providers.o]\ntype = \"openai\"\nbase_url = \"http://x/v1\"\ndefault_model = \"m\"\napi_key_file = \"{}\"\n",
+        key.display()
+    );
+    let c = load(&table, &[]).unwrap();
+    let got = c.providers["o"].api_key.as_ref().unwrap();
+    assert_eq!(secrecy::ExposeSecret::expose_secret(got), "sk-from-a-file");
+    let e = load(&format!("{table}api_key_env = \"K\"\n"), &[("K", "x")])
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("providers.o.api_key_file"), "{e}");
+    std::fs::write(&key, "  \n").unwrap();
+    let e = load(&table, &[]).unwrap_err().to_string();
+    assert!(e.contains("empty"), "{e}");
+}

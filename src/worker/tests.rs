@@ -164,7 +164,8 @@ fn worker(script: &Arc<Scripted>, extra: &str) -> (Worker<Memory>, Memory) {
     let health = crate::health::Health::new(&config.circuit_breaker);
     let chain = Chain::new(&config, registry, PriceBook::default(), health);
     let outbox = Memory::default();
-    let worker = Worker::new(&config, chain, None, outbox.clone(), PriceBook::default()).unwrap();
+    let routing = Routing::new(&config, chain, None);
+    let worker = Worker::new(&config, routing, outbox.clone(), PriceBook::default()).unwrap();
     (worker, outbox)
 }
 

@@ -421,6 +421,21 @@ impl WorkerProcess {
         self.child.kill().await.unwrap();
     }
 
+    /// The configuration file it was started with (rewrite it, then reload).
+    pub fn config_path(&self) -> std::path::PathBuf {
+        self._dir.join("worker.toml")
+    }
+
+    /// Send it SIGHUP.
+    pub fn hangup(&self) {
+        let pid = self.child.id().unwrap().to_string();
+        let status = std::process::Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
     /// Its peak resident memory (`VmHWM`), in kB.
     pub fn peak_rss_kb(&self) -> u64 {
         let pid = self.child.id().unwrap();

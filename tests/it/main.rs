@@ -16,6 +16,7 @@ mod lifecycle;
 mod nats_auth;
 mod poison;
 mod providers;
+mod reload;
 mod security;
 mod servers;
 mod usage;

@@ -1,0 +1,125 @@
+//! Configuration reload in a running worker process: a request on `<prefix>.control.reload`
+//! and SIGHUP re-read its file; routes change for new jobs, running jobs finish where they
+//! started, and an invalid file is refused with the old configuration kept.
+
+use std::time::Duration;
+
+use llm_worker_testkit::{FakeLlmServer, Reply};
+use serde_json::{Value, json};
+
+use crate::helpers::{TestApp, collect_reply, openai_provider};
+
+/// Publish a non-streamed job and return its result.
+async fn answered_by(app: &TestApp, prompt: &str) -> Value {
+    let (reply_to, mut sub) = app.reply_inbox().await;
+    app.publish(json!({"prompt": prompt, "reply_to": reply_to, "stream": false}))
+        .await;
+    collect_reply(&mut sub).await.result
+}
+
+async fn request_reload(app: &TestApp) -> Value {
+    let subject = format!("{}.control.reload", app.config.nats.subject_prefix);
+    let reply = tokio::time::timeout(
+        Duration::from_secs(10),
+        app.client.request(subject, bytes::Bytes::new()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    serde_json::from_slice(&reply.payload).unwrap()
+}
+
+fn rewrite(path: &std::path::Path, from: &str, to: &str) {
+    let text = std::fs::read_to_string(path).unwrap();
+    assert!(text.contains(from), "{from} not in the config");
+    std::fs::write(path, text.replace(from, to)).unwrap();
+}
+
+#[tokio::test]
+async fn reloads_switch_routes_for_new_jobs_refuse_invalid_files_and_keep_running_jobs() {
+    let a = FakeLlmServer::start().await.unwrap();
+    let b = FakeLlmServer::start().await.unwrap();
+    a.set_default(Reply::answer(&["from a"], (1, 2)));
+    let providers = format!(
+        "{}{}[routes]\ndefault = [\"a\"]\n",
+        openai_provider("a", &a.base_url(), "m"),
+        openai_provider("b", &b.base_url(), "m"),
+    );
+    let app = TestApp::new(&providers).await;
+    let worker = app.spawn_process("", &["run"]).await;
+    assert_eq!(answered_by(&app, "1").await["provider"], "a");
+
+    // A slow answer is running on `a` while the route moves to `b`.
+    a.push(Reply::Answer {
+        deltas: (0..10).map(|i| format!("w{i} ")).collect(),
+        usage: Some((1, 10)),
+        done_marker: true,
+        chunk_delay: Duration::from_millis(100),
+    });
+    let (slow_reply, mut slow_sub) = app.reply_inbox().await;
+    app.publish(json!({"prompt": "slow", "reply_to": slow_reply}))
+        .await;
+    let first = tokio::time::timeout(
+        Duration::from_secs(10),
+        futures::StreamExt::next(&mut slow_sub),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(
+        serde_json::from_slice::<Value>(&first.payload).unwrap()["type"],
+        "chunk"
+    );
+    rewrite(
+        &worker.config_path(),
+        r#"default = ["a"]"#,
+        r#"default = ["b"]"#,
+    );
+    let answer = request_reload(&app).await;
+    assert_eq!(answer["ok"], true, "{answer}");
+    assert!(
+        answer["message"].as_str().unwrap().contains("reloaded"),
+        "{answer}"
+    );
+    let slow = collect_reply(&mut slow_sub).await.result;
+    assert_eq!(
+        (slow["status"].as_str(), slow["provider"].as_str()),
+        (Some("ok"), Some("a"))
+    );
+    assert_eq!(answered_by(&app, "2").await["provider"], "b");
+
+    // An invalid file is refused, with the reason; the configuration in force stays.
+    rewrite(
+        &worker.config_path(),
+        r#"default = ["b"]"#,
+        r#"default = ["nobody"]"#,
+    );
+    let answer = request_reload(&app).await;
+    assert_eq!(answer["ok"], false, "{answer}");
+    let error = answer["error"].as_str().unwrap();
+    assert!(
+        error.contains("refused") && error.contains("nobody"),
+        "{error}"
+    );
+    assert_eq!(answered_by(&app, "3").await["provider"], "b");
+
+    // SIGHUP re-reads the file too (no reply: the next jobs show it).
+    rewrite(
+        &worker.config_path(),
+        r#"default = ["nobody"]"#,
+        r#"default = ["a"]"#,
+    );
+    worker.hangup();
+    let mut seen = Vec::new();
+    for i in 0..100 {
+        let provider = answered_by(&app, &format!("h{i}")).await["provider"].clone();
+        seen.push(provider.clone());
+        if provider == "a" {
+            break;
+        }
+    }
+    assert_eq!(seen.last().unwrap(), "a", "{seen:?}");
+    assert!(seen.iter().all(|p| p == "a" || p == "b"), "{seen:?}");
+    worker.kill().await;
+    app.teardown().await;
+}
