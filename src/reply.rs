@@ -18,7 +18,7 @@ use crate::error::ErrorCode;
 use crate::event::{ChunkEvent, ErrorBody, ResultEvent, Status};
 
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum ReplyError {
+pub enum ReplyError {
     #[error("storing the result in JetStream failed: {0}")]
     Store(String),
     #[error("reading a stored result failed: {0}")]
@@ -35,7 +35,7 @@ const SMALL_TEXT: usize = 4096;
 
 /// What [`Replies::store`] found.
 #[derive(Debug)]
-pub(crate) enum Stored {
+pub enum Stored {
     /// The result is now the job id's stored result.
     New,
     /// Another result was already stored under the job id; it is kept, and here it is.
@@ -44,7 +44,7 @@ pub(crate) enum Stored {
 
 /// Publishes events for every job of one worker.
 #[derive(Clone)]
-pub(crate) struct Replies {
+pub struct Replies {
     client: async_nats::Client,
     js: jetstream::Context,
     nats: Arc<NatsConfig>,
