@@ -395,6 +395,17 @@ async fn jobs_that_expire_before_a_worker_starts_them_are_answered_timeout_witho
         2,
     )
     .await;
+    // The operators' view counts them by outcome.
+    app.wait_count(
+        "SELECT coalesce(sum(jobs), 0)::bigint FROM llm_jobs_daily WHERE error_code = 'timeout' AND day = (now() AT TIME ZONE 'UTC')::date",
+        2,
+    )
+    .await;
+    app.wait_count(
+        "SELECT coalesce(sum(jobs), 0)::bigint FROM llm_jobs_daily WHERE status = 'ok' AND error_code IS NULL",
+        1,
+    )
+    .await;
     app.teardown().await;
 }
 
