@@ -68,7 +68,7 @@ impl Reloader {
     pub fn reload_logged(&self) -> Result<String, String> {
         let outcome = self.reload();
         match &outcome {
-            Ok(message) => tracing::info!(%message, "reload"),
+            Ok(message) => tracing::info!(outcome = %message, "configuration reloaded"),
             Err(error) => {
                 tracing::error!(%error, "reload refused; the configuration in force stays")
             }
