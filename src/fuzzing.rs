@@ -52,6 +52,7 @@ pub fn job_decode(data: &[u8]) {
             max_prompt_bytes: 4096,
             ..Default::default()
         },
+        tenants: Default::default(),
     };
     let Ok(replies) = ReplyPolicy::new(&NatsConfig::default()) else {
         return;

@@ -74,6 +74,19 @@ pub struct Config {
     pub pin_any_provider: Vec<String>,
     pub circuit_breaker: CircuitConfig,
     pub limits: LimitsConfig,
+    /// Tenant policies by tenant name; `default` applies to tenants without their own.
+    pub tenants: BTreeMap<String, TenantPolicy>,
+}
+
+/// What one tenant's jobs may do (`[tenants.<name>]`; `[tenants.default]` is the policy of
+/// every tenant without a table of its own). A refused job is `invalid_job`, naming why.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TenantPolicy {
+    /// Refuse every job of this tenant; on `default`, of every tenant without a table.
+    pub refuse: bool,
+    /// Task types its jobs may name (a job naming none counts as `default`); any when absent.
+    pub task_types: Option<Vec<String>>,
 }
 
 /// Bounds on what a job may carry and what a provider may answer, so that no single job or

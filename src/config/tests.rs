@@ -259,3 +259,32 @@ fn an_api_key_file_is_read_trimmed_and_cannot_be_combined_with_an_env_variable()
     let e = load(&table, &[]).unwrap_err().to_string();
     assert!(e.contains("empty"), "{e}");
 }
+
+#[test]
+fn a_tenant_policy_naming_a_missing_route_is_refused_at_load() {
+    let base = "[providers.f]\ntype = \"ollama\"\ndefault_model = \"m\"\n";
+    assert!(
+        load(
+            &format!("{base}[tenants.a]\ntask_types = [\"default\"]\n"),
+            &[]
+        )
+        .is_ok()
+    );
+    let e = load(
+        &format!("{base}[tenants.a]\ntask_types = [\"nope\"]\n"),
+        &[],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.starts_with("tenants.a.task_types") && e.contains("nope"),
+        "{e}"
+    );
+    let e = load(
+        &format!("{base}[tenants.a]\nrefuse = true\nbudget = 3\n"),
+        &[],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("budget"), "{e}");
+}

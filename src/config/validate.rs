@@ -143,6 +143,19 @@ impl Config {
                 ));
             }
         }
+        for (tenant, policy) in &self.tenants {
+            for task in policy.task_types.iter().flatten() {
+                if !self.routes.contains_key(task)
+                    && !self.embed_routes.contains_key(task)
+                    && task != "default"
+                {
+                    return Err(invalid(
+                        format!("tenants.{tenant}.task_types"),
+                        format!("names route '{task}', which does not exist"),
+                    ));
+                }
+            }
+        }
         for task in self.strategies.keys() {
             if !self.routes.contains_key(task) {
                 return Err(invalid(

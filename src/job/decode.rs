@@ -69,6 +69,12 @@ pub fn decode(
     if let Some(problem) = envelope_problem {
         return Err(fail(problem));
     }
+    check_tenant(
+        &limits.tenants,
+        &envelope.tenant,
+        envelope.task_type.as_deref(),
+    )
+    .map_err(&fail)?;
 
     // The path names job keys, which can be anything (an unknown `options` key): clipped too.
     let serde_fail = |path: String, e: &serde_json::Error| {
@@ -140,6 +146,41 @@ pub fn decode(
         expires_at,
         body,
     })
+}
+
+/// Whether the tenant's policy (its own, else `default`) lets this job in.
+fn check_tenant(
+    policies: &std::collections::BTreeMap<String, crate::config::TenantPolicy>,
+    tenant: &str,
+    task_type: Option<&str>,
+) -> Result<(), String> {
+    let (policy, own) = match policies.get(tenant) {
+        Some(p) => (p, true),
+        None => match policies.get("default") {
+            Some(p) => (p, false),
+            None => return Ok(()),
+        },
+    };
+    if policy.refuse {
+        return Err(if own {
+            format!("tenant: {} is refused by this deployment", quote(tenant))
+        } else {
+            format!(
+                "tenant: {} has no policy here, and tenants without one are refused",
+                quote(tenant)
+            )
+        });
+    }
+    let task = task_type.unwrap_or("default");
+    match &policy.task_types {
+        Some(allowed) if !allowed.iter().any(|t| t == task) => Err(format!(
+            "task_type: {} is not allowed for tenant {} (allowed: {})",
+            quote(task),
+            quote(tenant),
+            allowed.join(", ")
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// The longest `expires_in_ms` taken (30 days): further out is no deadline worth keeping, and

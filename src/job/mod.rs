@@ -47,6 +47,8 @@ pub struct Limits {
     pub max_timeout: Duration,
     /// Bounds on the job's fields (`[limits]`).
     pub bounds: LimitsConfig,
+    /// Tenant policies (`[tenants]`): who may send jobs, with which task types.
+    pub tenants: std::collections::BTreeMap<String, crate::config::TenantPolicy>,
 }
 
 impl Limits {
@@ -56,6 +58,7 @@ impl Limits {
             default_timeout: Duration::from_millis(config.worker.default_timeout_ms),
             max_timeout: Duration::from_millis(config.worker.max_timeout_ms),
             bounds: config.limits.clone(),
+            tenants: config.tenants.clone(),
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Decoding, identity and bounds of jobs.
 
 use super::*;
-use crate::config::NatsConfig;
+use crate::config::{NatsConfig, TenantPolicy};
 
 fn limits() -> Limits {
     Limits {
@@ -15,6 +15,25 @@ fn limits() -> Limits {
             max_embed_inputs: 4,
             ..Default::default()
         },
+        tenants: [
+            (
+                "blocked",
+                TenantPolicy {
+                    refuse: true,
+                    task_types: None,
+                },
+            ),
+            (
+                "acme",
+                TenantPolicy {
+                    refuse: false,
+                    task_types: Some(vec!["default".into(), "summarize".into()]),
+                },
+            ),
+        ]
+        .into_iter()
+        .map(|(t, p)| (t.to_string(), p))
+        .collect(),
     }
 }
 
@@ -385,4 +404,50 @@ fn a_deadline_or_an_expiry_after_publication_sets_when_the_job_expires_the_earli
         let reason = expiry(json).unwrap_err();
         assert!(reason.starts_with(field), "{json}: {reason}");
     }
+}
+
+#[test]
+fn tenant_policies_refuse_tenants_and_task_types_they_do_not_allow() {
+    let reason = |json: &str| gen_job(json).err().map(|e| e.reason);
+    assert_eq!(reason(r#"{"prompt":"x","tenant":"acme"}"#), None);
+    assert_eq!(
+        reason(r#"{"prompt":"x","tenant":"acme","task_type":"summarize"}"#),
+        None
+    );
+    let r = reason(r#"{"prompt":"x","tenant":"acme","task_type":"code"}"#).unwrap();
+    assert!(r.starts_with("task_type") && r.contains("summarize"), "{r}");
+    let r = reason(r#"{"prompt":"x","tenant":"blocked"}"#).unwrap();
+    assert!(r.starts_with("tenant") && r.contains("refused"), "{r}");
+    // No `default` policy: other tenants go anywhere.
+    assert_eq!(
+        reason(r#"{"prompt":"x","tenant":"other","task_type":"code"}"#),
+        None
+    );
+    // A `default` that refuses: only tenants with a table of their own get in.
+    let mut strict = limits();
+    strict.tenants.insert(
+        "default".into(),
+        TenantPolicy {
+            refuse: true,
+            task_types: None,
+        },
+    );
+    let replies = ReplyPolicy::new(&NatsConfig::default()).unwrap();
+    let rules = Rules {
+        limits: &strict,
+        replies: &replies,
+        catalog: &OPENAI,
+    };
+    let decode_as = |tenant: &str| {
+        let json = format!(r#"{{"prompt":"x","tenant":"{tenant}"}}"#);
+        decode(
+            JobKind::Generate,
+            json.as_bytes(),
+            &Delivery::default(),
+            &rules,
+        )
+    };
+    let r = decode_as("stranger").unwrap_err().reason;
+    assert!(r.contains("no policy here"), "{r}");
+    assert!(decode_as("acme").is_ok());
 }

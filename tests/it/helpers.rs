@@ -392,6 +392,7 @@ pub fn decode_job(
         default_timeout: Duration::from_secs(20),
         max_timeout: Duration::from_secs(60),
         bounds: Default::default(),
+        tenants: Default::default(),
     };
     let replies =
         llm_worker::trust::ReplyPolicy::new(&llm_worker::config::NatsConfig::default()).unwrap();

@@ -19,4 +19,5 @@ mod providers;
 mod reload;
 mod security;
 mod servers;
+mod tenants;
 mod usage;
