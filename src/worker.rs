@@ -299,30 +299,26 @@ impl<O: Outbox> Worker<O> {
                 .await;
         }
         // Nobody waits for the answer any more: say so, without a provider call.
-        if self.cancels.is_cancelled(job.envelope.job_id) {
-            tracing::info!("job cancelled before it started");
-            let error = ErrorBody {
-                code: ErrorCode::Cancelled,
-                message:
-                    "cancelled: a cancel request for this job arrived before a worker started it"
-                        .into(),
-                retryable: false,
-            };
-            let result =
-                ResultEvent::failure(&job.envelope, job.kind, error, &self.worker_id, received_at);
-            return self
-                .finish(msg, job.kind, &job.envelope, &result, AckKind::Ack)
-                .await;
-        }
         let now = Utc::now();
-        if let Some(at) = job.expires_at.filter(|at| *at <= now) {
-            tracing::info!(expired_at = %at, "job expired before it started");
+        let unwanted = if self.cancels.is_cancelled(job.envelope.job_id) {
+            Some((
+                ErrorCode::Cancelled,
+                "cancelled: a cancel request for this job arrived before a worker started it"
+                    .to_string(),
+            ))
+        } else {
+            job.expires_at.filter(|at| *at <= now).map(|at| {
+                let at = at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+                let why =
+                    format!("expired: the job's deadline ({at}) passed before a worker started it");
+                (ErrorCode::Timeout, why)
+            })
+        };
+        if let Some((code, message)) = unwanted {
+            tracing::info!(%code, "job not started: {message}");
             let error = ErrorBody {
-                code: ErrorCode::Timeout,
-                message: format!(
-                    "expired: the job's deadline ({}) passed before a worker started it",
-                    at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-                ),
+                code,
+                message,
                 retryable: false,
             };
             let result =
