@@ -1,0 +1,287 @@
+//! The four wire formats the fake server speaks (OpenAI, Anthropic, Gemini, Ollama): how a
+//! scripted [`Reply`] becomes a response in each, streamed or whole.
+
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::http::{Response, StatusCode};
+use futures::StreamExt;
+use serde_json::json;
+
+use crate::Reply;
+
+/// The wire format of a request, from the route it hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Flavor {
+    OpenAi,
+    Anthropic,
+    Gemini,
+    Ollama,
+}
+
+fn sse(data: &str) -> Bytes {
+    Bytes::from(format!("data: {data}\n\n"))
+}
+
+fn named(event: &str, data: serde_json::Value) -> Bytes {
+    Bytes::from(format!("event: {event}\ndata: {data}\n\n"))
+}
+
+fn line(v: serde_json::Value) -> Bytes {
+    Bytes::from(format!("{v}\n"))
+}
+
+pub(crate) fn response(status: u16, content_type: &str, body: Body) -> Response<Body> {
+    let mut r = Response::new(body);
+    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    if let Ok(v) = content_type.parse() {
+        r.headers_mut().insert("content-type", v);
+    }
+    r
+}
+
+fn openai_chunk(model: &str, delta: serde_json::Value, finish: Option<&str>) -> String {
+    json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0, "model": model,
+           "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], "usage": null})
+    .to_string()
+}
+
+fn gemini_chunk(text: &str, finish: bool, usage: Option<(u64, u64)>) -> serde_json::Value {
+    let mut c = json!({"content": {"parts": [{"text": text}], "role": "model"}, "index": 0});
+    if finish {
+        c["finishReason"] = json!("STOP");
+    }
+    let mut v = json!({"candidates": [c], "modelVersion": "fake"});
+    if let Some((p, o)) = usage {
+        v["usageMetadata"] =
+            json!({"promptTokenCount": p, "candidatesTokenCount": o, "totalTokenCount": p + o});
+    }
+    v
+}
+
+/// The streamed body of an answer: the deltas, then (if `complete`) the finish signal, usage
+/// and (if `done_marker`) the transport sentinel.
+fn stream_frames(
+    flavor: Flavor,
+    model: &str,
+    deltas: &[String],
+    usage: Option<(u64, u64)>,
+    complete: bool,
+    done_marker: bool,
+) -> Vec<Bytes> {
+    let (input, output) = usage.unwrap_or((0, 0));
+    let mut frames = Vec::new();
+    match flavor {
+        Flavor::OpenAi => {
+            frames.push(sse(&openai_chunk(
+                model,
+                json!({"role": "assistant", "content": ""}),
+                None,
+            )));
+            frames.extend(
+                deltas
+                    .iter()
+                    .map(|d| sse(&openai_chunk(model, json!({"content": d}), None))),
+            );
+            if complete {
+                frames.push(sse(&openai_chunk(model, json!({}), Some("stop"))));
+                if usage.is_some() {
+                    let u = json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": model,
+                        "choices": [], "usage": {"prompt_tokens": input, "completion_tokens": output, "total_tokens": input + output}});
+                    frames.push(sse(&u.to_string()));
+                }
+                if done_marker {
+                    frames.push(sse("[DONE]"));
+                }
+            }
+        }
+        Flavor::Anthropic => {
+            frames.push(named(
+                "message_start",
+                json!({"type": "message_start", "message": {"id": "msg_fake", "type": "message",
+                "role": "assistant", "content": [], "model": model, "stop_reason": null,
+                "usage": {"input_tokens": input, "output_tokens": 1}}}),
+            ));
+            frames.push(named("content_block_start", json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})));
+            frames.push(named("ping", json!({"type": "ping"})));
+            frames.extend(deltas.iter().map(|d| {
+                named("content_block_delta", json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": d}}))
+            }));
+            if complete {
+                frames.push(named(
+                    "content_block_stop",
+                    json!({"type": "content_block_stop", "index": 0}),
+                ));
+                frames.push(named("message_delta", json!({"type": "message_delta",
+                    "delta": {"stop_reason": "end_turn", "stop_sequence": null}, "usage": {"output_tokens": output}})));
+                if done_marker {
+                    frames.push(named("message_stop", json!({"type": "message_stop"})));
+                }
+            }
+        }
+        Flavor::Gemini => {
+            let n = deltas.len();
+            for (i, d) in deltas.iter().enumerate() {
+                let last = complete && i + 1 == n;
+                // Gemini reports running (cumulative) counts on every chunk.
+                let u = if last {
+                    usage
+                } else {
+                    usage.map(|_| (input, (i as u64 + 1).min(output)))
+                };
+                frames.push(sse(&gemini_chunk(d, last, u).to_string()));
+            }
+            if complete && n == 0 {
+                frames.push(sse(&gemini_chunk("", true, usage).to_string()));
+            }
+        }
+        Flavor::Ollama => {
+            for d in deltas {
+                frames.push(line(
+                    json!({"model": model, "created_at": "2025-01-01T00:00:00Z",
+                    "message": {"role": "assistant", "content": d}, "done": false}),
+                ));
+            }
+            if complete {
+                frames.push(line(json!({"model": model, "created_at": "2025-01-01T00:00:01Z",
+                    "message": {"role": "assistant", "content": ""}, "done": true, "done_reason": "stop",
+                    "prompt_eval_count": input, "eval_count": output})));
+            }
+        }
+    }
+    frames
+}
+
+/// A non-streamed answer.
+fn whole(flavor: Flavor, model: &str, text: &str, usage: Option<(u64, u64)>) -> serde_json::Value {
+    let (input, output) = usage.unwrap_or((0, 0));
+    match flavor {
+        Flavor::OpenAi => {
+            let mut v = json!({"id": "chatcmpl-fake", "object": "chat.completion", "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]});
+            if usage.is_some() {
+                v["usage"] = json!({"prompt_tokens": input, "completion_tokens": output, "total_tokens": input + output});
+            }
+            v
+        }
+        Flavor::Anthropic => {
+            json!({"id": "msg_fake", "type": "message", "role": "assistant", "model": model,
+            "content": [{"type": "text", "text": text}], "stop_reason": "end_turn", "stop_sequence": null,
+            "usage": {"input_tokens": input, "output_tokens": output}})
+        }
+        Flavor::Gemini => gemini_chunk(text, true, usage),
+        Flavor::Ollama => json!({"model": model, "created_at": "2025-01-01T00:00:00Z",
+            "message": {"role": "assistant", "content": text}, "done": true, "done_reason": "stop",
+            "prompt_eval_count": input, "eval_count": output}),
+    }
+}
+
+fn stream_content_type(flavor: Flavor) -> &'static str {
+    if flavor == Flavor::Ollama {
+        "application/x-ndjson"
+    } else {
+        "text/event-stream"
+    }
+}
+
+pub(crate) async fn render(
+    flavor: Flavor,
+    reply: Reply,
+    stream: bool,
+    model: &str,
+) -> Response<Body> {
+    match reply {
+        Reply::Hang => {
+            std::future::pending::<()>().await;
+            response(500, "text/plain", Body::empty())
+        }
+        Reply::Status {
+            status,
+            body,
+            headers,
+        } => {
+            let mut r = response(status, "application/json", Body::from(body));
+            for (k, v) in headers {
+                if let (Ok(k), Ok(v)) = (
+                    axum::http::HeaderName::from_bytes(k.as_bytes()),
+                    axum::http::HeaderValue::from_str(&v),
+                ) {
+                    r.headers_mut().insert(k, v);
+                }
+            }
+            r
+        }
+        Reply::Answer {
+            deltas,
+            usage,
+            done_marker,
+            chunk_delay,
+        } if stream => {
+            let frames = stream_frames(flavor, model, &deltas, usage, true, done_marker);
+            let body = futures::stream::iter(frames).then(move |f| async move {
+                if !chunk_delay.is_zero() {
+                    tokio::time::sleep(chunk_delay).await;
+                }
+                Ok::<_, std::io::Error>(f)
+            });
+            response(200, stream_content_type(flavor), Body::from_stream(body))
+        }
+        Reply::Answer { deltas, usage, .. } => {
+            let v = whole(flavor, model, &deltas.concat(), usage);
+            response(200, "application/json", Body::from(v.to_string()))
+        }
+        Reply::RawStream(datas) => {
+            let frames: Vec<Result<Bytes, std::io::Error>> =
+                datas.iter().map(|d| Ok(sse(d))).collect();
+            response(
+                200,
+                "text/event-stream",
+                Body::from_stream(futures::stream::iter(frames)),
+            )
+        }
+        Reply::Raw { content_type, body } => response(200, &content_type, Body::from(body)),
+        Reply::Endless { delta } => {
+            let frame = stream_frames(flavor, model, &[delta], None, false, false)
+                .pop()
+                .unwrap_or_default();
+            let body = futures::stream::repeat_with(move || Ok::<_, std::io::Error>(frame.clone()));
+            response(200, stream_content_type(flavor), Body::from_stream(body))
+        }
+        Reply::Huge { status, bytes } => {
+            const PIECE: usize = 64 * 1024;
+            let head = if status == 200 { "data: " } else { "" };
+            let pieces = std::iter::once(Bytes::from(head))
+                .chain((0..bytes / PIECE).map(|_| Bytes::from(vec![b'x'; PIECE])));
+            let body = futures::stream::iter(pieces.map(Ok::<_, std::io::Error>));
+            let content_type = if status == 200 {
+                stream_content_type(flavor)
+            } else {
+                "text/html"
+            };
+            response(status, content_type, Body::from_stream(body))
+        }
+        // Vectors on a generation route: the test scripted the wrong endpoint.
+        Reply::Vectors { .. } => response(
+            400,
+            "application/json",
+            Body::from(r#"{"error":{"message":"not an embedding route"}}"#),
+        ),
+        Reply::Stall { deltas } => {
+            let frames = stream_frames(flavor, model, &deltas, None, false, false);
+            let body = futures::stream::iter(frames.into_iter().map(Ok::<_, std::io::Error>))
+                .chain(futures::stream::pending());
+            response(200, stream_content_type(flavor), Body::from_stream(body))
+        }
+        Reply::Cut { deltas } => {
+            let frames = stream_frames(flavor, model, &deltas, None, false, false);
+            // Let headers and chunks reach the client before the connection breaks (hyper
+            // polls a ready body eagerly and would otherwise fail before sending headers).
+            let cut = futures::stream::once(async {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Err(std::io::Error::other("connection cut by the fake server"))
+            });
+            let body = futures::stream::iter(frames.into_iter().map(Ok)).chain(cut);
+            response(200, stream_content_type(flavor), Body::from_stream(body))
+        }
+    }
+}
