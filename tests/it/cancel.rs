@@ -2,11 +2,10 @@
 
 use std::time::Duration;
 
-use futures::StreamExt;
 use llm_worker_testkit::{FakeLlmServer, Reply};
 use serde_json::json;
 
-use crate::helpers::{TestApp, collect_reply, openai_provider};
+use crate::helpers::{TestApp, collect_reply, collect_results, next_event, openai_provider};
 
 /// Publish a cancel request the way any orchestrator would: core NATS, empty body.
 async fn cancel(app: &TestApp, job_id: uuid::Uuid) {
@@ -49,11 +48,7 @@ async fn a_job_cancelled_while_queued_is_answered_cancelled_without_a_call_even_
         .publish(json!({"prompt": "b", "reply_to": reply_to, "stream": false}))
         .await;
     app.start_worker().await;
-    let mut results = std::collections::HashMap::new();
-    while results.len() < 2 {
-        let r = collect_reply(&mut sub).await.result;
-        results.insert(r["job_id"].as_str().unwrap().to_string(), r);
-    }
+    let results = collect_results(&mut sub, 2).await;
     let r = &results[&doomed.to_string()];
     assert_eq!(r["error"]["code"], "cancelled", "{r}");
     assert_eq!(r["attempts"], json!([]));
@@ -90,12 +85,7 @@ async fn a_streaming_job_cancelled_stops_its_provider_stream_and_records_the_par
         .publish(json!({"prompt": "long", "reply_to": reply_to}))
         .await;
     // The answer is streaming: its first chunk is here.
-    let first = tokio::time::timeout(Duration::from_secs(10), sub.next())
-        .await
-        .unwrap()
-        .unwrap();
-    let first: serde_json::Value = serde_json::from_slice(&first.payload).unwrap();
-    assert_eq!(first["type"], "chunk");
+    assert_eq!(next_event(&mut sub).await["type"], "chunk");
     assert_eq!(fake.open_responses(), 1);
     let asked = tokio::time::Instant::now();
     llm_worker::cancel::request(&app.js, &app.config.nats, id)

@@ -367,11 +367,7 @@ async fn jobs_that_expire_before_a_worker_starts_them_are_answered_timeout_witho
         .publish(json!({"prompt": "c", "reply_to": reply_to, "stream": false}))
         .await;
     app.start_worker().await;
-    let mut results = std::collections::HashMap::new();
-    while results.len() < 3 {
-        let r = collect_reply(&mut sub).await.result;
-        results.insert(r["job_id"].as_str().unwrap().to_string(), r);
-    }
+    let results = crate::helpers::collect_results(&mut sub, 3).await;
     for id in [a, b] {
         let r = &results[&id.to_string()];
         assert_eq!(r["error"]["code"], "timeout", "{r}");

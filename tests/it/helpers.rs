@@ -449,6 +449,28 @@ impl WorkerProcess {
     }
 }
 
+/// The next event on a reply subject (within 10 s), decoded.
+pub async fn next_event(sub: &mut async_nats::Subscriber) -> Value {
+    let msg = tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .expect("no event within 10 s")
+        .expect("subscription closed");
+    serde_json::from_slice(&msg.payload).unwrap()
+}
+
+/// The results of `n` jobs answered on one reply subject, by job id (chunks skipped).
+pub async fn collect_results(
+    sub: &mut async_nats::Subscriber,
+    n: usize,
+) -> std::collections::HashMap<String, Value> {
+    let mut results = std::collections::HashMap::new();
+    while results.len() < n {
+        let r = collect_reply(sub).await.result;
+        results.insert(r["job_id"].as_str().unwrap().to_string(), r);
+    }
+    results
+}
+
 /// Events received on a reply subject until (and including) the result.
 pub struct Reply {
     pub chunks: Vec<Value>,

@@ -127,11 +127,7 @@ async fn graceful_shutdown_finishes_the_in_flight_job_and_stops_pulling() {
 
     app.publish(json!({"prompt": "x", "reply_to": reply_to}))
         .await;
-    let first = tokio::time::timeout(Duration::from_secs(10), sub.next())
-        .await
-        .unwrap()
-        .unwrap();
-    let first: Value = serde_json::from_slice(&first.payload).unwrap();
+    let first = crate::helpers::next_event(&mut sub).await;
     assert_eq!(first["type"], "chunk", "the job is in flight");
 
     let worker = app.workers.pop().unwrap();
@@ -181,14 +177,7 @@ async fn a_job_still_running_when_the_grace_period_ends_is_handed_to_another_wor
 
     app.publish(json!({"prompt": "x", "reply_to": reply_to}))
         .await;
-    let first = tokio::time::timeout(Duration::from_secs(10), sub.next())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(
-        serde_json::from_slice::<Value>(&first.payload).unwrap()["type"],
-        "chunk"
-    );
+    assert_eq!(crate::helpers::next_event(&mut sub).await["type"], "chunk");
     app.workers.pop().unwrap().shutdown().await;
 
     app.start_worker_with(JOBS_ONLY, |c| {

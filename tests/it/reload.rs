@@ -59,15 +59,8 @@ async fn reloads_switch_routes_for_new_jobs_refuse_invalid_files_and_keep_runnin
     let (slow_reply, mut slow_sub) = app.reply_inbox().await;
     app.publish(json!({"prompt": "slow", "reply_to": slow_reply}))
         .await;
-    let first = tokio::time::timeout(
-        Duration::from_secs(10),
-        futures::StreamExt::next(&mut slow_sub),
-    )
-    .await
-    .unwrap()
-    .unwrap();
     assert_eq!(
-        serde_json::from_slice::<Value>(&first.payload).unwrap()["type"],
+        crate::helpers::next_event(&mut slow_sub).await["type"],
         "chunk"
     );
     rewrite(
