@@ -250,7 +250,11 @@ pub async fn start_with(
         };
         let dead = DeadLetters::new(js.clone(), nats_cfg.clone());
         let outbox = crate::worker::NatsOutbox { replies, dead };
-        let worker = Worker::new(&config, routing, outbox, prices.clone())?;
+        let ledger =
+            crate::policy::Ledger::start(&js, client.clone(), &nats_cfg, config.worker_id())
+                .await
+                .map_err(anyhow::Error::msg)?;
+        let worker = Worker::new(&config, routing, outbox, prices.clone())?.with_ledger(ledger);
         if let Some(source) = reload {
             let reloader = Reloader {
                 source,

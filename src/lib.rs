@@ -57,6 +57,7 @@ pub mod fuzzing;
 pub mod health;
 pub mod job;
 pub mod nats_account;
+pub(crate) mod policy;
 pub mod pricing;
 pub mod providers;
 pub mod queue;

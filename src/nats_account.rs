@@ -81,6 +81,18 @@ pub(crate) fn worker(nats: &NatsConfig) -> Permissions {
     publish.push(format!("{api}.CONSUMER.CREATE.{cancel}"));
     publish.push(format!("{api}.CONSUMER.CREATE.{cancel}.>"));
     publish.push(format!("$JS.FC.{cancel}.>"));
+    // The tenant counters (a KV bucket): its stream, reads, compare-and-set writes, and the
+    // watch (an ordered consumer) that keeps every worker's copy current.
+    let kv = format!("KV_{}", nats.tenant_bucket);
+    publish.push(format!("{api}.STREAM.INFO.{kv}"));
+    publish.push(format!("{api}.STREAM.CREATE.{kv}"));
+    publish.push(format!("{api}.DIRECT.GET.{kv}.>"));
+    publish.push(format!("{api}.STREAM.MSG.GET.{kv}"));
+    publish.push(format!("{api}.CONSUMER.CREATE.{kv}"));
+    publish.push(format!("{api}.CONSUMER.CREATE.{kv}.>"));
+    publish.push(format!("$JS.FC.{kv}.>"));
+    publish.push(format!("$KV.{}.>", nats.tenant_bucket));
+    publish.push(format!("{}.events.budget.>", nats.subject_prefix));
     publish.extend(reply_patterns(nats));
     Permissions {
         publish,
@@ -124,9 +136,14 @@ pub(crate) fn orchestrator(nats: &NatsConfig, tenant: Option<&str>) -> Permissio
         // Cancelling a job needs its id (see above), whoever's job it is.
         format!("{p}.cancel.*"),
     ]);
+    // Budget warnings: every tenant's, or the tenant's own.
+    let budget_events = match tenant {
+        Some(t) => format!("{p}.events.budget.{}", crate::policy::ledger::token(t)),
+        None => format!("{p}.events.budget.>"),
+    };
     Permissions {
         publish,
-        subscribe: vec![inbox, replies],
+        subscribe: vec![inbox, replies, budget_events],
     }
 }
 
@@ -254,7 +271,14 @@ mod tests {
         let p = orchestrator(&NatsConfig::default(), Some("acme"));
         assert!(p.publish.contains(&"llm.jobs.generate.acme".to_string()));
         assert!(!p.publish.iter().any(|s| s == "llm.jobs.>"));
-        assert_eq!(p.subscribe, ["_INBOX.acme.>", "llm.replies.acme.>"]);
+        assert_eq!(
+            p.subscribe,
+            [
+                "_INBOX.acme.>",
+                "llm.replies.acme.>",
+                "llm.events.budget.acme"
+            ]
+        );
     }
 
     #[test]

@@ -32,6 +32,7 @@ use crate::error::ErrorCode;
 use crate::event::{AttemptRecord, ErrorBody, ResultEvent, Status, TokensUsed, elapsed_ms};
 use crate::health::Health;
 use crate::job::{self, Delivery, Envelope, Job, JobBody, JobKind, Limits, Rules};
+use crate::policy::Ledger;
 use crate::pricing::PriceBook;
 use crate::reply::{Stored, encode_result};
 use crate::trust::{self, ReplyPolicy};
@@ -142,6 +143,8 @@ pub struct Worker<O: Outbox = NatsOutbox> {
     /// Life of a pull request (a handed-back job waits it out, see [`crate::queue::hand_back`]).
     pull_expires: Duration,
     log_prompts: bool,
+    /// The fleet's tenant spend counters; without them budgets are not enforced (tests).
+    ledger: Option<Ledger>,
 }
 
 impl<O: Outbox> Worker<O> {
@@ -168,7 +171,14 @@ impl<O: Outbox> Worker<O> {
             progress_every: config.nats.ack_wait() / 3,
             pull_expires: Duration::from_millis(config.worker.pull_expires_ms),
             log_prompts: config.telemetry.log_prompts,
+            ledger: None,
         })
+    }
+
+    /// Enforce tenant budgets with these shared counters.
+    pub(crate) fn with_ledger(mut self, ledger: Ledger) -> Self {
+        self.ledger = Some(ledger);
+        self
     }
 
     /// The routing jobs start with from now on.
@@ -298,14 +308,23 @@ impl<O: Outbox> Worker<O> {
                 .dead_letter(msg, job.kind, &job.envelope, delivered, received_at)
                 .await;
         }
-        // Nobody waits for the answer any more: say so, without a provider call.
+        // Nobody waits for the answer any more, or the tenant's budget is spent: say so,
+        // without a provider call.
         let now = Utc::now();
+        let tenant = &job.envelope.tenant;
+        let budget = routing
+            .limits
+            .policy(tenant)
+            .filter(|p| p.has_budget())
+            .zip(self.ledger.as_ref());
         let unwanted = if self.cancels.is_cancelled(job.envelope.job_id) {
             Some((
                 ErrorCode::Cancelled,
                 "cancelled: a cancel request for this job arrived before a worker started it"
                     .to_string(),
             ))
+        } else if let Some(why) = budget.and_then(|(policy, l)| l.refusal(tenant, policy)) {
+            Some((ErrorCode::BudgetExceeded, format!("budget_exceeded: {why}")))
         } else {
             job.expires_at.filter(|at| *at <= now).map(|at| {
                 let at = at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
@@ -353,6 +372,13 @@ impl<O: Outbox> Worker<O> {
         };
         match result {
             Some(result) => {
+                // The spend is counted before the job is acked (see `policy::ledger`).
+                if let Some((policy, ledger)) = budget {
+                    let (usd, tokens) = spend_of(&result.attempts);
+                    if usd > 0.0 || tokens > 0 {
+                        ledger.charge(tenant, policy, usd, tokens).await;
+                    }
+                }
                 self.finish(msg, job.kind, &job.envelope, &result, AckKind::Ack)
                     .await
             }
@@ -598,6 +624,16 @@ impl<O: Outbox> Worker<O> {
         }
         ack(msg, AckKind::Term).await
     }
+}
+
+/// What a job's calls cost (those with a known price) and their tokens, for its budgets.
+fn spend_of(attempts: &[AttemptRecord]) -> (f64, u64) {
+    attempts.iter().fold((0.0, 0), |(usd, tokens), a| {
+        (
+            usd + a.cost_usd.unwrap_or(0.0),
+            tokens.saturating_add(a.input_tokens.saturating_add(a.output_tokens)),
+        )
+    })
 }
 
 async fn ack(msg: &impl JobMessage, kind: AckKind) -> Disposal {

@@ -80,13 +80,50 @@ pub struct Config {
 
 /// What one tenant's jobs may do (`[tenants.<name>]`; `[tenants.default]` is the policy of
 /// every tenant without a table of its own). A refused job is `invalid_job`, naming why.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+///
+/// Budgets are per tenant (each tenant under `default` has budgets of its own), counted across
+/// the fleet (`crate::policy`), by UTC day and month. A job started when a budget is spent is
+/// answered `budget_exceeded` without a provider call.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TenantPolicy {
     /// Refuse every job of this tenant; on `default`, of every tenant without a table.
     pub refuse: bool,
     /// Task types its jobs may name (a job naming none counts as `default`); any when absent.
     pub task_types: Option<Vec<String>>,
+    /// Spend per UTC day / month in USD (what the price table says the calls cost).
+    pub daily_budget_usd: Option<f64>,
+    pub monthly_budget_usd: Option<f64>,
+    /// Input plus output tokens per UTC day / month, of every call.
+    pub daily_budget_tokens: Option<u64>,
+    pub monthly_budget_tokens: Option<u64>,
+    /// Percentages of a budget at which a warning is published (once per period) on
+    /// `<prefix>.events.budget.<tenant>` and logged.
+    pub budget_warnings: Vec<u8>,
+}
+
+impl Default for TenantPolicy {
+    fn default() -> Self {
+        Self {
+            refuse: false,
+            task_types: None,
+            daily_budget_usd: None,
+            monthly_budget_usd: None,
+            daily_budget_tokens: None,
+            monthly_budget_tokens: None,
+            budget_warnings: vec![80, 100],
+        }
+    }
+}
+
+impl TenantPolicy {
+    /// Whether any budget applies (only then is the tenant's spend counted).
+    pub fn has_budget(&self) -> bool {
+        self.daily_budget_usd.is_some()
+            || self.monthly_budget_usd.is_some()
+            || self.daily_budget_tokens.is_some()
+            || self.monthly_budget_tokens.is_some()
+    }
 }
 
 /// Bounds on what a job may carry and what a provider may answer, so that no single job or
@@ -224,6 +261,8 @@ pub struct NatsConfig {
     pub cancel_stream: String,
     /// How long a cancel request is remembered.
     pub cancel_max_age_secs: u64,
+    /// JetStream KV bucket of the fleet's shared tenant counters (spend per day and month).
+    pub tenant_bucket: String,
     /// Durable consumer names are `<consumer_prefix>-generate` and `<consumer_prefix>-embed`.
     pub consumer_prefix: String,
     /// How long stored results are kept.
@@ -257,6 +296,7 @@ impl Default for NatsConfig {
             dead_max_age_secs: 30 * 24 * 3600,
             cancel_stream: "LLM_CANCEL".into(),
             cancel_max_age_secs: 24 * 3600,
+            tenant_bucket: "LLM_TENANTS".into(),
             consumer_prefix: "llm-worker".into(),
             results_max_age_secs: 24 * 3600,
             duplicate_window_secs: 120,

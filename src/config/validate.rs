@@ -38,6 +38,7 @@ impl Config {
             ("nats.results_stream", &self.nats.results_stream),
             ("nats.dead_stream", &self.nats.dead_stream),
             ("nats.cancel_stream", &self.nats.cancel_stream),
+            ("nats.tenant_bucket", &self.nats.tenant_bucket),
             ("nats.consumer_prefix", &self.nats.consumer_prefix),
         ] {
             if value.is_empty() || value.contains([' ', '*', '>', '\t']) {
@@ -144,6 +145,28 @@ impl Config {
             }
         }
         for (tenant, policy) in &self.tenants {
+            let budgets = [
+                ("daily_budget_usd", policy.daily_budget_usd),
+                ("monthly_budget_usd", policy.monthly_budget_usd),
+            ];
+            for (key, usd) in budgets {
+                if usd.is_some_and(|b| !(b.is_finite() && b >= 0.0)) {
+                    return Err(invalid(
+                        format!("tenants.{tenant}.{key}"),
+                        "must be a number of USD, 0 or more",
+                    ));
+                }
+            }
+            if let Some(pct) = policy
+                .budget_warnings
+                .iter()
+                .find(|p| **p == 0 || **p > 100)
+            {
+                return Err(invalid(
+                    format!("tenants.{tenant}.budget_warnings"),
+                    format!("{pct} is not a percentage of the budget between 1 and 100"),
+                ));
+            }
             for task in policy.task_types.iter().flatten() {
                 if !self.routes.contains_key(task)
                     && !self.embed_routes.contains_key(task)

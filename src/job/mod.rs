@@ -61,6 +61,13 @@ impl Limits {
             tenants: config.tenants.clone(),
         }
     }
+
+    /// The policy of `tenant`: its own table, else `default`, else none.
+    pub(crate) fn policy(&self, tenant: &str) -> Option<&crate::config::TenantPolicy> {
+        self.tenants
+            .get(tenant)
+            .or_else(|| self.tenants.get("default"))
+    }
 }
 
 /// Who a job is and where its answers go: known even for many invalid jobs.

@@ -21,6 +21,7 @@ fn limits() -> Limits {
                 TenantPolicy {
                     refuse: true,
                     task_types: None,
+                    ..Default::default()
                 },
             ),
             (
@@ -28,6 +29,7 @@ fn limits() -> Limits {
                 TenantPolicy {
                     refuse: false,
                     task_types: Some(vec!["default".into(), "summarize".into()]),
+                    ..Default::default()
                 },
             ),
         ]
@@ -430,6 +432,7 @@ fn tenant_policies_refuse_tenants_and_task_types_they_do_not_allow() {
         TenantPolicy {
             refuse: true,
             task_types: None,
+            ..Default::default()
         },
     );
     let replies = ReplyPolicy::new(&NatsConfig::default()).unwrap();

@@ -104,6 +104,7 @@ jobs_stream = "JOBS_{id}"
 results_stream = "RESULTS_{id}"
 dead_stream = "DEAD_{id}"
 cancel_stream = "CANCEL_{id}"
+tenant_bucket = "TENANTS_{id}"
 consumer_prefix = "w{id}"
 ack_wait_secs = 5
 
@@ -185,6 +186,16 @@ impl TestApp {
     /// `llm-worker <args>` as a child process with the app's config (and `extra` TOML
     /// appended), returned once it logs that it is ready. Killed when dropped.
     pub async fn spawn_process(&self, extra: &str, args: &[&str]) -> WorkerProcess {
+        self.spawn_process_with(extra, args, &[]).await
+    }
+
+    /// [`Self::spawn_process`] with environment variables (`LLM_WORKER__A__B` overrides).
+    pub async fn spawn_process_with(
+        &self,
+        extra: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> WorkerProcess {
         let dir = std::env::temp_dir().join(format!("llmw-proc-{}", Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("worker.toml");
@@ -198,6 +209,7 @@ impl TestApp {
             .env_remove("DATABASE_URL")
             .env_remove("NATS_URL")
             .env_remove("LLM_WORKER_CONFIG")
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdout(std::process::Stdio::null())

@@ -7,6 +7,7 @@
     clippy::type_complexity
 )]
 
+mod budgets;
 mod cancel;
 mod embed;
 mod fuzz_corpus;
