@@ -223,6 +223,7 @@ pub async fn start_with(
             prices.clone(),
             recorder,
             ready,
+            config.tenants.clone(),
             stop.clone(),
         ));
     } else if roles.recorder {
@@ -262,6 +263,7 @@ pub async fn start_with(
                 worker: worker.clone(),
                 health: health.clone(),
                 prices: prices.clone(),
+                pool: pool.clone(),
             };
             background.spawn(crate::reload::serve(
                 client.clone(),
@@ -298,6 +300,9 @@ pub async fn start_with(
                 kind,
                 max_deliver: config.worker.max_deliver,
                 max_in_flight: config.worker.max_in_flight,
+                fair_window: config.worker.fair_window,
+                fair_window_bytes: config.worker.fair_window_bytes,
+                progress_every: nats_cfg.ack_wait() / 3,
                 pull_expires: Duration::from_millis(config.worker.pull_expires_ms),
                 stop_pulling: stop.clone(),
                 abandon: abandon.clone(),

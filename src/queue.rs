@@ -1,10 +1,13 @@
 //! JetStream plumbing: the job and result streams, one durable pull consumer per job kind
 //! (shared by every worker process of a deployment), and the pull loop.
 //!
-//! The loop pulls only as many messages as it has free in-flight permits: it waits for one
-//! permit, takes every other free one, and asks for a batch of exactly that size, so no message
-//! waits in a client buffer while its ack timer runs. Each message runs as a tracked task
-//! holding its permit. This module knows nothing about providers: it hands messages to
+//! The loop pulls up to `worker.fair_window` messages (bounded in bytes too) and parks them
+//! per tenant (`policy::fair`): each free in-flight permit starts the parked job of the tenant
+//! furthest behind its weighted share, so a tenant that floods the queue does not make the
+//! others wait behind its backlog. Parked messages get in-progress acks, so their ack timers
+//! never run out while they wait. With `fair_window` at most `max_in_flight` the loop pulls
+//! only for free permits (first in, first out). Each job runs as a tracked task holding its
+//! permit. This module knows nothing about providers: it hands messages to
 //! `Worker::handle`.
 //!
 //! NATS 2.9 notes: a WorkQueue stream allows one consumer per subject, hence one per kind with
@@ -25,6 +28,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::NatsConfig;
 use crate::job::JobKind;
+use crate::policy::fair::FairQueue;
 use crate::worker::Worker;
 
 #[derive(Debug, thiserror::Error)]
@@ -168,6 +172,9 @@ pub(crate) async fn durable_consumer(
     Ok(consumer)
 }
 
+/// Most messages asked for by one pull request.
+const MAX_PULL_BATCH: usize = 512;
+
 /// Settings of one pull loop.
 #[derive(Clone)]
 pub(crate) struct PullLoop {
@@ -175,6 +182,12 @@ pub(crate) struct PullLoop {
     /// `worker.max_deliver`, for the consumer's settings.
     pub max_deliver: i64,
     pub max_in_flight: usize,
+    /// Jobs pulled but not started, parked for fair share (`worker.fair_window`, and its
+    /// size in bytes); at most `max_in_flight` turns fair share off.
+    pub fair_window: usize,
+    pub fair_window_bytes: usize,
+    /// How often parked messages are kept alive (a third of the ack wait).
+    pub progress_every: Duration,
     pub pull_expires: Duration,
     /// Fires when the process should stop pulling (SIGTERM).
     pub stop_pulling: CancellationToken,
@@ -184,75 +197,102 @@ pub(crate) struct PullLoop {
 }
 
 impl PullLoop {
-    /// Pull and dispatch until `stop_pulling` fires.
+    /// Pull, park and dispatch until `stop_pulling` fires.
     pub(crate) async fn run(self, js: jetstream::Context, nats: Arc<NatsConfig>, worker: Worker) {
         let permits = Arc::new(Semaphore::new(self.max_in_flight));
+        let fair = self.fair_window > self.max_in_flight;
+        let mut parked: FairQueue<jetstream::Message> = FairQueue::default();
         let mut consumer: Option<PullConsumer> = None;
+        let mut batch: Option<pull::Batch> = None;
+        let mut keep_alive = tokio::time::interval(self.progress_every);
+        keep_alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let first = tokio::select! {
-                p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-                _ = self.stop_pulling.cancelled() => return,
+            // Ask for more when no pull is running and there is room: in the window, or
+            // (without fair share) in the free permits.
+            let room = if fair {
+                if parked.bytes() < self.fair_window_bytes {
+                    self.fair_window.saturating_sub(parked.len())
+                } else {
+                    0
+                }
+            } else {
+                permits.available_permits().saturating_sub(parked.len())
             };
-            let mut held = vec![first];
-            held.extend(free_permits(&permits));
-            let c = match &consumer {
-                Some(c) => c,
-                None => match ensure_consumer(&js, &nats, self.kind, self.max_deliver).await {
-                    Ok(c) => consumer.insert(c),
+            if batch.is_none() && room > 0 {
+                let c = match &consumer {
+                    Some(c) => c,
+                    None => match ensure_consumer(&js, &nats, self.kind, self.max_deliver).await {
+                        Ok(c) => consumer.insert(c),
+                        Err(e) => {
+                            tracing::error!(error = %e, "job consumer unavailable; retrying");
+                            self.pause().await;
+                            continue;
+                        }
+                    },
+                };
+                let pulled = c
+                    .batch()
+                    .max_messages(room.min(MAX_PULL_BATCH))
+                    .expires(self.pull_expires)
+                    .messages()
+                    .await;
+                match pulled {
+                    Ok(b) => batch = Some(b),
                     Err(e) => {
-                        tracing::error!(error = %e, "job consumer unavailable; retrying");
+                        tracing::warn!(error = %e, "pull request failed; retrying");
+                        consumer = None;
                         self.pause().await;
                         continue;
                     }
-                },
-            };
-            let batch = c
-                .batch()
-                .max_messages(held.len())
-                .expires(self.pull_expires)
-                .messages()
-                .await;
-            let mut batch = match batch {
-                Ok(b) => b,
-                Err(e) => {
-                    tracing::warn!(error = %e, "pull request failed; retrying");
-                    consumer = None;
-                    drop(held);
-                    self.pause().await;
-                    continue;
                 }
-            };
-            loop {
-                let next = tokio::select! {
-                    m = batch.next() => m,
-                    _ = self.stop_pulling.cancelled() => {
-                        drain(&mut batch, self.pull_expires).await;
-                        return;
+            }
+            let waiting = batch.is_none() && parked.is_empty();
+            tokio::select! {
+                biased;
+                _ = self.stop_pulling.cancelled() => {
+                    for msg in parked.drain() {
+                        let _ = msg.ack_with(hand_back(self.pull_expires)).await;
                     }
-                };
-                match next {
+                    if let Some(b) = &mut batch {
+                        drain(b, self.pull_expires).await;
+                    }
+                    return;
+                }
+                permit = permits.clone().acquire_owned(), if !parked.is_empty() => {
+                    let (Ok(permit), Some((_, msg))) = (permit, parked.pop()) else {
+                        continue;
+                    };
+                    let worker = worker.clone();
+                    let abandon = self.abandon.clone();
+                    let kind = self.kind;
+                    // Boxed: a job's future is ~10 KB, and tokio copies an unboxed future
+                    // into the task cell and its stage again when the task completes.
+                    self.tracker.spawn(Box::pin(async move {
+                        worker.handle(kind, msg, &abandon).await;
+                        drop(permit);
+                    }));
+                }
+                next = next_message(&mut batch), if batch.is_some() => match next {
                     Some(Ok(msg)) => {
-                        let Some(permit) = held.pop() else {
-                            // More messages than asked for: hand it back rather than overload.
-                            let _ = msg.ack_with(hand_back(self.pull_expires)).await;
-                            continue;
-                        };
-                        let worker = worker.clone();
-                        let abandon = self.abandon.clone();
-                        let kind = self.kind;
-                        // Boxed: a job's future is ~10 KB, and tokio copies an unboxed future
-                        // into the task cell and its stage again when the task completes.
-                        self.tracker.spawn(Box::pin(async move {
-                            worker.handle(kind, msg, &abandon).await;
-                            drop(permit);
-                        }));
+                        let (tenant, weight) = worker.fair_share_of(&msg);
+                        let bytes = msg.payload.len() + msg.subject.len() + PARKED_OVERHEAD;
+                        parked.push(&tenant, weight, msg, bytes);
                     }
                     Some(Err(e)) => {
                         tracing::debug!(error = %e, "pull batch ended with an error");
-                        break;
+                        batch = None;
                     }
-                    None => break,
+                    None => batch = None,
+                },
+                _ = keep_alive.tick(), if !parked.is_empty() => {
+                    // Parked messages are in progress as far as JetStream knows: keep their
+                    // ack timers from running out while they wait for a slot.
+                    for msg in parked.iter() {
+                        let _ = msg.ack_with(AckKind::Progress).await;
+                    }
                 }
+                // Every permit busy and nothing pulled or parked: wait for a free one.
+                _ = permits.acquire(), if waiting => {}
             }
         }
     }
@@ -262,6 +302,19 @@ impl PullLoop {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             _ = self.stop_pulling.cancelled() => {}
         }
+    }
+}
+
+/// What a parked message costs beyond its payload and subject (headers, reply subject, the
+/// message's own fields), for `worker.fair_window_bytes`.
+const PARKED_OVERHEAD: usize = 512;
+
+async fn next_message(
+    batch: &mut Option<pull::Batch>,
+) -> Option<Result<jetstream::Message, async_nats::Error>> {
+    match batch {
+        Some(b) => b.next().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -279,11 +332,6 @@ async fn drain(batch: &mut pull::Batch, pull_expires: Duration) {
 /// pull requests: an immediate Nak is redelivered at once to a pull request the server still
 /// holds for the stopping process, again and again (each a delivery, until `max_deliver`
 /// strands the job), instead of going to another worker.
-/// Every permit free right now (the pull asks for exactly that many messages).
-fn free_permits(permits: &Arc<Semaphore>) -> Vec<tokio::sync::OwnedSemaphorePermit> {
-    std::iter::from_fn(|| permits.clone().try_acquire_owned().ok()).collect()
-}
-
 pub(crate) fn hand_back(pull_expires: Duration) -> AckKind {
     AckKind::Nak(Some(pull_expires + Duration::from_millis(500)))
 }
@@ -303,17 +351,6 @@ mod tests {
         nats.tenant_from_subject = true;
         let c = consumer_config(&nats, JobKind::Generate, 5);
         assert_eq!(c.filter_subject, "llm.jobs.generate.*");
-    }
-
-    #[test]
-    fn a_pull_asks_for_exactly_the_free_permits() {
-        let permits = Arc::new(Semaphore::new(4));
-        let busy = permits.clone().try_acquire_owned().unwrap();
-        let free = free_permits(&permits);
-        assert_eq!(free.len(), 3);
-        assert!(free_permits(&permits).is_empty());
-        drop(busy);
-        assert_eq!(free_permits(&permits).len(), 1);
     }
 
     #[test]

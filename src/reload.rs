@@ -32,6 +32,8 @@ pub struct Reloader {
     pub(crate) worker: Worker,
     pub(crate) health: Health,
     pub(crate) prices: PriceBook,
+    /// Where the budgets in force are written (`llm_tenant_budgets`), if anywhere.
+    pub(crate) pool: Option<sqlx::PgPool>,
 }
 
 impl Reloader {
@@ -46,6 +48,12 @@ impl Reloader {
         self.worker
             .reload(routing)
             .map_err(|e| format!("configuration refused: {e}"))?;
+        if let (Some(pool), Ok(rt)) = (&self.pool, tokio::runtime::Handle::try_current()) {
+            rt.spawn(crate::usage::budgets::sync_logged(
+                pool.clone(),
+                new.tenants.clone(),
+            ));
+        }
         let fixed = match self.current.lock() {
             Ok(mut current) => {
                 let fixed = needs_restart(&current, &new);
@@ -54,7 +62,8 @@ impl Reloader {
             }
             Err(_) => Vec::new(),
         };
-        let mut message = "configuration reloaded: routes, providers and limits".to_string();
+        let mut message =
+            "configuration reloaded: routes, providers, limits and tenant policies".to_string();
         if !fixed.is_empty() {
             message.push_str(&format!(
                 "; changes to [{}] need a restart and are not applied",

@@ -206,6 +206,22 @@ impl<O: Outbox> Worker<O> {
         Ok(())
     }
 
+    /// The tenant of a message not yet decoded, and its weight (`policy::fair`).
+    pub(crate) fn fair_share_of(&self, msg: &impl JobMessage) -> (String, u32) {
+        let subject_tenant = self
+            .tenant_from_subject
+            .then(|| msg.subject().rsplit_once('.').map(|(_, t)| t))
+            .flatten();
+        let routing = self.routing();
+        let tenant = crate::policy::fair::peek_tenant(
+            msg.payload(),
+            subject_tenant,
+            routing.limits.max_job_bytes,
+        );
+        let weight = routing.limits.policy(&tenant).map_or(1, |p| p.weight);
+        (tenant, weight)
+    }
+
     /// The cancel requests this worker follows (`cancel::follow` feeds them).
     pub(crate) fn cancels(&self) -> &Cancels {
         &self.cancels

@@ -100,6 +100,9 @@ pub struct TenantPolicy {
     /// Percentages of a budget at which a warning is published (once per period) on
     /// `<prefix>.events.budget.<tenant>` and logged.
     pub budget_warnings: Vec<u8>,
+    /// Share of job slots while tenants compete (1 to 1000; a tenant of weight 3 gets three
+    /// jobs started for every one of a tenant of weight 1).
+    pub weight: u32,
 }
 
 impl Default for TenantPolicy {
@@ -112,6 +115,7 @@ impl Default for TenantPolicy {
             daily_budget_tokens: None,
             monthly_budget_tokens: None,
             budget_warnings: vec![80, 100],
+            weight: 1,
         }
     }
 }
@@ -354,8 +358,15 @@ impl NatsConfig {
 pub struct WorkerConfig {
     /// Identifies this process in usage rows; default `<hostname>-<pid>`.
     pub id: Option<String>,
-    /// Jobs processed concurrently by this process; messages are pulled only for free permits.
+    /// Jobs processed concurrently by this process.
     pub max_in_flight: usize,
+    /// Jobs pulled ahead and parked, so free slots go to tenants by weighted fair share
+    /// instead of first in, first out. A tenant's job waits behind other tenants' backlogs
+    /// only for what does not fit in the fleet's windows. At most `max_in_flight`: no
+    /// parking (pull only for free slots, first in, first out).
+    pub fair_window: usize,
+    /// Bytes of parked jobs (payload and bookkeeping) at most.
+    pub fair_window_bytes: usize,
     /// On SIGTERM, how long in-flight jobs may still run before they are handed back.
     pub shutdown_grace_secs: u64,
     /// Deadline of a job that sets no `timeout_ms`.
@@ -376,6 +387,8 @@ impl Default for WorkerConfig {
         Self {
             id: None,
             max_in_flight: 256,
+            fair_window: 25_000,
+            fair_window_bytes: 64 * 1024 * 1024,
             shutdown_grace_secs: 30,
             default_timeout_ms: 120_000,
             max_timeout_ms: 3_600_000,

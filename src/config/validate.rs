@@ -29,6 +29,14 @@ impl Config {
         if self.worker.max_deliver < 2 {
             return Err(invalid("worker.max_deliver", "must be at least 2"));
         }
+        if self.worker.fair_window > self.worker.max_in_flight
+            && self.worker.fair_window_bytes < self.worker.max_job_bytes
+        {
+            return Err(invalid(
+                "worker.fair_window_bytes",
+                "must hold at least one job (worker.max_job_bytes)",
+            ));
+        }
         if self.recorder.ack_wait_secs < 2 {
             return Err(invalid("recorder.ack_wait_secs", "must be at least 2"));
         }

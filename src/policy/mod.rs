@@ -1,14 +1,18 @@
-//! Tenant policies at run time: what the fleet lets each tenant spend.
+//! Tenant policies at run time: what the fleet lets each tenant spend, and how a worker shares
+//! its job slots between tenants.
 //!
 //! - [`budget`]: spend per UTC day and month, spent budgets, warning thresholds (no I/O).
 //! - [`ledger`]: the shared counters in a JetStream KV bucket, each worker's copy of them,
 //!   and the charges jobs add when they end.
+//! - [`fair`]: weighted fair share of a worker's job slots across tenants (the pull loop in
+//!   `crate::queue` parks pulled jobs there).
 //!
 //! Who may send which jobs (`refuse`, `task_types`) is decided when a job is decoded
 //! (`crate::job`); budgets are checked when a job starts and charged when it ends
 //! (`crate::worker`).
 
 pub(crate) mod budget;
+pub(crate) mod fair;
 pub(crate) mod ledger;
 
 pub(crate) use ledger::Ledger;

@@ -1,10 +1,12 @@
 //! The usage and cost ledger in Postgres: migrations, the recorder that projects stored
-//! results into `llm_jobs` / `llm_calls`, the price refresh, and the `usage` report.
+//! results into `llm_jobs` / `llm_calls`, the price refresh, the `usage` report, and the
+//! budgets in force (`llm_tenant_budgets`).
 //!
 //! Nothing here sits on a job's hot path: jobs store their results in JetStream, and the
 //! recorder writes them to Postgres in batches, so a slow or absent database delays rows but
 //! never jobs, and loses nothing.
 
+pub(crate) mod budgets;
 mod recorder;
 pub mod report;
 
@@ -55,6 +57,7 @@ pub(crate) async fn maintain(
     book: PriceBook,
     recorder: Option<Recorder>,
     ready: bool,
+    tenants: std::collections::BTreeMap<String, crate::config::TenantPolicy>,
     stop: CancellationToken,
 ) {
     if !ready {
@@ -72,6 +75,7 @@ pub(crate) async fn maintain(
         }
         tracing::info!("database available: migrations applied");
     }
+    budgets::sync_logged(pool.clone(), tenants).await;
     let prices = refresh_prices(pool, book, stop.clone());
     match recorder {
         Some(recorder) => {

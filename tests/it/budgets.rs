@@ -124,6 +124,23 @@ async fn three_workers_hold_a_tenant_to_its_budget_within_the_jobs_in_flight() {
         refused.len() as i64,
     )
     .await;
+    // Spend against the budget in SQL, once every call is recorded.
+    app.wait_count(
+        "SELECT count(*) FROM llm_calls WHERE tenant = 'acme'",
+        answered as i64,
+    )
+    .await;
+    let (day_tokens, daily_tokens, pct, own): (i64, Option<i64>, Option<f64>, bool) =
+        sqlx::query_as(
+            "SELECT day_tokens, daily_tokens, day_tokens_pct::float8, own_policy \
+             FROM llm_tenant_spend WHERE tenant = 'acme'",
+        )
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(day_tokens as u64, answered * JOB_TOKENS);
+    assert_eq!(daily_tokens, Some(BUDGET as i64));
+    assert!(own && pct.unwrap() >= 100.0, "{pct:?}");
     drop(workers);
     app.teardown().await;
 }

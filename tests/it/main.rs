@@ -10,6 +10,7 @@
 mod budgets;
 mod cancel;
 mod embed;
+mod fairness;
 mod fuzz_corpus;
 mod generate;
 mod helpers;
