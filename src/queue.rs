@@ -23,6 +23,7 @@ use async_nats::jetstream::{
 };
 use futures::StreamExt;
 use tokio::sync::Semaphore;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -201,7 +202,11 @@ impl PullLoop {
     pub(crate) async fn run(self, js: jetstream::Context, nats: Arc<NatsConfig>, worker: Worker) {
         let permits = Arc::new(Semaphore::new(self.max_in_flight));
         let fair = self.fair_window > self.max_in_flight;
-        let mut parked: FairQueue<jetstream::Message> = FairQueue::default();
+        let mut parked: FairQueue<Parked> = FairQueue::default();
+        // Set while every parked tenant is held by its rate limits: when to look again.
+        let mut held: Option<Instant> = None;
+        // Jobs whose tenant's minute filled up before they started come back here.
+        let (back_tx, mut back_rx) = tokio::sync::mpsc::unbounded_channel::<(String, Parked)>();
         let mut consumer: Option<PullConsumer> = None;
         let mut batch: Option<pull::Batch> = None;
         let mut keep_alive = tokio::time::interval(self.progress_every);
@@ -250,33 +255,69 @@ impl PullLoop {
             tokio::select! {
                 biased;
                 _ = self.stop_pulling.cancelled() => {
-                    for msg in parked.drain() {
-                        let _ = msg.ack_with(hand_back(self.pull_expires)).await;
+                    for p in parked.drain() {
+                        let _ = p.msg.ack_with(hand_back(self.pull_expires)).await;
                     }
                     if let Some(b) = &mut batch {
                         drain(b, self.pull_expires).await;
                     }
                     return;
                 }
-                permit = permits.clone().acquire_owned(), if !parked.is_empty() => {
-                    let (Ok(permit), Some((_, msg))) = (permit, parked.pop()) else {
+                permit = permits.clone().acquire_owned(), if !parked.is_empty() && held.is_none() => {
+                    let Ok(permit) = permit else { continue };
+                    // The tenant furthest behind its share whose rate limits let it start,
+                    // or whose job has waited out its timeout.
+                    let now = Instant::now();
+                    let mut waited_out = false;
+                    let picked = parked.pop_where(|tenant, p| {
+                        waited_out = p.wait_until <= now;
+                        waited_out || worker.may_start(tenant)
+                    });
+                    let Some((tenant, p)) = picked else {
+                        // Every parked tenant is at its rate limit: look again shortly.
+                        held = Some(now + HELD_RECHECK);
                         continue;
                     };
+                    let waited_out = waited_out.then(|| {
+                        format!("waited {:?} for tenant {tenant:?}'s rate limits (requests or tokens per minute), past the job's timeout", now - p.parked_at)
+                    });
                     let worker = worker.clone();
                     let abandon = self.abandon.clone();
                     let kind = self.kind;
+                    let back = back_tx.clone();
+                    let pull_expires = self.pull_expires;
                     // Boxed: a job's future is ~10 KB, and tokio copies an unboxed future
                     // into the task cell and its stage again when the task completes.
                     self.tracker.spawn(Box::pin(async move {
-                        worker.handle(kind, msg, &abandon).await;
+                        // Another worker may have filled the tenant's minute meanwhile: the
+                        // start is counted fleet-wide first, and the job goes back if full.
+                        if waited_out.is_none() && !worker.reserve(&tenant).await {
+                            if let Err(stopped) = back.send((tenant, p)) {
+                                // The loop has stopped: another worker takes it.
+                                let msg = &(stopped.0).1.msg;
+                                let _ = msg.ack_with(hand_back(pull_expires)).await;
+                            }
+                            return;
+                        }
+                        worker.handle_parked(kind, p.msg, &abandon, waited_out).await;
                         drop(permit);
                     }));
                 }
+                _ = sleep_until(held), if held.is_some() => held = None,
+                Some((tenant, p)) = back_rx.recv() => {
+                    let weight = worker.parking_of(&p.msg).1;
+                    let bytes = p.msg.payload.len() + p.msg.subject.len() + PARKED_OVERHEAD;
+                    parked.push(&tenant, weight, p, bytes);
+                }
                 next = next_message(&mut batch), if batch.is_some() => match next {
                     Some(Ok(msg)) => {
-                        let (tenant, weight) = worker.fair_share_of(&msg);
+                        let (tenant, weight, wait) = worker.parking_of(&msg);
                         let bytes = msg.payload.len() + msg.subject.len() + PARKED_OVERHEAD;
-                        parked.push(&tenant, weight, msg, bytes);
+                        let now = Instant::now();
+                        let p = Parked { msg, parked_at: now, wait_until: now + wait };
+                        parked.push(&tenant, weight, p, bytes);
+                        // A new tenant may be one that can start.
+                        held = None;
                     }
                     Some(Err(e)) => {
                         tracing::debug!(error = %e, "pull batch ended with an error");
@@ -287,8 +328,8 @@ impl PullLoop {
                 _ = keep_alive.tick(), if !parked.is_empty() => {
                     // Parked messages are in progress as far as JetStream knows: keep their
                     // ack timers from running out while they wait for a slot.
-                    for msg in parked.iter() {
-                        let _ = msg.ack_with(AckKind::Progress).await;
+                    for p in parked.iter() {
+                        let _ = p.msg.ack_with(AckKind::Progress).await;
                     }
                 }
                 // Every permit busy and nothing pulled or parked: wait for a free one.
@@ -302,6 +343,25 @@ impl PullLoop {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             _ = self.stop_pulling.cancelled() => {}
         }
+    }
+}
+
+/// A message pulled and waiting for a slot.
+struct Parked {
+    msg: jetstream::Message,
+    parked_at: Instant,
+    /// Past this, it starts whatever its tenant's rate limits say (and is answered
+    /// `timeout`): its timeout, counted from when it was pulled.
+    wait_until: Instant,
+}
+
+/// How soon the loop looks again when every parked tenant is at its rate limit.
+const HELD_RECHECK: Duration = Duration::from_millis(50);
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

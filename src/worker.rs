@@ -62,6 +62,15 @@ enum Answer {
     Vectors(crate::embedding::EmbedSuccess),
 }
 
+/// How a decoded job came to start.
+struct Start {
+    /// Deliveries of its message so far.
+    delivered: i64,
+    received_at: DateTime<Utc>,
+    /// Why it waited past its timeout, parked (its tenant's rate limits).
+    waited_out: Option<String>,
+}
+
 /// What happened to a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Disposal {
@@ -206,20 +215,41 @@ impl<O: Outbox> Worker<O> {
         Ok(())
     }
 
-    /// The tenant of a message not yet decoded, and its weight (`policy::fair`).
-    pub(crate) fn fair_share_of(&self, msg: &impl JobMessage) -> (String, u32) {
+    /// How a message not yet decoded is parked (`policy::fair`): its tenant, the tenant's
+    /// weight, and how long it may wait for its tenant's rate limits (its timeout).
+    pub(crate) fn parking_of(&self, msg: &impl JobMessage) -> (String, u32, Duration) {
         let subject_tenant = self
             .tenant_from_subject
             .then(|| msg.subject().rsplit_once('.').map(|(_, t)| t))
             .flatten();
         let routing = self.routing();
-        let tenant = crate::policy::fair::peek_tenant(
-            msg.payload(),
-            subject_tenant,
-            routing.limits.max_job_bytes,
-        );
-        let weight = routing.limits.policy(&tenant).map_or(1, |p| p.weight);
-        (tenant, weight)
+        let limits = &routing.limits;
+        let peeked = crate::policy::fair::peek(msg.payload(), subject_tenant, limits.max_job_bytes);
+        let weight = limits.policy(&peeked.tenant).map_or(1, |p| p.weight);
+        let wait = peeked
+            .timeout_ms
+            .map_or(limits.default_timeout, Duration::from_millis)
+            .min(limits.max_timeout);
+        (peeked.tenant, weight, wait)
+    }
+
+    /// Whether a job of `tenant` may start now under its rate limits, from this worker's
+    /// copy of the shared counters (the pull loop's filter).
+    pub(crate) fn may_start(&self, tenant: &str) -> bool {
+        match (self.routing().limits.policy(tenant), &self.ledger) {
+            (Some(policy), Some(ledger)) => ledger.may_start(tenant, policy),
+            _ => true,
+        }
+    }
+
+    /// Count a job's start against its tenant's requests per minute, fleet-wide; `false`
+    /// when the minute is full (the job goes back to wait).
+    pub(crate) async fn reserve(&self, tenant: &str) -> bool {
+        let routing = self.routing();
+        match (routing.limits.policy(tenant), &self.ledger) {
+            (Some(policy), Some(ledger)) => ledger.reserve(tenant, policy).await,
+            _ => true,
+        }
     }
 
     /// The cancel requests this worker follows (`cancel::follow` feeds them).
@@ -229,11 +259,24 @@ impl<O: Outbox> Worker<O> {
 
     /// Handle one job message to its end. `abandon` fires when the process can wait no longer
     /// (shutdown grace exceeded): the job is then handed back for another worker.
+    #[cfg(test)]
     pub async fn handle<M: JobMessage>(
         &self,
         kind: JobKind,
         msg: M,
         abandon: &CancellationToken,
+    ) -> Disposal {
+        self.handle_parked(kind, msg, abandon, None).await
+    }
+
+    /// [`Self::handle`] for a job that was parked; `waited_out` says why it waited past its
+    /// timeout (its tenant's rate limits): it is then answered `timeout` without a call.
+    pub(crate) async fn handle_parked<M: JobMessage>(
+        &self,
+        kind: JobKind,
+        msg: M,
+        abandon: &CancellationToken,
+        waited_out: Option<String>,
     ) -> Disposal {
         let received_at = Utc::now();
         let delivered = msg.delivered();
@@ -288,7 +331,12 @@ impl<O: Outbox> Worker<O> {
             }
             Ok(job) => {
                 let span = job_span(&job.envelope, kind, delivered);
-                self.run(&msg, &routing, job, delivered, received_at, abandon)
+                let start = Start {
+                    delivered,
+                    received_at,
+                    waited_out,
+                };
+                self.run(&msg, &routing, job, start, abandon)
                     .instrument(span)
                     .await
             }
@@ -300,10 +348,14 @@ impl<O: Outbox> Worker<O> {
         msg: &impl JobMessage,
         routing: &Routing,
         job: Job,
-        delivered: i64,
-        received_at: DateTime<Utc>,
+        start: Start,
         abandon: &CancellationToken,
     ) -> Disposal {
+        let Start {
+            delivered,
+            received_at,
+            waited_out,
+        } = start;
         // A job whose result is already stored is answered from it: no second provider call.
         match self.outbox.stored(job.envelope.job_id).await {
             Ok(Some(payload)) => {
@@ -328,17 +380,16 @@ impl<O: Outbox> Worker<O> {
         // without a provider call.
         let now = Utc::now();
         let tenant = &job.envelope.tenant;
-        let budget = routing
-            .limits
-            .policy(tenant)
-            .filter(|p| p.has_budget())
-            .zip(self.ledger.as_ref());
+        let policy = routing.limits.policy(tenant).zip(self.ledger.as_ref());
+        let budget = policy.filter(|(p, _)| p.has_budget());
         let unwanted = if self.cancels.is_cancelled(job.envelope.job_id) {
             Some((
                 ErrorCode::Cancelled,
                 "cancelled: a cancel request for this job arrived before a worker started it"
                     .to_string(),
             ))
+        } else if let Some(why) = waited_out {
+            Some((ErrorCode::Timeout, format!("expired: {why}")))
         } else if let Some(why) = budget.and_then(|(policy, l)| l.refusal(tenant, policy)) {
             Some((ErrorCode::BudgetExceeded, format!("budget_exceeded: {why}")))
         } else {
@@ -388,12 +439,10 @@ impl<O: Outbox> Worker<O> {
         };
         match result {
             Some(result) => {
-                // The spend is counted before the job is acked (see `policy::ledger`).
-                if let Some((policy, ledger)) = budget {
+                // Spend and tokens are counted before the job is acked (`policy::ledger`).
+                if let Some((policy, ledger)) = policy {
                     let (usd, tokens) = spend_of(&result.attempts);
-                    if usd > 0.0 || tokens > 0 {
-                        ledger.charge(tenant, policy, usd, tokens).await;
-                    }
+                    ledger.charge(tenant, policy, usd, tokens).await;
                 }
                 self.finish(msg, job.kind, &job.envelope, &result, AckKind::Ack)
                     .await

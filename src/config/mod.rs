@@ -100,6 +100,12 @@ pub struct TenantPolicy {
     /// Percentages of a budget at which a warning is published (once per period) on
     /// `<prefix>.events.budget.<tenant>` and logged.
     pub budget_warnings: Vec<u8>,
+    /// Jobs started per minute (UTC minutes), fleet-wide. A job over it waits, parked, for
+    /// the next minute; one that waits past its timeout is answered `timeout`.
+    pub requests_per_minute: Option<u32>,
+    /// Tokens (input plus output, counted when jobs end) per minute, fleet-wide: once used
+    /// up, jobs wait for the next minute.
+    pub tokens_per_minute: Option<u64>,
     /// Share of job slots while tenants compete (1 to 1000; a tenant of weight 3 gets three
     /// jobs started for every one of a tenant of weight 1).
     pub weight: u32,
@@ -115,6 +121,8 @@ impl Default for TenantPolicy {
             daily_budget_tokens: None,
             monthly_budget_tokens: None,
             budget_warnings: vec![80, 100],
+            requests_per_minute: None,
+            tokens_per_minute: None,
             weight: 1,
         }
     }

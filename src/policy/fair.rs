@@ -71,8 +71,14 @@ impl<T> FairQueue<T> {
     }
 
     /// The next item by fair share, with its tenant.
+    #[cfg(test)]
     pub fn pop(&mut self) -> Option<(String, T)> {
         let Reverse((pass, _, name)) = self.ready.pop()?;
+        self.take(pass, name)
+    }
+
+    /// Take the oldest item of `name`, whose ready entry (at `pass`) was just removed.
+    fn take(&mut self, pass: u64, name: String) -> Option<(String, T)> {
         let t = self.tenants.get_mut(&name)?;
         let (item, bytes) = t.queue.pop_front()?;
         self.len -= 1;
@@ -88,6 +94,26 @@ impl<T> FairQueue<T> {
                 .push(Reverse((t.pass, self.arrivals, name.clone())));
         }
         Some((name, item))
+    }
+
+    /// The next item by fair share among the tenants `open` lets start now (asked about
+    /// the tenant's oldest item, in fair-share order, until one is open; `open` is called
+    /// once with `true` at most). Tenants passed over keep their place.
+    pub fn pop_where(&mut self, mut open: impl FnMut(&str, &T) -> bool) -> Option<(String, T)> {
+        let mut passed = Vec::new();
+        let mut found = None;
+        while let Some(entry) = self.ready.pop() {
+            let Reverse((_, _, name)) = &entry;
+            let head = self.tenants.get(name).and_then(|t| t.queue.front());
+            if head.is_some_and(|(item, _)| open(name, item)) {
+                found = Some(entry);
+                break;
+            }
+            passed.push(entry);
+        }
+        self.ready.extend(passed);
+        let Reverse((pass, _, name)) = found?;
+        self.take(pass, name)
     }
 
     pub fn len(&self) -> usize {
@@ -122,31 +148,41 @@ impl<T> FairQueue<T> {
     }
 }
 
-/// The tenant a job message is for, read before the job is decoded (so its fair share can
-/// be decided while it is parked): the subject's last token when tenants are bound to
+/// What the pull loop reads of a job before it is decoded: its tenant (for its fair share)
+/// and its `timeout_ms` (how long it may wait parked).
+#[derive(Debug, PartialEq)]
+pub(crate) struct Peeked {
+    pub tenant: String,
+    pub timeout_ms: Option<u64>,
+}
+
+/// Peek at a job message: the tenant is the subject's last token when tenants are bound to
 /// subjects, else the body's `tenant` (`default` when absent). A body that does not parse
 /// goes to a queue of its own ("") and is answered `invalid_job` when it runs.
-pub(crate) fn peek_tenant(
-    payload: &[u8],
-    subject_tenant: Option<&str>,
-    max_bytes: usize,
-) -> String {
-    if let Some(t) = subject_tenant {
-        return t.to_string();
-    }
+pub(crate) fn peek(payload: &[u8], subject_tenant: Option<&str>, max_bytes: usize) -> Peeked {
     #[derive(serde::Deserialize)]
     struct Peek<'a> {
         #[serde(borrow, default)]
         tenant: Option<std::borrow::Cow<'a, str>>,
+        #[serde(default)]
+        timeout_ms: Option<u64>,
     }
-    if payload.len() > max_bytes {
-        return String::new();
-    }
-    match serde_json::from_slice::<Peek<'_>>(payload) {
-        Ok(Peek { tenant: None }) => "default".into(),
-        Ok(Peek { tenant: Some(t) }) if t.len() <= 256 => t.into_owned(),
+    let parsed = (payload.len() <= max_bytes)
+        .then(|| serde_json::from_slice::<Peek<'_>>(payload).ok())
+        .flatten();
+    let timeout_ms = parsed.as_ref().and_then(|p| p.timeout_ms);
+    let tenant = match (subject_tenant, parsed) {
+        (Some(t), _) => t.to_string(),
+        (None, Some(Peek { tenant: None, .. })) => "default".into(),
+        (
+            None,
+            Some(Peek {
+                tenant: Some(t), ..
+            }),
+        ) if t.len() <= 256 => t.into_owned(),
         _ => String::new(),
-    }
+    };
+    Peeked { tenant, timeout_ms }
 }
 
 #[cfg(test)]
@@ -223,16 +259,38 @@ mod tests {
 
     #[test]
     fn the_tenant_is_peeked_from_the_subject_or_the_body() {
-        assert_eq!(peek_tenant(br#"{"tenant":"acme"}"#, None, 1000), "acme");
-        assert_eq!(peek_tenant(br#"{"prompt":"x"}"#, None, 1000), "default");
-        assert_eq!(
-            peek_tenant(br#"{"tenant":"acme"}"#, Some("sub"), 1000),
-            "sub"
-        );
-        assert_eq!(peek_tenant(b"not json", None, 1000), "");
-        assert_eq!(peek_tenant(br#"{"tenant":7}"#, None, 1000), "");
-        assert_eq!(peek_tenant(br#"{"tenant":"acme"}"#, None, 5), "");
+        let tenant = |payload: &[u8], sub, max| peek(payload, sub, max).tenant;
+        assert_eq!(tenant(br#"{"tenant":"acme"}"#, None, 1000), "acme");
+        assert_eq!(tenant(br#"{"prompt":"x"}"#, None, 1000), "default");
+        assert_eq!(tenant(br#"{"tenant":"acme"}"#, Some("sub"), 1000), "sub");
+        assert_eq!(tenant(b"not json", None, 1000), "");
+        assert_eq!(tenant(br#"{"tenant":7}"#, None, 1000), "");
+        assert_eq!(tenant(br#"{"tenant":"acme"}"#, None, 5), "");
         let long = format!(r#"{{"tenant":"{}"}}"#, "x".repeat(300));
-        assert_eq!(peek_tenant(long.as_bytes(), None, 10_000), "");
+        assert_eq!(tenant(long.as_bytes(), None, 10_000), "");
+        let p = peek(br#"{"tenant":"a","timeout_ms":1500}"#, None, 1000);
+        assert_eq!(p.timeout_ms, Some(1500));
+    }
+
+    #[test]
+    fn tenants_that_may_not_start_keep_their_place() {
+        let mut q = FairQueue::default();
+        for i in 0..3 {
+            q.push("A", 1, i, 1);
+            q.push("B", 1, 10 + i, 1);
+        }
+        // A is held (say, rate-limited): B's jobs go, each asked about once per pick.
+        let mut asked = Vec::new();
+        let picked = q.pop_where(|t, _| {
+            asked.push(t.to_string());
+            t == "B"
+        });
+        assert_eq!(picked, Some(("B".to_string(), 10)));
+        assert_eq!(asked, ["A", "B"]);
+        assert_eq!(q.pop_where(|t, _| t == "B").map(|(_, i)| i), Some(11));
+        assert_eq!(q.pop_where(|_, _| false), None);
+        assert_eq!(q.len(), 4);
+        // Released, A is first: it was passed over, not sent to the back.
+        assert_eq!(q.pop().map(|(t, _)| t).as_deref(), Some("A"));
     }
 }

@@ -21,10 +21,11 @@ use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
-use serde::Serialize;
+use serde::{Serialize, de::DeserializeOwned};
 use tokio::sync::{mpsc, oneshot};
 
 use super::budget::{self, Crossing, Measure, Period, Spend};
+use super::rate::{self, Rate};
 use crate::config::{NatsConfig, TenantPolicy};
 
 /// Charges arriving within this long of a write go together into the next one.
@@ -32,6 +33,8 @@ const COALESCE: Duration = Duration::from_millis(2);
 /// How long a charge is retried while the bucket cannot be written, before it is given up
 /// (logged; the spend is still in the Postgres ledger).
 const GIVE_UP_AFTER: Duration = Duration::from_secs(10);
+/// Compare-and-set attempts of one reservation before the job waits and tries again later.
+const RESERVE_TRIES: usize = 20;
 /// Keys are kept this long after their last write (a monthly counter must outlive its month).
 const KEEP_KEYS: Duration = Duration::from_secs(40 * 24 * 3600);
 
@@ -52,10 +55,6 @@ pub(crate) fn token(tenant: &str) -> String {
     out
 }
 
-fn key(token: &str) -> String {
-    format!("spend.{token}")
-}
-
 /// The warning published on `<prefix>.events.budget.<tenant>`.
 #[derive(Serialize)]
 struct Warning<'a> {
@@ -72,38 +71,137 @@ struct Warning<'a> {
     at: DateTime<Utc>,
 }
 
+/// What one charge adds: to the spend counter (`usd`, `tokens`) or the rate counter
+/// (`requests`, `tokens`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(crate) struct Delta {
+    pub usd: f64,
+    pub tokens: u64,
+    pub requests: u64,
+}
+
+impl Delta {
+    fn plus(self, o: Delta) -> Delta {
+        Delta {
+            usd: self.usd + o.usd,
+            tokens: self.tokens.saturating_add(o.tokens),
+            requests: self.requests.saturating_add(o.requests),
+        }
+    }
+
+    fn minus(self, o: Delta) -> Delta {
+        Delta {
+            usd: self.usd - o.usd,
+            tokens: self.tokens.saturating_sub(o.tokens),
+            requests: self.requests.saturating_sub(o.requests),
+        }
+    }
+
+    fn is_zero(&self) -> bool {
+        self.tokens == 0 && self.requests == 0 && self.usd.abs() < 1e-12
+    }
+}
+
+/// A kind of shared counter: its key prefix, how a charge changes it, and its table here.
+trait Tally: Serialize + DeserializeOwned + Default + Clone + Send + Sync + 'static {
+    const PREFIX: &'static str;
+    fn add(&self, now: DateTime<Utc>, d: &Delta) -> Self;
+    fn table(c: &mut Counters) -> &mut Table<Self>;
+}
+
+impl Tally for Spend {
+    const PREFIX: &'static str = "spend.";
+    fn add(&self, now: DateTime<Utc>, d: &Delta) -> Self {
+        Spend::add(self, now, d.usd, d.tokens)
+    }
+    fn table(c: &mut Counters) -> &mut Table<Self> {
+        &mut c.spend
+    }
+}
+
+impl Tally for Rate {
+    const PREFIX: &'static str = "rate.";
+    fn add(&self, now: DateTime<Utc>, d: &Delta) -> Self {
+        Rate::add(self, now, d.requests, d.tokens)
+    }
+    fn table(c: &mut Counters) -> &mut Table<Self> {
+        &mut c.rate
+    }
+}
+
 struct Charge {
     tenant: String,
     token: String,
     policy: TenantPolicy,
-    usd: f64,
-    tokens: u64,
-    done: oneshot::Sender<()>,
+    spend: Delta,
+    rate: Delta,
+    /// Told when the charge is written (jobs that end wait for it; starts do not).
+    done: Option<oneshot::Sender<()>>,
 }
 
-#[derive(Default)]
-struct Counters {
+/// One kind of counter, for every tenant.
+struct Table<V> {
     /// The last value of each tenant's counter this worker knows, with its revision.
-    seen: HashMap<String, (u64, Spend)>,
+    seen: HashMap<String, (u64, V)>,
     /// Charges not yet written (this worker's only).
-    pending: HashMap<String, (f64, u64)>,
+    pending: HashMap<String, Delta>,
 }
 
-impl Counters {
-    fn learn(&mut self, token: &str, revision: u64, spend: Spend) {
+impl<V> Default for Table<V> {
+    fn default() -> Self {
+        Self {
+            seen: HashMap::new(),
+            pending: HashMap::new(),
+        }
+    }
+}
+
+impl<V: Tally> Table<V> {
+    fn learn(&mut self, token: &str, revision: u64, value: V) {
         match self.seen.get_mut(token) {
             Some((r, _)) if *r >= revision => {}
-            Some(slot) => *slot = (revision, spend),
+            Some(slot) => *slot = (revision, value),
             None => {
-                self.seen.insert(token.to_string(), (revision, spend));
+                self.seen.insert(token.to_string(), (revision, value));
+            }
+        }
+    }
+
+    /// The counter as this worker sees it now: the last known value plus its own charges.
+    fn current(&self, token: &str, now: DateTime<Utc>) -> V {
+        let seen = self
+            .seen
+            .get(token)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default();
+        seen.add(now, &self.pending.get(token).copied().unwrap_or_default())
+    }
+
+    fn owe(&mut self, token: &str, d: Delta) {
+        let p = self.pending.entry(token.to_string()).or_default();
+        *p = p.plus(d);
+    }
+
+    fn settle(&mut self, token: &str, d: Delta) {
+        if let Some(p) = self.pending.get_mut(token) {
+            *p = p.minus(d);
+            if p.is_zero() {
+                self.pending.remove(token);
             }
         }
     }
 }
 
+#[derive(Default)]
+struct Counters {
+    spend: Table<Spend>,
+    rate: Table<Rate>,
+}
+
 /// Handle to the shared counters (cheap to clone).
 #[derive(Clone)]
 pub(crate) struct Ledger {
+    kv: kv::Store,
     counters: Arc<Mutex<Counters>>,
     charges: mpsc::UnboundedSender<Charge>,
 }
@@ -133,7 +231,7 @@ impl Ledger {
         tokio::spawn(follow(kv.clone(), watch, Arc::downgrade(&counters)));
         let (tx, rx) = mpsc::unbounded_channel();
         let writer = Writer {
-            kv,
+            kv: kv.clone(),
             counters: counters.clone(),
             client,
             events: format!("{}.events.budget", nats.subject_prefix),
@@ -143,6 +241,7 @@ impl Ledger {
         // during shutdown are still written.
         tokio::spawn(writer.run(rx));
         Ok(Self {
+            kv,
             counters,
             charges: tx,
         })
@@ -152,37 +251,120 @@ impl Ledger {
     /// the counters and its own charges not yet written.
     pub(crate) fn refusal(&self, tenant: &str, policy: &TenantPolicy) -> Option<String> {
         let now = Utc::now();
-        let token = token(tenant);
-        let spend = {
-            let c = lock(&self.counters);
-            let spend = c
-                .seen
-                .get(&token)
-                .map(|(_, s)| s.clone())
-                .unwrap_or_default();
-            let (usd, tokens) = c.pending.get(&token).copied().unwrap_or_default();
-            spend.add(now, usd, tokens)
-        };
+        let spend = lock(&self.counters).spend.current(&token(tenant), now);
         budget::refusal(policy, &spend, now)
     }
 
-    /// Add a job's spend to its tenant's counters; returns once it is written (or given up).
+    /// Whether a job of `tenant` may start now under its rate limits (requests and tokens per
+    /// minute, fleet-wide), as far as this worker's copy of the counters tells: a cheap
+    /// filter before [`Self::reserve`].
+    pub(crate) fn may_start(&self, tenant: &str, policy: &TenantPolicy) -> bool {
+        if policy.requests_per_minute.is_none() && policy.tokens_per_minute.is_none() {
+            return true;
+        }
+        let rate = lock(&self.counters)
+            .rate
+            .current(&token(tenant), Utc::now());
+        rate::allows(policy, &rate)
+    }
+
+    /// Count a job's start against `requests_per_minute` by compare-and-set on the shared
+    /// counter, so the fleet never starts more than the limit in a minute; `false` (nothing
+    /// counted) when the minute is full. Tenants without the limit are not counted.
+    pub(crate) async fn reserve(&self, tenant: &str, policy: &TenantPolicy) -> bool {
+        let Some(limit) = policy.requests_per_minute else {
+            return true;
+        };
+        let token = token(tenant);
+        let key = format!("{}{token}", Rate::PREFIX);
+        let mut known = lock(&self.counters).rate.seen.get(&token).cloned();
+        for _ in 0..RESERVE_TRIES {
+            let now = Utc::now();
+            let (revision, seen) = known.clone().unwrap_or_default();
+            let current = seen.add(now, 0, 0);
+            if current.requests >= u64::from(limit) {
+                return false;
+            }
+            let next = current.add(now, 1, 0);
+            let Ok(value) = serde_json::to_vec(&next) else {
+                return false;
+            };
+            let put = if revision == 0 {
+                self.kv
+                    .create(&key, value.into())
+                    .await
+                    .map_err(|e| e.to_string())
+            } else {
+                self.kv
+                    .update(&key, value.into(), revision)
+                    .await
+                    .map_err(|e| e.to_string())
+            };
+            match put {
+                Ok(revision) => {
+                    lock(&self.counters).rate.learn(&token, revision, next);
+                    return true;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "rate counter changed meanwhile; retrying");
+                    known = match self.kv.entry(&key).await {
+                        Ok(Some(entry)) if matches!(entry.operation, kv::Operation::Put) => {
+                            let value: Rate =
+                                serde_json::from_slice(&entry.value).unwrap_or_default();
+                            lock(&self.counters)
+                                .rate
+                                .learn(&token, entry.revision, value.clone());
+                            Some((entry.revision, value))
+                        }
+                        Ok(_) => None,
+                        Err(e) => {
+                            tracing::warn!(error = %e, tenant, "cannot read the tenant's rate counter; the job waits");
+                            return false;
+                        }
+                    };
+                }
+            }
+        }
+        false
+    }
+
+    /// Add a job's spend (budgets) and tokens (tokens per minute) to its tenant's counters;
+    /// returns once they are written (or given up).
     pub(crate) async fn charge(&self, tenant: &str, policy: &TenantPolicy, usd: f64, tokens: u64) {
         let token = token(tenant);
+        let spend = if policy.has_budget() {
+            Delta {
+                usd,
+                tokens,
+                requests: 0,
+            }
+        } else {
+            Delta::default()
+        };
+        let rate = if policy.tokens_per_minute.is_some() {
+            Delta {
+                tokens,
+                ..Delta::default()
+            }
+        } else {
+            Delta::default()
+        };
+        if spend.is_zero() && rate.is_zero() {
+            return;
+        }
         {
             let mut c = lock(&self.counters);
-            let p = c.pending.entry(token.clone()).or_default();
-            p.0 += usd;
-            p.1 = p.1.saturating_add(tokens);
+            c.spend.owe(&token, spend);
+            c.rate.owe(&token, rate);
         }
         let (done, written) = oneshot::channel();
         let charge = Charge {
             tenant: tenant.to_string(),
             token,
             policy: policy.clone(),
-            usd,
-            tokens,
-            done,
+            spend,
+            rate,
+            done: Some(done),
         };
         if self.charges.send(charge).is_ok() {
             let _ = written.await;
@@ -204,7 +386,7 @@ fn lock(m: &Mutex<Counters>) -> std::sync::MutexGuard<'_, Counters> {
 async fn open_bucket(js: &jetstream::Context, bucket: &str) -> Result<kv::Store, String> {
     let stream = jetstream::stream::Config {
         name: format!("KV_{bucket}"),
-        description: Some("llm-worker: tenant spend counters".into()),
+        description: Some("llm-worker: tenant counters (spend, rate)".into()),
         subjects: vec![format!("$KV.{bucket}.>")],
         max_messages_per_subject: 1,
         max_age: KEEP_KEYS,
@@ -224,6 +406,13 @@ async fn open_bucket(js: &jetstream::Context, bucket: &str) -> Result<kv::Store,
         .map_err(|e| format!("cannot open the tenant bucket {bucket}: {e}"))
 }
 
+fn learn_entry<V: Tally>(counters: &Mutex<Counters>, token: &str, entry: &kv::Entry) {
+    match serde_json::from_slice::<V>(&entry.value) {
+        Ok(v) => V::table(&mut lock(counters)).learn(token, entry.revision, v),
+        Err(e) => tracing::warn!(key = %entry.key, error = %e, "unreadable tenant counter"),
+    }
+}
+
 /// Copy every change of the bucket into `counters` while anyone holds them; re-watch after
 /// an interruption (the watch is an ordered consumer: it starts from each key's last value).
 async fn follow(kv: kv::Store, mut watch: kv::Watch, counters: std::sync::Weak<Mutex<Counters>>) {
@@ -239,15 +428,13 @@ async fn follow(kv: kv::Store, mut watch: kv::Watch, counters: std::sync::Weak<M
                     break;
                 }
             };
-            let Some(token) = entry.key.strip_prefix("spend.") else {
-                continue;
-            };
             if !matches!(entry.operation, kv::Operation::Put) {
                 continue;
             }
-            match serde_json::from_slice::<Spend>(&entry.value) {
-                Ok(spend) => lock(&counters).learn(token, entry.revision, spend),
-                Err(e) => tracing::warn!(key = %entry.key, error = %e, "unreadable tenant counter"),
+            if let Some(token) = entry.key.strip_prefix(Spend::PREFIX) {
+                learn_entry::<Spend>(&counters, token, &entry);
+            } else if let Some(token) = entry.key.strip_prefix(Rate::PREFIX) {
+                learn_entry::<Rate>(&counters, token, &entry);
             }
         }
         if counters.strong_count() == 0 {
@@ -277,22 +464,47 @@ impl Writer {
         }
     }
 
-    /// Write one tenant's charges with compare-and-set, publish the warnings that write
-    /// crosses, and release the jobs waiting for it.
+    /// Write one tenant's charges with compare-and-set, publish the budget warnings that
+    /// write crosses, and release the jobs waiting for it.
     async fn write(&self, group: Vec<Charge>) {
         let Some(first) = group.first() else { return };
         let (token, tenant, policy) = (first.token.clone(), first.tenant.clone(), &first.policy);
-        let usd: f64 = group.iter().map(|c| c.usd).sum();
-        let tokens = group.iter().fold(0u64, |t, c| t.saturating_add(c.tokens));
-        let key = key(&token);
+        let spend = group.iter().fold(Delta::default(), |d, c| d.plus(c.spend));
+        let rate = group.iter().fold(Delta::default(), |d, c| d.plus(c.rate));
+        if !spend.is_zero()
+            && let Some((before, after, now)) = self.cas::<Spend>(&token, &tenant, spend).await
+        {
+            for crossing in budget::crossings(policy, &before, &after) {
+                self.warn(&tenant, &token, crossing, now).await;
+            }
+        }
+        if !rate.is_zero() {
+            self.cas::<Rate>(&token, &tenant, rate).await;
+        }
+        for c in group {
+            if let Some(done) = c.done {
+                let _ = done.send(());
+            }
+        }
+    }
+
+    /// Add `delta` to the tenant's counter of kind `V` by compare-and-set, retrying on
+    /// races; the value before and after (as of the write) on success.
+    async fn cas<V: Tally>(
+        &self,
+        token: &str,
+        tenant: &str,
+        delta: Delta,
+    ) -> Option<(V, V, DateTime<Utc>)> {
+        let key = format!("{}{token}", V::PREFIX);
         let started = tokio::time::Instant::now();
         let mut delay = Duration::from_millis(20);
         let mut failures = 0u32;
-        let mut known = lock(&self.counters).seen.get(&token).cloned();
+        let mut known = V::table(&mut lock(&self.counters)).seen.get(token).cloned();
         let written = loop {
             let now = Utc::now();
             let (revision, before) = known.clone().unwrap_or_default();
-            let after = before.add(now, usd, tokens);
+            let after = before.add(now, &delta);
             let value = match serde_json::to_vec(&after) {
                 Ok(v) => Bytes::from(v),
                 Err(_) => break None,
@@ -306,13 +518,16 @@ impl Writer {
                     .map_err(|e| e.to_string())
             };
             match put {
-                Ok(new_revision) => break Some((before.at(now), after, new_revision, now)),
+                Ok(new_revision) => {
+                    let before = before.add(now, &Delta::default());
+                    break Some((before, after, new_revision, now));
+                }
                 Err(e) => {
                     // Someone else wrote first (usually), or the bucket is unreachable: read
                     // again and retry; back off once it is not a plain race.
                     failures += 1;
                     if started.elapsed() > GIVE_UP_AFTER {
-                        tracing::warn!(error = %e, tenant = %tenant, "cannot write the tenant's spend counter; this spend is not counted against its budget");
+                        tracing::warn!(error = %e, tenant, key, "cannot write a tenant counter; this charge is not counted");
                         break None;
                     }
                     if failures > 3 {
@@ -321,36 +536,21 @@ impl Writer {
                     }
                     match self.kv.entry(&key).await {
                         Ok(Some(entry)) if matches!(entry.operation, kv::Operation::Put) => {
-                            let spend = serde_json::from_slice(&entry.value).unwrap_or_default();
-                            known = Some((entry.revision, spend));
+                            let value = serde_json::from_slice(&entry.value).unwrap_or_default();
+                            known = Some((entry.revision, value));
                         }
                         Ok(_) => known = None,
-                        Err(e) => tracing::debug!(error = %e, "cannot read the tenant counter"),
+                        Err(e) => tracing::debug!(error = %e, "cannot read a tenant counter"),
                     }
                 }
             }
         };
-        {
-            let mut c = lock(&self.counters);
-            if let Some(p) = c.pending.get_mut(&token) {
-                p.0 -= usd;
-                p.1 = p.1.saturating_sub(tokens);
-                if p.1 == 0 && p.0.abs() < 1e-12 {
-                    c.pending.remove(&token);
-                }
-            }
-            if let Some((_, after, revision, _)) = &written {
-                c.learn(&token, *revision, after.clone());
-            }
-        }
-        if let Some((before, after, _, now)) = written {
-            for crossing in budget::crossings(policy, &before, &after) {
-                self.warn(&tenant, &token, crossing, now).await;
-            }
-        }
-        for c in group {
-            let _ = c.done.send(());
-        }
+        let mut c = lock(&self.counters);
+        let table = V::table(&mut c);
+        table.settle(token, delta);
+        let (before, after, revision, now) = written?;
+        table.learn(token, revision, after.clone());
+        Some((before, after, now))
     }
 
     async fn warn(&self, tenant: &str, token: &str, c: Crossing, now: DateTime<Utc>) {
@@ -402,15 +602,33 @@ mod tests {
 
     #[test]
     fn an_older_revision_never_replaces_a_newer_one() {
-        let mut c = Counters::default();
+        let mut t = Table::<Spend>::default();
         let spend = |t| Spend {
             day_tokens: t,
             ..Default::default()
         };
-        c.learn("a", 5, spend(50));
-        c.learn("a", 4, spend(40));
-        assert_eq!(c.seen["a"], (5, spend(50)));
-        c.learn("a", 6, spend(60));
-        assert_eq!(c.seen["a"].0, 6);
+        t.learn("a", 5, spend(50));
+        t.learn("a", 4, spend(40));
+        assert_eq!(t.seen["a"], (5, spend(50)));
+        t.learn("a", 6, spend(60));
+        assert_eq!(t.seen["a"].0, 6);
+    }
+
+    #[test]
+    fn a_workers_own_unwritten_charges_count_until_written() {
+        let now = Utc::now();
+        let mut t = Table::<Rate>::default();
+        let one = Delta {
+            requests: 1,
+            ..Delta::default()
+        };
+        t.owe("a", one);
+        t.owe("a", one);
+        assert_eq!(t.current("a", now).requests, 2);
+        t.settle("a", one);
+        t.learn("a", 1, Rate::default().add(now, 1, 0));
+        assert_eq!(t.current("a", now).requests, 2);
+        t.settle("a", one);
+        assert!(t.pending.is_empty());
     }
 }

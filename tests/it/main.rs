@@ -18,6 +18,7 @@ mod lifecycle;
 mod nats_auth;
 mod poison;
 mod providers;
+mod rates;
 mod reload;
 mod security;
 mod servers;

@@ -1,0 +1,139 @@
+//! Tenant rate limits through the contract, on three worker processes sharing the counters:
+//! jobs over `requests_per_minute` or `tokens_per_minute` wait for the next minute and are
+//! then answered (not failed), other tenants' jobs do not wait for them, and a job that
+//! would wait past its timeout is answered `timeout` without a call.
+//!
+//! These tests wait for a UTC minute boundary (up to a minute): the limits are per minute.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use llm_worker_testkit::{FakeLlmServer, Reply};
+use serde_json::{Value, json};
+
+use crate::helpers::{TestApp, WorkerProcess, openai_provider};
+
+/// A job's timeout long enough to wait for the next minute (a job waits at most that long).
+const WAIT_MS: u64 = 90_000;
+
+async fn fleet(policy: &str) -> (FakeLlmServer, TestApp, Vec<WorkerProcess>) {
+    let fake = FakeLlmServer::start().await.unwrap();
+    fake.set_default(Reply::answer(&["ok"], (15, 5)));
+    let toml = format!(
+        "{}[routes]\ndefault = [\"openai\"]\n{policy}",
+        openai_provider("openai", &fake.base_url(), "gpt-test")
+    );
+    let app = TestApp::new(&toml).await;
+    let mut workers = Vec::new();
+    for _ in 0..3 {
+        workers.push(app.spawn_process("", &["run"]).await);
+    }
+    (fake, app, workers)
+}
+
+/// The next result on `sub` (chunks skipped), waiting long enough for a minute to turn.
+async fn next_result(sub: &mut async_nats::Subscriber) -> Value {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(90), sub.next())
+            .await
+            .expect("no result within 90 s")
+            .unwrap();
+        let event: Value = serde_json::from_slice(&msg.payload).unwrap();
+        if event["type"] == "result" {
+            return event;
+        }
+    }
+}
+
+/// The UTC minute a job started in (`received_at`: when a worker began it).
+fn minute(result: &Value) -> String {
+    let at: DateTime<Utc> = result["received_at"].as_str().unwrap().parse().unwrap();
+    at.format("%H:%M").to_string()
+}
+
+#[tokio::test]
+async fn jobs_over_the_requests_per_minute_wait_for_the_next_minute_on_three_workers() {
+    let (fake, app, workers) = fleet(
+        "[tenants.metered]\nrequests_per_minute = 6\n[tenants.tight]\nrequests_per_minute = 1\n",
+    )
+    .await;
+    let (reply_to, mut sub) = app.reply_inbox().await;
+    for _ in 0..9 {
+        app.publish(json!({"prompt": "x", "tenant": "metered", "reply_to": reply_to, "stream": false, "timeout_ms": WAIT_MS}))
+            .await;
+    }
+    for _ in 0..4 {
+        app.publish(
+            json!({"prompt": "x", "tenant": "free", "reply_to": reply_to, "stream": false}),
+        )
+        .await;
+    }
+    let mut per_minute: BTreeMap<String, usize> = BTreeMap::new();
+    let mut free_done_before_metered = 0;
+    let mut metered_done = 0;
+    for _ in 0..13 {
+        let r = next_result(&mut sub).await;
+        assert_eq!(
+            r["status"], "ok",
+            "waiting jobs are answered, not failed: {r}"
+        );
+        if r["tenant"] == "metered" {
+            metered_done += 1;
+            *per_minute.entry(minute(&r)).or_default() += 1;
+        } else if metered_done < 9 {
+            free_done_before_metered += 1;
+        }
+    }
+    // Never more than the limit started in one minute, fleet-wide; the rest waited.
+    assert!(per_minute.values().all(|n| *n <= 6), "{per_minute:?}");
+    assert!(per_minute.len() >= 2, "{per_minute:?}");
+    // The other tenant's jobs did not wait behind the metered ones.
+    assert_eq!(free_done_before_metered, 4);
+    assert_eq!(fake.request_count(), 13);
+    // A job that cannot wait for the next minute is answered `timeout`, without a call.
+    app.publish(json!({"prompt": "x", "tenant": "tight", "reply_to": reply_to, "stream": false}))
+        .await;
+    let first = next_result(&mut sub).await;
+    assert_eq!(first["status"], "ok");
+    app.publish(json!({"prompt": "x", "tenant": "tight", "reply_to": reply_to, "stream": false, "timeout_ms": 1}))
+        .await;
+    let second = next_result(&mut sub).await;
+    if second["status"] == "ok" {
+        // Only possible in the next minute (the first job started at its very end).
+        assert_ne!(minute(&second), minute(&first), "{second}");
+    } else {
+        assert_eq!(second["error"]["code"], "timeout", "{second}");
+        let message = second["error"]["message"].as_str().unwrap();
+        assert!(message.starts_with("expired: waited"), "{message}");
+        assert!(message.contains("rate limits"), "{message}");
+        assert_eq!(second["attempts"], json!([]));
+        assert_eq!(fake.request_count(), 14);
+    }
+    drop(workers);
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn jobs_over_the_tokens_per_minute_wait_for_the_next_minute_on_three_workers() {
+    // 20 tokens a job: the fourth job of a minute finds 60 of 50 tokens used.
+    let (fake, app, workers) = fleet("[tenants.metered]\ntokens_per_minute = 50\n").await;
+    let (reply_to, mut sub) = app.reply_inbox().await;
+    let mut per_minute: BTreeMap<String, usize> = BTreeMap::new();
+    for _ in 0..6 {
+        // One at a time: each job's tokens are counted before the next is published.
+        app.publish(json!({"prompt": "x", "tenant": "metered", "reply_to": reply_to, "stream": false, "timeout_ms": WAIT_MS}))
+            .await;
+        let r = next_result(&mut sub).await;
+        assert_eq!(r["status"], "ok", "{r}");
+        *per_minute.entry(minute(&r)).or_default() += 1;
+    }
+    // A job starts while the minute's tokens are under the limit: three jobs (60 tokens),
+    // one more at most when a worker's copy of the counter lags by the last charge.
+    assert!(per_minute.values().all(|n| *n <= 4), "{per_minute:?}");
+    assert!(per_minute.len() >= 2, "{per_minute:?}");
+    assert_eq!(fake.request_count(), 6);
+    drop(workers);
+    app.teardown().await;
+}
