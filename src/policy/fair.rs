@@ -10,21 +10,29 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::sync::Arc;
 
 /// The pass one job advances a tenant of weight 1.
 const STRIDE: u64 = 1 << 20;
 
 struct Tenant<T> {
+    name: Arc<str>,
     queue: VecDeque<(T, usize)>,
     pass: u64,
     weight: u32,
 }
 
+/// An emptied queue kept for the next tenant up to this capacity (a tenant's queue empties
+/// and fills again all the time; reallocating it each time costs more than the jobs' own
+/// bookkeeping).
+const SPARE_CAPACITY: usize = 8192;
+
 /// Parked items of many tenants, taken out by weighted fair share.
 pub(crate) struct FairQueue<T> {
-    tenants: HashMap<String, Tenant<T>>,
+    tenants: HashMap<Arc<str>, Tenant<T>>,
     /// One entry per tenant with parked items: (pass, arrival order, tenant).
-    ready: BinaryHeap<Reverse<(u64, u64, String)>>,
+    ready: BinaryHeap<Reverse<(u64, u64, Arc<str>)>>,
+    spare: Option<VecDeque<(T, usize)>>,
     /// The pass of the last item taken: where a tenant becoming active starts.
     now: u64,
     arrivals: u64,
@@ -37,6 +45,7 @@ impl<T> Default for FairQueue<T> {
         Self {
             tenants: HashMap::new(),
             ready: BinaryHeap::new(),
+            spare: None,
             now: 0,
             arrivals: 0,
             len: 0,
@@ -53,11 +62,16 @@ impl<T> FairQueue<T> {
         let now = self.now;
         let t = match self.tenants.get_mut(tenant) {
             Some(t) => t,
-            None => self.tenants.entry(tenant.to_string()).or_insert(Tenant {
-                queue: VecDeque::new(),
-                pass: now,
-                weight,
-            }),
+            None => {
+                let name: Arc<str> = Arc::from(tenant);
+                let queue = self.spare.take().unwrap_or_default();
+                self.tenants.entry(name.clone()).or_insert(Tenant {
+                    name,
+                    queue,
+                    pass: now,
+                    weight,
+                })
+            }
         };
         t.weight = weight.max(1);
         t.queue.push_back((item, bytes));
@@ -66,19 +80,19 @@ impl<T> FairQueue<T> {
             t.pass = t.pass.max(now);
             self.arrivals += 1;
             self.ready
-                .push(Reverse((t.pass, self.arrivals, tenant.to_string())));
+                .push(Reverse((t.pass, self.arrivals, t.name.clone())));
         }
     }
 
     /// The next item by fair share, with its tenant.
     #[cfg(test)]
-    pub fn pop(&mut self) -> Option<(String, T)> {
+    pub fn pop(&mut self) -> Option<(Arc<str>, T)> {
         let Reverse((pass, _, name)) = self.ready.pop()?;
         self.take(pass, name)
     }
 
     /// Take the oldest item of `name`, whose ready entry (at `pass`) was just removed.
-    fn take(&mut self, pass: u64, name: String) -> Option<(String, T)> {
+    fn take(&mut self, pass: u64, name: Arc<str>) -> Option<(Arc<str>, T)> {
         let t = self.tenants.get_mut(&name)?;
         let (item, bytes) = t.queue.pop_front()?;
         self.len -= 1;
@@ -87,7 +101,11 @@ impl<T> FairQueue<T> {
         t.pass = pass + STRIDE / u64::from(t.weight.max(1));
         if t.queue.is_empty() {
             // Forget idle tenants (keeping their pass would only matter while active).
-            self.tenants.remove(&name);
+            if let Some(t) = self.tenants.remove(&name)
+                && t.queue.capacity() <= SPARE_CAPACITY
+            {
+                self.spare = Some(t.queue);
+            }
         } else {
             self.arrivals += 1;
             self.ready
@@ -99,7 +117,7 @@ impl<T> FairQueue<T> {
     /// The next item by fair share among the tenants `open` lets start now (asked about
     /// the tenant's oldest item, in fair-share order, until one is open; `open` is called
     /// once with `true` at most). Tenants passed over keep their place.
-    pub fn pop_where(&mut self, mut open: impl FnMut(&str, &T) -> bool) -> Option<(String, T)> {
+    pub fn pop_where(&mut self, mut open: impl FnMut(&str, &T) -> bool) -> Option<(Arc<str>, T)> {
         let mut passed = Vec::new();
         let mut found = None;
         while let Some(entry) = self.ready.pop() {
@@ -191,9 +209,8 @@ mod tests {
 
     fn order(q: &mut FairQueue<u32>) -> String {
         std::iter::from_fn(|| q.pop())
-            .map(|(t, _)| t)
-            .collect::<Vec<_>>()
-            .join("")
+            .map(|(t, _)| t.to_string())
+            .collect()
     }
 
     #[test]
@@ -245,7 +262,7 @@ mod tests {
             q.push("B", 1, 10 + i, 1);
         }
         let a: Vec<u32> = std::iter::from_fn(|| q.pop())
-            .filter(|(t, _)| t == "A")
+            .filter(|(t, _)| &**t == "A")
             .map(|(_, i)| i)
             .collect();
         assert_eq!(a, [0, 1, 2]);
@@ -285,7 +302,7 @@ mod tests {
             asked.push(t.to_string());
             t == "B"
         });
-        assert_eq!(picked, Some(("B".to_string(), 10)));
+        assert_eq!(picked, Some((Arc::from("B"), 10)));
         assert_eq!(asked, ["A", "B"]);
         assert_eq!(q.pop_where(|t, _| t == "B").map(|(_, i)| i), Some(11));
         assert_eq!(q.pop_where(|_, _| false), None);

@@ -386,6 +386,8 @@ impl TestApp {
             .await;
         let _ = self.js.delete_stream(&self.config.nats.dead_stream).await;
         let _ = self.js.delete_stream(&self.config.nats.cancel_stream).await;
+        let bucket = format!("KV_{}", self.config.nats.tenant_bucket);
+        let _ = self.js.delete_stream(bucket).await;
         self.db.close().await;
         self.database.drop().await;
     }

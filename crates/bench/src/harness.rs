@@ -57,6 +57,7 @@ jobs_stream = "BENCH_JOBS_{id}"
 results_stream = "BENCH_RESULTS_{id}"
 dead_stream = "BENCH_DEAD_{id}"
 cancel_stream = "BENCH_CANCEL_{id}"
+tenant_bucket = "BENCH_TENANTS_{id}"
 consumer_prefix = "bench{id}"
 [database]
 url = "{db_url}"
@@ -209,6 +210,10 @@ url = "{db_url}"
         let _ = self.js.delete_stream(&self.nats.results_stream).await;
         let _ = self.js.delete_stream(&self.nats.dead_stream).await;
         let _ = self.js.delete_stream(&self.nats.cancel_stream).await;
+        let _ = self
+            .js
+            .delete_stream(format!("KV_{}", self.nats.tenant_bucket))
+            .await;
         self.pool.close().await;
         self.database.drop().await;
         if keep_logs {

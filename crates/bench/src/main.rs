@@ -41,6 +41,10 @@ struct Cli {
     /// Short jobs in the throughput and ceiling runs (default 20,000; 5,000 with --quick).
     #[arg(long)]
     jobs: Option<usize>,
+    /// Give every tenant a policy that every job goes through (budgets, requests and tokens
+    /// per minute, all too large to bind): the cost of the policy checks.
+    #[arg(long)]
+    tenant_policy: bool,
     #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
     nats_url: String,
     /// The server each scenario creates its own database on.
@@ -100,6 +104,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         streams: cli.streams,
         stream_secs: cli.stream_secs,
         max_in_flight: cli.max_in_flight,
+        tenant_policy: cli.tenant_policy,
         jobs: cli.jobs,
     };
     scenarios::run(&target, &options).await?;

@@ -52,6 +52,8 @@ pub struct Options {
     pub max_in_flight: usize,
     /// Short jobs in the throughput and ceiling runs (default 20,000; 5,000 when quick).
     pub jobs: Option<usize>,
+    /// Every tenant under a policy with budgets and rate limits too large to bind.
+    pub tenant_policy: bool,
 }
 
 /// One line of the result table.
@@ -133,8 +135,20 @@ async fn machine(target: &Target) -> String {
     )
 }
 
-/// Provider and worker settings of a deployment served by `fake`.
-fn worker_toml(fake: &FakeLlmServer, max_in_flight: usize) -> String {
+/// A policy for every tenant that each job goes through (budget check and charge, start
+/// counted against requests per minute, tokens charged per minute) without ever binding.
+const EVERY_TENANT_POLICY: &str = r#"
+[tenants.default]
+daily_budget_usd = 1000000000.0
+monthly_budget_tokens = 1000000000000
+requests_per_minute = 1000000000
+tokens_per_minute = 1000000000000
+"#;
+
+/// Provider and worker settings of a deployment served by `fake` (with a policy for every
+/// tenant when `policy`).
+fn worker_toml(fake: &FakeLlmServer, max_in_flight: usize, policy: bool) -> String {
+    let policy = if policy { EVERY_TENANT_POLICY } else { "" };
     format!(
         r#"
 [worker]
@@ -143,7 +157,7 @@ max_in_flight = {max_in_flight}
 type = "openai"
 base_url = "{}"
 default_model = "bench-model"
-"#,
+{policy}"#,
         fake.base_url()
     )
 }
@@ -229,7 +243,11 @@ async fn single_worker(
     let fake = FakeLlmServer::start().await?;
     fake.bench_mode(false);
     fake.set_default(short_answer());
-    let mut dep = Deployment::new(target, &worker_toml(&fake, options.max_in_flight)).await?;
+    let mut dep = Deployment::new(
+        target,
+        &worker_toml(&fake, options.max_in_flight, options.tenant_policy),
+    )
+    .await?;
     sqlx::query(
         "INSERT INTO llm_prices (provider, model, effective_from, input_usd_per_mtok, output_usd_per_mtok)
          VALUES ('fake', 'bench-model', '2020-01-01', 2.5, 10)",
@@ -564,7 +582,7 @@ async fn concurrency(target: &Target, options: &Options) -> anyhow::Result<Vec<R
         (secs * 10) as usize,
         Duration::from_millis(100),
     ));
-    let mut dep = Deployment::new(target, &worker_toml(&fake, n)).await?;
+    let mut dep = Deployment::new(target, &worker_toml(&fake, n, options.tenant_policy)).await?;
     let outcome = async {
         dep.spawn_worker().await?;
         let reply_prefix = format!("_INBOX.bench{}", uuid::Uuid::new_v4().simple());
@@ -653,7 +671,11 @@ async fn scaling(target: &Target, options: &Options) -> anyhow::Result<Vec<Row>>
     fake.bench_mode(false);
     fake.set_default(short_answer());
     fake.set_latency(Duration::from_millis(100));
-    let mut dep = Deployment::new(target, &worker_toml(&fake, IN_FLIGHT)).await?;
+    let mut dep = Deployment::new(
+        target,
+        &worker_toml(&fake, IN_FLIGHT, options.tenant_policy),
+    )
+    .await?;
     let outcome = async {
         let mut rates = Vec::new();
         let mut recorded = 0;
