@@ -277,12 +277,12 @@ impl PullLoop {
                         waited_out || worker.may_start(tenant)
                     });
                     let Some((tenant, p)) = picked else {
-                        // Every parked tenant is at its rate limit: look again shortly.
+                        // Every parked tenant is at a limit: look again shortly.
                         held = Some(now + HELD_RECHECK);
                         continue;
                     };
                     let waited_out = waited_out.then(|| {
-                        format!("waited {:?} for tenant {tenant:?}'s rate limits (requests or tokens per minute), past the job's timeout", now - p.parked_at)
+                        format!("waited {:?} for tenant {tenant:?}'s limits (jobs in flight, requests or tokens per minute), past the job's timeout", now - p.parked_at)
                     });
                     let worker = worker.clone();
                     let abandon = self.abandon.clone();
@@ -292,9 +292,11 @@ impl PullLoop {
                     // Boxed: a job's future is ~10 KB, and tokio copies an unboxed future
                     // into the task cell and its stage again when the task completes.
                     self.tracker.spawn(Box::pin(async move {
-                        // Another worker may have filled the tenant's minute meanwhile: the
-                        // start is counted fleet-wide first, and the job goes back if full.
-                        if waited_out.is_none() && !worker.reserve(&tenant).await {
+                        // Other workers may have used up the tenant's slots or minute
+                        // meanwhile: the start is taken fleet-wide first, and the job goes
+                        // back to wait if there is none.
+                        let started = waited_out.is_none();
+                        if started && !worker.take_start(&tenant).await {
                             if let Err(stopped) = back.send((tenant, p)) {
                                 // The loop has stopped: another worker takes it.
                                 let msg = &(stopped.0).1.msg;
@@ -303,6 +305,9 @@ impl PullLoop {
                             return;
                         }
                         worker.handle_parked(kind, p.msg, &abandon, waited_out).await;
+                        if started {
+                            worker.job_ended(&tenant).await;
+                        }
                         drop(permit);
                     }));
                 }
@@ -358,7 +363,7 @@ struct Parked {
     wait_until: Instant,
 }
 
-/// How soon the loop looks again when every parked tenant is at its rate limit.
+/// How soon the loop looks again when every parked tenant is at a limit (rates, slots).
 const HELD_RECHECK: Duration = Duration::from_millis(50);
 
 async fn sleep_until(at: Option<Instant>) {

@@ -242,13 +242,29 @@ impl<O: Outbox> Worker<O> {
         }
     }
 
-    /// Count a job's start against its tenant's requests per minute, fleet-wide; `false`
-    /// when the minute is full (the job goes back to wait).
-    pub(crate) async fn reserve(&self, tenant: &str) -> bool {
+    /// Take what a job of `tenant` needs to start, fleet-wide: one of its `max_in_flight`
+    /// slots and one of its minute's `requests_per_minute`; `false` (nothing taken) when
+    /// either is used up (the job goes back to wait). Give the slot back with
+    /// [`Self::job_ended`].
+    pub(crate) async fn take_start(&self, tenant: &str) -> bool {
         let routing = self.routing();
-        match (routing.limits.policy(tenant), &self.ledger) {
-            (Some(policy), Some(ledger)) => ledger.reserve(tenant, policy).await,
-            _ => true,
+        let (Some(policy), Some(ledger)) = (routing.limits.policy(tenant), &self.ledger) else {
+            return true;
+        };
+        if !ledger.acquire_slot(tenant, policy).await {
+            return false;
+        }
+        if !ledger.reserve(tenant, policy).await {
+            ledger.release_slot(tenant).await;
+            return false;
+        }
+        true
+    }
+
+    /// A job started with [`Self::take_start`] has ended: its slot is free.
+    pub(crate) async fn job_ended(&self, tenant: &str) {
+        if let Some(ledger) = &self.ledger {
+            ledger.release_slot(tenant).await;
         }
     }
 

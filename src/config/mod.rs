@@ -106,6 +106,9 @@ pub struct TenantPolicy {
     /// Tokens (input plus output, counted when jobs end) per minute, fleet-wide: once used
     /// up, jobs wait for the next minute.
     pub tokens_per_minute: Option<u64>,
+    /// Jobs running at once across the fleet; more wait, parked, while other tenants' jobs
+    /// go ahead.
+    pub max_in_flight: Option<u32>,
     /// Share of job slots while tenants compete (1 to 1000; a tenant of weight 3 gets three
     /// jobs started for every one of a tenant of weight 1).
     pub weight: u32,
@@ -123,6 +126,7 @@ impl Default for TenantPolicy {
             budget_warnings: vec![80, 100],
             requests_per_minute: None,
             tokens_per_minute: None,
+            max_in_flight: None,
             weight: 1,
         }
     }

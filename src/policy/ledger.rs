@@ -26,6 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::budget::{self, Crossing, Measure, Period, Spend};
 use super::rate::{self, Rate};
+use super::slots::{self, Busy};
 use crate::config::{NatsConfig, TenantPolicy};
 
 /// Charges arriving within this long of a write go together into the next one.
@@ -196,6 +197,8 @@ impl<V: Tally> Table<V> {
 struct Counters {
     spend: Table<Spend>,
     rate: Table<Rate>,
+    /// Jobs in flight per tenant, by worker (`busy.<tenant>`), with revisions.
+    busy: HashMap<String, (u64, Busy)>,
 }
 
 /// Handle to the shared counters (cheap to clone).
@@ -206,8 +209,11 @@ pub(crate) struct Ledger {
     charges: mpsc::UnboundedSender<Charge>,
     /// Starts this worker took from a tenant's minute and has not used: (minute, left).
     leases: Arc<Mutex<Leases>>,
-    /// One block of starts taken at a time per tenant.
+    /// One change at a time per tenant to what this worker takes from the shared counters.
     gates: Arc<Mutex<Gates>>,
+    /// Slots this worker holds per tenant (`max_in_flight`), as it last wrote or will write.
+    held: Arc<Mutex<HashMap<String, u64>>>,
+    worker_id: Arc<str>,
 }
 
 struct Writer {
@@ -239,18 +245,22 @@ impl Ledger {
             counters: counters.clone(),
             client,
             events: format!("{}.events.budget", nats.subject_prefix),
-            worker_id,
+            worker_id: worker_id.clone(),
         };
         // Ends when every handle is gone (the process is ending): charges of jobs finishing
         // during shutdown are still written.
         tokio::spawn(writer.run(rx));
-        Ok(Self {
+        let ledger = Self {
             kv,
             counters,
             charges: tx,
             leases: Arc::default(),
             gates: Arc::default(),
-        })
+            held: Arc::default(),
+            worker_id: worker_id.into(),
+        };
+        tokio::spawn(confirm(ledger.downgrade()));
+        Ok(ledger)
     }
 
     /// Why a job of `tenant` may not start now (a spent budget), from this worker's copy of
@@ -265,11 +275,20 @@ impl Ledger {
     /// minute, fleet-wide), as far as this worker's copy of the counters tells: a cheap
     /// filter before [`Self::reserve`].
     pub(crate) fn may_start(&self, tenant: &str, policy: &TenantPolicy) -> bool {
+        let now = Utc::now();
+        let token = token(tenant);
+        if let Some(max) = policy.max_in_flight {
+            let busy = lock(&self.counters)
+                .busy
+                .get(&token)
+                .map_or(0, |(_, b)| b.total(now));
+            if busy >= u64::from(max) {
+                return false;
+            }
+        }
         if policy.requests_per_minute.is_none() && policy.tokens_per_minute.is_none() {
             return true;
         }
-        let now = Utc::now();
-        let token = token(tenant);
         let mut rate = lock(&self.counters).rate.current(&token, now);
         if policy.requests_per_minute.is_some() {
             // Starts this worker holds are not a reason to wait.
@@ -299,10 +318,7 @@ impl Ledger {
             return true;
         }
         // One block taken at a time per worker and tenant.
-        let gate = {
-            let mut gates = lock(&self.gates);
-            gates.entry(token.clone()).or_default().clone()
-        };
+        let gate = self.gate(&token);
         let _one = gate.lock().await;
         if self.take_held(&token) {
             return true;
@@ -361,6 +377,122 @@ impl Ledger {
             }
         }
         false
+    }
+
+    /// Take one of the tenant's `max_in_flight` slots, fleet-wide, by compare-and-set on its
+    /// shared counter; `false` when all are in use. Tenants without the limit take none.
+    pub(crate) async fn acquire_slot(&self, tenant: &str, policy: &TenantPolicy) -> bool {
+        let Some(max) = policy.max_in_flight else {
+            return true;
+        };
+        let token = token(tenant);
+        let gate = self.gate(&token);
+        let _one = gate.lock().await;
+        let jobs = lock(&self.held).get(&token).copied().unwrap_or(0) + 1;
+        let written = self.write_slots(&token, jobs, Some(u64::from(max))).await;
+        if written {
+            lock(&self.held).insert(token, jobs);
+        }
+        written
+    }
+
+    /// Give back a slot [`Self::acquire_slot`] took. If the counter cannot be written, the
+    /// next confirmation (or the holding going stale) corrects it.
+    pub(crate) async fn release_slot(&self, tenant: &str) {
+        let token = token(tenant);
+        if lock(&self.held).get(&token).is_none_or(|n| *n == 0) {
+            return;
+        }
+        let gate = self.gate(&token);
+        let _one = gate.lock().await;
+        let jobs = {
+            let mut held = lock(&self.held);
+            let jobs = held.get(&token).copied().unwrap_or(0).saturating_sub(1);
+            held.insert(token.clone(), jobs);
+            jobs
+        };
+        if self.write_slots(&token, jobs, None).await && jobs == 0 {
+            let mut held = lock(&self.held);
+            if held.get(&token) == Some(&0) {
+                held.remove(&token);
+            }
+        }
+    }
+
+    /// Write that this worker holds `jobs` of the tenant's slots (refused when that would put
+    /// the fleet over `max`).
+    async fn write_slots(&self, token: &str, jobs: u64, max: Option<u64>) -> bool {
+        let key = format!("busy.{token}");
+        let mut known = lock(&self.counters).busy.get(token).cloned();
+        for _ in 0..RESERVE_TRIES {
+            let now = Utc::now();
+            let (revision, current) = known.clone().unwrap_or_default();
+            let next = current.with(&self.worker_id, jobs, now);
+            if max.is_some_and(|max| next.total(now) > max) {
+                return false;
+            }
+            let Ok(value) = serde_json::to_vec(&next) else {
+                return false;
+            };
+            let put = if revision == 0 {
+                self.kv
+                    .create(&key, value.into())
+                    .await
+                    .map_err(|e| e.to_string())
+            } else {
+                self.kv
+                    .update(&key, value.into(), revision)
+                    .await
+                    .map_err(|e| e.to_string())
+            };
+            match put {
+                Ok(revision) => {
+                    learn_busy(&mut lock(&self.counters), token, revision, next);
+                    return true;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "in-flight counter changed meanwhile; retrying");
+                    known = match self.kv.entry(&key).await {
+                        Ok(Some(entry)) if matches!(entry.operation, kv::Operation::Put) => {
+                            let busy: Busy =
+                                serde_json::from_slice(&entry.value).unwrap_or_default();
+                            learn_busy(
+                                &mut lock(&self.counters),
+                                token,
+                                entry.revision,
+                                busy.clone(),
+                            );
+                            Some((entry.revision, busy))
+                        }
+                        Ok(_) => None,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot read a tenant's in-flight counter");
+                            return false;
+                        }
+                    };
+                }
+            }
+        }
+        false
+    }
+
+    fn gate(&self, token: &str) -> Arc<tokio::sync::Mutex<()>> {
+        lock(&self.gates)
+            .entry(token.to_string())
+            .or_default()
+            .clone()
+    }
+
+    fn downgrade(&self) -> WeakLedger {
+        WeakLedger {
+            kv: self.kv.clone(),
+            counters: Arc::downgrade(&self.counters),
+            charges: self.charges.downgrade(),
+            leases: Arc::downgrade(&self.leases),
+            gates: Arc::downgrade(&self.gates),
+            held: Arc::downgrade(&self.held),
+            worker_id: self.worker_id.clone(),
+        }
     }
 
     /// Use one of the starts this worker holds for `token` in the current minute.
@@ -427,6 +559,62 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     }
 }
 
+fn learn_busy(c: &mut Counters, token: &str, revision: u64, busy: Busy) {
+    match c.busy.get_mut(token) {
+        Some((r, _)) if *r >= revision => {}
+        Some(slot) => *slot = (revision, busy),
+        None => {
+            c.busy.insert(token.to_string(), (revision, busy));
+        }
+    }
+}
+
+/// A [`Ledger`] that does not keep it alive (for its own background task).
+struct WeakLedger {
+    kv: kv::Store,
+    counters: std::sync::Weak<Mutex<Counters>>,
+    charges: mpsc::WeakUnboundedSender<Charge>,
+    leases: std::sync::Weak<Mutex<Leases>>,
+    gates: std::sync::Weak<Mutex<Gates>>,
+    held: std::sync::Weak<Mutex<HashMap<String, u64>>>,
+    worker_id: Arc<str>,
+}
+
+impl WeakLedger {
+    fn upgrade(&self) -> Option<Ledger> {
+        Some(Ledger {
+            kv: self.kv.clone(),
+            counters: self.counters.upgrade()?,
+            charges: self.charges.upgrade()?,
+            leases: self.leases.upgrade()?,
+            gates: self.gates.upgrade()?,
+            held: self.held.upgrade()?,
+            worker_id: self.worker_id.clone(),
+        })
+    }
+}
+
+/// Confirm this worker's slot holdings every [`slots::CONFIRM_EVERY`] (so they do not go
+/// stale while its jobs run), while the ledger is in use.
+async fn confirm(weak: WeakLedger) {
+    loop {
+        tokio::time::sleep(slots::CONFIRM_EVERY).await;
+        let Some(ledger) = weak.upgrade() else { return };
+        let holdings: Vec<(String, u64)> = lock(&ledger.held)
+            .iter()
+            .map(|(t, n)| (t.clone(), *n))
+            .collect();
+        for (token, _) in holdings {
+            let gate = ledger.gate(&token);
+            let _one = gate.lock().await;
+            let jobs = lock(&ledger.held).get(&token).copied().unwrap_or(0);
+            if ledger.write_slots(&token, jobs, None).await && jobs == 0 {
+                lock(&ledger.held).remove(&token);
+            }
+        }
+    }
+}
+
 type Leases = HashMap<String, (String, u64)>;
 type Gates = HashMap<String, Arc<tokio::sync::Mutex<()>>>;
 
@@ -486,6 +674,13 @@ async fn follow(kv: kv::Store, mut watch: kv::Watch, counters: std::sync::Weak<M
                 learn_entry::<Spend>(&counters, token, &entry);
             } else if let Some(token) = entry.key.strip_prefix(Rate::PREFIX) {
                 learn_entry::<Rate>(&counters, token, &entry);
+            } else if let Some(token) = entry.key.strip_prefix("busy.") {
+                match serde_json::from_slice::<Busy>(&entry.value) {
+                    Ok(busy) => learn_busy(&mut lock(&counters), token, entry.revision, busy),
+                    Err(e) => {
+                        tracing::warn!(key = %entry.key, error = %e, "unreadable tenant counter")
+                    }
+                }
             }
         }
         if counters.strong_count() == 0 {

@@ -3,6 +3,7 @@
 //!
 //! - [`budget`]: spend per UTC day and month, spent budgets, warning thresholds (no I/O).
 //! - [`rate`]: requests and tokens per UTC minute, and whether a job may start (no I/O).
+//! - [`slots`]: jobs in flight per tenant, by worker (no I/O).
 //! - [`ledger`]: the shared counters in a JetStream KV bucket, each worker's copy of them,
 //!   and the charges jobs add when they end.
 //! - [`fair`]: weighted fair share of a worker's job slots across tenants (the pull loop in
@@ -16,5 +17,6 @@ pub(crate) mod budget;
 pub(crate) mod fair;
 pub(crate) mod ledger;
 pub(crate) mod rate;
+pub(crate) mod slots;
 
 pub(crate) use ledger::Ledger;

@@ -1,9 +1,10 @@
-//! Tenant rate limits through the contract, on three worker processes sharing the counters:
-//! jobs over `requests_per_minute` or `tokens_per_minute` wait for the next minute and are
-//! then answered (not failed), other tenants' jobs do not wait for them, and a job that
-//! would wait past its timeout is answered `timeout` without a call.
+//! Tenant rate and concurrency limits through the contract, on three worker processes sharing
+//! the counters: jobs over `requests_per_minute` or `tokens_per_minute` wait for the next
+//! minute and are then answered (not failed), other tenants' jobs do not wait for them, and
+//! a job that would wait past its timeout is answered `timeout` without a call; a tenant
+//! never has more than `max_in_flight` jobs running across the fleet.
 //!
-//! These tests wait for a UTC minute boundary (up to a minute): the limits are per minute.
+//! The per-minute tests wait for a UTC minute boundary (up to a minute).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -107,7 +108,7 @@ async fn jobs_over_the_requests_per_minute_wait_for_the_next_minute_on_three_wor
         assert_eq!(second["error"]["code"], "timeout", "{second}");
         let message = second["error"]["message"].as_str().unwrap();
         assert!(message.starts_with("expired: waited"), "{message}");
-        assert!(message.contains("rate limits"), "{message}");
+        assert!(message.contains("limits"), "{message}");
         assert_eq!(second["attempts"], json!([]));
         assert_eq!(fake.request_count(), 14);
     }
@@ -134,6 +135,57 @@ async fn jobs_over_the_tokens_per_minute_wait_for_the_next_minute_on_three_worke
     assert!(per_minute.values().all(|n| *n <= 4), "{per_minute:?}");
     assert!(per_minute.len() >= 2, "{per_minute:?}");
     assert_eq!(fake.request_count(), 6);
+    drop(workers);
+    app.teardown().await;
+}
+
+/// Most jobs running at once among `results` (each from its start to its result).
+fn max_overlap(results: &[&Value]) -> usize {
+    let mut edges: Vec<(DateTime<Utc>, i32)> = Vec::new();
+    for r in results {
+        let start: DateTime<Utc> = r["received_at"].as_str().unwrap().parse().unwrap();
+        let end: DateTime<Utc> = r["finished_at"].as_str().unwrap().parse().unwrap();
+        edges.push((start, 1));
+        edges.push((end, -1));
+    }
+    // Ends before starts at the same instant: back to back is not overlapping.
+    edges.sort();
+    let (mut now, mut most) = (0i32, 0i32);
+    for (_, step) in edges {
+        now += step;
+        most = most.max(now);
+    }
+    most as usize
+}
+
+#[tokio::test]
+async fn a_tenant_never_runs_more_jobs_than_its_max_in_flight_on_three_workers() {
+    let (fake, app, workers) = fleet("[tenants.capped]\nmax_in_flight = 2\n").await;
+    fake.set_latency(Duration::from_millis(150));
+    let (reply_to, mut sub) = app.reply_inbox().await;
+    for i in 0..20 {
+        let tenant = if i % 2 == 0 { "capped" } else { "free" };
+        app.publish(
+            json!({"prompt": "x", "tenant": tenant, "reply_to": reply_to, "stream": false}),
+        )
+        .await;
+    }
+    let mut results = Vec::new();
+    for _ in 0..20 {
+        results.push(next_result(&mut sub).await);
+    }
+    assert!(results.iter().all(|r| r["status"] == "ok"));
+    let of = |t: &str| -> Vec<&Value> { results.iter().filter(|r| r["tenant"] == t).collect() };
+    let capped = max_overlap(&of("capped"));
+    let free = max_overlap(&of("free"));
+    eprintln!("max in flight: capped {capped}, free {free}");
+    assert!(
+        capped <= 2,
+        "{capped} of the capped tenant's jobs ran at once"
+    );
+    // The limit is the tenant's, not everyone's.
+    assert!(free > 2, "the other tenant ran at most {free} at once");
+    assert_eq!(fake.request_count(), 20);
     drop(workers);
     app.teardown().await;
 }
