@@ -81,9 +81,10 @@ pub struct Config {
 /// What one tenant's jobs may do (`[tenants.<name>]`; `[tenants.default]` is the policy of
 /// every tenant without a table of its own). A refused job is `invalid_job`, naming why.
 ///
-/// Budgets are per tenant (each tenant under `default` has budgets of its own), counted across
-/// the fleet (`crate::policy`), by UTC day and month. A job started when a budget is spent is
-/// answered `budget_exceeded` without a provider call.
+/// Budgets and limits are per tenant (each tenant under `default` has its own), counted
+/// across the fleet (`crate::policy`). A job started when a budget (UTC day or month) is spent
+/// is answered `budget_exceeded` without a provider call; a job over a rate or concurrency
+/// limit waits, parked, within its timeout.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TenantPolicy {

@@ -288,3 +288,35 @@ fn a_tenant_policy_naming_a_missing_route_is_refused_at_load() {
     .to_string();
     assert!(e.contains("budget"), "{e}");
 }
+
+#[test]
+fn tenant_budgets_limits_and_weights_out_of_range_are_refused_naming_the_key() {
+    let base = "[providers.f]\ntype = \"ollama\"\ndefault_model = \"m\"\n[tenants.a]\n";
+    let ok = load(
+        &format!(
+            "{base}daily_budget_usd = 5.0\nmonthly_budget_tokens = 100\nbudget_warnings = [50, 100]\n\
+             requests_per_minute = 10\ntokens_per_minute = 1000\nmax_in_flight = 3\nweight = 7\n"
+        ),
+        &[],
+    )
+    .unwrap();
+    let a = &ok.tenants["a"];
+    assert_eq!(
+        (a.weight, a.max_in_flight, a.daily_budget_usd),
+        (7, Some(3), Some(5.0))
+    );
+    for (bad, key) in [
+        ("weight = 0", "tenants.a.weight"),
+        ("weight = 1001", "tenants.a.weight"),
+        ("max_in_flight = 0", "tenants.a.max_in_flight"),
+        ("daily_budget_usd = -1.0", "tenants.a.daily_budget_usd"),
+        ("monthly_budget_usd = nan", "tenants.a.monthly_budget_usd"),
+        ("budget_warnings = [0]", "tenants.a.budget_warnings"),
+        ("budget_warnings = [101]", "tenants.a.budget_warnings"),
+    ] {
+        let e = load(&format!("{base}{bad}\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with(key), "{bad}: {e}");
+    }
+}

@@ -165,6 +165,18 @@ impl Config {
                     ));
                 }
             }
+            if !(1..=1000).contains(&policy.weight) {
+                return Err(invalid(
+                    format!("tenants.{tenant}.weight"),
+                    "must be between 1 and 1000",
+                ));
+            }
+            if policy.max_in_flight == Some(0) {
+                return Err(invalid(
+                    format!("tenants.{tenant}.max_in_flight"),
+                    "must be at least 1 (use refuse = true to refuse every job)",
+                ));
+            }
             if let Some(pct) = policy
                 .budget_warnings
                 .iter()

@@ -116,3 +116,102 @@ async fn reloads_switch_routes_for_new_jobs_refuse_invalid_files_and_keep_runnin
     worker.kill().await;
     app.teardown().await;
 }
+
+/// Ask every worker to reload; their answers (one per worker).
+async fn reload_all(app: &TestApp, workers: usize) -> Vec<Value> {
+    let inbox = app.client.new_inbox();
+    let mut answers = app.client.subscribe(inbox.clone()).await.unwrap();
+    let subject = format!("{}.control.reload", app.config.nats.subject_prefix);
+    app.client
+        .publish_with_reply(subject, inbox, bytes::Bytes::new())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    for _ in 0..workers {
+        use futures::StreamExt;
+        let msg = tokio::time::timeout(Duration::from_secs(10), answers.next())
+            .await
+            .expect("a worker did not answer the reload request")
+            .unwrap();
+        out.push(serde_json::from_slice(&msg.payload).unwrap());
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_reload_changes_tenant_policies_on_every_worker_and_an_invalid_one_changes_nothing() {
+    let fake = FakeLlmServer::start().await.unwrap();
+    fake.set_default(Reply::answer(&["ok"], (15, 5)));
+    let toml = format!(
+        "{}[routes]\ndefault = [\"a\"]\n[tenants.acme]\ndaily_budget_tokens = 1000000\n",
+        openai_provider("a", &fake.base_url(), "m"),
+    );
+    let app = TestApp::new(&toml).await;
+    let mut workers = Vec::new();
+    for _ in 0..3 {
+        workers.push(app.spawn_process("", &["run"]).await);
+    }
+    let ask = async |n: usize| {
+        let (reply_to, mut sub) = app.reply_inbox().await;
+        for _ in 0..n {
+            app.publish(
+                json!({"prompt": "x", "tenant": "acme", "reply_to": reply_to, "stream": false}),
+            )
+            .await;
+        }
+        let results = crate::helpers::collect_results(&mut sub, n).await;
+        results.into_values().collect::<Vec<_>>()
+    };
+    assert!(ask(6).await.iter().all(|r| r["status"] == "ok"));
+
+    // The budget drops below what acme spent today: from now on its jobs are refused.
+    for w in &workers {
+        rewrite(
+            &w.config_path(),
+            "daily_budget_tokens = 1000000",
+            "daily_budget_tokens = 100",
+        );
+    }
+    let answers = reload_all(&app, 3).await;
+    assert!(answers.iter().all(|a| a["ok"] == true), "{answers:?}");
+    let calls = fake.request_count();
+    let refused = ask(6).await;
+    for r in &refused {
+        assert_eq!(r["error"]["code"], "budget_exceeded", "{r}");
+    }
+    assert_eq!(
+        fake.request_count(),
+        calls,
+        "no provider call once the budget is spent"
+    );
+    app.wait_count(
+        "SELECT count(*) FROM llm_tenant_budgets WHERE tenant = 'acme' AND daily_tokens = 100",
+        1,
+    )
+    .await;
+
+    // An invalid policy is refused by every worker, naming the key; the one in force stays.
+    for w in &workers {
+        rewrite(
+            &w.config_path(),
+            "daily_budget_tokens = 100",
+            "daily_budget_tokens = 100\nweight = 0",
+        );
+    }
+    let answers = reload_all(&app, 3).await;
+    for a in &answers {
+        assert_eq!(a["ok"], false, "{a}");
+        assert!(
+            a["error"].as_str().unwrap().contains("tenants.acme.weight"),
+            "{a}"
+        );
+    }
+    assert!(
+        ask(3)
+            .await
+            .iter()
+            .all(|r| r["error"]["code"] == "budget_exceeded")
+    );
+    drop(workers);
+    app.teardown().await;
+}
