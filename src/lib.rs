@@ -4,11 +4,13 @@
 //! The path of one job, and the module that owns each step:
 //!
 //! ```text
-//! JetStream LLM_JOBS ──pull (free permits only)──▶ queue ──▶ worker::Worker::handle
+//! JetStream LLM_JOBS ──pull (a window per tenant, kept alive)──▶ queue
+//!   policy::fair (weighted fair share; tenants at their limits wait) ──▶ Worker::handle
 //!   job::decode (parse, don't validate; trust rules, bounds) ──invalid──▶ invalid_job, Term
 //!   Outbox::stored (answered before?) ──same job──▶ re-send stored result, Ack
 //!                                             ──another tenant's──▶ invalid_job, Term
 //!   delivered worker.max_deliver times ──▶ Outbox::dead_letter, dead_lettered, Term
+//!   cancelled / expired / tenant budget spent ──▶ cancelled / timeout / budget_exceeded
 //!   chain::Chain::generate: route → for each target: providers::Provider call,
 //!       retry transient errors (backon), fall back, enforce first-token/stall/deadline
 //!   Outbox (reply over NATS): chunk events on reply_to as text arrives (coalesced);
@@ -30,6 +32,8 @@
 //!   response and stream-event structs; shared `helpers`; `scripted` (test builds only).
 //! - [`dead`]: the dead-letter stream (jobs and results that failed repeatedly).
 //! - [`cancel`]: cancel requests, remembered in their stream; running jobs' tokens.
+//! - `policy`: tenant budgets, rate and concurrency limits (shared counters in a KV bucket)
+//!   and the weighted fair share of a worker's slots.
 //! - `reply`: publishing chunks and results. [`usage`]: migrations, recorder, reports;
 //!   [`pricing`]: prices and cost.
 //! - [`health`]: circuit breakers and latency per provider; [`status`]: health over NATS.
