@@ -255,7 +255,13 @@ pub async fn start_with(
             crate::policy::Ledger::start(&js, client.clone(), &nats_cfg, config.worker_id())
                 .await
                 .map_err(anyhow::Error::msg)?;
-        let worker = Worker::new(&config, routing, outbox, prices.clone())?.with_ledger(ledger);
+        let mut worker = Worker::new(&config, routing, outbox, prices.clone())?.with_ledger(ledger);
+        if config.cache.enabled {
+            let cache = crate::cache::Cache::open(&js, &nats_cfg.cache_bucket, &config.cache)
+                .await
+                .map_err(anyhow::Error::msg)?;
+            worker = worker.with_cache(cache);
+        }
         if let Some(source) = reload {
             let reloader = Reloader {
                 source,

@@ -151,6 +151,35 @@ impl Chain {
             .unwrap_or("default")
     }
 
+    /// What decides which models may answer `job`: its route (name and entries, as
+    /// configured) and its pins. Part of the response cache's key: a changed route is a new
+    /// key.
+    pub(crate) fn cache_scope(&self, job: &Job) -> String {
+        let task = self.route_name(job.envelope.task_type.as_deref());
+        let mut scope = format!("route={task};");
+        for e in self.routes.get(task).map(Vec::as_slice).unwrap_or_default() {
+            let default_model = self
+                .registry
+                .get(&e.provider)
+                .and_then(|p| p.default_model.clone());
+            scope.push_str(&e.provider);
+            scope.push(':');
+            scope.push_str(
+                e.model
+                    .as_deref()
+                    .or(default_model.as_deref())
+                    .unwrap_or("*"),
+            );
+            scope.push(',');
+        }
+        scope.push_str(&format!(
+            ";pin={}:{}",
+            job.provider.as_deref().unwrap_or("-"),
+            job.model.as_deref().unwrap_or("-")
+        ));
+        scope
+    }
+
     /// The ordered targets for a job: its route (by task type, else `default`), with the job's
     /// pinned provider/model first and the route's other entries as its fallbacks. A model
     /// given without a provider applies to the route's first entry.

@@ -81,6 +81,17 @@ pub enum Status {
     Error,
 }
 
+/// What a cache hit saved: the usage and cost of the call that produced the answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CacheSaving {
+    #[serde(serialize_with = "timestamp")]
+    pub stored_at: DateTime<Utc>,
+    pub saved_input_tokens: u64,
+    pub saved_output_tokens: u64,
+    /// `null` when the original call's price was unknown.
+    pub saved_cost_usd: Option<f64>,
+}
+
 /// The single final event of a job.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ResultEvent {
@@ -102,6 +113,9 @@ pub struct ResultEvent {
     pub attempts: Vec<AttemptRecord>,
     pub cost_usd: Option<f64>,
     pub cache_hit: bool,
+    /// On a cache hit: when the answer was stored and what it cost then (saved now).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub cache: Option<CacheSaving>,
     pub processing_time_ms: u64,
     pub error: Option<ErrorBody>,
     // Beyond the contract's example, for the usage ledger (clients ignore unknown fields).
@@ -142,6 +156,7 @@ impl ResultEvent {
             attempts: Vec::new(),
             cost_usd: None,
             cache_hit: false,
+            cache: None,
             processing_time_ms: elapsed_ms(received_at, finished_at),
             error: Some(error),
             job_kind: kind,

@@ -81,17 +81,21 @@ pub(crate) fn worker(nats: &NatsConfig) -> Permissions {
     publish.push(format!("{api}.CONSUMER.CREATE.{cancel}"));
     publish.push(format!("{api}.CONSUMER.CREATE.{cancel}.>"));
     publish.push(format!("$JS.FC.{cancel}.>"));
-    // The tenant counters (a KV bucket): its stream, reads, compare-and-set writes, and the
-    // watch (an ordered consumer) that keeps every worker's copy current.
+    // The tenant counters and the response cache (KV buckets): their streams, reads, writes
+    // (compare-and-set for counters), and the watch (an ordered consumer) that keeps every
+    // worker's copy of the counters current.
+    for bucket in [&nats.tenant_bucket, &nats.cache_bucket] {
+        let kv = format!("KV_{bucket}");
+        publish.push(format!("{api}.STREAM.INFO.{kv}"));
+        publish.push(format!("{api}.STREAM.CREATE.{kv}"));
+        publish.push(format!("{api}.DIRECT.GET.{kv}.>"));
+        publish.push(format!("{api}.STREAM.MSG.GET.{kv}"));
+        publish.push(format!("$KV.{bucket}.>"));
+    }
     let kv = format!("KV_{}", nats.tenant_bucket);
-    publish.push(format!("{api}.STREAM.INFO.{kv}"));
-    publish.push(format!("{api}.STREAM.CREATE.{kv}"));
-    publish.push(format!("{api}.DIRECT.GET.{kv}.>"));
-    publish.push(format!("{api}.STREAM.MSG.GET.{kv}"));
     publish.push(format!("{api}.CONSUMER.CREATE.{kv}"));
     publish.push(format!("{api}.CONSUMER.CREATE.{kv}.>"));
     publish.push(format!("$JS.FC.{kv}.>"));
-    publish.push(format!("$KV.{}.>", nats.tenant_bucket));
     publish.push(format!("{}.events.budget.>", nats.subject_prefix));
     publish.extend(reply_patterns(nats));
     Permissions {

@@ -7,7 +7,7 @@
 //! the routing they started with; circuit state and latency averages carry over. An invalid
 //! configuration is refused with its error and the old one stays. Sections a running process
 //! cannot change (`[nats]`, `[database]`, `[recorder]`, `[worker]`, `[telemetry]`,
-//! `[circuit_breaker]`) are reported as needing a restart and left as they were.
+//! `[circuit_breaker]`, `[cache]`) are reported as needing a restart and left as they were.
 
 use std::sync::{Arc, Mutex};
 
@@ -98,6 +98,7 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
         ("recorder", differs(&old.recorder, &new.recorder)),
         ("worker", differs(&old.worker, &new.worker)),
         ("telemetry", differs(&old.telemetry, &new.telemetry)),
+        ("cache", differs(&old.cache, &new.cache)),
         (
             "circuit_breaker",
             differs(&old.circuit_breaker, &new.circuit_breaker),

@@ -25,12 +25,14 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::cache::{self, Cache};
 use crate::cancel::Cancels;
 use crate::chain::Chain;
 use crate::config::Config;
 use crate::error::ErrorCode;
 use crate::event::{AttemptRecord, ErrorBody, ResultEvent, Status, TokensUsed, elapsed_ms};
 use crate::health::Health;
+use crate::job::CacheMode;
 use crate::job::{self, Delivery, Envelope, Job, JobBody, JobKind, Limits, Rules};
 use crate::policy::Ledger;
 use crate::pricing::PriceBook;
@@ -154,6 +156,8 @@ pub struct Worker<O: Outbox = NatsOutbox> {
     log_prompts: bool,
     /// The fleet's tenant spend counters; without them budgets are not enforced (tests).
     ledger: Option<Ledger>,
+    /// The fleet's response cache; none when `cache.enabled` is off (and in unit tests).
+    cache: Option<Cache>,
 }
 
 impl<O: Outbox> Worker<O> {
@@ -181,7 +185,14 @@ impl<O: Outbox> Worker<O> {
             pull_expires: Duration::from_millis(config.worker.pull_expires_ms),
             log_prompts: config.telemetry.log_prompts,
             ledger: None,
+            cache: None,
         })
+    }
+
+    /// Answer identical jobs from this response cache.
+    pub(crate) fn with_cache(mut self, cache: Cache) -> Self {
+        self.cache = Some(cache);
+        self
     }
 
     /// Enforce tenant budgets with these shared counters.
@@ -480,10 +491,24 @@ impl<O: Outbox> Worker<O> {
         cancel: &CancellationToken,
     ) -> ResultEvent {
         let env = &job.envelope;
+        let mut store_as = None;
         let (attempts, answer) = match &job.body {
             JobBody::Generate(req) => {
                 let reply_to = env.reply_to.as_deref().filter(|_| req.stream);
                 let mut sink = self.outbox.chunks(env.job_id, &env.trace_id, reply_to);
+                let cached = self.cache.as_ref().and_then(|c| {
+                    let mode = cache::mode(job, req, routing.limits.policy(&env.tenant));
+                    (mode != CacheMode::Off)
+                        .then(|| (c, mode, c.key(job, req, &routing.chain.cache_scope(job))))
+                });
+                if let Some((c, CacheMode::Use, key)) = &cached
+                    && let Some(hit) = c.get(key).await
+                {
+                    return self
+                        .answer_from_cache(job, hit, &mut sink, received_at)
+                        .await;
+                }
+                store_as = cached.map(|(c, _, key)| (c, key));
                 let o = routing
                     .chain
                     .generate(job, req, deadline, cancel, &mut sink)
@@ -512,7 +537,73 @@ impl<O: Outbox> Worker<O> {
                 ),
             },
         };
-        self.result_of(job, attempts, answer, received_at)
+        let result = self.result_of(job, attempts, answer, received_at);
+        if let (Some((c, key)), Some(output)) = (store_as, &result.output)
+            && matches!(result.finish_reason.as_deref(), Some("stop" | "length"))
+        {
+            let entry = cache::Entry {
+                output: output.clone(),
+                finish_reason: result.finish_reason.clone().unwrap_or_default(),
+                provider: result.provider.clone().unwrap_or_default(),
+                model: result.model_used.clone().unwrap_or_default(),
+                input_tokens: result.tokens_used.input,
+                output_tokens: result.tokens_used.output,
+                cost_usd: result.cost_usd,
+                stored_at: result.finished_at,
+            };
+            c.put(&key, &entry).await;
+        }
+        result
+    }
+
+    /// Answer a generation job with a cached answer: its text as chunk events (a streamed
+    /// job), then a result with `cache_hit`, no attempts, no cost, and what it saved.
+    async fn answer_from_cache(
+        &self,
+        job: &Job,
+        hit: cache::Entry,
+        sink: &mut impl crate::chain::DeltaSink,
+        received_at: DateTime<Utc>,
+    ) -> ResultEvent {
+        tracing::debug!(stored_at = %hit.stored_at, "answered from the response cache");
+        let meta = crate::chain::AttemptMeta {
+            attempt: 0,
+            provider: &hit.provider,
+            model: &hit.model,
+        };
+        for piece in pieces(&hit.output, CACHED_CHUNK_BYTES) {
+            sink.delta(meta, piece).await;
+        }
+        sink.flush().await;
+        let mut result = ResultEvent::failure(
+            &job.envelope,
+            job.kind,
+            ErrorBody {
+                code: ErrorCode::AllProvidersFailed,
+                message: String::new(),
+                retryable: false,
+            },
+            &self.worker_id,
+            received_at,
+        );
+        result.status = Status::Ok;
+        result.error = None;
+        result.cache_hit = true;
+        result.cost_usd = Some(0.0);
+        result.attempt = Some(0);
+        result.cache = Some(crate::event::CacheSaving {
+            stored_at: hit.stored_at,
+            saved_input_tokens: hit.input_tokens,
+            saved_output_tokens: hit.output_tokens,
+            saved_cost_usd: hit.cost_usd,
+        });
+        result.output = Some(hit.output);
+        result.finish_reason = Some(hit.finish_reason);
+        result.model_used = Some(hit.model);
+        result.provider = Some(hit.provider);
+        result.finished_at = Utc::now();
+        result.processing_time_ms = elapsed_ms(received_at, result.finished_at);
+        result
     }
 
     fn result_of(
@@ -705,6 +796,30 @@ impl<O: Outbox> Worker<O> {
         }
         ack(msg, AckKind::Term).await
     }
+}
+
+/// Largest chunk event text of a cached answer.
+const CACHED_CHUNK_BYTES: usize = 16 * 1024;
+
+/// `text` in pieces of at most `max` bytes, cut at character boundaries.
+fn pieces(text: &str, max: usize) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut end = rest.len().min(max);
+        while !rest.is_char_boundary(end) {
+            end -= 1;
+        }
+        if end == 0 {
+            // A character longer than `max`: it goes whole.
+            end = rest.char_indices().nth(1).map_or(rest.len(), |(i, _)| i);
+        }
+        let (piece, tail) = rest.split_at(end);
+        rest = tail;
+        Some(piece)
+    })
 }
 
 /// What a job's calls cost (those with a known price) and their tokens, for its budgets.

@@ -69,6 +69,7 @@ fn job() -> (Job, GenerateRequest) {
         model: None,
         timeout: Duration::from_secs(120),
         expires_at: None,
+        cache: None,
         body: JobBody::Generate(req.clone()),
     };
     (job, req)

@@ -76,6 +76,34 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Tenant policies by tenant name; `default` applies to tenants without their own.
     pub tenants: BTreeMap<String, TenantPolicy>,
+    pub cache: CacheConfig,
+}
+
+/// The fleet's response cache (`crate::cache`), a JetStream KV bucket.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Off: no job reads or writes the cache, whatever it asks. The bucket is
+    /// `nats.cache_bucket`.
+    pub enabled: bool,
+    /// How long an answer is served after it was stored.
+    pub ttl_secs: u64,
+    /// Size of the bucket; the oldest answers go first when it is full.
+    pub max_bytes: i64,
+    /// Share answers between tenants (the key then leaves the tenant out). Off: a tenant only
+    /// ever gets answers its own jobs paid for.
+    pub share_across_tenants: bool,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            ttl_secs: 24 * 3600,
+            max_bytes: 1 << 30,
+            share_across_tenants: false,
+        }
+    }
 }
 
 /// What one tenant's jobs may do (`[tenants.<name>]`; `[tenants.default]` is the policy of
@@ -110,6 +138,10 @@ pub struct TenantPolicy {
     /// Jobs running at once across the fleet; more wait, parked, while other tenants' jobs
     /// go ahead.
     pub max_in_flight: Option<u32>,
+    /// The response cache for this tenant's jobs: `off` (never, whatever a job asks), `use`
+    /// (every job that does not say otherwise), `refresh`; absent: each job's own choice,
+    /// else on for deterministic jobs only.
+    pub cache: Option<crate::job::CacheMode>,
     /// Share of job slots while tenants compete (1 to 1000; a tenant of weight 3 gets three
     /// jobs started for every one of a tenant of weight 1).
     pub weight: u32,
@@ -128,6 +160,7 @@ impl Default for TenantPolicy {
             requests_per_minute: None,
             tokens_per_minute: None,
             max_in_flight: None,
+            cache: None,
             weight: 1,
         }
     }
@@ -280,6 +313,8 @@ pub struct NatsConfig {
     pub cancel_max_age_secs: u64,
     /// JetStream KV bucket of the fleet's shared tenant counters (spend per day and month).
     pub tenant_bucket: String,
+    /// JetStream KV bucket of the fleet's response cache (`[cache]`).
+    pub cache_bucket: String,
     /// Durable consumer names are `<consumer_prefix>-generate` and `<consumer_prefix>-embed`.
     pub consumer_prefix: String,
     /// How long stored results are kept.
@@ -314,6 +349,7 @@ impl Default for NatsConfig {
             cancel_stream: "LLM_CANCEL".into(),
             cancel_max_age_secs: 24 * 3600,
             tenant_bucket: "LLM_TENANTS".into(),
+            cache_bucket: "LLM_CACHE".into(),
             consumer_prefix: "llm-worker".into(),
             results_max_age_secs: 24 * 3600,
             duplicate_window_secs: 120,

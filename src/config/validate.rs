@@ -37,6 +37,12 @@ impl Config {
                 "must hold at least one job (worker.max_job_bytes)",
             ));
         }
+        if self.cache.ttl_secs == 0 || self.cache.max_bytes < 1024 * 1024 {
+            return Err(invalid(
+                "cache",
+                "ttl_secs must be positive and max_bytes at least 1 MiB",
+            ));
+        }
         if self.recorder.ack_wait_secs < 2 {
             return Err(invalid("recorder.ack_wait_secs", "must be at least 2"));
         }
@@ -47,6 +53,7 @@ impl Config {
             ("nats.dead_stream", &self.nats.dead_stream),
             ("nats.cancel_stream", &self.nats.cancel_stream),
             ("nats.tenant_bucket", &self.nats.tenant_bucket),
+            ("nats.cache_bucket", &self.nats.cache_bucket),
             ("nats.consumer_prefix", &self.nats.consumer_prefix),
         ] {
             if value.is_empty() || value.contains([' ', '*', '>', '\t']) {

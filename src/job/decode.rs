@@ -85,7 +85,7 @@ pub fn decode(
         let short = short.escape_debug();
         fail(format!("{short}: {}", clip_reason(&e.to_string())))
     };
-    let (provider, model, timeout_ms, expiry, body) = match kind {
+    let (provider, model, timeout_ms, expiry, cache, body) = match kind {
         JobKind::Generate => {
             let w: WireGenerate = serde_path_to_error::deserialize(&value)
                 .map_err(|e| serde_fail(e.path().to_string(), e.inner()))?;
@@ -95,6 +95,7 @@ pub fn decode(
                 w.model,
                 w.timeout_ms,
                 (w.deadline, w.expires_in_ms),
+                w.cache,
                 body,
             )
         }
@@ -107,6 +108,7 @@ pub fn decode(
                 w.model,
                 w.timeout_ms,
                 (w.deadline, w.expires_in_ms),
+                None,
                 body,
             )
         }
@@ -144,6 +146,7 @@ pub fn decode(
         model,
         timeout,
         expires_at,
+        cache,
         body,
     })
 }

@@ -93,7 +93,22 @@ pub struct Job {
     /// After this the job is not worth an answer: it is answered `timeout` without a call if
     /// it starts later, and the chain never runs past it (`deadline` / `expires_in_ms`).
     pub expires_at: Option<DateTime<Utc>>,
+    /// What the job asks of the response cache (`cache`); `None`: the default for its kind
+    /// and options (see `crate::cache`).
+    pub cache: Option<CacheMode>,
     pub body: JobBody,
+}
+
+/// How a job uses the fleet's response cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheMode {
+    /// Answer from the cache when it holds the answer; store a new answer.
+    Use,
+    /// Do not read the cache; store the new answer.
+    Refresh,
+    /// Neither read nor store.
+    Off,
 }
 
 #[derive(Debug, Clone, PartialEq)]

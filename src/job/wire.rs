@@ -30,6 +30,8 @@ pub(super) struct WireGenerate {
     pub(super) timeout_ms: Option<u64>,
     pub(super) deadline: Option<String>,
     pub(super) expires_in_ms: Option<u64>,
+    /// `use`, `refresh` or `off` (the response cache).
+    pub(super) cache: Option<super::CacheMode>,
 }
 
 #[derive(Deserialize, Default)]

@@ -395,6 +395,12 @@ pub async fn write_batch(pool: &sqlx::PgPool, results: &[ResultEvent]) -> Result
         j.model.push(r.model_used.clone());
         j.attempts.push(r.attempts.len() as i32);
         j.cache_hit.push(r.cache_hit);
+        let saved = r.cache.as_ref();
+        j.saved_input
+            .push(saved.map_or(0, |c| c.saved_input_tokens as i64));
+        j.saved_output
+            .push(saved.map_or(0, |c| c.saved_output_tokens as i64));
+        j.saved_cost.push(saved.and_then(|c| c.saved_cost_usd));
         j.error_code
             .push(r.error.as_ref().map(|e| e.code.as_str().to_string()));
         j.error_message
@@ -410,19 +416,22 @@ pub async fn write_batch(pool: &sqlx::PgPool, results: &[ResultEvent]) -> Result
         r#"
         INSERT INTO llm_jobs (job_id, trace_id, tenant, kind, task_type, status, provider, model,
             input_tokens, output_tokens, cost_usd, attempts, cache_hit, error_code, error_message,
-            metadata, worker_id, received_at, finished_at, processing_ms)
+            metadata, worker_id, received_at, finished_at, processing_ms,
+            cache_saved_input_tokens, cache_saved_output_tokens, cache_saved_cost_usd)
         SELECT u.job_id, u.trace_id, u.tenant, u.kind, u.task_type, u.status, u.provider, u.model,
             coalesce(c.input_tokens, 0), coalesce(c.output_tokens, 0),
             CASE WHEN c.unpriced THEN NULL ELSE coalesce(c.cost_usd, 0) END,
             u.attempts, u.cache_hit, u.error_code, u.error_message,
             CASE WHEN u.metadata = 'null'::jsonb THEN NULL ELSE u.metadata END,
-            u.worker_id, u.received_at, u.finished_at, u.processing_ms
+            u.worker_id, u.received_at, u.finished_at, u.processing_ms,
+            u.saved_input, u.saved_output, u.saved_cost::numeric
         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
                     $7::text[], $8::text[], $9::int4[], $10::bool[], $11::text[], $12::text[],
-                    $13::jsonb[], $14::text[], $15::timestamptz[], $16::timestamptz[], $17::int8[])
+                    $13::jsonb[], $14::text[], $15::timestamptz[], $16::timestamptz[], $17::int8[],
+                    $18::int8[], $19::int8[], $20::float8[])
             AS u(job_id, trace_id, tenant, kind, task_type, status, provider, model, attempts,
                  cache_hit, error_code, error_message, metadata, worker_id, received_at,
-                 finished_at, processing_ms)
+                 finished_at, processing_ms, saved_input, saved_output, saved_cost)
         LEFT JOIN LATERAL (
             SELECT sum(input_tokens)::bigint AS input_tokens,
                    sum(output_tokens)::bigint AS output_tokens,
@@ -450,6 +459,9 @@ pub async fn write_batch(pool: &sqlx::PgPool, results: &[ResultEvent]) -> Result
     .bind(&j.received_at)
     .bind(&j.finished_at)
     .bind(&j.processing_ms)
+    .bind(&j.saved_input)
+    .bind(&j.saved_output)
+    .bind(&j.saved_cost)
     .execute(&mut *tx)
     .await?;
     tx.commit().await
@@ -490,6 +502,9 @@ struct JobColumns {
     model: Vec<Option<String>>,
     attempts: Vec<i32>,
     cache_hit: Vec<bool>,
+    saved_input: Vec<i64>,
+    saved_output: Vec<i64>,
+    saved_cost: Vec<Option<f64>>,
     error_code: Vec<Option<String>>,
     error_message: Vec<Option<String>>,
     metadata: Vec<serde_json::Value>,

@@ -105,6 +105,7 @@ results_stream = "RESULTS_{id}"
 dead_stream = "DEAD_{id}"
 cancel_stream = "CANCEL_{id}"
 tenant_bucket = "TENANTS_{id}"
+cache_bucket = "CACHE_{id}"
 consumer_prefix = "w{id}"
 ack_wait_secs = 5
 
@@ -386,8 +387,12 @@ impl TestApp {
             .await;
         let _ = self.js.delete_stream(&self.config.nats.dead_stream).await;
         let _ = self.js.delete_stream(&self.config.nats.cancel_stream).await;
-        let bucket = format!("KV_{}", self.config.nats.tenant_bucket);
-        let _ = self.js.delete_stream(bucket).await;
+        for bucket in [
+            &self.config.nats.tenant_bucket,
+            &self.config.nats.cache_bucket,
+        ] {
+            let _ = self.js.delete_stream(format!("KV_{bucket}")).await;
+        }
         self.db.close().await;
         self.database.drop().await;
     }

@@ -8,6 +8,7 @@
 )]
 
 mod budgets;
+mod cache;
 mod cancel;
 mod embed;
 mod fairness;

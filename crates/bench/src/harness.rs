@@ -58,6 +58,7 @@ results_stream = "BENCH_RESULTS_{id}"
 dead_stream = "BENCH_DEAD_{id}"
 cancel_stream = "BENCH_CANCEL_{id}"
 tenant_bucket = "BENCH_TENANTS_{id}"
+cache_bucket = "BENCH_CACHE_{id}"
 consumer_prefix = "bench{id}"
 [database]
 url = "{db_url}"
@@ -210,10 +211,9 @@ url = "{db_url}"
         let _ = self.js.delete_stream(&self.nats.results_stream).await;
         let _ = self.js.delete_stream(&self.nats.dead_stream).await;
         let _ = self.js.delete_stream(&self.nats.cancel_stream).await;
-        let _ = self
-            .js
-            .delete_stream(format!("KV_{}", self.nats.tenant_bucket))
-            .await;
+        for bucket in [&self.nats.tenant_bucket, &self.nats.cache_bucket] {
+            let _ = self.js.delete_stream(format!("KV_{bucket}")).await;
+        }
         self.pool.close().await;
         self.database.drop().await;
         if keep_logs {

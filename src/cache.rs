@@ -1,0 +1,260 @@
+//! The fleet's response cache: answers of generation jobs in a JetStream KV bucket
+//! (`nats.cache_bucket`, `LLM_CACHE`; settings in `[cache]`), so an identical job is answered without a provider call by any
+//! worker.
+//!
+//! - **Key**: SHA-256 of everything that decides the answer: the tenant (unless
+//!   `cache.share_across_tenants`), the route and its entries with their models and the job's
+//!   pins (`Chain::cache_scope`), the system prompt and messages as sent, and the options.
+//! - **When**: a job's own `cache` (`use`, `refresh`, `off`), else its tenant's policy, else
+//!   on (`use`) for deterministic jobs (`options.temperature` 0) and off for the others. A
+//!   policy `off` wins over the job.
+//! - **What is stored**: answers that ended normally (finish reason `stop` or `length`), with
+//!   their model, provider, usage and cost, for `cache.ttl_secs` (the bucket's age limit).
+//!
+//! A cache that cannot be read or written never fails a job: it is logged and the job goes
+//! to the providers.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{CacheConfig, TenantPolicy};
+use crate::job::{CacheMode, GenerateRequest, Job};
+
+/// A cached answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Entry {
+    pub output: String,
+    pub finish_reason: String,
+    pub provider: String,
+    pub model: String,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    /// What the answer cost when it was paid for (`None`: unknown price).
+    pub cost_usd: Option<f64>,
+    pub stored_at: DateTime<Utc>,
+}
+
+/// Handle to the cache bucket (cheap to clone).
+#[derive(Clone)]
+pub(crate) struct Cache {
+    kv: kv::Store,
+    share_across_tenants: bool,
+}
+
+/// Whether `job` reads the cache (`Use`), only writes it (`Refresh`), or neither.
+pub(crate) fn mode(job: &Job, req: &GenerateRequest, policy: Option<&TenantPolicy>) -> CacheMode {
+    let policy = policy.and_then(|p| p.cache);
+    if policy == Some(CacheMode::Off) {
+        return CacheMode::Off;
+    }
+    if let Some(mode) = job.cache.or(policy) {
+        return mode;
+    }
+    if req.options.temperature == Some(0.0) {
+        CacheMode::Use
+    } else {
+        CacheMode::Off
+    }
+}
+
+#[derive(Serialize)]
+struct KeyMaterial<'a> {
+    v: u32,
+    tenant: Option<&'a str>,
+    scope: &'a str,
+    system: Option<&'a str>,
+    messages: &'a [crate::job::Message],
+    temperature: Option<f64>,
+    max_tokens: Option<u32>,
+    top_p: Option<f64>,
+    stop: &'a [String],
+}
+
+/// `g.` and the hex SHA-256 of what decides `job`'s answer.
+fn key(job: &Job, req: &GenerateRequest, scope: &str, share_across_tenants: bool) -> String {
+    let material = KeyMaterial {
+        v: 1,
+        tenant: (!share_across_tenants).then_some(job.envelope.tenant.as_str()),
+        scope,
+        system: req.system.as_deref(),
+        messages: &req.messages,
+        temperature: req.options.temperature,
+        max_tokens: req.options.max_tokens,
+        top_p: req.options.top_p,
+        stop: &req.options.stop,
+    };
+    let bytes = serde_json::to_vec(&material).unwrap_or_default();
+    let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
+    let mut key = String::with_capacity(2 + 64);
+    key.push_str("g.");
+    for b in digest.as_ref() {
+        key.push_str(&format!("{b:02x}"));
+    }
+    key
+}
+
+impl Cache {
+    /// Open (or create) the bucket.
+    pub(crate) async fn open(
+        js: &jetstream::Context,
+        bucket: &str,
+        config: &CacheConfig,
+    ) -> Result<Self, String> {
+        // Created as KV buckets are, by hand: async-nats' create_key_value cannot talk to
+        // NATS 2.9 (see `policy::ledger`).
+        let stream = jetstream::stream::Config {
+            name: format!("KV_{bucket}"),
+            description: Some("llm-worker: response cache".into()),
+            subjects: vec![format!("$KV.{bucket}.>")],
+            max_messages_per_subject: 1,
+            max_age: Duration::from_secs(config.ttl_secs),
+            max_bytes: config.max_bytes,
+            storage: jetstream::stream::StorageType::File,
+            allow_rollup: true,
+            deny_delete: true,
+            allow_direct: true,
+            // Full: the oldest answers make room (a KV bucket would refuse new ones).
+            discard: jetstream::stream::DiscardPolicy::Old,
+            ..Default::default()
+        };
+        js.get_or_create_stream(stream)
+            .await
+            .map_err(|e| format!("cannot create the cache bucket {bucket}: {e}"))?;
+        let kv = js
+            .get_key_value(bucket)
+            .await
+            .map_err(|e| format!("cannot open the cache bucket {bucket}: {e}"))?;
+        Ok(Self {
+            kv,
+            share_across_tenants: config.share_across_tenants,
+        })
+    }
+
+    /// The key of `job`'s answer under `scope` (`Chain::cache_scope`).
+    pub(crate) fn key(&self, job: &Job, req: &GenerateRequest, scope: &str) -> String {
+        key(job, req, scope, self.share_across_tenants)
+    }
+
+    /// The answer stored under `key`, if any (a read error is a miss, logged).
+    pub(crate) async fn get(&self, key: &str) -> Option<Entry> {
+        match self.kv.get(key).await {
+            Ok(Some(bytes)) => match serde_json::from_slice(&bytes) {
+                Ok(entry) => Some(entry),
+                Err(e) => {
+                    tracing::warn!(error = %e, "unreadable cache entry; treated as a miss");
+                    None
+                }
+            },
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the response cache; calling providers");
+                None
+            }
+        }
+    }
+
+    /// Store `entry` under `key` (a failure is logged; the job is answered anyway).
+    pub(crate) async fn put(&self, key: &str, entry: &Entry) {
+        let Ok(bytes) = serde_json::to_vec(entry) else {
+            return;
+        };
+        if let Err(e) = self.kv.put(key, bytes.into()).await {
+            tracing::warn!(error = %e, "cannot store the answer in the response cache");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::{Envelope, GenerateOptions, JobBody, JobKind, Message, Role};
+
+    fn job(temperature: Option<f64>, cache: Option<CacheMode>) -> (Job, GenerateRequest) {
+        let req = GenerateRequest {
+            system: None,
+            messages: vec![Message {
+                role: Role::User,
+                content: "hi".into(),
+            }],
+            options: GenerateOptions {
+                temperature,
+                ..Default::default()
+            },
+            stream: true,
+        };
+        let job = Job {
+            envelope: Envelope {
+                job_id: uuid::Uuid::now_v7(),
+                trace_id: "t".into(),
+                tenant: "acme".into(),
+                task_type: None,
+                reply_to: None,
+                metadata: serde_json::Value::Null,
+            },
+            kind: JobKind::Generate,
+            provider: None,
+            model: None,
+            timeout: Duration::from_secs(1),
+            expires_at: None,
+            cache,
+            body: JobBody::Generate(req.clone()),
+        };
+        (job, req)
+    }
+
+    #[test]
+    fn the_key_changes_with_everything_that_decides_the_answer_and_nothing_else() {
+        let (j, r) = job(Some(0.0), None);
+        let k = key(&j, &r, "route=default;a:m,", false);
+        assert_eq!(k.len(), 66);
+        assert!(k.starts_with("g.") && k[2..].bytes().all(|b| b.is_ascii_hexdigit()));
+        // Another job id, trace or reply subject: the same answer.
+        let (j2, r2) = job(Some(0.0), Some(CacheMode::Use));
+        assert_eq!(key(&j2, &r2, "route=default;a:m,", false), k);
+        assert_ne!(key(&j, &r, "route=default;b:m,", false), k, "route");
+        let (mut other, _) = job(Some(0.0), None);
+        other.envelope.tenant = "globex".into();
+        assert_ne!(key(&other, &r, "route=default;a:m,", false), k, "tenant");
+        assert_eq!(
+            key(&other, &r, "route=default;a:m,", true),
+            key(&j, &r, "route=default;a:m,", true),
+            "shared across tenants"
+        );
+        let mut longer = r.clone();
+        longer.options.max_tokens = Some(10);
+        assert_ne!(key(&j, &longer, "route=default;a:m,", false), k, "options");
+        let mut said = r.clone();
+        said.messages[0].content = "hi!".into();
+        assert_ne!(key(&j, &said, "route=default;a:m,", false), k, "messages");
+    }
+
+    #[test]
+    fn deterministic_jobs_use_the_cache_unless_told_otherwise() {
+        let (j, r) = job(Some(0.0), None);
+        assert_eq!(mode(&j, &r, None), CacheMode::Use);
+        let (j, r) = job(Some(0.7), None);
+        assert_eq!(mode(&j, &r, None), CacheMode::Off);
+        let (j, r) = job(None, None);
+        assert_eq!(mode(&j, &r, None), CacheMode::Off);
+        let (j, r) = job(Some(0.7), Some(CacheMode::Use));
+        assert_eq!(mode(&j, &r, None), CacheMode::Use);
+        let (j, r) = job(Some(0.0), Some(CacheMode::Refresh));
+        assert_eq!(mode(&j, &r, None), CacheMode::Refresh);
+        // A tenant's policy: its default for jobs that do not say, and `off` wins.
+        let always = TenantPolicy {
+            cache: Some(CacheMode::Use),
+            ..Default::default()
+        };
+        let never = TenantPolicy {
+            cache: Some(CacheMode::Off),
+            ..Default::default()
+        };
+        let (j, r) = job(Some(0.7), None);
+        assert_eq!(mode(&j, &r, Some(&always)), CacheMode::Use);
+        let (j, r) = job(Some(0.0), Some(CacheMode::Use));
+        assert_eq!(mode(&j, &r, Some(&never)), CacheMode::Off);
+    }
+}

@@ -1,0 +1,148 @@
+//! The fleet's response cache through the contract: an identical deterministic job is
+//! answered by another worker process without a provider call (the fake's request count
+//! proves it), streamed as chunk events, recorded as a hit with what it saved; `refresh`,
+//! `off`, non-deterministic jobs and expired entries go to the provider.
+
+use std::time::Duration;
+
+use llm_worker_testkit::{FakeLlmServer, Reply};
+use serde_json::{Value, json};
+
+use crate::helpers::{Reply as Events, TestApp, collect_reply, openai_provider};
+
+async fn ask(app: &TestApp, extra: Value) -> Events {
+    let (reply_to, mut sub) = app.reply_inbox().await;
+    let mut job =
+        json!({"prompt": "What is 2+2?", "reply_to": reply_to, "options": {"temperature": 0}});
+    for (k, v) in extra.as_object().unwrap() {
+        job[k] = v.clone();
+    }
+    app.publish(job).await;
+    collect_reply(&mut sub).await
+}
+
+fn setup_toml(fake: &FakeLlmServer) -> String {
+    format!(
+        "{}[routes]\ndefault = [\"openai\"]\n",
+        openai_provider("openai", &fake.base_url(), "gpt-test")
+    )
+}
+
+#[tokio::test]
+async fn an_identical_deterministic_job_is_answered_from_the_cache_by_another_worker() {
+    let fake = FakeLlmServer::start().await.unwrap();
+    fake.set_default(Reply::answer(&["Four", ", of course."], (7, 3)));
+    let app = TestApp::new(&setup_toml(&fake)).await;
+    let first_worker = app.spawn_process("", &["run"]).await;
+    let first = ask(&app, json!({})).await.result;
+    assert_eq!(first["status"], "ok", "{first}");
+    assert_eq!(first["cache_hit"], false);
+    first_worker.kill().await;
+
+    // Another process, the same question: answered from the cache, streamed as chunks.
+    let _second_worker = app.spawn_process("", &["run"]).await;
+    let hit = ask(&app, json!({})).await;
+    let r = &hit.result;
+    assert_eq!(r["status"], "ok", "{r}");
+    assert_eq!(r["cache_hit"], true, "{r}");
+    assert_eq!(r["output"], "Four, of course.");
+    assert_eq!(hit.final_text(), "Four, of course.");
+    assert_eq!(
+        (&r["model_used"], &r["provider"]),
+        (&json!("gpt-test"), &json!("openai"))
+    );
+    assert_eq!(r["attempts"], json!([]));
+    assert_eq!(r["cost_usd"], json!(0.0));
+    assert_eq!(r["cache"]["saved_input_tokens"], 7);
+    assert_eq!(r["cache"]["saved_output_tokens"], 3);
+    assert_eq!(fake.request_count(), 1, "the hit made no provider call");
+
+    // `refresh` asks the provider again (and stores the new answer); `off` too, and a job
+    // that is not deterministic is not served from the cache by default.
+    let refreshed = ask(&app, json!({"cache": "refresh"})).await.result;
+    assert_eq!(refreshed["cache_hit"], false);
+    assert_eq!(fake.request_count(), 2);
+    let off = ask(&app, json!({"cache": "off"})).await.result;
+    assert_eq!(off["cache_hit"], false);
+    assert_eq!(fake.request_count(), 3);
+    for _ in 0..2 {
+        let warm = ask(&app, json!({"options": {"temperature": 0.7}}))
+            .await
+            .result;
+        assert_eq!(warm["cache_hit"], false);
+    }
+    assert_eq!(fake.request_count(), 5);
+    // A job may ask for the cache whatever its temperature: the second one hits.
+    let asked = ask(
+        &app,
+        json!({"options": {"temperature": 0.7}, "cache": "use"}),
+    )
+    .await;
+    assert_eq!(asked.result["cache_hit"], false);
+    let asked = ask(
+        &app,
+        json!({"options": {"temperature": 0.7}, "cache": "use"}),
+    )
+    .await;
+    assert_eq!(asked.result["cache_hit"], true);
+    assert_eq!(fake.request_count(), 6);
+    // Another tenant's identical job is not served this tenant's answer.
+    let other = ask(&app, json!({"tenant": "globex"})).await.result;
+    assert_eq!(other["cache_hit"], false);
+    assert_eq!(fake.request_count(), 7);
+    // An invalid cache mode is refused, naming the field.
+    let bad = ask(&app, json!({"cache": "maybe"})).await.result;
+    assert_eq!(bad["error"]["code"], "invalid_job");
+    assert!(
+        bad["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("cache"),
+        "{bad}"
+    );
+
+    // The ledger: hits cost nothing and say what they saved.
+    app.wait_count(
+        "SELECT coalesce(sum(cache_hits), 0)::bigint FROM llm_cache_savings_daily WHERE tenant = 'default'",
+        2,
+    )
+    .await;
+    let (tokens_saved, hit_cost): (i64, f64) = sqlx::query_as(
+        "SELECT (SELECT sum(tokens_saved)::bigint FROM llm_cache_savings_daily WHERE tenant = 'default'), \
+                (SELECT sum(cost_usd)::float8 FROM llm_jobs WHERE cache_hit)",
+    )
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(tokens_saved, 20);
+    assert_eq!(hit_cost, 0.0);
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn an_answer_older_than_the_ttl_is_not_served() {
+    let fake = FakeLlmServer::start().await.unwrap();
+    fake.set_default(Reply::answer(&["Four"], (7, 1)));
+    let app = TestApp::new(&setup_toml(&fake)).await;
+    let _worker = app
+        .spawn_process_with("", &["run"], &[("LLM_WORKER__CACHE__TTL_SECS", "1")])
+        .await;
+    assert_eq!(ask(&app, json!({})).await.result["cache_hit"], false);
+    // Wait for the bucket to drop the answer (JetStream expires it: an observable fact).
+    let mut stream = app
+        .js
+        .get_stream(format!("KV_{}", app.config.nats.cache_bucket))
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while stream.info().await.unwrap().state.messages > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the answer never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(ask(&app, json!({})).await.result["cache_hit"], false);
+    assert_eq!(fake.request_count(), 2);
+    app.teardown().await;
+}
