@@ -6,7 +6,8 @@
 //!   `cache.share_across_tenants`), the route and its entries with their models and the job's
 //!   pins (`Chain::cache_scope`), the system prompt and messages as sent, and the options.
 //! - **When**: a job's own `cache` (`use`, `refresh`, `off`), else its tenant's policy, else
-//!   on (`use`) for deterministic jobs (`options.temperature` 0) and off for the others. A
+//!   on (`use`) for deterministic jobs (`options.temperature` 0 or an `options.seed`) and
+//!   off for the others. A
 //!   policy `off` wins over the job.
 //! - **What is stored**: answers that ended normally (finish reason `stop` or `length`), with
 //!   their model, provider, usage and cost, for `cache.ttl_secs` (the bucket's age limit).
@@ -53,7 +54,7 @@ pub(crate) fn mode(job: &Job, req: &GenerateRequest, policy: Option<&TenantPolic
     if let Some(mode) = job.cache.or(policy) {
         return mode;
     }
-    if req.options.temperature == Some(0.0) {
+    if req.options.temperature == Some(0.0) || req.options.seed.is_some() {
         CacheMode::Use
     } else {
         CacheMode::Off
@@ -70,6 +71,7 @@ struct KeyMaterial<'a> {
     temperature: Option<f64>,
     max_tokens: Option<u32>,
     top_p: Option<f64>,
+    seed: Option<u32>,
     stop: &'a [String],
 }
 
@@ -84,6 +86,7 @@ fn key(job: &Job, req: &GenerateRequest, scope: &str, share_across_tenants: bool
         temperature: req.options.temperature,
         max_tokens: req.options.max_tokens,
         top_p: req.options.top_p,
+        seed: req.options.seed,
         stop: &req.options.stop,
     };
     let bytes = serde_json::to_vec(&material).unwrap_or_default();
@@ -239,6 +242,13 @@ mod tests {
         assert_eq!(mode(&j, &r, None), CacheMode::Off);
         let (j, r) = job(None, None);
         assert_eq!(mode(&j, &r, None), CacheMode::Off);
+        let (j, mut r) = job(Some(0.9), None);
+        r.options.seed = Some(7);
+        assert_eq!(
+            mode(&j, &r, None),
+            CacheMode::Use,
+            "a seed asks for a reproducible answer"
+        );
         let (j, r) = job(Some(0.7), Some(CacheMode::Use));
         assert_eq!(mode(&j, &r, None), CacheMode::Use);
         let (j, r) = job(Some(0.0), Some(CacheMode::Refresh));

@@ -396,6 +396,13 @@ fn generate_request(w: &WireGenerate, bounds: &LimitsConfig) -> Result<GenerateR
     {
         return Err(format!("options.top_p: {p} is outside 0..=1"));
     }
+    if let Some(seed) = o.seed
+        && seed > i32::MAX as u32
+    {
+        return Err(format!(
+            "options.seed: {seed} is above 2147483647 (the largest seed every provider accepts)"
+        ));
+    }
     match o.max_tokens {
         Some(0) => return Err("options.max_tokens: must be positive".into()),
         Some(n) if n > bounds.max_output_tokens => {
@@ -427,6 +434,7 @@ fn generate_request(w: &WireGenerate, bounds: &LimitsConfig) -> Result<GenerateR
             temperature: o.temperature,
             max_tokens: o.max_tokens,
             top_p: o.top_p,
+            seed: o.seed,
             stop,
         },
         stream: w.stream.unwrap_or(true),

@@ -147,6 +147,9 @@ pub struct GenerateOptions {
     pub temperature: Option<f64>,
     pub max_tokens: Option<u32>,
     pub top_p: Option<f64>,
+    /// Asks providers that support it (OpenAI, Gemini, Ollama; not Anthropic) for a
+    /// reproducible answer; 0 to 2^31-1.
+    pub seed: Option<u32>,
     pub stop: Vec<String>,
 }
 

@@ -119,6 +119,12 @@ fn each_kind_of_invalid_job_is_refused_with_a_reason() {
             "options.temperature",
         ),
         (r#"{"prompt":"x","options":{"bogus":1}}"#, "options"),
+        (
+            r#"{"prompt":"x","options":{"seed":2147483648}}"#,
+            "options.seed",
+        ),
+        (r#"{"prompt":"x","options":{"seed":-1}}"#, "options.seed"),
+        (r#"{"prompt":"x","cache":"maybe"}"#, "cache"),
         (r#"{"prompt":"x","timeout_ms":0}"#, "timeout_ms"),
         (r#"{"prompt":"x","job_id":"abc"}"#, "job_id"),
         (r#"{"prompt":"x","reply_to":"r.*"}"#, "reply_to"),

@@ -40,6 +40,7 @@ pub(super) struct WireGenerateOptions {
     pub(super) temperature: Option<f64>,
     pub(super) max_tokens: Option<u32>,
     pub(super) top_p: Option<f64>,
+    pub(super) seed: Option<u32>,
     pub(super) stop: Option<StopWire>,
 }
 

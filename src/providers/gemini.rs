@@ -194,6 +194,8 @@ struct GenerationConfig<'a> {
     top_p: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     max_output_tokens: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seed: Option<u32>,
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     stop_sequences: &'a [String],
 }
@@ -203,6 +205,7 @@ impl GenerationConfig<'_> {
         self.temperature.is_none()
             && self.top_p.is_none()
             && self.max_output_tokens.is_none()
+            && self.seed.is_none()
             && self.stop_sequences.is_empty()
     }
 }
@@ -231,6 +234,7 @@ fn request_body(req: &GenerateRequest) -> WireRequest<'_> {
             temperature: o.temperature,
             top_p: o.top_p,
             max_output_tokens: o.max_tokens,
+            seed: o.seed,
             stop_sequences: &o.stop,
         },
     }
@@ -538,6 +542,26 @@ mod tests {
         let body =
             r#"{"error":{"code":503,"message":"The model is overloaded.","status":"UNAVAILABLE"}}"#;
         assert_eq!(classify(503, body).code, ErrorCode::Overloaded);
+    }
+
+    #[test]
+    fn options_go_in_the_generation_config() {
+        let req = GenerateRequest {
+            system: None,
+            messages: vec![crate::job::Message {
+                role: Role::User,
+                content: "u".into(),
+            }],
+            options: crate::job::GenerateOptions {
+                max_tokens: Some(9),
+                seed: Some(11),
+                ..Default::default()
+            },
+            stream: true,
+        };
+        let body = serde_json::to_value(request_body(&req)).unwrap();
+        assert_eq!(body["generationConfig"]["maxOutputTokens"], 9);
+        assert_eq!(body["generationConfig"]["seed"], 11);
     }
 
     #[test]

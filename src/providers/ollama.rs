@@ -121,6 +121,8 @@ struct Options<'a> {
     top_p: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     num_predict: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seed: Option<u32>,
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     stop: &'a [String],
 }
@@ -130,6 +132,7 @@ impl Options<'_> {
         self.temperature.is_none()
             && self.top_p.is_none()
             && self.num_predict.is_none()
+            && self.seed.is_none()
             && self.stop.is_empty()
     }
 }
@@ -159,6 +162,7 @@ fn request_body<'a>(model: &'a str, req: &'a GenerateRequest) -> WireRequest<'a>
             temperature: o.temperature,
             top_p: o.top_p,
             num_predict: o.max_tokens,
+            seed: o.seed,
             stop: &o.stop,
         },
     }
@@ -406,6 +410,7 @@ mod tests {
             }],
             options: crate::job::GenerateOptions {
                 max_tokens: Some(7),
+                seed: Some(3),
                 ..Default::default()
             },
             stream: false,
@@ -413,6 +418,7 @@ mod tests {
         let body = serde_json::to_value(request_body("llama3.2", &req)).unwrap();
         assert_eq!(body["stream"], false);
         assert_eq!(body["options"]["num_predict"], 7);
+        assert_eq!(body["options"]["seed"], 3);
         assert_eq!(body["messages"][0]["role"], "system");
     }
 

@@ -145,6 +145,8 @@ struct ChatRequest<'a> {
     temperature: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     top_p: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seed: Option<u32>,
     #[serde(skip_serializing_if = "<[_]>::is_empty")]
     stop: &'a [String],
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -186,6 +188,7 @@ fn request_body<'a>(
         }),
         temperature: o.temperature,
         top_p: o.top_p,
+        seed: o.seed,
         stop: &o.stop,
         max_tokens: o.max_tokens.filter(|_| field == MaxTokensField::MaxTokens),
         max_completion_tokens: o
@@ -522,6 +525,7 @@ mod tests {
             }],
             options: crate::job::GenerateOptions {
                 max_tokens: Some(5),
+                seed: Some(42),
                 ..Default::default()
             },
             stream: true,
@@ -529,6 +533,7 @@ mod tests {
         let v = serde_json::to_value(request_body("m", &req, MaxTokensField::MaxCompletionTokens))
             .unwrap();
         assert_eq!(v["max_completion_tokens"], 5);
+        assert_eq!(v["seed"], 42);
         assert!(v.get("max_tokens").is_none());
         assert_eq!(v["stream_options"]["include_usage"], true);
         assert_eq!(v["messages"][0]["role"], "system");
