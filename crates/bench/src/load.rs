@@ -19,16 +19,35 @@ pub enum Pace {
     Rate(u32),
 }
 
+/// What the jobs of a round ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// `bench <i>`, no options: never cached.
+    Plain,
+    /// Deterministic (`temperature` 0), each with its own prompt: cache misses, stored.
+    Distinct,
+    /// Deterministic, all the same prompt: cache hits once one is stored.
+    Same,
+}
+
 /// The job with index `i`: its prompt is `bench <i>` (the fake provider's timings are keyed by
 /// it) and its events come back on `<reply_prefix>.<i>`.
-pub fn job(i: usize, reply_prefix: &str, stream: bool) -> (Uuid, Vec<u8>) {
+pub fn job(i: usize, reply_prefix: &str, stream: bool, shape: Shape) -> (Uuid, Vec<u8>) {
     let job_id = Uuid::now_v7();
-    let job = serde_json::json!({
+    let mut job = serde_json::json!({
         "job_id": job_id,
         "prompt": format!("bench {i}"),
         "reply_to": format!("{reply_prefix}.{i}"),
         "stream": stream,
     });
+    match shape {
+        Shape::Plain => {}
+        Shape::Distinct => job["options"] = serde_json::json!({"temperature": 0}),
+        Shape::Same => {
+            job["prompt"] = "bench, the same question".into();
+            job["options"] = serde_json::json!({"temperature": 0});
+        }
+    }
     (job_id, job.to_string().into_bytes())
 }
 
@@ -41,6 +60,18 @@ pub async fn publish(
     stream: bool,
     pace: Pace,
 ) -> anyhow::Result<Vec<Instant>> {
+    publish_shaped(js, subject, reply_prefix, n, (stream, Shape::Plain), pace).await
+}
+
+/// [`publish`] with jobs of `shape`.
+pub async fn publish_shaped(
+    js: &jetstream::Context,
+    subject: &str,
+    reply_prefix: &str,
+    n: usize,
+    (stream, shape): (bool, Shape),
+    pace: Pace,
+) -> anyhow::Result<Vec<Instant>> {
     let mut sent = Vec::with_capacity(n);
     let mut pending = Vec::with_capacity(1000);
     let started = tokio::time::Instant::now();
@@ -49,7 +80,7 @@ pub async fn publish(
             let due = started + Duration::from_secs_f64(i as f64 / f64::from(rate.max(1)));
             tokio::time::sleep_until(due).await;
         }
-        let (job_id, payload) = job(i, reply_prefix, stream);
+        let (job_id, payload) = job(i, reply_prefix, stream, shape);
         let message = PublishMessage::build()
             .payload(payload.into())
             .message_id(job_id.to_string());
