@@ -43,6 +43,20 @@ pub(crate) struct Entry {
 pub(crate) struct Cache {
     kv: kv::Store,
     share_across_tenants: bool,
+    ttl: chrono::TimeDelta,
+    max_stale: chrono::TimeDelta,
+}
+
+/// How a stored answer may be used now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Age {
+    /// Within `ttl_secs`: served to any job that reads the cache.
+    Fresh,
+    /// Past `ttl_secs` but within `max_stale_secs` more: served only when every provider
+    /// failed (degraded mode).
+    Stale,
+    /// Older: never served.
+    Expired,
 }
 
 /// Whether `job` reads the cache (`Use`), only writes it (`Refresh`), or neither.
@@ -99,6 +113,41 @@ fn key(job: &Job, req: &GenerateRequest, scope: &str, share_across_tenants: bool
     key
 }
 
+fn age(
+    stored_at: DateTime<Utc>,
+    now: DateTime<Utc>,
+    ttl: chrono::TimeDelta,
+    max_stale: chrono::TimeDelta,
+) -> Age {
+    let old = now - stored_at;
+    if old <= ttl {
+        Age::Fresh
+    } else if old <= ttl + max_stale {
+        Age::Stale
+    } else {
+        Age::Expired
+    }
+}
+
+/// Whether a failed job may be answered from a stale cached answer: every provider failed
+/// with a provider fault, not because of the request (bad request, content filter).
+pub(crate) fn degraded(result: &crate::event::ResultEvent) -> bool {
+    use crate::error::ErrorCode;
+    let failed_for_providers = result
+        .error
+        .as_ref()
+        .is_some_and(|e| e.code == ErrorCode::AllProvidersFailed);
+    let request_refused = result.attempts.iter().any(|a| {
+        a.error.as_ref().is_some_and(|e| {
+            matches!(
+                e.code,
+                ErrorCode::BadRequest | ErrorCode::ContentFiltered | ErrorCode::ContextTooLong
+            )
+        })
+    });
+    failed_for_providers && !request_refused && !result.attempts.is_empty()
+}
+
 impl Cache {
     /// Open (or create) the bucket.
     pub(crate) async fn open(
@@ -113,7 +162,8 @@ impl Cache {
             description: Some("llm-worker: response cache".into()),
             subjects: vec![format!("$KV.{bucket}.>")],
             max_messages_per_subject: 1,
-            max_age: Duration::from_secs(config.ttl_secs),
+            // Kept past the TTL for degraded mode; freshness is decided on reading.
+            max_age: Duration::from_secs(config.ttl_secs.saturating_add(config.max_stale_secs)),
             max_bytes: config.max_bytes,
             storage: jetstream::stream::StorageType::File,
             allow_rollup: true,
@@ -130,15 +180,23 @@ impl Cache {
             .get_key_value(bucket)
             .await
             .map_err(|e| format!("cannot open the cache bucket {bucket}: {e}"))?;
+        let secs = |s: u64| chrono::TimeDelta::seconds(i64::try_from(s).unwrap_or(i64::MAX / 1000));
         Ok(Self {
             kv,
             share_across_tenants: config.share_across_tenants,
+            ttl: secs(config.ttl_secs),
+            max_stale: secs(config.max_stale_secs),
         })
     }
 
     /// The key of `job`'s answer under `scope` (`Chain::cache_scope`).
     pub(crate) fn key(&self, job: &Job, req: &GenerateRequest, scope: &str) -> String {
         key(job, req, scope, self.share_across_tenants)
+    }
+
+    /// How `entry` may be used now.
+    pub(crate) fn age(&self, entry: &Entry) -> Age {
+        age(entry.stored_at, Utc::now(), self.ttl, self.max_stale)
     }
 
     /// The answer stored under `key`, if any (a read error is a miss, logged).
@@ -232,6 +290,24 @@ mod tests {
         let mut said = r.clone();
         said.messages[0].content = "hi!".into();
         assert_ne!(key(&j, &said, "route=default;a:m,", false), k, "messages");
+    }
+
+    #[test]
+    fn answers_are_fresh_then_stale_then_expired() {
+        let t0: DateTime<Utc> = "2026-11-30T12:00:00Z".parse().unwrap();
+        let (ttl, stale) = (
+            chrono::TimeDelta::seconds(60),
+            chrono::TimeDelta::seconds(600),
+        );
+        let at = |s| t0 + chrono::TimeDelta::seconds(s);
+        assert_eq!(age(t0, at(60), ttl, stale), Age::Fresh);
+        assert_eq!(age(t0, at(61), ttl, stale), Age::Stale);
+        assert_eq!(age(t0, at(660), ttl, stale), Age::Stale);
+        assert_eq!(age(t0, at(661), ttl, stale), Age::Expired);
+        assert_eq!(
+            age(t0, at(61), ttl, chrono::TimeDelta::zero()),
+            Age::Expired
+        );
     }
 
     #[test]

@@ -116,6 +116,9 @@ pub struct ResultEvent {
     /// On a cache hit: when the answer was stored and what it cost then (saved now).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub cache: Option<CacheSaving>,
+    /// A cached answer past its TTL, served because every provider failed (degraded mode).
+    #[serde(skip_serializing_if = "std::ops::Not::not", default)]
+    pub stale: bool,
     pub processing_time_ms: u64,
     pub error: Option<ErrorBody>,
     // Beyond the contract's example, for the usage ledger (clients ignore unknown fields).
@@ -157,6 +160,7 @@ impl ResultEvent {
             cost_usd: None,
             cache_hit: false,
             cache: None,
+            stale: false,
             processing_time_ms: elapsed_ms(received_at, finished_at),
             error: Some(error),
             job_kind: kind,

@@ -501,18 +501,45 @@ impl<O: Outbox> Worker<O> {
                     (mode != CacheMode::Off)
                         .then(|| (c, mode, c.key(job, req, &routing.chain.cache_scope(job))))
                 });
+                let mut stale = None;
                 if let Some((c, CacheMode::Use, key)) = &cached
                     && let Some(hit) = c.get(key).await
                 {
-                    return self
-                        .answer_from_cache(job, hit, &mut sink, received_at)
-                        .await;
+                    match c.age(&hit) {
+                        cache::Age::Fresh => {
+                            let base = ResultEvent::failure(
+                                env,
+                                job.kind,
+                                no_answer(),
+                                &self.worker_id,
+                                received_at,
+                            );
+                            return self.answer_from_cache(base, hit, &mut sink).await;
+                        }
+                        cache::Age::Stale => stale = Some(hit),
+                        cache::Age::Expired => {}
+                    }
                 }
                 store_as = cached.map(|(c, _, key)| (c, key));
                 let o = routing
                     .chain
                     .generate(job, req, deadline, cancel, &mut sink)
                     .await;
+                if o.result.is_err()
+                    && let Some(hit) = stale
+                {
+                    let failed =
+                        self.result_of(job, o.attempts, o.result.map(Answer::Text), received_at);
+                    if !cache::degraded(&failed) {
+                        return failed;
+                    }
+                    // Degraded mode: every provider failed; the old answer stands in, and the
+                    // failed calls stay in `attempts` (and are billed as such).
+                    tracing::warn!(stored_at = %hit.stored_at, "every provider failed; answered from the cache past its TTL");
+                    let mut result = self.answer_from_cache(failed, hit, &mut sink).await;
+                    result.stale = true;
+                    return result;
+                }
                 (o.attempts, o.result.map(Answer::Text))
             }
             JobBody::Embed(req) => match &routing.embed {
@@ -557,13 +584,13 @@ impl<O: Outbox> Worker<O> {
     }
 
     /// Answer a generation job with a cached answer: its text as chunk events (a streamed
-    /// job), then a result with `cache_hit`, no attempts, no cost, and what it saved.
+    /// job), then `base` (the job's result so far: no attempts for a hit, the failed ones in
+    /// degraded mode) turned into a success with `cache_hit` and what the answer saved.
     async fn answer_from_cache(
         &self,
-        job: &Job,
+        mut result: ResultEvent,
         hit: cache::Entry,
         sink: &mut impl crate::chain::DeltaSink,
-        received_at: DateTime<Utc>,
     ) -> ResultEvent {
         tracing::debug!(stored_at = %hit.stored_at, "answered from the response cache");
         let meta = crate::chain::AttemptMeta {
@@ -575,21 +602,12 @@ impl<O: Outbox> Worker<O> {
             sink.delta(meta, piece).await;
         }
         sink.flush().await;
-        let mut result = ResultEvent::failure(
-            &job.envelope,
-            job.kind,
-            ErrorBody {
-                code: ErrorCode::AllProvidersFailed,
-                message: String::new(),
-                retryable: false,
-            },
-            &self.worker_id,
-            received_at,
-        );
         result.status = Status::Ok;
         result.error = None;
         result.cache_hit = true;
-        result.cost_usd = Some(0.0);
+        if result.attempts.is_empty() {
+            result.cost_usd = Some(0.0);
+        }
         result.attempt = Some(0);
         result.cache = Some(crate::event::CacheSaving {
             stored_at: hit.stored_at,
@@ -602,7 +620,7 @@ impl<O: Outbox> Worker<O> {
         result.model_used = Some(hit.model);
         result.provider = Some(hit.provider);
         result.finished_at = Utc::now();
-        result.processing_time_ms = elapsed_ms(received_at, result.finished_at);
+        result.processing_time_ms = elapsed_ms(result.received_at, result.finished_at);
         result
     }
 
@@ -628,7 +646,9 @@ impl<O: Outbox> Worker<O> {
             .iter()
             .filter(|a| a.input_tokens + a.output_tokens > 0)
             .map(|a| a.cost_usd)
-            .sum::<Option<f64>>();
+            .sum::<Option<f64>>()
+            // An empty float sum is -0.0 (Rust >= 1.81); results say 0.
+            .map(|c| c + 0.0);
         let mut result = ResultEvent::failure(
             env,
             job.kind,
@@ -795,6 +815,15 @@ impl<O: Outbox> Worker<O> {
             }
         }
         ack(msg, AckKind::Term).await
+    }
+}
+
+/// The error of a result about to be replaced by a cached answer.
+fn no_answer() -> ErrorBody {
+    ErrorBody {
+        code: ErrorCode::AllProvidersFailed,
+        message: String::new(),
+        retryable: false,
     }
 }
 

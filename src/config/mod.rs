@@ -93,6 +93,10 @@ pub struct CacheConfig {
     /// Share answers between tenants (the key then leaves the tenant out). Off: a tenant only
     /// ever gets answers its own jobs paid for.
     pub share_across_tenants: bool,
+    /// Degraded mode: when every provider of a job's route failed with provider faults, a
+    /// cached answer up to this much older than `ttl_secs` is served (`stale: true`).
+    /// 0: never.
+    pub max_stale_secs: u64,
 }
 
 impl Default for CacheConfig {
@@ -102,6 +106,7 @@ impl Default for CacheConfig {
             ttl_secs: 24 * 3600,
             max_bytes: 1 << 30,
             share_across_tenants: false,
+            max_stale_secs: 0,
         }
     }
 }

@@ -53,6 +53,10 @@ async fn an_identical_deterministic_job_is_answered_from_the_cache_by_another_wo
     );
     assert_eq!(r["attempts"], json!([]));
     assert_eq!(r["cost_usd"], json!(0.0));
+    assert!(
+        !r.to_string().contains("\"cost_usd\":-0.0"),
+        "a negative zero cost: {r}"
+    );
     assert_eq!(r["cache"]["saved_input_tokens"], 7);
     assert_eq!(r["cache"]["saved_output_tokens"], 3);
     assert_eq!(fake.request_count(), 1, "the hit made no provider call");
@@ -144,5 +148,52 @@ async fn an_answer_older_than_the_ttl_is_not_served() {
     }
     assert_eq!(ask(&app, json!({})).await.result["cache_hit"], false);
     assert_eq!(fake.request_count(), 2);
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn when_every_provider_fails_a_stale_answer_is_served_and_the_failures_are_kept() {
+    let fake = FakeLlmServer::start().await.unwrap();
+    fake.set_default(Reply::answer(&["Four"], (7, 1)));
+    let app = TestApp::new(&setup_toml(&fake)).await;
+    let env = [
+        ("LLM_WORKER__CACHE__TTL_SECS", "1"),
+        ("LLM_WORKER__CACHE__MAX_STALE_SECS", "3600"),
+    ];
+    let _worker = app.spawn_process_with("", &["run"], &env).await;
+    let fresh = ask(&app, json!({})).await.result;
+    assert_eq!(fresh["cache_hit"], false);
+    // The answer's TTL (1 s) runs out: only the passing of time shows it.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Past its TTL, with providers up, the answer is not served: the provider is asked.
+    assert_eq!(ask(&app, json!({})).await.result["cache_hit"], false);
+    assert_eq!(fake.request_count(), 2);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Every call now fails: the stale answer stands in, the failures are in `attempts`.
+    fake.set_default(Reply::status(503, "down for maintenance"));
+    let degraded = ask(&app, json!({})).await;
+    let r = &degraded.result;
+    assert_eq!(r["status"], "ok", "{r}");
+    assert_eq!(
+        (&r["cache_hit"], &r["stale"]),
+        (&json!(true), &json!(true)),
+        "{r}"
+    );
+    assert_eq!(r["output"], "Four");
+    assert_eq!(degraded.final_text(), "Four");
+    let attempts = r["attempts"].as_array().unwrap();
+    assert!(!attempts.is_empty());
+    assert!(attempts.iter().all(|a| a["http_status"] == 503), "{r}");
+    assert_eq!(r["cost_usd"], json!(0.0));
+    assert!(
+        !r.to_string().contains("\"cost_usd\":-0.0"),
+        "a negative zero cost: {r}"
+    );
+    // A job the cache cannot answer fails as it would without one.
+    let unknown = ask(&app, json!({"prompt": "never asked"})).await.result;
+    assert_eq!(
+        unknown["error"]["code"], "all_providers_failed",
+        "{unknown}"
+    );
     app.teardown().await;
 }

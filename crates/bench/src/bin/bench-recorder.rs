@@ -70,6 +70,7 @@ fn result(job_id: Uuid) -> ResultEvent {
         cost_usd: None,
         cache_hit: false,
         cache: None,
+        stale: false,
         processing_time_ms: 600,
         error: None,
         job_kind: JobKind::Generate,
