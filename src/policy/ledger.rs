@@ -1,6 +1,8 @@
-//! The fleet's shared spend counters: one JetStream KV entry per tenant (`spend.<tenant>`),
-//! changed only by compare-and-set, and a copy of every entry in each worker, kept current by
-//! a KV watch, that admission reads without a round trip.
+//! The fleet's shared tenant counters: JetStream KV entries per tenant (`spend.<tenant>`,
+//! `rate.<tenant>`, `busy.<tenant>`), changed only by compare-and-set, and a copy of every
+//! entry in each worker, kept current by a KV watch, that admission reads without a round
+//! trip. Here: the handle jobs use (refusals, starts, slots, charges), the copy and the watch;
+//! [`charges`]: the task that writes charges and publishes budget warnings.
 //!
 //! A job's spend is charged when it ends, before its result is stored and its message acked:
 //! a charge waits for the write that carries it (charges of a few milliseconds are written
@@ -24,16 +26,15 @@ use futures::StreamExt;
 use serde::{Serialize, de::DeserializeOwned};
 use tokio::sync::{mpsc, oneshot};
 
-use super::budget::{self, Crossing, Measure, Period, Spend};
+mod charges;
+
+use charges::{Charge, Writer};
+
+use super::budget::{self, Spend};
 use super::rate::{self, Rate};
 use super::slots::{self, Busy};
 use crate::config::{NatsConfig, TenantPolicy};
 
-/// Charges arriving within this long of a write go together into the next one.
-const COALESCE: Duration = Duration::from_millis(2);
-/// How long a charge is retried while the bucket cannot be written, before it is given up
-/// (logged; the spend is still in the Postgres ledger).
-const GIVE_UP_AFTER: Duration = Duration::from_secs(10);
 /// Compare-and-set attempts of one reservation before the job waits and tries again later.
 const RESERVE_TRIES: usize = 20;
 /// Keys are kept this long after their last write (a monthly counter must outlive its month).
@@ -54,22 +55,6 @@ pub(crate) fn token(tenant: &str) -> String {
         out.push('=');
     }
     out
-}
-
-/// The warning published on `<prefix>.events.budget.<tenant>`.
-#[derive(Serialize)]
-struct Warning<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    tenant: &'a str,
-    period: Period,
-    measure: Measure,
-    threshold_percent: u8,
-    budget: f64,
-    spent: f64,
-    resets_at: DateTime<Utc>,
-    worker_id: &'a str,
-    at: DateTime<Utc>,
 }
 
 /// What one charge adds: to the spend counter (`usd`, `tokens`) or the rate counter
@@ -128,16 +113,6 @@ impl Tally for Rate {
     fn table(c: &mut Counters) -> &mut Table<Self> {
         &mut c.rate
     }
-}
-
-struct Charge {
-    tenant: String,
-    token: String,
-    policy: TenantPolicy,
-    spend: Delta,
-    rate: Delta,
-    /// Told when the charge is written (jobs that end wait for it; starts do not).
-    done: Option<oneshot::Sender<()>>,
 }
 
 /// One kind of counter, for every tenant.
@@ -214,14 +189,6 @@ pub(crate) struct Ledger {
     /// Slots this worker holds per tenant (`max_in_flight`), as it last wrote or will write.
     held: Arc<Mutex<HashMap<String, u64>>>,
     worker_id: Arc<str>,
-}
-
-struct Writer {
-    kv: kv::Store,
-    counters: Arc<Mutex<Counters>>,
-    client: async_nats::Client,
-    events: String,
-    worker_id: String,
 }
 
 impl Ledger {
@@ -335,21 +302,7 @@ impl Ledger {
             }
             let block = (room / 16).clamp(1, 64);
             let next = current.add(now, block, 0);
-            let Ok(value) = serde_json::to_vec(&next) else {
-                return false;
-            };
-            let put = if revision == 0 {
-                self.kv
-                    .create(&key, value.into())
-                    .await
-                    .map_err(|e| e.to_string())
-            } else {
-                self.kv
-                    .update(&key, value.into(), revision)
-                    .await
-                    .map_err(|e| e.to_string())
-            };
-            match put {
+            match put_if(&self.kv, &key, &next, revision).await {
                 Ok(revision) => {
                     let minute = next.minute.clone();
                     lock(&self.counters).rate.learn(&token, revision, next);
@@ -358,16 +311,14 @@ impl Ledger {
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "rate counter changed meanwhile; retrying");
-                    known = match self.kv.entry(&key).await {
-                        Ok(Some(entry)) if matches!(entry.operation, kv::Operation::Put) => {
-                            let value: Rate =
-                                serde_json::from_slice(&entry.value).unwrap_or_default();
+                    known = match read::<Rate>(&self.kv, &key).await {
+                        Ok(Some((revision, value))) => {
                             lock(&self.counters)
                                 .rate
-                                .learn(&token, entry.revision, value.clone());
-                            Some((entry.revision, value))
+                                .learn(&token, revision, value.clone());
+                            Some((revision, value))
                         }
-                        Ok(_) => None,
+                        Ok(None) => None,
                         Err(e) => {
                             tracing::warn!(error = %e, tenant, "cannot read the tenant's rate counter; the job waits");
                             return false;
@@ -431,40 +382,19 @@ impl Ledger {
             if max.is_some_and(|max| next.total(now) > max) {
                 return false;
             }
-            let Ok(value) = serde_json::to_vec(&next) else {
-                return false;
-            };
-            let put = if revision == 0 {
-                self.kv
-                    .create(&key, value.into())
-                    .await
-                    .map_err(|e| e.to_string())
-            } else {
-                self.kv
-                    .update(&key, value.into(), revision)
-                    .await
-                    .map_err(|e| e.to_string())
-            };
-            match put {
+            match put_if(&self.kv, &key, &next, revision).await {
                 Ok(revision) => {
                     learn_busy(&mut lock(&self.counters), token, revision, next);
                     return true;
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "in-flight counter changed meanwhile; retrying");
-                    known = match self.kv.entry(&key).await {
-                        Ok(Some(entry)) if matches!(entry.operation, kv::Operation::Put) => {
-                            let busy: Busy =
-                                serde_json::from_slice(&entry.value).unwrap_or_default();
-                            learn_busy(
-                                &mut lock(&self.counters),
-                                token,
-                                entry.revision,
-                                busy.clone(),
-                            );
-                            Some((entry.revision, busy))
+                    known = match read::<Busy>(&self.kv, &key).await {
+                        Ok(Some((revision, busy))) => {
+                            learn_busy(&mut lock(&self.counters), token, revision, busy.clone());
+                            Some((revision, busy))
                         }
-                        Ok(_) => None,
+                        Ok(None) => None,
                         Err(e) => {
                             tracing::warn!(error = %e, "cannot read a tenant's in-flight counter");
                             return false;
@@ -556,6 +486,40 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     match m.lock() {
         Ok(g) => g,
         Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+/// Write `value` under `key` if the key is still at `revision` (0: absent): its new
+/// revision, or why not (usually: someone else wrote first).
+async fn put_if(
+    kv: &kv::Store,
+    key: &str,
+    value: &impl Serialize,
+    revision: u64,
+) -> Result<u64, String> {
+    let value = Bytes::from(serde_json::to_vec(value).map_err(|e| e.to_string())?);
+    if revision == 0 {
+        kv.create(key, value).await.map_err(|e| e.to_string())
+    } else {
+        kv.update(key, value, revision)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// The value of `key` and its revision; `None` when it is absent (or deleted). An unreadable
+/// value reads as the default (the next write replaces it).
+async fn read<V: DeserializeOwned + Default>(
+    kv: &kv::Store,
+    key: &str,
+) -> Result<Option<(u64, V)>, String> {
+    match kv.entry(key).await {
+        Ok(Some(entry)) if matches!(entry.operation, kv::Operation::Put) => Ok(Some((
+            entry.revision,
+            serde_json::from_slice(&entry.value).unwrap_or_default(),
+        ))),
+        Ok(_) => Ok(None),
+        Err(e) => Err(e.to_string()),
     }
 }
 
@@ -690,143 +654,6 @@ async fn follow(kv: kv::Store, mut watch: kv::Watch, counters: std::sync::Weak<M
         match kv.watch_with_history(">").await {
             Ok(w) => watch = w,
             Err(e) => tracing::warn!(error = %e, "cannot watch the tenant counters; retrying"),
-        }
-    }
-}
-
-impl Writer {
-    async fn run(self, mut rx: mpsc::UnboundedReceiver<Charge>) {
-        while let Some(first) = rx.recv().await {
-            let mut batch = vec![first];
-            while let Ok(c) = rx.try_recv() {
-                batch.push(c);
-            }
-            let mut by_tenant: HashMap<String, Vec<Charge>> = HashMap::new();
-            for c in batch {
-                by_tenant.entry(c.token.clone()).or_default().push(c);
-            }
-            futures::future::join_all(by_tenant.into_values().map(|group| self.write(group))).await;
-            tokio::time::sleep(COALESCE).await;
-        }
-    }
-
-    /// Write one tenant's charges with compare-and-set, publish the budget warnings that
-    /// write crosses, and release the jobs waiting for it.
-    async fn write(&self, group: Vec<Charge>) {
-        let Some(first) = group.first() else { return };
-        let (token, tenant, policy) = (first.token.clone(), first.tenant.clone(), &first.policy);
-        let spend = group.iter().fold(Delta::default(), |d, c| d.plus(c.spend));
-        let rate = group.iter().fold(Delta::default(), |d, c| d.plus(c.rate));
-        if !spend.is_zero()
-            && let Some((before, after, now)) = self.cas::<Spend>(&token, &tenant, spend).await
-        {
-            for crossing in budget::crossings(policy, &before, &after) {
-                self.warn(&tenant, &token, crossing, now).await;
-            }
-        }
-        if !rate.is_zero() {
-            self.cas::<Rate>(&token, &tenant, rate).await;
-        }
-        for c in group {
-            if let Some(done) = c.done {
-                let _ = done.send(());
-            }
-        }
-    }
-
-    /// Add `delta` to the tenant's counter of kind `V` by compare-and-set, retrying on
-    /// races; the value before and after (as of the write) on success.
-    async fn cas<V: Tally>(
-        &self,
-        token: &str,
-        tenant: &str,
-        delta: Delta,
-    ) -> Option<(V, V, DateTime<Utc>)> {
-        let key = format!("{}{token}", V::PREFIX);
-        let started = tokio::time::Instant::now();
-        let mut delay = Duration::from_millis(20);
-        let mut failures = 0u32;
-        let mut known = V::table(&mut lock(&self.counters)).seen.get(token).cloned();
-        let written = loop {
-            let now = Utc::now();
-            let (revision, before) = known.clone().unwrap_or_default();
-            let after = before.add(now, &delta);
-            let value = match serde_json::to_vec(&after) {
-                Ok(v) => Bytes::from(v),
-                Err(_) => break None,
-            };
-            let put = if revision == 0 {
-                self.kv.create(&key, value).await.map_err(|e| e.to_string())
-            } else {
-                self.kv
-                    .update(&key, value, revision)
-                    .await
-                    .map_err(|e| e.to_string())
-            };
-            match put {
-                Ok(new_revision) => {
-                    let before = before.add(now, &Delta::default());
-                    break Some((before, after, new_revision, now));
-                }
-                Err(e) => {
-                    // Someone else wrote first (usually), or the bucket is unreachable: read
-                    // again and retry; back off once it is not a plain race.
-                    failures += 1;
-                    if started.elapsed() > GIVE_UP_AFTER {
-                        tracing::warn!(error = %e, tenant, key, "cannot write a tenant counter; this charge is not counted");
-                        break None;
-                    }
-                    if failures > 3 {
-                        tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(Duration::from_secs(1));
-                    }
-                    match self.kv.entry(&key).await {
-                        Ok(Some(entry)) if matches!(entry.operation, kv::Operation::Put) => {
-                            let value = serde_json::from_slice(&entry.value).unwrap_or_default();
-                            known = Some((entry.revision, value));
-                        }
-                        Ok(_) => known = None,
-                        Err(e) => tracing::debug!(error = %e, "cannot read a tenant counter"),
-                    }
-                }
-            }
-        };
-        let mut c = lock(&self.counters);
-        let table = V::table(&mut c);
-        table.settle(token, delta);
-        let (before, after, revision, now) = written?;
-        table.learn(token, revision, after.clone());
-        Some((before, after, now))
-    }
-
-    async fn warn(&self, tenant: &str, token: &str, c: Crossing, now: DateTime<Utc>) {
-        tracing::warn!(
-            tenant,
-            period = ?c.line.period,
-            measure = ?c.line.measure,
-            threshold_percent = c.percent,
-            budget = c.line.budget,
-            spent = c.line.spent,
-            "tenant budget threshold reached"
-        );
-        let warning = Warning {
-            kind: "budget_warning",
-            tenant,
-            period: c.line.period,
-            measure: c.line.measure,
-            threshold_percent: c.percent,
-            budget: c.line.budget,
-            spent: c.line.spent,
-            resets_at: budget::resets_at(c.line.period, now),
-            worker_id: &self.worker_id,
-            at: now,
-        };
-        let Ok(payload) = serde_json::to_vec(&warning) else {
-            return;
-        };
-        let subject = format!("{}.{token}", self.events);
-        if let Err(e) = self.client.publish(subject, payload.into()).await {
-            tracing::warn!(error = %e, "cannot publish the budget warning");
         }
     }
 }
