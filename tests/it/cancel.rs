@@ -16,6 +16,18 @@ async fn cancel(app: &TestApp, job_id: uuid::Uuid) {
     app.client.flush().await.unwrap();
 }
 
+/// Wait (bounded) until the fake provider has no response open: the worker closed it.
+async fn provider_stream_closed(fake: &FakeLlmServer) {
+    let closed = tokio::time::Instant::now() + Duration::from_secs(5);
+    while fake.open_responses() > 0 {
+        assert!(
+            tokio::time::Instant::now() < closed,
+            "the provider stream stayed open"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 #[tokio::test]
 async fn a_job_cancelled_while_queued_is_answered_cancelled_without_a_call_even_by_a_later_worker()
 {
@@ -99,14 +111,7 @@ async fn a_streaming_job_cancelled_stops_its_provider_stream_and_records_the_par
     // gets slack, the benchmark-free margin is still two orders of magnitude).
     assert!(took < Duration::from_secs(5), "{took:?}");
     // The provider's stream was closed, not left running.
-    let closed = tokio::time::Instant::now() + Duration::from_secs(5);
-    while fake.open_responses() > 0 {
-        assert!(
-            tokio::time::Instant::now() < closed,
-            "the provider stream stayed open"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    provider_stream_closed(&fake).await;
     assert_eq!(fake.request_count(), 1);
     // The partial call is billed as estimated.
     app.wait_count(
@@ -185,14 +190,7 @@ async fn on_three_workers_a_waiting_and_a_streaming_job_are_cancelled_and_an_exp
     assert_eq!(w["error"]["code"], "cancelled", "{w}");
     assert_eq!(w["attempts"], json!([]), "cancelled before it started: {w}");
     // The provider's stream was closed, and only the streaming job reached it.
-    let closed = tokio::time::Instant::now() + Duration::from_secs(5);
-    while fake.open_responses() > 0 {
-        assert!(
-            tokio::time::Instant::now() < closed,
-            "the provider stream stayed open"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    provider_stream_closed(&fake).await;
     assert_eq!(fake.request_count(), 1);
     app.wait_count(
         &format!(
