@@ -193,6 +193,25 @@ pub fn summary(r: &ResultEvent) -> String {
         .cost_usd
         .map_or_else(|| "cost unknown".to_string(), |c| format!("${c:.6}"));
     match (&r.status, &r.error) {
+        (Status::Ok, _) if r.cache_hit => format!(
+            "ok · {}/{} · from the cache{} (stored {}; saved {} in + {} out tokens) · {} ms · {cost}",
+            r.provider.as_deref().unwrap_or("?"),
+            r.model_used.as_deref().unwrap_or("?"),
+            if r.stale {
+                ", past its TTL: every provider failed"
+            } else {
+                ""
+            },
+            r.cache.as_ref().map_or_else(
+                || "?".to_string(),
+                |c| c
+                    .stored_at
+                    .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            ),
+            r.cache.as_ref().map_or(0, |c| c.saved_input_tokens),
+            r.cache.as_ref().map_or(0, |c| c.saved_output_tokens),
+            r.processing_time_ms,
+        ),
         (Status::Ok, _) => format!(
             "ok · {}/{} · {} in + {} out tokens · {} ms · attempt {}/{} · {cost}",
             r.provider.as_deref().unwrap_or("?"),
@@ -236,5 +255,47 @@ mod tests {
             build_job(JobKind::Embed, vec!["a".into(), "b".into()], &f),
             serde_json::json!({"input": ["a", "b"], "model": "m", "options": {"dimensions": 8}})
         );
+    }
+
+    #[test]
+    fn a_cache_hit_says_so_in_the_summary() {
+        let envelope = crate::job::Envelope {
+            job_id: uuid::Uuid::now_v7(),
+            trace_id: "t".into(),
+            tenant: "default".into(),
+            task_type: None,
+            reply_to: None,
+            metadata: serde_json::Value::Null,
+        };
+        let error = crate::event::ErrorBody {
+            code: crate::error::ErrorCode::AllProvidersFailed,
+            message: String::new(),
+            retryable: false,
+        };
+        let mut r = ResultEvent::failure(
+            &envelope,
+            crate::job::JobKind::Generate,
+            error,
+            "w",
+            chrono::Utc::now(),
+        );
+        r.status = Status::Ok;
+        r.error = None;
+        r.cache_hit = true;
+        r.cache = Some(crate::event::CacheSaving {
+            stored_at: "2026-11-30T12:00:00Z".parse().unwrap(),
+            saved_input_tokens: 3,
+            saved_output_tokens: 40,
+            saved_cost_usd: None,
+        });
+        let line = summary(&r);
+        assert!(
+            line.contains(
+                "from the cache (stored 2026-11-30T12:00:00Z; saved 3 in + 40 out tokens)"
+            ),
+            "{line}"
+        );
+        r.stale = true;
+        assert!(summary(&r).contains("past its TTL"), "{}", summary(&r));
     }
 }
