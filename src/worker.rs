@@ -12,6 +12,7 @@
 //! The message and where its events go are the [`JobMessage`] and [`Outbox`] traits
 //! ([`outbox`]), so these decisions are unit-tested without JetStream.
 
+mod generate;
 pub mod outbox;
 #[cfg(test)]
 mod tests;
@@ -25,14 +26,13 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::cache::{self, Cache};
+use crate::cache::Cache;
 use crate::cancel::Cancels;
 use crate::chain::Chain;
 use crate::config::Config;
 use crate::error::ErrorCode;
 use crate::event::{AttemptRecord, ErrorBody, ResultEvent, Status, TokensUsed, elapsed_ms};
 use crate::health::Health;
-use crate::job::CacheMode;
 use crate::job::{self, Delivery, Envelope, Job, JobBody, JobKind, Limits, Rules};
 use crate::policy::Ledger;
 use crate::pricing::PriceBook;
@@ -491,56 +491,11 @@ impl<O: Outbox> Worker<O> {
         cancel: &CancellationToken,
     ) -> ResultEvent {
         let env = &job.envelope;
-        let mut store_as = None;
         let (attempts, answer) = match &job.body {
             JobBody::Generate(req) => {
-                let reply_to = env.reply_to.as_deref().filter(|_| req.stream);
-                let mut sink = self.outbox.chunks(env.job_id, &env.trace_id, reply_to);
-                let cached = self.cache.as_ref().and_then(|c| {
-                    let mode = cache::mode(job, req, routing.limits.policy(&env.tenant));
-                    (mode != CacheMode::Off)
-                        .then(|| (c, mode, c.key(job, req, &routing.chain.cache_scope(job))))
-                });
-                let mut stale = None;
-                if let Some((c, CacheMode::Use, key)) = &cached
-                    && let Some(hit) = c.get(key).await
-                {
-                    match c.age(&hit) {
-                        cache::Age::Fresh => {
-                            let base = ResultEvent::failure(
-                                env,
-                                job.kind,
-                                no_answer(),
-                                &self.worker_id,
-                                received_at,
-                            );
-                            return self.answer_from_cache(base, hit, &mut sink).await;
-                        }
-                        cache::Age::Stale => stale = Some(hit),
-                        cache::Age::Expired => {}
-                    }
-                }
-                store_as = cached.map(|(c, _, key)| (c, key));
-                let o = routing
-                    .chain
-                    .generate(job, req, deadline, cancel, &mut sink)
+                return self
+                    .generate(routing, job, req, received_at, deadline, cancel)
                     .await;
-                if o.result.is_err()
-                    && let Some(hit) = stale
-                {
-                    let failed =
-                        self.result_of(job, o.attempts, o.result.map(Answer::Text), received_at);
-                    if !cache::degraded(&failed) {
-                        return failed;
-                    }
-                    // Degraded mode: every provider failed; the old answer stands in, and the
-                    // failed calls stay in `attempts` (and are billed as such).
-                    tracing::warn!(stored_at = %hit.stored_at, "every provider failed; answered from the cache past its TTL");
-                    let mut result = self.answer_from_cache(failed, hit, &mut sink).await;
-                    result.stale = true;
-                    return result;
-                }
-                (o.attempts, o.result.map(Answer::Text))
             }
             JobBody::Embed(req) => match &routing.embed {
                 Some((chain, mixed)) => {
@@ -564,64 +519,7 @@ impl<O: Outbox> Worker<O> {
                 ),
             },
         };
-        let result = self.result_of(job, attempts, answer, received_at);
-        if let (Some((c, key)), Some(output)) = (store_as, &result.output)
-            && matches!(result.finish_reason.as_deref(), Some("stop" | "length"))
-        {
-            let entry = cache::Entry {
-                output: output.clone(),
-                finish_reason: result.finish_reason.clone().unwrap_or_default(),
-                provider: result.provider.clone().unwrap_or_default(),
-                model: result.model_used.clone().unwrap_or_default(),
-                input_tokens: result.tokens_used.input,
-                output_tokens: result.tokens_used.output,
-                cost_usd: result.cost_usd,
-                stored_at: result.finished_at,
-            };
-            c.put(&key, &entry).await;
-        }
-        result
-    }
-
-    /// Answer a generation job with a cached answer: its text as chunk events (a streamed
-    /// job), then `base` (the job's result so far: no attempts for a hit, the failed ones in
-    /// degraded mode) turned into a success with `cache_hit` and what the answer saved.
-    async fn answer_from_cache(
-        &self,
-        mut result: ResultEvent,
-        hit: cache::Entry,
-        sink: &mut impl crate::chain::DeltaSink,
-    ) -> ResultEvent {
-        tracing::debug!(stored_at = %hit.stored_at, "answered from the response cache");
-        let meta = crate::chain::AttemptMeta {
-            attempt: 0,
-            provider: &hit.provider,
-            model: &hit.model,
-        };
-        for piece in pieces(&hit.output, CACHED_CHUNK_BYTES) {
-            sink.delta(meta, piece).await;
-        }
-        sink.flush().await;
-        result.status = Status::Ok;
-        result.error = None;
-        result.cache_hit = true;
-        if result.attempts.is_empty() {
-            result.cost_usd = Some(0.0);
-        }
-        result.attempt = Some(0);
-        result.cache = Some(crate::event::CacheSaving {
-            stored_at: hit.stored_at,
-            saved_input_tokens: hit.input_tokens,
-            saved_output_tokens: hit.output_tokens,
-            saved_cost_usd: hit.cost_usd,
-        });
-        result.output = Some(hit.output);
-        result.finish_reason = Some(hit.finish_reason);
-        result.model_used = Some(hit.model);
-        result.provider = Some(hit.provider);
-        result.finished_at = Utc::now();
-        result.processing_time_ms = elapsed_ms(result.received_at, result.finished_at);
-        result
+        self.result_of(job, attempts, answer, received_at)
     }
 
     fn result_of(
@@ -816,39 +714,6 @@ impl<O: Outbox> Worker<O> {
         }
         ack(msg, AckKind::Term).await
     }
-}
-
-/// The error of a result about to be replaced by a cached answer.
-fn no_answer() -> ErrorBody {
-    ErrorBody {
-        code: ErrorCode::AllProvidersFailed,
-        message: String::new(),
-        retryable: false,
-    }
-}
-
-/// Largest chunk event text of a cached answer.
-const CACHED_CHUNK_BYTES: usize = 16 * 1024;
-
-/// `text` in pieces of at most `max` bytes, cut at character boundaries.
-fn pieces(text: &str, max: usize) -> impl Iterator<Item = &str> {
-    let mut rest = text;
-    std::iter::from_fn(move || {
-        if rest.is_empty() {
-            return None;
-        }
-        let mut end = rest.len().min(max);
-        while !rest.is_char_boundary(end) {
-            end -= 1;
-        }
-        if end == 0 {
-            // A character longer than `max`: it goes whole.
-            end = rest.char_indices().nth(1).map_or(rest.len(), |(i, _)| i);
-        }
-        let (piece, tail) = rest.split_at(end);
-        rest = tail;
-        Some(piece)
-    })
 }
 
 /// What a job's calls cost (those with a known price) and their tokens, for its budgets.

@@ -418,7 +418,7 @@ async fn a_running_job_cancelled_is_answered_cancelled_with_its_attempt() {
 fn a_cached_answer_is_sent_in_pieces_cut_at_character_boundaries() {
     let text = "aé€😀".repeat(3);
     for max in [1, 2, 3, 5, 7, 100] {
-        let pieces: Vec<&str> = super::pieces(&text, max).collect();
+        let pieces: Vec<&str> = super::generate::pieces(&text, max).collect();
         assert_eq!(pieces.concat(), text, "max {max}");
         assert!(pieces.iter().all(|p| !p.is_empty()));
         if max >= 4 {
@@ -428,5 +428,5 @@ fn a_cached_answer_is_sent_in_pieces_cut_at_character_boundaries() {
             );
         }
     }
-    assert_eq!(super::pieces("", 4).count(), 0);
+    assert_eq!(super::generate::pieces("", 4).count(), 0);
 }

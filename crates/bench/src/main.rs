@@ -7,6 +7,7 @@
 //! - [`load`]: publishing at a pace and collecting reply events.
 //! - [`pipeline`]: the bare pipeline, the ceiling a worker is compared with.
 
+mod cache;
 mod harness;
 mod load;
 mod pipeline;

@@ -10,7 +10,8 @@
 //! 3. the ceiling: a bare pipeline doing only each job's I/O ([`pipeline`]), and the worker's
 //!    throughput as a ratio of it;
 //! 4. concurrency: thousands of slow streams in one worker: peak RSS, redeliveries;
-//! 5. scaling: 1, 2, 3 worker processes against a latency-bound provider.
+//! 5. scaling: 1, 2, 3 worker processes against a latency-bound provider;
+//! 6. the response cache: misses and hits ([`crate::cache`]).
 //!
 //! The benchmark only speaks the contract to the workers (JetStream jobs, reply events, SQL
 //! rows). Workers (the `llm-worker` binary) and the bare pipeline (this binary's hidden
@@ -65,7 +66,11 @@ pub struct Row {
     pub target: String,
 }
 
-fn row(scenario: impl Into<String>, result: impl Into<String>, target: impl Into<String>) -> Row {
+pub(crate) fn row(
+    scenario: impl Into<String>,
+    result: impl Into<String>,
+    target: impl Into<String>,
+) -> Row {
     Row {
         scenario: scenario.into(),
         result: result.into(),
@@ -94,7 +99,7 @@ pub async fn run(target: &Target, options: &Options) -> anyhow::Result<Vec<Row>>
         emit(scaling(target, options).await?);
     }
     if wants(Scenario::Cache) {
-        emit(cache(target, options).await?);
+        emit(crate::cache::cache(target, options).await?);
     }
     println!();
     println!("{}", table(&rows));
@@ -151,7 +156,7 @@ tokens_per_minute = 1000000000000
 
 /// Provider and worker settings of a deployment served by `fake` (with a policy for every
 /// tenant when `policy`).
-fn worker_toml(fake: &FakeLlmServer, max_in_flight: usize, policy: bool) -> String {
+pub(crate) fn worker_toml(fake: &FakeLlmServer, max_in_flight: usize, policy: bool) -> String {
     let policy = if policy { EVERY_TENANT_POLICY } else { "" };
     format!(
         r#"
@@ -167,7 +172,7 @@ default_model = "bench-model"
 }
 
 /// A short answer: 3 deltas, with usage.
-fn short_answer() -> Reply {
+pub(crate) fn short_answer() -> Reply {
     Reply::answer(&["Hello", " from", " the bench"], (12, 3))
 }
 
@@ -179,115 +184,6 @@ fn streamed_answer(chunks: usize, delay: Duration) -> Reply {
         done_marker: true,
         chunk_delay: delay,
     }
-}
-
-/// Publish `n` jobs of `shape` and collect their events (not streamed); fails unless every
-/// job got an `ok` result.
-async fn shaped_round(
-    dep: &Deployment,
-    n: usize,
-    shape: load::Shape,
-    pace: Pace,
-) -> anyhow::Result<(Vec<Instant>, Received)> {
-    let reply_prefix = format!("_INBOX.bench{}", uuid::Uuid::new_v4().simple());
-    let collector = Collector::subscribe(&dep.client, &reply_prefix, n).await?;
-    let collecting = tokio::spawn(collector.collect(Duration::from_secs(60)));
-    let subject = dep.job_subject();
-    let sent =
-        load::publish_shaped(&dep.js, &subject, &reply_prefix, n, (false, shape), pace).await?;
-    let received = collecting.await?;
-    anyhow::ensure!(
-        received.results() == n && received.failed() == 0,
-        "{} of {n} results arrived, {} not ok {:?}",
-        received.results(),
-        received.failed(),
-        received.failures
-    );
-    Ok((sent, received))
-}
-
-/// Publish → result latencies of a round, in ms, sorted.
-fn latencies_ms(sent: &[Instant], received: &Received) -> Vec<f64> {
-    let mut ms: Vec<f64> = sent
-        .iter()
-        .zip(&received.result_at)
-        .filter_map(|(s, r)| r.map(|r| r.duration_since(*s).as_secs_f64() * 1e3))
-        .collect();
-    ms.sort_by(f64::total_cmp);
-    ms
-}
-
-/// The response cache: deterministic jobs answered by the provider (misses, each stored) and
-/// identical ones answered from the cache (hits), at a steady rate and in a burst.
-async fn cache(target: &Target, options: &Options) -> anyhow::Result<Vec<Row>> {
-    let fake = FakeLlmServer::start().await?;
-    fake.bench_mode(false);
-    fake.set_default(short_answer());
-    let mut dep = Deployment::new(
-        target,
-        &worker_toml(&fake, options.max_in_flight, options.tenant_policy),
-    )
-    .await?;
-    let outcome = async {
-        dep.spawn_worker().await?;
-        let n = if options.quick { 1_000 } else { 5_000 };
-        let paced = Pace::Rate(500);
-        let (sent, got) = shaped_round(&dep, n, load::Shape::Distinct, paced).await?;
-        let misses = latencies_ms(&sent, &got);
-        // One answer stored, then the same question again and again.
-        shaped_round(&dep, 1, load::Shape::Same, Pace::Burst).await?;
-        let (sent, got) = shaped_round(&dep, n, load::Shape::Same, paced).await?;
-        let hits = latencies_ms(&sent, &got);
-        let calls = fake.request_count();
-        let cpu_before = dep.cpu_time(0);
-        let (sent, got) = shaped_round(&dep, n, load::Shape::Same, Pace::Burst).await?;
-        let burst = rate(n, &sent, got.last_result().unwrap_or_else(Instant::now));
-        let cpu = cpu_used(cpu_before, dep.cpu_time(0));
-        anyhow::ensure!(
-            fake.request_count() == calls,
-            "{} hits reached the provider",
-            fake.request_count() - calls
-        );
-        let p = |v: &[f64]| {
-            format!(
-                "p50 {:.2} ms, p99 {:.2} ms",
-                percentile(v, 50.0),
-                percentile(v, 99.0)
-            )
-        };
-        let saved = percentile(&misses, 50.0) - percentile(&hits, 50.0);
-        Ok(vec![
-            row(
-                format!(
-                    "cache: {} misses at 500 jobs/s (provider call + store), publish → result",
-                    thousands(n as f64)
-                ),
-                p(&misses),
-                "",
-            ),
-            row(
-                format!(
-                    "cache: {} hits at 500 jobs/s, publish → result",
-                    thousands(n as f64)
-                ),
-                format!("{}; {saved:.2} ms less than a miss at p50", p(&hits)),
-                "",
-            ),
-            row(
-                format!("cache: {} hits, burst", thousands(n as f64)),
-                format!(
-                    "{} jobs/s{}",
-                    thousands(burst),
-                    cpu.map(|c| format!(", {} worker CPU per hit", per_job(c, n)))
-                        .unwrap_or_default()
-                ),
-                "",
-            ),
-        ])
-    }
-    .await;
-    dep.teardown(outcome.is_err()).await;
-    outcome
 }
 
 /// Publish `n` jobs and collect their events; fails unless every job got an `ok` result.
@@ -319,22 +215,22 @@ async fn round(
 }
 
 /// Jobs per second from the first publish to `end`.
-fn rate(n: usize, sent: &[Instant], end: Instant) -> f64 {
+pub(crate) fn rate(n: usize, sent: &[Instant], end: Instant) -> f64 {
     let start = sent.first().copied().unwrap_or(end);
     n as f64 / end.duration_since(start).as_secs_f64().max(1e-9)
 }
 
 /// CPU time used between two readings (`None` when either could not be read).
-fn cpu_used(before: Option<Duration>, after: Option<Duration>) -> Option<Duration> {
+pub(crate) fn cpu_used(before: Option<Duration>, after: Option<Duration>) -> Option<Duration> {
     Some(after?.saturating_sub(before?))
 }
 
 /// CPU time per job, in µs.
-fn per_job(cpu: Duration, jobs: usize) -> String {
+pub(crate) fn per_job(cpu: Duration, jobs: usize) -> String {
     format!("{:.0} µs", cpu.as_secs_f64() * 1e6 / jobs as f64)
 }
 
-fn thousands(v: f64) -> String {
+pub(crate) fn thousands(v: f64) -> String {
     let n = v.round() as u64;
     let s = n.to_string();
     let mut out = String::new();
