@@ -32,6 +32,7 @@
 //!   response and stream-event structs; shared `helpers`; `scripted` (test builds only).
 //! - [`dead`]: the dead-letter stream (jobs and results that failed repeatedly).
 //! - [`cancel`]: cancel requests, remembered in their stream; running jobs' tokens.
+//! - `cache`: the fleet's response cache (KV), and degraded mode; used by `worker::generate`.
 //! - `policy`: tenant budgets, rate and concurrency limits (shared counters in a KV bucket)
 //!   and the weighted fair share of a worker's slots.
 //! - `reply`: publishing chunks and results. [`usage`]: migrations, recorder, reports;
