@@ -1,39 +1,26 @@
 //! The response cache scenario: deterministic jobs answered by the provider (misses, each
 //! stored) and identical ones answered from the cache (hits), at a steady rate and in a burst.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use llm_worker_testkit::FakeLlmServer;
 
 use crate::harness::{Deployment, Target};
-use crate::load::{self, Collector, Pace, Received, percentile};
+use crate::load::{self, Pace, Received, percentile};
 use crate::scenarios::{
-    Options, Row, cpu_used, per_job, rate, row, short_answer, thousands, worker_toml,
+    self, Options, Row, cpu_used, per_job, rate, row, short_answer, thousands, worker_toml,
 };
 
-/// Publish `n` jobs of `shape` and collect their events (not streamed); fails unless every
-/// job got an `ok` result.
+/// `n` jobs of `shape` (not streamed), every one answered `ok`.
 async fn shaped_round(
     dep: &Deployment,
     n: usize,
     shape: load::Shape,
     pace: Pace,
 ) -> anyhow::Result<(Vec<Instant>, Received)> {
-    let reply_prefix = format!("_INBOX.bench{}", uuid::Uuid::new_v4().simple());
-    let collector = Collector::subscribe(&dep.client, &reply_prefix, n).await?;
-    let collecting = tokio::spawn(collector.collect(Duration::from_secs(60)));
     let subject = dep.job_subject();
-    let sent =
-        load::publish_shaped(&dep.js, &subject, &reply_prefix, n, (false, shape), pace).await?;
-    let received = collecting.await?;
-    anyhow::ensure!(
-        received.results() == n && received.failed() == 0,
-        "{} of {n} results arrived, {} not ok {:?}",
-        received.results(),
-        received.failed(),
-        received.failures
-    );
-    Ok((sent, received))
+    let jobs = (n, false, shape);
+    scenarios::shaped_round(&dep.client, &dep.js, &subject, jobs, pace, false).await
 }
 
 /// Publish → result latencies of a round, in ms, sorted.

@@ -196,13 +196,26 @@ async fn round(
     pace: Pace,
     keep_payloads: bool,
 ) -> anyhow::Result<(Vec<Instant>, Received)> {
+    let jobs = (n, stream, load::Shape::Plain);
+    shaped_round(client, js, subject, jobs, pace, keep_payloads).await
+}
+
+/// [`round`] with `n` jobs of `shape`.
+pub(crate) async fn shaped_round(
+    client: &async_nats::Client,
+    js: &async_nats::jetstream::Context,
+    subject: &str,
+    (n, stream, shape): (usize, bool, load::Shape),
+    pace: Pace,
+    keep_payloads: bool,
+) -> anyhow::Result<(Vec<Instant>, Received)> {
     let reply_prefix = format!("_INBOX.bench{}", uuid::Uuid::new_v4().simple());
     let mut collector = Collector::subscribe(client, &reply_prefix, n).await?;
     if keep_payloads {
         collector = collector.keep_payloads();
     }
     let collecting = tokio::spawn(collector.collect(Duration::from_secs(60)));
-    let sent = load::publish(js, subject, &reply_prefix, n, stream, pace).await?;
+    let sent = load::publish_shaped(js, subject, &reply_prefix, n, (stream, shape), pace).await?;
     let received = collecting.await?;
     anyhow::ensure!(
         received.results() == n && received.failed() == 0,
