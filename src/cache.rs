@@ -247,14 +247,7 @@ mod tests {
             stream: true,
         };
         let job = Job {
-            envelope: Envelope {
-                job_id: uuid::Uuid::now_v7(),
-                trace_id: "t".into(),
-                tenant: "acme".into(),
-                task_type: None,
-                reply_to: None,
-                metadata: serde_json::Value::Null,
-            },
+            envelope: Envelope::for_test("acme"),
             kind: JobKind::Generate,
             provider: None,
             model: None,

@@ -259,14 +259,7 @@ mod tests {
 
     #[test]
     fn a_cache_hit_says_so_in_the_summary() {
-        let envelope = crate::job::Envelope {
-            job_id: uuid::Uuid::now_v7(),
-            trace_id: "t".into(),
-            tenant: "default".into(),
-            task_type: None,
-            reply_to: None,
-            metadata: serde_json::Value::Null,
-        };
+        let envelope = crate::job::Envelope::for_test("default");
         let error = crate::event::ErrorBody {
             code: crate::error::ErrorCode::AllProvidersFailed,
             message: String::new(),

@@ -56,14 +56,7 @@ fn job() -> (Job, GenerateRequest) {
         stream: true,
     };
     let job = Job {
-        envelope: Envelope {
-            job_id: uuid::Uuid::now_v7(),
-            trace_id: "t".into(),
-            tenant: "default".into(),
-            task_type: None,
-            reply_to: None,
-            metadata: serde_json::Value::Null,
-        },
+        envelope: Envelope::for_test("default"),
         kind: JobKind::Generate,
         provider: None,
         model: None,

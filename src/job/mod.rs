@@ -81,6 +81,21 @@ pub struct Envelope {
     pub metadata: serde_json::Value,
 }
 
+#[cfg(test)]
+impl Envelope {
+    /// A fresh job's envelope for `tenant`, as unit tests need one.
+    pub(crate) fn for_test(tenant: &str) -> Self {
+        Self {
+            job_id: uuid::Uuid::now_v7(),
+            trace_id: "t".into(),
+            tenant: tenant.into(),
+            task_type: None,
+            reply_to: None,
+            metadata: serde_json::Value::Null,
+        }
+    }
+}
+
 /// A valid job.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Job {
