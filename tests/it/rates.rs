@@ -48,6 +48,17 @@ async fn next_result(sub: &mut async_nats::Subscriber) -> Value {
     }
 }
 
+/// Make sure at least 10 s of the current UTC minute are left, so a burst of jobs lands in
+/// one minute: without the limit it would, and the test would see it. (Waiting for a clock
+/// position: there is no event to await.)
+async fn minute_with_room() {
+    use chrono::Timelike;
+    let second = Utc::now().second();
+    if second >= 50 {
+        tokio::time::sleep(Duration::from_secs(u64::from(61 - second))).await;
+    }
+}
+
 /// The UTC minute a job started in (`received_at`: when a worker began it).
 fn minute(result: &Value) -> String {
     let at: DateTime<Utc> = result["received_at"].as_str().unwrap().parse().unwrap();
@@ -61,6 +72,7 @@ async fn jobs_over_the_requests_per_minute_wait_for_the_next_minute_on_three_wor
     )
     .await;
     let (reply_to, mut sub) = app.reply_inbox().await;
+    minute_with_room().await;
     for _ in 0..9 {
         app.publish(json!({"prompt": "x", "tenant": "metered", "reply_to": reply_to, "stream": false, "timeout_ms": WAIT_MS}))
             .await;
@@ -122,6 +134,7 @@ async fn jobs_over_the_tokens_per_minute_wait_for_the_next_minute_on_three_worke
     let (fake, app, workers) = fleet("[tenants.metered]\ntokens_per_minute = 50\n").await;
     let (reply_to, mut sub) = app.reply_inbox().await;
     let mut per_minute: BTreeMap<String, usize> = BTreeMap::new();
+    minute_with_room().await;
     for _ in 0..6 {
         // One at a time: each job's tokens are counted before the next is published.
         app.publish(json!({"prompt": "x", "tenant": "metered", "reply_to": reply_to, "stream": false, "timeout_ms": WAIT_MS}))
