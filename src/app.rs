@@ -172,6 +172,8 @@ pub async fn start_with(
     let mut reload_handle: Option<Reloader> = None;
     if roles.jobs {
         config.require_providers()?;
+        // The tokenizers load in the background (~0.2 s of CPU), not on a job's time.
+        tokio::task::spawn_blocking(crate::tokens::warm_up);
     }
     let config = Arc::new(config);
     let nats_cfg = Arc::new(config.nats.clone());

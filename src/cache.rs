@@ -87,21 +87,24 @@ struct KeyMaterial<'a> {
     top_p: Option<f64>,
     seed: Option<u32>,
     stop: &'a [String],
+    fit: crate::job::FitMode,
 }
 
 /// `g.` and the hex SHA-256 of what decides `job`'s answer.
 fn key(job: &Job, req: &GenerateRequest, scope: &str, share_across_tenants: bool) -> String {
+    let system = req.system_text();
     let material = KeyMaterial {
         v: 1,
         tenant: (!share_across_tenants).then_some(job.envelope.tenant.as_str()),
         scope,
-        system: req.system.as_deref(),
+        system: system.as_deref(),
         messages: &req.messages,
         temperature: req.options.temperature,
         max_tokens: req.options.max_tokens,
         top_p: req.options.top_p,
         seed: req.options.seed,
         stop: &req.options.stop,
+        fit: req.options.fit,
     };
     let bytes = serde_json::to_vec(&material).unwrap_or_default();
     let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
@@ -245,6 +248,7 @@ mod tests {
                 ..Default::default()
             },
             stream: true,
+            ..Default::default()
         };
         let job = Job {
             envelope: Envelope::for_test("acme"),

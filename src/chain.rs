@@ -29,10 +29,8 @@ use crate::event::{AttemptRecord, ErrorBody, elapsed_ms};
 use crate::health::{Admission, Health};
 use crate::job::{Catalog, GenerateRequest, Job};
 use crate::pricing::PriceBook;
-use crate::providers::{
-    FinishReason, Provider, ProviderEvent, Registry, Usage, estimate_request_tokens,
-    estimate_tokens,
-};
+use crate::providers::{FinishReason, Provider, ProviderEvent, Registry, Usage};
+use crate::tokens::{self, Counter};
 use crate::trust::quote;
 
 /// Longest wait the chain accepts from a provider's Retry-After before falling back instead.
@@ -659,6 +657,8 @@ async fn attempt<S: DeltaSink>(
     let mut finish: Option<FinishReason> = None;
     let mut ttft: Option<Duration> = None;
     let mut started = false;
+    // Text events received: the output estimate of protocols that stream a token per event.
+    let mut text_events: u64 = 0;
 
     // One cancellation waiter for the whole attempt (registered once, not per event).
     let cancelled = cancel.cancelled();
@@ -732,6 +732,7 @@ async fn attempt<S: DeltaSink>(
                         ttft.get_or_insert(last_text - t0);
                         sink.delta(meta, &text).await;
                         output.push_str(&text);
+                        text_events += 1;
                     }
                     Ok(Some(Ok(ProviderEvent::Finish(reason)))) => finish = Some(reason),
                     Ok(Some(Ok(ProviderEvent::Usage(u)))) => usage = Some(u.clamped()),
@@ -742,18 +743,15 @@ async fn attempt<S: DeltaSink>(
             (error, call.http_status)
         }
     };
-    // Reported usage wins; a call that got an answer but no usage is estimated (it may be billed).
-    let (tokens, estimated) = match usage {
-        Some(u) => (u, false),
-        None if started => (
-            Usage {
-                input_tokens: estimate_request_tokens(req),
-                output_tokens: estimate_tokens(&output),
-            },
-            true,
-        ),
-        None => (Usage::default(), false),
-    };
+    let (tokens, estimated) = attempt_usage(
+        provider,
+        &target.model,
+        req,
+        usage,
+        started,
+        error.is_some(),
+        (&output, text_events),
+    );
     let finished_at = Utc::now();
     let record = AttemptRecord {
         attempt: number,
@@ -787,6 +785,45 @@ async fn attempt<S: DeltaSink>(
         (None, None) => Err(ProviderError::new(ErrorCode::Truncated, "no finish signal")),
     };
     (record, result)
+}
+
+/// The tokens an attempt is billed: usage reported by a call that ended normally is final. A
+/// call that got an answer but no usage (cut, cancelled, a server that sends none) is
+/// counted: the prompt with the model's tokenizer ([`crate::tokens`]), the output from its
+/// text events where the protocol sends about one token per event, else with the tokenizer.
+/// Usage seen in a stream that then failed is not final (Gemini repeats a running total with
+/// every chunk): the larger of it and the count, marked estimated.
+fn attempt_usage(
+    provider: &Provider,
+    model: &str,
+    req: &GenerateRequest,
+    reported: Option<Usage>,
+    started: bool,
+    failed: bool,
+    (output, text_events): (&str, u64),
+) -> (Usage, bool) {
+    let counted = |reported: Usage| {
+        let counter = Counter::for_model(model);
+        let input = match reported.input_tokens {
+            0 => tokens::prompt_tokens(&counter, req),
+            n => n,
+        };
+        let output = if provider.one_token_per_event() {
+            text_events
+        } else {
+            counter.count(output)
+        };
+        Usage {
+            input_tokens: input,
+            output_tokens: output.max(reported.output_tokens),
+        }
+    };
+    match reported {
+        Some(u) if !failed => (u, false),
+        Some(u) => (counted(u), true),
+        None if started => (counted(Usage::default()), true),
+        None => (Usage::default(), false),
+    }
 }
 
 fn limit_error(deadline: Instant, before_first_text: bool) -> ProviderError {

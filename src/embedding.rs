@@ -22,7 +22,8 @@ use crate::chain::{
 use crate::error::{Disposition, ErrorCode, ProviderError};
 use crate::event::{AttemptRecord, ErrorBody, elapsed_ms};
 use crate::job::{EmbedRequest, Job};
-use crate::providers::{MAX_REPORTED_TOKENS, estimate_tokens};
+use crate::providers::MAX_REPORTED_TOKENS;
+use crate::tokens;
 
 /// The vectors of a successful job.
 #[derive(Debug, Clone)]
@@ -48,7 +49,7 @@ pub(crate) fn batches(inputs: &[String], max_inputs: usize, max_tokens: u64) -> 
     let mut start = 0;
     let mut tokens = 0u64;
     for (i, text) in inputs.iter().enumerate() {
-        let t = estimate_tokens(text);
+        let t = tokens::rough(text);
         let count = i - start;
         if count > 0 && (count >= max_inputs.max(1) || tokens + t > max_tokens) {
             out.push(&inputs[start..i]);
@@ -294,15 +295,11 @@ async fn call(
     let (input_tokens, estimated, http_status) = match &result {
         Ok(e) => match e.input_tokens {
             Some(t) => (t.min(MAX_REPORTED_TOKENS), false, e.http_status),
-            None => (
-                batch.iter().map(|t| estimate_tokens(t)).sum(),
-                true,
-                e.http_status,
-            ),
+            None => (count_inputs(&target.model, batch), true, e.http_status),
         },
         // The request went out: the provider may bill it.
         Err(e) if e.code == ErrorCode::Cancelled => {
-            (batch.iter().map(|t| estimate_tokens(t)).sum(), true, None)
+            (count_inputs(&target.model, batch), true, None)
         }
         Err(e) => (0, false, e.http_status),
     };
@@ -326,6 +323,12 @@ async fn call(
         finished_at,
     };
     (record, result.map(|e| e.vectors))
+}
+
+/// Tokens of embedding inputs the provider did not count (`crate::tokens`).
+fn count_inputs(model: &str, inputs: &[String]) -> u64 {
+    let counter = tokens::Counter::for_model(model);
+    inputs.iter().map(|t| counter.count(t)).sum()
 }
 
 #[cfg(test)]

@@ -72,6 +72,7 @@ pub(crate) mod reply;
 pub mod status;
 pub mod submit;
 pub mod telemetry;
+pub mod tokens;
 pub mod trust;
 pub mod usage;
 pub(crate) mod worker;

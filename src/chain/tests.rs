@@ -54,6 +54,7 @@ fn job() -> (Job, GenerateRequest) {
         }],
         options: GenerateOptions::default(),
         stream: true,
+        ..Default::default()
     };
     let job = Job {
         envelope: Envelope::for_test("default"),

@@ -374,17 +374,9 @@ fn generate_request(w: &WireGenerate, bounds: &LimitsConfig) -> Result<GenerateR
     if messages.is_empty() {
         return Err("prompt: a job needs a non-empty prompt or messages".into());
     }
-    if let Some(context) = w.context.as_ref().filter(|c| !c.is_empty()) {
-        // Retrieval context goes into the system prompt, most relevant first, numbered.
-        let mut block = String::from("Context:\n");
-        for (i, c) in context.iter().enumerate() {
-            block.push_str(&format!("[{}] {}\n", i + 1, c));
-        }
-        system = Some(match system {
-            Some(s) => format!("{s}\n\n{block}"),
-            None => block,
-        });
-    }
+    // Retrieval context stays apart (most relevant first) until the request is sent: context
+    // fitting may drop its last chunks (`GenerateRequest::system_text` joins it).
+    let context = w.context.clone().unwrap_or_default();
     let o = &w.options;
     if let Some(t) = o.temperature
         && !(0.0..=2.0).contains(&t)
@@ -429,6 +421,7 @@ fn generate_request(w: &WireGenerate, bounds: &LimitsConfig) -> Result<GenerateR
     }
     Ok(GenerateRequest {
         system,
+        context,
         messages,
         options: GenerateOptions {
             temperature: o.temperature,
@@ -436,6 +429,7 @@ fn generate_request(w: &WireGenerate, bounds: &LimitsConfig) -> Result<GenerateR
             top_p: o.top_p,
             seed: o.seed,
             stop,
+            fit: o.fit.unwrap_or_default(),
         },
         stream: w.stream.unwrap_or(true),
     })

@@ -88,11 +88,27 @@ fn prompt_is_appended_after_messages_and_system_messages_join_the_system_prompt(
     };
     let roles: Vec<_> = g.messages.iter().map(|m| m.content.as_str()).collect();
     assert_eq!(roles, ["a", "b", "c"]);
-    let system = g.system.unwrap();
-    assert!(
-        system.starts_with("S\n\nT") && system.contains("[1] k1"),
-        "{system}"
+    assert_eq!(g.system.as_deref(), Some("S\n\nT"));
+    assert_eq!(g.context, ["k1"]);
+    // Providers get the context block after the system prompt.
+    let sent = g.as_sent();
+    assert_eq!(sent.system.as_deref(), Some("S\n\nT\n\nContext:\n[1] k1\n"));
+    assert!(sent.context.is_empty());
+}
+
+#[test]
+fn options_fit_is_trim_by_default_or_strict_and_nothing_else() {
+    let g = |json: &str| match gen_job(json).map(|j| j.body) {
+        Ok(JobBody::Generate(g)) => Ok(g.options.fit),
+        Ok(_) => panic!(),
+        Err(e) => Err(e.reason),
+    };
+    assert_eq!(g(r#"{"prompt":"p"}"#), Ok(FitMode::Trim));
+    assert_eq!(
+        g(r#"{"prompt":"p","options":{"fit":"strict"}}"#),
+        Ok(FitMode::Strict)
     );
+    assert!(g(r#"{"prompt":"p","options":{"fit":"squeeze"}}"#).is_err());
 }
 
 #[test]

@@ -42,6 +42,8 @@ pub(super) struct WireGenerateOptions {
     pub(super) top_p: Option<f64>,
     pub(super) seed: Option<u32>,
     pub(super) stop: Option<StopWire>,
+    /// `trim` or `strict` (context fitting).
+    pub(super) fit: Option<super::FitMode>,
 }
 
 #[derive(Deserialize)]

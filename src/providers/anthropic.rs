@@ -506,6 +506,7 @@ mod tests {
             }],
             options: Default::default(),
             stream: true,
+            ..Default::default()
         };
         let body = serde_json::to_value(request_body("claude", &req, 1024)).unwrap();
         assert_eq!(body["system"], "be brief");

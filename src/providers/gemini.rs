@@ -558,6 +558,7 @@ mod tests {
                 ..Default::default()
             },
             stream: true,
+            ..Default::default()
         };
         let body = serde_json::to_value(request_body(&req)).unwrap();
         assert_eq!(body["generationConfig"]["maxOutputTokens"], 9);

@@ -235,12 +235,14 @@ impl Provider {
     }
 
     /// Start one generation call. Errors before the first byte of the answer are returned here;
-    /// errors after it arrive inside the stream.
+    /// errors after it arrive inside the stream. The protocol modules get the request with its
+    /// context block joined to the system prompt.
     pub async fn generate(
         &self,
         model: &str,
         req: &GenerateRequest,
     ) -> Result<Call, ProviderError> {
+        let req = &*req.as_sent();
         match &self.imp {
             ProviderImpl::OpenAi(p) => p.generate(model, req).await,
             ProviderImpl::Anthropic(p) => p.generate(model, req).await,
@@ -293,6 +295,18 @@ impl Provider {
     /// removed: some providers quote the key, masked or not, in auth errors.
     pub fn redact(&self, message: &str) -> String {
         helpers::redact(message, self.key.as_ref())
+    }
+
+    /// Whether the protocol streams about one token per text event (OpenAI-compatible
+    /// servers and Ollama do; Anthropic and Gemini send larger pieces): then the events of a
+    /// stream cut before its usage count its output tokens.
+    pub fn one_token_per_event(&self) -> bool {
+        match &self.imp {
+            ProviderImpl::OpenAi(_) | ProviderImpl::Ollama(_) => true,
+            ProviderImpl::Anthropic(_) | ProviderImpl::Gemini(_) => false,
+            #[cfg(test)]
+            ProviderImpl::Scripted(_) => true,
+        }
     }
 
     /// Whether a job may pin `model` on this provider.
@@ -388,22 +402,6 @@ pub fn install_crypto_provider() {
         // Err means another provider was installed first; that one serves as well.
         let _ = rustls::crypto::ring::default_provider().install_default();
     });
-}
-
-/// Rough token count for text a provider did not count (about four characters per token for
-/// English with cl100k/o200k). Marked `tokens_estimated` wherever it is used.
-pub fn estimate_tokens(text: &str) -> u64 {
-    let chars = text.chars().count() as u64;
-    chars.div_ceil(4)
-}
-
-/// Estimated prompt size of a request (system + messages).
-pub fn estimate_request_tokens(req: &GenerateRequest) -> u64 {
-    let mut n = req.system.as_deref().map(estimate_tokens).unwrap_or(0);
-    for m in &req.messages {
-        n += estimate_tokens(&m.content) + 4;
-    }
-    n
 }
 
 /// Bounds on what a provider may answer (`[limits]`); going over one fails the attempt with
@@ -645,11 +643,5 @@ mod tests {
         }
         .clamped();
         assert_eq!((u.input_tokens, u.output_tokens), (MAX_REPORTED_TOKENS, 7));
-    }
-
-    #[test]
-    fn estimates_round_up() {
-        assert_eq!(estimate_tokens(""), 0);
-        assert_eq!(estimate_tokens("abcde"), 2);
     }
 }

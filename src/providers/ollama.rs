@@ -414,6 +414,7 @@ mod tests {
                 ..Default::default()
             },
             stream: false,
+            ..Default::default()
         };
         let body = serde_json::to_value(request_body("llama3.2", &req)).unwrap();
         assert_eq!(body["stream"], false);

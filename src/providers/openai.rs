@@ -529,6 +529,7 @@ mod tests {
                 ..Default::default()
             },
             stream: true,
+            ..Default::default()
         };
         let v = serde_json::to_value(request_body("m", &req, MaxTokensField::MaxCompletionTokens))
             .unwrap();

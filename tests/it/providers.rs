@@ -289,6 +289,70 @@ async fn a_stream_cut_mid_answer_is_truncated_never_a_success() {
 }
 
 #[tokio::test]
+async fn a_stream_cut_before_its_usage_counts_one_token_per_event_where_the_protocol_sends_one() {
+    // OpenAI-compatible servers and Ollama stream about one token per event: 40 one-token
+    // events are 40 output tokens, not characters / 4.
+    // (The old estimate, four characters per token, made 60 tokens of these 40 words.)
+    let deltas: Vec<String> = vec![" hello".to_string(); 40];
+    for kind in ["openai", "ollama"] {
+        let (fake, chain) = single(kind).await;
+        fake.set_default(Reply::Cut {
+            deltas: deltas.clone(),
+        });
+        let (o, sink) = run(&chain, json!({"prompt": "count to forty"})).await;
+        assert_eq!(sink.0.len(), 80, "{kind}: two attempts of 40 events");
+        for a in &o.attempts {
+            assert!(a.tokens_estimated, "{kind}");
+            let off = (a.output_tokens as f64 - 40.0).abs() / 40.0;
+            assert!(
+                off <= 0.10,
+                "{kind}: {} output tokens for 40 events",
+                a.output_tokens
+            );
+            assert!(a.input_tokens > 0, "{kind}: the prompt is counted");
+        }
+    }
+}
+
+#[tokio::test]
+async fn usage_seen_in_a_gemini_stream_that_then_breaks_is_not_final() {
+    // Gemini repeats a running total with every chunk; this stream's total lags the text
+    // (9 tokens reported after 12 one-token chunks), then a malformed chunk breaks it.
+    let fake = FakeLlmServer::start().await.unwrap();
+    let (chain, _) = chain(&section(
+        "p",
+        "gemini",
+        &provider_base_url("gemini", &fake),
+        "gemini-2.0-flash",
+        "max_retries = 0",
+    ));
+    let mut chunks: Vec<String> = (0..12u64)
+        .map(|i| {
+            json!({"candidates": [{"content": {"parts": [{"text": " tok"}], "role": "model"}, "index": 0}],
+                   "usageMetadata": {"promptTokenCount": 5, "candidatesTokenCount": (i + 1) * 3 / 4,
+                                     "totalTokenCount": 5 + (i + 1) * 3 / 4}})
+            .to_string()
+        })
+        .collect();
+    chunks.push("{\"candidates\": [{\"content\"".into());
+    fake.set_default(Reply::RawStream(chunks));
+    let (o, _) = run(&chain, json!({"prompt": "hi"})).await;
+    assert!(o.result.is_err());
+    let a = &o.attempts[0];
+    assert_eq!(
+        a.error.as_ref().map(|e| e.code),
+        Some(ErrorCode::MalformedResponse)
+    );
+    assert!(a.tokens_estimated, "a running total is not the bill");
+    assert!(
+        (12..=16).contains(&a.output_tokens),
+        "the larger of 9 reported and the 12 tokens counted: {}",
+        a.output_tokens
+    );
+    assert_eq!(a.input_tokens, 5, "the reported prompt count stands");
+}
+
+#[tokio::test]
 async fn a_complete_answer_without_its_terminal_marker_is_a_success() {
     for kind in FLAVORS {
         let (fake, chain) = single(kind).await;
