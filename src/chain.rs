@@ -24,6 +24,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, RouteEntry, Strategy};
+use crate::context::{self, Fit, TooLong, Trimmed};
 use crate::error::{Disposition, ErrorCode, ProviderError};
 use crate::event::{AttemptRecord, ErrorBody, elapsed_ms};
 use crate::health::{Admission, Health};
@@ -88,6 +89,8 @@ pub struct Success {
     pub output: String,
     pub finish_reason: String,
     pub usage: Usage,
+    /// What context fitting removed to make the request fit this attempt's model.
+    pub context_trimmed: Option<Trimmed>,
 }
 
 /// Everything the chain did for one job.
@@ -269,8 +272,17 @@ impl Chain {
         let targets = self.plan(job);
         let mut attempts: Vec<AttemptRecord> = Vec::new();
         let mut skipped: Vec<String> = Vec::new();
+        let mut too_long: Vec<(String, TooLong)> = Vec::new();
         let mut timed_out = false;
         'targets: for target in &targets {
+            let (sent, trimmed) = match fit(target, req).await {
+                Ok(fitted) => fitted,
+                Err(t) => {
+                    too_long.push((format!("{}:{}", target.provider.name, target.model), t));
+                    continue 'targets;
+                }
+            };
+            let req = &*sent;
             let mut backoff = retry_delays(&target.provider);
             loop {
                 let admitted = match self
@@ -308,7 +320,8 @@ impl Chain {
                     deadline,
                     &mut attempts,
                 ) {
-                    Settled::Done(success) => {
+                    Settled::Done(mut success) => {
+                        success.context_trimmed = trimmed;
                         return Outcome {
                             attempts,
                             result: Ok(success),
@@ -336,11 +349,69 @@ impl Chain {
                 }
             }
         }
-        let error = chain_error(&attempts, &skipped, timed_out, targets.is_empty());
+        let error = match too_long.iter().max_by_key(|(_, t)| t.window) {
+            // No model of the route can take the prompt: nothing was sent.
+            Some((name, t)) if attempts.is_empty() && skipped.is_empty() && !timed_out => {
+                ErrorBody {
+                    code: ErrorCode::ContextTooLong,
+                    message: format!(
+                        "no model of the route can take it: {name} has the largest window: {}",
+                        t.describe()
+                    ),
+                    retryable: false,
+                }
+            }
+            _ => {
+                let mut error = chain_error(&attempts, &skipped, timed_out, targets.is_empty());
+                if !too_long.is_empty() {
+                    let names: Vec<&str> = too_long.iter().map(|(n, _)| n.as_str()).collect();
+                    error.message.push_str(&format!(
+                        "; not sent (context too long): {}",
+                        names.join(", ")
+                    ));
+                }
+                error
+            }
+        };
         Outcome {
             attempts,
             result: Err(error),
         }
+    }
+}
+
+/// Prompts larger than this are fitted on a blocking thread (counting ~100k tokens takes
+/// ~15 ms of CPU, which an async worker thread should not spend).
+const FIT_INLINE_BYTES: usize = 64 * 1024;
+
+/// `req` as it fits `target`'s model ([`crate::context`]), and what was removed; why not
+/// when it cannot fit.
+async fn fit<'r>(
+    target: &Target,
+    req: &'r GenerateRequest,
+) -> Result<(std::borrow::Cow<'r, GenerateRequest>, Option<Trimmed>), TooLong> {
+    use std::borrow::Cow;
+    let Some(window) = target.provider.context_window(&target.model) else {
+        return Ok((Cow::Borrowed(req), None));
+    };
+    let bytes = req.system.as_ref().map_or(0, String::len)
+        + req.context.iter().map(String::len).sum::<usize>()
+        + req.messages.iter().map(|m| m.content.len()).sum::<usize>();
+    let fitted = if bytes > FIT_INLINE_BYTES {
+        let owned = req.clone();
+        tokio::task::spawn_blocking(move || context::fit(&owned, window))
+            .await
+            .unwrap_or(Fit::AsIs)
+    } else {
+        context::fit(req, window)
+    };
+    match fitted {
+        Fit::AsIs => Ok((Cow::Borrowed(req), None)),
+        Fit::Trimmed(sent, trimmed) => {
+            tracing::debug!(?trimmed, model = %target.model, "context fitted to the window");
+            Ok((Cow::Owned(*sent), Some(trimmed)))
+        }
+        Fit::TooLong(t) => Err(t),
     }
 }
 
@@ -781,6 +852,7 @@ async fn attempt<S: DeltaSink>(
             output,
             finish_reason: finish_reason.as_str().to_string(),
             usage: tokens,
+            context_trimmed: None,
         }),
         (None, None) => Err(ProviderError::new(ErrorCode::Truncated, "no finish signal")),
     };

@@ -119,6 +119,9 @@ pub struct ResultEvent {
     /// A cached answer past its TTL, served because every provider failed (degraded mode).
     #[serde(skip_serializing_if = "std::ops::Not::not", default)]
     pub stale: bool,
+    /// What context fitting removed so the prompt fit the final attempt's model.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub context_trimmed: Option<crate::context::Trimmed>,
     pub processing_time_ms: u64,
     pub error: Option<ErrorBody>,
     // Beyond the contract's example, for the usage ledger (clients ignore unknown fields).
@@ -161,6 +164,7 @@ impl ResultEvent {
             cache_hit: false,
             cache: None,
             stale: false,
+            context_trimmed: None,
             processing_time_ms: elapsed_ms(received_at, finished_at),
             error: Some(error),
             job_kind: kind,

@@ -54,6 +54,7 @@ pub(crate) mod cache;
 pub mod cancel;
 pub mod chain;
 pub mod config;
+pub mod context;
 pub mod dead;
 pub mod embedding;
 pub mod error;

@@ -569,6 +569,7 @@ impl<O: Outbox> Worker<O> {
                 result.model_used = Some(success.model);
                 result.provider = Some(success.provider);
                 result.attempt = Some(success.attempt);
+                result.context_trimmed = success.context_trimmed;
                 tracing::debug!(attempts = attempts.len(), "job done");
             }
             Ok(Answer::Vectors(success)) => {

@@ -105,6 +105,9 @@ pub struct ProviderConfig {
     pub max_concurrent: Option<usize>,
     /// At most this many requests per minute from one process (spaced evenly; queued beyond).
     pub requests_per_minute: Option<u32>,
+    /// Context windows in tokens by model (exact names, `prefix*`, or `*` for any other),
+    /// over the built-in table (`crate::context`).
+    pub context_windows: std::collections::BTreeMap<String, u32>,
 }
 
 impl ProviderConfig {
@@ -126,6 +129,7 @@ impl ProviderConfig {
             retry_max_delay_ms: 20_000,
             max_concurrent: None,
             requests_per_minute: None,
+            context_windows: Default::default(),
         }
     }
 }
@@ -151,6 +155,7 @@ macro_rules! provider_table {
             retry_max_delay_ms: Option<u64>,
             max_concurrent: Option<usize>,
             requests_per_minute: Option<u32>,
+            context_windows: Option<std::collections::BTreeMap<String, u32>>,
             $($own: Option<$ty>,)*
         }
 
@@ -173,6 +178,7 @@ macro_rules! provider_table {
                     retry_max_delay_ms: self.retry_max_delay_ms.unwrap_or(d.retry_max_delay_ms),
                     max_concurrent: self.max_concurrent,
                     requests_per_minute: self.requests_per_minute,
+                    context_windows: self.context_windows.unwrap_or_default(),
                     ..d
                 }
             }

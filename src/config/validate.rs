@@ -116,6 +116,12 @@ impl Config {
                     "a provider name must be non-empty and contain no ':'",
                 ));
             }
+            if let Some((model, _)) = p.context_windows.iter().find(|(_, w)| **w == 0) {
+                return Err(invalid(
+                    format!("providers.{name}.context_windows.{model}"),
+                    "a context window is a positive number of tokens",
+                ));
+            }
             if matches!(p.api, Api::Openai { .. }) {
                 let base = p.base_url.as_deref().ok_or_else(|| {
                     invalid(

@@ -45,6 +45,11 @@ impl Anthropic {
         })
     }
 
+    /// `max_tokens` sent when a job sets none.
+    pub fn default_max_tokens(&self) -> u32 {
+        self.default_max_tokens
+    }
+
     pub async fn generate(
         &self,
         model: &str,

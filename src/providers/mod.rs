@@ -156,6 +156,8 @@ pub struct Provider {
     pub embedding: Option<EmbedBatching>,
     /// Models a job may pin (exact, or `prefix*`); `None` allows any. Route models always go.
     models: Option<Vec<String>>,
+    /// Configured context windows by model (exact, `prefix*`, `*`).
+    context_windows: BTreeMap<String, u32>,
     imp: ProviderImpl,
 }
 
@@ -230,6 +232,7 @@ impl Provider {
             key: cfg.api_key.clone(),
             embedding: cfg.api.embedding(),
             models: cfg.models.clone(),
+            context_windows: cfg.context_windows.clone(),
             imp,
         })
     }
@@ -307,6 +310,29 @@ impl Provider {
             #[cfg(test)]
             ProviderImpl::Scripted(_) => true,
         }
+    }
+
+    /// How `model` takes prompts on this provider: the configured window (an exact name, else
+    /// the longest `prefix*`, else `*`), else the built-in table; `None` when unknown (the
+    /// request is then sent as it is).
+    pub fn context_window(&self, model: &str) -> Option<crate::context::Window> {
+        let configured = self.context_windows.get(model).copied().or_else(|| {
+            self.context_windows
+                .iter()
+                .filter_map(|(k, w)| Some((k.strip_suffix('*')?, *w)))
+                .filter(|(prefix, _)| model.starts_with(prefix))
+                .max_by_key(|(prefix, _)| prefix.len())
+                .map(|(_, w)| w)
+        });
+        let tokens = configured.or_else(|| crate::context::builtin(model))?;
+        Some(crate::context::Window {
+            tokens,
+            counter: crate::tokens::Counter::for_model(model),
+            default_reserve: match &self.imp {
+                ProviderImpl::Anthropic(a) => Some(a.default_max_tokens()),
+                _ => None,
+            },
+        })
     }
 
     /// Whether a job may pin `model` on this provider.

@@ -10,6 +10,7 @@
 mod budgets;
 mod cache;
 mod cancel;
+mod context;
 mod embed;
 mod fairness;
 mod fuzz_corpus;

@@ -71,6 +71,7 @@ fn result(job_id: Uuid) -> ResultEvent {
         cache_hit: false,
         cache: None,
         stale: false,
+        context_trimmed: None,
         processing_time_ms: 600,
         error: None,
         job_kind: JobKind::Generate,
