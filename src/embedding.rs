@@ -32,8 +32,21 @@ pub struct EmbedSuccess {
     pub attempt: u32,
     pub provider: String,
     pub model: String,
+    /// One per input embedded: the `first_inputs` when [`EmbedSuccess::partial`], else every
+    /// input of the job.
     pub vectors: Vec<Vec<f32>>,
     pub input_tokens: u64,
+    /// The route's first entry embedded only the `first_inputs` it was given.
+    pub partial: bool,
+}
+
+/// What bounds one job's vectors.
+#[derive(Debug, Clone, Copy)]
+pub struct EmbedRules {
+    /// The route may fall back to vectors of another size (`embed_mixed_dimensions`).
+    pub mixed_dimensions: bool,
+    /// Room for the vectors in the result (the NATS server's max payload less the rest).
+    pub max_vector_bytes: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -65,20 +78,28 @@ pub(crate) fn batches(inputs: &[String], max_inputs: usize, max_tokens: u64) -> 
 }
 
 impl Chain {
-    /// Embed a job's inputs through its route. `max_vector_bytes` is how much room the
-    /// result has for its vectors (the NATS server's max payload, less the rest): a job whose
+    /// Embed a job's inputs through its route. `rules.max_vector_bytes` is how much room the
+    /// result has for its vectors: a job whose
     /// vectors cannot fit is answered `payload_too_large` before any call when the vector size
     /// is known (asked for, or learned from the route's first entry), else right after its
     /// first batch shows how large they are, never after embedding everything.
+    ///
+    /// With `first_inputs` (the inputs the vector cache does not hold for the route's first
+    /// entry), that entry embeds only those; a fallback entry embeds every input, since
+    /// cached vectors of the first entry's model must not mix with its own.
     pub async fn embed(
         &self,
         job: &Job,
         req: &EmbedRequest,
+        first_inputs: Option<&[String]>,
         deadline: Instant,
         cancel: &CancellationToken,
-        mixed_dimensions: bool,
-        max_vector_bytes: usize,
+        rules: EmbedRules,
     ) -> EmbedOutcome {
+        let EmbedRules {
+            mixed_dimensions,
+            max_vector_bytes,
+        } = rules;
         let targets = self.plan(job);
         let mut attempts: Vec<AttemptRecord> = Vec::new();
         let mut skipped = Vec::new();
@@ -106,9 +127,11 @@ impl Chain {
             let Some(batching) = provider.embedding else {
                 continue 'targets;
             };
-            let mut vectors: Vec<Vec<f32>> = Vec::with_capacity(req.input.len());
+            let partial = index == 0 && first_inputs.is_some();
+            let inputs = first_inputs.filter(|_| index == 0).unwrap_or(&req.input);
+            let mut vectors: Vec<Vec<f32>> = Vec::with_capacity(inputs.len());
             let mut tokens = 0u64;
-            for batch in batches(&req.input, batching.batch_size, batching.batch_tokens) {
+            for batch in batches(inputs, batching.batch_size, batching.batch_tokens) {
                 let mut backoff = retry_delays(provider);
                 loop {
                     let admitted = match self
@@ -227,6 +250,7 @@ impl Chain {
                     model: target.model.clone(),
                     vectors,
                     input_tokens: tokens,
+                    partial,
                 }),
                 attempts,
             };

@@ -90,6 +90,9 @@ pub struct CacheSaving {
     pub saved_output_tokens: u64,
     /// `null` when the original call's price was unknown.
     pub saved_cost_usd: Option<f64>,
+    /// Embedding jobs: how many inputs' vectors came from the cache.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub cached_inputs: Option<usize>,
 }
 
 /// The single final event of a job.

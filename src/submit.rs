@@ -280,6 +280,7 @@ mod tests {
             saved_input_tokens: 3,
             saved_output_tokens: 40,
             saved_cost_usd: None,
+            cached_inputs: None,
         });
         let line = summary(&r);
         assert!(

@@ -12,6 +12,7 @@
 //! The message and where its events go are the [`JobMessage`] and [`Outbox`] traits
 //! ([`outbox`]), so these decisions are unit-tested without JetStream.
 
+mod embed;
 mod generate;
 pub mod outbox;
 #[cfg(test)]
@@ -62,6 +63,15 @@ fn requeue(delivered: i64) -> AckKind {
 enum Answer {
     Text(crate::chain::Success),
     Vectors(crate::embedding::EmbedSuccess),
+}
+
+/// The error of an embedding job on a worker that does not embed.
+fn no_embedding() -> ErrorBody {
+    ErrorBody {
+        code: ErrorCode::AllProvidersFailed,
+        message: "embedding is not configured on this worker".into(),
+        retryable: false,
+    }
 }
 
 /// How a decoded job came to start.
@@ -490,7 +500,6 @@ impl<O: Outbox> Worker<O> {
         deadline: Instant,
         cancel: &CancellationToken,
     ) -> ResultEvent {
-        let env = &job.envelope;
         let (attempts, answer) = match &job.body {
             JobBody::Generate(req) => {
                 return self
@@ -498,25 +507,12 @@ impl<O: Outbox> Worker<O> {
                     .await;
             }
             JobBody::Embed(req) => match &routing.embed {
-                Some((chain, mixed)) => {
-                    let task = env.task_type.as_deref().unwrap_or("default");
-                    // Room for vectors: the payload limit less the rest of the result (its
-                    // metadata at most, and ids, attempts and timings within a margin).
-                    let room = self.outbox.max_payload().saturating_sub(
-                        PAYLOAD_HEADROOM + routing.limits.bounds.max_metadata_bytes + RESULT_MARGIN,
-                    );
-                    let mixed = mixed.iter().any(|r| r == task);
-                    let o = chain.embed(job, req, deadline, cancel, mixed, room).await;
-                    (o.attempts, o.result.map(Answer::Vectors))
+                Some(_) => {
+                    return self
+                        .embed(routing, job, req, received_at, deadline, cancel)
+                        .await;
                 }
-                None => (
-                    Vec::new(),
-                    Err(ErrorBody {
-                        code: ErrorCode::AllProvidersFailed,
-                        message: "embedding is not configured on this worker".into(),
-                        retryable: false,
-                    }),
-                ),
+                None => (Vec::new(), Err(no_embedding())),
             },
         };
         self.result_of(job, attempts, answer, received_at)

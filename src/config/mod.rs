@@ -97,6 +97,9 @@ pub struct CacheConfig {
     /// cached answer up to this much older than `ttl_secs` is served (`stale: true`).
     /// 0: never.
     pub max_stale_secs: u64,
+    /// Cache embedding vectors per input text (on: an embedding is deterministic). Jobs and
+    /// tenant policies can still say `off`.
+    pub embeddings: bool,
 }
 
 impl Default for CacheConfig {
@@ -107,6 +110,7 @@ impl Default for CacheConfig {
             max_bytes: 1 << 30,
             share_across_tenants: false,
             max_stale_secs: 0,
+            embeddings: true,
         }
     }
 }

@@ -108,7 +108,7 @@ pub fn decode(
                 w.model,
                 w.timeout_ms,
                 (w.deadline, w.expires_in_ms),
-                None,
+                w.cache,
                 body,
             )
         }

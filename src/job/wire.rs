@@ -63,6 +63,8 @@ pub(super) struct WireEmbed {
     pub(super) timeout_ms: Option<u64>,
     pub(super) deadline: Option<String>,
     pub(super) expires_in_ms: Option<u64>,
+    /// `use`, `refresh` or `off` (the vector cache).
+    pub(super) cache: Option<super::CacheMode>,
 }
 
 #[derive(Deserialize, Default)]

@@ -129,6 +129,7 @@ async fn answer_from_cache(
         saved_input_tokens: hit.input_tokens,
         saved_output_tokens: hit.output_tokens,
         saved_cost_usd: hit.cost_usd,
+        cached_inputs: None,
     });
     result.output = Some(hit.output);
     result.finish_reason = Some(hit.finish_reason);

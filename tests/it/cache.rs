@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use llm_worker_testkit::{FakeLlmServer, Reply};
+use llm_worker_testkit::{FakeLlmServer, Reply, fake_vector};
 use serde_json::{Value, json};
 
 use crate::helpers::{Reply as Events, TestApp, collect_reply, openai_provider};
@@ -195,5 +195,80 @@ async fn when_every_provider_fails_a_stale_answer_is_served_and_the_failures_are
         unknown["error"]["code"], "all_providers_failed",
         "{unknown}"
     );
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn a_partly_cached_embedding_batch_sends_only_the_missing_inputs() {
+    let fake = FakeLlmServer::start().await.unwrap();
+    // Any answer but `Vectors`: vectors of the asked dimensions, else 8.
+    fake.set_default(Reply::answer(&["-"], (1, 1)));
+    let mut app = TestApp::new(&openai_provider("openai", &fake.base_url(), "embed-model")).await;
+    app.start_worker().await;
+    let embed = |job: Value| {
+        let app = &app;
+        async move {
+            let (reply_to, mut sub) = app.reply_inbox().await;
+            let mut job = job;
+            job["reply_to"] = json!(reply_to);
+            app.publish_to("embed", job).await;
+            collect_reply(&mut sub).await.result
+        }
+    };
+    let vectors = |r: &Value| -> Vec<Vec<f32>> {
+        serde_json::from_value(r["embeddings"].clone()).unwrap_or_else(|e| panic!("{e}: {r}"))
+    };
+    let expected =
+        |texts: &[&str]| -> Vec<Vec<f32>> { texts.iter().map(|t| fake_vector(t, 8)).collect() };
+    let sent = |i: usize| fake.requests()[i]["input"].clone();
+
+    let r = embed(json!({"input": ["alpha", "beta", "gamma"]})).await;
+    assert_eq!(r["status"], "ok", "{r}");
+    assert_eq!(r["cache_hit"], false);
+    assert_eq!(sent(0), json!(["alpha", "beta", "gamma"]));
+
+    // Two of four known: only the other two reach the provider, the answer keeps input order.
+    let r = embed(json!({"input": ["beta", "delta", "alpha", "epsilon"]})).await;
+    assert_eq!(r["status"], "ok", "{r}");
+    assert_eq!(fake.request_count(), 2);
+    assert_eq!(sent(1), json!(["delta", "epsilon"]));
+    assert_eq!(
+        vectors(&r),
+        expected(&["beta", "delta", "alpha", "epsilon"])
+    );
+    assert_eq!(r["cache_hit"], false, "partly cached: {r}");
+    assert_eq!(r["cache"]["cached_inputs"], 2, "{r}");
+    assert!(
+        r["cache"]["saved_input_tokens"].as_u64().unwrap() > 0,
+        "{r}"
+    );
+
+    // All known: no call at all.
+    let r = embed(json!({"input": ["gamma", "delta"]})).await;
+    assert_eq!(r["cache_hit"], true, "{r}");
+    assert_eq!(vectors(&r), expected(&["gamma", "delta"]));
+    assert_eq!((&r["attempts"], &r["attempt"]), (&json!([]), &json!(0)));
+    assert_eq!(r["tokens_used"]["input"], 0);
+    assert_eq!(r["model_used"], "embed-model");
+    assert_eq!(fake.request_count(), 2);
+
+    // Not across tenants, dimensions, or when the job says off.
+    let r = embed(json!({"input": ["alpha"], "tenant": "globex"})).await;
+    assert_eq!(r["cache_hit"], false);
+    let r = embed(json!({"input": ["alpha"], "options": {"dimensions": 4}})).await;
+    assert_eq!(
+        (r["cache_hit"].clone(), vectors(&r)[0].len()),
+        (json!(false), 4)
+    );
+    let r = embed(json!({"input": ["alpha"], "cache": "off"})).await;
+    assert_eq!(r["cache_hit"], false);
+    assert_eq!(fake.request_count(), 5);
+
+    // The ledger counts the hit and what it saved.
+    app.wait_count(
+        "SELECT count(*) FROM llm_jobs WHERE kind = 'embed' AND cache_hit AND cache_saved_input_tokens > 0",
+        1,
+    )
+    .await;
     app.teardown().await;
 }

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use llm_worker::chain::Chain;
 use llm_worker::config::Config;
-use llm_worker::embedding::EmbedOutcome;
+use llm_worker::embedding::{EmbedOutcome, EmbedRules};
 use llm_worker::error::ErrorCode;
 use llm_worker::health::Health;
 use llm_worker::job::{JobBody, JobKind};
@@ -46,10 +46,13 @@ async fn run(chain: &Chain, v: Value, mixed: bool) -> EmbedOutcome {
         .embed(
             &job,
             req,
+            None,
             tokio::time::Instant::now() + job.timeout,
             &tokio_util::sync::CancellationToken::new(),
-            mixed,
-            usize::MAX,
+            EmbedRules {
+                mixed_dimensions: mixed,
+                max_vector_bytes: usize::MAX,
+            },
         )
         .await
 }
@@ -339,4 +342,43 @@ async fn embed_mixed_dimensions_in_the_config_lets_a_fallback_change_the_size_th
     assert_eq!(accepted["status"], "ok", "{accepted}");
     assert_eq!(accepted["embeddings"][0].as_array().unwrap().len(), 4);
     app.teardown().await;
+}
+
+#[tokio::test]
+async fn only_the_first_entry_gets_the_uncached_inputs_a_fallback_embeds_them_all() {
+    let (primary, backup, chain) = two().await;
+    let job = decode_job(
+        JobKind::Embed,
+        &json!({"input": ["known", "new"], "options": {"dimensions": 8}}),
+        &chain,
+    );
+    let JobBody::Embed(req) = &job.body else {
+        unreachable!()
+    };
+    let missing = ["new".to_string()];
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let embed = || {
+        chain.embed(
+            &job,
+            req,
+            Some(&missing),
+            tokio::time::Instant::now() + job.timeout,
+            &cancel,
+            EmbedRules {
+                mixed_dimensions: false,
+                max_vector_bytes: usize::MAX,
+            },
+        )
+    };
+    let s = embed().await.result.unwrap();
+    assert!(s.partial);
+    assert_eq!(s.vectors, vec![fake_vector("new", 8)]);
+    assert_eq!(primary.requests()[0]["input"], json!(["new"]));
+    // The first entry fails: the fallback's model embeds every input (no mixing of models).
+    primary.set_default(Reply::status(500, "down"));
+    let s = embed().await.result.unwrap();
+    assert!(!s.partial);
+    assert_eq!(s.provider, "backup");
+    assert_eq!(s.vectors.len(), 2);
+    assert_eq!(backup.requests()[0]["input"], json!(["known", "new"]));
 }

@@ -1,7 +1,13 @@
 //! The response cache scenario: deterministic jobs answered by the provider (misses, each
-//! stored) and identical ones answered from the cache (hits), at a steady rate and in a burst.
+//! stored) and identical ones answered from the cache (hits), at a steady rate and in a burst;
+//! one cache lookup against one provider round trip (to the fake); and what counting tokens
+//! and fitting a 4,000-token prompt into a window cost.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use llm_worker::context::{self, Fit, Window};
+use llm_worker::job::{GenerateRequest, Message, Role};
+use llm_worker::tokens::{self, Counter};
 
 use llm_worker_testkit::FakeLlmServer;
 
@@ -72,7 +78,8 @@ pub async fn cache(target: &Target, options: &Options) -> anyhow::Result<Vec<Row
             )
         };
         let saved = percentile(&misses, 50.0) - percentile(&hits, 50.0);
-        Ok(vec![
+        let (lookup, round_trip) = lookup_and_round_trip(&dep, &fake, 2_000).await?;
+        let mut rows = vec![
             row(
                 format!(
                     "cache: {} misses at 500 jobs/s (provider call + store), publish → result",
@@ -99,9 +106,136 @@ pub async fn cache(target: &Target, options: &Options) -> anyhow::Result<Vec<Row
                 ),
                 "",
             ),
-        ])
+            row(
+                "cache: one lookup (KV get) vs one provider round trip to the fake (HTTP, not streamed)",
+                format!(
+                    "lookup {}; round trip {}; a lookup is {:.0} % of a round trip at p50",
+                    p(&lookup),
+                    p(&round_trip),
+                    100.0 * percentile(&lookup, 50.0) / percentile(&round_trip, 50.0)
+                ),
+                "< 33 %",
+            ),
+        ];
+        rows.extend(counting());
+        Ok(rows)
     }
     .await;
     dep.teardown(outcome.is_err()).await;
     outcome
+}
+
+/// `n` sequential reads of the stored answer from the cache bucket, and `n` requests to the
+/// fake provider, in ms (sorted).
+async fn lookup_and_round_trip(
+    dep: &Deployment,
+    fake: &FakeLlmServer,
+    n: usize,
+) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+    use futures::TryStreamExt;
+    let kv = dep.js.get_key_value(&dep.nats.cache_bucket).await?;
+    let key = kv
+        .keys()
+        .await?
+        .try_next()
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("the cache bucket is empty"))?;
+    let mut lookups = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        anyhow::ensure!(kv.get(&key).await?.is_some(), "the cached answer went away");
+        lookups.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let http = llm_worker::providers::http_client(Duration::from_secs(5))?;
+    let url = format!("{}/chat/completions", fake.base_url());
+    let body = serde_json::json!({"model": "m", "stream": false,
+        "messages": [{"role": "user", "content": "What is 2+2?"}], "temperature": 0});
+    let mut trips = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let answer = http.post(&url).json(&body).send().await?.bytes().await?;
+        anyhow::ensure!(!answer.is_empty(), "empty answer");
+        trips.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    lookups.sort_by(f64::total_cmp);
+    trips.sort_by(f64::total_cmp);
+    Ok((lookups, trips))
+}
+
+/// A prompt of about 4,000 tokens (o200k): 8 context chunks and a question.
+fn prompt_4k() -> GenerateRequest {
+    let chunk = "The worker counts prompt tokens before it calls a provider, so that a job fits the model's context window. "
+        .repeat(25);
+    GenerateRequest {
+        system: Some("Answer from the context.".into()),
+        context: vec![chunk; 8],
+        messages: vec![Message {
+            role: Role::User,
+            content: "What does the worker count?".into(),
+        }],
+        ..Default::default()
+    }
+}
+
+/// Mean time of `f` over `n` runs.
+fn mean(n: u32, mut f: impl FnMut()) -> Duration {
+    let t = Instant::now();
+    for _ in 0..n {
+        f();
+    }
+    t.elapsed() / n
+}
+
+/// Counting a 4,000-token prompt with each encoding, and fitting it into a 3,000-token window.
+fn counting() -> Vec<Row> {
+    tokens::warm_up();
+    let req = prompt_4k();
+    let o200k = Counter::for_model("gpt-4o");
+    let cl100k = Counter::for_model("gpt-3.5-turbo");
+    let n = tokens::prompt_tokens(&o200k, &req);
+    let count_o = mean(200, || {
+        std::hint::black_box(tokens::prompt_tokens(&o200k, std::hint::black_box(&req)));
+    });
+    let count_c = mean(200, || {
+        std::hint::black_box(tokens::prompt_tokens(&cl100k, std::hint::black_box(&req)));
+    });
+    let window = Window {
+        tokens: 3_000,
+        counter: o200k,
+        default_reserve: None,
+    };
+    let mut dropped = 0;
+    let fit = mean(200, || {
+        if let Fit::Trimmed(_, t) = context::fit(std::hint::black_box(&req), window) {
+            dropped = t.chunks_dropped;
+        }
+    });
+    let fits = Window {
+        tokens: 128_000,
+        ..window
+    };
+    let fast = mean(2_000, || {
+        std::hint::black_box(context::fit(std::hint::black_box(&req), fits));
+    });
+    let us = |d: Duration| format!("{:.0} us", d.as_secs_f64() * 1e6);
+    vec![
+        row(
+            format!(
+                "tokens: counting a {} -token prompt (o200k_base / cl100k_base)",
+                thousands(n as f64)
+            ),
+            format!("{} / {}", us(count_o), us(count_c)),
+            "",
+        ),
+        row(
+            "tokens: fitting it into a 3,000-token window (count, drop chunks, build the request)",
+            format!("{} ({dropped} of 8 chunks dropped)", us(fit)),
+            "",
+        ),
+        row(
+            "tokens: the same prompt for a 128k window (the byte bound proves it fits: no count)",
+            format!("{:.2} us", fast.as_secs_f64() * 1e6),
+            "",
+        ),
+    ]
 }

@@ -12,6 +12,8 @@
 //! - **What is stored**: answers that ended normally (finish reason `stop` or `length`), with
 //!   their model, provider, usage and cost, for `cache.ttl_secs` (the bucket's age limit).
 //!
+//! Embedding vectors are cached per input text (`vectors`): on by default (`cache.embeddings`).
+//!
 //! A cache that cannot be read or written never fails a job: it is logged and the job goes
 //! to the providers.
 
@@ -20,6 +22,10 @@ use std::time::Duration;
 use async_nats::jetstream::{self, kv};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+
+mod vectors;
+
+pub(crate) use vectors::{StoredVector, VectorScope, shares};
 
 use crate::config::{CacheConfig, TenantPolicy};
 use crate::job::{CacheMode, GenerateRequest, Job};
@@ -45,6 +51,8 @@ pub(crate) struct Cache {
     share_across_tenants: bool,
     ttl: chrono::TimeDelta,
     max_stale: chrono::TimeDelta,
+    /// Embedding vectors are cached too (`cache.embeddings`).
+    pub(crate) embeddings: bool,
 }
 
 /// How a stored answer may be used now.
@@ -57,6 +65,16 @@ pub(crate) enum Age {
     Stale,
     /// Older: never served.
     Expired,
+}
+
+/// Whether an embedding job reads the vector cache: its own `cache`, else its tenant's
+/// policy, else on (an embedding is deterministic); a policy `off` wins.
+pub(crate) fn embed_mode(job: &Job, policy: Option<&TenantPolicy>) -> CacheMode {
+    let policy = policy.and_then(|p| p.cache);
+    if policy == Some(CacheMode::Off) {
+        return CacheMode::Off;
+    }
+    job.cache.or(policy).unwrap_or(CacheMode::Use)
 }
 
 /// Whether `job` reads the cache (`Use`), only writes it (`Refresh`), or neither.
@@ -107,11 +125,19 @@ fn key(job: &Job, req: &GenerateRequest, scope: &str, share_across_tenants: bool
         fit: req.options.fit,
     };
     let bytes = serde_json::to_vec(&material).unwrap_or_default();
-    let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
-    let mut key = String::with_capacity(2 + 64);
-    key.push_str("g.");
-    for b in digest.as_ref() {
-        key.push_str(&format!("{b:02x}"));
+    hex_key(
+        "g.",
+        ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref(),
+    )
+}
+
+/// `prefix` and `digest` in hex: a key of the bucket.
+fn hex_key(prefix: &str, digest: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut key = String::with_capacity(prefix.len() + 2 * digest.len());
+    key.push_str(prefix);
+    for b in digest {
+        let _ = write!(key, "{b:02x}");
     }
     key
 }
@@ -189,6 +215,7 @@ impl Cache {
             share_across_tenants: config.share_across_tenants,
             ttl: secs(config.ttl_secs),
             max_stale: secs(config.max_stale_secs),
+            embeddings: config.embeddings,
         })
     }
 
