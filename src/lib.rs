@@ -11,7 +11,7 @@
 //!                                             ──another tenant's──▶ invalid_job, Term
 //!   delivered worker.max_deliver times ──▶ Outbox::dead_letter, dead_lettered, Term
 //!   cancelled / expired / tenant budget spent ──▶ cancelled / timeout / budget_exceeded
-//!   chain::Chain::generate: route → for each target: providers::Provider call,
+//!   chain::Chain::generate: route → for each target: context::fit, providers::Provider call,
 //!       retry transient errors (backon), fall back, enforce first-token/stall/deadline
 //!   Outbox (reply over NATS): chunk events on reply_to as text arrives (coalesced);
 //!       result stored in LLM_RESULTS (never replacing one), sent live
@@ -32,7 +32,11 @@
 //!   response and stream-event structs; shared `helpers`; `scripted` (test builds only).
 //! - [`dead`]: the dead-letter stream (jobs and results that failed repeatedly).
 //! - [`cancel`]: cancel requests, remembered in their stream; running jobs' tokens.
-//! - `cache`: the fleet's response cache (KV), and degraded mode; used by `worker::generate`.
+//! - `cache`: the fleet's response cache (KV, with a near copy in memory), embedding vectors
+//!   per input text, and degraded mode; used by `worker::generate` and `worker::embed`.
+//! - [`tokens`]: token counting (tiktoken encodings, an estimate elsewhere). [`context`]:
+//!   fitting a request into its model's context window before each call (`chain` runs it per
+//!   route entry).
 //! - `policy`: tenant budgets, rate and concurrency limits (shared counters in a KV bucket)
 //!   and the weighted fair share of a worker's slots.
 //! - `reply`: publishing chunks and results. [`usage`]: migrations, recorder, reports;

@@ -13,6 +13,8 @@
 //!   their model, provider, usage and cost, for `cache.ttl_secs` (the bucket's age limit).
 //!
 //! Embedding vectors are cached per input text (`vectors`): on by default (`cache.embeddings`).
+//! Entries a process read or wrote are also kept in its memory for a while (`near`), so a
+//! repeated hit costs no NATS round trip.
 //!
 //! A cache that cannot be read or written never fails a job: it is logged and the job goes
 //! to the providers.
@@ -23,6 +25,7 @@ use async_nats::jetstream::{self, kv};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+mod near;
 mod vectors;
 
 pub(crate) use vectors::{StoredVector, VectorScope, shares};
@@ -48,6 +51,8 @@ pub(crate) struct Entry {
 #[derive(Clone)]
 pub(crate) struct Cache {
     kv: kv::Store,
+    /// Recently read or written entries of this process (`near`); `None` when off.
+    near: Option<std::sync::Arc<near::Near>>,
     share_across_tenants: bool,
     ttl: chrono::TimeDelta,
     max_stale: chrono::TimeDelta,
@@ -216,6 +221,11 @@ impl Cache {
             ttl: secs(config.ttl_secs),
             max_stale: secs(config.max_stale_secs),
             embeddings: config.embeddings,
+            near: near::Near::new(
+                Duration::from_secs(config.local_ttl_secs),
+                config.local_max_bytes,
+            )
+            .map(std::sync::Arc::new),
         })
     }
 
@@ -229,9 +239,30 @@ impl Cache {
         age(entry.stored_at, Utc::now(), self.ttl, self.max_stale)
     }
 
+    /// The value under `key`: from the near cache, else from the bucket (then kept near).
+    async fn get_raw(&self, key: &str) -> Result<Option<bytes::Bytes>, kv::EntryError> {
+        if let Some(value) = self.near.as_ref().and_then(|n| n.get(key)) {
+            return Ok(Some(value));
+        }
+        let value = self.kv.get(key).await?;
+        if let (Some(near), Some(value)) = (&self.near, &value) {
+            near.put(key, value.clone());
+        }
+        Ok(value)
+    }
+
+    /// Store `value` under `key` in the bucket, and near.
+    async fn put_raw(&self, key: &str, value: bytes::Bytes) -> Result<(), kv::PutError> {
+        self.kv.put(key, value.clone()).await?;
+        if let Some(near) = &self.near {
+            near.put(key, value);
+        }
+        Ok(())
+    }
+
     /// The answer stored under `key`, if any (a read error is a miss, logged).
     pub(crate) async fn get(&self, key: &str) -> Option<Entry> {
-        match self.kv.get(key).await {
+        match self.get_raw(key).await {
             Ok(Some(bytes)) => match serde_json::from_slice(&bytes) {
                 Ok(entry) => Some(entry),
                 Err(e) => {
@@ -252,7 +283,7 @@ impl Cache {
         let Ok(bytes) = serde_json::to_vec(entry) else {
             return;
         };
-        if let Err(e) = self.kv.put(key, bytes.into()).await {
+        if let Err(e) = self.put_raw(key, bytes.into()).await {
             tracing::warn!(error = %e, "cannot store the answer in the response cache");
         }
     }

@@ -106,7 +106,7 @@ impl Cache {
     }
 
     async fn get_vector(&self, key: &str, now: DateTime<Utc>) -> Option<StoredVector> {
-        match self.kv.get(key).await {
+        match self.get_raw(key).await {
             Ok(Some(bytes)) => {
                 StoredVector::decode(&bytes).filter(|v| now - v.stored_at <= self.ttl)
             }
@@ -131,7 +131,7 @@ impl Cache {
     }
 
     async fn put_vector(&self, key: String, v: StoredVector) {
-        if let Err(e) = self.kv.put(key, v.encode().into()).await {
+        if let Err(e) = self.put_raw(&key, v.encode().into()).await {
             tracing::warn!(error = %e, "cannot store a vector in the response cache");
         }
     }

@@ -100,6 +100,11 @@ pub struct CacheConfig {
     /// Cache embedding vectors per input text (on: an embedding is deterministic). Jobs and
     /// tenant policies can still say `off`.
     pub embeddings: bool,
+    /// The near cache: entries a process read or wrote stay in its memory this long (a
+    /// `refresh` on another worker reaches this one after at most this). 0: off.
+    pub local_ttl_secs: u64,
+    /// Memory the near cache may use per process.
+    pub local_max_bytes: usize,
 }
 
 impl Default for CacheConfig {
@@ -111,6 +116,8 @@ impl Default for CacheConfig {
             share_across_tenants: false,
             max_stale_secs: 0,
             embeddings: true,
+            local_ttl_secs: 60,
+            local_max_bytes: 64 << 20,
         }
     }
 }
