@@ -534,6 +534,27 @@ pub enum LogFormat {
 }
 
 impl Config {
+    /// Every model the routes (generation and embedding) can send to: each entry's model, or
+    /// its provider's default model.
+    pub(crate) fn route_models(&self) -> Vec<String> {
+        let mut models: Vec<String> = self
+            .routes
+            .values()
+            .chain(self.embed_routes.values())
+            .flatten()
+            .filter_map(|e| {
+                e.model.clone().or_else(|| {
+                    self.providers
+                        .get(&e.provider)
+                        .and_then(|p| p.default_model.clone())
+                })
+            })
+            .collect();
+        models.sort();
+        models.dedup();
+        models
+    }
+
     /// A process that answers jobs needs at least one provider.
     pub(crate) fn require_providers(&self) -> Result<(), ConfigError> {
         if self.providers.is_empty() {

@@ -188,7 +188,7 @@ fn mean(n: u32, mut f: impl FnMut()) -> Duration {
 
 /// Counting a 4,000-token prompt with each encoding, and fitting it into a 3,000-token window.
 fn counting() -> Vec<Row> {
-    tokens::warm_up();
+    tokens::warm_up(["gpt-4o", "gpt-3.5-turbo"]);
     let req = prompt_4k();
     let o200k = Counter::for_model("gpt-4o");
     let cl100k = Counter::for_model("gpt-3.5-turbo");
