@@ -54,7 +54,7 @@
 //! (`crates/testkit`), and the benchmark (`crates/bench`).
 
 pub mod app;
-pub(crate) mod cache;
+pub mod cache;
 pub mod cancel;
 pub mod chain;
 pub mod config;

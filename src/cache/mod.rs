@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 mod near;
 mod vectors;
 
+pub use near::Near;
 pub(crate) use vectors::{StoredVector, VectorScope, shares};
 
 use crate::config::{CacheConfig, TenantPolicy};

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-pub(crate) struct Near {
+pub struct Near {
     ttl: Duration,
     max_bytes: usize,
     inner: Mutex<Inner>,
@@ -31,7 +31,7 @@ struct Inner {
 
 impl Near {
     /// `None` when off (`ttl` or `max_bytes` zero).
-    pub(crate) fn new(ttl: Duration, max_bytes: usize) -> Option<Self> {
+    pub fn new(ttl: Duration, max_bytes: usize) -> Option<Self> {
         (!ttl.is_zero() && max_bytes > 0).then(|| Self {
             ttl,
             max_bytes,
@@ -39,13 +39,13 @@ impl Near {
         })
     }
 
-    pub(crate) fn get(&self, key: &str) -> Option<Bytes> {
+    pub fn get(&self, key: &str) -> Option<Bytes> {
         let inner = self.inner.lock().ok()?;
         let (value, at) = inner.entries.get(key)?;
         (at.elapsed() < self.ttl).then(|| value.clone())
     }
 
-    pub(crate) fn put(&self, key: &str, value: Bytes) {
+    pub fn put(&self, key: &str, value: Bytes) {
         let size = key.len() + value.len();
         if size > self.max_bytes {
             return;
