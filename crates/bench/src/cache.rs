@@ -242,7 +242,7 @@ fn counting() -> Vec<Row> {
     vec![
         row(
             format!(
-                "tokens: counting a {} -token prompt (o200k_base / cl100k_base)",
+                "tokens: counting a {}-token prompt (o200k_base / cl100k_base)",
                 thousands(n as f64)
             ),
             format!("{} / {}", us(count_o), us(count_c)),
