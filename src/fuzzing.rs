@@ -53,6 +53,7 @@ pub fn job_decode(data: &[u8]) {
             ..Default::default()
         },
         tenants: Default::default(),
+        cache_task_types: Default::default(),
     };
     let Ok(replies) = ReplyPolicy::new(&NatsConfig::default()) else {
         return;

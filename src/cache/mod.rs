@@ -31,7 +31,7 @@ mod vectors;
 pub use near::Near;
 pub(crate) use vectors::{StoredVector, VectorScope, shares};
 
-use crate::config::{CacheConfig, TenantPolicy};
+use crate::config::CacheConfig;
 use crate::job::{CacheMode, GenerateRequest, Job};
 
 /// A cached answer.
@@ -73,30 +73,39 @@ pub(crate) enum Age {
     Expired,
 }
 
-/// Whether an embedding job reads the vector cache: its own `cache`, else its tenant's
-/// policy, else on (an embedding is deterministic); a policy `off` wins.
-pub(crate) fn embed_mode(job: &Job, policy: Option<&TenantPolicy>) -> CacheMode {
-    let policy = policy.and_then(|p| p.cache);
-    if policy == Some(CacheMode::Off) {
-        return CacheMode::Off;
-    }
-    job.cache.or(policy).unwrap_or(CacheMode::Use)
+/// What the deployment says about a job's use of the cache: its tenant's policy
+/// (`tenants.<name>.cache`) and its task type's (`cache.task_types`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Said {
+    pub tenant: Option<CacheMode>,
+    pub task: Option<CacheMode>,
 }
 
-/// Whether `job` reads the cache (`Use`), only writes it (`Refresh`), or neither.
-pub(crate) fn mode(job: &Job, req: &GenerateRequest, policy: Option<&TenantPolicy>) -> CacheMode {
-    let policy = policy.and_then(|p| p.cache);
-    if policy == Some(CacheMode::Off) {
+/// `off` from the tenant or the task type wins; else the job's own `cache`; else the task
+/// type's; else the tenant's; else `default`.
+fn decide(job: &Job, said: Said, default: CacheMode) -> CacheMode {
+    if said.tenant == Some(CacheMode::Off) || said.task == Some(CacheMode::Off) {
         return CacheMode::Off;
     }
-    if let Some(mode) = job.cache.or(policy) {
-        return mode;
-    }
-    if req.options.temperature == Some(0.0) || req.options.seed.is_some() {
+    job.cache.or(said.task).or(said.tenant).unwrap_or(default)
+}
+
+/// Whether an embedding job reads the vector cache (`Use`, the default: an embedding is
+/// deterministic), only writes it (`Refresh`), or neither.
+pub(crate) fn embed_mode(job: &Job, said: Said) -> CacheMode {
+    decide(job, said, CacheMode::Use)
+}
+
+/// Whether a generation job reads the cache (`Use`), only writes it (`Refresh`), or neither;
+/// by default `Use` for a deterministic job (temperature 0 or a seed), else `Off`.
+pub(crate) fn mode(job: &Job, req: &GenerateRequest, said: Said) -> CacheMode {
+    let deterministic = req.options.temperature == Some(0.0) || req.options.seed.is_some();
+    let default = if deterministic {
         CacheMode::Use
     } else {
         CacheMode::Off
-    }
+    };
+    decide(job, said, default)
 }
 
 #[derive(Serialize)]
@@ -368,35 +377,55 @@ mod tests {
 
     #[test]
     fn deterministic_jobs_use_the_cache_unless_told_otherwise() {
+        let none = Said::default();
         let (j, r) = job(Some(0.0), None);
-        assert_eq!(mode(&j, &r, None), CacheMode::Use);
+        assert_eq!(mode(&j, &r, none), CacheMode::Use);
         let (j, r) = job(Some(0.7), None);
-        assert_eq!(mode(&j, &r, None), CacheMode::Off);
+        assert_eq!(mode(&j, &r, none), CacheMode::Off);
         let (j, r) = job(None, None);
-        assert_eq!(mode(&j, &r, None), CacheMode::Off);
+        assert_eq!(mode(&j, &r, none), CacheMode::Off);
         let (j, mut r) = job(Some(0.9), None);
         r.options.seed = Some(7);
         assert_eq!(
-            mode(&j, &r, None),
+            mode(&j, &r, none),
             CacheMode::Use,
             "a seed asks for a reproducible answer"
         );
         let (j, r) = job(Some(0.7), Some(CacheMode::Use));
-        assert_eq!(mode(&j, &r, None), CacheMode::Use);
+        assert_eq!(mode(&j, &r, none), CacheMode::Use);
         let (j, r) = job(Some(0.0), Some(CacheMode::Refresh));
-        assert_eq!(mode(&j, &r, None), CacheMode::Refresh);
-        // A tenant's policy: its default for jobs that do not say, and `off` wins.
-        let always = TenantPolicy {
-            cache: Some(CacheMode::Use),
-            ..Default::default()
-        };
-        let never = TenantPolicy {
-            cache: Some(CacheMode::Off),
-            ..Default::default()
-        };
+        assert_eq!(mode(&j, &r, none), CacheMode::Refresh);
+        // A tenant's policy and a task type's: their default for jobs that do not say (the
+        // task type's first), and `off` from either wins.
+        let said = |tenant, task| Said { tenant, task };
         let (j, r) = job(Some(0.7), None);
-        assert_eq!(mode(&j, &r, Some(&always)), CacheMode::Use);
+        assert_eq!(
+            mode(&j, &r, said(Some(CacheMode::Use), None)),
+            CacheMode::Use
+        );
+        assert_eq!(
+            mode(&j, &r, said(None, Some(CacheMode::Use))),
+            CacheMode::Use
+        );
+        assert_eq!(
+            mode(&j, &r, said(Some(CacheMode::Use), Some(CacheMode::Refresh))),
+            CacheMode::Refresh
+        );
         let (j, r) = job(Some(0.0), Some(CacheMode::Use));
-        assert_eq!(mode(&j, &r, Some(&never)), CacheMode::Off);
+        assert_eq!(
+            mode(&j, &r, said(Some(CacheMode::Off), None)),
+            CacheMode::Off
+        );
+        assert_eq!(
+            mode(&j, &r, said(None, Some(CacheMode::Off))),
+            CacheMode::Off
+        );
+        // Embeddings: on unless something says otherwise.
+        let (j, _) = job(Some(0.7), None);
+        assert_eq!(embed_mode(&j, none), CacheMode::Use);
+        assert_eq!(
+            embed_mode(&j, said(None, Some(CacheMode::Off))),
+            CacheMode::Off
+        );
     }
 }

@@ -105,6 +105,9 @@ pub struct CacheConfig {
     pub local_ttl_secs: u64,
     /// Memory the near cache may use per process.
     pub local_max_bytes: usize,
+    /// Cache use by task type (`use`, `refresh`, `off`), for jobs that do not say; `off`
+    /// forbids it.
+    pub task_types: BTreeMap<String, crate::job::CacheMode>,
 }
 
 impl Default for CacheConfig {
@@ -118,6 +121,7 @@ impl Default for CacheConfig {
             embeddings: true,
             local_ttl_secs: 60,
             local_max_bytes: 64 << 20,
+            task_types: BTreeMap::new(),
         }
     }
 }

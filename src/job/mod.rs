@@ -49,6 +49,8 @@ pub struct Limits {
     pub bounds: LimitsConfig,
     /// Tenant policies (`[tenants]`): who may send jobs, with which task types.
     pub tenants: std::collections::BTreeMap<String, crate::config::TenantPolicy>,
+    /// Cache use by task type (`cache.task_types`).
+    pub cache_task_types: std::collections::BTreeMap<String, CacheMode>,
 }
 
 impl Limits {
@@ -59,6 +61,18 @@ impl Limits {
             max_timeout: Duration::from_millis(config.worker.max_timeout_ms),
             bounds: config.limits.clone(),
             tenants: config.tenants.clone(),
+            cache_task_types: config.cache.task_types.clone(),
+        }
+    }
+
+    /// What the tenant's policy and the task type say about `envelope`'s job's cache use.
+    pub(crate) fn cache_said(&self, envelope: &Envelope) -> crate::cache::Said {
+        crate::cache::Said {
+            tenant: self.policy(&envelope.tenant).and_then(|p| p.cache),
+            task: self
+                .cache_task_types
+                .get(envelope.task_type.as_deref().unwrap_or("default"))
+                .copied(),
         }
     }
 

@@ -36,6 +36,7 @@ fn limits() -> Limits {
         .into_iter()
         .map(|(t, p)| (t.to_string(), p))
         .collect(),
+        cache_task_types: Default::default(),
     }
 }
 

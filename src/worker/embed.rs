@@ -47,7 +47,7 @@ impl<O: Outbox> Worker<O> {
             ),
         };
         let cache = self.cache.as_ref().filter(|c| c.embeddings);
-        let mode = cache::embed_mode(job, routing.limits.policy(&job.envelope.tenant));
+        let mode = cache::embed_mode(job, routing.limits.cache_said(&job.envelope));
         let lookup = match cache.filter(|_| mode != CacheMode::Off) {
             Some(c) => lookup(c, chain, job, req, mode).await,
             None => None,

@@ -32,7 +32,7 @@ impl<O: Outbox> Worker<O> {
         let reply_to = env.reply_to.as_deref().filter(|_| req.stream);
         let mut sink = self.outbox.chunks(env.job_id, &env.trace_id, reply_to);
         let cached = self.cache.as_ref().and_then(|c| {
-            let mode = cache::mode(job, req, routing.limits.policy(&env.tenant));
+            let mode = cache::mode(job, req, routing.limits.cache_said(env));
             (mode != CacheMode::Off)
                 .then(|| (c, mode, c.key(job, req, &routing.chain.cache_scope(job))))
         });

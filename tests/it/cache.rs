@@ -272,3 +272,35 @@ async fn a_partly_cached_embedding_batch_sends_only_the_missing_inputs() {
     .await;
     app.teardown().await;
 }
+
+#[tokio::test]
+async fn task_types_set_the_cache_use_of_their_jobs_and_off_wins() {
+    let fake = FakeLlmServer::start().await.unwrap();
+    fake.set_default(Reply::answer(&["An answer"], (7, 2)));
+    let toml = format!(
+        "{}[cache.task_types]\nfaq = \"use\"\nprivate = \"off\"\n",
+        setup_toml(&fake)
+    );
+    let mut app = TestApp::new(&toml).await;
+    app.start_worker().await;
+    // faq: cached although not deterministic.
+    for expected in [false, true] {
+        let r = ask(
+            &app,
+            json!({"task_type": "faq", "options": {"temperature": 0.9}}),
+        )
+        .await
+        .result;
+        assert_eq!(r["cache_hit"], expected, "{r}");
+    }
+    assert_eq!(fake.request_count(), 1);
+    // private: never, even when the job asks.
+    for _ in 0..2 {
+        let r = ask(&app, json!({"task_type": "private", "cache": "use"}))
+            .await
+            .result;
+        assert_eq!(r["cache_hit"], false, "{r}");
+    }
+    assert_eq!(fake.request_count(), 3);
+    app.teardown().await;
+}

@@ -412,6 +412,7 @@ pub fn decode_job(
         max_timeout: Duration::from_secs(60),
         bounds: Default::default(),
         tenants: Default::default(),
+        cache_task_types: Default::default(),
     };
     let replies =
         llm_worker::trust::ReplyPolicy::new(&llm_worker::config::NatsConfig::default()).unwrap();
