@@ -394,10 +394,7 @@ async fn fit<'r>(
     let Some(window) = target.provider.context_window(&target.model) else {
         return Ok((Cow::Borrowed(req), None));
     };
-    let bytes = req.system.as_ref().map_or(0, String::len)
-        + req.context.iter().map(String::len).sum::<usize>()
-        + req.messages.iter().map(|m| m.content.len()).sum::<usize>();
-    let fitted = if bytes > FIT_INLINE_BYTES {
+    let fitted = if context::prompt_bytes(req) > FIT_INLINE_BYTES {
         let owned = req.clone();
         tokio::task::spawn_blocking(move || context::fit(&owned, window))
             .await

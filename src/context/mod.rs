@@ -134,15 +134,19 @@ impl Counts {
     }
 }
 
-/// Bytes of everything the prompt sends, and a bound on its tokens from them.
+/// Bytes of the prompt's text (system prompt, context chunks, messages).
+pub fn prompt_bytes(req: &GenerateRequest) -> usize {
+    req.system.as_deref().map_or(0, str::len)
+        + req.context.iter().map(String::len).sum::<usize>()
+        + req.messages.iter().map(|m| m.content.len()).sum::<usize>()
+}
+
+/// A bound on the prompt's tokens from its bytes (a token is at least one byte), with the
+/// context block's framing and the chat overheads.
 fn bytes_bound(req: &GenerateRequest, counter: &Counter) -> u64 {
-    let bytes = req.system.as_deref().map_or(0, str::len)
-        + CONTEXT_HEADER.len()
-        + 2
-        + req.context.iter().map(|c| c.len() + 8).sum::<usize>()
-        + req.messages.iter().map(|m| m.content.len()).sum::<usize>();
+    let framing = CONTEXT_HEADER.len() + 2 + 8 * req.context.len();
     let overheads = tokens::PER_PROMPT + tokens::PER_MESSAGE * (req.messages.len() as u64 + 1);
-    counter.upper_bound(bytes) + overheads
+    counter.upper_bound(prompt_bytes(req) + framing) + overheads
 }
 
 /// Fit `req` into `window` (see the module documentation for the order of the steps).

@@ -68,12 +68,11 @@ impl<O: Outbox> Worker<O> {
         let o = chain
             .embed(job, req, first.as_deref(), deadline, cancel, rules)
             .await;
-        let success = match o.result {
+        let mut success = match o.result {
             Ok(s) => s,
             Err(e) => return self.result_of(job, o.attempts, Err(e), received_at),
         };
         let stored = store(c, job, req, &lookup, &missing, &success).await;
-        let mut success = success;
         let mut saving = None;
         if success.partial {
             // Put the cached vectors back in their places.
