@@ -305,6 +305,14 @@ pub async fn start_with(
             ReplyPolicy::new(&nats_cfg).map_err(anyhow::Error::msg)?,
             stop.clone(),
         ));
+        background.spawn(crate::service::serve(
+            client.clone(),
+            (*nats_cfg).clone(),
+            crate::service::Identity::new(&config.worker_id(), &nats_cfg, kinds.clone()),
+            worker.stats().clone(),
+            ReplyPolicy::new(&nats_cfg).map_err(anyhow::Error::msg)?,
+            stop.clone(),
+        ));
         for kind in kinds {
             queue::ensure_consumer(&js, &nats_cfg, kind, config.worker.max_deliver).await?;
             let pull = PullLoop {

@@ -41,7 +41,8 @@
 //!   and the weighted fair share of a worker's slots.
 //! - `reply`: publishing chunks and results. [`usage`]: migrations, recorder, reports;
 //!   [`pricing`]: prices and cost.
-//! - [`health`]: circuit breakers and latency per provider; [`status`]: health over NATS.
+//! - [`health`]: circuit breakers and latency per provider; [`status`]: health over NATS;
+//!   [`service`]: the NATS micro-services API (`$SRV.PING`, `INFO`, `STATS`).
 //! - [`trust`]: what an untrusted job may make the worker do (reply subjects, stored results
 //!   of other jobs, model names in URLs); [`nats_account`]: the least-privilege NATS account.
 //! - [`reload`]: configuration reload without a restart (SIGHUP, `<prefix>.control.reload`).
@@ -74,6 +75,7 @@ pub mod providers;
 pub mod queue;
 pub mod reload;
 pub(crate) mod reply;
+pub mod service;
 pub mod status;
 pub mod submit;
 pub mod telemetry;

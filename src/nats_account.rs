@@ -103,6 +103,10 @@ pub(crate) fn worker(nats: &NatsConfig) -> Permissions {
         subscribe: vec![
             format!("{}.>", nats.inbox_prefix),
             format!("{}.status", nats.subject_prefix),
+            // The NATS service API (`crate::service`): $SRV.<verb>[.llm-worker[.<id>]].
+            "$SRV.*".to_string(),
+            format!("$SRV.*.{}", crate::service::NAME),
+            format!("$SRV.*.{}.*", crate::service::NAME),
             // Reload requests: only the admin user may publish them.
             format!("{}.control.reload", nats.subject_prefix),
         ],

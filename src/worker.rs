@@ -168,6 +168,8 @@ pub struct Worker<O: Outbox = NatsOutbox> {
     ledger: Option<Ledger>,
     /// The fleet's response cache; none when `cache.enabled` is off (and in unit tests).
     cache: Option<Cache>,
+    /// Jobs answered, for the NATS service API's stats.
+    stats: Arc<crate::service::JobStats>,
 }
 
 impl<O: Outbox> Worker<O> {
@@ -196,6 +198,7 @@ impl<O: Outbox> Worker<O> {
             log_prompts: config.telemetry.log_prompts,
             ledger: None,
             cache: None,
+            stats: Arc::default(),
         })
     }
 
@@ -292,6 +295,11 @@ impl<O: Outbox> Worker<O> {
     /// The cancel requests this worker follows (`cancel::follow` feeds them).
     pub(crate) fn cancels(&self) -> &Cancels {
         &self.cancels
+    }
+
+    /// The counts of jobs this worker answered.
+    pub(crate) fn stats(&self) -> &Arc<crate::service::JobStats> {
+        &self.stats
     }
 
     /// Handle one job message to its end. `abandon` fires when the process can wait no longer
@@ -633,6 +641,7 @@ impl<O: Outbox> Worker<O> {
                     .await;
             }
         }
+        self.stats.record(kind, result);
         if let Some(reply_to) = &envelope.reply_to {
             self.outbox.publish_live(reply_to, payload).await;
         }

@@ -24,5 +24,6 @@ mod rates;
 mod reload;
 mod security;
 mod servers;
+mod service;
 mod tenants;
 mod usage;
