@@ -1,6 +1,8 @@
 //! The provider fallback chain: routing, retries, fallback and deadlines for one job.
 //!
-//! A plain loop over the planned targets (`provider:model`). Each target is tried, and a
+//! A plain loop over the planned targets (`provider:model`). Each target first gets the
+//! request fitted to its model's context window (`crate::context`; one that cannot take it
+//! is skipped without a call, and if none can the job is `context_too_long`). It is tried, and a
 //! transient failure retried with backoff (backon's exponential policy with jitter; the
 //! provider's Retry-After wins when longer, capped, and never past the job's deadline). A
 //! non-retryable failure moves to the next target at once; a final one (content filter) ends
