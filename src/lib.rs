@@ -46,7 +46,10 @@
 //! - [`trust`]: what an untrusted job may make the worker do (reply subjects, stored results
 //!   of other jobs, model names in URLs); [`nats_account`]: the least-privilege NATS account.
 //! - [`reload`]: configuration reload without a restart (SIGHUP, `<prefix>.control.reload`).
-//! - [`app`]: start-up and graceful shutdown. [`submit`]: the client side of `llm-worker submit`.
+//! - [`app`]: start-up and graceful shutdown. [`client`]: the orchestrator side (publish a
+//!   job, follow its events, read a missed result back); [`submit`]: `llm-worker submit`.
+//! - [`gateway`]: `llm-worker gateway`, the HTTP front door (OpenAI-compatible and seed API,
+//!   API keys -> tenants); it publishes jobs like any orchestrator.
 //! - `fuzzing`: the fuzz targets' entry points (hidden).
 //!
 //! The public API is what the binary, the integration tests, the benchmark and the fuzz
@@ -58,6 +61,7 @@ pub mod app;
 pub mod cache;
 pub mod cancel;
 pub mod chain;
+pub mod client;
 pub mod config;
 pub mod context;
 pub mod dead;
@@ -66,6 +70,7 @@ pub mod error;
 pub mod event;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod gateway;
 pub mod health;
 pub mod job;
 pub mod nats_account;

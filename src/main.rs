@@ -101,6 +101,18 @@ enum Command {
         #[arg(long, default_value = "LLM")]
         account: String,
     },
+    /// Serve the HTTP gateway (OpenAI-compatible API and the seed API) until SIGTERM/SIGINT.
+    /// It publishes jobs for the workers; it never calls a provider.
+    Gateway {
+        /// Address to listen on (default `gateway.listen`, 127.0.0.1:8080).
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Manage the gateway's API keys (stored hashed in Postgres `llm_api_keys`).
+    Keys {
+        #[command(subcommand)]
+        action: KeysAction,
+    },
     /// Look at dead letters (jobs delivered too often, results the recorder cannot write) and
     /// replay them after a fix.
     Dead {
@@ -137,6 +149,26 @@ enum DeadAction {
     Replay { sequence: u64 },
 }
 
+#[derive(Subcommand)]
+enum KeysAction {
+    /// Create a key for a tenant; prints the key alone on stdout (it is shown only once).
+    Create {
+        #[arg(long)]
+        tenant: String,
+        /// A label for lists (who or what uses the key).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Every key: id, first characters, tenant, name, created, revoked.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a key by its id (or the first characters `list` shows, without the dots).
+    Revoke { key: String },
+}
+
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum DeadKind {
     Jobs,
@@ -166,7 +198,7 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let config = Config::load(cli.config.as_deref())?;
-    let level = if matches!(cli.command, Command::Run { .. }) {
+    let level = if matches!(cli.command, Command::Run { .. } | Command::Gateway { .. }) {
         "info"
     } else {
         "warn"
@@ -267,6 +299,46 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Command::Gateway { listen } => {
+            let listen = listen.unwrap_or_else(|| config.gateway.listen.clone());
+            let running = llm_worker::gateway::start(config, &listen).await?;
+            let stop = running.stop_token();
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                stop.cancel();
+            });
+            running.wait().await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Keys { action } => {
+            use llm_worker::gateway::keys;
+            let pool = app::connect_db(&config)
+                .await?
+                .context("DATABASE_URL (or database.url) is not set")?;
+            match action {
+                KeysAction::Create { tenant, name } => {
+                    let (key, secret) = keys::create(&pool, &tenant, name.as_deref()).await?;
+                    println!("{secret}");
+                    eprintln!("key {} for tenant {} created", key.id, key.tenant);
+                }
+                KeysAction::List { json } => {
+                    let all = keys::list(&pool).await?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&all)?);
+                    } else {
+                        print!("{}", keys::render(&all));
+                    }
+                }
+                KeysAction::Revoke { key } => {
+                    let n = keys::revoke(&pool, key.trim_end_matches('.')).await?;
+                    if n == 0 {
+                        anyhow::bail!("no unrevoked key has the id or prefix {key:?}");
+                    }
+                    eprintln!("{n} key(s) revoked");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::NatsAccount { tenants, account } => {
             let users = llm_worker::nats_account::default_users(&tenants);

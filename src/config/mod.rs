@@ -77,6 +77,36 @@ pub struct Config {
     /// Tenant policies by tenant name; `default` applies to tenants without their own.
     pub tenants: BTreeMap<String, TenantPolicy>,
     pub cache: CacheConfig,
+    pub gateway: GatewayConfig,
+}
+
+/// `llm-worker gateway`: the HTTP front door (`crate::gateway`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    /// Address the gateway listens on (`--listen` overrides it).
+    pub listen: String,
+    /// Largest request body accepted, in bytes (413 beyond it).
+    pub max_body_bytes: usize,
+    /// Requests answered at once; more get 429 with `Retry-After`.
+    pub max_concurrent: usize,
+    /// A request's job deadline (`timeout_ms`) when it sets none, and the most it may set.
+    pub request_timeout_ms: u64,
+    /// How long a looked-up API key is trusted without asking Postgres again: a revoked key
+    /// stops working after at most this long.
+    pub key_cache_secs: u64,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            max_body_bytes: 1024 * 1024,
+            max_concurrent: 1024,
+            request_timeout_ms: 120_000,
+            key_cache_secs: 10,
+        }
+    }
 }
 
 /// The fleet's response cache (`crate::cache`), a JetStream KV bucket.

@@ -26,6 +26,12 @@ impl Config {
         if self.nats.dead_max_age_secs == 0 {
             return Err(invalid("nats.dead_max_age_secs", "must be positive"));
         }
+        if self.gateway.max_concurrent == 0 {
+            return Err(invalid("gateway.max_concurrent", "must be at least 1"));
+        }
+        if self.gateway.request_timeout_ms == 0 {
+            return Err(invalid("gateway.request_timeout_ms", "must be positive"));
+        }
         if self.worker.max_deliver < 2 {
             return Err(invalid("worker.max_deliver", "must be at least 2"));
         }

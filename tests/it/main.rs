@@ -14,6 +14,7 @@ mod context;
 mod embed;
 mod fairness;
 mod fuzz_corpus;
+mod gateway;
 mod generate;
 mod helpers;
 mod lifecycle;

@@ -1,0 +1,463 @@
+//! The HTTP gateway from the outside: a real OpenAI client library (async-openai) and plain
+//! HTTP against `llm-worker gateway`, through real NATS to a worker and a fake provider;
+//! usage rows in Postgres carry the API key's tenant.
+
+use async_openai::config::OpenAIConfig;
+use async_openai::types::chat::{
+    ChatCompletionRequestSystemMessageArgs, ChatCompletionRequestUserMessageArgs,
+    ChatCompletionStreamOptions, CreateChatCompletionRequestArgs,
+};
+use async_openai::types::embeddings::{CreateEmbeddingRequestArgs, EncodingFormat};
+use eventsource_stream::Eventsource;
+use futures::StreamExt;
+use llm_worker::gateway::{self, keys};
+use llm_worker_testkit::{FakeLlmServer, Reply, fake_vector};
+use serde_json::{Value, json};
+
+use crate::helpers::{TestApp, openai_provider};
+
+/// A worker and a gateway on one test's names, and a key of tenant `acme`.
+struct Setup {
+    app: TestApp,
+    gateway: gateway::Running,
+    key: String,
+    fake: FakeLlmServer,
+}
+
+impl Setup {
+    async fn new(extra_toml: &str, tweak: impl FnOnce(&mut llm_worker::config::Config)) -> Setup {
+        llm_worker::providers::install_crypto_provider();
+        let fake = FakeLlmServer::start().await.unwrap();
+        let toml = format!(
+            "{}\n[routes]\ndefault = [\"openai\"]\n{extra_toml}",
+            openai_provider("openai", &fake.base_url(), "gpt-test")
+        );
+        let mut app = TestApp::new(&toml).await;
+        tweak(&mut app.config);
+        app.start_worker().await;
+        let gateway = gateway::start(app.config.clone(), "127.0.0.1:0")
+            .await
+            .unwrap();
+        let (_, key) = keys::create(&app.db, "acme", Some("tests")).await.unwrap();
+        Setup {
+            app,
+            gateway,
+            key,
+            fake,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.gateway.addr)
+    }
+
+    fn openai(&self) -> async_openai::Client<OpenAIConfig> {
+        async_openai::Client::with_config(
+            OpenAIConfig::new()
+                .with_api_base(self.url("/v1"))
+                .with_api_key(&self.key),
+        )
+    }
+
+    /// POST `body` to `path` with the key (or `key`), returning status, headers and body.
+    async fn post(
+        &self,
+        path: &str,
+        key: Option<&str>,
+        body: impl Into<reqwest::Body>,
+    ) -> (u16, reqwest::header::HeaderMap, Value) {
+        let response = reqwest::Client::new()
+            .post(self.url(path))
+            .bearer_auth(key.unwrap_or(&self.key))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = response.json().await.unwrap_or(Value::Null);
+        (status, headers, body)
+    }
+
+    async fn teardown(self) {
+        self.gateway.shutdown().await;
+        self.app.teardown().await;
+    }
+}
+
+/// The OpenAI error object of a response body, checked for OpenAI's shape.
+fn openai_error(body: &Value) -> (&str, &str) {
+    let e = &body["error"];
+    assert!(e["message"].is_string(), "{body}");
+    assert!(e.get("param").is_some(), "{body}");
+    (e["type"].as_str().unwrap(), e["code"].as_str().unwrap())
+}
+
+#[tokio::test]
+async fn an_openai_client_chats_streamed_and_not_and_the_usage_rows_carry_the_keys_tenant() {
+    let s = Setup::new("", |_| {}).await;
+    let client = s.openai();
+
+    s.fake.push(Reply::answer(&["Hello", " world"], (5, 2)));
+    let request = CreateChatCompletionRequestArgs::default()
+        .model("gpt-test")
+        .max_completion_tokens(50u32)
+        .messages([
+            ChatCompletionRequestSystemMessageArgs::default()
+                .content("Be brief.")
+                .build()
+                .unwrap()
+                .into(),
+            ChatCompletionRequestUserMessageArgs::default()
+                .content("Say hello")
+                .build()
+                .unwrap()
+                .into(),
+        ])
+        .build()
+        .unwrap();
+    let answer = client.chat().create(request.clone()).await.unwrap();
+    assert_eq!(
+        answer.choices[0].message.content.as_deref(),
+        Some("Hello world")
+    );
+    let usage = answer.usage.unwrap();
+    assert_eq!(
+        (
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            usage.total_tokens
+        ),
+        (5, 2, 7)
+    );
+    assert_eq!(answer.model, "gpt-test");
+    // The request reached the provider as the job the gateway built from it.
+    let sent = s.fake.requests().pop().unwrap();
+    assert_eq!(sent["messages"][0]["content"], "Be brief.", "{sent}");
+    assert_eq!(sent["messages"][1]["content"], "Say hello", "{sent}");
+    assert_eq!(
+        sent["max_tokens"]
+            .as_u64()
+            .or(sent["max_completion_tokens"].as_u64()),
+        Some(50)
+    );
+
+    s.fake.push(Reply::answer(&["Hel", "lo", " again"], (6, 3)));
+    let mut streamed = request;
+    streamed.stream_options = Some(ChatCompletionStreamOptions {
+        include_usage: Some(true),
+        include_obfuscation: None,
+    });
+    let mut stream = client.chat().create_stream(streamed).await.unwrap();
+    let (mut text, mut usage, mut finish) = (String::new(), None, None);
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.unwrap();
+        if let Some(u) = chunk.usage {
+            usage = Some(u);
+        }
+        for choice in chunk.choices {
+            text.push_str(choice.delta.content.as_deref().unwrap_or(""));
+            finish = finish.or(choice.finish_reason);
+        }
+    }
+    assert_eq!(text, "Hello again");
+    assert!(finish.is_some(), "no finish_reason in the stream");
+    let usage = usage.expect("no usage chunk with include_usage");
+    assert_eq!((usage.prompt_tokens, usage.completion_tokens), (6, 3));
+
+    s.app
+        .wait_count(
+            "SELECT count(*) FROM llm_jobs WHERE tenant = 'acme' AND status = 'ok'",
+            2,
+        )
+        .await;
+    assert_eq!(
+        s.app
+            .count("SELECT count(*) FROM llm_jobs WHERE tenant <> 'acme'")
+            .await,
+        0
+    );
+    s.teardown().await;
+}
+
+#[tokio::test]
+async fn embeddings_come_as_floats_or_as_base64_of_the_same_vectors() {
+    let s = Setup::new("", |_| {}).await;
+    let client = s.openai();
+    let request = CreateEmbeddingRequestArgs::default()
+        .model("gpt-test")
+        .input(vec!["alpha", "beta"])
+        .dimensions(6u32)
+        .build()
+        .unwrap();
+    let floats = client.embeddings().create(request.clone()).await.unwrap();
+    assert_eq!(floats.data.len(), 2);
+    assert_eq!(floats.data[0].embedding, fake_vector("alpha", 6));
+    assert_eq!(floats.data[1].embedding, fake_vector("beta", 6));
+    assert_eq!(floats.data[1].index, 1);
+
+    let mut b64 = request;
+    b64.encoding_format = Some(EncodingFormat::Base64);
+    let encoded = client.embeddings().create_base64(b64).await.unwrap();
+    let decoded: Vec<Vec<f32>> = encoded
+        .data
+        .into_iter()
+        .map(|e| e.embedding.into())
+        .collect();
+    assert_eq!(
+        decoded,
+        vec![fake_vector("alpha", 6), fake_vector("beta", 6)]
+    );
+    s.app
+        .wait_count(
+            "SELECT count(*) FROM llm_jobs WHERE tenant = 'acme' AND kind = 'embed'",
+            2,
+        )
+        .await;
+    s.teardown().await;
+}
+
+#[tokio::test]
+async fn models_lists_the_routes_and_their_entries() {
+    let s = Setup::new("code = [\"openai:gpt-big\"]\n", |_| {}).await;
+    let models = s.openai().models().list().await.unwrap();
+    let ids: Vec<&str> = models.data.iter().map(|m| m.id.as_str()).collect();
+    for id in ["default", "code", "openai:gpt-test", "gpt-test", "gpt-big"] {
+        assert!(ids.contains(&id), "{id} missing from {ids:?}");
+    }
+    s.teardown().await;
+}
+
+#[tokio::test]
+async fn the_seed_api_answers_with_the_result_and_streams_contract_events_for_the_keys_tenant() {
+    let s = Setup::new("", |_| {}).await;
+    s.fake.push(Reply::answer(&["four"], (4, 1)));
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let response = reqwest::Client::new()
+        .post(s.url("/v1/generate"))
+        .bearer_auth(&s.key)
+        .header("traceparent", format!("00-{trace}-00f067aa0ba902b7-01"))
+        .json(&json!({"prompt": "two plus two", "tenant": "someone-else", "stream": false}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-trace-id"], trace);
+    let result: Value = response.json().await.unwrap();
+    assert_eq!(result["type"], "result");
+    assert_eq!(result["output"], "four");
+    assert_eq!(result["tenant"], "acme", "the body's tenant must not count");
+    assert_eq!(result["trace_id"], trace);
+    let job_id = result["job_id"].as_str().unwrap().to_string();
+
+    // Streamed: each SSE event is one event of the contract, parsed by a standard parser.
+    s.fake.push(Reply::answer(&["a", "b", "c"], (3, 3)));
+    let response = reqwest::Client::new()
+        .post(s.url("/v1/generate"))
+        .bearer_auth(&s.key)
+        .json(&json!({"prompt": "abc", "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let mut events = response.bytes_stream().eventsource();
+    let mut kinds = Vec::new();
+    let mut text = String::new();
+    while let Some(event) = events.next().await {
+        let event: Value = serde_json::from_str(&event.unwrap().data).unwrap();
+        kinds.push(event["type"].as_str().unwrap().to_string());
+        if event["type"] == "chunk" {
+            text.push_str(event["delta"].as_str().unwrap());
+        }
+    }
+    assert_eq!(text, "abc");
+    assert_eq!(
+        kinds.last().map(String::as_str),
+        Some("result"),
+        "{kinds:?}"
+    );
+    assert!(kinds.len() >= 2, "{kinds:?}");
+
+    // Embeddings through the seed API.
+    let (status, _, result) = s
+        .post(
+            "/v1/embed",
+            None,
+            json!({"input": ["x"], "options": {"dimensions": 4}}).to_string(),
+        )
+        .await;
+    assert_eq!(status, 200, "{result}");
+    assert_eq!(result["embeddings"][0].as_array().unwrap().len(), 4);
+
+    // The recorded trace id is the W3C one, the tenant the key's.
+    s.app
+        .wait_count(
+            &format!(
+                "SELECT count(*) FROM llm_jobs WHERE job_id = '{job_id}' \
+                 AND trace_id = '{trace}' AND tenant = 'acme'"
+            ),
+            1,
+        )
+        .await;
+    // The fleet's status.
+    let status = reqwest::Client::new()
+        .get(s.url("/v1/status"))
+        .bearer_auth(&s.key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(status.status(), 200);
+    let status: Value = status.json().await.unwrap();
+    assert_eq!(status["workers"], 1, "{status}");
+    s.teardown().await;
+}
+
+#[tokio::test]
+async fn a_request_without_a_valid_key_is_401_and_a_revoked_key_stops_working() {
+    let s = Setup::new("", |c| c.gateway.key_cache_secs = 0).await;
+    let body = json!({"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]});
+    for key in [
+        "",
+        "not-a-key",
+        "llmw_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+    ] {
+        let (status, _, err) = s
+            .post("/v1/chat/completions", Some(key), body.to_string())
+            .await;
+        assert_eq!(status, 401, "{key:?}: {err}");
+        assert_eq!(
+            openai_error(&err),
+            ("invalid_request_error", "invalid_api_key")
+        );
+    }
+    let keys = keys::list(&s.app.db).await.unwrap();
+    assert_eq!(keys::revoke(&s.app.db, &keys[0].prefix).await.unwrap(), 1);
+    let (status, _, _) = s.post("/v1/chat/completions", None, body.to_string()).await;
+    assert_eq!(status, 401);
+    assert_eq!(s.fake.request_count(), 0, "no job may reach a provider");
+    s.teardown().await;
+}
+
+#[tokio::test]
+async fn an_invalid_request_is_400_invalid_job_and_an_unknown_model_404() {
+    let s = Setup::new("", |_| {}).await;
+    // Refused by the gateway (n > 1), and by the worker (no messages: invalid_job).
+    for body in [
+        json!({"model": "gpt-test", "n": 2, "messages": [{"role": "user", "content": "hi"}]}),
+        json!({"model": "gpt-test", "messages": []}),
+        json!({"model": "gpt-test"}),
+    ] {
+        let (status, _, err) = s.post("/v1/chat/completions", None, body.to_string()).await;
+        assert_eq!(status, 400, "{body}: {err}");
+        assert_eq!(
+            openai_error(&err),
+            ("invalid_request_error", "invalid_job"),
+            "{err}"
+        );
+    }
+    let body = json!({"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]});
+    let (status, _, err) = s.post("/v1/chat/completions", None, body.to_string()).await;
+    assert_eq!(status, 404, "{err}");
+    assert_eq!(openai_error(&err).1, "model_not_found");
+    assert_eq!(s.fake.request_count(), 0);
+    s.teardown().await;
+}
+
+#[tokio::test]
+async fn a_body_over_the_bound_is_413() {
+    let s = Setup::new("", |c| c.gateway.max_body_bytes = 10_000).await;
+    let body = json!({"model": "gpt-test",
+        "messages": [{"role": "user", "content": "x".repeat(20_000)}]});
+    let (status, _, err) = s.post("/v1/chat/completions", None, body.to_string()).await;
+    assert_eq!(status, 413, "{err}");
+    assert_eq!(openai_error(&err).1, "payload_too_large");
+    s.teardown().await;
+}
+
+#[tokio::test]
+async fn a_spent_budget_is_429_with_retry_after() {
+    let s = Setup::new("[tenants.acme]\ndaily_budget_tokens = 1\n", |_| {}).await;
+    let body = json!({"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]});
+    s.fake.push(Reply::answer(&["ok"], (5, 2)));
+    let (status, _, _) = s.post("/v1/chat/completions", None, body.to_string()).await;
+    assert_eq!(status, 200, "the first job spends the budget");
+    let (status, headers, err) = s.post("/v1/chat/completions", None, body.to_string()).await;
+    assert_eq!(status, 429, "{err}");
+    assert_eq!(
+        openai_error(&err),
+        ("insufficient_quota", "budget_exceeded")
+    );
+    let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=86_400).contains(&retry), "{retry}");
+    s.teardown().await;
+}
+
+#[tokio::test]
+async fn requests_over_the_concurrency_bound_are_429_and_a_client_that_leaves_cancels_its_job() {
+    let s = Setup::new("", |c| c.gateway.max_concurrent = 1).await;
+    s.fake.set_default(Reply::Stall {
+        deltas: vec!["partial".into()],
+    });
+    let client = s.openai();
+    let request = CreateChatCompletionRequestArgs::default()
+        .model("gpt-test")
+        .messages([ChatCompletionRequestUserMessageArgs::default()
+            .content("tell me everything")
+            .build()
+            .unwrap()
+            .into()])
+        .build()
+        .unwrap();
+    let mut stream = client.chat().create_stream(request).await.unwrap();
+    let first = stream.next().await.unwrap().unwrap();
+    let job_id = first.id.strip_prefix("chatcmpl-").unwrap().to_string();
+
+    // The one slot is taken.
+    let body = json!({"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]});
+    let (status, headers, err) = s.post("/v1/chat/completions", None, body.to_string()).await;
+    assert_eq!(status, 429, "{err}");
+    assert_eq!(openai_error(&err).1, "rate_limit_exceeded");
+    assert_eq!(headers["retry-after"], "1");
+
+    // The client goes away: its job is cancelled, and its provider call closed.
+    drop(stream);
+    drop(client);
+    let job_id = uuid::Uuid::parse_str(&job_id).unwrap();
+    let result = s.app.wait_stored_result(job_id).await;
+    assert_eq!(result["error"]["code"], "cancelled", "{result}");
+    s.teardown().await;
+}
+
+#[tokio::test]
+async fn failing_providers_are_502_and_a_job_past_its_deadline_504() {
+    let s = Setup::new("", |c| c.gateway.request_timeout_ms = 1500).await;
+    let body = json!({"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]});
+    s.fake.set_default(Reply::status(500, "boom"));
+    let (status, headers, err) = s.post("/v1/chat/completions", None, body.to_string()).await;
+    assert_eq!(status, 502, "{err}");
+    assert_eq!(openai_error(&err), ("api_error", "all_providers_failed"));
+    assert!(headers.contains_key("x-trace-id"));
+
+    s.fake.set_default(Reply::Hang);
+    let (status, _, err) = s.post("/v1/chat/completions", None, body.to_string()).await;
+    assert_eq!(status, 504, "{err}");
+    assert_eq!(openai_error(&err).1, "timeout");
+    s.teardown().await;
+}
+
+#[tokio::test]
+async fn the_gateway_is_live_and_ready() {
+    let s = Setup::new("", |_| {}).await;
+    for path in ["/healthz", "/readyz"] {
+        let r = reqwest::get(s.url(path)).await.unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+    }
+    s.teardown().await;
+}
