@@ -41,6 +41,8 @@ pub struct Running {
     done: tokio::task::JoinHandle<()>,
     pub worker_id: String,
     reloader: Option<Reloader>,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served (`telemetry.metrics_listen`).
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl Running {
@@ -238,6 +240,8 @@ pub async fn start_with(
     }
 
     let mut loops = Vec::new();
+    let mut consumed = Vec::new();
+    let mut metrics = crate::metrics::Metrics::new(config.telemetry.metrics_tenant_label);
     if roles.jobs {
         let (routing, no_embedding) = Routing::from_config(&config, &health, &prices)?;
         let replies = Replies::new(
@@ -261,6 +265,8 @@ pub async fn start_with(
                 .await
                 .map_err(anyhow::Error::msg)?;
         let mut worker = Worker::new(&config, routing, outbox, prices.clone())?.with_ledger(ledger);
+        metrics = worker.metrics().clone();
+        consumed.clone_from(&kinds);
         if config.cache.enabled {
             let cache = crate::cache::Cache::open(&js, &nats_cfg.cache_bucket, &config.cache)
                 .await
@@ -335,6 +341,27 @@ pub async fn start_with(
         }
     }
 
+    let metrics_addr = match &config.telemetry.metrics_listen {
+        Some(listen) => Some(
+            crate::metrics::server::serve(
+                listen,
+                crate::metrics::server::Probe {
+                    metrics,
+                    client: client.clone(),
+                    js: js.clone(),
+                    nats: nats_cfg.clone(),
+                    kinds: consumed,
+                    recorder: recording && pool.is_some(),
+                    health: health.clone(),
+                    tracker: tracker.clone(),
+                    stop: stop.clone(),
+                },
+            )
+            .await
+            .with_context(|| format!("serving metrics on {listen}"))?,
+        ),
+        None => None,
+    };
     let grace = Duration::from_secs(config.worker.shutdown_grace_secs);
     let worker_id = config.worker_id();
     tracing::info!(
@@ -368,5 +395,6 @@ pub async fn start_with(
         done,
         worker_id,
         reloader: reload_handle,
+        metrics_addr,
     })
 }

@@ -41,6 +41,8 @@
 //!   and the weighted fair share of a worker's slots.
 //! - `reply`: publishing chunks and results. [`usage`]: migrations, recorder, reports;
 //!   [`pricing`]: prices and cost.
+//! - [`metrics`]: Prometheus metrics of workers and gateways, and the worker's `/metrics`,
+//!   `/healthz`, `/readyz`.
 //! - [`health`]: circuit breakers and latency per provider; [`status`]: health over NATS;
 //!   [`service`]: the NATS micro-services API (`$SRV.PING`, `INFO`, `STATS`).
 //! - [`trust`]: what an untrusted job may make the worker do (reply subjects, stored results
@@ -73,6 +75,7 @@ pub mod fuzzing;
 pub mod gateway;
 pub mod health;
 pub mod job;
+pub mod metrics;
 pub mod nats_account;
 pub(crate) mod policy;
 pub mod pricing;

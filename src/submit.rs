@@ -1,107 +1,48 @@
-//! `llm-worker submit`: publish one job the way an orchestrator would, print the streamed text
-//! as it arrives, and return the result (read back from `LLM_RESULTS` if the live event was
+//! `llm-worker submit`: publish one job through [`crate::client`], print the streamed text as
+//! it arrives, and return the result (read back from `LLM_RESULTS` if the live event was
 //! missed).
 
 use std::io::Write;
-use std::time::Duration;
 
 use anyhow::Context as _;
-use async_nats::jetstream::{self, message::PublishMessage};
-use futures::StreamExt;
-use uuid::Uuid;
 
+use crate::client::{Client, Event};
 use crate::config::NatsConfig;
 use crate::event::{ResultEvent, Status};
 use crate::job::JobKind;
 
-/// Extra time beyond the job's own timeout before the client gives up waiting live.
-const WAIT_MARGIN: Duration = Duration::from_secs(30);
-
-/// Publish `job` (a JSON object; `job_id` and `reply_to` are filled in when absent), stream
-/// chunk text to `out`, and return the result event.
+/// Publish `job` (a JSON object; `job_id` is filled in when absent, `reply_to` is always
+/// this connection's own inbox), stream chunk text to `out`, and return the result event.
+/// With the deployment taking tenants from subjects, a body `tenant` picks the subject.
 pub async fn submit(
     nats: &NatsConfig,
     kind: JobKind,
-    mut job: serde_json::Value,
+    job: serde_json::Value,
     out: &mut (dyn Write + Send),
 ) -> anyhow::Result<ResultEvent> {
-    let client = crate::app::connect_nats(nats).await?;
-    let js = jetstream::new(client.clone());
-    crate::queue::ensure_streams(&js, nats).await?;
-
-    let obj = job.as_object_mut().context("a job must be a JSON object")?;
-    let job_id = match obj.get("job_id").and_then(|v| v.as_str()) {
-        Some(id) => Uuid::parse_str(id).context("job_id must be a UUID")?,
-        None => {
-            let id = Uuid::now_v7();
-            obj.insert("job_id".into(), id.to_string().into());
-            id
-        }
-    };
-    let reply_to = match obj.get("reply_to").and_then(|v| v.as_str()) {
-        Some(r) => r.to_string(),
-        None => {
-            let r = client.new_inbox();
-            obj.insert("reply_to".into(), r.clone().into());
-            r
-        }
-    };
-    let timeout = obj
-        .get("timeout_ms")
-        .and_then(|v| v.as_u64())
-        .map(Duration::from_millis)
-        .unwrap_or(Duration::from_secs(120));
-
-    let mut events = client.subscribe(reply_to).await?;
-    let publish = PublishMessage::build()
-        .payload(serde_json::to_vec(&job)?.into())
-        .message_id(job_id.to_string());
-    js.send_publish(nats.job_subject(kind), publish)
-        .await
-        .context("publishing the job")?
-        .await
-        .context("JetStream did not accept the job")?;
-
-    let mut attempt = 0u64;
-    let deadline = tokio::time::Instant::now() + timeout + WAIT_MARGIN;
-    loop {
-        let msg = match tokio::time::timeout_at(deadline, events.next()).await {
-            Ok(Some(msg)) => msg,
-            Ok(None) | Err(_) => break,
-        };
-        let event: serde_json::Value = match serde_json::from_slice(&msg.payload) {
-            Ok(v) => v,
-            Err(_) => continue,
-        };
-        match event.get("type").and_then(|t| t.as_str()) {
-            Some("chunk") => {
-                let a = event.get("attempt").and_then(|v| v.as_u64()).unwrap_or(1);
-                if a != attempt {
+    let client = Client::connect(nats).await?;
+    let tenant = job
+        .get("tenant")
+        .and_then(|t| t.as_str())
+        .map(str::to_string);
+    let mut handle = client.submit(kind, job, tenant.as_deref(), &[]).await?;
+    let mut attempt = 0u32;
+    while let Some(event) = handle.next().await {
+        match event.context("no result arrived and none is stored yet (is a worker running?)")? {
+            Event::Chunk(c) => {
+                if c.attempt != attempt {
                     if attempt != 0 {
-                        writeln!(out, "\n[attempt {a} restarts the answer]")?;
+                        writeln!(out, "\n[attempt {} restarts the answer]", c.attempt)?;
                     }
-                    attempt = a;
+                    attempt = c.attempt;
                 }
-                if let Some(d) = event.get("delta").and_then(|v| v.as_str()) {
-                    write!(out, "{d}")?;
-                    out.flush()?;
-                }
+                write!(out, "{}", c.delta)?;
+                out.flush()?;
             }
-            Some("result") => {
-                let result: ResultEvent = serde_json::from_value(event)?;
-                return Ok(finish_output(result, attempt != 0, out)?);
-            }
-            _ => {}
+            Event::Result(result) => return Ok(finish_output(*result, attempt != 0, out)?),
         }
     }
-    // Missed the live result: read the stored copy.
-    let stream = js.get_stream_no_info(&nats.results_stream).await?;
-    let stored = stream
-        .direct_get_last_for_subject(nats.result_subject(&job_id))
-        .await
-        .context("no result arrived and none is stored yet (is a worker running?)")?;
-    let result: ResultEvent = serde_json::from_slice(&stored.payload)?;
-    Ok(finish_output(result, attempt != 0, out)?)
+    anyhow::bail!("no result arrived and none is stored yet (is a worker running?)")
 }
 
 fn finish_output(

@@ -170,6 +170,8 @@ pub struct Worker<O: Outbox = NatsOutbox> {
     cache: Option<Cache>,
     /// Jobs answered, for the NATS service API's stats.
     stats: Arc<crate::service::JobStats>,
+    /// Prometheus counters of answered jobs and their provider calls.
+    metrics: crate::metrics::Metrics,
 }
 
 impl<O: Outbox> Worker<O> {
@@ -199,6 +201,7 @@ impl<O: Outbox> Worker<O> {
             ledger: None,
             cache: None,
             stats: Arc::default(),
+            metrics: crate::metrics::Metrics::new(config.telemetry.metrics_tenant_label),
         })
     }
 
@@ -300,6 +303,10 @@ impl<O: Outbox> Worker<O> {
     /// The counts of jobs this worker answered.
     pub(crate) fn stats(&self) -> &Arc<crate::service::JobStats> {
         &self.stats
+    }
+
+    pub(crate) fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.metrics
     }
 
     /// Handle one job message to its end. `abandon` fires when the process can wait no longer
@@ -642,6 +649,7 @@ impl<O: Outbox> Worker<O> {
             }
         }
         self.stats.record(kind, result);
+        self.metrics.observe(kind, result);
         if let Some(reply_to) = &envelope.reply_to {
             self.outbox.publish_live(reply_to, payload).await;
         }

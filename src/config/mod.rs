@@ -549,6 +549,12 @@ pub struct TelemetryConfig {
     pub log_format: LogFormat,
     /// Log prompts and outputs at debug level. Off by default: prompts can hold personal data.
     pub log_prompts: bool,
+    /// Serve `/metrics` (Prometheus), `/healthz` and `/readyz` of a worker on this address
+    /// (e.g. `0.0.0.0:9464`); off when absent. The gateway serves them on its own port.
+    pub metrics_listen: Option<String>,
+    /// Label token and cost counters with the tenant (one series per tenant: mind the
+    /// cardinality with many tenants).
+    pub metrics_tenant_label: bool,
 }
 
 impl Default for TelemetryConfig {
@@ -556,6 +562,8 @@ impl Default for TelemetryConfig {
         Self {
             log_format: LogFormat::Text,
             log_prompts: false,
+            metrics_listen: None,
+            metrics_tenant_label: false,
         }
     }
 }

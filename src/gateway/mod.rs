@@ -51,6 +51,7 @@ pub(crate) struct Gateway {
     catalog: models::Catalog,
     slots: Arc<Semaphore>,
     config: GatewayConfig,
+    metrics: crate::metrics::Metrics,
 }
 
 /// A running gateway (for tests and the binary).
@@ -89,6 +90,7 @@ pub async fn start(config: Config, listen: &str) -> anyhow::Result<Running> {
         slots: Arc::new(Semaphore::new(config.gateway.max_concurrent)),
         config: config.gateway.clone(),
         client,
+        metrics: crate::metrics::Metrics::new(false),
     });
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
@@ -115,6 +117,8 @@ fn router(gateway: Arc<Gateway>) -> Router {
         .route("/v1/status", get(seed::status))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
+        .route("/metrics", get(metrics))
+        .route_layer(axum::middleware::from_fn_with_state(gateway.clone(), track))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -126,6 +130,32 @@ fn router(gateway: Arc<Gateway>) -> Router {
         .with_state(gateway)
         // The extractor's own limit; bodies over it become our 413 (see `Gateway::body`).
         .layer(DefaultBodyLimit::max(limit))
+}
+
+/// Count every request by route and status, and time it to its response headers.
+async fn track(
+    State(gw): State<Arc<Gateway>>,
+    matched: Option<axum::extract::MatchedPath>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let timer = gw.metrics.http_started();
+    let route = matched.map_or_else(|| "unmatched".to_string(), |m| m.as_str().to_string());
+    let response = next.run(request).await;
+    timer.done(&route, response.status().as_u16());
+    response
+}
+
+/// `GET /metrics` (no key needed: it holds no tenant's data).
+async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            crate::metrics::CONTENT_TYPE,
+        )],
+        gw.metrics.encode(),
+    )
+        .into_response()
 }
 
 /// Ready while the NATS connection is up.

@@ -18,6 +18,7 @@ mod gateway;
 mod generate;
 mod helpers;
 mod lifecycle;
+mod metrics;
 mod nats_auth;
 mod poison;
 mod providers;
