@@ -32,6 +32,7 @@ use crate::job::{Catalog, GenerateRequest, Job};
 use crate::pricing::PriceBook;
 use crate::providers::{Provider, Registry, Usage};
 use crate::trust::quote;
+use tracing::Instrument as _;
 
 /// Longest wait the chain accepts from a provider's Retry-After before falling back instead.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
@@ -298,6 +299,7 @@ impl Chain {
                         };
                     }
                 };
+                let span = attempt_span(target, admitted.number);
                 let (record, result) = attempt(
                     target,
                     admitted.number,
@@ -307,7 +309,9 @@ impl Chain {
                     self.max_output_bytes,
                     sink,
                 )
+                .instrument(span.clone())
                 .await;
+                end_attempt_span(&span, &record);
                 match self.settle(
                     target,
                     record,
@@ -701,3 +705,23 @@ mod attempt;
 mod tests;
 
 use attempt::attempt;
+
+/// The span of one provider call (exported as a child of the job's span).
+pub(crate) fn attempt_span(target: &Target, number: u32) -> tracing::Span {
+    tracing::info_span!(
+        "attempt",
+        provider = %target.provider.name,
+        model = %target.model,
+        attempt = number,
+        error_code = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    )
+}
+
+/// Record a call's outcome on its span.
+pub(crate) fn end_attempt_span(span: &tracing::Span, record: &AttemptRecord) {
+    if let Some(e) = &record.error {
+        span.record("error_code", e.code.as_str());
+        span.record("otel.status_code", "ERROR");
+    }
+}

@@ -14,6 +14,7 @@
 use chrono::Utc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::chain::{
     Chain, Refused, Settled, Target, cancelled, cancelled_call, chain_error, retry_delays,
@@ -151,6 +152,7 @@ impl Chain {
                             };
                         }
                     };
+                    let span = crate::chain::attempt_span(target, admitted.number);
                     let (record, result) = call(
                         target,
                         admitted.number,
@@ -159,7 +161,9 @@ impl Chain {
                         deadline,
                         cancel,
                     )
+                    .instrument(span.clone())
                     .await;
+                    crate::chain::end_attempt_span(&span, &record);
                     match self.settle(
                         target,
                         record,

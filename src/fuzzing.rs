@@ -73,6 +73,7 @@ pub fn job_decode(data: &[u8]) {
             msg_id: header,
             subject_tenant: None,
             published: None,
+            traceparent: None,
         };
         let _ = job::decode(kind, data, &delivery, &rules);
     }

@@ -203,7 +203,20 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     } else {
         "warn"
     };
-    telemetry::init(config.telemetry.log_format, level);
+    let service = if matches!(cli.command, Command::Gateway { .. }) {
+        "llm-worker-gateway"
+    } else {
+        "llm-worker"
+    };
+    // The OTLP exporter uses a blocking HTTP client: build and flush it off the async threads.
+    let telemetry =
+        tokio::task::block_in_place(|| telemetry::init(&config.telemetry, level, service));
+    let outcome = command(cli, config).await;
+    tokio::task::block_in_place(|| telemetry.shutdown());
+    outcome
+}
+
+async fn command(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run {
             no_recorder,

@@ -1,21 +1,164 @@
-//! Logging: a tracing subscriber writing to stderr, as text or JSON, filtered by `RUST_LOG`
-//! (default `info`). Job spans carry `job_id`, `trace_id`, `tenant`; prompts are not logged
-//! unless `telemetry.log_prompts` is on.
+//! Logging and traces: a tracing subscriber writing to stderr, as text or JSON, filtered by
+//! `RUST_LOG` (default `info`), and, with `telemetry.otlp_endpoint`, the spans of jobs
+//! (`job`, each provider call `attempt`, `store_result`) exported with OTLP (HTTP, JSON
+//! encoding) to a collector. Job spans carry `job_id`, `trace_id`, `tenant`; prompts are not
+//! logged unless `telemetry.log_prompts` is on.
+//!
+//! Trace propagation: a job message with a W3C `traceparent` header continues that trace:
+//! its `job` span is a child of the caller's span, and the job's `trace_id` (events, usage
+//! rows) is the W3C trace id (see [`w3c_trace_id`]).
 
-use tracing_subscriber::EnvFilter;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::{Protocol, WithExportConfig as _};
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Layer as _};
 
-use crate::config::LogFormat;
+use crate::config::{LogFormat, TelemetryConfig};
+
+/// Keeps the trace exporter alive; [`Telemetry::shutdown`] sends the spans still buffered.
+#[must_use = "dropping it without shutdown may lose the last spans"]
+pub struct Telemetry {
+    traces: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Export the buffered spans and stop the exporter.
+    pub fn shutdown(self) {
+        if let Some(provider) = self.traces
+            && let Err(e) = provider.shutdown()
+        {
+            eprintln!("warning: exporting the last spans failed: {e}");
+        }
+    }
+}
 
 /// Install the global subscriber (once; later calls are ignored). `default_level` applies when
-/// `RUST_LOG` is unset (`info` for the worker, `warn` for client commands).
-pub fn init(format: LogFormat, default_level: &str) {
+/// `RUST_LOG` is unset (`info` for the worker, `warn` for client commands). `service` names
+/// the process in traces (`llm-worker`, `llm-worker-gateway`).
+pub fn init(config: &TelemetryConfig, default_level: &str, service: &str) -> Telemetry {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Text => builder.try_init(),
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = match config.log_format {
+        LogFormat::Json => fmt.json().flatten_event(true).with_filter(filter).boxed(),
+        LogFormat::Text => fmt.with_filter(filter).boxed(),
     };
+    let traces = config.otlp_endpoint.as_deref().and_then(|endpoint| {
+        match tracer_provider(endpoint, service) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                eprintln!("warning: traces are not exported: {e}");
+                None
+            }
+        }
+    });
+    let otel = traces.as_ref().map(|provider| {
+        // Our own spans at info and above, whatever RUST_LOG says about logs.
+        let only_ours = tracing_subscriber::filter::Targets::new()
+            .with_target("llm_worker", tracing::Level::INFO);
+        tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer("llm-worker"))
+            .with_filter(only_ours)
+    });
+    let _ = tracing_subscriber::registry()
+        .with(fmt)
+        .with(otel)
+        .try_init();
+    Telemetry { traces }
+}
+
+/// An OTLP/HTTP (JSON) exporter to `<endpoint>/v1/traces`, batching in the background.
+fn tracer_provider(
+    endpoint: &str,
+    service: &str,
+) -> Result<opentelemetry_sdk::trace::SdkTracerProvider, String> {
+    crate::providers::install_crypto_provider();
+    let endpoint = endpoint.trim_end_matches('/');
+    // An endpoint given in code is used as it is (unlike OTEL_EXPORTER_OTLP_ENDPOINT).
+    let url = if endpoint.ends_with("/v1/traces") {
+        endpoint.to_string()
+    } else {
+        format!("{endpoint}/v1/traces")
+    };
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_protocol(Protocol::HttpJson)
+        .with_endpoint(url)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let resource = opentelemetry_sdk::Resource::builder()
+        .with_service_name(service.to_string())
+        .build();
+    Ok(opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource)
+        .build())
+}
+
+/// The trace id of a valid W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`, lower case,
+/// ids not all zero), else `None`.
+pub fn w3c_trace_id(traceparent: &str) -> Option<&str> {
+    let mut parts = traceparent.trim().split('-');
+    let (version, trace, parent, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex = |s: &str, n: usize| {
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    let zero = |s: &str| s.bytes().all(|b| b == b'0');
+    let ok = hex(version, 2)
+        && version != "ff"
+        && (version != "00" || parts.next().is_none())
+        && hex(trace, 32)
+        && !zero(trace)
+        && hex(parent, 16)
+        && !zero(parent)
+        && hex(flags, 2);
+    ok.then_some(trace)
+}
+
+/// Make `span` a child of the span a valid `traceparent` names (when traces are exported;
+/// otherwise nothing happens).
+pub(crate) fn continue_trace(span: &tracing::Span, traceparent: &str) {
+    use opentelemetry::propagation::TextMapPropagator as _;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    struct One<'a>(&'a str);
+    impl opentelemetry::propagation::Extractor for One<'_> {
+        fn get(&self, key: &str) -> Option<&str> {
+            (key == "traceparent").then_some(self.0)
+        }
+        fn keys(&self) -> Vec<&str> {
+            vec!["traceparent"]
+        }
+    }
+    if w3c_trace_id(traceparent).is_none() {
+        return;
+    }
+    let parent =
+        opentelemetry_sdk::propagation::TraceContextPropagator::new().extract(&One(traceparent));
+    let _ = span.set_parent(parent);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_valid_traceparent_gives_a_trace_id() {
+        let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(w3c_trace_id(good), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+        ] {
+            assert_eq!(w3c_trace_id(bad), None, "{bad:?}");
+        }
+    }
 }

@@ -342,6 +342,7 @@ impl<O: Outbox> Worker<O> {
             msg_id: msg.msg_id(),
             subject_tenant,
             published: msg.published(),
+            traceparent: msg.traceparent(),
         };
         let routing = self.routing();
         let catalog = match (kind, &routing.embed) {
@@ -355,7 +356,7 @@ impl<O: Outbox> Worker<O> {
         };
         match job::decode(kind, msg.payload(), &delivery, &rules) {
             Err(invalid) => {
-                let span = job_span(&invalid.envelope, kind, delivered);
+                let span = job_span(&invalid.envelope, kind, delivered, msg.traceparent());
                 async {
                     if delivered >= self.max_deliver {
                         return self
@@ -382,7 +383,7 @@ impl<O: Outbox> Worker<O> {
                 .await
             }
             Ok(job) => {
-                let span = job_span(&job.envelope, kind, delivered);
+                let span = job_span(&job.envelope, kind, delivered, msg.traceparent());
                 let start = Start {
                     delivered,
                     received_at,
@@ -623,7 +624,12 @@ impl<O: Outbox> Worker<O> {
                 return ack(msg, requeue(msg.delivered())).await;
             }
         };
-        let existing = match self.outbox.store(envelope.job_id, payload.clone()).await {
+        let existing = match self
+            .outbox
+            .store(envelope.job_id, payload.clone())
+            .instrument(tracing::info_span!("store_result"))
+            .await
+        {
             Ok(Stored::New) => None,
             Ok(Stored::Existing(existing)) => Some(existing),
             Err(e) => {
@@ -753,13 +759,24 @@ async fn ack(msg: &impl JobMessage, kind: AckKind) -> Disposal {
     disposal
 }
 
-fn job_span(env: &Envelope, kind: JobKind, delivered: i64) -> tracing::Span {
-    tracing::info_span!(
+/// The span of one delivery of a job: a child of the publisher's span when the message
+/// carries a W3C `traceparent`.
+fn job_span(
+    env: &Envelope,
+    kind: JobKind,
+    delivered: i64,
+    traceparent: Option<&str>,
+) -> tracing::Span {
+    let span = tracing::info_span!(
         "job",
         job_id = %env.job_id,
         trace_id = %env.trace_id,
         tenant = %env.tenant,
         kind = kind.as_str(),
         delivered,
-    )
+    );
+    if let Some(parent) = traceparent {
+        crate::telemetry::continue_trace(&span, parent);
+    }
+    span
 }

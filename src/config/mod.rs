@@ -555,6 +555,9 @@ pub struct TelemetryConfig {
     /// Label token and cost counters with the tenant (one series per tenant: mind the
     /// cardinality with many tenants).
     pub metrics_tenant_label: bool,
+    /// OTLP collector (HTTP, JSON encoding), e.g. `http://127.0.0.1:4318`: spans go to
+    /// `<endpoint>/v1/traces`. Off when absent.
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Default for TelemetryConfig {
@@ -564,6 +567,7 @@ impl Default for TelemetryConfig {
             log_prompts: false,
             metrics_listen: None,
             metrics_tenant_label: false,
+            otlp_endpoint: None,
         }
     }
 }

@@ -302,7 +302,14 @@ fn read_envelope(
             safe_name(&value, bounds.max_name_bytes)
         }
     };
-    let trace_id = trace_id.map_or_else(|| job_id.to_string(), |t| name("trace_id", t));
+    // A valid W3C traceparent names the trace the job continues; else the body's, else the id.
+    let trace_id = match delivery
+        .traceparent
+        .and_then(crate::telemetry::w3c_trace_id)
+    {
+        Some(w3c) => w3c.to_string(),
+        None => trace_id.map_or_else(|| job_id.to_string(), |t| name("trace_id", t)),
+    };
     let tenant = match delivery.subject_tenant {
         Some(t) => name("tenant (from the subject)", t.to_string()),
         None => name("tenant", body_tenant.unwrap_or_else(|| "default".into())),

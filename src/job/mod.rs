@@ -267,6 +267,8 @@ pub struct Delivery<'a> {
     /// When JetStream received the message (the start of `expires_in_ms`); the decode time
     /// when unknown.
     pub published: Option<DateTime<Utc>>,
+    /// The W3C `traceparent` header: its trace id, when valid, is the job's `trace_id`.
+    pub traceparent: Option<&'a str>,
 }
 
 /// What the deployment's configuration decides about pinning (the chain implements it; this

@@ -477,3 +477,21 @@ fn tenant_policies_refuse_tenants_and_task_types_they_do_not_allow() {
     assert!(r.contains("no policy here"), "{r}");
     assert!(decode_as("acme").is_ok());
 }
+
+#[test]
+fn a_valid_traceparent_names_the_jobs_trace() {
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let delivery = Delivery {
+        traceparent: Some(tp),
+        ..Default::default()
+    };
+    let body = r#"{"prompt":"x","trace_id":"from-the-body"}"#;
+    let job = decode_with(JobKind::Generate, body, &delivery).unwrap();
+    assert_eq!(job.envelope.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+    let garbage = Delivery {
+        traceparent: Some("00-nope"),
+        ..Default::default()
+    };
+    let job = decode_with(JobKind::Generate, body, &garbage).unwrap();
+    assert_eq!(job.envelope.trace_id, "from-the-body");
+}

@@ -30,6 +30,10 @@ pub trait JobMessage: Send + Sync {
     fn delivered(&self) -> i64;
     /// When the queue received it from its publisher.
     fn published(&self) -> Option<DateTime<Utc>>;
+    /// The W3C `traceparent` header, if any.
+    fn traceparent(&self) -> Option<&str> {
+        None
+    }
     /// Settle (or extend) the message with the queue.
     fn settle(&self, kind: AckKind) -> impl Future<Output = Result<(), String>> + Send;
 }
@@ -47,6 +51,13 @@ impl JobMessage for jetstream::Message {
         self.headers
             .as_ref()
             .and_then(|h| h.get("Nats-Msg-Id"))
+            .map(|v| v.as_str())
+    }
+
+    fn traceparent(&self) -> Option<&str> {
+        self.headers
+            .as_ref()
+            .and_then(|h| h.get("traceparent"))
             .map(|v| v.as_str())
     }
 

@@ -28,4 +28,5 @@ mod security;
 mod servers;
 mod service;
 mod tenants;
+mod traces;
 mod usage;
