@@ -30,7 +30,7 @@ async fn shaped_round(
 }
 
 /// Publish → result latencies of a round, in ms, sorted.
-fn latencies_ms(sent: &[Instant], received: &Received) -> Vec<f64> {
+pub(crate) fn latencies_ms(sent: &[Instant], received: &Received) -> Vec<f64> {
     let mut ms: Vec<f64> = sent
         .iter()
         .zip(&received.result_at)

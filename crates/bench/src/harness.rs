@@ -38,6 +38,8 @@ pub struct Deployment {
     config_path: PathBuf,
     worker_exe: PathBuf,
     workers: Vec<tokio::process::Child>,
+    /// Gateway processes (not counted among the workers).
+    gateways: Vec<tokio::process::Child>,
 }
 
 impl Deployment {
@@ -96,6 +98,7 @@ url = "{db_url}"
             config_path,
             worker_exe: target.worker_exe.clone(),
             workers: Vec::new(),
+            gateways: Vec::new(),
         })
     }
 
@@ -139,6 +142,45 @@ url = "{db_url}"
             if tokio::time::Instant::now() > deadline {
                 anyhow::bail!("{id} not ready within 30 s; see {}", self.dir.display());
             }
+        }
+    }
+
+    /// Start an `llm-worker gateway` process on a free loopback port and wait until it is
+    /// ready; returns its address and process id.
+    pub async fn spawn_gateway(&mut self) -> anyhow::Result<(std::net::SocketAddr, u32)> {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let log = std::fs::File::create(self.dir.join("gateway.log"))?;
+        let child = tokio::process::Command::new(&self.worker_exe)
+            .arg("--config")
+            .arg(&self.config_path)
+            .arg("gateway")
+            .arg("--listen")
+            .arg(addr.to_string())
+            .env_remove("NATS_URL")
+            .env_remove("DATABASE_URL")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {} gateway", self.worker_exe.display()))?;
+        let pid = child.id().context("the gateway has no pid")?;
+        self.gateways.push(child);
+        let http = reqwest::Client::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = http.get(format!("http://{addr}/readyz")).send().await
+                && r.status().is_success()
+            {
+                return Ok((addr, pid));
+            }
+            if tokio::time::Instant::now() > deadline {
+                anyhow::bail!(
+                    "the gateway was not ready within 30 s; see {}",
+                    self.dir.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -203,7 +245,7 @@ url = "{db_url}"
 
     /// Stop the workers and remove the streams, the database and (on success) the logs.
     pub async fn teardown(mut self, keep_logs: bool) {
-        for w in &mut self.workers {
+        for w in self.workers.iter_mut().chain(&mut self.gateways) {
             let _ = w.start_kill();
             let _ = w.wait().await;
         }

@@ -8,6 +8,7 @@
 //! - [`pipeline`]: the bare pipeline, the ceiling a worker is compared with.
 
 mod cache;
+mod gateway;
 mod harness;
 mod load;
 mod pipeline;
@@ -83,6 +84,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(Hidden::Pipeline(args)) = cli.pipeline {
         return pipeline::serve(args).await;
     }
+    // reqwest is built without a default TLS crypto provider (see llm_worker::providers).
+    llm_worker::providers::install_crypto_provider();
     let bench_exe = std::env::current_exe().context("locating this binary")?;
     let worker_exe = match cli.worker_exe {
         Some(exe) => exe,

@@ -11,7 +11,8 @@
 //!    throughput as a ratio of it;
 //! 4. concurrency: thousands of slow streams in one worker: peak RSS, redeliveries;
 //! 5. scaling: 1, 2, 3 worker processes against a latency-bound provider;
-//! 6. the response cache: misses and hits ([`crate::cache`]).
+//! 6. the response cache: misses and hits ([`crate::cache`]);
+//! 7. the HTTP gateway against publishing to NATS directly ([`crate::gateway`]).
 //!
 //! The benchmark only speaks the contract to the workers (JetStream jobs, reply events, SQL
 //! rows). Workers (the `llm-worker` binary) and the bare pipeline (this binary's hidden
@@ -38,6 +39,7 @@ pub enum Scenario {
     Concurrency,
     Scaling,
     Cache,
+    Gateway,
 }
 
 #[derive(Debug, Clone)]
@@ -100,6 +102,9 @@ pub async fn run(target: &Target, options: &Options) -> anyhow::Result<Vec<Row>>
     }
     if wants(Scenario::Cache) {
         emit(crate::cache::cache(target, options).await?);
+    }
+    if wants(Scenario::Gateway) {
+        emit(crate::gateway::gateway(target, options).await?);
     }
     println!();
     println!("{}", table(&rows));
