@@ -191,8 +191,9 @@ impl Gateway {
         let key = headers
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, key)| key.trim())
             .ok_or_else(ApiError::unauthorized)?;
         let tenant = self.keys.tenant_of(key).await.map_err(|e| {
             tracing::warn!(error = %e, "API key lookup failed");
@@ -248,9 +249,13 @@ impl Gateway {
             .map(|t| ("traceparent", t))
             .into_iter()
             .collect();
+        let body_trace = job
+            .get("trace_id")
+            .and_then(|t| t.as_str())
+            .map(str::to_string);
         let mut handle = self
             .client
-            .submit(kind, job.clone(), Some(tenant), &extra)
+            .submit(kind, job, Some(tenant), &extra)
             .await
             .map_err(|e| match e {
                 ClientError::BadJob(why) => ApiError::invalid(why),
@@ -260,10 +265,7 @@ impl Gateway {
                 }
             })?;
         let job_id = handle.job_id();
-        let trace_id = job
-            .get("trace_id")
-            .and_then(|t| t.as_str())
-            .map_or_else(|| job_id.to_string(), str::to_string);
+        let trace_id = body_trace.unwrap_or_else(|| job_id.to_string());
         let (tx, rx) = mpsc::channel(EVENT_BUFFER);
         tokio::spawn(async move {
             loop {
