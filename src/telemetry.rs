@@ -39,20 +39,33 @@ impl Telemetry {
 pub fn init(config: &TelemetryConfig, default_level: &str, service: &str) -> Telemetry {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    let Some(endpoint) = config.otlp_endpoint.as_deref() else {
+        // Logs only: one global filter, so disabled callsites cost nothing (per-layer filters
+        // would make every callsite ask at run time).
+        let builder = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr);
+        let _ = match config.log_format {
+            LogFormat::Json => builder.json().flatten_event(true).try_init(),
+            LogFormat::Text => builder.try_init(),
+        };
+        return Telemetry { traces: None };
+    };
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let fmt = match config.log_format {
         LogFormat::Json => fmt.json().flatten_event(true).with_filter(filter).boxed(),
         LogFormat::Text => fmt.with_filter(filter).boxed(),
     };
-    let traces = config.otlp_endpoint.as_deref().and_then(|endpoint| {
-        match tracer_provider(endpoint, service) {
-            Ok(p) => Some(p),
-            Err(e) => {
-                eprintln!("warning: traces are not exported: {e}");
-                None
-            }
+    let traces = match tracer_provider(endpoint, service) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            eprintln!("warning: traces are not exported: {e}");
+            None
         }
-    });
+    };
+    if traces.is_some() {
+        EXPORTING.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     let otel = traces.as_ref().map(|provider| {
         // Our own spans at info and above, whatever RUST_LOG says about logs.
         let only_ours = tracing_subscriber::filter::Targets::new()
@@ -66,6 +79,14 @@ pub fn init(config: &TelemetryConfig, default_level: &str, service: &str) -> Tel
         .with(otel)
         .try_init();
     Telemetry { traces }
+}
+
+/// Whether spans are exported: the spans only traces need (provider calls, result stores)
+/// are made only then, so a worker without traces does not pay for them.
+static EXPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+pub(crate) fn exporting() -> bool {
+    EXPORTING.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// An OTLP/HTTP (JSON) exporter to `<endpoint>/v1/traces`, batching in the background.

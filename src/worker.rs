@@ -627,7 +627,11 @@ impl<O: Outbox> Worker<O> {
         let existing = match self
             .outbox
             .store(envelope.job_id, payload.clone())
-            .instrument(tracing::info_span!("store_result"))
+            .instrument(if crate::telemetry::exporting() {
+                tracing::info_span!("store_result")
+            } else {
+                tracing::Span::none()
+            })
             .await
         {
             Ok(Stored::New) => None,
