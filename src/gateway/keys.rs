@@ -129,7 +129,7 @@ pub fn render(keys: &[ApiKey]) -> String {
         let at = |t: &DateTime<Utc>| t.format("%Y-%m-%d %H:%M:%SZ").to_string();
         out.push_str(&format!(
             "{:<38} {:<14} {:<20} {:<20} {:<22} {}\n",
-            k.id,
+            k.id.to_string(),
             format!("{}...", k.prefix),
             k.tenant,
             k.name.as_deref().unwrap_or("-"),
