@@ -1,12 +1,23 @@
-//! The orchestrator side of the contract: publish a job (with `Nats-Msg-Id`, after
-//! subscribing to its reply subject), follow its events, and get its result, from the live
-//! event or, when that was missed, from `LLM_RESULTS`. Used by `llm-worker submit` and the
-//! HTTP gateway; it knows nothing about providers.
+//! The orchestrator side of the contract: publish a job, follow its events, get its result.
+//! Used by `llm-worker submit` and the HTTP gateway; it knows nothing about providers.
+//!
+//! - The job is published with `Nats-Msg-Id: <job_id>` after its reply subject is
+//!   subscribed (no event can be missed for lack of a listener). A publish that fails in a
+//!   transient way (a timeout, a reconnect, the stream briefly unavailable) is retried with
+//!   the same id within [`PUBLISH_PATIENCE`]: JetStream drops a duplicate inside its window,
+//!   so a retry never makes a second job.
+//! - Events: chunks as they arrive, then the result. When a provider fails mid-answer and a
+//!   later attempt takes over, [`Event::Restart`] says so before that attempt's first chunk
+//!   (the text so far is void, [`JobHandle::text`] starts over); chunks of an older attempt
+//!   that arrive late are dropped.
+//! - A result missed live (a reconnect, a slow subscriber whose messages NATS dropped) is read
+//!   from `LLM_RESULTS`: after [`IDLE_POLL`] without an event, and at the deadline.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, message::PublishMessage};
+use backon::{ExponentialBuilder, Retryable as _};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -18,6 +29,10 @@ use crate::job::JobKind;
 /// How long after the job's own deadline the client still waits for the live result before
 /// it reads the stored one.
 pub const WAIT_MARGIN: Duration = Duration::from_secs(5);
+/// Without an event for this long, the client looks for a stored result.
+pub const IDLE_POLL: Duration = Duration::from_secs(2);
+/// How long a publish is retried (same id) before the submit fails.
+pub const PUBLISH_PATIENCE: Duration = Duration::from_secs(60);
 
 /// Why a job could not be submitted or answered.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +46,9 @@ pub enum ClientError {
     /// No live result within the deadline and none stored yet.
     #[error("no result within the job's deadline (is a worker running?)")]
     NoResult,
+    /// [`JobHandle::wait`] gave up.
+    #[error("no result within {0:?}")]
+    Waited(Duration),
 }
 
 /// A chunk event (contract section 3), owned.
@@ -50,7 +68,10 @@ pub struct Chunk {
 /// One event of a job, as the client sees it.
 #[derive(Debug, Clone)]
 pub enum Event {
+    /// Text of the current attempt.
     Chunk(Chunk),
+    /// A later provider call took over: the text of earlier attempts is void.
+    Restart { attempt: u32 },
     /// Always the last event.
     Result(Box<ResultEvent>),
 }
@@ -67,13 +88,18 @@ impl Client {
     /// Connect with `config` (credentials, TLS, inbox prefix) and make sure the streams exist.
     pub async fn connect(config: &NatsConfig) -> anyhow::Result<Client> {
         let nats = crate::app::connect_nats(config).await?;
-        let js = jetstream::new(nats.clone());
-        crate::queue::ensure_streams(&js, config).await?;
-        Ok(Client {
+        let client = Client::with_connection(nats, config);
+        crate::queue::ensure_streams(&client.js, config).await?;
+        Ok(client)
+    }
+
+    /// A client over a connection made elsewhere (its own options: capacity, callbacks).
+    pub fn with_connection(nats: async_nats::Client, config: &NatsConfig) -> Client {
+        Client {
+            js: jetstream::new(nats.clone()),
             nats,
-            js,
             config: Arc::new(config.clone()),
-        })
+        }
     }
 
     pub fn nats(&self) -> &async_nats::Client {
@@ -133,25 +159,64 @@ impl Client {
             .subscribe(reply_to)
             .await
             .map_err(|e| ClientError::Nats(e.to_string()))?;
-        let mut publish = PublishMessage::build()
-            .payload(payload.into())
-            .message_id(job_id.to_string());
-        for (name, value) in headers {
-            publish = publish.header(*name, *value);
-        }
-        self.js
-            .send_publish(subject, publish)
-            .await
-            .map_err(|e| ClientError::Nats(e.to_string()))?
+        let payload = bytes::Bytes::from(payload);
+        let publish = || {
+            let mut message = PublishMessage::build()
+                .payload(payload.clone())
+                .message_id(job_id.to_string());
+            for (name, value) in headers {
+                message = message.header(*name, *value);
+            }
+            let subject = subject.clone();
+            async move {
+                self.js
+                    .send_publish(subject, message)
+                    .await?
+                    .await
+                    .map(|_| ())
+            }
+        };
+        publish
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(100))
+                    .with_max_delay(Duration::from_secs(2))
+                    .with_jitter()
+                    .with_total_delay(Some(PUBLISH_PATIENCE))
+                    .without_max_times(),
+            )
+            .when(|e| transient(e.kind()))
+            .notify(|e, after| {
+                tracing::warn!(%job_id, error = %e, ?after, "publishing the job failed; retrying with the same id");
+            })
             .await
             .map_err(|e| ClientError::NotAccepted(e.to_string()))?;
         Ok(JobHandle {
             client: self.clone(),
             job_id,
-            events,
+            events: Some(events),
             deadline: tokio::time::Instant::now() + timeout + WAIT_MARGIN,
             done: false,
+            attempt: 0,
+            pending: None,
+            text: String::new(),
         })
+    }
+
+    /// A handle on a job submitted earlier (by this process before a restart, or by
+    /// another): no live events, its result read from `LLM_RESULTS` once stored, waiting at
+    /// most `timeout`.
+    pub fn attach(&self, job_id: Uuid, timeout: Duration) -> JobHandle {
+        JobHandle {
+            client: self.clone(),
+            job_id,
+            events: None,
+            deadline: tokio::time::Instant::now() + timeout,
+            done: false,
+            attempt: 0,
+            pending: None,
+            text: String::new(),
+        }
     }
 
     /// The stored result of `job_id`, if any.
@@ -183,13 +248,29 @@ impl Client {
     }
 }
 
+/// Whether a failed publish may succeed if tried again with the same id.
+fn transient(kind: async_nats::jetstream::context::PublishErrorKind) -> bool {
+    use async_nats::jetstream::context::PublishErrorKind as K;
+    !matches!(
+        kind,
+        K::MaxPayloadExceeded | K::WrongLastMessageId | K::WrongLastSequence
+    )
+}
+
 /// A submitted job: its events as they arrive, then its result.
 pub struct JobHandle {
     client: Client,
     job_id: Uuid,
-    events: async_nats::Subscriber,
+    /// Live events (none for an attached job).
+    events: Option<async_nats::Subscriber>,
     deadline: tokio::time::Instant,
     done: bool,
+    /// The newest attempt seen in chunks.
+    attempt: u32,
+    /// A chunk to yield after the restart event announcing it.
+    pending: Option<Chunk>,
+    /// Text of the current attempt so far.
+    text: String,
 }
 
 impl JobHandle {
@@ -197,35 +278,81 @@ impl JobHandle {
         self.job_id
     }
 
-    /// The next event: chunks (of every attempt; a chunk's `attempt` says which), then the
-    /// result, then `None`. A result missed live (the subscription ended, or the deadline
-    /// passed) is read from the results stream.
+    /// The text of the current attempt received so far.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// The next event: chunks of the current attempt ([`Event::Restart`] when a later one
+    /// takes over), then the result, then `None`.
     pub async fn next(&mut self) -> Option<Result<Event, ClientError>> {
         if self.done {
             return None;
         }
+        if let Some(chunk) = self.pending.take() {
+            return Some(Ok(self.accept(chunk)));
+        }
         loop {
-            let msg = match tokio::time::timeout_at(self.deadline, self.events.next()).await {
+            let wait = (tokio::time::Instant::now() + IDLE_POLL).min(self.deadline);
+            let next = match self.events.as_mut() {
+                Some(events) => tokio::time::timeout_at(wait, events.next()).await,
+                None => tokio::time::timeout_at(wait, std::future::pending()).await,
+            };
+            let msg = match next {
                 Ok(Some(msg)) => msg,
-                Ok(None) | Err(_) => break,
+                // The subscription ended (the connection closed): only the store can tell.
+                Ok(None) => break,
+                Err(_) if tokio::time::Instant::now() >= self.deadline => break,
+                // Quiet for a while: the live result may have been lost.
+                Err(_) => match self.client.stored_result(self.job_id).await {
+                    Ok(Some(r)) => return Some(Ok(self.finish(r))),
+                    Ok(None) | Err(_) => continue,
+                },
             };
             match event_of(&msg.payload) {
                 Some(Event::Result(r)) if r.job_id == self.job_id => {
-                    self.done = true;
-                    return Some(Ok(Event::Result(r)));
+                    return Some(Ok(self.finish(*r)));
                 }
                 Some(Event::Chunk(c)) if c.job_id == self.job_id => {
-                    return Some(Ok(Event::Chunk(c)));
+                    if c.attempt < self.attempt {
+                        continue;
+                    }
+                    if c.attempt > self.attempt && self.attempt != 0 {
+                        let attempt = c.attempt;
+                        self.pending = Some(c);
+                        self.text.clear();
+                        return Some(Ok(Event::Restart { attempt }));
+                    }
+                    return Some(Ok(self.accept(c)));
                 }
                 _ => continue,
             }
         }
         self.done = true;
         Some(match self.client.stored_result(self.job_id).await {
-            Ok(Some(r)) => Ok(Event::Result(Box::new(r))),
+            Ok(Some(r)) => Ok(self.finish(r)),
             Ok(None) => Err(ClientError::NoResult),
             Err(e) => Err(e),
         })
+    }
+
+    fn accept(&mut self, chunk: Chunk) -> Event {
+        self.attempt = chunk.attempt;
+        self.text.push_str(&chunk.delta);
+        Event::Chunk(chunk)
+    }
+
+    fn finish(&mut self, result: ResultEvent) -> Event {
+        self.done = true;
+        self.events = None;
+        Event::Result(Box::new(result))
+    }
+
+    /// [`Self::result`], giving up after `timeout`.
+    pub async fn wait(self, timeout: Duration) -> Result<ResultEvent, ClientError> {
+        tokio::time::timeout(timeout, self.result())
+            .await
+            .unwrap_or(Err(ClientError::Waited(timeout)))
     }
 
     /// Skip the chunks and return the result.

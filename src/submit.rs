@@ -30,14 +30,12 @@ pub async fn submit(
     while let Some(event) = handle.next().await {
         match event.context("no result arrived and none is stored yet (is a worker running?)")? {
             Event::Chunk(c) => {
-                if c.attempt != attempt {
-                    if attempt != 0 {
-                        writeln!(out, "\n[attempt {} restarts the answer]", c.attempt)?;
-                    }
-                    attempt = c.attempt;
-                }
+                attempt = c.attempt;
                 write!(out, "{}", c.delta)?;
                 out.flush()?;
+            }
+            Event::Restart { attempt } => {
+                writeln!(out, "\n[attempt {attempt} restarts the answer]")?;
             }
             Event::Result(result) => return Ok(finish_output(*result, attempt != 0, out)?),
         }

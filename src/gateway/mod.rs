@@ -272,7 +272,7 @@ impl Gateway {
                 tokio::select! {
                     event = handle.next() => {
                         let Some(event) = event else { return };
-                        let last = !matches!(event, Ok(Event::Chunk(_)));
+                        let last = matches!(event, Ok(Event::Result(_)) | Err(_));
                         if tx.send(event).await.is_err() || last {
                             if !last {
                                 cancel(&handle).await;
@@ -308,7 +308,7 @@ impl Submitted {
         while let Some(event) = self.events.recv().await {
             match event {
                 Ok(Event::Result(r)) => return Ok(*r),
-                Ok(Event::Chunk(_)) => {}
+                Ok(Event::Chunk(_) | Event::Restart { .. }) => {}
                 Err(e) => return Err(client_error(e)),
             }
         }

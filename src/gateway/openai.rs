@@ -329,6 +329,11 @@ impl ChatStream {
                 self.sent.push_str(&c.delta);
                 vec![self.chunk(json!({"content": c.delta}), None)]
             }
+            // Text already sent cannot be taken back: the rest comes from the result.
+            Some(Ok(Event::Restart { .. })) => {
+                self.live = false;
+                Vec::new()
+            }
             Some(Ok(Event::Result(r))) => self.on_result(&r),
             Some(Err(e)) => self.error(&super::client_error(e)),
             None => self.error(&ApiError::no_result()),

@@ -81,11 +81,15 @@ async fn run(
             if ended {
                 return None;
             }
-            let (data, last) = match events.recv().await {
-                Some(Ok(Event::Chunk(c))) => (serde_json::to_string(&c).ok()?, false),
-                Some(Ok(Event::Result(r))) => (serde_json::to_string(&r).ok()?, true),
-                Some(Err(e)) => (super::client_error(e).body().to_string(), true),
-                None => (ApiError::no_result().body().to_string(), true),
+            // Chunks carry their attempt: a seed client sees restarts in them.
+            let (data, last) = loop {
+                break match events.recv().await {
+                    Some(Ok(Event::Chunk(c))) => (serde_json::to_string(&c).ok()?, false),
+                    Some(Ok(Event::Restart { .. })) => continue,
+                    Some(Ok(Event::Result(r))) => (serde_json::to_string(&r).ok()?, true),
+                    Some(Err(e)) => (super::client_error(e).body().to_string(), true),
+                    None => (ApiError::no_result().body().to_string(), true),
+                };
             };
             Some((
                 Ok::<_, Infallible>(SseEvent::default().data(data)),

@@ -10,6 +10,7 @@
 mod budgets;
 mod cache;
 mod cancel;
+mod client;
 mod context;
 mod embed;
 mod fairness;

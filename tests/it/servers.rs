@@ -37,6 +37,8 @@ impl Drop for TempDir {
 pub struct NatsServer {
     child: tokio::process::Child,
     pub port: u16,
+    /// Its configuration file (a restart reads it again: same port, same store).
+    file: PathBuf,
     /// Holds the configuration and the JetStream store; removed with the server.
     _dir: TempDir,
 }
@@ -57,21 +59,26 @@ impl NatsServer {
             dir.path().join("js")
         );
         std::fs::write(&file, text).unwrap();
-        let child = tokio::process::Command::new(NATS_SERVER)
-            .arg("-c")
-            .arg(&file)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
         let mut server = Self {
-            child,
+            child: spawn_nats(&file),
             port,
+            file,
             _dir: dir,
         };
         server.wait_ready().await;
         Some(server)
+    }
+
+    /// SIGKILL, and wait until it is gone.
+    pub async fn kill(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+    }
+
+    /// Start it again on the same port with the same JetStream store.
+    pub async fn restart(&mut self) {
+        self.child = spawn_nats(&self.file);
+        self.wait_ready().await;
     }
 
     async fn wait_ready(&mut self) {
@@ -102,6 +109,17 @@ impl NatsServer {
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
+}
+
+fn spawn_nats(config: &Path) -> tokio::process::Child {
+    tokio::process::Command::new(NATS_SERVER)
+        .arg("-c")
+        .arg(config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
 }
 
 impl Drop for NatsServer {
