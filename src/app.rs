@@ -126,8 +126,15 @@ async fn connect(
     if nats.require_tls {
         options = options.require_tls(true);
     }
+    // async-nats parses a string as one URL: a cluster's URLs are passed as a list (the
+    // client then reconnects to whichever is up).
+    let servers: Vec<&str> = urls
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect();
     // Don't block forever when the server is down at start: fail with a clear message instead.
-    let client = tokio::time::timeout(Duration::from_secs(15), options.connect(urls.as_str()))
+    let client = tokio::time::timeout(Duration::from_secs(15), options.connect(servers))
         .await
         .map_err(|_| anyhow::anyhow!("cannot reach NATS at {urls} within 15 s"))?
         .with_context(|| format!("connecting to NATS at {urls}"))?;
@@ -268,9 +275,14 @@ pub async fn start_with(
         metrics = worker.metrics().clone();
         consumed.clone_from(&kinds);
         if config.cache.enabled {
-            let cache = crate::cache::Cache::open(&js, &nats_cfg.cache_bucket, &config.cache)
-                .await
-                .map_err(anyhow::Error::msg)?;
+            let cache = crate::cache::Cache::open(
+                &js,
+                &nats_cfg.cache_bucket,
+                &config.cache,
+                nats_cfg.replicas,
+            )
+            .await
+            .map_err(anyhow::Error::msg)?;
             worker = worker.with_cache(cache);
         }
         if let Some(source) = reload {

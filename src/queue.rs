@@ -89,14 +89,83 @@ pub async fn ensure_streams(js: &jetstream::Context, nats: &NatsConfig) -> Resul
     };
     for config in [jobs, results, dead, cancel] {
         let name = config.name.clone();
-        js.get_or_create_stream(config)
+        ensure_stream(js, config, nats.replicas)
             .await
-            .map_err(|e| QueueError::Stream {
+            .map_err(|message| QueueError::Stream {
                 stream: name,
-                message: e.to_string(),
+                message,
             })?;
     }
     Ok(())
+}
+
+/// Create a stream (or KV bucket's stream) with `replicas` copies if it is missing. An
+/// existing one is left as it is (changing a stream is an operator's decision), with a
+/// warning naming every setting that differs from what this configuration would create.
+pub(crate) async fn ensure_stream(
+    js: &jetstream::Context,
+    mut wanted: stream::Config,
+    replicas: usize,
+) -> Result<stream::Stream, String> {
+    wanted.num_replicas = replicas;
+    let stream = js
+        .get_or_create_stream(wanted.clone())
+        .await
+        .map_err(|e| e.to_string())?;
+    let differ = differences(&stream.cached_info().config, &wanted);
+    if !differ.is_empty() {
+        tracing::warn!(
+            stream = %wanted.name,
+            differences = %differ.join("; "),
+            "an existing stream's settings differ from this configuration; it is used as it is \
+             (change it with `nats stream edit`, or delete it to have it created again)"
+        );
+    }
+    Ok(stream)
+}
+
+/// The settings this worker chooses where `existing` differs from `wanted`.
+pub(crate) fn differences(existing: &stream::Config, wanted: &stream::Config) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut check = |name: &str, has: String, wants: String| {
+        if has != wants {
+            out.push(format!("{name} is {has}, the configuration says {wants}"));
+        }
+    };
+    check(
+        "replicas",
+        existing.num_replicas.to_string(),
+        wanted.num_replicas.to_string(),
+    );
+    check(
+        "subjects",
+        format!("{:?}", existing.subjects),
+        format!("{:?}", wanted.subjects),
+    );
+    check(
+        "retention",
+        format!("{:?}", existing.retention),
+        format!("{:?}", wanted.retention),
+    );
+    check(
+        "storage",
+        format!("{:?}", existing.storage),
+        format!("{:?}", wanted.storage),
+    );
+    check(
+        "max_age",
+        format!("{:?}", existing.max_age),
+        format!("{:?}", wanted.max_age),
+    );
+    // 0 means the server's default (2 minutes).
+    if !wanted.duplicate_window.is_zero() {
+        check(
+            "duplicate_window",
+            format!("{:?}", existing.duplicate_window),
+            format!("{:?}", wanted.duplicate_window),
+        );
+    }
+    out
 }
 
 /// The durable consumer of one job kind. Workers dead-letter a job on its `max_deliver`-th
@@ -427,5 +496,35 @@ mod tests {
             panic!("not a delayed nak")
         };
         assert_eq!(delay, Duration::from_millis(5500));
+    }
+}
+
+#[cfg(test)]
+mod stream_settings {
+    use super::*;
+
+    #[test]
+    fn settings_that_differ_are_named_and_equal_ones_are_not() {
+        let wanted = stream::Config {
+            name: "S".into(),
+            subjects: vec!["a.>".into()],
+            num_replicas: 3,
+            max_age: Duration::from_secs(60),
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        };
+        assert!(differences(&wanted, &wanted).is_empty());
+        let existing = stream::Config {
+            num_replicas: 1,
+            max_age: Duration::from_secs(30),
+            ..wanted.clone()
+        };
+        let d = differences(&existing, &wanted);
+        assert_eq!(d.len(), 2, "{d:?}");
+        assert!(
+            d[0].starts_with("replicas is 1, the configuration says 3"),
+            "{d:?}"
+        );
+        assert!(d[1].starts_with("max_age is 30s"), "{d:?}");
     }
 }

@@ -198,6 +198,7 @@ impl Cache {
         js: &jetstream::Context,
         bucket: &str,
         config: &CacheConfig,
+        replicas: usize,
     ) -> Result<Self, String> {
         // Created as KV buckets are, by hand: async-nats' create_key_value cannot talk to
         // NATS 2.9 (see `policy::ledger`).
@@ -217,7 +218,7 @@ impl Cache {
             discard: jetstream::stream::DiscardPolicy::Old,
             ..Default::default()
         };
-        js.get_or_create_stream(stream)
+        crate::queue::ensure_stream(js, stream, replicas)
             .await
             .map_err(|e| format!("cannot create the cache bucket {bucket}: {e}"))?;
         let kv = js

@@ -373,6 +373,9 @@ pub struct NatsConfig {
     pub duplicate_window_secs: u64,
     /// Consumer ack wait; in-flight jobs send progress acks at a third of it.
     pub ack_wait_secs: u64,
+    /// Copies of every stream and KV bucket the worker creates (1, or 3 on a 3-node
+    /// cluster). Existing streams are not changed; a warning names settings that differ.
+    pub replicas: usize,
 }
 
 impl Default for NatsConfig {
@@ -404,6 +407,7 @@ impl Default for NatsConfig {
             results_max_age_secs: 24 * 3600,
             duplicate_window_secs: 120,
             ack_wait_secs: 30,
+            replicas: 1,
         }
     }
 }

@@ -26,6 +26,12 @@ impl Config {
         if self.nats.dead_max_age_secs == 0 {
             return Err(invalid("nats.dead_max_age_secs", "must be positive"));
         }
+        if !(1..=5).contains(&self.nats.replicas) {
+            return Err(invalid(
+                "nats.replicas",
+                "must be 1 to 5 (JetStream's limit; 3 on a 3-node cluster)",
+            ));
+        }
         if self.gateway.max_concurrent == 0 {
             return Err(invalid("gateway.max_concurrent", "must be at least 1"));
         }

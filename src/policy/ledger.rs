@@ -199,7 +199,7 @@ impl Ledger {
         nats: &NatsConfig,
         worker_id: String,
     ) -> Result<Self, String> {
-        let kv = open_bucket(js, &nats.tenant_bucket).await?;
+        let kv = open_bucket(js, &nats.tenant_bucket, nats.replicas).await?;
         let counters = Arc::new(Mutex::new(Counters::default()));
         let watch = kv
             .watch_with_history(">")
@@ -586,7 +586,11 @@ type Gates = HashMap<String, Arc<tokio::sync::Mutex<()>>>;
 /// `create_key_value` would make): that call first asks for the account's JetStream info,
 /// whose NATS 2.9 answer async-nats 0.51 cannot parse ("data did not match any variant of
 /// untagged enum Response"), so it fails on 2.9 whatever the bucket.
-async fn open_bucket(js: &jetstream::Context, bucket: &str) -> Result<kv::Store, String> {
+async fn open_bucket(
+    js: &jetstream::Context,
+    bucket: &str,
+    replicas: usize,
+) -> Result<kv::Store, String> {
     let stream = jetstream::stream::Config {
         name: format!("KV_{bucket}"),
         description: Some("llm-worker: tenant counters (spend, rate)".into()),
@@ -601,7 +605,7 @@ async fn open_bucket(js: &jetstream::Context, bucket: &str) -> Result<kv::Store,
         discard: jetstream::stream::DiscardPolicy::New,
         ..Default::default()
     };
-    js.get_or_create_stream(stream)
+    crate::queue::ensure_stream(js, stream, replicas)
         .await
         .map_err(|e| format!("cannot create the tenant bucket {bucket}: {e}"))?;
     js.get_key_value(bucket)

@@ -11,6 +11,7 @@ mod budgets;
 mod cache;
 mod cancel;
 mod client;
+mod cluster;
 mod context;
 mod embed;
 mod fairness;
