@@ -4,17 +4,14 @@
 //! `llm_jobs` row, `llm_calls` rows equal to its attempts, and nothing may stay pending in
 //! the consumer.
 
-use std::collections::HashSet;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, message::PublishMessage};
-use futures::StreamExt;
+use async_nats::jetstream;
 use llm_worker::config::Config;
 use llm_worker::job::JobKind;
 use llm_worker_testkit::{FakeLlmServer, Reply, ScratchDatabase};
-use serde_json::json;
-use uuid::Uuid;
 
+use crate::faults::{Load, every_acked_job_answered_once, first_answer_after, steady_load};
 use crate::helpers::{ALL_ROLES, Services, openai_provider, test_config_toml};
 use crate::servers::{NatsServer, free_port};
 
@@ -34,56 +31,6 @@ async fn cluster() -> Option<Vec<NatsServer>> {
         nodes.push(NatsServer::start(&config).await?);
     }
     Some(nodes)
-}
-
-/// Publish one job per tick at `per_sec` for `secs`; the ids whose publish was acknowledged,
-/// and those that were not (each with its own ack wait, so a stalled one stalls nothing).
-async fn steady_load(
-    js: &jetstream::Context,
-    subject: &str,
-    per_sec: u32,
-    secs: u64,
-) -> (Vec<Uuid>, Vec<Uuid>) {
-    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(per_sec)));
-    let mut pending = Vec::new();
-    let end = tokio::time::Instant::now() + Duration::from_secs(secs);
-    while tokio::time::Instant::now() < end {
-        tick.tick().await;
-        let id = Uuid::now_v7();
-        let job = json!({"job_id": id, "prompt": "steady", "stream": false});
-        let publish = PublishMessage::build()
-            .payload(serde_json::to_vec(&job).unwrap().into())
-            .message_id(id.to_string());
-        let js = js.clone();
-        let subject = subject.to_string();
-        let second = (Duration::from_secs(secs) - (end - tokio::time::Instant::now())).as_secs();
-        pending.push(tokio::spawn(async move {
-            let acked = match js.send_publish(subject, publish).await {
-                Ok(ack) => ack.await.map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
-            (id, acked, second)
-        }));
-    }
-    let (mut acked, mut refused) = (Vec::new(), Vec::new());
-    let mut timeline = std::collections::BTreeMap::new();
-    for p in pending {
-        let (id, ok, second) = p.await.unwrap();
-        let e: &mut (u32, u32, String) = timeline.entry(second).or_default();
-        match ok {
-            Ok(_) => {
-                e.0 += 1;
-                acked.push(id)
-            }
-            Err(err) => {
-                e.1 += 1;
-                e.2 = err;
-                refused.push(id)
-            }
-        }
-    }
-    eprintln!("cluster: publishes per second (acked, not, last error): {timeline:?}");
-    (acked, refused)
 }
 
 #[tokio::test]
@@ -144,11 +91,13 @@ async fn a_cluster_node_killed_under_load_loses_no_acknowledged_job() {
     let killed_at = chrono::Utc::now();
     tokio::time::sleep(Duration::from_secs(7)).await;
     nodes[victim].restart().await;
-    let (acked, refused) = load.await.unwrap();
+    let Load {
+        acked,
+        refused,
+        timeline,
+    } = load.await.unwrap();
     eprintln!(
-        "cluster: {} jobs acknowledged, {} publishes not, leader n{victim} killed",
-        acked.len(),
-        refused.len()
+        "cluster: leader n{victim} killed; publishes per second (acked, refused, last error): {timeline:?}"
     );
     // NATS 2.9 answers publishes "no stream found" while the stream elects a new leader
     // (about 5 s after a SIGKILL here); once it has one, every publish is acknowledged.
@@ -158,94 +107,10 @@ async fn a_cluster_node_killed_under_load_loses_no_acknowledged_job() {
         acked.len()
     );
 
-    // Every acknowledged job gets exactly one stored result.
-    let results = js.get_stream(&config.nats.results_stream).await.unwrap();
-    let wanted: HashSet<String> = acked
-        .iter()
-        .map(|id| config.nats.result_subject(id))
-        .collect();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    let stored = loop {
-        let mut counts = std::collections::HashMap::new();
-        let mut subjects = results
-            .info_with_subjects(format!("{}.results.>", config.nats.subject_prefix))
-            .await
-            .unwrap();
-        while let Some(s) = subjects.next().await {
-            let (subject, n) = s.unwrap();
-            counts.insert(subject, n);
-        }
-        if wanted.iter().all(|s| counts.contains_key(s)) {
-            break counts;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{} acknowledged jobs without a result",
-            wanted.iter().filter(|s| !counts.contains_key(*s)).count()
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
-    let twice: Vec<_> = stored.iter().filter(|(_, n)| **n != 1).collect();
-    assert!(twice.is_empty(), "results stored more than once: {twice:?}");
-
-    // One llm_jobs row each, llm_calls matching attempts, nothing pending in the consumer.
     let db = sqlx::PgPool::connect(&database.url).await.unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM llm_jobs WHERE job_id = ANY($1)")
-            .bind(&acked)
-            .fetch_one(&db)
-            .await
-            .unwrap();
-        if rows == acked.len() as i64 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{rows} of {} usage rows",
-            acked.len()
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    let mismatched: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM llm_jobs j \
-         WHERE j.attempts <> (SELECT count(*) FROM llm_calls c WHERE c.job_id = j.job_id)",
-    )
-    .fetch_one(&db)
-    .await
-    .unwrap();
-    assert_eq!(
-        mismatched, 0,
-        "jobs whose llm_calls differ from their attempts"
-    );
-    let consumer = jobs
-        .consumer_info(config.nats.consumer_name(JobKind::Generate))
-        .await
-        .unwrap();
-    assert_eq!(
-        (consumer.num_pending, consumer.num_ack_pending),
-        (0, 0),
-        "work left in the consumer"
-    );
-    // Recovery: from the kill to the first answer of a job published after it (job ids are
-    // UUID v7: they carry their publish time).
-    let after_kill: Vec<Uuid> = acked
-        .iter()
-        .filter(|id| {
-            id.get_timestamp().is_some_and(|t| {
-                let (secs, nanos) = t.to_unix();
-                secs as f64 + f64::from(nanos) / 1e9 > killed_at.timestamp_micros() as f64 / 1e6
-            })
-        })
-        .copied()
-        .collect();
-    let first: Option<chrono::DateTime<chrono::Utc>> =
-        sqlx::query_scalar("SELECT min(finished_at) FROM llm_jobs WHERE job_id = ANY($1)")
-            .bind(&after_kill)
-            .fetch_one(&db)
-            .await
-            .unwrap();
-    let recovery = first.map(|f| (f - killed_at).num_milliseconds() as f64 / 1e3);
+    every_acked_job_answered_once(&js, &config.nats, &db, &acked).await;
+
+    let recovery = first_answer_after(&db, &acked, killed_at).await;
     eprintln!(
         "cluster: {} jobs, {} publishes refused while the stream had no leader; \
          first answer to a job published after the kill {recovery:?} s after it",

@@ -15,6 +15,7 @@ mod cluster;
 mod context;
 mod embed;
 mod fairness;
+mod faults;
 mod fuzz_corpus;
 mod gateway;
 mod generate;
