@@ -13,29 +13,11 @@ use llm_worker_testkit::{FakeLlmServer, Reply, ScratchDatabase};
 
 use crate::faults::{Load, every_acked_job_answered_once, first_answer_after, steady_load};
 use crate::helpers::{ALL_ROLES, Services, openai_provider, test_config_toml};
-use crate::servers::{NatsServer, free_port};
-
-/// Three nats-servers routed to each other, JetStream on each.
-async fn cluster() -> Option<Vec<NatsServer>> {
-    let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let all = routes
-        .iter()
-        .map(|p| format!("nats-route://127.0.0.1:{p}"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let mut nodes = Vec::new();
-    for (i, port) in routes.iter().enumerate() {
-        let config = format!(
-            "server_name: n{i}\ncluster {{ name: llmw, listen: 127.0.0.1:{port}, routes: [{all}] }}\n"
-        );
-        nodes.push(NatsServer::start(&config).await?);
-    }
-    Some(nodes)
-}
+use crate::servers::NatsServer;
 
 #[tokio::test]
 async fn a_cluster_node_killed_under_load_loses_no_acknowledged_job() {
-    let Some(mut nodes) = cluster().await else {
+    let Some(mut nodes) = NatsServer::cluster().await else {
         return;
     };
     let fake = FakeLlmServer::start().await.unwrap();

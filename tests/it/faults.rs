@@ -7,7 +7,6 @@
 //! stopped.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, message::PublishMessage};
@@ -16,11 +15,10 @@ use llm_worker::config::{Config, NatsConfig};
 use llm_worker::job::JobKind;
 use llm_worker_testkit::{FakeLlmServer, Reply, ScratchDatabase};
 use serde_json::json;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::helpers::{ALL_ROLES, Services, TestApp, openai_provider, test_config_toml};
-use crate::servers::NatsServer;
+use crate::servers::{NatsServer, Outage, url_host_port};
 
 /// What a steady load published.
 pub struct Load {
@@ -334,67 +332,20 @@ async fn worker_processes_killed_every_few_seconds_under_load_lose_no_acknowledg
     app.teardown().await;
 }
 
-/// A TCP proxy to Postgres that can be cut: while down it refuses new connections and has
-/// dropped the open ones, as an unreachable database would look to the worker.
-struct Proxy {
-    port: u16,
-    up: Arc<std::sync::atomic::AtomicBool>,
-    cut: Arc<std::sync::Mutex<CancellationToken>>,
-}
-
-impl Proxy {
-    async fn start(upstream: String) -> Proxy {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let cut = Arc::new(std::sync::Mutex::new(CancellationToken::new()));
-        let (u, c) = (up.clone(), cut.clone());
-        tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                if !u.load(std::sync::atomic::Ordering::SeqCst) {
-                    continue; // dropped: connection refused, in effect
-                }
-                let token = c.lock().unwrap().clone();
-                let upstream = upstream.clone();
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&upstream).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        () = token.cancelled() => {}
-                    }
-                });
-            }
-        });
-        Proxy { port, up, cut }
-    }
-
-    fn down(&self) {
-        self.up.store(false, std::sync::atomic::Ordering::SeqCst);
-        let mut cut = self.cut.lock().unwrap();
-        cut.cancel();
-        *cut = CancellationToken::new();
-    }
-
-    fn restore(&self) {
-        self.up.store(true, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
 #[tokio::test]
 async fn postgres_unreachable_for_30_s_under_load_loses_no_usage_row() {
     let fake = FakeLlmServer::start().await.unwrap();
     fake.bench_mode(false);
     fake.set_default(Reply::answer(&["ok"], (2, 1)));
     let mut app = TestApp::new(&openai_provider("openai", &fake.base_url(), "gpt-test")).await;
-    // The worker reaches the database through the proxy; the test checks it directly.
-    let url = app.database.url.clone();
-    let (head, rest) = url.split_once('@').unwrap();
-    let (authority, path) = rest.split_once('/').unwrap();
-    let proxy = Proxy::start(authority.to_string()).await;
-    let via_proxy = format!("{head}@127.0.0.1:{}/{path}", proxy.port);
-    app.start_worker_with(ALL_ROLES, |c| c.database.url = Some(via_proxy.into()))
+    // The worker reaches the database through a proxy; the test checks it directly.
+    let real = url_host_port(&app.services.database_url);
+    let outage = Outage::start(real.clone()).await;
+    let proxied = app
+        .database
+        .url
+        .replacen(&real, &format!("127.0.0.1:{}", outage.port), 1);
+    app.start_worker_with(ALL_ROLES, |c| c.database.url = Some(proxied.into()))
         .await;
 
     let subject = app.config.nats.job_subject(JobKind::Generate);
@@ -403,9 +354,9 @@ async fn postgres_unreachable_for_30_s_under_load_loses_no_usage_row() {
         async move { steady_load(&js, &subject, 300, 34).await }
     });
     tokio::time::sleep(Duration::from_secs(2)).await;
-    proxy.down();
+    outage.set_up(false);
     tokio::time::sleep(Duration::from_secs(30)).await;
-    proxy.restore();
+    outage.set_up(true);
     let restored = tokio::time::Instant::now();
     let load = load.await.unwrap();
     assert_eq!(load.refused.len(), 0, "{:?}", load.timeline);

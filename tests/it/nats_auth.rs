@@ -257,14 +257,14 @@ async fn a_worker_with_least_privilege_runs_jobs_and_nobody_can_purge_a_stream()
 
     // Credentials written into the URL work too (passed as options, so never logged).
     let mut in_url = config.nats.clone();
-    in_url.url = format!("nats://admin:admin-pw@127.0.0.1:{}", server.port);
+    in_url.url = format!("nats://admin:admin-pw@127.0.0.1:{}", server.port());
     app::connect_nats(&in_url)
         .await
         .unwrap()
         .flush()
         .await
         .unwrap();
-    in_url.url = format!("nats://admin:wrong@127.0.0.1:{}", server.port);
+    in_url.url = format!("nats://admin:wrong@127.0.0.1:{}", server.port());
     assert!(app::connect_nats(&in_url).await.is_err());
 
     let mut jobs_stream = admin_js.get_stream(&jobs).await.unwrap();

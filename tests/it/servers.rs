@@ -2,16 +2,10 @@
 //! machine's own NATS or Postgres): killed when the handle is dropped.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::Arc;
 
-/// Where Debian installs nats-server.
-pub const NATS_SERVER: &str = "/usr/sbin/nats-server";
-
-/// A free TCP port on 127.0.0.1 (free when asked; the server binds it right after).
-pub fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
-}
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 
 /// A scratch directory removed on drop.
 pub struct TempDir(pub PathBuf);
@@ -33,97 +27,92 @@ impl Drop for TempDir {
     }
 }
 
-/// A nats-server with JetStream, run from a configuration file of ours.
-pub struct NatsServer {
-    child: tokio::process::Child,
-    pub port: u16,
-    /// Its configuration file (a restart reads it again: same port, same store).
-    file: PathBuf,
-    /// Holds the configuration and the JetStream store; removed with the server.
-    _dir: TempDir,
-}
+/// A nats-server of the test's own (`llm_worker_testkit::nats`), panicking on failures.
+pub struct NatsServer(pub llm_worker_testkit::nats::NatsServer);
 
 impl NatsServer {
     /// Start one with `config` added to `listen` and `jetstream` settings; `None` (with a
     /// message on stderr) where nats-server is not installed.
     pub async fn start(config: &str) -> Option<Self> {
-        if !Path::new(NATS_SERVER).exists() {
-            eprintln!("SKIPPED: {NATS_SERVER} is not installed");
-            return None;
+        let server = llm_worker_testkit::nats::NatsServer::start(config)
+            .await
+            .unwrap();
+        if server.is_none() {
+            eprintln!(
+                "SKIPPED: {} is not installed",
+                llm_worker_testkit::nats::NATS_SERVER
+            );
         }
-        let dir = TempDir::new("llmw-nats");
-        let port = free_port();
-        let file = dir.path().join("nats-server.conf");
-        let text = format!(
-            "listen: 127.0.0.1:{port}\njetstream {{ store_dir: {:?} }}\n{config}",
-            dir.path().join("js")
-        );
-        std::fs::write(&file, text).unwrap();
-        let mut server = Self {
-            child: spawn_nats(&file),
-            port,
-            file,
-            _dir: dir,
-        };
-        server.wait_ready().await;
-        Some(server)
+        server.map(Self)
+    }
+
+    /// Three routed nodes (`n0`..`n2`); `None` where nats-server is not installed.
+    pub async fn cluster() -> Option<Vec<Self>> {
+        let nodes = llm_worker_testkit::nats::cluster().await.unwrap()?;
+        Some(nodes.into_iter().map(Self).collect())
     }
 
     /// SIGKILL, and wait until it is gone.
     pub async fn kill(&mut self) {
-        let _ = self.child.start_kill();
-        let _ = self.child.wait().await;
+        self.0.kill().await;
     }
 
     /// Start it again on the same port with the same JetStream store.
     pub async fn restart(&mut self) {
-        self.child = spawn_nats(&self.file);
-        self.wait_ready().await;
-    }
-
-    async fn wait_ready(&mut self) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-        loop {
-            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-                .await
-                .is_ok()
-            {
-                return;
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                let mut err = String::new();
-                if let Some(mut e) = self.child.stderr.take() {
-                    use tokio::io::AsyncReadExt;
-                    let _ = e.read_to_string(&mut err).await;
-                }
-                panic!("nats-server exited ({status}): {err}");
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "nats-server did not listen within 15 s"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.0.restart().await.unwrap();
     }
 
     pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+        self.0.url()
+    }
+
+    pub fn port(&self) -> u16 {
+        self.0.port
     }
 }
 
-fn spawn_nats(config: &Path) -> tokio::process::Child {
-    tokio::process::Command::new(NATS_SERVER)
-        .arg("-c")
-        .arg(config)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap()
+/// A TCP proxy to Postgres that can be made unreachable (connections cut and refused).
+pub struct Outage {
+    pub port: u16,
+    up: watch::Sender<bool>,
 }
 
-impl Drop for NatsServer {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
+impl Outage {
+    pub async fn start(upstream: String) -> Arc<Outage> {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (up, _) = watch::channel(true);
+        let outage = Arc::new(Outage { port, up });
+        let o = outage.clone();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let mut up = o.up.subscribe();
+                if !*up.borrow() {
+                    continue; // refused: dropped at once
+                }
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) = TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = up.wait_for(|up| !*up) => {} // cut
+                    }
+                });
+            }
+        });
+        outage
     }
+
+    pub fn set_up(&self, up: bool) {
+        self.up.send_replace(up);
+    }
+}
+
+pub fn url_host_port(url: &str) -> String {
+    let after = url
+        .split_once('@')
+        .map_or_else(|| url.split_once("://").unwrap().1, |(_, r)| r);
+    after.split(['/', '?']).next().unwrap().to_string()
 }

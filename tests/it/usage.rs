@@ -1,14 +1,11 @@
 //! The usage and cost ledger: rows per job and per call, idempotency, outage tolerance, prices.
 
-use std::sync::Arc;
-
 use async_nats::jetstream::message::PublishMessage;
 use llm_worker_testkit::{FakeLlmServer, Reply};
 use serde_json::json;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 
 use crate::helpers::{ALL_ROLES, TestApp, collect_reply, openai_provider};
+use crate::servers::{Outage, url_host_port};
 
 const PRIMARY_PRICE: (f64, f64) = (3.0, 15.0);
 const BACKUP_PRICE: (f64, f64) = (1.0, 2.0);
@@ -203,45 +200,6 @@ async fn results_arriving_within_the_batch_wait_share_one_transaction() {
     app.teardown().await;
 }
 
-/// A TCP proxy to Postgres that can be made unreachable (connections cut and refused).
-struct Outage {
-    port: u16,
-    up: watch::Sender<bool>,
-}
-
-impl Outage {
-    async fn start(upstream: String) -> Arc<Outage> {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let (up, _) = watch::channel(true);
-        let outage = Arc::new(Outage { port, up });
-        let o = outage.clone();
-        tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
-                let mut up = o.up.subscribe();
-                if !*up.borrow() {
-                    continue; // refused: dropped at once
-                }
-                let upstream = upstream.clone();
-                tokio::spawn(async move {
-                    let Ok(mut server) = TcpStream::connect(&upstream).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                        _ = up.wait_for(|up| !*up) => {} // cut
-                    }
-                });
-            }
-        });
-        outage
-    }
-
-    fn set_up(&self, up: bool) {
-        self.up.send_replace(up);
-    }
-}
-
 #[tokio::test]
 async fn with_postgres_unreachable_from_the_start_jobs_flow_and_every_row_appears_once_it_is_back()
 {
@@ -281,13 +239,6 @@ async fn with_postgres_unreachable_from_the_start_jobs_flow_and_every_row_appear
     app.wait_count("SELECT count(*) FROM llm_jobs", 5).await;
     app.wait_count("SELECT count(*) FROM llm_calls", 5).await;
     app.teardown().await;
-}
-
-fn url_host_port(url: &str) -> String {
-    let after = url
-        .split_once('@')
-        .map_or_else(|| url.split_once("://").unwrap().1, |(_, r)| r);
-    after.split(['/', '?']).next().unwrap().to_string()
 }
 
 #[tokio::test]

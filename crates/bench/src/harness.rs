@@ -19,7 +19,10 @@ use llm_worker_testkit::ScratchDatabase;
 /// Where the benchmark runs: the servers and the worker executable.
 #[derive(Debug, Clone)]
 pub struct Target {
+    /// One URL, or several comma separated (a cluster).
     pub nats_url: String,
+    /// Copies of every stream the deployment creates (3 on a 3-node cluster).
+    pub replicas: usize,
     pub database_url: String,
     /// The `llm-worker` binary started as worker processes.
     pub worker_exe: PathBuf,
@@ -54,6 +57,7 @@ impl Deployment {
             r#"
 [nats]
 url = "{nats}"
+replicas = {replicas}
 subject_prefix = "bench{id}"
 jobs_stream = "BENCH_JOBS_{id}"
 results_stream = "BENCH_RESULTS_{id}"
@@ -67,6 +71,7 @@ url = "{db_url}"
 {extra_toml}
 "#,
             nats = target.nats_url,
+            replicas = target.replicas,
             db_url = database.url,
         );
         let config = Config::from_toml(&toml).context("benchmark worker config")?;
@@ -76,7 +81,7 @@ url = "{db_url}"
         std::fs::write(&config_path, &toml)?;
         let client = async_nats::ConnectOptions::new()
             .subscription_capacity(1 << 20)
-            .connect(target.nats_url.as_str())
+            .connect(target.nats_url.split(',').collect::<Vec<_>>())
             .await
             .with_context(|| {
                 format!(
@@ -85,7 +90,14 @@ url = "{db_url}"
                 )
             })?;
         let js = jetstream::new(client.clone());
-        llm_worker::queue::ensure_streams(&js, &config.nats).await?;
+        // A cluster that just started elects its JetStream leader first: retry for a while.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while let Err(e) = llm_worker::queue::ensure_streams(&js, &config.nats).await {
+            if tokio::time::Instant::now() > deadline {
+                return Err(e.into());
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
         let pool = PgPool::connect(&database.url).await?;
         llm_worker::usage::migrate(&pool).await?;
         Ok(Self {

@@ -98,6 +98,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     );
     let target = harness::Target {
         nats_url: cli.nats_url,
+        replicas: 1,
         database_url: cli.database_url,
         worker_exe,
         bench_exe,

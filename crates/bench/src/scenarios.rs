@@ -691,7 +691,71 @@ async fn concurrency(target: &Target, options: &Options) -> anyhow::Result<Vec<R
 
 /// 1, 2, 3 worker processes against a provider that takes 100 ms per request; each worker
 /// allows 32 jobs in flight, so the provider's latency (not CPU) bounds a worker.
+/// [`scaling_on`] the given server, then on a 3-node cluster of the benchmark's own
+/// nats-servers with R3 streams (where nats-server is installed), and what replication costs
+/// short jobs.
 async fn scaling(target: &Target, options: &Options) -> anyhow::Result<Vec<Row>> {
+    let mut rows = scaling_on(target, options, "").await?;
+    let Some(nodes) = llm_worker_testkit::nats::cluster().await? else {
+        return Ok(rows);
+    };
+    let cluster = Target {
+        nats_url: llm_worker_testkit::nats::urls(&nodes),
+        replicas: 3,
+        ..target.clone()
+    };
+    rows.extend(scaling_on(&cluster, options, " on a 3-node cluster, R3 streams").await?);
+    let n = if options.quick { 2_000 } else { 10_000 };
+    let r1 = short_burst(target, options, n).await?;
+    let r3 = short_burst(&cluster, options, n).await?;
+    rows.push(row(
+        format!(
+            "replication: {} short jobs, one worker, burst, with usage rows",
+            thousands(n as f64)
+        ),
+        format!(
+            "one server (R1) {} jobs/s; 3-node cluster (R3) {} jobs/s ({:+.0} %)",
+            thousands(r1),
+            thousands(r3),
+            100.0 * (r3 - r1) / r1
+        ),
+        "",
+    ));
+    drop(nodes);
+    Ok(rows)
+}
+
+/// `n` short jobs published in a burst to one worker; jobs/s until every usage row is in.
+async fn short_burst(target: &Target, options: &Options, n: usize) -> anyhow::Result<f64> {
+    let fake = FakeLlmServer::start().await?;
+    fake.bench_mode(false);
+    fake.set_default(short_answer());
+    let mut dep = Deployment::new(
+        target,
+        &worker_toml(&fake, options.max_in_flight, options.tenant_policy),
+    )
+    .await?;
+    let outcome = async {
+        dep.spawn_worker().await?;
+        let (sent, _) = round(
+            &dep.client,
+            &dep.js,
+            &dep.job_subject(),
+            n,
+            false,
+            Pace::Burst,
+            false,
+        )
+        .await?;
+        dep.require_rows(n).await?;
+        Ok(rate(n, &sent, Instant::now()))
+    }
+    .await;
+    dep.teardown(outcome.is_err()).await;
+    outcome
+}
+
+async fn scaling_on(target: &Target, options: &Options, place: &str) -> anyhow::Result<Vec<Row>> {
     const IN_FLIGHT: usize = 32;
     let per_worker = if options.quick { 640 } else { 1_600 };
     let fake = FakeLlmServer::start().await?;
@@ -722,7 +786,7 @@ async fn scaling(target: &Target, options: &Options) -> anyhow::Result<Vec<Row>>
             .map(|(i, r)| format!("{}: {} jobs/s ({:.2}×)", i + 1, thousands(*r), r / one))
             .collect();
         Ok(vec![row(
-            format!("scaling: 1/2/3 worker processes, provider 100 ms/request, {IN_FLIGHT} in flight each"),
+            format!("scaling: 1/2/3 worker processes, provider 100 ms/request, {IN_FLIGHT} in flight each{place}"),
             figures.join("; "),
             "near-linear (2×, 3×)",
         )])

@@ -13,6 +13,7 @@
 //! each test and benchmark runs against.
 
 mod demo;
+pub mod nats;
 mod scratch;
 mod wire;
 
