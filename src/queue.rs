@@ -126,46 +126,46 @@ pub(crate) async fn ensure_stream(
 
 /// The settings this worker chooses where `existing` differs from `wanted`.
 pub(crate) fn differences(existing: &stream::Config, wanted: &stream::Config) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut check = |name: &str, has: String, wants: String| {
-        if has != wants {
-            out.push(format!("{name} is {has}, the configuration says {wants}"));
-        }
-    };
-    check(
-        "replicas",
-        existing.num_replicas.to_string(),
-        wanted.num_replicas.to_string(),
-    );
-    check(
-        "subjects",
-        format!("{:?}", existing.subjects),
-        format!("{:?}", wanted.subjects),
-    );
-    check(
-        "retention",
-        format!("{:?}", existing.retention),
-        format!("{:?}", wanted.retention),
-    );
-    check(
-        "storage",
-        format!("{:?}", existing.storage),
-        format!("{:?}", wanted.storage),
-    );
-    check(
-        "max_age",
-        format!("{:?}", existing.max_age),
-        format!("{:?}", wanted.max_age),
-    );
+    let mut settings = vec![
+        (
+            "replicas",
+            format!("{}", existing.num_replicas),
+            format!("{}", wanted.num_replicas),
+        ),
+        (
+            "subjects",
+            format!("{:?}", existing.subjects),
+            format!("{:?}", wanted.subjects),
+        ),
+        (
+            "retention",
+            format!("{:?}", existing.retention),
+            format!("{:?}", wanted.retention),
+        ),
+        (
+            "storage",
+            format!("{:?}", existing.storage),
+            format!("{:?}", wanted.storage),
+        ),
+        (
+            "max_age",
+            format!("{:?}", existing.max_age),
+            format!("{:?}", wanted.max_age),
+        ),
+    ];
     // 0 means the server's default (2 minutes).
     if !wanted.duplicate_window.is_zero() {
-        check(
+        settings.push((
             "duplicate_window",
             format!("{:?}", existing.duplicate_window),
             format!("{:?}", wanted.duplicate_window),
-        );
+        ));
     }
-    out
+    settings
+        .into_iter()
+        .filter(|(_, has, wants)| has != wants)
+        .map(|(name, has, wants)| format!("{name} is {has}, the configuration says {wants}"))
+        .collect()
 }
 
 /// The durable consumer of one job kind. Workers dead-letter a job on its `max_deliver`-th

@@ -38,6 +38,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// How long one wait for the next result lasts before it is renewed.
 const POLL: Duration = Duration::from_secs(5);
+/// The longest a fetch of waiting results may take (the server answers at once when well).
+const FETCH_LIMIT: Duration = Duration::from_secs(2);
 
 pub struct Recorder {
     consumer: PullConsumer,
@@ -159,13 +161,21 @@ impl Recorder {
             return Vec::new();
         }
         let mut out = Vec::new();
-        match self.consumer.fetch().max_messages(n).messages().await {
-            Ok(mut messages) => {
-                while let Some(Ok(m)) = messages.next().await {
-                    out.push(m);
+        // async-nats' fetch (a no-wait pull) has no client-side deadline: a request the
+        // server never answers (one that met a consumer leader change on a cluster) would
+        // wait forever and stop the recorder. What arrived by the deadline is kept.
+        let collect = async {
+            match self.consumer.fetch().max_messages(n).messages().await {
+                Ok(mut messages) => {
+                    while let Some(Ok(m)) = messages.next().await {
+                        out.push(m);
+                    }
                 }
+                Err(e) => tracing::debug!(error = %e, "recorder fetch failed"),
             }
-            Err(e) => tracing::debug!(error = %e, "recorder fetch failed"),
+        };
+        if tokio::time::timeout(FETCH_LIMIT, collect).await.is_err() {
+            tracing::warn!("a fetch of results got no answer within 2 s; going on");
         }
         out
     }

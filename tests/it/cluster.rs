@@ -7,12 +7,10 @@
 use std::time::Duration;
 
 use async_nats::jetstream;
-use llm_worker::config::Config;
 use llm_worker::job::JobKind;
-use llm_worker_testkit::{FakeLlmServer, Reply, ScratchDatabase};
 
-use crate::faults::{Load, every_acked_job_answered_once, first_answer_after, steady_load};
-use crate::helpers::{ALL_ROLES, Services, openai_provider, test_config_toml};
+use crate::faults::{Load, every_acked_job_answered_once, first_answer_after, steady_load, world};
+use crate::helpers::ALL_ROLES;
 use crate::servers::NatsServer;
 
 #[tokio::test]
@@ -20,25 +18,9 @@ async fn a_cluster_node_killed_under_load_loses_no_acknowledged_job() {
     let Some(mut nodes) = NatsServer::cluster().await else {
         return;
     };
-    let fake = FakeLlmServer::start().await.unwrap();
-    fake.bench_mode(false);
-    fake.set_default(Reply::answer(&["ok"], (2, 1)));
-    let services = Services::get().await;
-    let database = ScratchDatabase::create(&services.database_url, "llmw")
-        .await
-        .unwrap();
     let urls = nodes.iter().map(|n| n.url()).collect::<Vec<_>>().join(",");
-    let toml = test_config_toml(
-        &services,
-        &database.url,
-        &openai_provider("openai", &fake.base_url(), "gpt-test"),
-    )
-    .replace(
-        &format!("url = \"{}\"", services.nats_url),
-        &format!("url = \"{urls}\"\nreplicas = 3"),
-    );
-    let config = Config::from_toml(&toml).unwrap();
-    assert_eq!(config.nats.replicas, 3);
+    let (_fake, _services, database, mut config) = world(Some(&urls), Duration::ZERO).await;
+    config.nats.replicas = 3;
 
     // The cluster elects its JetStream leader in a few seconds: creating R3 streams works then.
     let client = async_nats::connect(urls.split(',').collect::<Vec<_>>())

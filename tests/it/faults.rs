@@ -18,7 +18,7 @@ use serde_json::json;
 use uuid::Uuid;
 
 use crate::helpers::{ALL_ROLES, Services, TestApp, openai_provider, test_config_toml};
-use crate::servers::{NatsServer, Outage, url_host_port};
+use crate::servers::{NatsServer, Outage};
 
 /// What a steady load published.
 pub struct Load {
@@ -132,10 +132,20 @@ pub async fn every_acked_job_answered_once(
             .await
             .map_err(|e| e.to_string())?;
         if rows == acked.len() as i64 {
-            Ok(())
-        } else {
-            Err(format!("{rows} of {}", acked.len()))
+            return Ok(());
         }
+        // Where the recorder stands, for a failure's message.
+        let recorder = match results.consumer_info(nats.recorder_consumer_name()).await {
+            Ok(c) => format!(
+                "recorder consumer: {} pending, {} unacknowledged, {} redelivered, leader {:?}",
+                c.num_pending,
+                c.num_ack_pending,
+                c.num_redelivered,
+                c.cluster.and_then(|c| c.leader)
+            ),
+            Err(e) => format!("recorder consumer: {e}"),
+        };
+        Err(format!("{rows} of {}; {recorder}", acked.len()))
     })
     .await;
     let mismatched: i64 = sqlx::query_scalar(
@@ -211,8 +221,9 @@ pub async fn slowest_answer(db: &sqlx::PgPool, acked: &[Uuid]) -> f64 {
         .fold(0.0, f64::max)
 }
 
-/// A fake provider answering after `latency`, and a config for a worker on `nats_url`.
-async fn world(
+/// A fake provider answering after `latency`, a fresh database, and a config for a worker
+/// on `nats_url` (one URL or several, comma separated; else the shared server).
+pub async fn world(
     nats_url: Option<&str>,
     latency: Duration,
 ) -> (FakeLlmServer, Services, ScratchDatabase, Config) {
@@ -339,12 +350,7 @@ async fn postgres_unreachable_for_30_s_under_load_loses_no_usage_row() {
     fake.set_default(Reply::answer(&["ok"], (2, 1)));
     let mut app = TestApp::new(&openai_provider("openai", &fake.base_url(), "gpt-test")).await;
     // The worker reaches the database through a proxy; the test checks it directly.
-    let real = url_host_port(&app.services.database_url);
-    let outage = Outage::start(real.clone()).await;
-    let proxied = app
-        .database
-        .url
-        .replacen(&real, &format!("127.0.0.1:{}", outage.port), 1);
+    let (outage, proxied) = Outage::for_database(&app).await;
     app.start_worker_with(ALL_ROLES, |c| c.database.url = Some(proxied.into()))
         .await;
 

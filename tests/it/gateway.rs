@@ -467,3 +467,32 @@ async fn the_gateway_is_live_and_ready() {
     }
     s.teardown().await;
 }
+
+#[tokio::test]
+async fn a_gateway_counts_its_requests_by_route_and_status() {
+    let s = Setup::new("", |_| {}).await;
+    let body = json!({"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]});
+    let (status, _, _) = s.post("/v1/chat/completions", None, body.to_string()).await;
+    assert_eq!(status, 200);
+    let (status, _, _) = s
+        .post("/v1/chat/completions", Some("nope"), body.to_string())
+        .await;
+    assert_eq!(status, 401);
+    let text = crate::metrics::scrape(&s.url("/metrics")).await;
+    let v = |series: &str| {
+        crate::metrics::sample(&text, series).unwrap_or_else(|| panic!("{series} in\n{text}"))
+    };
+    assert_eq!(
+        v(r#"llm_gateway_requests_total{route="/v1/chat/completions",status="200"}"#),
+        1.0
+    );
+    assert_eq!(
+        v(r#"llm_gateway_requests_total{route="/v1/chat/completions",status="401"}"#),
+        1.0
+    );
+    assert_eq!(
+        v(r#"llm_gateway_request_duration_seconds_count{route="/v1/chat/completions"}"#),
+        2.0
+    );
+    s.teardown().await;
+}

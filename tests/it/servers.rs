@@ -105,12 +105,23 @@ impl Outage {
         outage
     }
 
+    /// A proxy in front of the test's database: the proxy and the database URL through it.
+    pub async fn for_database(app: &crate::helpers::TestApp) -> (Arc<Outage>, String) {
+        let real = url_host_port(&app.services.database_url);
+        let outage = Outage::start(real.clone()).await;
+        let proxied = app
+            .database
+            .url
+            .replacen(&real, &format!("127.0.0.1:{}", outage.port), 1);
+        (outage, proxied)
+    }
+
     pub fn set_up(&self, up: bool) {
         self.up.send_replace(up);
     }
 }
 
-pub fn url_host_port(url: &str) -> String {
+fn url_host_port(url: &str) -> String {
     let after = url
         .split_once('@')
         .map_or_else(|| url.split_once("://").unwrap().1, |(_, r)| r);

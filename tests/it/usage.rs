@@ -5,7 +5,7 @@ use llm_worker_testkit::{FakeLlmServer, Reply};
 use serde_json::json;
 
 use crate::helpers::{ALL_ROLES, TestApp, collect_reply, openai_provider};
-use crate::servers::{Outage, url_host_port};
+use crate::servers::Outage;
 
 const PRIMARY_PRICE: (f64, f64) = (3.0, 15.0);
 const BACKUP_PRICE: (f64, f64) = (1.0, 2.0);
@@ -205,12 +205,7 @@ async fn with_postgres_unreachable_from_the_start_jobs_flow_and_every_row_appear
 {
     let fake = FakeLlmServer::start().await.unwrap();
     let mut app = TestApp::new(&openai_provider("openai", &fake.base_url(), "m")).await;
-    let real = url_host_port(&app.services.database_url);
-    let outage = Outage::start(real.clone()).await;
-    let proxied = app
-        .database
-        .url
-        .replacen(&real, &format!("127.0.0.1:{}", outage.port), 1);
+    let (outage, proxied) = Outage::for_database(&app).await;
     migrate(&app).await; // so the test can count rows directly during the outage
     // Unreachable from before the worker starts: it must start and serve jobs anyway.
     outage.set_up(false);
@@ -427,12 +422,7 @@ async fn a_job_with_one_unpriced_billed_call_among_priced_ones_has_no_cost() {
 async fn when_postgres_goes_away_mid_run_jobs_flow_and_the_rows_appear_once_it_is_back() {
     let fake = FakeLlmServer::start().await.unwrap();
     let mut app = TestApp::new(&openai_provider("openai", &fake.base_url(), "m")).await;
-    let real = url_host_port(&app.services.database_url);
-    let outage = Outage::start(real.clone()).await;
-    let proxied = app
-        .database
-        .url
-        .replacen(&real, &format!("127.0.0.1:{}", outage.port), 1);
+    let (outage, proxied) = Outage::for_database(&app).await;
     app.start_worker_with(ALL_ROLES, |c| {
         c.database.url = Some(proxied.into());
     })

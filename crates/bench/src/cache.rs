@@ -14,7 +14,7 @@ use llm_worker_testkit::FakeLlmServer;
 use crate::harness::{Deployment, Target};
 use crate::load::{self, Pace, Received, percentile};
 use crate::scenarios::{
-    self, Options, Row, cpu_used, per_job, rate, row, short_answer, thousands, worker_toml,
+    self, Options, Row, cpu_used, per_job, rate, row, short_answers_deployment, thousands,
 };
 
 /// `n` jobs of `shape` (not streamed), every one answered `ok`.
@@ -42,14 +42,7 @@ pub(crate) fn latencies_ms(sent: &[Instant], received: &Received) -> Vec<f64> {
 
 /// Misses and hits at 500 jobs/s (publish → result), then hits in a burst.
 pub async fn cache(target: &Target, options: &Options) -> anyhow::Result<Vec<Row>> {
-    let fake = FakeLlmServer::start().await?;
-    fake.bench_mode(false);
-    fake.set_default(short_answer());
-    let mut dep = Deployment::new(
-        target,
-        &worker_toml(&fake, options.max_in_flight, options.tenant_policy),
-    )
-    .await?;
+    let (fake, mut dep) = short_answers_deployment(target, options).await?;
     let outcome = async {
         dep.spawn_worker().await?;
         let n = if options.quick { 1_000 } else { 5_000 };

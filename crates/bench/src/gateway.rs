@@ -6,14 +6,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use llm_worker_testkit::FakeLlmServer;
 use tokio::sync::Semaphore;
 
 use crate::cache::latencies_ms;
-use crate::harness::{Deployment, Target, process_cpu};
+use crate::harness::{Target, process_cpu};
 use crate::load::{self, Pace, percentile};
 use crate::scenarios::{
-    self, Options, Row, cpu_used, per_job, rate, row, short_answer, thousands, worker_toml,
+    self, Options, Row, cpu_used, per_job, rate, row, short_answers_deployment, thousands,
 };
 
 /// Requests in flight at once in the throughput runs.
@@ -22,14 +21,7 @@ const CLIENTS: usize = 64;
 const RATE: u32 = 500;
 
 pub async fn gateway(target: &Target, options: &Options) -> anyhow::Result<Vec<Row>> {
-    let fake = FakeLlmServer::start().await?;
-    fake.bench_mode(false);
-    fake.set_default(short_answer());
-    let mut dep = Deployment::new(
-        target,
-        &worker_toml(&fake, options.max_in_flight, options.tenant_policy),
-    )
-    .await?;
+    let (_fake, mut dep) = short_answers_deployment(target, options).await?;
     let outcome = async {
         dep.spawn_worker().await?;
         let (addr, gateway_pid) = dep.spawn_gateway().await?;

@@ -119,21 +119,7 @@ url = "{db_url}"
     pub async fn spawn_worker(&mut self) -> anyhow::Result<()> {
         let n = self.workers.len() + 1;
         let id = format!("bench-worker-{n}");
-        let log = std::fs::File::create(self.dir.join(format!("{id}.log")))?;
-        let child = tokio::process::Command::new(&self.worker_exe)
-            .arg("--config")
-            .arg(&self.config_path)
-            .arg("run")
-            .env("LLM_WORKER__WORKER__ID", &id)
-            // The config file names the servers: environment overrides must not redirect it.
-            .env_remove("NATS_URL")
-            .env_remove("DATABASE_URL")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting {}", self.worker_exe.display()))?;
+        let child = self.spawn(&id, &["run"], &[("LLM_WORKER__WORKER__ID", &id)])?;
         self.workers.push(child);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
@@ -157,17 +143,20 @@ url = "{db_url}"
         }
     }
 
-    /// Start an `llm-worker gateway` process on a free loopback port and wait until it is
-    /// ready; returns its address and process id.
-    pub async fn spawn_gateway(&mut self) -> anyhow::Result<(std::net::SocketAddr, u32)> {
-        let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-        let log = std::fs::File::create(self.dir.join("gateway.log"))?;
-        let child = tokio::process::Command::new(&self.worker_exe)
+    /// `llm-worker --config <the deployment's> <args>`, logging to `<log>.log`.
+    fn spawn(
+        &self,
+        log: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<tokio::process::Child> {
+        let log = std::fs::File::create(self.dir.join(format!("{log}.log")))?;
+        tokio::process::Command::new(&self.worker_exe)
             .arg("--config")
             .arg(&self.config_path)
-            .arg("gateway")
-            .arg("--listen")
-            .arg(addr.to_string())
+            .args(args)
+            .envs(env.iter().copied())
+            // The config file names the servers: environment overrides must not redirect it.
             .env_remove("NATS_URL")
             .env_remove("DATABASE_URL")
             .stdin(Stdio::null())
@@ -175,7 +164,14 @@ url = "{db_url}"
             .stderr(log)
             .kill_on_drop(true)
             .spawn()
-            .with_context(|| format!("starting {} gateway", self.worker_exe.display()))?;
+            .with_context(|| format!("starting {} {}", self.worker_exe.display(), args.join(" ")))
+    }
+
+    /// Start an `llm-worker gateway` process on a free loopback port and wait until it is
+    /// ready; returns its address and process id.
+    pub async fn spawn_gateway(&mut self) -> anyhow::Result<(std::net::SocketAddr, u32)> {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let child = self.spawn("gateway", &["gateway", "--listen", &addr.to_string()], &[])?;
         let pid = child.id().context("the gateway has no pid")?;
         self.gateways.push(child);
         let http = reqwest::Client::new();

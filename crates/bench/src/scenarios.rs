@@ -176,6 +176,22 @@ default_model = "bench-model"
     )
 }
 
+/// A fake provider giving [`short_answer`]s, and a deployment whose workers call it.
+pub(crate) async fn short_answers_deployment(
+    target: &Target,
+    options: &Options,
+) -> anyhow::Result<(FakeLlmServer, Deployment)> {
+    let fake = FakeLlmServer::start().await?;
+    fake.bench_mode(false);
+    fake.set_default(short_answer());
+    let dep = Deployment::new(
+        target,
+        &worker_toml(&fake, options.max_in_flight, options.tenant_policy),
+    )
+    .await?;
+    Ok((fake, dep))
+}
+
 /// A short answer: 3 deltas, with usage.
 pub(crate) fn short_answer() -> Reply {
     Reply::answer(&["Hello", " from", " the bench"], (12, 3))
@@ -267,14 +283,7 @@ async fn single_worker(
     options: &Options,
     wants: &dyn Fn(Scenario) -> bool,
 ) -> anyhow::Result<Vec<Row>> {
-    let fake = FakeLlmServer::start().await?;
-    fake.bench_mode(false);
-    fake.set_default(short_answer());
-    let mut dep = Deployment::new(
-        target,
-        &worker_toml(&fake, options.max_in_flight, options.tenant_policy),
-    )
-    .await?;
+    let (fake, mut dep) = short_answers_deployment(target, options).await?;
     sqlx::query(
         "INSERT INTO llm_prices (provider, model, effective_from, input_usd_per_mtok, output_usd_per_mtok)
          VALUES ('fake', 'bench-model', '2020-01-01', 2.5, 10)",
@@ -727,14 +736,7 @@ async fn scaling(target: &Target, options: &Options) -> anyhow::Result<Vec<Row>>
 
 /// `n` short jobs published in a burst to one worker; jobs/s until every usage row is in.
 async fn short_burst(target: &Target, options: &Options, n: usize) -> anyhow::Result<f64> {
-    let fake = FakeLlmServer::start().await?;
-    fake.bench_mode(false);
-    fake.set_default(short_answer());
-    let mut dep = Deployment::new(
-        target,
-        &worker_toml(&fake, options.max_in_flight, options.tenant_policy),
-    )
-    .await?;
+    let (_fake, mut dep) = short_answers_deployment(target, options).await?;
     let outcome = async {
         dep.spawn_worker().await?;
         let (sent, _) = round(
