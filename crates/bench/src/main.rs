@@ -12,6 +12,7 @@ mod gateway;
 mod harness;
 mod load;
 mod pipeline;
+mod scaling;
 mod scenarios;
 
 use std::path::PathBuf;

@@ -10,7 +10,8 @@
 //! 3. the ceiling: a bare pipeline doing only each job's I/O ([`pipeline`]), and the worker's
 //!    throughput as a ratio of it;
 //! 4. concurrency: thousands of slow streams in one worker: peak RSS, redeliveries;
-//! 5. scaling: 1, 2, 3 worker processes against a latency-bound provider;
+//! 5. scaling: 1, 2, 3 worker processes against a latency-bound provider, on one server and
+//!    on a 3-node cluster ([`crate::scaling`]);
 //! 6. the response cache: misses and hits ([`crate::cache`]);
 //! 7. the HTTP gateway against publishing to NATS directly ([`crate::gateway`]).
 //!
@@ -98,7 +99,7 @@ pub async fn run(target: &Target, options: &Options) -> anyhow::Result<Vec<Row>>
         emit(concurrency(target, options).await?);
     }
     if wants(Scenario::Scaling) {
-        emit(scaling(target, options).await?);
+        emit(crate::scaling::scaling(target, options).await?);
     }
     if wants(Scenario::Cache) {
         emit(crate::cache::cache(target, options).await?);
@@ -208,7 +209,7 @@ fn streamed_answer(chunks: usize, delay: Duration) -> Reply {
 }
 
 /// Publish `n` jobs and collect their events; fails unless every job got an `ok` result.
-async fn round(
+pub(crate) async fn round(
     client: &async_nats::Client,
     js: &async_nats::jetstream::Context,
     subject: &str,
@@ -700,104 +701,6 @@ async fn concurrency(target: &Target, options: &Options) -> anyhow::Result<Vec<R
 
 /// 1, 2, 3 worker processes against a provider that takes 100 ms per request; each worker
 /// allows 32 jobs in flight, so the provider's latency (not CPU) bounds a worker.
-/// [`scaling_on`] the given server, then on a 3-node cluster of the benchmark's own
-/// nats-servers with R3 streams (where nats-server is installed), and what replication costs
-/// short jobs.
-async fn scaling(target: &Target, options: &Options) -> anyhow::Result<Vec<Row>> {
-    let mut rows = scaling_on(target, options, "").await?;
-    let Some(nodes) = llm_worker_testkit::nats::cluster().await? else {
-        return Ok(rows);
-    };
-    let cluster = Target {
-        nats_url: llm_worker_testkit::nats::urls(&nodes),
-        replicas: 3,
-        ..target.clone()
-    };
-    rows.extend(scaling_on(&cluster, options, " on a 3-node cluster, R3 streams").await?);
-    let n = if options.quick { 2_000 } else { 10_000 };
-    let r1 = short_burst(target, options, n).await?;
-    let r3 = short_burst(&cluster, options, n).await?;
-    rows.push(row(
-        format!(
-            "replication: {} short jobs, one worker, burst, with usage rows",
-            thousands(n as f64)
-        ),
-        format!(
-            "one server (R1) {} jobs/s; 3-node cluster (R3) {} jobs/s ({:+.0} %)",
-            thousands(r1),
-            thousands(r3),
-            100.0 * (r3 - r1) / r1
-        ),
-        "",
-    ));
-    drop(nodes);
-    Ok(rows)
-}
-
-/// `n` short jobs published in a burst to one worker; jobs/s until every usage row is in.
-async fn short_burst(target: &Target, options: &Options, n: usize) -> anyhow::Result<f64> {
-    let (_fake, mut dep) = short_answers_deployment(target, options).await?;
-    let outcome = async {
-        dep.spawn_worker().await?;
-        let (sent, _) = round(
-            &dep.client,
-            &dep.js,
-            &dep.job_subject(),
-            n,
-            false,
-            Pace::Burst,
-            false,
-        )
-        .await?;
-        dep.require_rows(n).await?;
-        Ok(rate(n, &sent, Instant::now()))
-    }
-    .await;
-    dep.teardown(outcome.is_err()).await;
-    outcome
-}
-
-async fn scaling_on(target: &Target, options: &Options, place: &str) -> anyhow::Result<Vec<Row>> {
-    const IN_FLIGHT: usize = 32;
-    let per_worker = if options.quick { 640 } else { 1_600 };
-    let fake = FakeLlmServer::start().await?;
-    fake.bench_mode(false);
-    fake.set_default(short_answer());
-    fake.set_latency(Duration::from_millis(100));
-    let mut dep = Deployment::new(
-        target,
-        &worker_toml(&fake, IN_FLIGHT, options.tenant_policy),
-    )
-    .await?;
-    let outcome = async {
-        let mut rates = Vec::new();
-        let mut recorded = 0;
-        for k in 1..=3usize {
-            dep.spawn_worker().await?;
-            let n = per_worker * k;
-            let (sent, received) =
-                round(&dep.client, &dep.js, &dep.job_subject(), n, false, Pace::Burst, false).await?;
-            recorded += n;
-            dep.require_rows(recorded).await?;
-            rates.push(rate(n, &sent, received.last_result().unwrap_or_else(Instant::now)));
-        }
-        let one = rates.first().copied().unwrap_or(1.0);
-        let figures: Vec<String> = rates
-            .iter()
-            .enumerate()
-            .map(|(i, r)| format!("{}: {} jobs/s ({:.2}×)", i + 1, thousands(*r), r / one))
-            .collect();
-        Ok(vec![row(
-            format!("scaling: 1/2/3 worker processes, provider 100 ms/request, {IN_FLIGHT} in flight each{place}"),
-            figures.join("; "),
-            "near-linear (2×, 3×)",
-        )])
-    }
-    .await;
-    dep.teardown(outcome.is_err()).await;
-    outcome
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
