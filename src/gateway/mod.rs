@@ -238,17 +238,16 @@ impl Gateway {
         tenant: &str,
         headers: &HeaderMap,
     ) -> Result<Submitted, ApiError> {
+        // A valid traceparent: its trace id names the job's trace, and it rides along.
         let traceparent = headers
             .get("traceparent")
             .and_then(|v| v.to_str().ok())
-            .filter(|v| crate::telemetry::w3c_trace_id(v).is_some());
-        if let Some(trace) = traceparent.and_then(crate::telemetry::w3c_trace_id) {
+            .and_then(|v| Some((v, crate::telemetry::w3c_trace_id(v)?)));
+        let mut extra = Vec::new();
+        if let Some((header, trace)) = traceparent {
             job["trace_id"] = trace.into();
+            extra.push(("traceparent", header));
         }
-        let extra: Vec<(&str, &str)> = traceparent
-            .map(|t| ("traceparent", t))
-            .into_iter()
-            .collect();
         let body_trace = job
             .get("trace_id")
             .and_then(|t| t.as_str())

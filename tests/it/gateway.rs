@@ -496,3 +496,25 @@ async fn a_gateway_counts_its_requests_by_route_and_status() {
     );
     s.teardown().await;
 }
+
+#[tokio::test]
+async fn a_client_that_leaves_a_non_streamed_request_cancels_its_job() {
+    let s = Setup::new("", |_| {}).await;
+    s.fake.set_default(Reply::Hang);
+    let job_id = uuid::Uuid::now_v7();
+    // The client gives up after a moment and closes its connection.
+    let gone = reqwest::Client::new()
+        .post(s.url("/v1/generate"))
+        .bearer_auth(&s.key)
+        .json(&json!({"job_id": job_id, "prompt": "hi", "stream": false}))
+        .timeout(std::time::Duration::from_millis(500))
+        .send()
+        .await;
+    assert!(
+        gone.is_err(),
+        "the request should have timed out on the client"
+    );
+    let result = s.app.wait_stored_result(job_id).await;
+    assert_eq!(result["error"]["code"], "cancelled", "{result}");
+    s.teardown().await;
+}
