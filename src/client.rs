@@ -12,6 +12,11 @@
 //!   that arrive late are dropped.
 //! - A result missed live (a reconnect, a slow subscriber whose messages NATS dropped) is read
 //!   from `LLM_RESULTS`: after [`IDLE_POLL`] without an event, and at the deadline.
+//! - Job ids are global, results are not: a stored result is delivered only to the tenant and
+//!   kind that published the job. A caller-chosen `job_id` whose stored result is another
+//!   tenant's, or whose publish JetStream acknowledges as a duplicate of a job that is not the
+//!   caller's (the queued message, or its stored result, says whose it is), is
+//!   [`ClientError::Conflict`]: nothing is waited on, nothing is cancelled.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,6 +54,9 @@ pub enum ClientError {
     /// [`JobHandle::wait`] gave up.
     #[error("no result within {0:?}")]
     Waited(Duration),
+    /// The job id belongs to another job (another tenant's, or another kind's).
+    #[error("job_id {0} is already used by another job; publish this job with a new id")]
+    Conflict(Uuid),
 }
 
 /// A chunk event (contract section 3), owned.
@@ -116,6 +124,9 @@ impl Client {
     /// connection's own new inbox. With `tenant`, the body's tenant is replaced by it and,
     /// when the deployment takes tenants from subjects, the job goes to
     /// `<job subject>.<tenant>`. `headers` (e.g. `traceparent`) ride on the message.
+    ///
+    /// A `job_id` the caller chose that names another tenant's (or kind's) job is
+    /// [`ClientError::Conflict`]; one that names the caller's own earlier job follows it.
     pub async fn submit(
         &self,
         kind: JobKind,
@@ -126,16 +137,18 @@ impl Client {
         let obj = job
             .as_object_mut()
             .ok_or_else(|| ClientError::BadJob("not an object".into()))?;
-        let job_id = match obj.get("job_id") {
+        let (job_id, chosen) = match obj.get("job_id") {
             None | Some(serde_json::Value::Null) => {
                 let id = Uuid::now_v7();
                 obj.insert("job_id".into(), id.to_string().into());
-                id
+                (id, false)
             }
-            Some(v) => v
-                .as_str()
-                .and_then(|s| Uuid::parse_str(s).ok())
-                .ok_or_else(|| ClientError::BadJob("job_id must be a UUID string".into()))?,
+            Some(v) => (
+                v.as_str()
+                    .and_then(|s| Uuid::parse_str(s).ok())
+                    .ok_or_else(|| ClientError::BadJob("job_id must be a UUID string".into()))?,
+                true,
+            ),
         };
         let reply_to = self.nats.new_inbox();
         obj.insert("reply_to".into(), reply_to.clone().into());
@@ -146,12 +159,42 @@ impl Client {
                 subject = format!("{subject}.{tenant}");
             }
         }
+        // Whose job this is, as a worker will see it.
+        let owner = obj
+            .get("tenant")
+            .and_then(|t| t.as_str())
+            .unwrap_or("default")
+            .to_string();
         let timeout = obj
             .get("timeout_ms")
             .and_then(|v| v.as_u64())
             .map(Duration::from_millis)
             .unwrap_or(Duration::from_secs(120));
         let payload = serde_json::to_vec(&job).map_err(|e| ClientError::BadJob(e.to_string()))?;
+        let mut handle = JobHandle {
+            client: self.clone(),
+            kind,
+            tenant: owner,
+            job_id,
+            events: None,
+            deadline: tokio::time::Instant::now() + timeout + WAIT_MARGIN,
+            done: false,
+            fresh: false,
+            look_now: false,
+            attempt: 0,
+            pending: None,
+            text: String::new(),
+        };
+
+        // A chosen id may name a job answered long ago (past the duplicate window): its
+        // stored result says whose it is, before anything is published.
+        if chosen && let Some(stored) = self.stored_result(job_id).await? {
+            if !handle.owns(&stored) {
+                return Err(ClientError::Conflict(job_id));
+            }
+            handle.look_now = true;
+            return Ok(handle);
+        }
 
         // Subscribe first: no event can be published before we listen.
         let events = self
@@ -160,7 +203,9 @@ impl Client {
             .await
             .map_err(|e| ClientError::Nats(e.to_string()))?;
         let payload = bytes::Bytes::from(payload);
+        let tries = std::sync::atomic::AtomicU32::new(0);
         let publish = || {
+            tries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let mut message = PublishMessage::build()
                 .payload(payload.clone())
                 .message_id(job_id.to_string());
@@ -168,15 +213,9 @@ impl Client {
                 message = message.header(*name, *value);
             }
             let subject = subject.clone();
-            async move {
-                self.js
-                    .send_publish(subject, message)
-                    .await?
-                    .await
-                    .map(|_| ())
-            }
+            async move { self.js.send_publish(subject, message).await?.await }
         };
-        publish
+        let ack = publish
             .retry(
                 ExponentialBuilder::default()
                     .with_min_delay(Duration::from_millis(100))
@@ -191,35 +230,80 @@ impl Client {
             })
             .await
             .map_err(|e| ClientError::NotAccepted(e.to_string()))?;
-        Ok(JobHandle {
-            client: self.clone(),
-            job_id,
-            events: Some(events),
-            deadline: tokio::time::Instant::now() + timeout + WAIT_MARGIN,
-            done: false,
-            attempt: 0,
-            pending: None,
-            text: String::new(),
+        // A retried publish may have been stored by an earlier try: then the duplicate is
+        // this call's own job.
+        let retried = tries.load(std::sync::atomic::Ordering::Relaxed) > 1;
+        if ack.duplicate {
+            if !self.owned(&handle, ack.sequence, retried).await? {
+                return Err(ClientError::Conflict(job_id));
+            }
+            handle.fresh = retried;
+        } else {
+            handle.fresh = true;
+        }
+        handle.events = Some(events);
+        Ok(handle)
+    }
+
+    /// Whether the job JetStream stored at `sequence` (the original of a duplicate publish)
+    /// is `handle`'s: the queued message says whose it is; once it is consumed, its stored
+    /// result does. When neither can be read (a tenant's NATS user may not read queued
+    /// jobs) and nothing is stored yet, only a retried publish is taken as the caller's own.
+    async fn owned(
+        &self,
+        handle: &JobHandle,
+        sequence: u64,
+        retried: bool,
+    ) -> Result<bool, ClientError> {
+        use async_nats::jetstream::stream::RawMessageErrorKind;
+        let jobs = self
+            .js
+            .get_stream_no_info(&self.config.jobs_stream)
+            .await
+            .map_err(|e| ClientError::Nats(e.to_string()))?;
+        let unreadable = match jobs.get_raw_message(sequence).await {
+            Ok(queued) => return Ok(handle.owns_queued(&queued, &self.config)),
+            Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => false,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read the queued job of a duplicate id");
+                true
+            }
+        };
+        Ok(match self.stored_result(handle.job_id).await? {
+            Some(stored) => handle.owns(&stored),
+            None => unreadable && retried,
         })
     }
 
-    /// A handle on a job submitted earlier (by this process before a restart, or by
-    /// another): no live events, its result read from `LLM_RESULTS` once stored, waiting at
-    /// most `timeout`.
-    pub fn attach(&self, job_id: Uuid, timeout: Duration) -> JobHandle {
+    /// A handle on a job of `tenant` (`None`: `default`) submitted earlier (by this process
+    /// before a restart, or by another): no live events, its result read from `LLM_RESULTS`
+    /// once stored, waiting at most `timeout`. A stored result of another tenant or kind is
+    /// [`ClientError::Conflict`].
+    pub fn attach(
+        &self,
+        kind: JobKind,
+        job_id: Uuid,
+        tenant: Option<&str>,
+        timeout: Duration,
+    ) -> JobHandle {
         JobHandle {
             client: self.clone(),
+            kind,
+            tenant: tenant.unwrap_or("default").to_string(),
             job_id,
             events: None,
             deadline: tokio::time::Instant::now() + timeout,
             done: false,
+            fresh: false,
+            look_now: true,
             attempt: 0,
             pending: None,
             text: String::new(),
         }
     }
 
-    /// The stored result of `job_id`, if any.
+    /// The stored result of `job_id`, if any, whoever's it is (an operator's view: a
+    /// tenant's caller goes through [`JobHandle`], which checks the owner).
     pub async fn stored_result(&self, job_id: Uuid) -> Result<Option<ResultEvent>, ClientError> {
         let stream = self
             .js
@@ -240,9 +324,10 @@ impl Client {
         }
     }
 
-    /// Ask the fleet to cancel `job_id` (stored in the cancel stream).
-    pub async fn cancel(&self, job_id: Uuid) -> Result<(), ClientError> {
-        crate::cancel::request(&self.js, &self.config, job_id)
+    /// Ask the fleet to cancel `tenant`'s job `job_id` (stored in the cancel stream); it
+    /// takes effect only on a job of that tenant.
+    pub async fn cancel(&self, tenant: &str, job_id: Uuid) -> Result<(), ClientError> {
+        crate::cancel::request(&self.js, &self.config, tenant, job_id)
             .await
             .map_err(ClientError::Nats)
     }
@@ -260,11 +345,18 @@ fn transient(kind: async_nats::jetstream::context::PublishErrorKind) -> bool {
 /// A submitted job: its events as they arrive, then its result.
 pub struct JobHandle {
     client: Client,
+    kind: JobKind,
+    /// The tenant the job belongs to: only its results are delivered.
+    tenant: String,
     job_id: Uuid,
     /// Live events (none for an attached job).
     events: Option<async_nats::Subscriber>,
     deadline: tokio::time::Instant,
     done: bool,
+    /// This call's publish stored the job (not an earlier one under the same id).
+    fresh: bool,
+    /// Look for a stored result before waiting (attached jobs).
+    look_now: bool,
     /// The newest attempt seen in chunks.
     attempt: u32,
     /// A chunk to yield after the restart event announcing it.
@@ -276,6 +368,61 @@ pub struct JobHandle {
 impl JobHandle {
     pub fn job_id(&self) -> Uuid {
         self.job_id
+    }
+
+    /// Whether this handle's own publish stored the job (not an earlier publish under the
+    /// same id, such as a retry of a request that is still running): only then is it this
+    /// caller's to cancel when it stops waiting.
+    pub fn is_fresh(&self) -> bool {
+        self.fresh
+    }
+
+    /// Whether `result` is this job's: same tenant, same kind.
+    fn owns(&self, result: &ResultEvent) -> bool {
+        result.job_id == self.job_id && result.tenant == self.tenant && result.job_kind == self.kind
+    }
+
+    /// Whether a queued job message is this job's: its id, its kind's subject, its tenant
+    /// (the subject's token with tenants bound to subjects, else the body's).
+    fn owns_queued(
+        &self,
+        queued: &async_nats::jetstream::message::StreamMessage,
+        nats: &NatsConfig,
+    ) -> bool {
+        let id = queued
+            .headers
+            .get(async_nats::header::NATS_MESSAGE_ID)
+            .map(|v| v.as_str().to_string());
+        if id.as_deref() != Some(self.job_id.to_string().as_str()) {
+            return false;
+        }
+        let subject = queued.subject.as_str();
+        let Some(rest) = subject.strip_prefix(nats.job_subject(self.kind).as_str()) else {
+            return false;
+        };
+        let tenant = if nats.tenant_from_subject {
+            rest.strip_prefix('.').map(str::to_string)
+        } else if rest.is_empty() {
+            #[derive(Deserialize)]
+            struct Peek {
+                tenant: Option<String>,
+            }
+            serde_json::from_slice::<Peek>(&queued.payload)
+                .ok()
+                .map(|p| p.tenant.unwrap_or_else(|| "default".into()))
+        } else {
+            None
+        };
+        tenant.as_deref() == Some(self.tenant.as_str())
+    }
+
+    /// The stored result, if there is one and it is this job's; another's is a conflict.
+    async fn stored(&self) -> Result<Option<ResultEvent>, ClientError> {
+        match self.client.stored_result(self.job_id).await? {
+            Some(r) if self.owns(&r) => Ok(Some(r)),
+            Some(_) => Err(ClientError::Conflict(self.job_id)),
+            None => Ok(None),
+        }
     }
 
     /// The text of the current attempt received so far.
@@ -293,7 +440,11 @@ impl JobHandle {
             return Some(Ok(self.accept(chunk)));
         }
         loop {
-            let wait = (tokio::time::Instant::now() + IDLE_POLL).min(self.deadline);
+            let wait = if std::mem::take(&mut self.look_now) {
+                tokio::time::Instant::now()
+            } else {
+                (tokio::time::Instant::now() + IDLE_POLL).min(self.deadline)
+            };
             let next = match self.events.as_mut() {
                 Some(events) => tokio::time::timeout_at(wait, events.next()).await,
                 None => tokio::time::timeout_at(wait, std::future::pending()).await,
@@ -304,13 +455,18 @@ impl JobHandle {
                 Ok(None) => break,
                 Err(_) if tokio::time::Instant::now() >= self.deadline => break,
                 // Quiet for a while: the live result may have been lost.
-                Err(_) => match self.client.stored_result(self.job_id).await {
+                Err(_) => match self.stored().await {
                     Ok(Some(r)) => return Some(Ok(self.finish(r))),
-                    Ok(None) | Err(_) => continue,
+                    Ok(None) => continue,
+                    Err(ClientError::Conflict(id)) => {
+                        self.done = true;
+                        return Some(Err(ClientError::Conflict(id)));
+                    }
+                    Err(_) => continue,
                 },
             };
             match event_of(&msg.payload) {
-                Some(Event::Result(r)) if r.job_id == self.job_id => {
+                Some(Event::Result(r)) if self.owns(&r) => {
                     return Some(Ok(self.finish(*r)));
                 }
                 Some(Event::Chunk(c)) if c.job_id == self.job_id => {
@@ -329,7 +485,7 @@ impl JobHandle {
             }
         }
         self.done = true;
-        Some(match self.client.stored_result(self.job_id).await {
+        Some(match self.stored().await {
             Ok(Some(r)) => Ok(self.finish(r)),
             Ok(None) => Err(ClientError::NoResult),
             Err(e) => Err(e),
@@ -365,9 +521,9 @@ impl JobHandle {
         Err(ClientError::NoResult)
     }
 
-    /// Ask the fleet to cancel this job.
+    /// Ask the fleet to cancel this job (as its tenant: it cannot touch another's).
     pub async fn cancel(&self) -> Result<(), ClientError> {
-        self.client.cancel(self.job_id).await
+        self.client.cancel(&self.tenant, self.job_id).await
     }
 }
 

@@ -7,8 +7,13 @@
 //! it again. Only faults of the provider count (5xx, 429, timeouts, cut streams, auth, unknown
 //! model); a bad or oversized request, a context overflow or a content-filter refusal says
 //! nothing about the provider's health. State changes are logged.
+//!
+//! Bounded: jobs may choose their model, so names no route lists could grow the table without
+//! end. The routes' (provider, model) pairs are always kept; at most [`MAX_UNLISTED`] others
+//! are, and a new one replaces the least recently used of them that holds no failure. When
+//! every such entry holds failures, a new name is not tracked (its calls go ahead, uncounted).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,6 +25,8 @@ use crate::error::{ErrorCode, ProviderError};
 
 /// Weight of the newest sample in the time-to-first-token average.
 const EWMA_ALPHA: f64 = 0.3;
+/// Entries kept for (provider, model) pairs no route names.
+pub const MAX_UNLISTED: usize = 128;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -48,10 +55,11 @@ struct Entry {
     ewma_ttft_ms: Option<f64>,
     /// Size of the vectors this entry last returned (embeddings).
     dimensions: Option<usize>,
+    last_used: Instant,
 }
 
-impl Default for Entry {
-    fn default() -> Self {
+impl Entry {
+    fn new() -> Self {
         Self {
             state: State::Healthy,
             consecutive_failures: 0,
@@ -59,7 +67,52 @@ impl Default for Entry {
             probing: false,
             ewma_ttft_ms: None,
             dimensions: None,
+            last_used: Instant::now(),
         }
+    }
+
+    /// Holds nothing a circuit needs: may be forgotten.
+    fn quiet(&self) -> bool {
+        self.consecutive_failures == 0 && self.opened_at.is_none() && !self.probing
+    }
+}
+
+type Key = (String, String);
+
+#[derive(Default)]
+struct Table {
+    entries: HashMap<Key, Entry>,
+    /// The routes' pairs: always kept.
+    listed: HashSet<Key>,
+}
+
+impl Table {
+    /// The entry of (provider, model), made if the bounds allow; `None`: not tracked.
+    fn entry(&mut self, provider: &str, model: &str) -> Option<&mut Entry> {
+        let key = (provider.to_string(), model.to_string());
+        if !self.entries.contains_key(&key) && !self.listed.contains(&key) {
+            let unlisted = self
+                .entries
+                .keys()
+                .filter(|k| !self.listed.contains(*k))
+                .count();
+            if unlisted >= MAX_UNLISTED {
+                let evict = self
+                    .entries
+                    .iter()
+                    .filter(|(k, e)| !self.listed.contains(*k) && e.quiet())
+                    .min_by_key(|(_, e)| e.last_used)
+                    .map(|(k, _)| k.clone())?;
+                self.entries.remove(&evict);
+            }
+        }
+        let e = self.entries.entry(key).or_insert_with(Entry::new);
+        e.last_used = Instant::now();
+        Some(e)
+    }
+
+    fn get(&self, provider: &str, model: &str) -> Option<&Entry> {
+        self.entries.get(&(provider.to_string(), model.to_string()))
     }
 }
 
@@ -76,7 +129,7 @@ pub struct Report {
 /// Shared by all jobs of a process. Cheap to clone.
 #[derive(Clone)]
 pub struct Health {
-    entries: Arc<Mutex<HashMap<(String, String), Entry>>>,
+    table: Arc<Mutex<Table>>,
     threshold: u32,
     cooldown: Duration,
 }
@@ -100,19 +153,27 @@ pub(crate) fn is_provider_fault(e: &ProviderError) -> bool {
 impl Health {
     pub fn new(cfg: &CircuitConfig) -> Self {
         Self {
-            entries: Arc::new(Mutex::new(HashMap::new())),
+            table: Arc::new(Mutex::new(Table::default())),
             threshold: cfg.failure_threshold.max(1),
             cooldown: Duration::from_secs(cfg.cooldown_secs),
         }
     }
 
+    /// The (provider, model) pairs the routes name, kept whatever the bound: set at start
+    /// and on every reload.
+    pub fn set_listed(&self, pairs: impl IntoIterator<Item = (String, String)>) {
+        if let Ok(mut table) = self.table.lock() {
+            table.listed = pairs.into_iter().collect();
+        }
+    }
+
     pub(crate) fn admit(&self, provider: &str, model: &str) -> Admission {
-        let Ok(mut map) = self.entries.lock() else {
+        let Ok(mut table) = self.table.lock() else {
             return Admission::Go;
         };
-        let e = map
-            .entry((provider.to_string(), model.to_string()))
-            .or_default();
+        let Some(e) = table.entry(provider, model) else {
+            return Admission::Go;
+        };
         match e.opened_at {
             None => Admission::Go,
             Some(at) if at.elapsed() < self.cooldown || e.probing => Admission::Skip,
@@ -130,12 +191,12 @@ impl Health {
         model: &str,
         outcome: Result<Option<Duration>, &ProviderError>,
     ) {
-        let Ok(mut map) = self.entries.lock() else {
+        let Ok(mut table) = self.table.lock() else {
             return;
         };
-        let e = map
-            .entry((provider.to_string(), model.to_string()))
-            .or_default();
+        let Some(e) = table.entry(provider, model) else {
+            return;
+        };
         let before = e.state;
         match outcome {
             Ok(ttft) => {
@@ -180,32 +241,29 @@ impl Health {
 
     /// Remember the vector size an entry returned.
     pub(crate) fn record_dimensions(&self, provider: &str, model: &str, dims: usize) {
-        if let Ok(mut map) = self.entries.lock() {
-            map.entry((provider.to_string(), model.to_string()))
-                .or_default()
-                .dimensions = Some(dims);
+        if let Ok(mut table) = self.table.lock()
+            && let Some(e) = table.entry(provider, model)
+        {
+            e.dimensions = Some(dims);
         }
     }
 
     /// The vector size an entry last returned, if it ever did in this process.
     pub(crate) fn dimensions(&self, provider: &str, model: &str) -> Option<usize> {
-        let map = self.entries.lock().ok()?;
-        map.get(&(provider.to_string(), model.to_string()))?
-            .dimensions
+        self.table.lock().ok()?.get(provider, model)?.dimensions
     }
 
     pub(crate) fn ewma_ttft_ms(&self, provider: &str, model: &str) -> Option<f64> {
-        let map = self.entries.lock().ok()?;
-        map.get(&(provider.to_string(), model.to_string()))?
-            .ewma_ttft_ms
+        self.table.lock().ok()?.get(provider, model)?.ewma_ttft_ms
     }
 
-    /// Every entry seen so far.
+    /// Every entry kept (the routes' pairs seen so far, and at most [`MAX_UNLISTED`] others).
     pub fn report(&self) -> Vec<Report> {
-        let Ok(map) = self.entries.lock() else {
+        let Ok(table) = self.table.lock() else {
             return Vec::new();
         };
-        let mut out: Vec<Report> = map
+        let mut out: Vec<Report> = table
+            .entries
             .iter()
             .map(|((provider, model), e)| Report {
                 provider: provider.clone(),
@@ -265,6 +323,45 @@ mod tests {
         h.record("p", "m", Err(&err(ErrorCode::ContextTooLong)));
         h.record("p", "m", Err(&err(ErrorCode::BadRequest)));
         assert_eq!(h.admit("p", "m"), Admission::Go);
+    }
+
+    #[tokio::test]
+    async fn names_no_route_lists_are_bounded_and_never_push_out_a_failing_one_or_a_listed_one() {
+        let h = Health::new(&CircuitConfig {
+            failure_threshold: 1,
+            cooldown_secs: 60,
+        });
+        h.set_listed([("p".to_string(), "listed".to_string())]);
+        h.record("p", "listed", Ok(None));
+        h.record("p", "failing", Err(&err(ErrorCode::ServerError)));
+        for i in 0..10_000 {
+            h.record("p", &format!("made-up-{i}"), Ok(None));
+        }
+        let report = h.report();
+        assert_eq!(report.len(), 1 + MAX_UNLISTED, "bounded");
+        assert!(report.iter().any(|r| r.model == "listed"));
+        assert_eq!(
+            h.admit("p", "failing"),
+            Admission::Skip,
+            "its open circuit is kept"
+        );
+        // The newest names are the ones kept.
+        assert!(report.iter().any(|r| r.model == "made-up-9999"));
+        assert!(!report.iter().any(|r| r.model == "made-up-0"));
+    }
+
+    #[tokio::test]
+    async fn when_every_unlisted_entry_holds_failures_a_new_name_goes_untracked() {
+        let h = Health::new(&CircuitConfig {
+            failure_threshold: 1,
+            cooldown_secs: 60,
+        });
+        for i in 0..MAX_UNLISTED {
+            h.record("p", &format!("bad-{i}"), Err(&err(ErrorCode::ServerError)));
+        }
+        h.record("p", "new", Err(&err(ErrorCode::ServerError)));
+        assert_eq!(h.admit("p", "new"), Admission::Go);
+        assert_eq!(h.report().len(), MAX_UNLISTED);
     }
 
     #[tokio::test]

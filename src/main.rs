@@ -79,6 +79,9 @@ enum Command {
     Cancel {
         /// The job's id.
         job_id: uuid::Uuid,
+        /// The tenant the job belongs to: a cancel takes effect only on that tenant's job.
+        #[arg(long, default_value = "default")]
+        tenant: String,
     },
     /// Apply database migrations and exit.
     Migrate,
@@ -158,8 +161,12 @@ enum KeysAction {
         /// A label for lists (who or what uses the key).
         #[arg(long)]
         name: Option<String>,
+        /// An operator's key: `GET /v1/status` shows it the whole fleet (every worker's
+        /// provider health); a tenant's key sees only the configured models' state.
+        #[arg(long)]
+        admin: bool,
     },
-    /// Every key: id, first characters, tenant, name, created, revoked.
+    /// Every key: id, first characters, tenant, name, admin, created, revoked.
     List {
         /// Print JSON instead of a table.
         #[arg(long)]
@@ -330,8 +337,13 @@ async fn command(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
                 .await?
                 .context("DATABASE_URL (or database.url) is not set")?;
             match action {
-                KeysAction::Create { tenant, name } => {
-                    let (key, secret) = keys::create(&pool, &tenant, name.as_deref()).await?;
+                KeysAction::Create {
+                    tenant,
+                    name,
+                    admin,
+                } => {
+                    let (key, secret) =
+                        keys::create(&pool, &tenant, name.as_deref(), admin).await?;
                     println!("{secret}");
                     eprintln!("key {} for tenant {} created", key.id, key.tenant);
                 }
@@ -411,10 +423,10 @@ async fn command(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
             print!("{}", usage::report::render(&rows));
             Ok(ExitCode::SUCCESS)
         }
-        Command::Cancel { job_id } => {
+        Command::Cancel { job_id, tenant } => {
             let client = app::connect_nats(&config.nats).await?;
             let js = async_nats::jetstream::new(client);
-            llm_worker::cancel::request(&js, &config.nats, job_id)
+            llm_worker::cancel::request(&js, &config.nats, &tenant, job_id)
                 .await
                 .map_err(anyhow::Error::msg)?;
             println!(

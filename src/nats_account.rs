@@ -81,6 +81,8 @@ pub(crate) fn worker(nats: &NatsConfig) -> Permissions {
     publish.push(format!("{api}.CONSUMER.CREATE.{cancel}"));
     publish.push(format!("{api}.CONSUMER.CREATE.{cancel}.>"));
     publish.push(format!("$JS.FC.{cancel}.>"));
+    // Widening a cancel stream of an older version to `<prefix>.cancel.>` (`crate::queue`).
+    publish.push(format!("{api}.STREAM.UPDATE.{cancel}"));
     // The tenant counters and the response cache (KV buckets): their streams, reads, writes
     // (compare-and-set for counters), and the watch (an ordered consumer) that keeps every
     // worker's copy of the counters current.
@@ -141,9 +143,18 @@ pub(crate) fn orchestrator(nats: &NatsConfig, tenant: Option<&str>) -> Permissio
         format!("$JS.API.DIRECT.GET.{results}.>"),
         format!("$JS.API.STREAM.MSG.GET.{results}"),
         format!("{p}.status"),
-        // Cancelling a job needs its id (see above), whoever's job it is.
-        format!("{p}.cancel.*"),
     ]);
+    // Cancels carry their tenant (`<prefix>.cancel.<tenant>.<job_id>`): a tenant's user may
+    // cancel only its own jobs.
+    publish.push(match tenant {
+        Some(t) => format!("{p}.cancel.{}.*", crate::config::subject_token(t)),
+        None => format!("{p}.cancel.>"),
+    });
+    if tenant.is_none() {
+        // The client proves a duplicate job id is the caller's by reading the queued job
+        // (`crate::client`); a tenant's user may not read other tenants' jobs.
+        publish.push(format!("$JS.API.STREAM.MSG.GET.{jobs}"));
+    }
     // Budget warnings: every tenant's, or the tenant's own.
     let budget_events = match tenant {
         Some(t) => format!("{p}.events.budget.{}", crate::policy::ledger::token(t)),
@@ -264,6 +275,10 @@ mod tests {
     fn a_worker_may_not_delete_or_purge_anything() {
         let p = worker(&NatsConfig::default());
         for s in &p.publish {
+            // One update: widening an old cancel stream's subjects (`crate::queue`).
+            if s == "$JS.API.STREAM.UPDATE.LLM_CANCEL" {
+                continue;
+            }
             for forbidden in ["DELETE", "PURGE", "$JS.API.>", "UPDATE"] {
                 assert!(!s.contains(forbidden), "{s}");
             }
@@ -279,6 +294,14 @@ mod tests {
         let p = orchestrator(&NatsConfig::default(), Some("acme"));
         assert!(p.publish.contains(&"llm.jobs.generate.acme".to_string()));
         assert!(!p.publish.iter().any(|s| s == "llm.jobs.>"));
+        // Its own cancels only, and no reading of queued jobs (other tenants' included).
+        assert!(p.publish.contains(&"llm.cancel.acme.*".to_string()));
+        assert!(
+            !p.publish
+                .iter()
+                .any(|s| s.starts_with("llm.cancel.") && s != "llm.cancel.acme.*")
+        );
+        assert!(!p.publish.iter().any(|s| s.contains("MSG.GET.LLM_JOBS")));
         assert_eq!(
             p.subscribe,
             [

@@ -72,10 +72,10 @@ pub async fn ensure_streams(js: &jetstream::Context, nats: &NatsConfig) -> Resul
         duplicate_window: dup,
         ..Default::default()
     };
-    // One message per job id: a request remembered until cancel_max_age_secs, then forgotten.
+    // One message per (tenant, job id): a request remembered until cancel_max_age_secs.
     let cancel = stream::Config {
         name: nats.cancel_stream.clone(),
-        subjects: vec![format!("{}.cancel.*", nats.subject_prefix)],
+        subjects: vec![format!("{}.cancel.>", nats.subject_prefix)],
         retention: RetentionPolicy::Limits,
         storage: StorageType::File,
         max_age: Duration::from_secs(nats.cancel_max_age_secs),
@@ -87,15 +87,46 @@ pub async fn ensure_streams(js: &jetstream::Context, nats: &NatsConfig) -> Resul
         duplicate_window: dup,
         ..Default::default()
     };
+    let cancel_subjects = cancel.subjects.clone();
     for config in [jobs, results, dead, cancel] {
         let name = config.name.clone();
-        ensure_stream(js, config, nats.replicas)
+        let stream = ensure_stream(js, config, nats.replicas)
             .await
             .map_err(|message| QueueError::Stream {
-                stream: name,
+                stream: name.clone(),
                 message,
             })?;
+        if name == nats.cancel_stream
+            && let Err(e) = widen_cancel_subjects(js, stream, nats, cancel_subjects.clone()).await
+        {
+            tracing::warn!(
+                stream = %name,
+                error = %e,
+                "cannot widen the cancel stream to <prefix>.cancel.>: cancel requests are not \
+                 stored until it is (nats stream edit)"
+            );
+        }
     }
+    Ok(())
+}
+
+/// A cancel stream created before cancels carried their tenant holds `<prefix>.cancel.*`
+/// only; widen it to `<prefix>.cancel.>` (a superset: nothing stored is lost), so cancel
+/// requests `<prefix>.cancel.<tenant>.<job_id>` are stored.
+async fn widen_cancel_subjects(
+    js: &jetstream::Context,
+    stream: stream::Stream,
+    nats: &NatsConfig,
+    wanted: Vec<String>,
+) -> Result<(), String> {
+    let old = vec![format!("{}.cancel.*", nats.subject_prefix)];
+    let mut config = stream.cached_info().config.clone();
+    if config.subjects != old {
+        return Ok(());
+    }
+    config.subjects = wanted;
+    js.update_stream(config).await.map_err(|e| e.to_string())?;
+    tracing::info!(stream = %nats.cancel_stream, "cancel stream widened to <prefix>.cancel.> (cancels carry their tenant)");
     Ok(())
 }
 

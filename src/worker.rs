@@ -122,6 +122,7 @@ impl Routing {
         prices: &PriceBook,
     ) -> Result<(Self, Option<String>), crate::error::ProviderError> {
         let registry = crate::providers::Registry::from_config(config)?;
+        health.set_listed(config.route_entries());
         let chain = Chain::new(config, registry, prices.clone(), health.clone());
         let (embed, why_not) = match config.embedding_routes() {
             Ok(routes) => (
@@ -435,7 +436,7 @@ impl<O: Outbox> Worker<O> {
         let tenant = &job.envelope.tenant;
         let policy = routing.limits.policy(tenant).zip(self.ledger.as_ref());
         let budget = policy.filter(|(p, _)| p.has_budget());
-        let unwanted = if self.cancels.is_cancelled(job.envelope.job_id) {
+        let unwanted = if self.cancels.is_cancelled(tenant, job.envelope.job_id) {
             Some((
                 ErrorCode::Cancelled,
                 "cancelled: a cancel request for this job arrived before a worker started it"
@@ -474,7 +475,7 @@ impl<O: Outbox> Worker<O> {
             .expires_at
             .map_or(job.timeout, |at| (at - now).to_std().unwrap_or_default());
         let deadline = Instant::now() + job.timeout.min(left);
-        let running = self.cancels.run(job.envelope.job_id);
+        let running = self.cancels.run(tenant, job.envelope.job_id);
         let work = self.execute(routing, &job, received_at, deadline, running.token());
         tokio::pin!(work);
         let mut progress =

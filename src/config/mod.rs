@@ -25,7 +25,7 @@ use secrecy::SecretString;
 use serde::Deserialize;
 
 pub use env::EnvLookup;
-pub use provider::{Api, EmbedBatching, MaxTokensField, ProviderConfig, RouteEntry};
+pub use provider::{Api, EmbedBatching, MaxTokensField, ProviderConfig, RouteEntry, model_allowed};
 
 /// A configuration problem, naming the key at fault.
 #[derive(Debug, thiserror::Error)]
@@ -93,8 +93,27 @@ pub struct GatewayConfig {
     /// A request's job deadline (`timeout_ms`) when it sets none, and the most it may set.
     pub request_timeout_ms: u64,
     /// How long a looked-up API key is trusted without asking Postgres again: a revoked key
-    /// stops working after at most this long.
+    /// stops working after at most this long. Unknown keys are remembered as long (no
+    /// Postgres query for a repeated bad key).
     pub key_cache_secs: u64,
+    /// Requests one tenant may have open at once, out of `max_concurrent` (429 beyond).
+    /// Default: half of `max_concurrent` (at least 1).
+    pub max_concurrent_per_tenant: Option<usize>,
+    /// Refused API keys (missing, unknown, revoked) one client address may send per minute;
+    /// beyond it the address gets 429 without a key lookup. 0 turns the limit off (behind a
+    /// proxy every client shares its address).
+    pub bad_keys_per_minute: u32,
+    /// Time a connection has to send a request's headers, counted from when it is ready for
+    /// a request: opened, or its previous answer sent. So this is also the idle keep-alive
+    /// timeout.
+    pub header_timeout_ms: u64,
+    /// Time a request's body may take to arrive, once its key is accepted (408 beyond).
+    pub body_timeout_ms: u64,
+    /// A write to a client that makes no progress for this long (a client that stopped
+    /// reading) closes the connection and cancels its job.
+    pub write_timeout_ms: u64,
+    /// Open connections at most; more wait to be accepted.
+    pub max_connections: usize,
 }
 
 impl Default for GatewayConfig {
@@ -105,7 +124,22 @@ impl Default for GatewayConfig {
             max_concurrent: 1024,
             request_timeout_ms: 120_000,
             key_cache_secs: 10,
+            max_concurrent_per_tenant: None,
+            bad_keys_per_minute: 60,
+            header_timeout_ms: 10_000,
+            body_timeout_ms: 30_000,
+            write_timeout_ms: 30_000,
+            max_connections: 4096,
         }
+    }
+}
+
+impl GatewayConfig {
+    /// Requests one tenant may have open at once.
+    pub fn tenant_share(&self) -> usize {
+        self.max_concurrent_per_tenant
+            .unwrap_or(self.max_concurrent / 2)
+            .clamp(1, self.max_concurrent.max(1))
     }
 }
 
@@ -356,8 +390,8 @@ pub struct NatsConfig {
     pub dead_stream: String,
     /// How long dead letters are kept.
     pub dead_max_age_secs: u64,
-    /// Cancel requests (`<prefix>.cancel.<job_id>`), kept so a queued job is cancelled when
-    /// a worker picks it up, and by workers started after the request.
+    /// Cancel requests (`<prefix>.cancel.<tenant>.<job_id>`), kept so a queued job is
+    /// cancelled when a worker picks it up, and by workers started after the request.
     pub cancel_stream: String,
     /// How long a cancel request is remembered.
     pub cancel_max_age_secs: u64,
@@ -412,6 +446,23 @@ impl Default for NatsConfig {
     }
 }
 
+/// A tenant name as one NATS subject token (and KV key): letters, digits, `_` and `-` as they
+/// are, every other byte as `=XX`, so distinct names stay distinct.
+pub fn subject_token(tenant: &str) -> String {
+    let mut out = String::with_capacity(tenant.len());
+    for b in tenant.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("={b:02X}"));
+        }
+    }
+    if out.is_empty() {
+        out.push('=');
+    }
+    out
+}
+
 impl NatsConfig {
     pub(crate) fn ack_wait(&self) -> Duration {
         Duration::from_secs(self.ack_wait_secs)
@@ -419,9 +470,15 @@ impl NatsConfig {
     pub fn result_subject(&self, job_id: &uuid::Uuid) -> String {
         format!("{}.results.{job_id}", self.subject_prefix)
     }
-    /// Where a cancel request for `job_id` is published.
-    pub fn cancel_subject(&self, job_id: &uuid::Uuid) -> String {
-        format!("{}.cancel.{job_id}", self.subject_prefix)
+    /// Where `tenant` publishes a cancel request for its job `job_id`:
+    /// `<prefix>.cancel.<tenant token>.<job_id>` (see [`subject_token`]). A cancel takes effect
+    /// only on a job of that tenant.
+    pub fn cancel_subject(&self, tenant: &str, job_id: &uuid::Uuid) -> String {
+        format!(
+            "{}.cancel.{}.{job_id}",
+            self.subject_prefix,
+            subject_token(tenant)
+        )
     }
     /// Where orchestrators publish jobs of `kind` (without the tenant token).
     pub fn job_subject(&self, kind: crate::job::JobKind) -> String {
@@ -587,22 +644,31 @@ impl Config {
     /// Every model the routes (generation and embedding) can send to: each entry's model, or
     /// its provider's default model.
     pub(crate) fn route_models(&self) -> Vec<String> {
-        let mut models: Vec<String> = self
+        let mut models: Vec<String> = self.route_entries().into_iter().map(|(_, m)| m).collect();
+        models.sort();
+        models.dedup();
+        models
+    }
+
+    /// Every (provider, model) the routes (generation and embedding) name, sorted.
+    pub fn route_entries(&self) -> Vec<(String, String)> {
+        let mut entries: Vec<(String, String)> = self
             .routes
             .values()
             .chain(self.embed_routes.values())
             .flatten()
             .filter_map(|e| {
-                e.model.clone().or_else(|| {
+                let model = e.model.clone().or_else(|| {
                     self.providers
                         .get(&e.provider)
                         .and_then(|p| p.default_model.clone())
-                })
+                })?;
+                Some((e.provider.clone(), model))
             })
             .collect();
-        models.sort();
-        models.dedup();
-        models
+        entries.sort();
+        entries.dedup();
+        entries
     }
 
     /// A process that answers jobs needs at least one provider.

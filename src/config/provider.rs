@@ -110,6 +110,16 @@ pub struct ProviderConfig {
     pub context_windows: std::collections::BTreeMap<String, u32>,
 }
 
+/// Whether a `models` allow-list (exact names, or `prefix*`; `None`: any) admits `model`.
+pub fn model_allowed(list: Option<&[String]>, model: &str) -> bool {
+    list.is_none_or(|list| {
+        list.iter().any(|m| match m.strip_suffix('*') {
+            Some(prefix) => model.starts_with(prefix),
+            None => m == model,
+        })
+    })
+}
+
 impl ProviderConfig {
     /// A provider of this protocol with every other setting at its default.
     pub fn new(api: Api) -> Self {

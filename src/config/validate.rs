@@ -35,6 +35,24 @@ impl Config {
         if self.gateway.max_concurrent == 0 {
             return Err(invalid("gateway.max_concurrent", "must be at least 1"));
         }
+        for (key, value) in [
+            ("gateway.header_timeout_ms", self.gateway.header_timeout_ms),
+            ("gateway.body_timeout_ms", self.gateway.body_timeout_ms),
+            ("gateway.write_timeout_ms", self.gateway.write_timeout_ms),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be positive"));
+            }
+        }
+        if self.gateway.max_connections == 0 {
+            return Err(invalid("gateway.max_connections", "must be at least 1"));
+        }
+        if self.gateway.max_concurrent_per_tenant == Some(0) {
+            return Err(invalid(
+                "gateway.max_concurrent_per_tenant",
+                "must be at least 1",
+            ));
+        }
         if self.gateway.request_timeout_ms == 0 {
             return Err(invalid("gateway.request_timeout_ms", "must be positive"));
         }

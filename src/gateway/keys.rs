@@ -3,10 +3,15 @@
 //!
 //! A key is `llmw_` and 32 random bytes (base64url): a fast hash is enough, since there is
 //! nothing to guess. Looked-up keys are trusted for `gateway.key_cache_secs` without asking
-//! Postgres again, so a revoked key stops working after at most that long; unknown keys are
-//! never cached (a new key works at once).
+//! Postgres again, so a revoked key stops working after at most that long. Unknown keys are
+//! remembered as long (a repeated bad key costs no query; a new key was never looked up
+//! before it existed, so it works at once), in a cache of their own so a flood of bad keys
+//! cannot push out good ones. [`BadKeys`] limits refused keys per client address.
+//!
+//! An admin key (`keys create --admin`) is an operator's: it sees the fleet's whole status.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -22,6 +27,10 @@ pub const KEY_PREFIX: &str = "llmw_";
 const SHOWN: usize = 12;
 /// Cached lookups at most; the cache starts over beyond it.
 const MAX_CACHED: usize = 100_000;
+/// Remembered unknown keys at most; that cache starts over beyond it.
+const MAX_UNKNOWN: usize = 10_000;
+/// Client addresses [`BadKeys`] follows at most; it starts over beyond it.
+const MAX_ADDRESSES: usize = 100_000;
 
 /// One key, without its secret.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
@@ -31,8 +40,17 @@ pub struct ApiKey {
     pub prefix: String,
     pub tenant: String,
     pub name: Option<String>,
+    /// An operator's key: sees the whole fleet's status.
+    pub admin: bool,
     pub created_at: DateTime<Utc>,
     pub revoked_at: Option<DateTime<Utc>>,
+}
+
+/// Who a valid key speaks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Owner {
+    pub tenant: String,
+    pub admin: bool,
 }
 
 /// A tenant name a key may carry: a NATS subject token (1 to 64 of `A-Z a-z 0-9 _ -`), so
@@ -58,11 +76,13 @@ fn hash(key: &str) -> Vec<u8> {
         .to_vec()
 }
 
-/// Create a key for `tenant`; returns it with its secret, which is shown only this once.
+/// Create a key for `tenant` (an operator's with `admin`); returns it with its secret, which
+/// is shown only this once.
 pub async fn create(
     pool: &PgPool,
     tenant: &str,
     name: Option<&str>,
+    admin: bool,
 ) -> anyhow::Result<(ApiKey, String)> {
     check_tenant(tenant).map_err(anyhow::Error::msg)?;
     let mut bytes = [0u8; 32];
@@ -73,14 +93,16 @@ pub async fn create(
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
     );
     let key: ApiKey = sqlx::query_as(
-        "INSERT INTO llm_api_keys (id, key_hash, prefix, tenant, name) VALUES ($1, $2, $3, $4, $5) \
-         RETURNING id, prefix, tenant, name, created_at, revoked_at",
+        "INSERT INTO llm_api_keys (id, key_hash, prefix, tenant, name, admin) \
+         VALUES ($1, $2, $3, $4, $5, $6) \
+         RETURNING id, prefix, tenant, name, admin, created_at, revoked_at",
     )
     .bind(Uuid::now_v7())
     .bind(hash(&secret))
     .bind(&secret[..SHOWN])
     .bind(tenant)
     .bind(name)
+    .bind(admin)
     .fetch_one(pool)
     .await?;
     Ok((key, secret))
@@ -89,7 +111,7 @@ pub async fn create(
 /// Every key, oldest first.
 pub async fn list(pool: &PgPool) -> anyhow::Result<Vec<ApiKey>> {
     Ok(sqlx::query_as(
-        "SELECT id, prefix, tenant, name, created_at, revoked_at FROM llm_api_keys \
+        "SELECT id, prefix, tenant, name, admin, created_at, revoked_at FROM llm_api_keys \
          ORDER BY created_at, id",
     )
     .fetch_all(pool)
@@ -122,17 +144,18 @@ pub async fn revoke(pool: &PgPool, id_or_prefix: &str) -> anyhow::Result<u64> {
 /// The keys table as text, one key per line.
 pub fn render(keys: &[ApiKey]) -> String {
     let mut out = format!(
-        "{:<38} {:<14} {:<20} {:<20} {:<22} {}\n",
-        "id", "key", "tenant", "name", "created", "revoked"
+        "{:<38} {:<14} {:<20} {:<20} {:<6} {:<22} {}\n",
+        "id", "key", "tenant", "name", "admin", "created", "revoked"
     );
     for k in keys {
         let at = |t: &DateTime<Utc>| t.format("%Y-%m-%d %H:%M:%SZ").to_string();
         out.push_str(&format!(
-            "{:<38} {:<14} {:<20} {:<20} {:<22} {}\n",
+            "{:<38} {:<14} {:<20} {:<20} {:<6} {:<22} {}\n",
             k.id.to_string(),
             format!("{}...", k.prefix),
             k.tenant,
             k.name.as_deref().unwrap_or("-"),
+            if k.admin { "yes" } else { "-" },
             at(&k.created_at),
             k.revoked_at.as_ref().map_or("-".to_string(), at),
         ));
@@ -140,11 +163,12 @@ pub fn render(keys: &[ApiKey]) -> String {
     out
 }
 
-/// Looks keys up, with a short-lived cache.
+/// Looks keys up, with short-lived caches of known and unknown keys.
 pub(crate) struct Keys {
     pool: PgPool,
     ttl: Duration,
-    cache: Mutex<HashMap<Vec<u8>, (String, Instant)>>,
+    known: Mutex<HashMap<Vec<u8>, (Owner, Instant)>>,
+    unknown: Mutex<HashMap<Vec<u8>, Instant>>,
 }
 
 impl Keys {
@@ -152,42 +176,110 @@ impl Keys {
         Keys {
             pool,
             ttl,
-            cache: Mutex::new(HashMap::new()),
+            known: Mutex::new(HashMap::new()),
+            unknown: Mutex::new(HashMap::new()),
         }
     }
 
-    /// The tenant of a valid, unrevoked key; `None` for any other string.
-    pub(crate) async fn tenant_of(&self, key: &str) -> Result<Option<String>, sqlx::Error> {
+    /// Who a valid, unrevoked key speaks for; `None` for any other string.
+    pub(crate) async fn owner_of(&self, key: &str) -> Result<Option<Owner>, sqlx::Error> {
         if !key.starts_with(KEY_PREFIX) || key.len() > 128 {
             return Ok(None);
         }
         let h = hash(key);
-        if let Ok(cache) = self.cache.lock()
-            && let Some((tenant, at)) = cache.get(&h)
+        if let Ok(known) = self.known.lock()
+            && let Some((owner, at)) = known.get(&h)
             && at.elapsed() < self.ttl
         {
-            return Ok(Some(tenant.clone()));
+            return Ok(Some(owner.clone()));
         }
-        let tenant: Option<String> = sqlx::query_scalar(
-            "SELECT tenant FROM llm_api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
+        if let Ok(unknown) = self.unknown.lock()
+            && unknown.get(&h).is_some_and(|at| at.elapsed() < self.ttl)
+        {
+            return Ok(None);
+        }
+        let owner: Option<(String, bool)> = sqlx::query_as(
+            "SELECT tenant, admin FROM llm_api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
         )
         .bind(&h)
         .fetch_optional(&self.pool)
         .await?;
-        if let Ok(mut cache) = self.cache.lock() {
-            match &tenant {
-                Some(t) if !self.ttl.is_zero() => {
-                    if cache.len() >= MAX_CACHED {
-                        cache.clear();
+        let owner = owner.map(|(tenant, admin)| Owner { tenant, admin });
+        if self.ttl.is_zero() {
+            return Ok(owner);
+        }
+        match &owner {
+            Some(o) => {
+                if let Ok(mut known) = self.known.lock() {
+                    if known.len() >= MAX_CACHED {
+                        known.clear();
                     }
-                    cache.insert(h, (t.clone(), Instant::now()));
+                    known.insert(h, (o.clone(), Instant::now()));
                 }
-                _ => {
-                    cache.remove(&h);
+            }
+            None => {
+                if let Ok(mut known) = self.known.lock() {
+                    known.remove(&h);
+                }
+                if let Ok(mut unknown) = self.unknown.lock() {
+                    if unknown.len() >= MAX_UNKNOWN {
+                        unknown.clear();
+                    }
+                    unknown.insert(h, Instant::now());
                 }
             }
         }
-        Ok(tenant)
+        Ok(owner)
+    }
+}
+
+/// Refused keys per client address, counted in one-minute windows: an address over
+/// `gateway.bad_keys_per_minute` is refused (429) without a lookup until its window ends.
+pub(crate) struct BadKeys {
+    per_minute: u32,
+    seen: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+}
+
+const WINDOW: Duration = Duration::from_secs(60);
+
+impl BadKeys {
+    pub(crate) fn new(per_minute: u32) -> BadKeys {
+        BadKeys {
+            per_minute,
+            seen: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Seconds until `addr` may try a key again; `None`: it may now.
+    pub(crate) fn blocked(&self, addr: IpAddr) -> Option<u64> {
+        if self.per_minute == 0 {
+            return None;
+        }
+        let seen = self.seen.lock().ok()?;
+        let (since, count) = seen.get(&addr)?;
+        let left = WINDOW.checked_sub(since.elapsed())?;
+        (*count >= self.per_minute).then(|| left.as_secs().max(1))
+    }
+
+    /// `addr` sent a key that was refused.
+    pub(crate) fn refused(&self, addr: IpAddr) {
+        if self.per_minute == 0 {
+            return;
+        }
+        let Ok(mut seen) = self.seen.lock() else {
+            return;
+        };
+        if seen.len() >= MAX_ADDRESSES && !seen.contains_key(&addr) {
+            seen.retain(|_, (since, _)| since.elapsed() < WINDOW);
+            if seen.len() >= MAX_ADDRESSES {
+                seen.clear();
+            }
+        }
+        let entry = seen.entry(addr).or_insert((Instant::now(), 0));
+        if entry.0.elapsed() >= WINDOW {
+            *entry = (Instant::now(), 0);
+        }
+        entry.1 = entry.1.saturating_add(1);
     }
 }
 
@@ -201,6 +293,25 @@ mod tests {
         for bad in ["", "a.b", "a b", "a*", "ä", &"x".repeat(65)] {
             assert!(check_tenant(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn an_address_over_its_refused_keys_is_blocked_and_others_are_not() {
+        let bad = BadKeys::new(3);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        for _ in 0..2 {
+            bad.refused(a);
+        }
+        assert_eq!(bad.blocked(a), None);
+        bad.refused(a);
+        assert!(bad.blocked(a).is_some_and(|s| (1..=60).contains(&s)));
+        assert_eq!(bad.blocked(b), None);
+        let off = BadKeys::new(0);
+        for _ in 0..100 {
+            off.refused(a);
+        }
+        assert_eq!(off.blocked(a), None);
     }
 
     #[test]

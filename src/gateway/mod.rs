@@ -9,29 +9,38 @@
 //!   from its key, never from the request body.
 //! - [`error`]: OpenAI's error shape and the status of each job error code.
 //! - [`models`]: what a request's `model` names.
+//! - [`serve`]: the HTTP/1 server with header, write and idle timeouts and a connection cap.
 //!
-//! Bounds: body size (`gateway.max_body_bytes`, 413), requests at once
-//! (`gateway.max_concurrent`, 429 with `Retry-After`), and a deadline per request
-//! (`gateway.request_timeout_ms`, the job's `timeout_ms`). A client that disconnects before
-//! its answer cancels its job.
+//! Tenants are kept apart: a request is answered only with its own tenant's job (a
+//! `job_id` naming another tenant's job is 409, never waited on), a cancel (the client went
+//! away, or the deadline passed) reaches only a job this request published, and a provider's
+//! error text never reaches the client (only codes, see [`error::redact`]).
+//!
+//! Order of a request: refused-key limit per client address (429), key (401), the tenant's
+//! share of the request slots and then a slot (429), only then the body: its size (413) and
+//! its deadline (408). Every job carries the request's deadline (`expires_in_ms`), so a job
+//! still queued when its client got 504 is answered `timeout` without a provider call; the
+//! gateway also cancels it.
 
 pub mod error;
 pub mod keys;
 pub(crate) mod models;
 pub(crate) mod openai;
 pub(crate) mod seed;
+pub(crate) mod serve;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::body::{Body, Bytes};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use http_body_util::BodyExt as _;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -48,9 +57,14 @@ const EVENT_BUFFER: usize = 64;
 pub(crate) struct Gateway {
     client: Client,
     keys: keys::Keys,
+    bad_keys: keys::BadKeys,
     catalog: models::Catalog,
     slots: Arc<Semaphore>,
+    /// Each tenant's share of `slots` (tenants come from keys: a bounded set).
+    tenant_slots: Mutex<HashMap<String, Arc<Semaphore>>>,
     config: GatewayConfig,
+    /// `limits.max_name_bytes`: the longest trace id a request may set.
+    max_name_bytes: usize,
     metrics: crate::metrics::Metrics,
 }
 
@@ -84,30 +98,33 @@ pub async fn start(config: Config, listen: &str) -> anyhow::Result<Running> {
         anyhow::anyhow!("the gateway needs Postgres for its API keys: set DATABASE_URL")
     })?;
     let client = Client::connect(&config.nats).await?;
+    let g = &config.gateway;
     let gateway = Arc::new(Gateway {
-        keys: keys::Keys::new(pool, Duration::from_secs(config.gateway.key_cache_secs)),
+        keys: keys::Keys::new(pool, Duration::from_secs(g.key_cache_secs)),
+        bad_keys: keys::BadKeys::new(g.bad_keys_per_minute),
         catalog: models::Catalog::new(&config),
-        slots: Arc::new(Semaphore::new(config.gateway.max_concurrent)),
-        config: config.gateway.clone(),
+        slots: Arc::new(Semaphore::new(g.max_concurrent)),
+        tenant_slots: Mutex::new(HashMap::new()),
+        config: g.clone(),
+        max_name_bytes: config.limits.max_name_bytes,
         client,
         metrics: crate::metrics::Metrics::new(false),
     });
+    let bounds = serve::Bounds {
+        header_timeout: Duration::from_millis(g.header_timeout_ms),
+        write_timeout: Duration::from_millis(g.write_timeout_ms),
+        max_connections: g.max_connections,
+    };
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
     let stop = CancellationToken::new();
     let app = router(gateway);
-    let shutdown = stop.clone().cancelled_owned();
-    let task = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-    });
+    let task = tokio::spawn(serve::serve(listener, app, bounds, stop.clone()));
     tracing::info!(%addr, "gateway listening");
     Ok(Running { addr, stop, task })
 }
 
 fn router(gateway: Arc<Gateway>) -> Router {
-    let limit = gateway.config.max_body_bytes;
     Router::new()
         .route("/v1/chat/completions", post(openai::chat))
         .route("/v1/embeddings", post(openai::embeddings))
@@ -128,8 +145,6 @@ fn router(gateway: Arc<Gateway>) -> Router {
             )
         })
         .with_state(gateway)
-        // The extractor's own limit; bodies over it become our 413 (see `Gateway::body`).
-        .layer(DefaultBodyLimit::max(limit))
 }
 
 /// Count every request by route and status, and time it to its response headers.
@@ -166,10 +181,12 @@ async fn ready(State(gw): State<Arc<Gateway>>) -> Response {
     }
 }
 
-/// A request let in: its slot and its tenant.
+/// A request let in: its tenant, and its slots (given back when it is answered).
 pub(crate) struct Admitted {
     pub tenant: String,
-    _slot: OwnedSemaphorePermit,
+    /// An operator's key.
+    pub admin: bool,
+    _slots: (OwnedSemaphorePermit, OwnedSemaphorePermit),
 }
 
 /// A job submitted for a request.
@@ -180,45 +197,107 @@ pub(crate) struct Submitted {
     pub events: mpsc::Receiver<Result<Event, ClientError>>,
 }
 
+/// The bearer token of a request, if it has one.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, key)| key.trim())
+}
+
 impl Gateway {
-    /// A free slot (else 429) and a valid key (else 401).
-    pub(crate) async fn admit(&self, headers: &HeaderMap) -> Result<Admitted, ApiError> {
+    /// A valid key (else 401; 429 for an address sending too many refused keys), then a slot
+    /// of the key's tenant's share and one of the gateway's (else 429). Nothing of the body
+    /// has been read yet.
+    pub(crate) async fn admit(
+        &self,
+        headers: &HeaderMap,
+        peer: SocketAddr,
+    ) -> Result<Admitted, ApiError> {
+        let address = peer.ip();
+        if let Some(secs) = self.bad_keys.blocked(address) {
+            return Err(ApiError::too_many_bad_keys(secs));
+        }
+        let owner = match bearer(headers) {
+            Some(key) => self.keys.owner_of(key).await.map_err(|e| {
+                tracing::warn!(error = %e, "API key lookup failed");
+                ApiError::unavailable("API keys cannot be checked right now (Postgres)")
+            })?,
+            None => None,
+        };
+        let Some(owner) = owner else {
+            self.bad_keys.refused(address);
+            return Err(ApiError::unauthorized());
+        };
+        let share = {
+            let mut shares = self
+                .tenant_slots
+                .lock()
+                .map_err(|_| ApiError::unavailable("the gateway is stopping"))?;
+            shares
+                .entry(owner.tenant.clone())
+                .or_insert_with(|| Arc::new(Semaphore::new(self.config.tenant_share())))
+                .clone()
+        };
+        let tenant_slot = share
+            .try_acquire_owned()
+            .map_err(|_| ApiError::tenant_busy())?;
         let slot = self
             .slots
             .clone()
             .try_acquire_owned()
             .map_err(|_| ApiError::busy())?;
-        let key = headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split_once(' '))
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map(|(_, key)| key.trim())
-            .ok_or_else(ApiError::unauthorized)?;
-        let tenant = self.keys.tenant_of(key).await.map_err(|e| {
-            tracing::warn!(error = %e, "API key lookup failed");
-            ApiError::unavailable("API keys cannot be checked right now (Postgres)")
-        })?;
         Ok(Admitted {
-            tenant: tenant.ok_or_else(ApiError::unauthorized)?,
-            _slot: slot,
+            tenant: owner.tenant,
+            admin: owner.admin,
+            _slots: (tenant_slot, slot),
         })
     }
 
-    /// The request body as `T`: 413 over the size bound, 400 when it is not `T`.
-    pub(crate) fn body<T: serde::de::DeserializeOwned>(
+    /// The request body, read only now (after the key): 413 over the size bound (at once
+    /// when `Content-Length` says so), 408 when it does not arrive within
+    /// `gateway.body_timeout_ms`.
+    pub(crate) async fn read_body(
         &self,
-        body: Result<Bytes, BytesRejection>,
-    ) -> Result<T, ApiError> {
-        let bytes = body.map_err(|r| {
-            if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::too_large(self.config.max_body_bytes)
-            } else {
-                ApiError::invalid(format!("the request body could not be read: {r}"))
+        headers: &HeaderMap,
+        body: Body,
+    ) -> Result<Bytes, ApiError> {
+        let limit = self.config.max_body_bytes;
+        let declared = headers
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit as u64) {
+            return Err(ApiError::too_large(limit));
+        }
+        let read = http_body_util::Limited::new(body, limit).collect();
+        match tokio::time::timeout(Duration::from_millis(self.config.body_timeout_ms), read).await {
+            Err(_) => Err(ApiError::body_timeout(self.config.body_timeout_ms)),
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+                Err(ApiError::too_large(limit))
             }
-        })?;
-        serde_json::from_slice(&bytes)
-            .map_err(|e| ApiError::invalid(format!("the request body is not valid: {e}")))
+            Ok(Err(e)) => Err(ApiError::invalid(format!(
+                "the request body could not be read: {e}"
+            ))),
+            Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        }
+    }
+
+    /// The request body as `T` (400 when it is not), read as [`Self::read_body`] does.
+    pub(crate) async fn body<T: serde::de::DeserializeOwned>(
+        &self,
+        headers: &HeaderMap,
+        body: Body,
+    ) -> Result<T, ApiError> {
+        let bytes = self.read_body(headers, body).await?;
+        serde_json::from_slice(&bytes).map_err(|e| {
+            ApiError::invalid(format!(
+                "the request body is not valid: {}",
+                crate::job::clip_reason(&e.to_string())
+            ))
+        })
     }
 
     /// The job's deadline: what the request asks for, at most `gateway.request_timeout_ms`.
@@ -230,7 +309,8 @@ impl Gateway {
 
     /// Publish `job` for `tenant` and follow its events in a task of its own. The job's
     /// trace id is the W3C trace id of a valid `traceparent` header (which also rides on the
-    /// job message), else the body's `trace_id`, else the job id.
+    /// job message), else the body's `trace_id`, else the job id. The job expires with the
+    /// request (`expires_in_ms` = its `timeout_ms`, or less if the body asks for less).
     pub(crate) async fn submit(
         &self,
         kind: JobKind,
@@ -248,16 +328,34 @@ impl Gateway {
             job["trace_id"] = trace.into();
             extra.push(("traceparent", header));
         }
-        let body_trace = job
-            .get("trace_id")
-            .and_then(|t| t.as_str())
-            .map(str::to_string);
+        let body_trace = match job.get("trace_id") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(t)) if t.len() <= self.max_name_bytes => Some(t.clone()),
+            Some(serde_json::Value::String(t)) => {
+                return Err(ApiError::invalid(format!(
+                    "trace_id: {} bytes, more than the limit of {} (limits.max_name_bytes)",
+                    t.len(),
+                    self.max_name_bytes
+                )));
+            }
+            Some(_) => return Err(ApiError::invalid("trace_id: must be a string")),
+        };
+        let timeout = job
+            .get("timeout_ms")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(self.config.request_timeout_ms);
+        let expires = job
+            .get("expires_in_ms")
+            .and_then(serde_json::Value::as_u64)
+            .map_or(timeout, |asked| asked.min(timeout));
+        job["expires_in_ms"] = expires.into();
         let mut handle = self
             .client
             .submit(kind, job, Some(tenant), &extra)
             .await
             .map_err(|e| match e {
                 ClientError::BadJob(why) => ApiError::invalid(why),
+                ClientError::Conflict(id) => ApiError::conflict(id),
                 other => {
                     tracing::warn!(error = %other, "publishing a job failed");
                     ApiError::unavailable("the job could not be published (NATS)")
@@ -272,8 +370,14 @@ impl Gateway {
                     event = handle.next() => {
                         let Some(event) = event else { return };
                         let last = matches!(event, Ok(Event::Result(_)) | Err(_));
+                        // Gave up waiting (no result by the deadline): nobody will read it.
+                        let gave_up = matches!(event, Err(ClientError::NoResult));
+                        let event = event.map(|e| match e {
+                            Event::Result(r) => Event::Result(Box::new(error::redact(*r))),
+                            other => other,
+                        });
                         if tx.send(event).await.is_err() || last {
-                            if !last {
+                            if !last || gave_up {
                                 cancel(&handle).await;
                             }
                             return;
@@ -294,8 +398,13 @@ impl Gateway {
     }
 }
 
+/// Cancel a job nobody waits for any more, if this request published it (a job_id that
+/// names the tenant's own earlier job is not this request's to cancel).
 async fn cancel(handle: &crate::client::JobHandle) {
-    tracing::info!(job_id = %handle.job_id(), "the client went away: cancelling its job");
+    if !handle.is_fresh() {
+        return;
+    }
+    tracing::info!(job_id = %handle.job_id(), "nobody waits for the job any more: cancelling it");
     if let Err(e) = handle.cancel().await {
         tracing::warn!(job_id = %handle.job_id(), error = %e, "cancelling failed");
     }

@@ -1,11 +1,16 @@
 //! What a request's `model` names, from the configured routes: a route (task type), a
 //! `provider:model` entry, or a bare model name some route entry sends to. `GET /v1/models`
-//! lists them all.
+//! lists them all. A `provider:model` outside the provider's `models` allow-list (where one
+//! is configured) is refused here, before any job exists.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::Serialize;
 
 use crate::config::{Config, RouteEntry};
+use crate::health::State;
 use crate::job::JobKind;
+use crate::status::WorkerStatus;
 
 /// The job fields a model name sets.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,9 +68,21 @@ impl Names {
 pub(crate) struct Catalog {
     generate: Names,
     embed: Names,
-    /// Configured provider names: `provider:model` with any model is passed on to the
-    /// worker (which decides whether the route lets a job pin it).
-    providers: Vec<String>,
+    /// Configured providers and their `models` allow-lists (`None`: any model):
+    /// `provider:model` with an allowed model is passed on to the worker (which decides
+    /// whether the route lets a job pin it).
+    providers: BTreeMap<String, Option<Vec<String>>>,
+    /// The routes' (provider, model) pairs: what a tenant's status shows.
+    entries: BTreeSet<(String, String)>,
+}
+
+/// One configured route entry's state in a tenant's status view.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub(crate) struct EntryState {
+    pub provider: String,
+    pub model: String,
+    /// The worst state any worker reports; `unknown` when no worker has called it yet.
+    pub state: &'static str,
 }
 
 impl Catalog {
@@ -76,8 +93,55 @@ impl Catalog {
                 .embedding_routes()
                 .map(|r| Names::of(config, r))
                 .unwrap_or_default(),
-            providers: config.providers.keys().cloned().collect(),
+            providers: config
+                .providers
+                .iter()
+                .map(|(name, p)| {
+                    // Models the routes name are always allowed (as the worker does).
+                    let list = p.models.clone().map(|mut list| {
+                        list.extend(
+                            config
+                                .route_entries()
+                                .into_iter()
+                                .filter(|(provider, _)| provider == name)
+                                .map(|(_, m)| m),
+                        );
+                        list
+                    });
+                    (name.clone(), list)
+                })
+                .collect(),
+            entries: config.route_entries().into_iter().collect(),
         }
+    }
+
+    /// The configured route entries' states across `workers` (never a name a job chose).
+    pub fn entry_states(&self, workers: &[WorkerStatus]) -> Vec<EntryState> {
+        self.entries
+            .iter()
+            .map(|(provider, model)| {
+                let worst = workers
+                    .iter()
+                    .flat_map(|w| &w.providers)
+                    .filter(|r| &r.provider == provider && &r.model == model)
+                    .map(|r| r.state)
+                    .max_by_key(|s| match s {
+                        State::Healthy => 0,
+                        State::Degraded => 1,
+                        State::Unavailable => 2,
+                    });
+                EntryState {
+                    provider: provider.clone(),
+                    model: model.clone(),
+                    state: match worst {
+                        None => "unknown",
+                        Some(State::Healthy) => "healthy",
+                        Some(State::Degraded) => "degraded",
+                        Some(State::Unavailable) => "unavailable",
+                    },
+                }
+            })
+            .collect()
     }
 
     /// What `model` means for a job of `kind`; `None`: unknown here (404).
@@ -90,7 +154,8 @@ impl Catalog {
             return Some(t.clone());
         }
         let (provider, m) = model.split_once(':')?;
-        (self.providers.iter().any(|p| p == provider) && !m.is_empty()).then(|| Target {
+        let allowed = self.providers.get(provider)?;
+        (!m.is_empty() && crate::config::model_allowed(allowed.as_deref(), m)).then(|| Target {
             task_type: None,
             provider: Some(provider.to_string()),
             model: Some(m.to_string()),
@@ -126,6 +191,7 @@ default_model = "small"
 [providers.big]
 type = "openai"
 base_url = "http://127.0.0.1:1/v1"
+models = ["gpt-4o*"]
 [routes]
 default = ["fast", "big:large"]
 code = ["big:large"]
@@ -164,6 +230,13 @@ code = ["big:large"]
             c.resolve(JobKind::Generate, "fast:other"),
             Some(t(None, Some("fast"), Some("other")))
         );
+        // big allows gpt-4o* and its route models, nothing else.
+        assert_eq!(
+            c.resolve(JobKind::Generate, "big:gpt-4o-mini"),
+            Some(t(None, Some("big"), Some("gpt-4o-mini")))
+        );
+        assert!(c.resolve(JobKind::Generate, "big:large").is_some());
+        assert_eq!(c.resolve(JobKind::Generate, "big:made-up"), None);
         assert_eq!(c.resolve(JobKind::Generate, "nope"), None);
         assert_eq!(c.resolve(JobKind::Generate, "nope:x"), None);
         assert_eq!(

@@ -15,9 +15,8 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::extract::rejection::BytesRejection;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -25,6 +24,7 @@ use base64::Engine as _;
 use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{Value, json};
+use std::net::SocketAddr;
 
 use super::error::ApiError;
 use super::{Gateway, Submitted};
@@ -196,10 +196,11 @@ impl super::models::Target {
 /// `POST /v1/chat/completions`.
 pub(crate) async fn chat(
     State(gw): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Response {
-    match chat_inner(gw, headers, body).await {
+    match chat_inner(gw, peer, headers, body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
@@ -207,17 +208,21 @@ pub(crate) async fn chat(
 
 async fn chat_inner(
     gw: Arc<Gateway>,
+    peer: SocketAddr,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Response, ApiError> {
-    let admitted = gw.admit(&headers).await?;
-    let request: ChatRequest = gw.body(body)?;
+    let admitted = gw.admit(&headers, peer).await?;
+    let request: ChatRequest = gw.body(&headers, body).await?;
     let (job, mode) = request.job(&gw)?;
     let mut job = gw
         .submit(JobKind::Generate, job, &admitted.tenant, &headers)
         .await?;
     if mode == StreamMode::Off {
-        let result = job.result().await?;
+        let result = match job.result().await {
+            Ok(r) => r,
+            Err(e) => return Ok(job.tag(e.into_response())),
+        };
         let response = match result.status {
             Status::Ok => axum::Json(completion(&result)).into_response(),
             Status::Error => ApiError::of_result(&result, chrono::Utc::now()).into_response(),
@@ -231,8 +236,8 @@ async fn chat_inner(
             return Ok(job.tag(response));
         }
         Some(Ok(event)) => event,
-        Some(Err(e)) => return Err(super::client_error(e)),
-        None => return Err(ApiError::no_result()),
+        Some(Err(e)) => return Ok(job.tag(super::client_error(e).into_response())),
+        None => return Ok(job.tag(ApiError::no_result().into_response())),
     };
     let stream = ChatStream::new(&job, mode == StreamMode::WithUsage);
     let tagged = job.tag(().into_response());
@@ -431,10 +436,11 @@ enum Input {
 /// `POST /v1/embeddings`.
 pub(crate) async fn embeddings(
     State(gw): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Response {
-    match embeddings_inner(gw, headers, body).await {
+    match embeddings_inner(gw, peer, headers, body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
@@ -442,11 +448,12 @@ pub(crate) async fn embeddings(
 
 async fn embeddings_inner(
     gw: Arc<Gateway>,
+    peer: SocketAddr,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Response, ApiError> {
-    let admitted = gw.admit(&headers).await?;
-    let request: EmbeddingsRequest = gw.body(body)?;
+    let admitted = gw.admit(&headers, peer).await?;
+    let request: EmbeddingsRequest = gw.body(&headers, body).await?;
     let base64 = match request.encoding_format.as_deref() {
         None | Some("float") => false,
         Some("base64") => true,
@@ -485,7 +492,10 @@ async fn embeddings_inner(
     let mut job = gw
         .submit(JobKind::Embed, job, &admitted.tenant, &headers)
         .await?;
-    let result = job.result().await?;
+    let result = match job.result().await {
+        Ok(r) => r,
+        Err(e) => return Ok(job.tag(e.into_response())),
+    };
     let response = match result.status {
         Status::Ok => axum::Json(embedding_list(&result, base64)).into_response(),
         Status::Error => ApiError::of_result(&result, chrono::Utc::now()).into_response(),
@@ -519,8 +529,12 @@ fn embedding_list(r: &ResultEvent, base64: bool) -> Value {
 }
 
 /// `GET /v1/models`: every route, route entry and model name a request may use.
-pub(crate) async fn models(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
-    if let Err(e) = gw.admit(&headers).await {
+pub(crate) async fn models(
+    State(gw): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(e) = gw.admit(&headers, peer).await {
         return e.into_response();
     }
     let data: Vec<Value> = gw

@@ -13,13 +13,13 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::extract::rejection::BytesRejection;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
+use std::net::SocketAddr;
 
 use super::error::ApiError;
 use super::{Gateway, Submitted};
@@ -32,20 +32,22 @@ const STATUS_WAIT: Duration = Duration::from_millis(500);
 
 pub(crate) async fn generate(
     State(gw): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Response {
-    run(gw, JobKind::Generate, headers, body)
+    run(gw, JobKind::Generate, peer, headers, body)
         .await
         .unwrap_or_else(IntoResponse::into_response)
 }
 
 pub(crate) async fn embed(
     State(gw): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Response {
-    run(gw, JobKind::Embed, headers, body)
+    run(gw, JobKind::Embed, peer, headers, body)
         .await
         .unwrap_or_else(IntoResponse::into_response)
 }
@@ -53,11 +55,12 @@ pub(crate) async fn embed(
 async fn run(
     gw: Arc<Gateway>,
     kind: JobKind,
+    peer: SocketAddr,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Response, ApiError> {
-    let admitted = gw.admit(&headers).await?;
-    let mut job: Value = gw.body(body)?;
+    let admitted = gw.admit(&headers, peer).await?;
+    let mut job: Value = gw.body(&headers, body).await?;
     let Some(obj) = job.as_object_mut() else {
         return Err(ApiError::invalid("a job must be a JSON object"));
     };
@@ -70,7 +73,10 @@ async fn run(
     }
     let mut job = gw.submit(kind, job, &admitted.tenant, &headers).await?;
     if !stream {
-        let result = job.result().await?;
+        let result = match job.result().await {
+            Ok(r) => r,
+            Err(e) => return Ok(job.tag(e.into_response())),
+        };
         return Ok(job.tag(answer(&result)));
     }
     let tagged = job.tag(().into_response());
@@ -113,12 +119,19 @@ fn answer(result: &ResultEvent) -> Response {
     (status, axum::Json(result)).into_response()
 }
 
-/// `GET /v1/status`: every worker that answers within half a second, with its providers'
-/// health; 503 when none does.
-pub(crate) async fn status(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
-    if let Err(e) = gw.admit(&headers).await {
-        return e.into_response();
-    }
+/// `GET /v1/status`: the workers that answer within half a second (503 when none does).
+/// An admin key sees each worker's whole provider health; a tenant's key sees, per
+/// configured route entry, the worst state any worker reports, and never a model name a job
+/// chose.
+pub(crate) async fn status(
+    State(gw): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    let admitted = match gw.admit(&headers, peer).await {
+        Ok(a) => a,
+        Err(e) => return e.into_response(),
+    };
     let workers =
         match crate::status::collect(gw.client.nats(), gw.client.config(), STATUS_WAIT).await {
             Ok(w) => w,
@@ -132,6 +145,14 @@ pub(crate) async fn status(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -
     } else {
         StatusCode::OK
     };
-    let body = json!({"workers": workers.len(), "healthy": !workers.is_empty(), "status": workers});
+    let body = if admitted.admin {
+        json!({"workers": workers.len(), "healthy": !workers.is_empty(), "status": workers})
+    } else {
+        json!({
+            "workers": workers.len(),
+            "healthy": !workers.is_empty(),
+            "providers": gw.catalog.entry_states(&workers),
+        })
+    };
     (code, axum::Json(body)).into_response()
 }

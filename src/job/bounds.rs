@@ -140,7 +140,7 @@ pub(super) fn check_metadata(
 
 /// A serde error text with any value it quotes cut short: serde quotes whole strings
 /// (`invalid type: string "<the whole prompt>"`), and a reason may reach logs and rows.
-pub(super) fn clip_reason(text: &str) -> String {
+pub(crate) fn clip_reason(text: &str) -> String {
     const MAX: usize = 200;
     let mut out = String::new();
     let mut rest = text;

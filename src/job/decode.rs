@@ -388,12 +388,12 @@ fn generate_request(w: &WireGenerate, bounds: &LimitsConfig) -> Result<GenerateR
     if let Some(t) = o.temperature
         && !(0.0..=2.0).contains(&t)
     {
-        return Err(format!("options.temperature: {t} is outside 0..=2"));
+        return Err(format!("options.temperature: {t:?} is outside 0..=2"));
     }
     if let Some(p) = o.top_p
         && !(0.0..=1.0).contains(&p)
     {
-        return Err(format!("options.top_p: {p} is outside 0..=1"));
+        return Err(format!("options.top_p: {p:?} is outside 0..=1"));
     }
     if let Some(seed) = o.seed
         && seed > i32::MAX as u32

@@ -19,6 +19,7 @@ use uuid::Uuid;
 use crate::config::{Config, LimitsConfig};
 use crate::trust::ReplyPolicy;
 
+pub(crate) use bounds::clip_reason;
 pub use decode::decode;
 
 /// The two job kinds, one JetStream subject and one durable consumer each.

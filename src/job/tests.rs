@@ -153,6 +153,22 @@ fn each_kind_of_invalid_job_is_refused_with_a_reason() {
 }
 
 #[test]
+fn a_huge_number_is_quoted_short_in_the_reason() {
+    for json in [
+        r#"{"prompt":"x","options":{"temperature":1e308}}"#,
+        r#"{"prompt":"x","options":{"top_p":-1e300}}"#,
+    ] {
+        let err = gen_job(json).unwrap_err();
+        assert!(err.reason.len() < 60, "{json}: {}", err.reason);
+        assert!(
+            err.reason.contains("e308") || err.reason.contains("e300"),
+            "{}",
+            err.reason
+        );
+    }
+}
+
+#[test]
 fn a_refused_reply_subject_is_named_and_never_kept_for_publishing() {
     let err = gen_job(r#"{"prompt":"x","reply_to":"$JS.API.STREAM.PURGE.LLM_JOBS"}"#).unwrap_err();
     assert_eq!(err.envelope.reply_to, None);

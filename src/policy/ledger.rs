@@ -40,22 +40,8 @@ const RESERVE_TRIES: usize = 20;
 /// Keys are kept this long after their last write (a monthly counter must outlive its month).
 const KEEP_KEYS: Duration = Duration::from_secs(40 * 24 * 3600);
 
-/// A tenant name as a KV key and subject token: letters, digits, `_` and `-` as they are,
-/// every other byte as `=XX`.
-pub(crate) fn token(tenant: &str) -> String {
-    let mut out = String::with_capacity(tenant.len());
-    for b in tenant.bytes() {
-        if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("={b:02X}"));
-        }
-    }
-    if out.is_empty() {
-        out.push('=');
-    }
-    out
-}
+/// A tenant name as a KV key and subject token.
+pub(crate) use crate::config::subject_token as token;
 
 /// What one charge adds: to the spend counter (`usd`, `tokens`) or the rate counter
 /// (`requests`, `tokens`).

@@ -337,12 +337,7 @@ impl Provider {
 
     /// Whether a job may pin `model` on this provider.
     pub fn allows_model(&self, model: &str) -> bool {
-        self.models.as_ref().is_none_or(|list| {
-            list.iter().any(|m| match m.strip_suffix('*') {
-                Some(prefix) => model.starts_with(prefix),
-                None => m == model,
-            })
-        })
+        crate::config::model_allowed(self.models.as_deref(), model)
     }
 }
 

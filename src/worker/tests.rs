@@ -384,7 +384,9 @@ async fn a_job_cancelled_before_it_starts_is_answered_cancelled_without_a_provid
     let script = Scripted::new([answer()]);
     let (worker, outbox) = worker(&script, "");
     let id = Uuid::now_v7();
-    worker.cancels().cancel(id);
+    // Another tenant's cancel of the same id changes nothing; the job's own tenant's does.
+    worker.cancels().cancel("someone-else", id);
+    worker.cancels().cancel("t", id);
     let (disposal, settled) = handle(&worker, &job(id, "t"), 1).await;
     assert_eq!(
         (disposal, settled.as_slice()),
@@ -404,7 +406,7 @@ async fn a_running_job_cancelled_is_answered_cancelled_with_its_attempt() {
     let cancels = worker.cancels().clone();
     tokio::spawn(async move {
         tokio::time::sleep(Duration::from_secs(2)).await;
-        cancels.cancel(id);
+        cancels.cancel("t", id);
     });
     let (disposal, _) = handle(&worker, &job(id, "t"), 1).await;
     assert_eq!(disposal, Disposal::Acked);

@@ -1,4 +1,5 @@
-//! Cancellation through the contract: a plain core-NATS publish on `<prefix>.cancel.<job_id>`.
+//! Cancellation through the contract: a plain core-NATS publish on
+//! `<prefix>.cancel.<tenant>.<job_id>`, effective only on that tenant's job.
 
 use std::time::Duration;
 
@@ -7,10 +8,13 @@ use serde_json::json;
 
 use crate::helpers::{TestApp, collect_reply, collect_results, next_event, openai_provider};
 
-/// Publish a cancel request the way any orchestrator would: core NATS, empty body.
-async fn cancel(app: &TestApp, job_id: uuid::Uuid) {
+/// Publish `tenant`'s cancel request the way any orchestrator would: core NATS, empty body.
+async fn cancel(app: &TestApp, tenant: &str, job_id: uuid::Uuid) {
     app.client
-        .publish(app.config.nats.cancel_subject(&job_id), bytes::Bytes::new())
+        .publish(
+            app.config.nats.cancel_subject(tenant, &job_id),
+            bytes::Bytes::new(),
+        )
         .await
         .unwrap();
     app.client.flush().await.unwrap();
@@ -41,7 +45,7 @@ async fn a_job_cancelled_while_queued_is_answered_cancelled_without_a_call_even_
     let doomed = app
         .publish(json!({"prompt": "a", "reply_to": reply_to, "stream": false}))
         .await;
-    cancel(&app, doomed).await;
+    cancel(&app, "default", doomed).await;
     // Wait until the stream holds the request (a JetStream fact, not a sleep).
     let mut stream = app
         .js
@@ -100,7 +104,7 @@ async fn a_streaming_job_cancelled_stops_its_provider_stream_and_records_the_par
     assert_eq!(next_event(&mut sub).await["type"], "chunk");
     assert_eq!(fake.open_responses(), 1);
     let asked = tokio::time::Instant::now();
-    llm_worker::cancel::request(&app.js, &app.config.nats, id)
+    llm_worker::cancel::request(&app.js, &app.config.nats, "default", id)
         .await
         .unwrap();
     let reply = collect_reply(&mut sub).await;
@@ -173,8 +177,8 @@ async fn on_three_workers_a_waiting_and_a_streaming_job_are_cancelled_and_an_exp
         .await;
     // The waiting job is cancelled first (it cannot start while the other runs), then the
     // streaming one, whichever workers hold them.
-    cancel(&app, waiting).await;
-    cancel(&app, streaming).await;
+    cancel(&app, "solo", waiting).await;
+    cancel(&app, "solo", streaming).await;
     let mut results = std::collections::HashMap::new();
     while results.len() < 2 {
         let reply = collect_reply(&mut sub).await;

@@ -76,7 +76,12 @@ async fn a_result_missed_live_is_read_back_from_the_results_stream() {
     assert_eq!(result.output.as_deref(), Some("abcd"));
     // A handle on a job submitted earlier (an orchestrator that restarted) gets it too.
     let attached = client
-        .attach(result.job_id, Duration::from_secs(10))
+        .attach(
+            JobKind::Generate,
+            result.job_id,
+            None,
+            Duration::from_secs(10),
+        )
         .result()
         .await
         .unwrap();

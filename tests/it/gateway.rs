@@ -17,15 +17,29 @@ use serde_json::{Value, json};
 use crate::helpers::{TestApp, openai_provider};
 
 /// A worker and a gateway on one test's names, and a key of tenant `acme`.
-struct Setup {
-    app: TestApp,
-    gateway: gateway::Running,
-    key: String,
-    fake: FakeLlmServer,
+pub(crate) struct Setup {
+    pub app: TestApp,
+    pub gateway: gateway::Running,
+    pub key: String,
+    pub fake: FakeLlmServer,
 }
 
 impl Setup {
-    async fn new(extra_toml: &str, tweak: impl FnOnce(&mut llm_worker::config::Config)) -> Setup {
+    pub async fn new(
+        extra_toml: &str,
+        tweak: impl FnOnce(&mut llm_worker::config::Config),
+    ) -> Setup {
+        Self::build(extra_toml, tweak, true).await
+    }
+
+    /// [`Self::new`], with a worker only when `worker` (else start one with
+    /// `s.app.start_worker()` later). The JetStream streams exist either way (the gateway
+    /// makes them).
+    pub async fn build(
+        extra_toml: &str,
+        tweak: impl FnOnce(&mut llm_worker::config::Config),
+        worker: bool,
+    ) -> Setup {
         llm_worker::providers::install_crypto_provider();
         let fake = FakeLlmServer::start().await.unwrap();
         let toml = format!(
@@ -34,11 +48,15 @@ impl Setup {
         );
         let mut app = TestApp::new(&toml).await;
         tweak(&mut app.config);
-        app.start_worker().await;
+        if worker {
+            app.start_worker().await;
+        }
         let gateway = gateway::start(app.config.clone(), "127.0.0.1:0")
             .await
             .unwrap();
-        let (_, key) = keys::create(&app.db, "acme", Some("tests")).await.unwrap();
+        let (_, key) = keys::create(&app.db, "acme", Some("tests"), false)
+            .await
+            .unwrap();
         Setup {
             app,
             gateway,
@@ -47,7 +65,15 @@ impl Setup {
         }
     }
 
-    fn url(&self, path: &str) -> String {
+    /// A key of another tenant (or an operator's, with `admin`).
+    pub async fn key_of(&self, tenant: &str, admin: bool) -> String {
+        keys::create(&self.app.db, tenant, Some("tests"), admin)
+            .await
+            .unwrap()
+            .1
+    }
+
+    pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.gateway.addr)
     }
 
@@ -60,7 +86,7 @@ impl Setup {
     }
 
     /// POST `body` to `path` with the key (or `key`), returning status, headers and body.
-    async fn post(
+    pub async fn post(
         &self,
         path: &str,
         key: Option<&str>,
@@ -80,14 +106,26 @@ impl Setup {
         (status, headers, body)
     }
 
-    async fn teardown(self) {
+    /// GET `path` with `key`, returning status and body.
+    pub async fn get(&self, path: &str, key: &str) -> (u16, Value) {
+        let response = reqwest::Client::new()
+            .get(self.url(path))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn teardown(self) {
         self.gateway.shutdown().await;
         self.app.teardown().await;
     }
 }
 
 /// The OpenAI error object of a response body, checked for OpenAI's shape.
-fn openai_error(body: &Value) -> (&str, &str) {
+pub(crate) fn openai_error(body: &Value) -> (&str, &str) {
     let e = &body["error"];
     assert!(e["message"].is_string(), "{body}");
     assert!(e.get("param").is_some(), "{body}");

@@ -18,6 +18,7 @@ mod fairness;
 mod faults;
 mod fuzz_corpus;
 mod gateway;
+mod gateway_tenancy;
 mod generate;
 mod helpers;
 mod lifecycle;

@@ -239,6 +239,18 @@ async fn a_worker_with_least_privilege_runs_jobs_and_nobody_can_purge_a_stream()
         &format!("{p}.jobs.generate.globex"),
     )
     .await;
+    // Cancels: acme's own are allowed, another tenant's and the tenant-less form are not,
+    // and reading a queued job (anyone's) is not.
+    acme.publish(format!("{p}.cancel.acme.{}", Uuid::now_v7()), "".into())
+        .await
+        .unwrap();
+    for subject in [
+        format!("{p}.cancel.globex.{}", Uuid::now_v7()),
+        format!("{p}.cancel.{}", Uuid::now_v7()),
+        format!("$JS.API.STREAM.MSG.GET.{jobs}"),
+    ] {
+        refused(&acme, &mut acme_violations, &subject).await;
+    }
     let (as_worker, mut worker_violations) = connect(
         &server.url(),
         "worker",

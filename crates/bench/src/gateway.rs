@@ -25,7 +25,7 @@ pub async fn gateway(target: &Target, options: &Options) -> anyhow::Result<Vec<R
     let outcome = async {
         dep.spawn_worker().await?;
         let (addr, gateway_pid) = dep.spawn_gateway().await?;
-        let (_, key) = llm_worker::gateway::keys::create(&dep.pool, "bench", Some("bench")).await?;
+        let (_, key) = llm_worker::gateway::keys::create(&dep.pool, "bench", Some("bench"), false).await?;
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(CLIENTS)
             .build()?;
