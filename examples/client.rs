@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use llm_worker::client::{Client, Event};
 use llm_worker::config::NatsConfig;
-use llm_worker::job::JobKind;
+use llm_worker::contract::JobKind;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {

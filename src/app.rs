@@ -9,20 +9,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, NatsConfig};
+use crate::config::Config;
+use crate::contract::JobKind;
 use crate::dead::DeadLetters;
 use crate::health::Health;
-use crate::job::JobKind;
 use crate::pricing::PriceBook;
 use crate::queue::{self, PullLoop};
 use crate::reload::{ConfigSource, Reloader};
 use crate::reply::Replies;
 use crate::status;
-use crate::trust::{ReplyPolicy, UrlCredentials};
 use crate::usage;
 use crate::worker::{Routing, Worker};
 
@@ -69,109 +67,13 @@ impl Running {
     }
 }
 
-/// Connect to NATS as a client (`submit`, `status`): the configured credentials and TLS. Fails
-/// at once when the server cannot be reached (a command should say so, not wait).
-pub async fn connect_nats(nats: &NatsConfig) -> anyhow::Result<async_nats::Client> {
-    connect(nats, &nats.client_inbox_prefix, false).await
-}
-
-/// Connect to NATS as a worker: like a client, but with the worker's own inbox prefix, which
-/// no job may name as its reply subject, and retrying until the server is there.
-pub(crate) async fn connect_worker_nats(nats: &NatsConfig) -> anyhow::Result<async_nats::Client> {
-    connect(nats, &nats.inbox_prefix, true).await
-}
-
-async fn connect(
-    nats: &NatsConfig,
-    inbox: &str,
-    retry: bool,
-) -> anyhow::Result<async_nats::Client> {
-    let mut options = async_nats::ConnectOptions::new()
-        .name("llm-worker")
-        .connection_timeout(Duration::from_secs(5))
-        .custom_inbox_prefix(inbox);
-    if retry {
-        options = options.retry_on_initial_connect();
-    }
-    // Credentials written into the URL are passed as options instead: async-nats logs server
-    // URLs (at debug level, password included).
-    let (urls, url_credentials) = crate::trust::split_url_credentials(&nats.url);
-    match url_credentials {
-        Some(UrlCredentials::UserPassword(user, password)) => {
-            options = options.user_and_password(user, password);
-        }
-        Some(UrlCredentials::Token(token)) => options = options.token(token),
-        None => {}
-    }
-    if let Some(path) = &nats.credentials_file {
-        options = options
-            .credentials_file(path)
-            .await
-            .with_context(|| format!("reading NATS credentials {}", path.display()))?;
-    }
-    if let (Some(user), Some(password)) = (&nats.user, &nats.password) {
-        options = options.user_and_password(user.clone(), password.expose_secret().to_string());
-    }
-    if let Some(path) = &nats.nkey_seed_file {
-        let seed = std::fs::read_to_string(path)
-            .with_context(|| format!("reading the NATS nkey seed {}", path.display()))?;
-        options = options.nkey(seed.trim().to_string());
-    }
-    if let Some(ca) = &nats.tls_ca {
-        options = options.add_root_certificates(ca.clone()).require_tls(true);
-    }
-    if let (Some(cert), Some(key)) = (&nats.tls_cert, &nats.tls_key) {
-        options = options.add_client_certificate(cert.clone(), key.clone());
-    }
-    if nats.require_tls {
-        options = options.require_tls(true);
-    }
-    // async-nats parses a string as one URL: a cluster's URLs are passed as a list (the
-    // client then reconnects to whichever is up).
-    let servers: Vec<&str> = urls
-        .split(',')
-        .map(str::trim)
-        .filter(|u| !u.is_empty())
-        .collect();
-    // Don't block forever when the server is down at start: fail with a clear message instead.
-    let client = tokio::time::timeout(Duration::from_secs(15), options.connect(servers))
-        .await
-        .map_err(|_| anyhow::anyhow!("cannot reach NATS at {urls} within 15 s"))?
-        .with_context(|| format!("connecting to NATS at {urls}"))?;
-    Ok(client)
-}
-
-/// Connect to Postgres (when configured) and apply migrations.
-pub async fn connect_db(config: &Config) -> anyhow::Result<Option<sqlx::PgPool>> {
-    let Some(pool) = lazy_pool(config)? else {
-        return Ok(None);
-    };
-    usage::migrate(&pool)
-        .await
-        .context("connecting to Postgres (DATABASE_URL) and applying migrations")?;
-    Ok(Some(pool))
-}
-
-/// A pool that connects on first use (no I/O here), when a database is configured.
-fn lazy_pool(config: &Config) -> anyhow::Result<Option<sqlx::PgPool>> {
-    let Some(url) = &config.database.url else {
-        return Ok(None);
-    };
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(config.database.max_connections)
-        .acquire_timeout(Duration::from_secs(10))
-        .connect_lazy(url.expose_secret())
-        .context("DATABASE_URL is not a valid Postgres URL")?;
-    Ok(Some(pool))
-}
-
 /// Start everything `roles` asks for and return once the process is ready (streams and
 /// consumers exist, migrations applied).
 pub async fn start(config: Config, roles: Roles) -> anyhow::Result<Running> {
     start_with(config, roles, None).await
 }
 
-/// [`start`], reloadable from `reload` (SIGHUP through [`Running::reload`], and requests on
+/// [`start`], reloadable from `reload` (SIGHUP through [`Running::reloader`], and requests on
 /// `<prefix>.control.reload`) when given.
 pub async fn start_with(
     config: Config,
@@ -189,9 +91,9 @@ pub async fn start_with(
     }
     let config = Arc::new(config);
     let nats_cfg = Arc::new(config.nats.clone());
-    let client = connect_worker_nats(&nats_cfg).await?;
+    let client = crate::nats::connect_worker(&nats_cfg).await?;
     let js = async_nats::jetstream::new(client.clone());
-    queue::ensure_streams(&js, &nats_cfg).await?;
+    crate::nats::ensure_streams(&js, &nats_cfg).await?;
 
     let prices = PriceBook::default();
     let health = Health::new(&config.circuit_breaker);
@@ -203,7 +105,7 @@ pub async fn start_with(
     // Postgres is never required to answer jobs: with the database down at start, the worker
     // serves jobs at once and the recorder (results wait in JetStream) and prices catch up when
     // it is back.
-    let pool = lazy_pool(&config)?;
+    let pool = usage::lazy_pool(&config)?;
     let recording = roles.recorder && config.recorder.enabled;
     if let Some(pool) = &pool {
         let ready = tokio::time::timeout(Duration::from_secs(5), async {
@@ -299,7 +201,7 @@ pub async fn start_with(
                 format!("{}.control.reload", nats_cfg.subject_prefix),
                 config.worker_id(),
                 reloader.clone(),
-                ReplyPolicy::new(&nats_cfg).map_err(anyhow::Error::msg)?,
+                nats_cfg.reply_policy().map_err(anyhow::Error::msg)?,
                 stop.clone(),
             ));
             reload_handle = Some(reloader);
@@ -320,7 +222,7 @@ pub async fn start_with(
             status::subject(&nats_cfg),
             config.worker_id(),
             health.clone(),
-            ReplyPolicy::new(&nats_cfg).map_err(anyhow::Error::msg)?,
+            nats_cfg.reply_policy().map_err(anyhow::Error::msg)?,
             stop.clone(),
         ));
         background.spawn(crate::service::serve(
@@ -328,7 +230,7 @@ pub async fn start_with(
             (*nats_cfg).clone(),
             crate::service::Identity::new(&config.worker_id(), &nats_cfg, kinds.clone()),
             worker.stats().clone(),
-            ReplyPolicy::new(&nats_cfg).map_err(anyhow::Error::msg)?,
+            nats_cfg.reply_policy().map_err(anyhow::Error::msg)?,
             stop.clone(),
         ));
         for kind in kinds {

@@ -1,6 +1,6 @@
 //! Job cancellation, owned by tenants. A cancel request is a message on
 //! `<prefix>.cancel.<tenant>.<job_id>` (the tenant as a subject token, see
-//! [`crate::config::subject_token`]); it takes effect only on a job of that tenant, so one
+//! [`crate::contract::subject_token`]); it takes effect only on a job of that tenant, so one
 //! tenant can never cancel another's job, queued or running. With `nats.tenant_from_subject`
 //! a tenant's NATS user may publish only on its own `<prefix>.cancel.<tenant>.*`, so NATS
 //! vouches for the tenant of a cancel as it does for a job's; otherwise it is a claim, like a
@@ -27,10 +27,11 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::config::{NatsConfig, subject_token};
+use crate::config::NatsConfig;
+use crate::contract::subject_token;
 
 /// The most cancel requests remembered (in the stream and in each worker).
-pub const MAX_REMEMBERED: usize = 100_000;
+pub use crate::nats::MAX_CANCELS as MAX_REMEMBERED;
 
 /// A job as cancels name it: its tenant (as a subject token) and its id.
 type Key = (String, Uuid);

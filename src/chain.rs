@@ -24,14 +24,17 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, RouteEntry, Strategy};
-use crate::context::{self, Fit, TooLong, Trimmed};
-use crate::error::{Disposition, ErrorCode, ProviderError};
-use crate::event::{AttemptRecord, ErrorBody};
+use crate::context::{self, Fit, TooLong};
+use crate::contract::ErrorCode;
+use crate::contract::GenerateRequest;
+use crate::contract::Trimmed;
+use crate::contract::quote;
+use crate::contract::{AttemptRecord, ErrorBody};
+use crate::error::{Disposition, ProviderError};
 use crate::health::{Admission, Health};
-use crate::job::{Catalog, GenerateRequest, Job};
+use crate::job::{Catalog, Job};
 use crate::pricing::PriceBook;
 use crate::providers::{Provider, Registry, Usage};
-use crate::trust::quote;
 use tracing::Instrument as _;
 
 /// Longest wait the chain accepts from a provider's Retry-After before falling back instead.

@@ -28,8 +28,8 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::config::NatsConfig;
-use crate::event::ResultEvent;
-use crate::job::JobKind;
+use crate::contract::JobKind;
+use crate::contract::ResultEvent;
 
 /// How long after the job's own deadline the client still waits for the live result before
 /// it reads the stored one.
@@ -95,9 +95,9 @@ pub struct Client {
 impl Client {
     /// Connect with `config` (credentials, TLS, inbox prefix) and make sure the streams exist.
     pub async fn connect(config: &NatsConfig) -> anyhow::Result<Client> {
-        let nats = crate::app::connect_nats(config).await?;
+        let nats = crate::nats::connect(config).await?;
         let client = Client::with_connection(nats, config);
-        crate::queue::ensure_streams(&client.js, config).await?;
+        crate::nats::ensure_streams(&client.js, config).await?;
         Ok(client)
     }
 

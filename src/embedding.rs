@@ -20,9 +20,11 @@ use crate::chain::{
     Chain, Refused, Settled, Target, cancelled, cancelled_call, chain_error, retry_delays,
     wait_retry,
 };
-use crate::error::{Disposition, ErrorCode, ProviderError};
-use crate::event::{AttemptRecord, ErrorBody, elapsed_ms};
-use crate::job::{EmbedRequest, Job};
+use crate::contract::EmbedRequest;
+use crate::contract::ErrorCode;
+use crate::contract::{AttemptRecord, ErrorBody, elapsed_ms};
+use crate::error::{Disposition, ProviderError};
+use crate::job::Job;
 use crate::providers::MAX_REPORTED_TOKENS;
 use crate::tokens;
 

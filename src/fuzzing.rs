@@ -8,9 +8,9 @@ use std::time::Duration;
 use futures::StreamExt;
 
 use crate::config::{LimitsConfig, NatsConfig};
-use crate::job::{self, Catalog, Delivery, JobKind, Limits, Rules};
+use crate::contract::JobKind;
+use crate::job::{self, Catalog, Delivery, Limits, Rules};
 use crate::providers::{self, EventStream, ProviderEvent, anthropic, gemini, ollama, openai, sse};
-use crate::trust::ReplyPolicy;
 
 /// One fuzz target: it takes any bytes.
 pub type Target = fn(&[u8]);
@@ -55,7 +55,7 @@ pub fn job_decode(data: &[u8]) {
         tenants: Default::default(),
         cache_task_types: Default::default(),
     };
-    let Ok(replies) = ReplyPolicy::new(&NatsConfig::default()) else {
+    let Ok(replies) = NatsConfig::default().reply_policy() else {
         return;
     };
     let rules = Rules {

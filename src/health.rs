@@ -21,7 +21,8 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::config::CircuitConfig;
-use crate::error::{ErrorCode, ProviderError};
+use crate::contract::ErrorCode;
+use crate::error::ProviderError;
 
 /// Weight of the newest sample in the time-to-first-token average.
 const EWMA_ALPHA: f64 = 0.3;

@@ -1,7 +1,23 @@
 //! llm-worker: LLM jobs from NATS JetStream through a provider fallback chain, with streamed
 //! chunks and durable results, and a usage and cost ledger in Postgres.
 //!
-//! The path of one job, and the module that owns each step:
+//! # The library a user links
+//!
+//! - [`contract`]: the public contract's types: jobs, messages and roles, events and results,
+//!   error codes, the reply-subject rule.
+//! - [`config`]: the configuration (TOML file + environment), validated once.
+//! - [`client`]: the orchestrator side: publish a job, follow its events, read a missed result
+//!   back, cancel it.
+//! - [`app`]: start a worker process in your own program ([`app::start`]), and stop it.
+//! - [`gateway`]: start the HTTP front door ([`gateway::start`]); its API keys.
+//! - [`nats`] (connecting with the configured credentials; the deployment's streams) and
+//!   [`usage`] (the Postgres ledger: migrations, recorder, reports).
+//!
+//! Every other module is public only for the `llm-worker` binary, this crate's integration
+//! tests, the benchmark and the fuzz targets: hidden from the docs, not a stable API.
+//! `fuzzing` exists only with the `fuzzing` feature (the fuzz crate and the tests enable it).
+//!
+//! # The path of one job
 //!
 //! ```text
 //! JetStream LLM_JOBS ──pull (a window per tenant, kept alive)──▶ queue
@@ -20,74 +36,84 @@
 //!   Postgres llm_jobs / llm_calls
 //! ```
 //!
-//! - [`config`]: TOML + environment, validated once; the only reader of env vars. Provider
-//!   tables are typed per protocol (`config::Api`); route entries are parsed once.
-//! - [`job`] / [`event`]: the contract's wire types. [`error`]: errors that carry their consequence.
-//! - [`queue`]: streams, consumers, the pull loop. `worker`: one message from start to ack,
-//!   over two small traits (`JobMessage`, `Outbox`) so its decisions are unit-tested
-//!   without JetStream.
-//! - [`chain`]: routing, retries, fallback, deadlines; `Chain::admit` / `Chain::settle` are
-//!   the steps every attempt loop (generation, [`embedding`] batches) shares.
-//!   [`providers`]: one crate-private module per wire protocol, each with typed request,
-//!   response and stream-event structs; shared `helpers`; `scripted` (test builds only).
-//! - [`dead`]: the dead-letter stream (jobs and results that failed repeatedly).
-//! - [`cancel`]: cancel requests, remembered in their stream; running jobs' tokens.
-//! - `cache`: the fleet's response cache (KV, with a near copy in memory), embedding vectors
-//!   per input text, and degraded mode; used by `worker::generate` and `worker::embed`.
-//! - [`tokens`]: token counting (tiktoken encodings, an estimate elsewhere). [`context`]:
-//!   fitting a request into its model's context window before each call (`chain` runs it per
-//!   route entry).
-//! - `policy`: tenant budgets, rate and concurrency limits (shared counters in a KV bucket)
-//!   and the weighted fair share of a worker's slots.
-//! - `reply`: publishing chunks and results. [`usage`]: migrations, recorder, reports;
-//!   [`pricing`]: prices and cost.
-//! - [`metrics`]: Prometheus metrics of workers and gateways, and the worker's `/metrics`,
-//!   `/healthz`, `/readyz`.
-//! - [`health`]: circuit breakers and latency per provider; [`status`]: health over NATS;
-//!   [`service`]: the NATS micro-services API (`$SRV.PING`, `INFO`, `STATS`).
-//! - [`trust`]: what an untrusted job may make the worker do (reply subjects, stored results
-//!   of other jobs, model names in URLs); [`nats_account`]: the least-privilege NATS account.
-//! - [`reload`]: configuration reload without a restart (SIGHUP, `<prefix>.control.reload`).
-//! - [`app`]: start-up and graceful shutdown. [`client`]: the orchestrator side (publish a
-//!   job, follow its events, read a missed result back); [`submit`]: `llm-worker submit`.
-//! - [`gateway`]: `llm-worker gateway`, the HTTP front door (OpenAI-compatible and seed API,
-//!   API keys -> tenants); it publishes jobs like any orchestrator.
-//! - `fuzzing`: the fuzz targets' entry points (hidden).
+//! # Layers
 //!
-//! The public API is what the binary, the integration tests, the benchmark and the fuzz
-//! targets use; everything else is `pub(crate)`, so unused code is reported. Not in this
-//! crate: the fake LLM API server and scratch databases of tests, demos and benchmarks
-//! (`crates/testkit`), and the benchmark (`crates/bench`).
+//! Every top-level module sits on one layer and uses only modules of its own layer or below;
+//! no two modules use each other, directly or through others. The integration test
+//! `layering` reads this table and every `crate::` path in `src/` and fails on a module
+//! missing here, on an import that reaches up, and on any cycle.
+//!
+//! | layer | modules | what they are |
+//! |---|---|---|
+//! | 0 | `contract`, `tls`, `pricing` | the contract's types; TLS set-up; prices and cost |
+//! | 1 | `config` | configuration, validated once; the only reader of env vars |
+//! | 2 | `trust`, `error`, `job`, `tokens` | trust rules; errors with their consequence; job decoding and bounds; token counting |
+//! | 3 | `context`, `providers`, `health`, `telemetry`, `nats`, `dead`, `cancel`, `service`, `status` | context fitting; one module per wire protocol; circuit breakers; logs and traces; NATS connections and streams; dead letters; cancel requests; the NATS service API; health over NATS |
+//! | 4 | `chain`, `embedding`, `cache`, `policy` | routing, retries, fallback; embedding batches; the response cache; tenant budgets, limits and fair share |
+//! | 5 | `reply`, `metrics`, `usage`, `worker`, `queue`, `replay` | events out; Prometheus; the ledger; one job from start to ack; consumers and the pull loop; replaying dead letters |
+//! | 6 | `app`, `reload`, `nats_account` | start-up and shutdown; configuration reload; the least-privilege NATS account |
+//! | 7 | `client`, `submit`, `gateway`, `fuzzing` | the orchestrator side; `llm-worker submit`; the HTTP gateway; fuzz entry points |
+//!
+//! Not in this crate: the fake LLM API server and scratch databases of tests, demos and
+//! benchmarks (`crates/testkit`), and the benchmark (`crates/bench`).
 
 pub mod app;
-pub mod cache;
-pub mod cancel;
-pub mod chain;
 pub mod client;
 pub mod config;
+pub mod contract;
+pub mod gateway;
+pub mod nats;
+pub mod usage;
+
+#[doc(hidden)]
+pub mod cache;
+#[doc(hidden)]
+pub mod cancel;
+#[doc(hidden)]
+pub mod chain;
+#[doc(hidden)]
 pub mod context;
+#[doc(hidden)]
 pub mod dead;
+#[doc(hidden)]
 pub mod embedding;
+#[doc(hidden)]
 pub mod error;
-pub mod event;
+#[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod gateway;
+#[doc(hidden)]
 pub mod health;
+#[doc(hidden)]
 pub mod job;
+#[doc(hidden)]
 pub mod metrics;
+#[doc(hidden)]
 pub mod nats_account;
 pub(crate) mod policy;
+#[doc(hidden)]
 pub mod pricing;
+#[doc(hidden)]
 pub mod providers;
+#[doc(hidden)]
 pub mod queue;
+#[doc(hidden)]
 pub mod reload;
+#[doc(hidden)]
+pub mod replay;
 pub(crate) mod reply;
+#[doc(hidden)]
 pub mod service;
+#[doc(hidden)]
 pub mod status;
+#[doc(hidden)]
 pub mod submit;
+#[doc(hidden)]
 pub mod telemetry;
+#[doc(hidden)]
+pub mod tls;
+#[doc(hidden)]
 pub mod tokens;
+#[doc(hidden)]
 pub mod trust;
-pub mod usage;
 pub(crate) mod worker;

@@ -9,8 +9,8 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use llm_worker::app::{self, Roles};
 use llm_worker::config::Config;
-use llm_worker::event::Status;
-use llm_worker::job::JobKind;
+use llm_worker::contract::JobKind;
+use llm_worker::contract::Status;
 use llm_worker::{status, submit, telemetry, usage};
 
 #[derive(Parser)]
@@ -333,7 +333,7 @@ async fn command(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
         }
         Command::Keys { action } => {
             use llm_worker::gateway::keys;
-            let pool = app::connect_db(&config)
+            let pool = llm_worker::usage::connect(&config)
                 .await?
                 .context("DATABASE_URL (or database.url) is not set")?;
             match action {
@@ -375,7 +375,7 @@ async fn command(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
         }
         Command::Dead { action } => {
             use llm_worker::dead;
-            let client = app::connect_nats(&config.nats).await?;
+            let client = llm_worker::nats::connect(&config.nats).await?;
             let js = async_nats::jetstream::new(client);
             match action {
                 DeadAction::List { kind, limit, json } => {
@@ -396,24 +396,28 @@ async fn command(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
                     println!("{}", String::from_utf8_lossy(&letter.payload));
                 }
                 DeadAction::Replay { sequence } => {
-                    let pool = app::connect_db(&config).await?;
-                    match dead::replay(&js, &config.nats, pool.as_ref(), sequence).await? {
-                        dead::Replayed::Job(id) => println!("{id}"),
-                        dead::Replayed::Usage => eprintln!("result written to Postgres"),
+                    let pool = llm_worker::usage::connect(&config).await?;
+                    match llm_worker::replay::replay(&js, &config.nats, pool.as_ref(), sequence)
+                        .await?
+                    {
+                        llm_worker::replay::Replayed::Job(id) => println!("{id}"),
+                        llm_worker::replay::Replayed::Usage => {
+                            eprintln!("result written to Postgres")
+                        }
                     }
                 }
             }
             Ok(ExitCode::SUCCESS)
         }
         Command::Migrate => {
-            app::connect_db(&config)
+            llm_worker::usage::connect(&config)
                 .await?
                 .context("DATABASE_URL (or database.url) is not set")?;
             eprintln!("migrations applied");
             Ok(ExitCode::SUCCESS)
         }
         Command::Usage { days, tenant } => {
-            let pool = app::connect_db(&config)
+            let pool = llm_worker::usage::connect(&config)
                 .await?
                 .context("DATABASE_URL (or database.url) is not set")?;
             let today = chrono::Utc::now().date_naive();
@@ -424,7 +428,7 @@ async fn command(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Cancel { job_id, tenant } => {
-            let client = app::connect_nats(&config.nats).await?;
+            let client = llm_worker::nats::connect(&config.nats).await?;
             let js = async_nats::jetstream::new(client);
             llm_worker::cancel::request(&js, &config.nats, &tenant, job_id)
                 .await
@@ -435,7 +439,7 @@ async fn command(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { wait_ms, json } => {
-            let client = app::connect_nats(&config.nats).await?;
+            let client = llm_worker::nats::connect(&config.nats).await?;
             let workers = status::collect(
                 &client,
                 &config.nats,

@@ -14,7 +14,7 @@
 use std::fmt::Write as _;
 
 use crate::config::NatsConfig;
-use crate::job::JobKind;
+use crate::contract::JobKind;
 
 /// The publish and subscribe allow-lists of one user.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -147,7 +147,7 @@ pub(crate) fn orchestrator(nats: &NatsConfig, tenant: Option<&str>) -> Permissio
     // Cancels carry their tenant (`<prefix>.cancel.<tenant>.<job_id>`): a tenant's user may
     // cancel only its own jobs.
     publish.push(match tenant {
-        Some(t) => format!("{p}.cancel.{}.*", crate::config::subject_token(t)),
+        Some(t) => format!("{p}.cancel.{}.*", crate::contract::subject_token(t)),
         None => format!("{p}.cancel.>"),
     });
     if tenant.is_none() {
@@ -157,7 +157,7 @@ pub(crate) fn orchestrator(nats: &NatsConfig, tenant: Option<&str>) -> Permissio
     }
     // Budget warnings: every tenant's, or the tenant's own.
     let budget_events = match tenant {
-        Some(t) => format!("{p}.events.budget.{}", crate::policy::ledger::token(t)),
+        Some(t) => format!("{p}.events.budget.{}", crate::contract::subject_token(t)),
         None => format!("{p}.events.budget.>"),
     };
     Permissions {

@@ -1,5 +1,5 @@
-//! JetStream plumbing: the job and result streams, one durable pull consumer per job kind
-//! (shared by every worker process of a deployment), and the pull loop.
+//! The job consumers: one durable pull consumer per job kind (shared by every worker process
+//! of a deployment; streams are made by `crate::nats`), and the pull loop.
 //!
 //! The loop pulls up to `worker.fair_window` messages (bounded in bytes too) and parks them
 //! per tenant (`policy::fair`): each free in-flight permit starts the parked job of the tenant
@@ -19,7 +19,6 @@ use std::time::Duration;
 use async_nats::jetstream::{
     self, AckKind,
     consumer::{AckPolicy, PullConsumer, pull},
-    stream::{self, RetentionPolicy, StorageType},
 };
 use futures::StreamExt;
 use tokio::sync::Semaphore;
@@ -28,176 +27,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::NatsConfig;
-use crate::job::JobKind;
+use crate::contract::JobKind;
+use crate::nats::{SetupError, durable_consumer, hand_back};
 use crate::policy::fair::FairQueue;
 use crate::worker::Worker;
-
-#[derive(Debug, thiserror::Error)]
-pub enum QueueError {
-    #[error("creating stream {stream}: {message}")]
-    Stream { stream: String, message: String },
-    #[error("creating consumer {consumer}: {message}")]
-    Consumer { consumer: String, message: String },
-}
-
-/// Create the job, result and dead-letter streams if they are missing (idempotent; an existing stream's
-/// configuration is left as it is).
-pub async fn ensure_streams(js: &jetstream::Context, nats: &NatsConfig) -> Result<(), QueueError> {
-    let dup = Duration::from_secs(nats.duplicate_window_secs);
-    let jobs = stream::Config {
-        name: nats.jobs_stream.clone(),
-        subjects: vec![format!("{}.jobs.>", nats.subject_prefix)],
-        retention: RetentionPolicy::WorkQueue,
-        storage: StorageType::File,
-        duplicate_window: dup,
-        ..Default::default()
-    };
-    let results = stream::Config {
-        name: nats.results_stream.clone(),
-        subjects: vec![format!("{}.results.>", nats.subject_prefix)],
-        retention: RetentionPolicy::Limits,
-        storage: StorageType::File,
-        max_age: Duration::from_secs(nats.results_max_age_secs),
-        duplicate_window: dup,
-        // Direct get lets any worker read a stored result cheaply (works on 2.9).
-        allow_direct: true,
-        ..Default::default()
-    };
-    let dead = stream::Config {
-        name: nats.dead_stream.clone(),
-        subjects: vec![format!("{}.dead.>", nats.subject_prefix)],
-        retention: RetentionPolicy::Limits,
-        storage: StorageType::File,
-        max_age: Duration::from_secs(nats.dead_max_age_secs),
-        duplicate_window: dup,
-        ..Default::default()
-    };
-    // One message per (tenant, job id): a request remembered until cancel_max_age_secs.
-    let cancel = stream::Config {
-        name: nats.cancel_stream.clone(),
-        subjects: vec![format!("{}.cancel.>", nats.subject_prefix)],
-        retention: RetentionPolicy::Limits,
-        storage: StorageType::File,
-        max_age: Duration::from_secs(nats.cancel_max_age_secs),
-        max_messages_per_subject: 1,
-        // Requests carry nothing but their subject: bounded, whoever floods them.
-        max_message_size: 1024,
-        max_messages: crate::cancel::MAX_REMEMBERED as i64,
-        discard: stream::DiscardPolicy::Old,
-        duplicate_window: dup,
-        ..Default::default()
-    };
-    let cancel_subjects = cancel.subjects.clone();
-    for config in [jobs, results, dead, cancel] {
-        let name = config.name.clone();
-        let stream = ensure_stream(js, config, nats.replicas)
-            .await
-            .map_err(|message| QueueError::Stream {
-                stream: name.clone(),
-                message,
-            })?;
-        if name == nats.cancel_stream
-            && let Err(e) = widen_cancel_subjects(js, stream, nats, cancel_subjects.clone()).await
-        {
-            tracing::warn!(
-                stream = %name,
-                error = %e,
-                "cannot widen the cancel stream to <prefix>.cancel.>: cancel requests are not \
-                 stored until it is (nats stream edit)"
-            );
-        }
-    }
-    Ok(())
-}
-
-/// A cancel stream created before cancels carried their tenant holds `<prefix>.cancel.*`
-/// only; widen it to `<prefix>.cancel.>` (a superset: nothing stored is lost), so cancel
-/// requests `<prefix>.cancel.<tenant>.<job_id>` are stored.
-async fn widen_cancel_subjects(
-    js: &jetstream::Context,
-    stream: stream::Stream,
-    nats: &NatsConfig,
-    wanted: Vec<String>,
-) -> Result<(), String> {
-    let old = vec![format!("{}.cancel.*", nats.subject_prefix)];
-    let mut config = stream.cached_info().config.clone();
-    if config.subjects != old {
-        return Ok(());
-    }
-    config.subjects = wanted;
-    js.update_stream(config).await.map_err(|e| e.to_string())?;
-    tracing::info!(stream = %nats.cancel_stream, "cancel stream widened to <prefix>.cancel.> (cancels carry their tenant)");
-    Ok(())
-}
-
-/// Create a stream (or KV bucket's stream) with `replicas` copies if it is missing. An
-/// existing one is left as it is (changing a stream is an operator's decision), with a
-/// warning naming every setting that differs from what this configuration would create.
-pub(crate) async fn ensure_stream(
-    js: &jetstream::Context,
-    mut wanted: stream::Config,
-    replicas: usize,
-) -> Result<stream::Stream, String> {
-    wanted.num_replicas = replicas;
-    let stream = js
-        .get_or_create_stream(wanted.clone())
-        .await
-        .map_err(|e| e.to_string())?;
-    let differ = differences(&stream.cached_info().config, &wanted);
-    if !differ.is_empty() {
-        tracing::warn!(
-            stream = %wanted.name,
-            differences = %differ.join("; "),
-            "an existing stream's settings differ from this configuration; it is used as it is \
-             (change it with `nats stream edit`, or delete it to have it created again)"
-        );
-    }
-    Ok(stream)
-}
-
-/// The settings this worker chooses where `existing` differs from `wanted`.
-pub(crate) fn differences(existing: &stream::Config, wanted: &stream::Config) -> Vec<String> {
-    let mut settings = vec![
-        (
-            "replicas",
-            format!("{}", existing.num_replicas),
-            format!("{}", wanted.num_replicas),
-        ),
-        (
-            "subjects",
-            format!("{:?}", existing.subjects),
-            format!("{:?}", wanted.subjects),
-        ),
-        (
-            "retention",
-            format!("{:?}", existing.retention),
-            format!("{:?}", wanted.retention),
-        ),
-        (
-            "storage",
-            format!("{:?}", existing.storage),
-            format!("{:?}", wanted.storage),
-        ),
-        (
-            "max_age",
-            format!("{:?}", existing.max_age),
-            format!("{:?}", wanted.max_age),
-        ),
-    ];
-    // 0 means the server's default (2 minutes).
-    if !wanted.duplicate_window.is_zero() {
-        settings.push((
-            "duplicate_window",
-            format!("{:?}", existing.duplicate_window),
-            format!("{:?}", wanted.duplicate_window),
-        ));
-    }
-    settings
-        .into_iter()
-        .filter(|(_, has, wants)| has != wants)
-        .map(|(name, has, wants)| format!("{name} is {has}, the configuration says {wants}"))
-        .collect()
-}
 
 /// The durable consumer of one job kind. Workers dead-letter a job on its `max_deliver`-th
 /// delivery; the consumer allows one delivery more, so a dead-lettering that fails (NATS
@@ -207,7 +40,7 @@ pub async fn ensure_consumer(
     nats: &NatsConfig,
     kind: JobKind,
     max_deliver: i64,
-) -> Result<PullConsumer, QueueError> {
+) -> Result<PullConsumer, SetupError> {
     durable_consumer(
         js,
         &nats.jobs_stream,
@@ -230,47 +63,6 @@ fn consumer_config(nats: &NatsConfig, kind: JobKind, max_deliver: i64) -> pull::
         max_ack_pending: -1,
         ..Default::default()
     }
-}
-
-/// Get or create the durable pull consumer `config` names on `stream` (idempotent). An
-/// existing consumer whose ack wait or delivery limit differ from `config` is updated (NATS
-/// allows it); one whose filter differs is an error, as NATS 2.9 cannot change a filter.
-pub(crate) async fn durable_consumer(
-    js: &jetstream::Context,
-    stream: &str,
-    config: pull::Config,
-) -> Result<PullConsumer, QueueError> {
-    let name = config.durable_name.clone().unwrap_or_default();
-    let err = |e: &dyn std::fmt::Display| QueueError::Consumer {
-        consumer: name.clone(),
-        message: e.to_string(),
-    };
-    let stream = js.get_stream_no_info(stream).await.map_err(|e| err(&e))?;
-    let mut consumer: PullConsumer = stream
-        .get_or_create_consumer(&name, config.clone())
-        .await
-        .map_err(|e| err(&e))?;
-    let found = consumer.info().await.map_err(|e| err(&e))?.config.clone();
-    if found.filter_subject != config.filter_subject {
-        return Err(err(&format!(
-            "it exists with filter '{}' but this configuration needs '{}' \
-             (nats.tenant_from_subject changed?): delete the consumer or use another \
-             nats.consumer_prefix",
-            found.filter_subject, config.filter_subject
-        )));
-    }
-    if found.ack_wait != config.ack_wait || found.max_deliver != config.max_deliver {
-        match stream.create_consumer(config).await {
-            Ok(updated) => {
-                tracing::info!(consumer = %name, "consumer settings updated (ack wait, delivery limit)");
-                consumer = updated;
-            }
-            Err(e) => {
-                tracing::warn!(consumer = %name, error = %e, "cannot update the consumer's settings; keeping them")
-            }
-        }
-    }
-    Ok(consumer)
 }
 
 /// Most messages asked for by one pull request. Measured with `llm-worker bench --only
@@ -496,14 +288,6 @@ async fn drain(batch: &mut pull::Batch, pull_expires: Duration) {
     }
 }
 
-/// A Nak for a message this process will not handle. Delayed past the life of this process's
-/// pull requests: an immediate Nak is redelivered at once to a pull request the server still
-/// holds for the stopping process, again and again (each a delivery, until `max_deliver`
-/// strands the job), instead of going to another worker.
-pub(crate) fn hand_back(pull_expires: Duration) -> AckKind {
-    AckKind::Nak(Some(pull_expires + Duration::from_millis(500)))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -519,43 +303,5 @@ mod tests {
         nats.tenant_from_subject = true;
         let c = consumer_config(&nats, JobKind::Generate, 5);
         assert_eq!(c.filter_subject, "llm.jobs.generate.*");
-    }
-
-    #[test]
-    fn a_handed_back_job_waits_out_the_pull_requests_in_flight() {
-        let AckKind::Nak(Some(delay)) = hand_back(Duration::from_secs(5)) else {
-            panic!("not a delayed nak")
-        };
-        assert_eq!(delay, Duration::from_millis(5500));
-    }
-}
-
-#[cfg(test)]
-mod stream_settings {
-    use super::*;
-
-    #[test]
-    fn settings_that_differ_are_named_and_equal_ones_are_not() {
-        let wanted = stream::Config {
-            name: "S".into(),
-            subjects: vec!["a.>".into()],
-            num_replicas: 3,
-            max_age: Duration::from_secs(60),
-            duplicate_window: Duration::from_secs(120),
-            ..Default::default()
-        };
-        assert!(differences(&wanted, &wanted).is_empty());
-        let existing = stream::Config {
-            num_replicas: 1,
-            max_age: Duration::from_secs(30),
-            ..wanted.clone()
-        };
-        let d = differences(&existing, &wanted);
-        assert_eq!(d.len(), 2, "{d:?}");
-        assert!(
-            d[0].starts_with("replicas is 1, the configuration says 3"),
-            "{d:?}"
-        );
-        assert!(d[1].starts_with("max_age is 30s"), "{d:?}");
     }
 }

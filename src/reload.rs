@@ -15,9 +15,9 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigError};
+use crate::contract::ReplyPolicy;
 use crate::health::Health;
 use crate::pricing::PriceBook;
-use crate::trust::ReplyPolicy;
 use crate::worker::{Routing, Worker};
 
 /// Where the configuration is read from again.

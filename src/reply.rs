@@ -14,8 +14,8 @@ use uuid::Uuid;
 
 use crate::chain::{AttemptMeta, DeltaSink};
 use crate::config::NatsConfig;
-use crate::error::ErrorCode;
-use crate::event::{ChunkEvent, ErrorBody, ResultEvent, Status};
+use crate::contract::ErrorCode;
+use crate::contract::{ChunkEvent, ErrorBody, ResultEvent, Status};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplyError {

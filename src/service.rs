@@ -21,9 +21,9 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::NatsConfig;
-use crate::event::{ResultEvent, Status};
-use crate::job::JobKind;
-use crate::trust::ReplyPolicy;
+use crate::contract::JobKind;
+use crate::contract::ReplyPolicy;
+use crate::contract::{ResultEvent, Status};
 
 /// The service name every worker registers under.
 pub const NAME: &str = "llm-worker";

@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::NatsConfig;
+use crate::contract::ReplyPolicy;
 use crate::health::{Health, Report};
-use crate::trust::ReplyPolicy;
 
 /// Refused status replies are logged at most this often (anyone may send requests).
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);

@@ -8,8 +8,8 @@ use anyhow::Context as _;
 
 use crate::client::{Client, Event};
 use crate::config::NatsConfig;
-use crate::event::{ResultEvent, Status};
-use crate::job::JobKind;
+use crate::contract::JobKind;
+use crate::contract::{ResultEvent, Status};
 
 /// Publish `job` (a JSON object; `job_id` is filled in when absent, `reply_to` is always
 /// this connection's own inbox), stream chunk text to `out`, and return the result event.
@@ -198,15 +198,15 @@ mod tests {
 
     #[test]
     fn a_cache_hit_says_so_in_the_summary() {
-        let envelope = crate::job::Envelope::for_test("default");
-        let error = crate::event::ErrorBody {
-            code: crate::error::ErrorCode::AllProvidersFailed,
+        let envelope = crate::contract::Envelope::for_test("default");
+        let error = crate::contract::ErrorBody {
+            code: crate::contract::ErrorCode::AllProvidersFailed,
             message: String::new(),
             retryable: false,
         };
         let mut r = ResultEvent::failure(
             &envelope,
-            crate::job::JobKind::Generate,
+            crate::contract::JobKind::Generate,
             error,
             "w",
             chrono::Utc::now(),
@@ -214,7 +214,7 @@ mod tests {
         r.status = Status::Ok;
         r.error = None;
         r.cache_hit = true;
-        r.cache = Some(crate::event::CacheSaving {
+        r.cache = Some(crate::contract::CacheSaving {
             stored_at: "2026-11-30T12:00:00Z".parse().unwrap(),
             saved_input_tokens: 3,
             saved_output_tokens: 40,

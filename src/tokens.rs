@@ -18,7 +18,7 @@
 
 use tiktoken_rs::CoreBPE;
 
-use crate::job::GenerateRequest;
+use crate::contract::GenerateRequest;
 
 /// Tokens a chat message costs beyond its text (role and separators; OpenAI's published
 /// figure for its chat models, used for every provider).
@@ -181,7 +181,7 @@ mod tests {
 
     #[test]
     fn a_prompt_counts_its_system_text_context_and_messages_with_overheads() {
-        use crate::job::{Message, Role};
+        use crate::contract::{Message, Role};
         let req = GenerateRequest {
             system: Some("hello world".into()),
             messages: vec![Message {

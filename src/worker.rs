@@ -31,14 +31,16 @@ use crate::cache::Cache;
 use crate::cancel::Cancels;
 use crate::chain::Chain;
 use crate::config::Config;
-use crate::error::ErrorCode;
-use crate::event::{AttemptRecord, ErrorBody, ResultEvent, Status, TokensUsed, elapsed_ms};
+use crate::contract::ErrorCode;
+use crate::contract::ReplyPolicy;
+use crate::contract::{AttemptRecord, ErrorBody, ResultEvent, Status, TokensUsed, elapsed_ms};
+use crate::contract::{Envelope, JobKind};
 use crate::health::Health;
-use crate::job::{self, Delivery, Envelope, Job, JobBody, JobKind, Limits, Rules};
+use crate::job::{self, Delivery, Job, JobBody, Limits, Rules};
 use crate::policy::Ledger;
 use crate::pricing::PriceBook;
 use crate::reply::{Stored, encode_result};
-use crate::trust::{self, ReplyPolicy};
+use crate::trust;
 pub use outbox::{JobMessage, NatsOutbox, Outbox};
 
 /// Room kept in a message for NATS headers.
@@ -162,7 +164,7 @@ pub struct Worker<O: Outbox = NatsOutbox> {
     tenant_from_subject: bool,
     worker_id: Arc<str>,
     progress_every: Duration,
-    /// Life of a pull request (a handed-back job waits it out, see [`crate::queue::hand_back`]).
+    /// Life of a pull request (a handed-back job waits it out, see [`crate::nats::hand_back`]).
     pull_expires: Duration,
     log_prompts: bool,
     /// The fleet's tenant spend counters; without them budgets are not enforced (tests).
@@ -183,10 +185,13 @@ impl<O: Outbox> Worker<O> {
         prices: PriceBook,
     ) -> Result<Self, crate::config::ConfigError> {
         let reply_policy =
-            ReplyPolicy::new(&config.nats).map_err(|e| crate::config::ConfigError::Invalid {
-                key: "nats.reply_prefixes".into(),
-                message: e,
-            })?;
+            config
+                .nats
+                .reply_policy()
+                .map_err(|e| crate::config::ConfigError::Invalid {
+                    key: "nats.reply_prefixes".into(),
+                    message: e,
+                })?;
         Ok(Self {
             routing: Arc::new(RwLock::new(Arc::new(routing))),
             outbox,
@@ -503,7 +508,7 @@ impl<O: Outbox> Worker<O> {
             }
             None => {
                 tracing::warn!("shutdown grace exceeded; handing the job back");
-                ack(msg, crate::queue::hand_back(self.pull_expires)).await
+                ack(msg, crate::nats::hand_back(self.pull_expires)).await
             }
         }
     }

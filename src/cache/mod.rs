@@ -32,7 +32,8 @@ pub use near::Near;
 pub(crate) use vectors::{StoredVector, VectorScope, shares};
 
 use crate::config::CacheConfig;
-use crate::job::{CacheMode, GenerateRequest, Job};
+use crate::contract::{CacheMode, GenerateRequest};
+use crate::job::Job;
 
 /// A cached answer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -81,6 +82,19 @@ pub(crate) struct Said {
     pub task: Option<CacheMode>,
 }
 
+impl Said {
+    /// What the tenant's policy and the task type say about `envelope`'s job's cache use.
+    pub(crate) fn of(limits: &crate::job::Limits, envelope: &crate::contract::Envelope) -> Said {
+        Said {
+            tenant: limits.policy(&envelope.tenant).and_then(|p| p.cache),
+            task: limits
+                .cache_task_types
+                .get(envelope.task_type.as_deref().unwrap_or("default"))
+                .copied(),
+        }
+    }
+}
+
 /// `off` from the tenant or the task type wins; else the job's own `cache`; else the task
 /// type's; else the tenant's; else `default`.
 fn decide(job: &Job, said: Said, default: CacheMode) -> CacheMode {
@@ -114,13 +128,13 @@ struct KeyMaterial<'a> {
     tenant: Option<&'a str>,
     scope: &'a str,
     system: Option<&'a str>,
-    messages: &'a [crate::job::Message],
+    messages: &'a [crate::contract::Message],
     temperature: Option<f64>,
     max_tokens: Option<u32>,
     top_p: Option<f64>,
     seed: Option<u32>,
     stop: &'a [String],
-    fit: crate::job::FitMode,
+    fit: crate::contract::FitMode,
 }
 
 /// `g.` and the hex SHA-256 of what decides `job`'s answer.
@@ -175,8 +189,8 @@ fn age(
 
 /// Whether a failed job may be answered from a stale cached answer: every provider failed
 /// with a provider fault, not because of the request (bad request, content filter).
-pub(crate) fn degraded(result: &crate::event::ResultEvent) -> bool {
-    use crate::error::ErrorCode;
+pub(crate) fn degraded(result: &crate::contract::ResultEvent) -> bool {
+    use crate::contract::ErrorCode;
     let failed_for_providers = result
         .error
         .as_ref()
@@ -218,7 +232,7 @@ impl Cache {
             discard: jetstream::stream::DiscardPolicy::Old,
             ..Default::default()
         };
-        crate::queue::ensure_stream(js, stream, replicas)
+        crate::nats::ensure_stream(js, stream, replicas)
             .await
             .map_err(|e| format!("cannot create the cache bucket {bucket}: {e}"))?;
         let kv = js
@@ -303,7 +317,8 @@ impl Cache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::job::{Envelope, GenerateOptions, JobBody, JobKind, Message, Role};
+    use crate::contract::{Envelope, GenerateOptions, JobKind, Message, Role};
+    use crate::job::JobBody;
 
     fn job(temperature: Option<f64>, cache: Option<CacheMode>) -> (Job, GenerateRequest) {
         let req = GenerateRequest {

@@ -10,9 +10,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{AttemptMeta, DeltaSink, Success, Target, cancelled_call};
-use crate::error::{Disposition, ErrorCode, ProviderError};
-use crate::event::{AttemptRecord, ErrorBody, elapsed_ms};
-use crate::job::GenerateRequest;
+use crate::contract::ErrorCode;
+use crate::contract::GenerateRequest;
+use crate::contract::{AttemptRecord, ErrorBody, elapsed_ms};
+use crate::error::{Disposition, ProviderError};
 use crate::providers::{FinishReason, Provider, ProviderEvent, Usage};
 use crate::tokens::{self, Counter};
 

@@ -10,8 +10,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::*;
-use crate::error::ErrorCode;
-use crate::job::{Envelope, GenerateOptions, JobBody, JobKind, Message, Role};
+use crate::contract::ErrorCode;
+use crate::contract::{Envelope, GenerateOptions, JobKind, Message, Role};
+use crate::job::JobBody;
 use crate::providers::scripted::{Play, Scripted};
 
 const MS: Duration = Duration::from_millis(1);

@@ -171,7 +171,7 @@ pub struct CacheConfig {
     pub local_max_bytes: usize,
     /// Cache use by task type (`use`, `refresh`, `off`), for jobs that do not say; `off`
     /// forbids it.
-    pub task_types: BTreeMap<String, crate::job::CacheMode>,
+    pub task_types: BTreeMap<String, crate::contract::CacheMode>,
 }
 
 impl Default for CacheConfig {
@@ -225,7 +225,7 @@ pub struct TenantPolicy {
     /// The response cache for this tenant's jobs: `off` (never, whatever a job asks), `use`
     /// (every job that does not say otherwise), `refresh`; absent: each job's own choice,
     /// else on for deterministic jobs only.
-    pub cache: Option<crate::job::CacheMode>,
+    pub cache: Option<crate::contract::CacheMode>,
     /// Share of job slots while tenants compete (1 to 1000; a tenant of weight 3 gets three
     /// jobs started for every one of a tenant of weight 1).
     pub weight: u32,
@@ -446,23 +446,6 @@ impl Default for NatsConfig {
     }
 }
 
-/// A tenant name as one NATS subject token (and KV key): letters, digits, `_` and `-` as they
-/// are, every other byte as `=XX`, so distinct names stay distinct.
-pub fn subject_token(tenant: &str) -> String {
-    let mut out = String::with_capacity(tenant.len());
-    for b in tenant.bytes() {
-        if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("={b:02X}"));
-        }
-    }
-    if out.is_empty() {
-        out.push('=');
-    }
-    out
-}
-
 impl NatsConfig {
     pub(crate) fn ack_wait(&self) -> Duration {
         Duration::from_secs(self.ack_wait_secs)
@@ -471,28 +454,38 @@ impl NatsConfig {
         format!("{}.results.{job_id}", self.subject_prefix)
     }
     /// Where `tenant` publishes a cancel request for its job `job_id`:
-    /// `<prefix>.cancel.<tenant token>.<job_id>` (see [`subject_token`]). A cancel takes effect
+    /// `<prefix>.cancel.<tenant token>.<job_id>` (see [`crate::contract::subject_token`]). A cancel takes effect
     /// only on a job of that tenant.
     pub fn cancel_subject(&self, tenant: &str, job_id: &uuid::Uuid) -> String {
         format!(
             "{}.cancel.{}.{job_id}",
             self.subject_prefix,
-            subject_token(tenant)
+            crate::contract::subject_token(tenant)
         )
     }
     /// Where orchestrators publish jobs of `kind` (without the tenant token).
-    pub fn job_subject(&self, kind: crate::job::JobKind) -> String {
+    pub fn job_subject(&self, kind: crate::contract::JobKind) -> String {
         format!("{}.jobs.{}", self.subject_prefix, kind.as_str())
     }
     /// What the consumer of `kind` takes: the job subject, or with `tenant_from_subject` every
     /// `<job subject>.<tenant>` (one token).
-    pub(crate) fn job_filter(&self, kind: crate::job::JobKind) -> String {
+    pub(crate) fn job_filter(&self, kind: crate::contract::JobKind) -> String {
         if self.tenant_from_subject {
             format!("{}.*", self.job_subject(kind))
         } else {
             self.job_subject(kind)
         }
     }
+    /// The rule for reply subjects of this deployment (CONTRACT.md section 5); `Err` names
+    /// what is wrong with a configured prefix.
+    pub fn reply_policy(&self) -> Result<crate::contract::ReplyPolicy, String> {
+        crate::contract::ReplyPolicy::new(
+            &self.subject_prefix,
+            &self.inbox_prefix,
+            self.reply_prefixes(),
+        )
+    }
+
     /// The reply prefixes in force (the configured ones, or the defaults).
     pub(crate) fn reply_prefixes(&self) -> Vec<String> {
         self.reply_prefixes.clone().unwrap_or_else(|| {
@@ -508,7 +501,7 @@ impl NatsConfig {
         format!("{}-recorder", self.consumer_prefix)
     }
     /// The durable consumer of one job kind, shared by every worker process of a deployment.
-    pub fn consumer_name(&self, kind: crate::job::JobKind) -> String {
+    pub fn consumer_name(&self, kind: crate::contract::JobKind) -> String {
         format!("{}-{}", self.consumer_prefix, kind.as_str())
     }
 }

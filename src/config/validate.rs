@@ -113,14 +113,15 @@ impl Config {
         }
         if self.nats.inbox_prefix.is_empty()
             || self.nats.inbox_prefix.starts_with('$')
-            || !crate::trust::is_literal_subject(&self.nats.inbox_prefix)
+            || !crate::contract::is_literal_subject(&self.nats.inbox_prefix)
         {
             return Err(invalid(
                 "nats.inbox_prefix",
                 "must be a literal subject not under $",
             ));
         }
-        crate::trust::ReplyPolicy::new(&self.nats)
+        self.nats
+            .reply_policy()
             .map_err(|e| invalid("nats.reply_prefixes", e))?;
         if self.nats.tls_cert.is_some() != self.nats.tls_key.is_some() {
             return Err(invalid(

@@ -22,34 +22,13 @@
 
 mod windows;
 
-use serde::{Deserialize, Serialize};
-
-use crate::job::{CONTEXT_HEADER, FitMode, GenerateRequest, Role, context_line};
+use crate::contract::{CONTEXT_HEADER, FitMode, GenerateRequest, Role, Trimmed, context_line};
 use crate::tokens::{self, Counter};
 
 pub(crate) use windows::builtin;
 
 /// The least output `max_tokens` is lowered to; a job with less room does not fit.
 pub const MIN_OUTPUT: u32 = 16;
-
-/// What fitting changed, reported in the result as `context_trimmed`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Trimmed {
-    /// Context chunks dropped (the last ones).
-    pub chunks_dropped: u32,
-    /// Conversation messages dropped (the oldest ones).
-    pub messages_dropped: u32,
-    /// Prompt tokens before and after (as counted for the model; see `crate::tokens`).
-    pub tokens_before: u64,
-    pub tokens_after: u64,
-    /// `max_tokens` as asked and as sent, when fitting lowered it.
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub max_tokens_before: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub max_tokens_after: Option<u32>,
-    /// The model's window.
-    pub window: u32,
-}
 
 /// Why a request cannot be sent to a model.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,5 +1,5 @@
 use super::*;
-use crate::job::{GenerateOptions, Message};
+use crate::contract::{GenerateOptions, Message};
 
 /// `n` words of one token each (o200k: "hello" then " hello" ...).
 fn words(n: usize) -> String {

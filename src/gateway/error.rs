@@ -6,8 +6,8 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 
-use crate::error::ErrorCode;
-use crate::event::ResultEvent;
+use crate::contract::ErrorCode;
+use crate::contract::ResultEvent;
 
 /// An error answer.
 #[derive(Debug, Clone, PartialEq)]
@@ -292,7 +292,7 @@ mod tests {
 
     #[test]
     fn a_providers_words_never_reach_the_client_and_the_workers_own_stay() {
-        let body = |code, message: &str| crate::event::ErrorBody {
+        let body = |code, message: &str| crate::contract::ErrorBody {
             code,
             message: message.into(),
             retryable: false,
@@ -308,13 +308,14 @@ mod tests {
             "received_at": "2026-12-01T00:00:00Z", "finished_at": "2026-12-01T00:00:01Z",
         }))
         .unwrap();
-        let mut attempt: crate::event::AttemptRecord = serde_json::from_value(serde_json::json!({
-            "attempt": 1, "provider": "local", "model": "m", "error": null,
-            "input_tokens": 0, "output_tokens": 0, "tokens_estimated": false,
-            "cost_usd": null, "http_status": 500, "latency_ms": 1, "ttft_ms": null,
-            "started_at": "2026-12-01T00:00:00Z", "finished_at": "2026-12-01T00:00:01Z",
-        }))
-        .unwrap();
+        let mut attempt: crate::contract::AttemptRecord =
+            serde_json::from_value(serde_json::json!({
+                "attempt": 1, "provider": "local", "model": "m", "error": null,
+                "input_tokens": 0, "output_tokens": 0, "tokens_estimated": false,
+                "cost_usd": null, "http_status": 500, "latency_ms": 1, "ttft_ms": null,
+                "started_at": "2026-12-01T00:00:00Z", "finished_at": "2026-12-01T00:00:01Z",
+            }))
+            .unwrap();
         attempt.error = Some(body(ErrorCode::ServerError, leak));
         result.attempts = vec![attempt];
         result.error = Some(body(

@@ -6,7 +6,7 @@
 //! Postgres again, so a revoked key stops working after at most that long. Unknown keys are
 //! remembered as long (a repeated bad key costs no query; a new key was never looked up
 //! before it existed, so it works at once), in a cache of their own so a flood of bad keys
-//! cannot push out good ones. [`BadKeys`] limits refused keys per client address.
+//! cannot push out good ones. `BadKeys` limits refused keys per client address.
 //!
 //! An admin key (`keys create --admin`) is an operator's: it sees the fleet's whole status.
 

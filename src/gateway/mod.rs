@@ -2,19 +2,19 @@
 //! (through [`crate::client`]) and answers from the job's events; it never calls a provider.
 //! Stateless: run as many as you like behind a load balancer.
 //!
-//! - [`openai`]: OpenAI-compatible `/v1/chat/completions`, `/v1/embeddings`, `/v1/models`.
-//! - [`seed`]: the seed API (`/v1/generate`, `/v1/embed`: the contract's job JSON in, its
+//! - `openai`: OpenAI-compatible `/v1/chat/completions`, `/v1/embeddings`, `/v1/models`.
+//! - `seed`: the seed API (`/v1/generate`, `/v1/embed`: the contract's job JSON in, its
 //!   result JSON out; `/v1/status`).
 //! - [`keys`]: bearer API keys -> tenants (`llm_api_keys`). The tenant of every job comes
 //!   from its key, never from the request body.
 //! - [`error`]: OpenAI's error shape and the status of each job error code.
-//! - [`models`]: what a request's `model` names.
-//! - [`serve`]: the HTTP/1 server with header, write and idle timeouts and a connection cap.
+//! - `models`: what a request's `model` names.
+//! - `serve`: the HTTP/1 server with header, write and idle timeouts and a connection cap.
 //!
 //! Tenants are kept apart: a request is answered only with its own tenant's job (a
 //! `job_id` naming another tenant's job is 409, never waited on), a cancel (the client went
 //! away, or the deadline passed) reaches only a job this request published, and a provider's
-//! error text never reaches the client (only codes, see [`error::redact`]).
+//! error text never reaches the client (only codes, see `error::redact`).
 //!
 //! Order of a request: refused-key limit per client address (429), key (401), the tenant's
 //! share of the request slots and then a slot (429), only then the body: its size (413) and
@@ -47,7 +47,7 @@ use uuid::Uuid;
 
 use crate::client::{Client, ClientError, Event};
 use crate::config::{Config, GatewayConfig};
-use crate::job::JobKind;
+use crate::contract::JobKind;
 use error::ApiError;
 
 /// Events buffered between a job and a slow HTTP client.
@@ -94,7 +94,7 @@ impl Running {
 
 /// Connect to NATS and Postgres (applying migrations), bind `listen`, and serve.
 pub async fn start(config: Config, listen: &str) -> anyhow::Result<Running> {
-    let pool = crate::app::connect_db(&config).await?.ok_or_else(|| {
+    let pool = crate::usage::connect(&config).await?.ok_or_else(|| {
         anyhow::anyhow!("the gateway needs Postgres for its API keys: set DATABASE_URL")
     })?;
     let client = Client::connect(&config.nats).await?;
@@ -322,7 +322,7 @@ impl Gateway {
         let traceparent = headers
             .get("traceparent")
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| Some((v, crate::telemetry::w3c_trace_id(v)?)));
+            .and_then(|v| Some((v, crate::contract::w3c_trace_id(v)?)));
         let mut extra = Vec::new();
         if let Some((header, trace)) = traceparent {
             job["trace_id"] = trace.into();
@@ -412,7 +412,7 @@ async fn cancel(handle: &crate::client::JobHandle) {
 
 impl Submitted {
     /// The job's result, skipping its chunks.
-    pub(crate) async fn result(&mut self) -> Result<crate::event::ResultEvent, ApiError> {
+    pub(crate) async fn result(&mut self) -> Result<crate::contract::ResultEvent, ApiError> {
         while let Some(event) = self.events.recv().await {
             match event {
                 Ok(Event::Result(r)) => return Ok(*r),

@@ -8,8 +8,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::Serialize;
 
 use crate::config::{Config, RouteEntry};
+use crate::contract::JobKind;
 use crate::health::State;
-use crate::job::JobKind;
 use crate::status::WorkerStatus;
 
 /// The job fields a model name sets.

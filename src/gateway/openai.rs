@@ -29,8 +29,8 @@ use std::net::SocketAddr;
 use super::error::ApiError;
 use super::{Gateway, Submitted};
 use crate::client::Event;
-use crate::event::{ResultEvent, Status};
-use crate::job::JobKind;
+use crate::contract::JobKind;
+use crate::contract::{ResultEvent, Status};
 
 #[derive(Deserialize)]
 pub(crate) struct ChatRequest {

@@ -24,8 +24,8 @@ use std::net::SocketAddr;
 use super::error::ApiError;
 use super::{Gateway, Submitted};
 use crate::client::Event;
-use crate::event::{ResultEvent, Status};
-use crate::job::JobKind;
+use crate::contract::JobKind;
+use crate::contract::{ResultEvent, Status};
 
 /// How long `/v1/status` waits for workers to answer.
 const STATUS_WAIT: Duration = Duration::from_millis(500);

@@ -4,7 +4,7 @@
 
 use super::wire::WireGenerate;
 use crate::config::LimitsConfig;
-use crate::trust::{QUOTE_CHARS, quote};
+use crate::contract::{QUOTE_CHARS, quote};
 
 /// Longest stop sequence, in bytes (providers accept short ones only).
 pub(super) const MAX_STOP_BYTES: usize = 256;

@@ -12,12 +12,13 @@ use super::bounds::{
     MAX_STOP_BYTES, check_metadata, check_name, check_prompt_bounds, clip_reason, no_nul, safe_name,
 };
 use super::wire::{StopWire, WireEmbed, WireEnvelope, WireGenerate};
-use super::{
-    Delivery, EmbedRequest, Envelope, GenerateOptions, GenerateRequest, InvalidJob, Job, JobBody,
-    JobKind, Message, Role, Rules,
-};
+use super::{Delivery, InvalidJob, Job, JobBody, Rules};
 use crate::config::LimitsConfig;
-use crate::trust::{QUOTE_CHARS, check_model_name, quote};
+use crate::contract::{
+    EmbedRequest, Envelope, GenerateOptions, GenerateRequest, JobKind, Message, QUOTE_CHARS, Role,
+    quote,
+};
+use crate::trust::check_model_name;
 
 /// Decode and validate one job message.
 pub fn decode(
@@ -202,7 +203,7 @@ fn expires_at(
                 .map_err(|e| {
                     format!(
                         "deadline: {} is not an RFC 3339 time ({e})",
-                        crate::trust::quote(text)
+                        crate::contract::quote(text)
                     )
                 })?
                 .with_timezone(&Utc),
@@ -303,10 +304,7 @@ fn read_envelope(
         }
     };
     // A valid W3C traceparent names the trace the job continues; else the body's, else the id.
-    let trace_id = match delivery
-        .traceparent
-        .and_then(crate::telemetry::w3c_trace_id)
-    {
+    let trace_id = match delivery.traceparent.and_then(crate::contract::w3c_trace_id) {
         Some(w3c) => w3c.to_string(),
         None => trace_id.map_or_else(|| job_id.to_string(), |t| name("trace_id", t)),
     };

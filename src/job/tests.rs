@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::config::{NatsConfig, TenantPolicy};
+use crate::contract::{FitMode, Message, Role};
 
 fn limits() -> Limits {
     Limits {
@@ -44,10 +45,11 @@ fn limits() -> Limits {
 const OPENAI: crate::fuzzing::OneProvider = crate::fuzzing::OneProvider("openai");
 
 fn decode_with(kind: JobKind, json: &str, delivery: &Delivery<'_>) -> Result<Job, Box<InvalidJob>> {
-    let replies = ReplyPolicy::new(&NatsConfig {
+    let replies = (NatsConfig {
         reply_prefixes: Some(vec!["r.".into(), "llm.replies.".into()]),
         ..Default::default()
     })
+    .reply_policy()
     .unwrap();
     let rules = Rules {
         limits: &limits(),
@@ -383,7 +385,7 @@ fn the_prompt_text_together_is_bounded() {
         },
         ..limits()
     };
-    let replies = ReplyPolicy::new(&NatsConfig::default()).unwrap();
+    let replies = NatsConfig::default().reply_policy().unwrap();
     let rules = Rules {
         limits: &limits,
         replies: &replies,
@@ -474,7 +476,7 @@ fn tenant_policies_refuse_tenants_and_task_types_they_do_not_allow() {
             ..Default::default()
         },
     );
-    let replies = ReplyPolicy::new(&NatsConfig::default()).unwrap();
+    let replies = NatsConfig::default().reply_policy().unwrap();
     let rules = Rules {
         limits: &strict,
         replies: &replies,

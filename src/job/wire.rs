@@ -3,7 +3,7 @@
 
 use serde::Deserialize;
 
-use super::Message;
+use crate::contract::{CacheMode, FitMode, Message};
 
 /// The envelope fields, read leniently first so that an invalid job can still be answered.
 #[derive(Deserialize, Default)]
@@ -31,7 +31,7 @@ pub(super) struct WireGenerate {
     pub(super) deadline: Option<String>,
     pub(super) expires_in_ms: Option<u64>,
     /// `use`, `refresh` or `off` (the response cache).
-    pub(super) cache: Option<super::CacheMode>,
+    pub(super) cache: Option<CacheMode>,
 }
 
 #[derive(Deserialize, Default)]
@@ -43,7 +43,7 @@ pub(super) struct WireGenerateOptions {
     pub(super) seed: Option<u32>,
     pub(super) stop: Option<StopWire>,
     /// `trim` or `strict` (context fitting).
-    pub(super) fit: Option<super::FitMode>,
+    pub(super) fit: Option<FitMode>,
 }
 
 #[derive(Deserialize)]
@@ -64,7 +64,7 @@ pub(super) struct WireEmbed {
     pub(super) deadline: Option<String>,
     pub(super) expires_in_ms: Option<u64>,
     /// `use`, `refresh` or `off` (the vector cache).
-    pub(super) cache: Option<super::CacheMode>,
+    pub(super) cache: Option<CacheMode>,
 }
 
 #[derive(Deserialize, Default)]

@@ -26,8 +26,8 @@ use prometheus_client::registry::Registry;
 
 pub(crate) mod server;
 
-use crate::event::{ResultEvent, Status};
-use crate::job::JobKind;
+use crate::contract::JobKind;
+use crate::contract::{ResultEvent, Status};
 
 /// Distinct model names with series of their own.
 pub const MAX_MODELS: usize = 200;
@@ -425,15 +425,15 @@ mod tests {
     #[test]
     fn a_result_counts_its_job_and_every_call() {
         let m = Metrics::new(true);
-        let envelope = crate::job::Envelope::for_test("acme");
-        let error = crate::event::ErrorBody {
-            code: crate::error::ErrorCode::AllProvidersFailed,
+        let envelope = crate::contract::Envelope::for_test("acme");
+        let error = crate::contract::ErrorBody {
+            code: crate::contract::ErrorCode::AllProvidersFailed,
             message: String::new(),
             retryable: false,
         };
         let mut r =
             ResultEvent::failure(&envelope, JobKind::Generate, error, "w", chrono::Utc::now());
-        r.attempts.push(crate::event::AttemptRecord {
+        r.attempts.push(crate::contract::AttemptRecord {
             attempt: 1,
             provider: "p".into(),
             model: "m".into(),

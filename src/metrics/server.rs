@@ -18,8 +18,8 @@ use tokio_util::task::TaskTracker;
 
 use super::Metrics;
 use crate::config::NatsConfig;
+use crate::contract::JobKind;
 use crate::health::Health;
-use crate::job::JobKind;
 
 /// What a scrape reads besides the counters.
 pub(crate) struct Probe {

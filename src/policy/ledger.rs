@@ -41,7 +41,7 @@ const RESERVE_TRIES: usize = 20;
 const KEEP_KEYS: Duration = Duration::from_secs(40 * 24 * 3600);
 
 /// A tenant name as a KV key and subject token.
-pub(crate) use crate::config::subject_token as token;
+pub(crate) use crate::contract::subject_token as token;
 
 /// What one charge adds: to the spend counter (`usd`, `tokens`) or the rate counter
 /// (`requests`, `tokens`).
@@ -591,7 +591,7 @@ async fn open_bucket(
         discard: jetstream::stream::DiscardPolicy::New,
         ..Default::default()
     };
-    crate::queue::ensure_stream(js, stream, replicas)
+    crate::nats::ensure_stream(js, stream, replicas)
         .await
         .map_err(|e| format!("cannot create the tenant bucket {bucket}: {e}"))?;
     js.get_key_value(bucket)

@@ -15,8 +15,9 @@ use super::helpers::clip;
 use super::sse::{SseDecoder, Step};
 use super::{Call, FinishReason, ProviderEvent, Usage};
 use crate::config::ProviderConfig;
-use crate::error::{ErrorCode, ProviderError, code_for_status};
-use crate::job::{GenerateRequest, Role};
+use crate::contract::ErrorCode;
+use crate::contract::{GenerateRequest, Role};
+use crate::error::{ProviderError, code_for_status};
 
 const API_VERSION: &str = "2023-06-01";
 
@@ -505,7 +506,7 @@ mod tests {
     fn requests_put_the_system_prompt_at_the_top_level_and_always_set_max_tokens() {
         let req = GenerateRequest {
             system: Some("be brief".into()),
-            messages: vec![crate::job::Message {
+            messages: vec![crate::contract::Message {
                 role: Role::User,
                 content: "hi".into(),
             }],

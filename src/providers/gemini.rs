@@ -14,8 +14,9 @@ use super::helpers::{clip, lenient_count};
 use super::sse::{SseDecoder, Step};
 use super::{Call, FinishReason, ProviderEvent, Usage};
 use crate::config::ProviderConfig;
-use crate::error::{ErrorCode, ProviderError, code_for_status};
-use crate::job::{GenerateRequest, Role};
+use crate::contract::ErrorCode;
+use crate::contract::{GenerateRequest, Role};
+use crate::error::{ProviderError, code_for_status};
 
 pub(crate) struct Gemini {
     http: super::Http,
@@ -548,11 +549,11 @@ mod tests {
     fn options_go_in_the_generation_config() {
         let req = GenerateRequest {
             system: None,
-            messages: vec![crate::job::Message {
+            messages: vec![crate::contract::Message {
                 role: Role::User,
                 content: "u".into(),
             }],
-            options: crate::job::GenerateOptions {
+            options: crate::contract::GenerateOptions {
                 max_tokens: Some(9),
                 seed: Some(11),
                 ..Default::default()

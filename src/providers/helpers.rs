@@ -4,7 +4,8 @@
 use reqwest::Url;
 use secrecy::{ExposeSecret, SecretString};
 
-use crate::error::{ErrorCode, ProviderError};
+use crate::contract::ErrorCode;
+use crate::error::ProviderError;
 
 /// Longest provider error text we keep (bodies can be HTML pages).
 const MAX_ERROR_CHARS: usize = 500;

@@ -24,8 +24,9 @@ use std::time::Duration;
 use futures::Stream;
 
 use crate::config::{Api, Config, EmbedBatching, LimitsConfig, ProviderConfig};
-use crate::error::{ErrorCode, ProviderError};
-use crate::job::GenerateRequest;
+use crate::contract::ErrorCode;
+use crate::contract::GenerateRequest;
+use crate::error::ProviderError;
 
 /// What a provider stream yields, in order: deltas, then `Finish`, possibly `Usage` anywhere.
 #[derive(Debug, Clone, PartialEq)]
@@ -405,7 +406,7 @@ impl Registry {
 /// place nobody configured, and the redirect layer parsed two URLs per request (~2% of the
 /// worker's CPU in `llm-worker bench`). A 3xx is a provider error carrying its status.
 pub fn http_client(connect_timeout: Duration) -> Result<reqwest::Client, ProviderError> {
-    install_crypto_provider();
+    crate::tls::install_crypto_provider();
     reqwest::Client::builder()
         .connect_timeout(connect_timeout)
         .pool_max_idle_per_host(1024)
@@ -413,16 +414,6 @@ pub fn http_client(connect_timeout: Duration) -> Result<reqwest::Client, Provide
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .map_err(|e| ProviderError::new(ErrorCode::Network, format!("HTTP client: {e}")))
-}
-
-/// reqwest is built with `rustls-no-provider` (ring is already in the tree through async-nats,
-/// and aws-lc would need a C toolchain step): install ring once as the process default.
-pub fn install_crypto_provider() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        // Err means another provider was installed first; that one serves as well.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-    });
 }
 
 /// Bounds on what a provider may answer (`[limits]`); going over one fails the attempt with

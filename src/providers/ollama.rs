@@ -12,8 +12,9 @@ use serde::{Deserialize, Serialize};
 use super::helpers::{clip, lenient_count};
 use super::{Call, EventStream, FinishReason, ProviderEvent, Usage};
 use crate::config::ProviderConfig;
-use crate::error::{ErrorCode, ProviderError, code_for_status};
-use crate::job::{GenerateRequest, Role};
+use crate::contract::ErrorCode;
+use crate::contract::{GenerateRequest, Role};
+use crate::error::{ProviderError, code_for_status};
 
 pub(crate) struct Ollama {
     http: super::Http,
@@ -404,11 +405,11 @@ mod tests {
     fn requests_are_explicit_about_streaming_and_map_options() {
         let req = GenerateRequest {
             system: Some("s".into()),
-            messages: vec![crate::job::Message {
+            messages: vec![crate::contract::Message {
                 role: Role::User,
                 content: "u".into(),
             }],
-            options: crate::job::GenerateOptions {
+            options: crate::contract::GenerateOptions {
                 max_tokens: Some(7),
                 seed: Some(3),
                 ..Default::default()

@@ -16,8 +16,9 @@ use super::helpers::{clip, endpoint};
 use super::sse::{SseDecoder, Step};
 use super::{Call, FinishReason, ProviderEvent, Usage};
 use crate::config::{MaxTokensField, ProviderConfig};
-use crate::error::{ErrorCode, ProviderError, code_for_status};
-use crate::job::{GenerateRequest, Role};
+use crate::contract::ErrorCode;
+use crate::contract::{GenerateRequest, Role};
+use crate::error::{ProviderError, code_for_status};
 
 pub(crate) struct OpenAi {
     http: super::Http,
@@ -519,11 +520,11 @@ mod tests {
     fn the_token_limit_goes_in_the_configured_field() {
         let req = GenerateRequest {
             system: Some("s".into()),
-            messages: vec![crate::job::Message {
+            messages: vec![crate::contract::Message {
                 role: Role::User,
                 content: "u".into(),
             }],
-            options: crate::job::GenerateOptions {
+            options: crate::contract::GenerateOptions {
                 max_tokens: Some(5),
                 seed: Some(42),
                 ..Default::default()

@@ -9,7 +9,8 @@ use futures::StreamExt;
 use tokio::time::Instant;
 
 use super::{Call, FinishReason, ProviderEvent, Usage};
-use crate::error::{ErrorCode, ProviderError};
+use crate::contract::ErrorCode;
+use crate::error::ProviderError;
 
 /// One call's behaviour.
 pub(crate) enum Play {

@@ -22,7 +22,8 @@ use eventsource_stream::{Event, Eventsource};
 use futures::StreamExt;
 
 use super::{EventStream, ProviderEvent};
-use crate::error::{ErrorCode, ProviderError};
+use crate::contract::ErrorCode;
+use crate::error::ProviderError;
 
 /// How long, and for how many events, the rest of a finished answer's body is read so its
 /// connection can be reused. A server that keeps sending after the end loses its connection.

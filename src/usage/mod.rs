@@ -99,3 +99,27 @@ pub(crate) async fn refresh_prices(pool: sqlx::PgPool, book: PriceBook, stop: Ca
         }
     }
 }
+
+/// Connect to Postgres (when configured) and apply migrations.
+pub async fn connect(config: &crate::config::Config) -> anyhow::Result<Option<sqlx::PgPool>> {
+    let Some(pool) = lazy_pool(config)? else {
+        return Ok(None);
+    };
+    migrate(&pool).await.map_err(|e| {
+        anyhow::anyhow!("connecting to Postgres (DATABASE_URL) and applying migrations: {e}")
+    })?;
+    Ok(Some(pool))
+}
+
+/// A pool that connects on first use (no I/O here), when a database is configured.
+pub(crate) fn lazy_pool(config: &crate::config::Config) -> anyhow::Result<Option<sqlx::PgPool>> {
+    let Some(url) = &config.database.url else {
+        return Ok(None);
+    };
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(config.database.max_connections)
+        .acquire_timeout(std::time::Duration::from_secs(10))
+        .connect_lazy(secrecy::ExposeSecret::expose_secret(url))
+        .map_err(|e| anyhow::anyhow!("DATABASE_URL is not a valid Postgres URL: {e}"))?;
+    Ok(Some(pool))
+}

@@ -30,9 +30,9 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::config::{NatsConfig, RecorderConfig};
+use crate::contract::{ResultEvent, Status};
 use crate::dead::DeadLetters;
-use crate::event::{ResultEvent, Status};
-use crate::queue::QueueError;
+use crate::nats::SetupError;
 
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -67,7 +67,7 @@ impl Recorder {
         pool: sqlx::PgPool,
         dead: DeadLetters,
         cfg: &RecorderConfig,
-    ) -> Result<Self, QueueError> {
+    ) -> Result<Self, SetupError> {
         let batch_size = cfg.batch_size.max(1);
         let ack_wait = Duration::from_secs(cfg.ack_wait_secs);
         let config = pull::Config {
@@ -79,7 +79,7 @@ impl Recorder {
             max_ack_pending: (batch_size * 4) as i64,
             ..Default::default()
         };
-        let consumer = crate::queue::durable_consumer(js, &nats.results_stream, config).await?;
+        let consumer = crate::nats::durable_consumer(js, &nats.results_stream, config).await?;
         Ok(Self {
             consumer,
             pool,

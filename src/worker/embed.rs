@@ -9,9 +9,10 @@ use tokio_util::sync::CancellationToken;
 use super::{Answer, Outbox, PAYLOAD_HEADROOM, RESULT_MARGIN, Routing, Worker};
 use crate::cache::{self, Cache, StoredVector, VectorScope};
 use crate::chain::Chain;
+use crate::contract::{CacheMode, EmbedRequest};
+use crate::contract::{CacheSaving, ResultEvent};
 use crate::embedding::{EmbedRules, EmbedSuccess};
-use crate::event::{CacheSaving, ResultEvent};
-use crate::job::{CacheMode, EmbedRequest, Job};
+use crate::job::Job;
 
 /// The vector cache's view of one job.
 struct Lookup {
@@ -47,7 +48,7 @@ impl<O: Outbox> Worker<O> {
             ),
         };
         let cache = self.cache.as_ref().filter(|c| c.embeddings);
-        let mode = cache::embed_mode(job, routing.limits.cache_said(&job.envelope));
+        let mode = cache::embed_mode(job, cache::Said::of(&routing.limits, &job.envelope));
         let lookup = match cache.filter(|_| mode != CacheMode::Off) {
             Some(c) => lookup(c, chain, job, req, mode).await,
             None => None,

@@ -10,9 +10,10 @@ use tokio_util::sync::CancellationToken;
 use super::{Answer, Outbox, Routing, Worker};
 use crate::cache;
 use crate::chain::{AttemptMeta, DeltaSink};
-use crate::error::ErrorCode;
-use crate::event::{CacheSaving, ErrorBody, ResultEvent, Status, elapsed_ms};
-use crate::job::{CacheMode, GenerateRequest, Job};
+use crate::contract::ErrorCode;
+use crate::contract::{CacheMode, GenerateRequest};
+use crate::contract::{CacheSaving, ErrorBody, ResultEvent, Status, elapsed_ms};
+use crate::job::Job;
 
 /// Largest chunk event text of a cached answer.
 const CACHED_CHUNK_BYTES: usize = 16 * 1024;
@@ -32,7 +33,7 @@ impl<O: Outbox> Worker<O> {
         let reply_to = env.reply_to.as_deref().filter(|_| req.stream);
         let mut sink = self.outbox.chunks(env.job_id, &env.trace_id, reply_to);
         let cached = self.cache.as_ref().and_then(|c| {
-            let mode = cache::mode(job, req, routing.limits.cache_said(env));
+            let mode = cache::mode(job, req, cache::Said::of(&routing.limits, env));
             (mode != CacheMode::Off)
                 .then(|| (c, mode, c.key(job, req, &routing.chain.cache_scope(job))))
         });

@@ -38,7 +38,7 @@ async fn a_job_cancelled_while_queued_is_answered_cancelled_without_a_call_even_
     let fake = FakeLlmServer::start().await.unwrap();
     let mut app = TestApp::new(&openai_provider("openai", &fake.base_url(), "gpt-test")).await;
     // Streams exist, no worker runs: the request is remembered by the cancel stream.
-    llm_worker::queue::ensure_streams(&app.js, &app.config.nats)
+    llm_worker::nats::ensure_streams(&app.js, &app.config.nats)
         .await
         .unwrap();
     let (reply_to, mut sub) = app.reply_inbox().await;

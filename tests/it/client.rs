@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use llm_worker::client::{Client, Event};
 use llm_worker::config::Config;
-use llm_worker::job::JobKind;
+use llm_worker::contract::JobKind;
 use llm_worker_testkit::{FakeLlmServer, Reply, ScratchDatabase};
 use serde_json::json;
 

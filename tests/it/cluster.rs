@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream;
-use llm_worker::job::JobKind;
+use llm_worker::contract::JobKind;
 
 use crate::faults::{Load, every_acked_job_answered_once, first_answer_after, steady_load, world};
 use crate::helpers::ALL_ROLES;
@@ -28,7 +28,7 @@ async fn a_cluster_node_killed_under_load_loses_no_acknowledged_job() {
         .unwrap();
     let js = jetstream::new(client.clone());
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while let Err(e) = llm_worker::queue::ensure_streams(&js, &config.nats).await {
+    while let Err(e) = llm_worker::nats::ensure_streams(&js, &config.nats).await {
         assert!(tokio::time::Instant::now() < deadline, "no R3 streams: {e}");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }

@@ -4,10 +4,11 @@ use std::time::Duration;
 
 use llm_worker::chain::Chain;
 use llm_worker::config::Config;
+use llm_worker::contract::ErrorCode;
+use llm_worker::contract::JobKind;
 use llm_worker::embedding::{EmbedOutcome, EmbedRules};
-use llm_worker::error::ErrorCode;
 use llm_worker::health::Health;
-use llm_worker::job::{JobBody, JobKind};
+use llm_worker::job::JobBody;
 use llm_worker::pricing::PriceBook;
 use llm_worker::providers::Registry;
 use llm_worker_testkit::{FakeLlmServer, Reply, fake_vector};

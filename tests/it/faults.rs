@@ -12,7 +12,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, message::PublishMessage};
 use futures::StreamExt;
 use llm_worker::config::{Config, NatsConfig};
-use llm_worker::job::JobKind;
+use llm_worker::contract::JobKind;
 use llm_worker_testkit::{FakeLlmServer, Reply, ScratchDatabase};
 use serde_json::json;
 use uuid::Uuid;
@@ -254,7 +254,7 @@ async fn the_nats_server_killed_and_restarted_under_load_loses_no_acknowledged_j
     let (_fake, _services, database, config) = world(Some(&server.url()), Duration::ZERO).await;
     let client = async_nats::connect(server.url()).await.unwrap();
     let js = jetstream::new(client);
-    llm_worker::queue::ensure_streams(&js, &config.nats)
+    llm_worker::nats::ensure_streams(&js, &config.nats)
         .await
         .unwrap();
     let worker = llm_worker::app::start(config.clone(), ALL_ROLES)

@@ -40,7 +40,7 @@ impl Setup {
         tweak: impl FnOnce(&mut llm_worker::config::Config),
         worker: bool,
     ) -> Setup {
-        llm_worker::providers::install_crypto_provider();
+        llm_worker::tls::install_crypto_provider();
         let fake = FakeLlmServer::start().await.unwrap();
         let toml = format!(
             "{}\n[routes]\ndefault = [\"openai\"]\n{extra_toml}",

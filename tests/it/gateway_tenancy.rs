@@ -8,7 +8,7 @@ use async_nats::jetstream::stream;
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use llm_worker::client::{Client, ClientError};
-use llm_worker::job::JobKind;
+use llm_worker::contract::JobKind;
 use llm_worker_testkit::Reply;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -450,13 +450,10 @@ async fn a_client_that_stops_reading_is_cut_off_and_its_slot_and_job_are_freed()
         openai.stall_timeout_ms = 60_000;
     })
     .await;
-    // An answer far larger than socket buffers: 48 MiB in 64 KiB pieces over 8 s.
-    let piece = "x".repeat(64 * 1024);
-    s.fake.push(Reply::Answer {
-        deltas: vec![piece; 768],
-        usage: Some((5, 3)),
-        done_marker: true,
-        chunk_delay: Duration::from_millis(10),
+    // 25 MiB of answer in 64 KiB pieces, far more than socket buffers hold, then silence with
+    // the stream open: the job ends only when someone cancels it.
+    s.fake.push(Reply::Stall {
+        deltas: vec!["x".repeat(64 * 1024); 400],
     });
     let job_id = Uuid::now_v7();
     let body = json!({"job_id": job_id, "prompt": "everything", "stream": true}).to_string();

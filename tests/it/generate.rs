@@ -152,7 +152,7 @@ async fn invalid_jobs_get_invalid_job_results_are_terminated_and_the_worker_keep
             app.config.nats.jobs_stream,
             app.config
                 .nats
-                .consumer_name(llm_worker::job::JobKind::Generate)
+                .consumer_name(llm_worker::contract::JobKind::Generate)
         ))
         .await
         .unwrap();
@@ -350,7 +350,7 @@ async fn a_job_whose_deadline_passes_mid_answer_ends_as_timeout() {
 async fn jobs_that_expire_before_a_worker_starts_them_are_answered_timeout_without_a_call() {
     let fake = FakeLlmServer::start().await.unwrap();
     let mut app = TestApp::new(&openai_provider("openai", &fake.base_url(), "gpt-test")).await;
-    llm_worker::queue::ensure_streams(&app.js, &app.config.nats)
+    llm_worker::nats::ensure_streams(&app.js, &app.config.nats)
         .await
         .unwrap();
     let (reply_to, mut sub) = app.reply_inbox().await;

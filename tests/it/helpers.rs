@@ -401,7 +401,7 @@ impl TestApp {
 /// Decode a job the way the worker does, with `catalog` (a chain) deciding what it may pin;
 /// for tests that drive the chain directly. Panics on an invalid job.
 pub fn decode_job(
-    kind: llm_worker::job::JobKind,
+    kind: llm_worker::contract::JobKind,
     job: &Value,
     catalog: &dyn llm_worker::job::Catalog,
 ) -> llm_worker::job::Job {
@@ -414,8 +414,9 @@ pub fn decode_job(
         tenants: Default::default(),
         cache_task_types: Default::default(),
     };
-    let replies =
-        llm_worker::trust::ReplyPolicy::new(&llm_worker::config::NatsConfig::default()).unwrap();
+    let replies = llm_worker::config::NatsConfig::default()
+        .reply_policy()
+        .unwrap();
     let rules = Rules {
         limits: &limits,
         replies: &replies,

@@ -21,6 +21,7 @@ mod gateway;
 mod gateway_tenancy;
 mod generate;
 mod helpers;
+mod layering;
 mod lifecycle;
 mod metrics;
 mod nats_auth;

@@ -22,7 +22,7 @@ pub fn sample(text: &str, series: &str) -> Option<f64> {
 
 #[tokio::test]
 async fn a_worker_exposes_job_call_token_and_queue_metrics_and_health() {
-    llm_worker::providers::install_crypto_provider();
+    llm_worker::tls::install_crypto_provider();
     let fake = FakeLlmServer::start().await.unwrap();
     let mut app = TestApp::new(&openai_provider("openai", &fake.base_url(), "gpt-test")).await;
     app.start_worker_with(ALL_ROLES, |c| {

@@ -177,7 +177,7 @@ async fn a_worker_with_least_privilege_runs_jobs_and_nobody_can_purge_a_stream()
         .get_consumer(
             &config
                 .nats
-                .consumer_name(llm_worker::job::JobKind::Generate),
+                .consumer_name(llm_worker::contract::JobKind::Generate),
         )
         .await
         .unwrap();
@@ -270,14 +270,14 @@ async fn a_worker_with_least_privilege_runs_jobs_and_nobody_can_purge_a_stream()
     // Credentials written into the URL work too (passed as options, so never logged).
     let mut in_url = config.nats.clone();
     in_url.url = format!("nats://admin:admin-pw@127.0.0.1:{}", server.port());
-    app::connect_nats(&in_url)
+    llm_worker::nats::connect(&in_url)
         .await
         .unwrap()
         .flush()
         .await
         .unwrap();
     in_url.url = format!("nats://admin:wrong@127.0.0.1:{}", server.port());
-    assert!(app::connect_nats(&in_url).await.is_err());
+    assert!(llm_worker::nats::connect(&in_url).await.is_err());
 
     let mut jobs_stream = admin_js.get_stream(&jobs).await.unwrap();
     assert_eq!(jobs_stream.info().await.unwrap().state.messages, 1);
@@ -402,12 +402,14 @@ async fn a_worker_talks_to_nats_over_tls_with_a_client_certificate() {
     let worker = app::start(config.clone(), ALL_ROLES).await.unwrap();
 
     // The CLI's client connection takes the same settings.
-    let client = app::connect_nats(&config.nats).await.unwrap();
+    let client = llm_worker::nats::connect(&config.nats).await.unwrap();
     let reply_to = format!("{}.replies.{}", config.nats.subject_prefix, Uuid::new_v4());
     let mut sub = client.subscribe(reply_to.clone()).await.unwrap();
     jetstream::new(client.clone())
         .publish(
-            config.nats.job_subject(llm_worker::job::JobKind::Generate),
+            config
+                .nats
+                .job_subject(llm_worker::contract::JobKind::Generate),
             serde_json::to_vec(&json!({"prompt": "x", "reply_to": reply_to}))
                 .unwrap()
                 .into(),

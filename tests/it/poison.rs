@@ -6,8 +6,9 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{AckKind, message::PublishMessage};
 use futures::StreamExt;
-use llm_worker::dead::{self, Kind, Replayed};
-use llm_worker::job::JobKind;
+use llm_worker::contract::JobKind;
+use llm_worker::dead::{self, Kind};
+use llm_worker::replay::{Replayed, replay};
 use llm_worker_testkit::{FakeLlmServer, Reply};
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -45,7 +46,7 @@ async fn a_job_delivered_max_deliver_times_is_dead_lettered_answered_and_replaya
     let nats = app.config.nats.clone();
     // The consumer as a worker makes it; then four workers that die holding the job (each
     // delivery handed back unanswered).
-    llm_worker::queue::ensure_streams(&app.js, &nats)
+    llm_worker::nats::ensure_streams(&app.js, &nats)
         .await
         .unwrap();
     let consumer = llm_worker::queue::ensure_consumer(&app.js, &nats, JobKind::Generate, 5)
@@ -93,9 +94,7 @@ async fn a_job_delivered_max_deliver_times_is_dead_lettered_answered_and_replaya
     assert_eq!(app.generate_consumer_info().await.num_ack_pending, 0);
 
     // After a fix, the operator replays it: a new job, answered on the original reply subject.
-    let replayed = dead::replay(&app.js, &nats, None, letter.sequence)
-        .await
-        .unwrap();
+    let replayed = replay(&app.js, &nats, None, letter.sequence).await.unwrap();
     let Replayed::Job(new_id) = replayed else {
         panic!("{replayed:?}")
     };
@@ -105,9 +104,7 @@ async fn a_job_delivered_max_deliver_times_is_dead_lettered_answered_and_replaya
     assert_eq!(r["output"], "replayed");
     // Replaying again is the same job: its id does not change.
     assert_eq!(
-        dead::replay(&app.js, &nats, None, letter.sequence)
-            .await
-            .unwrap(),
+        replay(&app.js, &nats, None, letter.sequence).await.unwrap(),
         Replayed::Job(new_id)
     );
     app.teardown().await;
@@ -205,7 +202,7 @@ async fn results_the_database_refuses_are_dead_lettered_and_the_others_recorded(
         .find(|l| l.job_id == evil.to_string())
         .unwrap()
         .sequence;
-    let replayed = dead::replay(&app.js, &app.config.nats, Some(&app.db), seq)
+    let replayed = replay(&app.js, &app.config.nats, Some(&app.db), seq)
         .await
         .unwrap();
     assert_eq!(replayed, Replayed::Usage);
@@ -463,7 +460,7 @@ async fn a_recorder_consumer_made_by_an_older_worker_gets_the_short_ack_wait() {
     let fake = FakeLlmServer::start().await.unwrap();
     let mut app = app_with(&fake).await;
     let nats = app.config.nats.clone();
-    llm_worker::queue::ensure_streams(&app.js, &nats)
+    llm_worker::nats::ensure_streams(&app.js, &nats)
         .await
         .unwrap();
     // As milestone 1 made it: a 60 s ack wait.

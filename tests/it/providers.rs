@@ -5,9 +5,10 @@ use std::time::{Duration, Instant};
 
 use llm_worker::chain::{AttemptMeta, Chain, DeltaSink, Outcome};
 use llm_worker::config::Config;
-use llm_worker::error::ErrorCode;
+use llm_worker::contract::ErrorCode;
+use llm_worker::contract::JobKind;
 use llm_worker::health::{Health, State};
-use llm_worker::job::{Job, JobBody, JobKind};
+use llm_worker::job::{Job, JobBody};
 use llm_worker::pricing::PriceBook;
 use llm_worker::providers::Registry;
 use llm_worker_testkit::{FakeLlmServer, Reply};

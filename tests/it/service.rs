@@ -61,7 +61,7 @@ async fn every_worker_answers_srv_ping_info_and_stats_with_its_job_counts() {
     let jobs = app
         .config
         .nats
-        .job_subject(llm_worker::job::JobKind::Generate);
+        .job_subject(llm_worker::contract::JobKind::Generate);
     assert!(subjects.contains(&&json!(jobs)), "{info:?}");
 
     // Two good jobs and one invalid one, answered by either process.

@@ -140,7 +140,7 @@ async fn results_delivered_twice_to_the_recorder_produce_no_duplicate_rows() {
         .await
         .unwrap();
     // ...and directly, twice in one batch and once more.
-    let event: llm_worker::event::ResultEvent = serde_json::from_value(result).unwrap();
+    let event: llm_worker::contract::ResultEvent = serde_json::from_value(result).unwrap();
     llm_worker::usage::write_batch(&app.db, &[event.clone(), event.clone()])
         .await
         .unwrap();

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use llm_worker::context::{self, Fit, Window};
-use llm_worker::job::{GenerateRequest, Message, Role};
+use llm_worker::contract::{GenerateRequest, Message, Role};
 use llm_worker::tokens::{self, Counter};
 
 use llm_worker_testkit::FakeLlmServer;

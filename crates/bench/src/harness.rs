@@ -13,7 +13,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use llm_worker::config::{Config, NatsConfig};
-use llm_worker::job::JobKind;
+use llm_worker::contract::JobKind;
 use llm_worker_testkit::ScratchDatabase;
 
 /// Where the benchmark runs: the servers and the worker executable.
@@ -92,7 +92,7 @@ url = "{db_url}"
         let js = jetstream::new(client.clone());
         // A cluster that just started elects its JetStream leader first: retry for a while.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while let Err(e) = llm_worker::queue::ensure_streams(&js, &config.nats).await {
+        while let Err(e) = llm_worker::nats::ensure_streams(&js, &config.nats).await {
             if tokio::time::Instant::now() > deadline {
                 return Err(e.into());
             }

@@ -86,7 +86,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         return pipeline::serve(args).await;
     }
     // reqwest is built without a default TLS crypto provider (see llm_worker::providers).
-    llm_worker::providers::install_crypto_provider();
+    llm_worker::tls::install_crypto_provider();
     let bench_exe = std::env::current_exe().context("locating this binary")?;
     let worker_exe = match cli.worker_exe {
         Some(exe) => exe,

@@ -149,7 +149,7 @@ pub async fn serve(args: ProcessArgs) -> anyhow::Result<()> {
         .get_consumer(CONSUMER)
         .await
         .map_err(|e| anyhow::anyhow!("the pipeline's consumer: {e}"))?;
-    llm_worker::providers::install_crypto_provider();
+    llm_worker::tls::install_crypto_provider();
     let http = reqwest::Client::new();
     let mut messages = consumer
         .stream()

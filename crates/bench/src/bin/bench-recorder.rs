@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::message::PublishMessage;
 use chrono::Utc;
 use llm_worker::config::{Config, RecorderConfig};
-use llm_worker::error::ErrorCode;
-use llm_worker::event::{AttemptRecord, ErrorBody, ResultEvent, Status, TokensUsed};
-use llm_worker::job::JobKind;
+use llm_worker::contract::ErrorCode;
+use llm_worker::contract::JobKind;
+use llm_worker::contract::{AttemptRecord, ErrorBody, ResultEvent, Status, TokensUsed};
 use llm_worker::usage::Recorder;
 use llm_worker_testkit::ScratchDatabase;
 use tokio_util::sync::CancellationToken;
@@ -104,9 +104,9 @@ async fn main() -> anyhow::Result<()> {
     config.nats.jobs_stream = format!("BENCH_JOBS_{id}");
     config.nats.consumer_prefix = format!("b{id}");
     config.nats.dead_stream = format!("BENCH_DEAD_{id}");
-    let client = llm_worker::app::connect_nats(&config.nats).await?;
+    let client = llm_worker::nats::connect(&config.nats).await?;
     let js = async_nats::jetstream::new(client.clone());
-    llm_worker::queue::ensure_streams(&js, &config.nats).await?;
+    llm_worker::nats::ensure_streams(&js, &config.nats).await?;
 
     // 1. Throughput: pre-store results, then drain them.
     eprintln!("storing {THROUGHPUT_RESULTS} results...");

@@ -1,5 +1,5 @@
-//! The contract's event messages: `chunk` and `result`, as published on `reply_to` and stored
-//! in `LLM_RESULTS`. Serialization only; publishing lives in `reply`.
+//! The contract's event messages (CONTRACT.md section 3): `chunk` and `result`, as published
+//! on `reply_to` and stored in `LLM_RESULTS`. Serialization only; publishing lives in `reply`.
 //!
 //! The result carries, per attempt, more than the contract's minimum (tokens, cost, timings,
 //! HTTP status): that is what the usage recorder projects into `llm_calls`. Clients ignore
@@ -9,8 +9,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::error::ErrorCode;
-use crate::job::{Envelope, JobKind};
+use super::{Envelope, ErrorCode, JobKind};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub(crate) struct ChunkEvent<'a> {
@@ -95,6 +94,25 @@ pub struct CacheSaving {
     pub cached_inputs: Option<usize>,
 }
 
+/// What fitting changed, reported in the result as `context_trimmed`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Trimmed {
+    /// Context chunks dropped (the last ones).
+    pub chunks_dropped: u32,
+    /// Conversation messages dropped (the oldest ones).
+    pub messages_dropped: u32,
+    /// Prompt tokens before and after (as counted for the model).
+    pub tokens_before: u64,
+    pub tokens_after: u64,
+    /// `max_tokens` as asked and as sent, when fitting lowered it.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub max_tokens_before: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub max_tokens_after: Option<u32>,
+    /// The model's window.
+    pub window: u32,
+}
+
 /// The single final event of a job.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ResultEvent {
@@ -124,7 +142,7 @@ pub struct ResultEvent {
     pub stale: bool,
     /// What context fitting removed so the prompt fit the final attempt's model.
     #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub context_trimmed: Option<crate::context::Trimmed>,
+    pub context_trimmed: Option<Trimmed>,
     pub processing_time_ms: u64,
     pub error: Option<ErrorBody>,
     // Beyond the contract's example, for the usage ledger (clients ignore unknown fields).

@@ -1,0 +1,165 @@
+//! The job side of the contract (CONTRACT.md sections 2 and 6): job kinds, who a job is
+//! ([`Envelope`]), and the validated requests every provider takes: messages and roles,
+//! options and modes. `crate::job` decodes the wire JSON into these.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// The two job kinds, one JetStream subject and one durable consumer each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobKind {
+    Generate,
+    Embed,
+}
+
+impl JobKind {
+    pub(crate) const ALL: [JobKind; 2] = [JobKind::Generate, JobKind::Embed];
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            JobKind::Generate => "generate",
+            JobKind::Embed => "embed",
+        }
+    }
+}
+
+/// Who a job is and where its answers go: known even for many invalid jobs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Envelope {
+    pub job_id: Uuid,
+    pub trace_id: String,
+    pub tenant: String,
+    pub task_type: Option<String>,
+    pub reply_to: Option<String>,
+    pub metadata: serde_json::Value,
+}
+
+#[cfg(test)]
+impl Envelope {
+    /// A fresh job's envelope for `tenant`, as unit tests need one.
+    pub(crate) fn for_test(tenant: &str) -> Self {
+        Self {
+            job_id: uuid::Uuid::now_v7(),
+            trace_id: "t".into(),
+            tenant: tenant.into(),
+            task_type: None,
+            reply_to: None,
+            metadata: serde_json::Value::Null,
+        }
+    }
+}
+
+/// How a job uses the fleet's response cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheMode {
+    /// Answer from the cache when it holds the answer; store a new answer.
+    Use,
+    /// Do not read the cache; store the new answer.
+    Refresh,
+    /// Neither read nor store.
+    Off,
+}
+
+/// A chat conversation ready for any provider.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GenerateRequest {
+    /// The job's system prompt (and system messages), without the retrieval context.
+    pub system: Option<String>,
+    /// Retrieval context, most relevant first; sent as a numbered block after the system
+    /// prompt ([`GenerateRequest::system_text`]). Context fitting drops it from the end.
+    pub context: Vec<String>,
+    /// Non-empty; roles are `user` / `assistant` (system text is in `system`).
+    pub messages: Vec<Message>,
+    pub options: GenerateOptions,
+    /// Publish chunk events as text arrives.
+    pub stream: bool,
+}
+
+impl GenerateRequest {
+    /// The system text providers get: the system prompt, then the context block
+    /// (`Context:` and one `[n] chunk` line per chunk).
+    pub fn system_text(&self) -> Option<std::borrow::Cow<'_, str>> {
+        use std::borrow::Cow;
+        if self.context.is_empty() {
+            return self.system.as_deref().map(Cow::Borrowed);
+        }
+        let mut text = String::new();
+        if let Some(s) = &self.system {
+            text.push_str(s);
+            text.push_str("\n\n");
+        }
+        text.push_str(CONTEXT_HEADER);
+        for (i, chunk) in self.context.iter().enumerate() {
+            text.push_str(&context_line(i, chunk));
+        }
+        Some(Cow::Owned(text))
+    }
+
+    /// The request as providers take it: the context block joined to the system prompt.
+    pub fn as_sent(&self) -> std::borrow::Cow<'_, GenerateRequest> {
+        use std::borrow::Cow;
+        if self.context.is_empty() {
+            return Cow::Borrowed(self);
+        }
+        Cow::Owned(GenerateRequest {
+            system: self.system_text().map(Cow::into_owned),
+            context: Vec::new(),
+            messages: self.messages.clone(),
+            options: self.options.clone(),
+            stream: self.stream,
+        })
+    }
+}
+
+/// The first line of the context block.
+pub(crate) const CONTEXT_HEADER: &str = "Context:\n";
+
+/// The context block's line for chunk `index` (0-based).
+pub(crate) fn context_line(index: usize, chunk: &str) -> String {
+    format!("[{}] {}\n", index + 1, chunk)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    pub role: Role,
+    pub content: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GenerateOptions {
+    pub temperature: Option<f64>,
+    pub max_tokens: Option<u32>,
+    pub top_p: Option<f64>,
+    /// Asks providers that support it (OpenAI, Gemini, Ollama; not Anthropic) for a
+    /// reproducible answer; 0 to 2^31-1.
+    pub seed: Option<u32>,
+    pub stop: Vec<String>,
+    /// Whether context fitting may lower `max_tokens` to what fits (`options.fit`).
+    pub fit: FitMode,
+}
+
+/// What context fitting may change besides dropping context chunks and old messages.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FitMode {
+    /// Lower `max_tokens` to the room the window leaves (never below 16 tokens).
+    #[default]
+    Trim,
+    /// Keep `max_tokens` as asked: a job that does not fit with it is not sent.
+    Strict,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EmbedRequest {
+    pub input: Vec<String>,
+    pub dimensions: Option<u32>,
+}
