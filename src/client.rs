@@ -49,7 +49,7 @@ pub enum ClientError {
     #[error("JetStream did not accept the job: {0}")]
     NotAccepted(String),
     /// No live result within the deadline and none stored yet.
-    #[error("no result within the job's deadline (is a worker running?)")]
+    #[error("no result within the job's deadline")]
     NoResult,
     /// [`JobHandle::wait`] gave up.
     #[error("no result within {0:?}")]
@@ -300,6 +300,46 @@ impl Client {
             pending: None,
             text: String::new(),
         }
+    }
+
+    /// How many worker processes of this deployment consume jobs of `kind`: those that
+    /// answer the NATS service API's `$SRV.INFO.llm-worker` within `wait` with an endpoint on
+    /// this deployment's subject. Returns as soon as one does (`1`), so a running fleet costs
+    /// one round trip; `0` after `wait` means no worker is running (or NATS lost the answers).
+    pub async fn workers(&self, kind: JobKind, wait: Duration) -> Result<usize, ClientError> {
+        #[derive(Deserialize)]
+        struct Info {
+            #[serde(default)]
+            endpoints: Vec<Endpoint>,
+        }
+        #[derive(Deserialize)]
+        struct Endpoint {
+            subject: String,
+        }
+        let inbox = self.nats.new_inbox();
+        let mut answers = self
+            .nats
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| ClientError::Nats(e.to_string()))?;
+        self.nats
+            .publish_with_reply(
+                format!("$SRV.INFO.{}", crate::contract::SERVICE_NAME),
+                inbox,
+                bytes::Bytes::new(),
+            )
+            .await
+            .map_err(|e| ClientError::Nats(e.to_string()))?;
+        let subject = self.config.job_subject(kind);
+        let deadline = tokio::time::Instant::now() + wait;
+        while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, answers.next()).await {
+            let serves = serde_json::from_slice::<Info>(&msg.payload)
+                .is_ok_and(|i| i.endpoints.iter().any(|e| e.subject == subject));
+            if serves {
+                return Ok(1);
+            }
+        }
+        Ok(0)
     }
 
     /// The stored result of `job_id`, if any, whoever's it is (an operator's view: a

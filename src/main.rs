@@ -43,18 +43,26 @@ enum Command {
     Submit {
         /// The prompt; read from stdin when absent.
         prompt: Option<String>,
+        /// The model to ask (pins it on the route's first provider, or on --provider).
         #[arg(long)]
         model: Option<String>,
+        /// A provider name from the configuration to try first (the route's others follow).
         #[arg(long)]
         provider: Option<String>,
+        /// The job's task type: selects the route `routes.<task_type>` (default route otherwise).
         #[arg(long)]
         task_type: Option<String>,
+        /// The tenant the job is billed to (default `default`; with nats.tenant_from_subject
+        /// it also picks the subject).
         #[arg(long)]
         tenant: Option<String>,
+        /// A system prompt.
         #[arg(long)]
         system: Option<String>,
+        /// The most output tokens to ask for.
         #[arg(long)]
         max_tokens: Option<u32>,
+        /// The job's deadline, all fallbacks included (default worker.default_timeout_ms).
         #[arg(long)]
         timeout_ms: Option<u64>,
         /// Ask for the answer in one piece (no chunk events).
@@ -125,10 +133,17 @@ enum Command {
     /// Print usage per day, tenant, provider and model.
     Usage {
         /// How many days back, today included.
-        #[arg(long, default_value_t = 7)]
+        #[arg(long, default_value_t = 7, conflicts_with = "since")]
         days: u32,
+        /// From this day (YYYY-MM-DD, UTC) to today, instead of --days.
+        #[arg(long)]
+        since: Option<chrono::NaiveDate>,
+        /// Only this tenant's usage.
         #[arg(long)]
         tenant: Option<String>,
+        /// Rows shown (the newest); 0 shows all. The total line counts every row.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
     },
 }
 
@@ -416,15 +431,22 @@ async fn command(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
             eprintln!("migrations applied");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Usage { days, tenant } => {
+        Command::Usage {
+            days,
+            since,
+            tenant,
+            limit,
+        } => {
             let pool = llm_worker::usage::connect(&config)
                 .await?
                 .context("DATABASE_URL (or database.url) is not set")?;
             let today = chrono::Utc::now().date_naive();
-            let from = today - chrono::Days::new(u64::from(days.max(1)) - 1);
+            let from =
+                since.unwrap_or_else(|| today - chrono::Days::new(u64::from(days.max(1)) - 1));
             let to = today + chrono::Days::new(1);
             let rows = usage::report::daily(&pool, from, to, tenant.as_deref()).await?;
-            print!("{}", usage::report::render(&rows));
+            let limit = (limit > 0).then_some(limit);
+            print!("{}", usage::report::render_last(&rows, limit));
             Ok(ExitCode::SUCCESS)
         }
         Command::Cancel { job_id, tenant } => {

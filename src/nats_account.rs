@@ -143,6 +143,8 @@ pub(crate) fn orchestrator(nats: &NatsConfig, tenant: Option<&str>) -> Permissio
         format!("$JS.API.DIRECT.GET.{results}.>"),
         format!("$JS.API.STREAM.MSG.GET.{results}"),
         format!("{p}.status"),
+        // `submit` asks whether any worker consumes the jobs (the NATS service API).
+        format!("$SRV.INFO.{}", crate::contract::SERVICE_NAME),
     ]);
     // Cancels carry their tenant (`<prefix>.cancel.<tenant>.<job_id>`): a tenant's user may
     // cancel only its own jobs.

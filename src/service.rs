@@ -26,7 +26,7 @@ use crate::contract::ReplyPolicy;
 use crate::contract::{ResultEvent, Status};
 
 /// The service name every worker registers under.
-pub const NAME: &str = "llm-worker";
+pub use crate::contract::SERVICE_NAME as NAME;
 
 /// Jobs one process answered, per kind (cheap to update from every job).
 #[derive(Default)]

@@ -26,9 +26,31 @@ pub async fn submit(
         .and_then(|t| t.as_str())
         .map(str::to_string);
     let mut handle = client.submit(kind, job, tenant.as_deref(), &[]).await?;
+    let job_id = handle.job_id();
+    let tenant = tenant.unwrap_or_else(|| "default".into());
+    // Say at once (and once) when nobody will answer soon.
+    let no_worker = client
+        .workers(kind, NO_WORKER_WAIT)
+        .await
+        .is_ok_and(|n| n == 0);
+    if no_worker {
+        eprintln!(
+            "no worker of this deployment is running (none answered within {} s): job {job_id} \
+             stays queued and is answered when one starts; waiting for it here until its \
+             deadline (cancel it with: llm-worker cancel {job_id} --tenant {tenant})",
+            NO_WORKER_WAIT.as_secs()
+        );
+    }
     let mut attempt = 0u32;
     while let Some(event) = handle.next().await {
-        match event.context("no result arrived and none is stored yet (is a worker running?)")? {
+        let event = event.with_context(|| {
+            if no_worker {
+                format!("job {job_id} is still queued")
+            } else {
+                format!("job {job_id}: no result arrived and none is stored yet")
+            }
+        })?;
+        match event {
             Event::Chunk(c) => {
                 attempt = c.attempt;
                 write!(out, "{}", c.delta)?;
@@ -40,8 +62,11 @@ pub async fn submit(
             Event::Result(result) => return Ok(finish_output(*result, attempt != 0, out)?),
         }
     }
-    anyhow::bail!("no result arrived and none is stored yet (is a worker running?)")
+    anyhow::bail!("job {job_id}: no result arrived and none is stored yet")
 }
+
+/// How long `submit` waits for a worker to say it consumes the jobs.
+const NO_WORKER_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 fn finish_output(
     result: ResultEvent,

@@ -39,11 +39,14 @@ impl Telemetry {
 pub fn init(config: &TelemetryConfig, default_level: &str, service: &str) -> Telemetry {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    // Colour only on a terminal: a log file or a collector gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let Some(endpoint) = config.otlp_endpoint.as_deref() else {
         // Logs only: one global filter, so disabled callsites cost nothing (per-layer filters
         // would make every callsite ask at run time).
         let builder = tracing_subscriber::fmt()
             .with_env_filter(filter)
+            .with_ansi(ansi)
             .with_writer(std::io::stderr);
         let _ = match config.log_format {
             LogFormat::Json => builder.json().flatten_event(true).try_init(),
@@ -51,7 +54,9 @@ pub fn init(config: &TelemetryConfig, default_level: &str, service: &str) -> Tel
         };
         return Telemetry { traces: None };
     };
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr);
     let fmt = match config.log_format {
         LogFormat::Json => fmt.json().flatten_event(true).with_filter(filter).boxed(),
         LogFormat::Text => fmt.with_filter(filter).boxed(),

@@ -11,6 +11,9 @@
 //!   quoting job values in error texts.
 //! - [`trace`]: the W3C `traceparent` a job may carry.
 
+/// The NATS service API name every worker answers under (`$SRV.PING.llm-worker`, ...).
+pub const SERVICE_NAME: &str = "llm-worker";
+
 pub mod error_code;
 pub mod event;
 pub mod job;

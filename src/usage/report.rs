@@ -40,6 +40,29 @@ pub async fn daily(
     .await
 }
 
+/// Render the last `limit` rows (the newest days; every row with `None`) as an aligned text
+/// table, with a total line over all `rows` and a note of how many were left out.
+pub fn render_last(rows: &[DailyRow], limit: Option<usize>) -> String {
+    let skip = limit.map_or(0, |n| rows.len().saturating_sub(n));
+    let mut out = String::new();
+    if skip > 0 {
+        out.push_str(&format!(
+            "({skip} earlier row(s) not shown: --limit N shows more, --limit 0 all; the total counts them)\n"
+        ));
+    }
+    let table = render(rows);
+    let mut lines = table.lines();
+    if let Some(header) = lines.next() {
+        out.push_str(header);
+        out.push('\n');
+    }
+    for line in lines.skip(skip) {
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
 /// Render rows as an aligned text table with a total line.
 pub fn render(rows: &[DailyRow]) -> String {
     let header = [

@@ -156,3 +156,79 @@ async fn a_publish_is_retried_across_a_nats_restart_without_a_duplicate_job() {
     db.close().await;
     database.drop().await;
 }
+
+#[tokio::test]
+async fn submit_says_at_once_when_no_worker_runs_and_once_a_worker_answers_it_does_not() {
+    let fake = FakeLlmServer::start().await.unwrap();
+    let mut app = TestApp::new(&format!(
+        "{}[routes]\ndefault = [\"openai\"]\n",
+        openai_provider("openai", &fake.base_url(), "gpt-test")
+    ))
+    .await;
+    llm_worker::nats::ensure_streams(&app.js, &app.config.nats)
+        .await
+        .unwrap();
+    let client = Client::with_connection(app.client.clone(), &app.config.nats);
+    assert_eq!(
+        client
+            .workers(JobKind::Generate, Duration::from_millis(500))
+            .await
+            .unwrap(),
+        0
+    );
+
+    // `llm-worker submit` with nobody consuming: it says so within 5 s, and only once.
+    let dir = std::env::temp_dir().join(format!("llmw-submit-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("config.toml");
+    std::fs::write(&config, &app.toml).unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_llm-worker"))
+        .arg("--config")
+        .arg(&config)
+        .args(["submit", "--timeout-ms", "60000", "hello"])
+        .env_remove("DATABASE_URL")
+        .env_remove("NATS_URL")
+        .env_remove("LLM_WORKER_CONFIG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stderr));
+    let said = tokio::time::timeout(Duration::from_secs(5), lines.next_line())
+        .await
+        .expect("submit said nothing within 5 s")
+        .unwrap()
+        .unwrap_or_default();
+    assert!(
+        said.contains("no worker of this deployment is running") && said.contains("stays queued"),
+        "{said}"
+    );
+    // A worker starts: the queued job is answered, and submit ends with its summary.
+    fake.push(Reply::answer(&["hi"], (1, 1)));
+    app.start_worker().await;
+    assert_eq!(
+        client
+            .workers(JobKind::Generate, Duration::from_secs(2))
+            .await
+            .unwrap(),
+        1
+    );
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("submit did not end once a worker answered")
+        .unwrap();
+    assert!(status.success());
+    let mut rest = Vec::new();
+    while let Ok(Some(line)) = lines.next_line().await {
+        rest.push(line);
+    }
+    assert!(
+        !rest.iter().any(|l| l.contains("no worker")),
+        "said more than once: {rest:?}"
+    );
+    assert!(rest.iter().any(|l| l.starts_with("ok ·")), "{rest:?}");
+    let _ = std::fs::remove_dir_all(dir);
+    app.teardown().await;
+}

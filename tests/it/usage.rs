@@ -367,6 +367,15 @@ async fn the_usage_report_sums_the_daily_view() {
         table.contains("no price"),
         "unpriced calls are flagged: {table}"
     );
+    // A short view: the newest row, a note of the one left out, the total over both.
+    let short = llm_worker::usage::report::render_last(&rows, Some(1));
+    assert!(short.starts_with("(1 earlier row(s) not shown"), "{short}");
+    assert!(!short.contains(" a ") && short.contains(" b "), "{short}");
+    assert_eq!(
+        short.lines().find(|l| l.starts_with("total")),
+        Some(total),
+        "{short}"
+    );
     app.teardown().await;
 }
 
