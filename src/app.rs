@@ -83,11 +83,6 @@ pub async fn start_with(
     let mut reload_handle: Option<Reloader> = None;
     if roles.jobs {
         config.require_providers()?;
-        // The tokenizers the routes' models need load in the background, not on a job's time.
-        let models = config.route_models();
-        tokio::task::spawn_blocking(move || {
-            crate::tokens::warm_up(models.iter().map(String::as_str));
-        });
     }
     let config = Arc::new(config);
     let nats_cfg = Arc::new(config.nats.clone());

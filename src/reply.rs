@@ -50,6 +50,8 @@ pub struct Replies {
     nats: Arc<NatsConfig>,
     /// Deltas within this long of the last chunk event wait for the next one.
     chunk_interval: Duration,
+    /// The results stream's handle, made once (each handle holds a clone of the connection).
+    results: Arc<tokio::sync::OnceCell<jetstream::stream::Stream<()>>>,
 }
 
 impl Replies {
@@ -64,6 +66,7 @@ impl Replies {
             js,
             nats,
             chunk_interval,
+            results: Arc::default(),
         }
     }
 
@@ -137,8 +140,8 @@ impl Replies {
     /// The stored result of a job, if there is one.
     pub(crate) async fn stored(&self, job_id: Uuid) -> Result<Option<Bytes>, ReplyError> {
         let stream = self
-            .js
-            .get_stream_no_info(&self.nats.results_stream)
+            .results
+            .get_or_try_init(|| self.js.get_stream_no_info(&self.nats.results_stream))
             .await
             .map_err(|e| ReplyError::Lookup(e.to_string()))?;
         let subject = self.nats.result_subject(&job_id);
@@ -164,8 +167,17 @@ impl Replies {
 /// by a `payload_too_large` error result that is guaranteed to fit: nothing is silently
 /// truncated, and nothing is echoed without a bound (first the output is dropped, then the
 /// metadata and the attempts' messages, then everything but the identity and the error).
-pub(crate) fn encode_result(result: &ResultEvent, max_payload: usize) -> Result<Bytes, ReplyError> {
+/// `max_payload` is asked only for a result over [`SMALL_TEXT`] (asking clones the server's
+/// info: a dozen allocations, on every job otherwise).
+pub(crate) fn encode_result(
+    result: &ResultEvent,
+    max_payload: impl FnOnce() -> usize,
+) -> Result<Bytes, ReplyError> {
     let payload = serde_json::to_vec(result)?;
+    if payload.len() <= SMALL_TEXT {
+        return Ok(Bytes::from(payload));
+    }
+    let max_payload = max_payload();
     let room = max_payload.saturating_sub(HEADER_ROOM);
     if payload.len() <= room {
         return Ok(Bytes::from(payload));

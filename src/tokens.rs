@@ -12,9 +12,11 @@
 //! Counting is not free (about 0.15 ms per 1,000 tokens; `llm-worker bench --only cache`
 //! prints the figure), so callers count only when the answer can change something: context
 //! fitting first checks a byte bound (a token is at least one byte), and usage is estimated
-//! only for calls whose provider reported none. The encodings load on first use (~0.1 s of CPU
-//! and 25-45 MB each); [`warm_up`] loads those the configured routes' models need at start,
-//! off the async threads.
+//! only for calls whose provider reported none. The encodings load on the first count that
+//! needs them (~0.1 s of CPU and 25-45 MB each, off the async pool), not at start: a worker
+//! whose providers report usage and whose prompts fit by their size never loads one.
+
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tiktoken_rs::CoreBPE;
 
@@ -33,12 +35,36 @@ pub enum Encoding {
     Cl100kBase,
 }
 
+/// Whether each encoding has been loaded (`Encoding as usize`).
+static LOADED: [AtomicBool; 2] = [AtomicBool::new(false), AtomicBool::new(false)];
+
 impl Encoding {
+    /// The encoding's tables, loaded on first use (about 0.1 s of CPU): on a multi-threaded
+    /// runtime the first use moves its thread out of the async pool for that time
+    /// (`block_in_place`), so other jobs keep running.
     fn bpe(self) -> &'static CoreBPE {
-        match self {
+        let load = move || match self {
             Encoding::O200kBase => tiktoken_rs::o200k_base_singleton(),
             Encoding::Cl100kBase => tiktoken_rs::cl100k_base_singleton(),
+        };
+        let loaded = &LOADED[self as usize];
+        if loaded.load(Ordering::Acquire) {
+            return load();
         }
+        let on_pool = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        let bpe = if on_pool {
+            tokio::task::block_in_place(load)
+        } else {
+            load()
+        };
+        loaded.store(true, Ordering::Release);
+        bpe
+    }
+
+    /// Whether this encoding's tables are in memory (loaded by a count).
+    pub fn is_loaded(self) -> bool {
+        LOADED[self as usize].load(Ordering::Acquire)
     }
 
     pub fn name(self) -> &'static str {
@@ -131,20 +157,6 @@ pub fn prompt_tokens(counter: &Counter, req: &GenerateRequest) -> u64 {
 /// sizing embedding batches, where counting every input would cost more than it saves.
 pub fn rough(text: &str) -> u64 {
     (text.chars().count() as u64).div_ceil(4)
-}
-
-/// Load now the encodings `models` need (each loads on first use otherwise: ~0.1 s of CPU,
-/// and ~25 MB of memory for cl100k_base, ~45 MB for o200k_base).
-pub fn warm_up<'a>(models: impl IntoIterator<Item = &'a str>) {
-    let needed: Vec<Encoding> = models
-        .into_iter()
-        .map(|m| Counter::for_model(m).encoding)
-        .collect();
-    for e in [Encoding::O200kBase, Encoding::Cl100kBase] {
-        if needed.contains(&e) {
-            let _ = e.bpe();
-        }
-    }
 }
 
 #[cfg(test)]

@@ -623,7 +623,7 @@ impl<O: Outbox> Worker<O> {
         result: &ResultEvent,
         disposal: AckKind,
     ) -> Disposal {
-        let payload = match encode_result(result, self.outbox.max_payload()) {
+        let payload = match encode_result(result, || self.outbox.max_payload()) {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!(error = %e, "cannot encode the result; requeueing");
@@ -737,7 +737,7 @@ impl<O: Outbox> Worker<O> {
         };
         let refusal = ResultEvent::failure(envelope, kind, error, &self.worker_id, received_at);
         if let Some(reply_to) = &envelope.reply_to {
-            match encode_result(&refusal, self.outbox.max_payload()) {
+            match encode_result(&refusal, || self.outbox.max_payload()) {
                 Ok(payload) => self.outbox.publish_live(reply_to, payload).await,
                 Err(e) => tracing::error!(error = %e, "cannot encode the refusal"),
             }

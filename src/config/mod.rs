@@ -634,15 +634,6 @@ pub enum LogFormat {
 }
 
 impl Config {
-    /// Every model the routes (generation and embedding) can send to: each entry's model, or
-    /// its provider's default model.
-    pub(crate) fn route_models(&self) -> Vec<String> {
-        let mut models: Vec<String> = self.route_entries().into_iter().map(|(_, m)| m).collect();
-        models.sort();
-        models.dedup();
-        models
-    }
-
     /// Every (provider, model) the routes (generation and embedding) name, sorted.
     pub fn route_entries(&self) -> Vec<(String, String)> {
         let mut entries: Vec<(String, String)> = self

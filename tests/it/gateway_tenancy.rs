@@ -567,3 +567,46 @@ async fn a_providers_error_text_and_a_huge_trace_id_never_reach_the_client() {
     assert!(err.to_string().len() < 1000);
     s.teardown().await;
 }
+
+#[tokio::test]
+async fn a_repeated_unknown_key_costs_no_postgres_query() {
+    let s = Setup::new("", |_| {}).await;
+    let body = json!({"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]});
+    let (status, _, _) = s
+        .post(
+            "/v1/chat/completions",
+            Some("llmw_unknown-1"),
+            body.to_string(),
+        )
+        .await;
+    assert_eq!(status, 401);
+    // From now on every key query fails: only answers from the gateway's caches still work.
+    sqlx::query("ALTER TABLE llm_api_keys RENAME TO llm_api_keys_away")
+        .execute(&s.app.db)
+        .await
+        .unwrap();
+    let (status, _, _) = s
+        .post(
+            "/v1/chat/completions",
+            Some("llmw_unknown-1"),
+            body.to_string(),
+        )
+        .await;
+    assert_eq!(
+        status, 401,
+        "the same unknown key again: answered from the cache"
+    );
+    let (status, _, err) = s
+        .post(
+            "/v1/chat/completions",
+            Some("llmw_unknown-2"),
+            body.to_string(),
+        )
+        .await;
+    assert_eq!(status, 503, "a new key needs the database: {err}");
+    sqlx::query("ALTER TABLE llm_api_keys_away RENAME TO llm_api_keys")
+        .execute(&s.app.db)
+        .await
+        .unwrap();
+    s.teardown().await;
+}

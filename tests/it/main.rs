@@ -13,6 +13,7 @@ mod cancel;
 mod client;
 mod cluster;
 mod context;
+mod docs;
 mod embed;
 mod fairness;
 mod faults;

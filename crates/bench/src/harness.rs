@@ -28,6 +28,9 @@ pub struct Target {
     pub worker_exe: PathBuf,
     /// This binary, started as the bare pipeline process.
     pub bench_exe: PathBuf,
+    /// Write only the `[nats]` keys every version of the worker knows (for comparing an
+    /// older binary: unknown keys are configuration errors).
+    pub legacy_config: bool,
 }
 
 pub struct Deployment {
@@ -53,25 +56,29 @@ impl Deployment {
         let database = ScratchDatabase::create(&target.database_url, "llmw_bench")
             .await
             .context("creating the benchmark database (DATABASE_URL)")?;
+        let later_keys = if target.legacy_config {
+            String::new()
+        } else {
+            format!(
+                "replicas = {}\ndead_stream = \"BENCH_DEAD_{id}\"\ncancel_stream = \"BENCH_CANCEL_{id}\"\n\
+                 tenant_bucket = \"BENCH_TENANTS_{id}\"\ncache_bucket = \"BENCH_CACHE_{id}\"\n",
+                target.replicas
+            )
+        };
         let toml = format!(
             r#"
 [nats]
 url = "{nats}"
-replicas = {replicas}
 subject_prefix = "bench{id}"
 jobs_stream = "BENCH_JOBS_{id}"
 results_stream = "BENCH_RESULTS_{id}"
-dead_stream = "BENCH_DEAD_{id}"
-cancel_stream = "BENCH_CANCEL_{id}"
-tenant_bucket = "BENCH_TENANTS_{id}"
-cache_bucket = "BENCH_CACHE_{id}"
 consumer_prefix = "bench{id}"
+{later_keys}
 [database]
 url = "{db_url}"
 {extra_toml}
 "#,
             nats = target.nats_url,
-            replicas = target.replicas,
             db_url = database.url,
         );
         let config = Config::from_toml(&toml).context("benchmark worker config")?;
@@ -99,7 +106,11 @@ url = "{db_url}"
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
         let pool = PgPool::connect(&database.url).await?;
-        llm_worker::usage::migrate(&pool).await?;
+        // An older worker (`legacy_config`) migrates the database itself: ours would hold
+        // migrations it does not know, which it refuses.
+        if !target.legacy_config {
+            llm_worker::usage::migrate(&pool).await?;
+        }
         Ok(Self {
             nats: config.nats,
             client,
@@ -190,6 +201,15 @@ url = "{db_url}"
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Resident memory of worker `i` (0-based) now, in bytes (Linux `VmRSS`).
+    pub fn rss(&self, i: usize) -> Option<u64> {
+        let pid = self.workers.get(i)?.id()?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+        let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb * 1024)
     }
 
     /// Peak resident memory of worker `i` (0-based) so far, in bytes (Linux `VmHWM`).

@@ -48,6 +48,15 @@ struct Cli {
     /// per minute, all too large to bind): the cost of the policy checks.
     #[arg(long)]
     tenant_policy: bool,
+    /// The model the workers' fake provider is configured with: `gpt-4o-mini` (what a
+    /// configuration from the environment alone names) measures that model's tokenizer too,
+    /// were it ever loaded.
+    #[arg(long, default_value = "bench-model")]
+    model: String,
+    /// Write only the configuration keys every worker version knows, to benchmark an older
+    /// binary (`--worker-exe`) with this load generator.
+    #[arg(long)]
+    legacy_config: bool,
     #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
     nats_url: String,
     /// The server each scenario creates its own database on.
@@ -103,6 +112,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         database_url: cli.database_url,
         worker_exe,
         bench_exe,
+        legacy_config: cli.legacy_config,
     };
     let options = scenarios::Options {
         only: cli.only,
@@ -112,6 +122,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         max_in_flight: cli.max_in_flight,
         tenant_policy: cli.tenant_policy,
         jobs: cli.jobs,
+        model: cli.model,
     };
     scenarios::run(&target, &options).await?;
     Ok(())

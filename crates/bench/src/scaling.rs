@@ -77,11 +77,7 @@ async fn scaling_on(target: &Target, options: &Options, place: &str) -> anyhow::
     fake.bench_mode(false);
     fake.set_default(short_answer());
     fake.set_latency(Duration::from_millis(100));
-    let mut dep = Deployment::new(
-        target,
-        &worker_toml(&fake, IN_FLIGHT, options.tenant_policy),
-    )
-    .await?;
+    let mut dep = Deployment::new(target, &worker_toml(&fake, IN_FLIGHT, options)).await?;
     let outcome = async {
         let mut rates = Vec::new();
         let mut recorded = 0;

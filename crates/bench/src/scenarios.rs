@@ -59,6 +59,9 @@ pub struct Options {
     pub jobs: Option<usize>,
     /// Every tenant under a policy with budgets and rate limits too large to bind.
     pub tenant_policy: bool,
+    /// The model the workers' provider is configured with (its tokenizer, if counting is
+    /// ever needed, follows from it).
+    pub model: String,
 }
 
 /// One line of the result table.
@@ -162,8 +165,12 @@ tokens_per_minute = 1000000000000
 
 /// Provider and worker settings of a deployment served by `fake` (with a policy for every
 /// tenant when `policy`).
-pub(crate) fn worker_toml(fake: &FakeLlmServer, max_in_flight: usize, policy: bool) -> String {
-    let policy = if policy { EVERY_TENANT_POLICY } else { "" };
+pub(crate) fn worker_toml(fake: &FakeLlmServer, max_in_flight: usize, options: &Options) -> String {
+    let policy = if options.tenant_policy {
+        EVERY_TENANT_POLICY
+    } else {
+        ""
+    };
     format!(
         r#"
 [worker]
@@ -171,9 +178,10 @@ max_in_flight = {max_in_flight}
 [providers.fake]
 type = "openai"
 base_url = "{}"
-default_model = "bench-model"
+default_model = "{}"
 {policy}"#,
-        fake.base_url()
+        fake.base_url(),
+        options.model,
     )
 }
 
@@ -185,11 +193,7 @@ pub(crate) async fn short_answers_deployment(
     let fake = FakeLlmServer::start().await?;
     fake.bench_mode(false);
     fake.set_default(short_answer());
-    let dep = Deployment::new(
-        target,
-        &worker_toml(&fake, options.max_in_flight, options.tenant_policy),
-    )
-    .await?;
+    let dep = Deployment::new(target, &worker_toml(&fake, options.max_in_flight, options)).await?;
     Ok((fake, dep))
 }
 
@@ -285,14 +289,24 @@ async fn single_worker(
     wants: &dyn Fn(Scenario) -> bool,
 ) -> anyhow::Result<Vec<Row>> {
     let (fake, mut dep) = short_answers_deployment(target, options).await?;
-    sqlx::query(
-        "INSERT INTO llm_prices (provider, model, effective_from, input_usd_per_mtok, output_usd_per_mtok)
-         VALUES ('fake', 'bench-model', '2020-01-01', 2.5, 10)",
-    )
-    .execute(&dep.pool)
-    .await?;
+    let pool = dep.pool.clone();
+    let price = || {
+        sqlx::query(
+            "INSERT INTO llm_prices (provider, model, effective_from, input_usd_per_mtok, output_usd_per_mtok)
+             VALUES ('fake', $1, '2020-01-01', 2.5, 10)",
+        )
+        .bind(&options.model)
+        .execute(&pool)
+    };
+    // An older worker makes its tables itself, at start (see `Target::legacy_config`).
+    if !target.legacy_config {
+        price().await?;
+    }
     let outcome = async {
         dep.spawn_worker().await?;
+        if target.legacy_config {
+            price().await?;
+        }
         let mut rows = Vec::new();
         let subject = dep.job_subject();
         let mut recorded = 0;
@@ -351,6 +365,48 @@ async fn single_worker(
                     "",
                 ));
             }
+            if let Some(rss) = dep.rss(0) {
+                rows.push(row(
+                    format!(
+                        "worker resident memory after {} short jobs (model {})",
+                        thousands(short_n as f64),
+                        options.model
+                    ),
+                    format!("{:.0} MB", rss as f64 / 1e6),
+                    "≤ 50 MB",
+                ));
+            }
+        }
+        if wants(Scenario::Throughput) {
+            // The same short answers, streamed: three deltas, each a chunk event or coalesced.
+            let n = short_n / 2;
+            let cpu_before = dep.cpu_time(0);
+            let (sent, received) =
+                round(&dep.client, &dep.js, &subject, n, true, Pace::Burst, false).await?;
+            recorded += n;
+            let answered = rate(
+                n,
+                &sent,
+                received.last_result().unwrap_or_else(Instant::now),
+            );
+            dep.require_rows(recorded).await?;
+            let cpu = cpu_used(cpu_before, dep.cpu_time(0));
+            rows.push(row(
+                format!(
+                    "throughput: {} short streamed jobs (3 deltas), publish → result",
+                    thousands(n as f64)
+                ),
+                format!(
+                    "{} jobs/s ({} chunk events/s){}",
+                    thousands(answered),
+                    thousands(received.chunks as f64 * answered / n as f64),
+                    cpu.map_or(String::new(), |c| format!(
+                        ", {} worker CPU per job",
+                        per_job(c, n)
+                    ))
+                ),
+                "",
+            ));
         }
         if wants(Scenario::Throughput) {
             let n = if options.quick { 500 } else { 2_000 };
@@ -619,7 +675,7 @@ async fn concurrency(target: &Target, options: &Options) -> anyhow::Result<Vec<R
         (secs * 10) as usize,
         Duration::from_millis(100),
     ));
-    let mut dep = Deployment::new(target, &worker_toml(&fake, n, options.tenant_policy)).await?;
+    let mut dep = Deployment::new(target, &worker_toml(&fake, n, options)).await?;
     let outcome = async {
         dep.spawn_worker().await?;
         let reply_prefix = format!("_INBOX.bench{}", uuid::Uuid::new_v4().simple());
