@@ -54,6 +54,15 @@ pub struct AttemptMeta<'a> {
 /// at the end of every attempt.
 pub trait DeltaSink: Send {
     fn delta(&mut self, meta: AttemptMeta<'_>, text: &str) -> impl Future<Output = ()> + Send;
+    /// A piece of a streamed tool call (after any held-back text, which it flushes).
+    fn tool_call(
+        &mut self,
+        meta: AttemptMeta<'_>,
+        chunk: &crate::contract::ToolCallChunk,
+    ) -> impl Future<Output = ()> + Send {
+        let _ = (meta, chunk);
+        async {}
+    }
     /// When held-back text must be sent, if any is held.
     fn flush_at(&self) -> Option<Instant> {
         None
@@ -87,6 +96,10 @@ pub struct Success {
     pub provider: String,
     pub model: String,
     pub output: String,
+    /// The tool calls of the answer, validated against the job's tools.
+    pub tool_calls: Vec<crate::contract::ToolCall>,
+    /// With a JSON `response_format`: the answer parsed (and validated against its schema).
+    pub json: Option<serde_json::Value>,
     pub finish_reason: String,
     pub usage: Usage,
     /// What context fitting removed to make the request fit this attempt's model.
@@ -273,8 +286,23 @@ impl Chain {
         let mut attempts: Vec<AttemptRecord> = Vec::new();
         let mut skipped: Vec<String> = Vec::new();
         let mut too_long: Vec<(String, TooLong)> = Vec::new();
+        // Entries whose model cannot take the job, and what they lack.
+        let mut unable: Vec<String> = Vec::new();
         let mut timed_out = false;
+        let needs = req.needs();
         'targets: for target in &targets {
+            if !needs.is_plain() {
+                let missing = target.provider.capabilities(&target.model).missing(needs);
+                if !missing.is_empty() {
+                    unable.push(format!(
+                        "{}:{} ({})",
+                        target.provider.name,
+                        target.model,
+                        missing.join(", ")
+                    ));
+                    continue 'targets;
+                }
+            }
             let (sent, trimmed) = match fit(target, req).await {
                 Ok(fitted) => fitted,
                 Err(t) => {
@@ -352,18 +380,26 @@ impl Chain {
                 }
             }
         }
+        let nothing_sent = attempts.is_empty() && skipped.is_empty() && !timed_out;
         let error = match too_long.iter().max_by_key(|(_, t)| t.window) {
+            // No entry of the route takes what the job needs: nothing was sent.
+            _ if nothing_sent && !unable.is_empty() && too_long.is_empty() => ErrorBody {
+                code: ErrorCode::Unsupported,
+                message: format!(
+                    "no entry of the route can take the job: {}",
+                    unable.join("; ")
+                ),
+                retryable: false,
+            },
             // No model of the route can take the prompt: nothing was sent.
-            Some((name, t)) if attempts.is_empty() && skipped.is_empty() && !timed_out => {
-                ErrorBody {
-                    code: ErrorCode::ContextTooLong,
-                    message: format!(
-                        "no model of the route can take it: {name} has the largest window: {}",
-                        t.describe()
-                    ),
-                    retryable: false,
-                }
-            }
+            Some((name, t)) if nothing_sent => ErrorBody {
+                code: ErrorCode::ContextTooLong,
+                message: format!(
+                    "no model of the route can take it: {name} has the largest window: {}",
+                    t.describe()
+                ),
+                retryable: false,
+            },
             _ => {
                 let mut error = chain_error(&attempts, &skipped, timed_out, targets.is_empty());
                 if !too_long.is_empty() {
@@ -371,6 +407,12 @@ impl Chain {
                     error.message.push_str(&format!(
                         "; not sent (context too long): {}",
                         names.join(", ")
+                    ));
+                }
+                if !unable.is_empty() {
+                    error.message.push_str(&format!(
+                        "; not sent (cannot take the job): {}",
+                        unable.join("; ")
                     ));
                 }
                 error
@@ -683,8 +725,12 @@ pub(crate) fn chain_error(
             retryable: false,
         };
     }
-    let code = if !codes.is_empty() && codes.iter().all(|c| *c == ErrorCode::ContextTooLong) {
+    let all = |code: ErrorCode| !codes.is_empty() && codes.iter().all(|c| *c == code);
+    let code = if all(ErrorCode::ContextTooLong) {
         ErrorCode::ContextTooLong
+    } else if all(ErrorCode::InvalidOutput) {
+        // Every answer broke the job's rules (tool arguments, JSON schema).
+        ErrorCode::InvalidOutput
     } else {
         ErrorCode::AllProvidersFailed
     };
@@ -704,6 +750,7 @@ pub(crate) fn chain_error(
 }
 
 mod attempt;
+mod output;
 #[cfg(test)]
 mod tests;
 

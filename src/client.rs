@@ -70,11 +70,19 @@ pub struct Chunk {
     pub attempt: u32,
     pub provider: String,
     pub model: String,
+    /// Text of the answer (empty on a chunk carrying a piece of a tool call).
+    #[serde(default)]
     pub delta: String,
+    /// A piece of a tool call: its id and name first, then fragments of its arguments.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call: Option<crate::contract::ToolCallChunk>,
 }
 
 /// One event of a job, as the client sees it.
 #[derive(Debug, Clone)]
+// A chunk is the common event: boxing it would allocate per event to save the rare others'
+// bytes.
+#[allow(clippy::large_enum_variant)]
 pub enum Event {
     /// Text of the current attempt.
     Chunk(Chunk),

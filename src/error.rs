@@ -72,6 +72,8 @@ impl ProviderError {
             | ErrorCode::NotFound
             | ErrorCode::DimensionMismatch
             | ErrorCode::ResponseTooLarge
+            | ErrorCode::InvalidOutput
+            | ErrorCode::Unsupported
             | ErrorCode::PayloadTooLarge => Disposition::Fallback,
             ErrorCode::ContentFiltered
             | ErrorCode::InvalidJob

@@ -148,6 +148,8 @@ pub(crate) fn is_provider_fault(e: &ProviderError) -> bool {
             | ErrorCode::Cancelled
             | ErrorCode::DeadLettered
             | ErrorCode::BudgetExceeded
+            | ErrorCode::InvalidOutput
+            | ErrorCode::Unsupported
     )
 }
 

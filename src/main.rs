@@ -68,6 +68,12 @@ enum Command {
         /// Ask for the answer in one piece (no chunk events).
         #[arg(long)]
         no_stream: bool,
+        /// Show the model an image file (.png, .jpg, .gif, .webp) with the prompt; repeatable.
+        #[arg(long = "image", conflicts_with = "embed")]
+        images: Vec<PathBuf>,
+        /// Ask for a JSON answer matching this JSON Schema file (the result's `json`).
+        #[arg(long, conflicts_with = "embed")]
+        json_schema: Option<PathBuf>,
         /// Submit this raw job JSON (a file path, or - for stdin) instead of building one.
         #[arg(long, conflicts_with = "prompt")]
         job: Option<String>,
@@ -274,6 +280,8 @@ async fn command(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
             max_tokens,
             timeout_ms,
             no_stream,
+            images,
+            json_schema,
             job,
             json,
             embed,
@@ -293,6 +301,17 @@ async fn command(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
                 system,
                 max_tokens,
                 stream: !no_stream,
+                images: images
+                    .iter()
+                    .map(|p| submit::image_part(p))
+                    .collect::<anyhow::Result<_>>()?,
+                json_schema: match json_schema {
+                    Some(path) => Some(
+                        serde_json::from_str(&read_source(&path.to_string_lossy())?)
+                            .context("the JSON Schema file is not valid JSON")?,
+                    ),
+                    None => None,
+                },
                 dimensions,
             };
             let job = match job {

@@ -15,7 +15,7 @@ use uuid::Uuid;
 use crate::chain::{AttemptMeta, DeltaSink};
 use crate::config::NatsConfig;
 use crate::contract::ErrorCode;
-use crate::contract::{ChunkEvent, ErrorBody, ResultEvent, Status};
+use crate::contract::{ChunkEvent, ErrorBody, ResultEvent, Status, ToolCallChunk};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplyError {
@@ -271,6 +271,16 @@ impl ChunkPublisher {
     }
 
     async fn publish_one(&mut self, meta: AttemptMeta<'_>, text: &str) {
+        self.publish_event(meta, Some(text), None).await;
+    }
+
+    /// One chunk event: text, or a piece of a tool call.
+    async fn publish_event(
+        &mut self,
+        meta: AttemptMeta<'_>,
+        delta: Option<&str>,
+        tool_call: Option<ToolCallChunk>,
+    ) {
         let Some(subject) = &self.subject else {
             return;
         };
@@ -282,7 +292,8 @@ impl ChunkPublisher {
             attempt: meta.attempt,
             provider: meta.provider,
             model: meta.model,
-            delta: text,
+            delta,
+            tool_call,
         };
         let payload = match serde_json::to_vec(&event) {
             Ok(p) => Bytes::from(p),
@@ -303,6 +314,16 @@ impl ChunkPublisher {
 }
 
 impl DeltaSink for ChunkPublisher {
+    /// Tool-call pieces are not coalesced: each is an event, after any held text (so events
+    /// keep the answer's order). Arguments are small; the pieces are bounded by the answer's.
+    async fn tool_call(&mut self, meta: AttemptMeta<'_>, chunk: &ToolCallChunk) {
+        if self.subject.is_none() {
+            return;
+        }
+        self.flush().await;
+        self.publish_event(meta, None, Some(chunk.clone())).await;
+    }
+
     async fn delta(&mut self, meta: AttemptMeta<'_>, text: &str) {
         if self.subject.is_none() {
             return;

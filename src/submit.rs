@@ -76,6 +76,13 @@ fn finish_output(
     if !streamed && let Some(text) = &result.output {
         write!(out, "{text}")?;
     }
+    for call in result.tool_calls.iter().flatten() {
+        writeln!(
+            out,
+            "[tool call {} {}({})]",
+            call.id, call.name, call.arguments
+        )?;
+    }
     if (result.status == Status::Ok && result.embeddings.is_none()) || streamed {
         writeln!(out)?;
     }
@@ -95,16 +102,62 @@ pub struct Fields {
     pub system: Option<String>,
     pub max_tokens: Option<u32>,
     pub stream: bool,
+    /// Images shown with the prompt: (media type, base64 bytes).
+    pub images: Vec<(String, String)>,
+    /// A JSON Schema the answer must match (`response_format: json_schema`).
+    pub json_schema: Option<serde_json::Value>,
     /// Embedding only.
     pub dimensions: Option<u32>,
+}
+
+/// An image file as a job's image part: its media type (from its extension) and its bytes
+/// in base64.
+pub fn image_part(path: &std::path::Path) -> anyhow::Result<(String, String)> {
+    use base64::Engine as _;
+    let media_type = match path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
+        Some("png") => "image/png",
+        Some("jpg" | "jpeg") => "image/jpeg",
+        Some("gif") => "image/gif",
+        Some("webp") => "image/webp",
+        _ => anyhow::bail!(
+            "{}: an image must be .png, .jpg, .gif or .webp",
+            path.display()
+        ),
+    };
+    let bytes =
+        std::fs::read(path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+    Ok((
+        media_type.to_string(),
+        base64::engine::general_purpose::STANDARD.encode(bytes),
+    ))
 }
 
 /// The job JSON for a prompt (generation) or for inputs (embeddings).
 pub fn build_job(kind: JobKind, text: Vec<String>, f: &Fields) -> serde_json::Value {
     let mut job = match kind {
+        JobKind::Generate if !f.images.is_empty() => {
+            // The prompt and its images as one user message of parts.
+            let mut parts = vec![serde_json::json!({"type": "text", "text": text.concat()})];
+            parts.extend(f.images.iter().map(|(media_type, data)| {
+                serde_json::json!({"type": "image", "data": data, "media_type": media_type})
+            }));
+            serde_json::json!({"messages": [{"role": "user", "content": parts}],
+                               "stream": f.stream})
+        }
         JobKind::Generate => serde_json::json!({"prompt": text.concat(), "stream": f.stream}),
         JobKind::Embed => serde_json::json!({"input": text}),
     };
+    if kind == JobKind::Generate
+        && let Some(schema) = &f.json_schema
+    {
+        job["response_format"] =
+            serde_json::json!({"type": "json_schema", "name": "answer", "schema": schema});
+    }
     let common = [
         ("model", f.model.clone().map(Into::into)),
         ("provider", f.provider.clone().map(Into::into)),
@@ -218,6 +271,20 @@ mod tests {
         assert_eq!(
             build_job(JobKind::Embed, vec!["a".into(), "b".into()], &f),
             serde_json::json!({"input": ["a", "b"], "model": "m", "options": {"dimensions": 8}})
+        );
+        // An image and a schema: one user message of parts, and a JSON response format.
+        let rich = Fields {
+            images: vec![("image/png".into(), "iVBO".into())],
+            json_schema: Some(serde_json::json!({"type": "object"})),
+            ..Default::default()
+        };
+        assert_eq!(
+            build_job(JobKind::Generate, vec!["what?".into()], &rich),
+            serde_json::json!({"stream": false, "messages": [{"role": "user", "content": [
+                {"type": "text", "text": "what?"},
+                {"type": "image", "data": "iVBO", "media_type": "image/png"}]}],
+                "response_format": {"type": "json_schema", "name": "answer",
+                                    "schema": {"type": "object"}}})
         );
     }
 

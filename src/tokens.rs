@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use tiktoken_rs::CoreBPE;
 
-use crate::contract::GenerateRequest;
+use crate::contract::{GenerateRequest, Message, Tool};
 
 /// Tokens a chat message costs beyond its text (role and separators; OpenAI's published
 /// figure for its chat models, used for every provider).
@@ -83,22 +83,26 @@ pub struct Counter {
     pub exact: bool,
 }
 
+/// OpenAI's model families since GPT-4o (name prefixes): they count with `o200k_base`, and
+/// `providers::capabilities` knows them as taking tools, images and JSON output.
+pub const O200K_FAMILIES: &[&str] = &[
+    "gpt-4o",
+    "chatgpt-4o",
+    "gpt-4.1",
+    "gpt-4.5",
+    "gpt-5",
+    "o1",
+    "o3",
+    "o4",
+];
+
 impl Counter {
     /// The counter for `model` (a `vendor/model` name counts as `model`).
     pub fn for_model(model: &str) -> Self {
         let name = model.rsplit('/').next().unwrap_or(model);
         let name = name.to_ascii_lowercase();
         let starts = |prefixes: &[&str]| prefixes.iter().any(|p| name.starts_with(p));
-        if starts(&[
-            "gpt-4o",
-            "chatgpt-4o",
-            "gpt-4.1",
-            "gpt-4.5",
-            "gpt-5",
-            "o1",
-            "o3",
-            "o4",
-        ]) {
+        if starts(O200K_FAMILIES) {
             Self {
                 encoding: Encoding::O200kBase,
                 exact: true,
@@ -148,9 +152,53 @@ pub fn prompt_tokens(counter: &Counter, req: &GenerateRequest) -> u64 {
     let system = req
         .system_text()
         .map_or(0, |s| counter.count(&s) + PER_MESSAGE);
-    req.messages.iter().fold(system + PER_PROMPT, |n, m| {
-        n + counter.count(&m.content) + PER_MESSAGE
-    })
+    let fixed = system + PER_PROMPT + tools_tokens(counter, &req.tools);
+    req.messages
+        .iter()
+        .fold(fixed, |n, m| n + message_tokens(counter, m))
+}
+
+/// Tokens an image costs, an estimate (the size of an image is not read): OpenAI's published
+/// figures, 85 for `detail: "low"`, else 765 (a 1024x1024 image at `high` or `auto`). Anthropic
+/// and Gemini count images of that size at about 1,400 and 258 tokens.
+pub const IMAGE_TOKENS: u64 = 765;
+pub const IMAGE_TOKENS_LOW: u64 = 85;
+/// Tokens each tool definition costs beyond its text (its framing), an estimate.
+pub const PER_TOOL: u64 = 8;
+
+/// Tokens of one message: its text, its images (estimated), its tool calls (name, id and
+/// arguments as JSON text) or the id of the call it answers, and the chat overhead.
+pub fn message_tokens(counter: &Counter, m: &Message) -> u64 {
+    let images: u64 = m
+        .images
+        .iter()
+        .map(|i| match i.detail.as_deref() {
+            Some("low") => IMAGE_TOKENS_LOW,
+            _ => IMAGE_TOKENS,
+        })
+        .sum();
+    let calls: u64 = m
+        .tool_calls
+        .iter()
+        .map(|c| {
+            counter.count(&c.name) + counter.count(&c.id) + counter.count(&c.arguments.to_string())
+        })
+        .sum();
+    let answered = m.tool_call_id.as_deref().map_or(0, |id| counter.count(id));
+    counter.count(&m.content) + PER_MESSAGE + images + calls + answered
+}
+
+/// Tokens of the tool definitions (name, description, parameters as JSON text).
+pub fn tools_tokens(counter: &Counter, tools: &[Tool]) -> u64 {
+    tools
+        .iter()
+        .map(|t| {
+            PER_TOOL
+                + counter.count(&t.name)
+                + t.description.as_deref().map_or(0, |d| counter.count(d))
+                + counter.count(&t.parameters.to_string())
+        })
+        .sum()
 }
 
 /// A rough count without a tokenizer (about four characters per token for English), for
@@ -196,10 +244,7 @@ mod tests {
         use crate::contract::{Message, Role};
         let req = GenerateRequest {
             system: Some("hello world".into()),
-            messages: vec![Message {
-                role: Role::User,
-                content: "hello world".into(),
-            }],
+            messages: vec![Message::text(Role::User, "hello world")],
             ..Default::default()
         };
         let c = Counter::for_model("gpt-4o");

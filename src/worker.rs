@@ -581,6 +581,8 @@ impl<O: Outbox> Worker<O> {
                 result.status = Status::Ok;
                 result.error = None;
                 result.output = Some(success.output);
+                result.tool_calls = (!success.tool_calls.is_empty()).then_some(success.tool_calls);
+                result.json = success.json;
                 result.finish_reason = Some(success.finish_reason);
                 result.tokens_used =
                     TokensUsed::new(success.usage.input_tokens, success.usage.output_tokens);

@@ -111,8 +111,13 @@ pub(crate) fn embed_mode(job: &Job, said: Said) -> CacheMode {
 }
 
 /// Whether a generation job reads the cache (`Use`), only writes it (`Refresh`), or neither;
-/// by default `Use` for a deterministic job (temperature 0 or a seed), else `Off`.
+/// by default `Use` for a deterministic job (temperature 0 or a seed), else `Off`. A job with
+/// tools, images or a response format never uses it: a cached answer holds text only (not
+/// tool calls), and its key does not cover those fields.
 pub(crate) fn mode(job: &Job, req: &GenerateRequest, said: Said) -> CacheMode {
+    if !req.needs().is_plain() || !req.tools.is_empty() || req.response_format.is_some() {
+        return CacheMode::Off;
+    }
     let deterministic = req.options.temperature == Some(0.0) || req.options.seed.is_some();
     let default = if deterministic {
         CacheMode::Use
@@ -323,10 +328,7 @@ mod tests {
     fn job(temperature: Option<f64>, cache: Option<CacheMode>) -> (Job, GenerateRequest) {
         let req = GenerateRequest {
             system: None,
-            messages: vec![Message {
-                role: Role::User,
-                content: "hi".into(),
-            }],
+            messages: vec![Message::text(Role::User, "hi")],
             options: GenerateOptions {
                 temperature,
                 ..Default::default()

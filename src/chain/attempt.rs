@@ -47,6 +47,8 @@ pub(super) async fn attempt<S: DeltaSink>(
     let mut started = false;
     // Text events received: the output estimate of protocols that stream a token per event.
     let mut text_events: u64 = 0;
+    // Tool calls as they arrive, by index: id, name, arguments text.
+    let mut calls: Vec<PendingCall> = Vec::new();
 
     // One cancellation waiter for the whole attempt (registered once, not per event).
     let cancelled = cancel.cancelled();
@@ -74,7 +76,7 @@ pub(super) async fn attempt<S: DeltaSink>(
                 let limit = if finish.is_some() {
                     // Only trailing usage can follow a finish: wait briefly, then finish without it.
                     (Instant::now() + FINISH_TAIL).min(deadline)
-                } else if output.is_empty() {
+                } else if output.is_empty() && calls.is_empty() {
                     first_token_limit
                 } else {
                     (last_text + provider.timeouts.stall).min(deadline)
@@ -98,7 +100,9 @@ pub(super) async fn attempt<S: DeltaSink>(
                 };
                 match next {
                     Err(_) if finish.is_some() => break None,
-                    Err(_) => break Some(limit_error(deadline, output.is_empty())),
+                    Err(_) => {
+                        break Some(limit_error(deadline, output.is_empty() && calls.is_empty()));
+                    }
                     Ok(None) if finish.is_some() => break None,
                     Ok(None) => {
                         break Some(ProviderError::new(
@@ -109,17 +113,26 @@ pub(super) async fn attempt<S: DeltaSink>(
                     Ok(Some(Err(e))) => break Some(e),
                     Ok(Some(Ok(ProviderEvent::Delta(text)))) => {
                         if output.len() + text.len() > max_output_bytes {
-                            break Some(ProviderError::new(
-                                ErrorCode::ResponseTooLarge,
-                                format!(
-                                    "the answer went over {max_output_bytes} bytes (limits.max_output_bytes)"
-                                ),
-                            ));
+                            break Some(too_large(max_output_bytes));
                         }
                         last_text = Instant::now();
                         ttft.get_or_insert(last_text - t0);
                         sink.delta(meta, &text).await;
                         output.push_str(&text);
+                        text_events += 1;
+                    }
+                    Ok(Some(Ok(ProviderEvent::ToolCall(chunk)))) => {
+                        let size = output.len()
+                            + calls.iter().map(PendingCall::len).sum::<usize>()
+                            + chunk.arguments.len();
+                        if size > max_output_bytes {
+                            break Some(too_large(max_output_bytes));
+                        }
+                        // A tool call is output: it starts the answer and keeps it alive.
+                        last_text = Instant::now();
+                        ttft.get_or_insert(last_text - t0);
+                        sink.tool_call(meta, &chunk).await;
+                        PendingCall::add(&mut calls, chunk);
                         text_events += 1;
                     }
                     Ok(Some(Ok(ProviderEvent::Finish(reason)))) => finish = Some(reason),
@@ -141,7 +154,7 @@ pub(super) async fn attempt<S: DeltaSink>(
         (&output, text_events),
     );
     let finished_at = Utc::now();
-    let record = AttemptRecord {
+    let mut record = AttemptRecord {
         attempt: number,
         provider: provider.name.clone(),
         model: target.model.clone(),
@@ -162,18 +175,70 @@ pub(super) async fn attempt<S: DeltaSink>(
     };
     let result = match (error, finish) {
         (Some(e), _) => Err(e),
-        (None, Some(finish_reason)) => Ok(Success {
-            attempt: number,
-            provider: provider.name.clone(),
-            model: target.model.clone(),
-            output,
-            finish_reason: finish_reason.as_str().to_string(),
-            usage: tokens,
-            context_trimmed: None,
-        }),
+        (None, Some(finish_reason)) => {
+            super::output::checked(req, output, calls).map(|(output, tool_calls, json)| Success {
+                attempt: number,
+                provider: provider.name.clone(),
+                model: target.model.clone(),
+                output,
+                tool_calls,
+                json,
+                finish_reason: finish_reason.as_str().to_string(),
+                usage: tokens,
+                context_trimmed: None,
+            })
+        }
         (None, None) => Err(ProviderError::new(ErrorCode::Truncated, "no finish signal")),
     };
+    // An answer that broke the job's rules was billed like any other: record why it failed.
+    if let Err(e) = &result
+        && e.code == ErrorCode::InvalidOutput
+    {
+        record.error = Some(ErrorBody {
+            code: e.code,
+            message: e.message.clone(),
+            retryable: false,
+        });
+    }
     (record, result)
+}
+
+/// A tool call being assembled from its pieces.
+pub(super) struct PendingCall {
+    pub id: String,
+    pub name: String,
+    pub arguments: String,
+}
+
+impl PendingCall {
+    fn len(&self) -> usize {
+        self.id.len() + self.name.len() + self.arguments.len()
+    }
+
+    /// Add a piece to the call it belongs to (by index; a new index starts a call).
+    fn add(calls: &mut Vec<PendingCall>, chunk: crate::contract::ToolCallChunk) {
+        let at = chunk.index as usize;
+        // Indexes come in order from 0; a gap (a provider's own numbering) appends.
+        let call = match calls.get_mut(at) {
+            Some(call) => call,
+            None => {
+                calls.push(PendingCall {
+                    id: String::new(),
+                    name: String::new(),
+                    arguments: String::new(),
+                });
+                let last = calls.len() - 1;
+                &mut calls[last]
+            }
+        };
+        if let Some(id) = chunk.id {
+            call.id = id;
+        }
+        if let Some(name) = chunk.name {
+            call.name.push_str(&name);
+        }
+        call.arguments.push_str(&chunk.arguments);
+    }
 }
 
 /// The tokens an attempt is billed: usage reported by a call that ended normally is final. A
@@ -232,4 +297,12 @@ fn limit_error(deadline: Instant, before_first_text: bool) -> ProviderError {
             "the stream stalled: no text within the stall limit",
         )
     }
+}
+
+/// The error of an answer that went over `limits.max_output_bytes`.
+fn too_large(max_output_bytes: usize) -> ProviderError {
+    ProviderError::new(
+        ErrorCode::ResponseTooLarge,
+        format!("the answer went over {max_output_bytes} bytes (limits.max_output_bytes)"),
+    )
 }

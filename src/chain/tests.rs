@@ -49,10 +49,7 @@ default = ["a", "b"]
 fn job() -> (Job, GenerateRequest) {
     let req = GenerateRequest {
         system: None,
-        messages: vec![Message {
-            role: Role::User,
-            content: "hi".into(),
-        }],
+        messages: vec![Message::text(Role::User, "hi")],
         options: GenerateOptions::default(),
         stream: true,
         ..Default::default()

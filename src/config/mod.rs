@@ -25,7 +25,10 @@ use secrecy::SecretString;
 use serde::Deserialize;
 
 pub use env::EnvLookup;
-pub use provider::{Api, EmbedBatching, MaxTokensField, ProviderConfig, RouteEntry, model_allowed};
+pub use provider::{
+    Api, Capability, EmbedBatching, MaxTokensField, ProviderConfig, RouteEntry, by_model,
+    model_allowed,
+};
 
 /// A configuration problem, naming the key at fault.
 #[derive(Debug, thiserror::Error)]
@@ -285,6 +288,15 @@ pub struct LimitsConfig {
     pub max_embed_input_bytes: usize,
     /// Text of one attempt's answer, streamed or not.
     pub max_output_bytes: usize,
+    /// Images in one job, and the bytes of one (decoded from base64).
+    pub max_images: usize,
+    pub max_image_bytes: usize,
+    /// Tools one job may offer.
+    pub max_tools: usize,
+    /// A JSON Schema (a tool's parameters, a response format): its size as JSON, and how
+    /// deeply it nests.
+    pub max_schema_bytes: usize,
+    pub max_schema_depth: usize,
     /// A non-streamed response body (answers and embeddings).
     pub max_response_bytes: usize,
     /// An error response body: only this much is read (and classified).
@@ -310,6 +322,11 @@ impl Default for LimitsConfig {
             max_embed_inputs: 2048,
             max_embed_input_bytes: 1024 * 1024,
             max_output_bytes: 512 * 1024,
+            max_images: 8,
+            max_image_bytes: 5 * 1024 * 1024,
+            max_tools: 64,
+            max_schema_bytes: 64 * 1024,
+            max_schema_depth: 32,
             max_response_bytes: 16 * 1024 * 1024,
             max_error_body_bytes: 64 * 1024,
             max_line_bytes: 1024 * 1024,

@@ -108,6 +108,41 @@ pub struct ProviderConfig {
     /// Context windows in tokens by model (exact names, `prefix*`, or `*` for any other),
     /// over the built-in table (`crate::context`).
     pub context_windows: std::collections::BTreeMap<String, u32>,
+    /// What models take beyond text, by model (exact names, `prefix*`, or `*`), over the
+    /// built-in table (`crate::providers::capabilities`): an entry that lacks what a job
+    /// needs is skipped without a call.
+    pub capabilities: std::collections::BTreeMap<String, Vec<Capability>>,
+}
+
+/// What a model may take beyond text (`providers.<name>.capabilities`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Capability {
+    /// Tool definitions, tool calls and tool results.
+    Tools,
+    /// Images in user messages (as bytes).
+    Images,
+    /// Images given by URL, fetched by the provider.
+    ImageUrls,
+    /// JSON output (`json_object`).
+    Json,
+    /// JSON output constrained by a schema (`json_schema`).
+    JsonSchema,
+}
+
+/// The value `map` holds for `model`: its exact name, else the longest `prefix*` it starts
+/// with (`*` matches any model, last).
+pub fn by_model<'a, V>(
+    map: &'a std::collections::BTreeMap<String, V>,
+    model: &str,
+) -> Option<&'a V> {
+    map.get(model).or_else(|| {
+        map.iter()
+            .filter_map(|(k, v)| Some((k.strip_suffix('*')?, v)))
+            .filter(|(prefix, _)| model.starts_with(prefix))
+            .max_by_key(|(prefix, _)| prefix.len())
+            .map(|(_, v)| v)
+    })
 }
 
 /// Whether a `models` allow-list (exact names, or `prefix*`; `None`: any) admits `model`.
@@ -140,6 +175,7 @@ impl ProviderConfig {
             max_concurrent: None,
             requests_per_minute: None,
             context_windows: Default::default(),
+            capabilities: Default::default(),
         }
     }
 }
@@ -166,6 +202,7 @@ macro_rules! provider_table {
             max_concurrent: Option<usize>,
             requests_per_minute: Option<u32>,
             context_windows: Option<std::collections::BTreeMap<String, u32>>,
+            capabilities: Option<std::collections::BTreeMap<String, Vec<Capability>>>,
             $($own: Option<$ty>,)*
         }
 
@@ -189,6 +226,7 @@ macro_rules! provider_table {
                     max_concurrent: self.max_concurrent,
                     requests_per_minute: self.requests_per_minute,
                     context_windows: self.context_windows.unwrap_or_default(),
+                    capabilities: self.capabilities.unwrap_or_default(),
                     ..d
                 }
             }

@@ -87,7 +87,10 @@ impl Counts {
         let system = req.system.as_deref().map_or(0, |s| counter.count(s));
         let has_system = req.system.is_some() || !req.context.is_empty();
         Self {
-            fixed: system + tokens::PER_PROMPT + if has_system { tokens::PER_MESSAGE } else { 0 },
+            fixed: system
+                + tokens::PER_PROMPT
+                + if has_system { tokens::PER_MESSAGE } else { 0 }
+                + tokens::tools_tokens(counter, &req.tools),
             header: counter.count(CONTEXT_HEADER) + 1,
             chunks: req
                 .context
@@ -98,7 +101,7 @@ impl Counts {
             messages: req
                 .messages
                 .iter()
-                .map(|m| counter.count(&m.content) + tokens::PER_MESSAGE)
+                .map(|m| tokens::message_tokens(counter, m))
                 .collect(),
         }
     }
@@ -113,19 +116,47 @@ impl Counts {
     }
 }
 
-/// Bytes of the prompt's text (system prompt, context chunks, messages).
+/// Bytes of the prompt's text (system prompt, context chunks, messages, and the tools and
+/// tool calls as JSON text; images are not text: see [`bytes_bound`]).
 pub fn prompt_bytes(req: &GenerateRequest) -> usize {
+    let json = |v: &serde_json::Value| v.to_string().len();
     req.system.as_deref().map_or(0, str::len)
         + req.context.iter().map(String::len).sum::<usize>()
-        + req.messages.iter().map(|m| m.content.len()).sum::<usize>()
+        + req
+            .messages
+            .iter()
+            .map(|m| {
+                m.content.len()
+                    + m.tool_call_id.as_deref().map_or(0, str::len)
+                    + m.tool_calls
+                        .iter()
+                        .map(|c| c.id.len() + c.name.len() + json(&c.arguments))
+                        .sum::<usize>()
+            })
+            .sum::<usize>()
+        + req
+            .tools
+            .iter()
+            .map(|t| {
+                t.name.len() + t.description.as_ref().map_or(0, String::len) + json(&t.parameters)
+            })
+            .sum::<usize>()
 }
 
 /// A bound on the prompt's tokens from its bytes (a token is at least one byte), with the
-/// context block's framing and the chat overheads.
+/// context block's framing, the chat and tool overheads, and each image's estimate.
 fn bytes_bound(req: &GenerateRequest, counter: &Counter) -> u64 {
     let framing = CONTEXT_HEADER.len() + 2 + 8 * req.context.len();
-    let overheads = tokens::PER_PROMPT + tokens::PER_MESSAGE * (req.messages.len() as u64 + 1);
-    counter.upper_bound(prompt_bytes(req) + framing) + overheads
+    let overheads = tokens::PER_PROMPT
+        + tokens::PER_MESSAGE * (req.messages.len() as u64 + 1)
+        + tokens::PER_TOOL * req.tools.len() as u64;
+    let images = tokens::IMAGE_TOKENS
+        * req
+            .messages
+            .iter()
+            .map(|m| m.images.len() as u64)
+            .sum::<u64>();
+    counter.upper_bound(prompt_bytes(req) + framing) + overheads + images
 }
 
 /// Fit `req` into `window` (see the module documentation for the order of the steps).
@@ -156,7 +187,11 @@ pub fn fit(req: &GenerateRequest, window: Window) -> Fit {
     while first < keep_from && counts.total(chunks, first) + reserve > limit {
         first += 1;
     }
-    while first > 0 && first < keep_from && req.messages[first].role == Role::Assistant {
+    // Nor a tool result without the call it answers.
+    while first > 0
+        && first < keep_from
+        && matches!(req.messages[first].role, Role::Assistant | Role::Tool)
+    {
         first += 1;
     }
     let after = counts.total(chunks, first);
@@ -183,6 +218,9 @@ pub fn fit(req: &GenerateRequest, window: Window) -> Fit {
         context: req.context[..chunks].to_vec(),
         messages: req.messages[first..].to_vec(),
         options: req.options.clone(),
+        tools: req.tools.clone(),
+        tool_choice: req.tool_choice.clone(),
+        response_format: req.response_format.clone(),
         stream: req.stream,
     };
     fitted.options.max_tokens = max_tokens;

@@ -7,10 +7,7 @@ fn words(n: usize) -> String {
 }
 
 fn msg(role: Role, n: usize) -> Message {
-    Message {
-        role,
-        content: words(n),
-    }
+    Message::text(role, words(n))
 }
 
 fn window(tokens: u32) -> Window {
@@ -32,6 +29,7 @@ fn request(chunks: usize, messages: Vec<Message>, max_tokens: Option<u32>) -> Ge
             ..Default::default()
         },
         stream: true,
+        ..Default::default()
     }
 }
 

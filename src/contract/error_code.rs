@@ -17,6 +17,12 @@ pub enum ErrorCode {
     Cancelled,
     /// Delivered `worker.max_deliver` times without an answer: kept in the dead-letter stream.
     DeadLettered,
+    /// The answer broke the job's rules: tool arguments that are not a JSON object valid
+    /// against the tool's parameters, or a JSON answer that does not parse or match its schema.
+    /// For an attempt: billed, recorded, and the chain moves on; for a job: every entry failed so.
+    InvalidOutput,
+    /// No entry of the route can take the job (tools, images, JSON schema); nothing was called.
+    Unsupported,
     // Attempt-level codes (result.attempts[].error.code).
     RateLimited,
     QuotaExhausted,
@@ -49,6 +55,8 @@ impl ErrorCode {
             ErrorCode::BudgetExceeded => "budget_exceeded",
             ErrorCode::Cancelled => "cancelled",
             ErrorCode::DeadLettered => "dead_lettered",
+            ErrorCode::InvalidOutput => "invalid_output",
+            ErrorCode::Unsupported => "unsupported",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::QuotaExhausted => "quota_exhausted",
             ErrorCode::Overloaded => "overloaded",

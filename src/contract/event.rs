@@ -21,7 +21,25 @@ pub(crate) struct ChunkEvent<'a> {
     pub attempt: u32,
     pub provider: &'a str,
     pub model: &'a str,
-    pub delta: &'a str,
+    /// Text of the answer; absent on a chunk that carries a piece of a tool call instead.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub delta: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub tool_call: Option<ToolCallChunk>,
+}
+
+/// A piece of a streamed tool call (CONTRACT section 6): the call's `id` and `name` on its
+/// first chunk, then fragments of its `arguments` text.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ToolCallChunk {
+    /// Which call of the answer (0-based).
+    pub index: u32,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub arguments: String,
 }
 
 /// `error` of a result or of an attempt.
@@ -125,6 +143,12 @@ pub struct ResultEvent {
     pub output: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub embeddings: Option<Vec<Vec<f32>>>,
+    /// The tool calls of the final answer (`finish_reason: "tool_calls"`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub tool_calls: Option<Vec<super::ToolCall>>,
+    /// With a JSON `response_format`: the answer parsed (`output` is its text).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub json: Option<serde_json::Value>,
     pub finish_reason: Option<String>,
     pub tokens_used: TokensUsed,
     pub model_used: Option<String>,
@@ -175,6 +199,8 @@ impl ResultEvent {
             status: Status::Error,
             output: None,
             embeddings: None,
+            tool_calls: None,
+            json: None,
             finish_reason: None,
             tokens_used: TokensUsed::default(),
             model_used: None,
@@ -224,7 +250,8 @@ mod tests {
             attempt: 1,
             provider: "p",
             model: "m",
-            delta: "Hel",
+            delta: Some("Hel"),
+            tool_call: None,
         };
         let v: serde_json::Value = serde_json::to_value(&c).unwrap();
         assert_eq!(

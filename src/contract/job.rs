@@ -69,14 +69,44 @@ pub struct GenerateRequest {
     /// Retrieval context, most relevant first; sent as a numbered block after the system
     /// prompt ([`GenerateRequest::system_text`]). Context fitting drops it from the end.
     pub context: Vec<String>,
-    /// Non-empty; roles are `user` / `assistant` (system text is in `system`).
+    /// Non-empty; roles are `user`, `assistant` and `tool` (system text is in `system`).
     pub messages: Vec<Message>,
     pub options: GenerateOptions,
+    /// Tools the model may call (at most `limits.max_tools`).
+    pub tools: Vec<Tool>,
+    pub tool_choice: Option<ToolChoice>,
+    /// JSON output, and the schema it must match.
+    pub response_format: Option<ResponseFormat>,
     /// Publish chunk events as text arrives.
     pub stream: bool,
 }
 
 impl GenerateRequest {
+    /// What the job needs of a model beyond text (`crate::providers` capabilities).
+    pub fn needs(&self) -> Needs {
+        Needs {
+            tools: !self.tools.is_empty()
+                || self
+                    .messages
+                    .iter()
+                    .any(|m| !m.tool_calls.is_empty() || m.role == Role::Tool),
+            images: self.messages.iter().any(|m| !m.images.is_empty()),
+            image_urls: self.messages.iter().any(|m| {
+                m.images
+                    .iter()
+                    .any(|i| matches!(i.source, ImageSource::Url(_)))
+            }),
+            json_schema: matches!(
+                self.response_format,
+                Some(ResponseFormat::JsonSchema { .. })
+            ),
+            json: self
+                .response_format
+                .as_ref()
+                .is_some_and(ResponseFormat::is_json),
+        }
+    }
+
     /// The system text providers get: the system prompt, then the context block
     /// (`Context:` and one `[n] chunk` line per chunk).
     pub fn system_text(&self) -> Option<std::borrow::Cow<'_, str>> {
@@ -107,8 +137,29 @@ impl GenerateRequest {
             context: Vec::new(),
             messages: self.messages.clone(),
             options: self.options.clone(),
+            tools: self.tools.clone(),
+            tool_choice: self.tool_choice.clone(),
+            response_format: self.response_format.clone(),
             stream: self.stream,
         })
+    }
+}
+
+/// What a job needs of a model beyond text.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Needs {
+    pub tools: bool,
+    pub images: bool,
+    /// Images given by URL (the provider must fetch them itself).
+    pub image_urls: bool,
+    pub json_schema: bool,
+    pub json: bool,
+}
+
+impl Needs {
+    /// Whether the job is plain text in, text out.
+    pub fn is_plain(&self) -> bool {
+        *self == Needs::default()
     }
 }
 
@@ -120,10 +171,32 @@ pub(crate) fn context_line(index: usize, chunk: &str) -> String {
     format!("[{}] {}\n", index + 1, chunk)
 }
 
+/// One message of a conversation. Text parts are joined into `content` in order; a user
+/// message's images follow its text. An assistant message may carry the tool calls it made,
+/// a tool message the id of the call it answers (CONTRACT section 6).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
     pub role: Role,
     pub content: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<Image>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+}
+
+impl Message {
+    /// A message of text alone.
+    pub fn text(role: Role, content: impl Into<String>) -> Self {
+        Self {
+            role,
+            content: content.into(),
+            images: Vec::new(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -132,6 +205,76 @@ pub enum Role {
     System,
     User,
     Assistant,
+    /// The answer to a tool call (`tool_call_id` names it).
+    Tool,
+}
+
+/// An image a user message shows the model.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Image {
+    pub source: ImageSource,
+    /// `low`, `high` or `auto`: how closely the model looks (providers that have it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ImageSource {
+    /// A URL the provider fetches itself.
+    Url(String),
+    /// The bytes, base64 (standard alphabet), with their media type (`image/png`, ...).
+    Data { media_type: String, data: String },
+}
+
+/// A tool call a model made: its arguments are a JSON object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolCall {
+    pub id: String,
+    pub name: String,
+    pub arguments: serde_json::Value,
+}
+
+/// A tool the model may call; `parameters` is the JSON Schema of its arguments.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tool {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    pub parameters: serde_json::Value,
+}
+
+/// Whether and which tool the model must call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ToolChoice {
+    Auto,
+    None,
+    Required,
+    /// This tool.
+    Named(String),
+}
+
+/// The form of the answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResponseFormat {
+    Text,
+    /// Any JSON object.
+    JsonObject,
+    /// JSON valid against `schema`.
+    JsonSchema {
+        name: String,
+        schema: serde_json::Value,
+        strict: bool,
+    },
+}
+
+impl ResponseFormat {
+    /// Whether the answer must be JSON.
+    pub fn is_json(&self) -> bool {
+        !matches!(self, ResponseFormat::Text)
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]

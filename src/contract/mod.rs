@@ -21,12 +21,14 @@ pub mod subject;
 pub mod trace;
 
 pub use error_code::ErrorCode;
-pub use event::{AttemptRecord, CacheSaving, ErrorBody, ResultEvent, Status, TokensUsed, Trimmed};
+pub use event::{
+    AttemptRecord, CacheSaving, ErrorBody, ResultEvent, Status, TokensUsed, ToolCallChunk, Trimmed,
+};
 pub(crate) use event::{ChunkEvent, elapsed_ms};
 pub(crate) use job::{CONTEXT_HEADER, context_line};
 pub use job::{
-    CacheMode, EmbedRequest, Envelope, FitMode, GenerateOptions, GenerateRequest, JobKind, Message,
-    Role,
+    CacheMode, EmbedRequest, Envelope, FitMode, GenerateOptions, GenerateRequest, Image,
+    ImageSource, JobKind, Message, Needs, ResponseFormat, Role, Tool, ToolCall, ToolChoice,
 };
 pub(crate) use subject::{QUOTE_CHARS, is_literal_subject, quote};
 pub use subject::{ReplyPolicy, subject_token};

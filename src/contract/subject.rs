@@ -167,6 +167,16 @@ pub(crate) fn quote(value: &str) -> String {
     format!("{head:?}{more}")
 }
 
+/// A plain name: 1 to 64 of `A-Z a-z 0-9 _ -`. Such a tenant name is its own subject token,
+/// and every provider accepts such a tool or schema name.
+pub fn is_plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
 /// A tenant name as one NATS subject token (and KV key): letters, digits, `_` and `-` as they
 /// are, every other byte as `=XX`, so distinct names stay distinct.
 pub fn subject_token(tenant: &str) -> String {

@@ -56,12 +56,7 @@ pub(crate) struct Owner {
 /// A tenant name a key may carry: a NATS subject token (1 to 64 of `A-Z a-z 0-9 _ -`), so
 /// it is valid both in a job body and as the tenant token of a job subject.
 pub fn check_tenant(tenant: &str) -> Result<(), String> {
-    let ok = !tenant.is_empty()
-        && tenant.len() <= 64
-        && tenant
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-    if ok {
+    if crate::contract::subject::is_plain_name(tenant) {
         Ok(())
     } else {
         Err(format!(

@@ -22,6 +22,7 @@
 //! still queued when its client got 504 is answered `timeout` without a provider call; the
 //! gateway also cancels it.
 
+pub(crate) mod chat_request;
 pub mod error;
 pub mod keys;
 pub(crate) mod models;

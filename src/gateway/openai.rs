@@ -1,10 +1,9 @@
 //! The OpenAI-compatible endpoints: `POST /v1/chat/completions` (SSE with `data: [DONE]`,
 //! or one JSON answer), `POST /v1/embeddings` (float or base64 vectors), `GET /v1/models`.
 //!
-//! A chat request becomes a generation job: `messages` (text content only; `developer`
-//! counts as `system`), `temperature`, `top_p`, `max_tokens` / `max_completion_tokens`,
-//! `stop`; `user` goes to the job's metadata. Fields a job cannot honour (`n` > 1, tools,
-//! image or audio content) are refused with 400; other fields are ignored.
+//! A chat request becomes a generation job (`super::chat_request`); its answer comes back in
+//! OpenAI's shape, tool calls included (`message.tool_calls`, streamed as
+//! `delta.tool_calls`).
 //!
 //! Streaming: text is forwarded as the job's chunks arrive. When the provider fails
 //! mid-answer and another attempt takes over, OpenAI's stream format cannot take back text
@@ -26,172 +25,12 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use std::net::SocketAddr;
 
+use super::chat_request::{ChatRequest, StreamMode};
 use super::error::ApiError;
 use super::{Gateway, Submitted};
 use crate::client::Event;
 use crate::contract::JobKind;
 use crate::contract::{ResultEvent, Status};
-
-#[derive(Deserialize)]
-pub(crate) struct ChatRequest {
-    model: String,
-    messages: Vec<Message>,
-    #[serde(default)]
-    stream: bool,
-    stream_options: Option<StreamOptions>,
-    temperature: Option<f64>,
-    top_p: Option<f64>,
-    max_tokens: Option<u32>,
-    max_completion_tokens: Option<u32>,
-    stop: Option<OneOrMany>,
-    n: Option<u32>,
-    tools: Option<Value>,
-    functions: Option<Value>,
-    user: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct StreamOptions {
-    #[serde(default)]
-    include_usage: bool,
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum OneOrMany {
-    One(String),
-    Many(Vec<String>),
-}
-
-#[derive(Deserialize)]
-struct Message {
-    role: String,
-    content: Option<Content>,
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Content {
-    Text(String),
-    Parts(Vec<Part>),
-}
-
-#[derive(Deserialize)]
-struct Part {
-    #[serde(rename = "type")]
-    kind: String,
-    text: Option<String>,
-}
-
-impl ChatRequest {
-    /// The generation job this request asks for (without tenant, reply subject or id).
-    fn job(self, gw: &Gateway) -> Result<(Value, StreamMode), ApiError> {
-        if self.n.is_some_and(|n| n != 1) {
-            return Err(ApiError::invalid(
-                "n: only one choice per request is supported",
-            ));
-        }
-        if self.tools.is_some() || self.functions.is_some() {
-            return Err(ApiError::invalid("tools and functions are not supported"));
-        }
-        let target = gw
-            .catalog
-            .resolve(JobKind::Generate, &self.model)
-            .ok_or_else(|| ApiError::unknown_model(&self.model))?;
-        let mut messages = Vec::with_capacity(self.messages.len());
-        for (i, m) in self.messages.into_iter().enumerate() {
-            let role = match m.role.as_str() {
-                "system" | "developer" => "system",
-                "user" => "user",
-                "assistant" => "assistant",
-                other => {
-                    return Err(ApiError::invalid(format!(
-                        "messages[{i}].role: {other:?} is not supported (system, developer, user, assistant)"
-                    )));
-                }
-            };
-            let content = match m.content {
-                Some(Content::Text(t)) => t,
-                Some(Content::Parts(parts)) => {
-                    let mut text = String::new();
-                    for p in parts {
-                        match (p.kind.as_str(), p.text) {
-                            ("text", Some(t)) => text.push_str(&t),
-                            (kind, _) => {
-                                return Err(ApiError::invalid(format!(
-                                    "messages[{i}].content: {kind:?} parts are not supported (text only)"
-                                )));
-                            }
-                        }
-                    }
-                    text
-                }
-                None => {
-                    return Err(ApiError::invalid(format!(
-                        "messages[{i}].content: is required"
-                    )));
-                }
-            };
-            messages.push(json!({"role": role, "content": content}));
-        }
-        let mut options = serde_json::Map::new();
-        let max_tokens = self.max_completion_tokens.or(self.max_tokens);
-        for (k, v) in [
-            ("temperature", self.temperature.map(Value::from)),
-            ("top_p", self.top_p.map(Value::from)),
-            ("max_tokens", max_tokens.map(Value::from)),
-            (
-                "stop",
-                self.stop.map(|s| match s {
-                    OneOrMany::One(s) => json!([s]),
-                    OneOrMany::Many(v) => json!(v),
-                }),
-            ),
-        ] {
-            if let Some(v) = v {
-                options.insert(k.into(), v);
-            }
-        }
-        let mut job = json!({
-            "messages": messages,
-            "options": options,
-            "stream": self.stream,
-            "timeout_ms": gw.timeout_ms(None),
-        });
-        target.apply(&mut job);
-        if let Some(user) = self.user {
-            job["metadata"] = json!({"user": user});
-        }
-        let mode = match (self.stream, self.stream_options) {
-            (false, _) => StreamMode::Off,
-            (true, Some(o)) if o.include_usage => StreamMode::WithUsage,
-            (true, _) => StreamMode::On,
-        };
-        Ok((job, mode))
-    }
-}
-
-#[derive(Clone, Copy, PartialEq)]
-enum StreamMode {
-    Off,
-    On,
-    WithUsage,
-}
-
-impl super::models::Target {
-    /// Set the job fields this model name stands for.
-    fn apply(&self, job: &mut Value) {
-        for (k, v) in [
-            ("task_type", &self.task_type),
-            ("provider", &self.provider),
-            ("model", &self.model),
-        ] {
-            if let Some(v) = v {
-                job[k] = v.clone().into();
-            }
-        }
-    }
-}
 
 /// `POST /v1/chat/completions`.
 pub(crate) async fn chat(
@@ -280,6 +119,8 @@ struct ChatStream {
     /// from the result.
     live: bool,
     sent: String,
+    /// Pieces of tool calls forwarded (they cannot be taken back either).
+    tools_sent: bool,
     role_sent: bool,
     ended: bool,
 }
@@ -295,6 +136,7 @@ impl ChatStream {
             next_seq: 0,
             live: true,
             sent: String::new(),
+            tools_sent: false,
             role_sent: false,
             ended: false,
         }
@@ -331,6 +173,19 @@ impl ChatStream {
                 self.attempt = Some(c.attempt);
                 self.next_seq = c.seq + 1;
                 self.model = c.model;
+                if let Some(t) = c.tool_call {
+                    self.tools_sent = true;
+                    let mut call =
+                        json!({"index": t.index, "function": {"arguments": t.arguments}});
+                    if let Some(id) = t.id {
+                        call["id"] = id.into();
+                        call["type"] = "function".into();
+                    }
+                    if let Some(name) = t.name {
+                        call["function"]["name"] = name.into();
+                    }
+                    return vec![self.chunk(json!({"tool_calls": [call]}), None)];
+                }
                 self.sent.push_str(&c.delta);
                 vec![self.chunk(json!({"content": c.delta}), None)]
             }
@@ -352,19 +207,40 @@ impl ChatStream {
         if let Some(m) = &r.model_used {
             self.model = m.clone();
         }
-        let output = r.output.as_deref().unwrap_or("");
-        let Some(rest) = output.strip_prefix(self.sent.as_str()) else {
-            return self.error(&ApiError::new(
+        let restarted = || {
+            ApiError::new(
                 axum::http::StatusCode::BAD_GATEWAY,
                 "api_error",
                 "stream_restarted",
                 "the provider failed mid-answer and another attempt answered differently; \
                  a streamed answer cannot be taken back: retry the request",
-            ));
+            )
+        };
+        let output = r.output.as_deref().unwrap_or("");
+        let Some(rest) = output.strip_prefix(self.sent.as_str()) else {
+            return self.error(&restarted());
         };
         let mut out = Vec::new();
         if !rest.is_empty() {
             out.push(self.chunk(json!({"content": rest}), None));
+        }
+        // Tool calls not forwarded live (another attempt took over before any was sent)
+        // come whole from the result; pieces of a superseded attempt cannot be taken back.
+        let calls = r.tool_calls.as_deref().unwrap_or_default();
+        let final_attempt_live = self.live && self.attempt == r.attempt;
+        if self.tools_sent && !final_attempt_live {
+            return self.error(&restarted());
+        }
+        if !calls.is_empty() && !self.tools_sent {
+            let calls: Vec<Value> = calls
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    json!({"index": i, "id": c.id, "type": "function",
+                           "function": {"name": c.name, "arguments": c.arguments.to_string()}})
+                })
+                .collect();
+            out.push(self.chunk(json!({"tool_calls": calls}), None));
         }
         out.push(self.chunk(json!({}), Some(finish_reason(r))));
         if self.include_usage {
@@ -398,8 +274,23 @@ fn usage(r: &ResultEvent) -> Value {
     })
 }
 
-/// A non-streamed chat completion.
+/// A non-streamed chat completion; tool calls carry their arguments as JSON text, as
+/// OpenAI's do, and a message that only calls tools has `content: null`.
 fn completion(r: &ResultEvent) -> Value {
+    let output = r.output.as_deref().unwrap_or("");
+    let calls = r.tool_calls.as_deref().unwrap_or_default();
+    let mut message = json!({"role": "assistant",
+        "content": if output.is_empty() && !calls.is_empty() { Value::Null } else { output.into() }});
+    if !calls.is_empty() {
+        message["tool_calls"] = calls
+            .iter()
+            .map(|c| {
+                json!({"id": c.id, "type": "function",
+                       "function": {"name": c.name, "arguments": c.arguments.to_string()}})
+            })
+            .collect::<Vec<_>>()
+            .into();
+    }
     json!({
         "id": format!("chatcmpl-{}", r.job_id.simple()),
         "object": "chat.completion",
@@ -407,7 +298,7 @@ fn completion(r: &ResultEvent) -> Value {
         "model": r.model_used,
         "choices": [{
             "index": 0,
-            "message": {"role": "assistant", "content": r.output.as_deref().unwrap_or("")},
+            "message": message,
             "logprobs": null,
             "finish_reason": finish_reason(r),
         }],

@@ -4,14 +4,18 @@
 
 use super::wire::WireGenerate;
 use crate::config::LimitsConfig;
-use crate::contract::{QUOTE_CHARS, quote};
+use crate::contract::{Message, QUOTE_CHARS, Tool, quote};
 
 /// Longest stop sequence, in bytes (providers accept short ones only).
 pub(super) const MAX_STOP_BYTES: usize = 256;
 
 /// Counts and total size of the prompt text; no NUL anywhere in it.
-pub(super) fn check_prompt_bounds(w: &WireGenerate, bounds: &LimitsConfig) -> Result<(), String> {
-    let messages = w.messages.as_deref().unwrap_or_default();
+pub(super) fn check_prompt_bounds(
+    w: &WireGenerate,
+    messages: &[Message],
+    tools: &[Tool],
+    bounds: &LimitsConfig,
+) -> Result<(), String> {
     let context = w.context.as_deref().unwrap_or_default();
     if messages.len() > bounds.max_messages {
         return Err(format!(
@@ -48,6 +52,17 @@ pub(super) fn check_prompt_bounds(w: &WireGenerate, bounds: &LimitsConfig) -> Re
     for (field, text) in texts {
         no_nul(&field, text)?;
         total += text.len();
+    }
+    // Tool definitions and the calls in the conversation are prompt text as well.
+    let json_len = |v: &serde_json::Value| serde_json::to_vec(v).map_or(0, |b| b.len());
+    for t in tools {
+        total += t.name.len() + t.description.as_ref().map_or(0, String::len);
+        total += json_len(&t.parameters);
+    }
+    for m in messages {
+        for c in &m.tool_calls {
+            total += c.id.len() + c.name.len() + json_len(&c.arguments);
+        }
     }
     if total > bounds.max_prompt_bytes {
         return Err(format!(

@@ -351,30 +351,38 @@ fn read_envelope(
 }
 
 fn generate_request(w: &WireGenerate, bounds: &LimitsConfig) -> Result<GenerateRequest, String> {
-    check_prompt_bounds(w, bounds)?;
-    let mut system = w.system_prompt.clone().filter(|s| !s.is_empty());
-    let mut messages = Vec::new();
-    for (i, m) in w.messages.iter().flatten().enumerate() {
-        match m.role {
-            // System messages in the list join the system prompt, in order.
-            Role::System => {
-                let s = system.get_or_insert_with(String::new);
-                if !s.is_empty() {
-                    s.push_str("\n\n");
-                }
-                s.push_str(&m.content);
-            }
-            _ if m.content.is_empty() => {
-                return Err(format!("messages[{i}].content: must not be empty"));
-            }
-            _ => messages.push(m.clone()),
-        }
+    let wire_messages = w.messages.as_deref().unwrap_or_default();
+    if wire_messages.len() > bounds.max_messages {
+        return Err(format!(
+            "messages: {} messages, more than the limit of {} (limits.max_messages)",
+            wire_messages.len(),
+            bounds.max_messages
+        ));
     }
+    let (listed_system, mut messages) = super::rich::messages(wire_messages, bounds)?;
+    let tools = super::rich::tools(w.tools.as_deref().unwrap_or_default(), bounds)?;
+    check_prompt_bounds(w, &messages, &tools, bounds)?;
+    let mut system = w.system_prompt.clone().filter(|s| !s.is_empty());
+    if let Some(listed) = listed_system {
+        // System messages in the list join the system prompt, in order.
+        let s = system.get_or_insert_with(String::new);
+        if !s.is_empty() {
+            s.push_str("\n\n");
+        }
+        s.push_str(&listed);
+    }
+    let tool_choice = w
+        .tool_choice
+        .as_ref()
+        .map(|c| super::rich::tool_choice(c, &tools))
+        .transpose()?;
+    let response_format = w
+        .response_format
+        .as_ref()
+        .map(|f| super::rich::response_format(f, bounds))
+        .transpose()?;
     if let Some(p) = w.prompt.as_deref().filter(|p| !p.is_empty()) {
-        messages.push(Message {
-            role: Role::User,
-            content: p.to_string(),
-        });
+        messages.push(Message::text(Role::User, p));
     }
     if messages.is_empty() {
         return Err("prompt: a job needs a non-empty prompt or messages".into());
@@ -436,6 +444,9 @@ fn generate_request(w: &WireGenerate, bounds: &LimitsConfig) -> Result<GenerateR
             stop,
             fit: o.fit.unwrap_or_default(),
         },
+        tools,
+        tool_choice,
+        response_format,
         stream: w.stream.unwrap_or(true),
     })
 }

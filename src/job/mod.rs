@@ -8,6 +8,7 @@
 
 mod bounds;
 mod decode;
+mod rich;
 mod wire;
 
 use std::time::Duration;
@@ -73,6 +74,8 @@ pub struct Job {
 }
 
 #[derive(Debug, Clone, PartialEq)]
+// One per job, built once and never copied: the embedding variant's slack costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum JobBody {
     Generate(GenerateRequest),
     Embed(EmbedRequest),

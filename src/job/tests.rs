@@ -74,13 +74,7 @@ fn a_minimal_job_gets_defaults() {
         panic!()
     };
     assert!(g.stream);
-    assert_eq!(
-        g.messages,
-        vec![Message {
-            role: Role::User,
-            content: "hi".into()
-        }]
-    );
+    assert_eq!(g.messages, vec![Message::text(Role::User, "hi")]);
 }
 
 #[test]

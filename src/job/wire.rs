@@ -3,7 +3,8 @@
 
 use serde::Deserialize;
 
-use crate::contract::{CacheMode, FitMode, Message};
+use super::rich::{WireMessage, WireResponseFormat, WireTool};
+use crate::contract::{CacheMode, FitMode};
 
 /// The envelope fields, read leniently first so that an invalid job can still be answered.
 #[derive(Deserialize, Default)]
@@ -22,8 +23,12 @@ pub(super) struct WireGenerate {
     pub(super) model: Option<String>,
     pub(super) system_prompt: Option<String>,
     pub(super) prompt: Option<String>,
-    pub(super) messages: Option<Vec<Message>>,
+    pub(super) messages: Option<Vec<WireMessage>>,
     pub(super) context: Option<Vec<String>>,
+    /// Tools the model may call, whether it must, and the answer's form (section 6).
+    pub(super) tools: Option<Vec<WireTool>>,
+    pub(super) tool_choice: Option<serde_json::Value>,
+    pub(super) response_format: Option<WireResponseFormat>,
     #[serde(default)]
     pub(super) options: WireGenerateOptions,
     pub(super) stream: Option<bool>,

@@ -506,10 +506,7 @@ mod tests {
     fn requests_put_the_system_prompt_at_the_top_level_and_always_set_max_tokens() {
         let req = GenerateRequest {
             system: Some("be brief".into()),
-            messages: vec![crate::contract::Message {
-                role: Role::User,
-                content: "hi".into(),
-            }],
+            messages: vec![crate::contract::Message::text(Role::User, "hi")],
             options: Default::default(),
             stream: true,
             ..Default::default()

@@ -549,10 +549,7 @@ mod tests {
     fn options_go_in_the_generation_config() {
         let req = GenerateRequest {
             system: None,
-            messages: vec![crate::contract::Message {
-                role: Role::User,
-                content: "u".into(),
-            }],
+            messages: vec![crate::contract::Message::text(Role::User, "u")],
             options: crate::contract::GenerateOptions {
                 max_tokens: Some(9),
                 seed: Some(11),

@@ -8,6 +8,7 @@
 //! ends before one yields a `truncated` error as its last item.
 
 pub(crate) mod anthropic;
+pub mod capabilities;
 pub(crate) mod gemini;
 mod helpers;
 pub(crate) mod ollama;
@@ -32,6 +33,8 @@ use crate::error::ProviderError;
 #[derive(Debug, Clone, PartialEq)]
 pub enum ProviderEvent {
     Delta(String),
+    /// A piece of a tool call: its id and name first, then fragments of its arguments text.
+    ToolCall(crate::contract::ToolCallChunk),
     Usage(Usage),
     Finish(FinishReason),
 }
@@ -159,6 +162,9 @@ pub struct Provider {
     models: Option<Vec<String>>,
     /// Configured context windows by model (exact, `prefix*`, `*`).
     context_windows: BTreeMap<String, u32>,
+    /// The protocol, and what models take beyond text as configured (`capabilities`).
+    api: Api,
+    capabilities: BTreeMap<String, Vec<crate::config::Capability>>,
     imp: ProviderImpl,
 }
 
@@ -234,6 +240,8 @@ impl Provider {
             embedding: cfg.api.embedding(),
             models: cfg.models.clone(),
             context_windows: cfg.context_windows.clone(),
+            api: cfg.api.clone(),
+            capabilities: cfg.capabilities.clone(),
             imp,
         })
     }
@@ -317,14 +325,7 @@ impl Provider {
     /// the longest `prefix*`, else `*`), else the built-in table; `None` when unknown (the
     /// request is then sent as it is).
     pub fn context_window(&self, model: &str) -> Option<crate::context::Window> {
-        let configured = self.context_windows.get(model).copied().or_else(|| {
-            self.context_windows
-                .iter()
-                .filter_map(|(k, w)| Some((k.strip_suffix('*')?, *w)))
-                .filter(|(prefix, _)| model.starts_with(prefix))
-                .max_by_key(|(prefix, _)| prefix.len())
-                .map(|(_, w)| w)
-        });
+        let configured = crate::config::by_model(&self.context_windows, model).copied();
         let tokens = configured.or_else(|| crate::context::builtin(model))?;
         Some(crate::context::Window {
             tokens,
@@ -334,6 +335,15 @@ impl Provider {
                 _ => None,
             },
         })
+    }
+
+    /// What `model` here takes beyond text (`capabilities`).
+    pub fn capabilities(&self, model: &str) -> capabilities::Caps {
+        capabilities::resolve(
+            &self.api,
+            crate::config::by_model(&self.capabilities, model),
+            model,
+        )
     }
 
     /// Whether a job may pin `model` on this provider.

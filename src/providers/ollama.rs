@@ -150,6 +150,9 @@ fn request_body<'a>(model: &'a str, req: &'a GenerateRequest) -> WireRequest<'a>
                 Role::System => "system",
                 Role::User => "user",
                 Role::Assistant => "assistant",
+                // Never sent: an Ollama entry is skipped for jobs with tools
+                // (`providers::capabilities`).
+                Role::Tool => "tool",
             },
             content: &m.content,
         }))
@@ -405,10 +408,7 @@ mod tests {
     fn requests_are_explicit_about_streaming_and_map_options() {
         let req = GenerateRequest {
             system: Some("s".into()),
-            messages: vec![crate::contract::Message {
-                role: Role::User,
-                content: "u".into(),
-            }],
+            messages: vec![crate::contract::Message::text(Role::User, "u")],
             options: crate::contract::GenerateOptions {
                 max_tokens: Some(7),
                 seed: Some(3),

@@ -17,7 +17,9 @@ use super::sse::{SseDecoder, Step};
 use super::{Call, FinishReason, ProviderEvent, Usage};
 use crate::config::{MaxTokensField, ProviderConfig};
 use crate::contract::ErrorCode;
-use crate::contract::{GenerateRequest, Role};
+use crate::contract::{
+    GenerateRequest, ImageSource, Message, ResponseFormat, Role, ToolCallChunk, ToolChoice,
+};
 use crate::error::{ProviderError, code_for_status};
 
 pub(crate) struct OpenAi {
@@ -126,7 +128,117 @@ impl OpenAi {
 #[derive(Serialize)]
 struct WireMessage<'a> {
     role: &'static str,
-    content: &'a str,
+    /// Text, or parts (text and images); `null` for an assistant message that only calls tools.
+    content: Option<WireContent<'a>>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tool_calls: Vec<WireCall<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_call_id: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum WireContent<'a> {
+    Text(&'a str),
+    Parts(Vec<WirePart<'a>>),
+}
+
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum WirePart<'a> {
+    Text { text: &'a str },
+    ImageUrl { image_url: WireImageUrl<'a> },
+}
+
+#[derive(Serialize)]
+struct WireImageUrl<'a> {
+    /// The image's URL, or its bytes as a `data:` URL.
+    url: std::borrow::Cow<'a, str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct WireCall<'a> {
+    id: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    function: WireFunctionCall<'a>,
+}
+
+/// A call as OpenAI spells it: `arguments` is JSON *text*.
+#[derive(Serialize)]
+struct WireFunctionCall<'a> {
+    name: &'a str,
+    arguments: String,
+}
+
+#[derive(Serialize)]
+struct WireTool<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    function: WireFunction<'a>,
+}
+
+#[derive(Serialize)]
+struct WireFunction<'a> {
+    name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    description: Option<&'a str>,
+    parameters: &'a serde_json::Value,
+}
+
+impl<'a> WireMessage<'a> {
+    fn from_message(m: &'a Message) -> Self {
+        let role = match m.role {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+            Role::Tool => "tool",
+        };
+        let content = if !m.images.is_empty() {
+            let mut parts = Vec::with_capacity(m.images.len() + 1);
+            if !m.content.is_empty() {
+                parts.push(WirePart::Text { text: &m.content });
+            }
+            for image in &m.images {
+                let url = match &image.source {
+                    ImageSource::Url(url) => std::borrow::Cow::Borrowed(url.as_str()),
+                    ImageSource::Data { media_type, data } => {
+                        std::borrow::Cow::Owned(format!("data:{media_type};base64,{data}"))
+                    }
+                };
+                parts.push(WirePart::ImageUrl {
+                    image_url: WireImageUrl {
+                        url,
+                        detail: image.detail.as_deref(),
+                    },
+                });
+            }
+            Some(WireContent::Parts(parts))
+        } else if m.content.is_empty() && !m.tool_calls.is_empty() {
+            None
+        } else {
+            Some(WireContent::Text(&m.content))
+        };
+        WireMessage {
+            role,
+            content,
+            tool_calls: m
+                .tool_calls
+                .iter()
+                .map(|c| WireCall {
+                    id: &c.id,
+                    kind: "function",
+                    function: WireFunctionCall {
+                        name: &c.name,
+                        arguments: c.arguments.to_string(),
+                    },
+                })
+                .collect(),
+            tool_call_id: m.tool_call_id.as_deref(),
+        }
+    }
 }
 
 /// `{"include_usage": true}`: a last chunk with the usage.
@@ -154,6 +266,12 @@ struct ChatRequest<'a> {
     max_tokens: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     max_completion_tokens: Option<u32>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tools: Vec<WireTool<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_choice: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response_format: Option<serde_json::Value>,
 }
 
 fn request_body<'a>(
@@ -165,20 +283,42 @@ fn request_body<'a>(
     if let Some(system) = &req.system {
         messages.push(WireMessage {
             role: "system",
-            content: system,
+            content: Some(WireContent::Text(system)),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
         });
     }
-    for m in &req.messages {
-        let role = match m.role {
-            Role::System => "system",
-            Role::User => "user",
-            Role::Assistant => "assistant",
-        };
-        messages.push(WireMessage {
-            role,
-            content: &m.content,
-        });
-    }
+    messages.extend(req.messages.iter().map(WireMessage::from_message));
+    let tools = req
+        .tools
+        .iter()
+        .map(|t| WireTool {
+            kind: "function",
+            function: WireFunction {
+                name: &t.name,
+                description: t.description.as_deref(),
+                parameters: &t.parameters,
+            },
+        })
+        .collect();
+    let tool_choice = req.tool_choice.as_ref().map(|c| match c {
+        ToolChoice::Auto => serde_json::json!("auto"),
+        ToolChoice::None => serde_json::json!("none"),
+        ToolChoice::Required => serde_json::json!("required"),
+        ToolChoice::Named(name) => {
+            serde_json::json!({"type": "function", "function": {"name": name}})
+        }
+    });
+    let response_format = req.response_format.as_ref().and_then(|f| match f {
+        ResponseFormat::Text => None,
+        ResponseFormat::JsonObject => Some(serde_json::json!({"type": "json_object"})),
+        ResponseFormat::JsonSchema {
+            name,
+            schema,
+            strict,
+        } => Some(serde_json::json!({"type": "json_schema",
+            "json_schema": {"name": name, "schema": schema, "strict": strict}})),
+    });
     let o = &req.options;
     ChatRequest {
         model,
@@ -195,6 +335,9 @@ fn request_body<'a>(
         max_completion_tokens: o
             .max_tokens
             .filter(|_| field == MaxTokensField::MaxCompletionTokens),
+        tools,
+        tool_choice,
+        response_format,
     }
 }
 
@@ -237,6 +380,41 @@ struct WireChoice {
 #[derive(Deserialize)]
 struct WireDelta {
     content: Option<String>,
+    #[serde(default)]
+    tool_calls: Vec<WireCallDelta>,
+}
+
+/// A tool call in a chunk (`index`, then `id` and `function.name` once, then pieces of
+/// `function.arguments`), or whole in a completion.
+#[derive(Deserialize)]
+struct WireCallDelta {
+    #[serde(default)]
+    index: u32,
+    id: Option<String>,
+    function: Option<WireFunctionDelta>,
+}
+
+#[derive(Deserialize)]
+struct WireFunctionDelta {
+    name: Option<String>,
+    arguments: Option<String>,
+}
+
+impl WireCallDelta {
+    /// As a tool-call chunk; `at` is the call's index when the provider gives none (a
+    /// completion's `message.tool_calls` is an ordered list).
+    fn chunk(self, at: Option<u32>) -> ToolCallChunk {
+        let (name, arguments) = match self.function {
+            Some(f) => (f.name, f.arguments.unwrap_or_default()),
+            None => (None, String::new()),
+        };
+        ToolCallChunk {
+            index: at.unwrap_or(self.index),
+            id: self.id,
+            name,
+            arguments,
+        }
+    }
 }
 
 /// Decoder state of one streamed answer.
@@ -276,12 +454,13 @@ impl SseDecoder for StreamDecoder {
         }
         let mut out = Vec::new();
         for choice in chunk.choices.into_iter().filter(|c| c.index == 0) {
-            if let Some(text) = choice
-                .delta
-                .and_then(|d| d.content)
-                .filter(|t| !t.is_empty())
-            {
-                out.push(ProviderEvent::Delta(text));
+            if let Some(delta) = choice.delta {
+                if let Some(text) = delta.content.filter(|t| !t.is_empty()) {
+                    out.push(ProviderEvent::Delta(text));
+                }
+                for call in delta.tool_calls {
+                    out.push(ProviderEvent::ToolCall(call.chunk(None)));
+                }
             }
             if let Some(reason) = choice.finish_reason {
                 let reason = finish(&reason)?;
@@ -351,12 +530,14 @@ fn parse_completion(text: &str) -> Vec<Result<ProviderEvent, ProviderError>> {
         Err(e) => return vec![Err(e)],
     };
     let mut out = Vec::new();
-    if let Some(content) = choice
-        .message
-        .and_then(|m| m.content)
-        .filter(|c| !c.is_empty())
-    {
-        out.push(Ok(ProviderEvent::Delta(content)));
+    if let Some(message) = choice.message {
+        if let Some(content) = message.content.filter(|c| !c.is_empty()) {
+            out.push(Ok(ProviderEvent::Delta(content)));
+        }
+        for (i, call) in message.tool_calls.into_iter().enumerate() {
+            let at = u32::try_from(i).unwrap_or(u32::MAX);
+            out.push(Ok(ProviderEvent::ToolCall(call.chunk(Some(at)))));
+        }
     }
     out.push(Ok(ProviderEvent::Finish(reason)));
     if let Some(usage) = chunk.usage {
@@ -520,10 +701,7 @@ mod tests {
     fn the_token_limit_goes_in_the_configured_field() {
         let req = GenerateRequest {
             system: Some("s".into()),
-            messages: vec![crate::contract::Message {
-                role: Role::User,
-                content: "u".into(),
-            }],
+            messages: vec![crate::contract::Message::text(Role::User, "u")],
             options: crate::contract::GenerateOptions {
                 max_tokens: Some(5),
                 seed: Some(42),

@@ -556,3 +556,142 @@ async fn a_client_that_leaves_a_non_streamed_request_cancels_its_job() {
     assert_eq!(result["error"]["code"], "cancelled", "{result}");
     s.teardown().await;
 }
+
+/// A chat request built from OpenAI's JSON, as the client library sends it.
+fn chat_request(v: Value) -> async_openai::types::chat::CreateChatCompletionRequest {
+    serde_json::from_value(v).unwrap()
+}
+
+#[tokio::test]
+async fn an_openai_client_runs_a_tool_loop_and_a_structured_output_through_the_gateway() {
+    use async_openai::types::chat::{ChatCompletionMessageToolCalls, FinishReason};
+    let s = Setup::new("", |_| {}).await;
+    let client = s.openai();
+    let tools = json!([{"type": "function", "function": {"name": "get_weather",
+        "description": "Current weather", "parameters": {"type": "object",
+        "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]);
+    let question = json!({"role": "user", "content": "What is the weather in Paris?"});
+
+    // The model calls the tool (not streamed).
+    s.fake.push(Reply::tool_call(
+        "get_weather",
+        r#"{"city": "Paris"}"#,
+        (20, 7),
+    ));
+    let answer = client
+        .chat()
+        .create(chat_request(
+            json!({"model": "gpt-test", "messages": [question],
+            "tools": tools, "tool_choice": "auto"}),
+        ))
+        .await
+        .unwrap();
+    let choice = &answer.choices[0];
+    assert_eq!(choice.finish_reason, Some(FinishReason::ToolCalls));
+    let calls = choice.message.tool_calls.clone().unwrap();
+    let ChatCompletionMessageToolCalls::Function(call) = &calls[0] else {
+        panic!("not a function call: {calls:?}")
+    };
+    assert_eq!(call.function.name, "get_weather");
+    let args: Value = serde_json::from_str(&call.function.arguments).unwrap();
+    assert_eq!(args, json!({"city": "Paris"}));
+    let sent = s.fake.requests().pop().unwrap();
+    assert_eq!(
+        sent["tools"][0]["function"]["name"], "get_weather",
+        "{sent}"
+    );
+
+    // The same call streamed: OpenAI's delta.tool_calls pieces.
+    s.fake.push(Reply::tool_call(
+        "get_weather",
+        r#"{"city": "Paris"}"#,
+        (20, 7),
+    ));
+    let mut stream = client
+        .chat()
+        .create_stream(chat_request(json!({"model": "gpt-test", "stream": true,
+            "messages": [question], "tools": tools})))
+        .await
+        .unwrap();
+    let (mut id, mut name, mut arguments, mut finish) = (None, None, String::new(), None);
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.unwrap();
+        for choice in chunk.choices {
+            for piece in choice.delta.tool_calls.into_iter().flatten() {
+                assert_eq!(piece.index, 0);
+                id = piece.id.or(id);
+                if let Some(f) = piece.function {
+                    name = f.name.or(name);
+                    arguments.push_str(f.arguments.as_deref().unwrap_or(""));
+                }
+            }
+            finish = choice.finish_reason.or(finish);
+        }
+    }
+    assert_eq!(
+        (id.as_deref(), name.as_deref(), arguments.as_str()),
+        (Some("call_0"), Some("get_weather"), r#"{"city": "Paris"}"#)
+    );
+    assert_eq!(finish, Some(FinishReason::ToolCalls));
+
+    // The tool's answer goes back; the model answers in text (streamed).
+    s.fake
+        .push(Reply::answer(&["It is 21 °C ", "in Paris."], (40, 9)));
+    let mut stream = client
+        .chat()
+        .create_stream(chat_request(json!({"model": "gpt-test", "stream": true,
+            "tools": tools, "messages": [question,
+                {"role": "assistant", "tool_calls": calls},
+                {"role": "tool", "tool_call_id": call.id, "content": "{\"temp_c\": 21}"}]})))
+        .await
+        .unwrap();
+    let mut text = String::new();
+    while let Some(chunk) = stream.next().await {
+        for choice in chunk.unwrap().choices {
+            text.push_str(choice.delta.content.as_deref().unwrap_or(""));
+        }
+    }
+    assert_eq!(text, "It is 21 °C in Paris.");
+    let sent = s.fake.requests().pop().unwrap();
+    assert_eq!(
+        sent["messages"][1]["tool_calls"][0]["id"], "call_0",
+        "{sent}"
+    );
+    assert_eq!(sent["messages"][2]["role"], "tool");
+
+    // Structured output: the answer parses into the caller's type.
+    #[derive(serde::Deserialize, Debug, PartialEq)]
+    struct Person {
+        name: String,
+        age: u32,
+    }
+    s.fake.push(Reply::answer(
+        &["{\"name\": \"Ada\", \"age\": 36}"],
+        (12, 8),
+    ));
+    let answer = client
+        .chat()
+        .create(chat_request(json!({"model": "gpt-test",
+            "messages": [{"role": "user", "content": "Who wrote the first program?"}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "person",
+                "strict": true, "schema": {"type": "object", "required": ["name", "age"],
+                "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+                "additionalProperties": false}}}})))
+        .await
+        .unwrap();
+    let content = answer.choices[0].message.content.clone().unwrap();
+    let person: Person = serde_json::from_str(&content).unwrap();
+    assert_eq!(
+        person,
+        Person {
+            name: "Ada".into(),
+            age: 36
+        }
+    );
+    let sent = s.fake.requests().pop().unwrap();
+    assert_eq!(
+        sent["response_format"]["json_schema"]["name"], "person",
+        "{sent}"
+    );
+    s.teardown().await;
+}

@@ -505,8 +505,37 @@ impl Reply {
         self.chunks
             .iter()
             .filter(|c| c["attempt"].as_u64() == attempt)
-            .map(|c| c["delta"].as_str().unwrap().to_string())
+            .filter_map(|c| c["delta"].as_str())
             .collect()
+    }
+
+    /// The tool-call pieces of the final attempt's chunks, by call index: (id, name,
+    /// arguments text put together).
+    pub fn final_tool_calls(&self) -> Vec<(String, String, String)> {
+        let attempt = self.result["attempt"].as_u64();
+        let mut calls: Vec<(String, String, String)> = Vec::new();
+        for c in self
+            .chunks
+            .iter()
+            .filter(|c| c["attempt"].as_u64() == attempt)
+        {
+            let t = &c["tool_call"];
+            if t.is_null() {
+                continue;
+            }
+            let i = t["index"].as_u64().unwrap() as usize;
+            if calls.len() <= i {
+                calls.resize(i + 1, Default::default());
+            }
+            if let Some(id) = t["id"].as_str() {
+                calls[i].0 = id.to_string();
+            }
+            if let Some(name) = t["name"].as_str() {
+                calls[i].1 = name.to_string();
+            }
+            calls[i].2.push_str(t["arguments"].as_str().unwrap_or(""));
+        }
+        calls
     }
 }
 

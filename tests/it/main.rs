@@ -30,6 +30,7 @@ mod poison;
 mod providers;
 mod rates;
 mod reload;
+mod rich;
 mod security;
 mod servers;
 mod service;

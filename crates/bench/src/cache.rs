@@ -183,10 +183,7 @@ fn prompt_4k() -> GenerateRequest {
     GenerateRequest {
         system: Some("Answer from the context.".into()),
         context: vec![chunk; 8],
-        messages: vec![Message {
-            role: Role::User,
-            content: "What does the worker count?".into(),
-        }],
+        messages: vec![Message::text(Role::User, "What does the worker count?")],
         ..Default::default()
     }
 }

@@ -69,9 +69,27 @@ pub enum Reply {
     /// Embeddings of this size (embedding routes; any other success reply gives the request's
     /// `dimensions`, or 8). Vectors are [`fake_vector`]`(input, dims)`.
     Vectors { dims: usize },
+    /// An answer that calls tools (OpenAI format): `(name, arguments text)` per call, the
+    /// arguments streamed in three pieces each, `finish_reason: "tool_calls"`. The arguments
+    /// text is sent as given, so a test can send text that is not JSON. With `cut`, the stream
+    /// breaks in the middle of the last call's arguments.
+    ToolCalls {
+        calls: Vec<(String, String)>,
+        usage: (u64, u64),
+        cut: bool,
+    },
 }
 
 impl Reply {
+    /// An answer calling one tool with these arguments.
+    pub fn tool_call(name: &str, arguments: &str, usage: (u64, u64)) -> Self {
+        Reply::ToolCalls {
+            calls: vec![(name.to_string(), arguments.to_string())],
+            usage,
+            cut: false,
+        }
+    }
+
     /// A streamed answer of `deltas` with usage `(prompt, completion)` and `[DONE]`.
     pub fn answer(deltas: &[&str], usage: (u64, u64)) -> Self {
         Reply::Answer {

@@ -176,6 +176,91 @@ fn whole(flavor: Flavor, model: &str, text: &str, usage: Option<(u64, u64)>) -> 
     }
 }
 
+/// Text cut in three pieces (at character boundaries).
+fn thirds(text: &str) -> Vec<&str> {
+    let chars: Vec<(usize, char)> = text.char_indices().collect();
+    let n = chars.len();
+    let at = |k: usize| chars.get(k * n / 3).map_or(text.len(), |(i, _)| *i);
+    let (a, b) = (at(1), at(2));
+    vec![&text[..a], &text[a..b], &text[b..]]
+}
+
+/// An answer that calls tools. OpenAI's format only (other flavors answer 501).
+fn tool_calls(
+    flavor: Flavor,
+    model: &str,
+    calls: &[(String, String)],
+    (input, output): (u64, u64),
+    cut: bool,
+    stream: bool,
+) -> Response<Body> {
+    if flavor != Flavor::OpenAi {
+        return response(
+            501,
+            "application/json",
+            Body::from(
+                r#"{"error":{"message":"the fake answers tool calls in OpenAI's format only"}}"#,
+            ),
+        );
+    }
+    let usage = json!({"prompt_tokens": input, "completion_tokens": output, "total_tokens": input + output});
+    if !stream {
+        let tool_calls: Vec<serde_json::Value> = calls
+            .iter()
+            .enumerate()
+            .map(|(i, (name, args))| {
+                json!({"id": format!("call_{i}"), "type": "function",
+                       "function": {"name": name, "arguments": args}})
+            })
+            .collect();
+        let v = json!({"id": "chatcmpl-fake", "object": "chat.completion", "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": null,
+                "tool_calls": tool_calls}, "finish_reason": "tool_calls"}],
+            "usage": usage});
+        return response(200, "application/json", Body::from(v.to_string()));
+    }
+    let mut frames = vec![sse(&openai_chunk(
+        model,
+        json!({"role": "assistant", "content": null}),
+        None,
+    ))];
+    for (i, (name, args)) in calls.iter().enumerate() {
+        frames.push(sse(&openai_chunk(
+            model,
+            json!({"tool_calls": [{"index": i, "id": format!("call_{i}"), "type": "function",
+                   "function": {"name": name, "arguments": ""}}]}),
+            None,
+        )));
+        let pieces = thirds(args);
+        let last_call = i + 1 == calls.len();
+        for (k, piece) in pieces.iter().enumerate() {
+            if cut && last_call && k == 2 {
+                break;
+            }
+            frames.push(sse(&openai_chunk(
+                model,
+                json!({"tool_calls": [{"index": i, "function": {"arguments": piece}}]}),
+                None,
+            )));
+        }
+    }
+    if cut {
+        let cut = futures::stream::once(async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            Err(std::io::Error::other("connection cut by the fake server"))
+        });
+        let body = futures::stream::iter(frames.into_iter().map(Ok)).chain(cut);
+        return response(200, "text/event-stream", Body::from_stream(body));
+    }
+    frames.push(sse(&openai_chunk(model, json!({}), Some("tool_calls"))));
+    let u = json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": model,
+        "choices": [], "usage": usage});
+    frames.push(sse(&u.to_string()));
+    frames.push(sse("[DONE]"));
+    let body = futures::stream::iter(frames.into_iter().map(Ok::<_, std::io::Error>));
+    response(200, "text/event-stream", Body::from_stream(body))
+}
+
 fn stream_content_type(flavor: Flavor) -> &'static str {
     if flavor == Flavor::Ollama {
         "application/x-ndjson"
@@ -259,6 +344,9 @@ pub(crate) async fn render(
                 "text/html"
             };
             response(status, content_type, Body::from_stream(body))
+        }
+        Reply::ToolCalls { calls, usage, cut } => {
+            tool_calls(flavor, model, &calls, usage, cut, stream)
         }
         // Vectors on a generation route: the test scripted the wrong endpoint.
         Reply::Vectors { .. } => response(

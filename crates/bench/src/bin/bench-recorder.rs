@@ -51,6 +51,8 @@ fn result(job_id: Uuid) -> ResultEvent {
         status: Status::Ok,
         output: Some("a short answer".into()),
         embeddings: None,
+        tool_calls: None,
+        json: None,
         finish_reason: Some("stop".into()),
         tokens_used: TokensUsed::new(120, 80),
         model_used: Some("m".into()),

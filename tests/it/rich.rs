@@ -1,0 +1,381 @@
+//! Rich generation jobs (CONTRACT section 6) through NATS, against the fake provider in
+//! OpenAI's wire format: a two-turn tool loop, JSON answers checked against their schema,
+//! images in the provider's own shape, escalation past an invalid answer, entries skipped for
+//! what their model cannot take, and the bounds.
+
+use base64::Engine as _;
+use llm_worker_testkit::{FakeLlmServer, Reply};
+use serde_json::{Value, json};
+
+use crate::helpers::{TestApp, collect_reply, openai_provider};
+
+/// A worker whose route is `openai:weak` then `openai:strong` (one fake server), with
+/// `extra` TOML after the provider table (its own keys, e.g. capabilities).
+async fn setup(provider_extra: &str) -> (TestApp, FakeLlmServer) {
+    let fake = FakeLlmServer::start().await.unwrap();
+    let toml = format!(
+        "{}{provider_extra}\n[routes]\ndefault = [\"openai:weak\", \"openai:strong\"]\n",
+        openai_provider("openai", &fake.base_url(), "weak")
+    );
+    let mut app = TestApp::new(&toml).await;
+    app.start_worker().await;
+    (app, fake)
+}
+
+fn weather_tool() -> Value {
+    json!({"name": "get_weather", "description": "Current weather",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                          "required": ["city"]}})
+}
+
+/// Publish `job` with a fresh reply subject and collect its events to the result.
+async fn run(app: &TestApp, mut job: Value) -> crate::helpers::Reply {
+    let (reply_to, mut sub) = app.reply_inbox().await;
+    job["reply_to"] = json!(reply_to);
+    app.publish(job).await;
+    collect_reply(&mut sub).await
+}
+
+#[tokio::test]
+async fn a_two_turn_tool_loop_runs_through_nats_streamed_and_not() {
+    let (app, fake) = setup("").await;
+    for stream in [true, false] {
+        // Turn 1: the model calls the tool.
+        fake.push(Reply::tool_call(
+            "get_weather",
+            r#"{"city": "Paris"}"#,
+            (20, 7),
+        ));
+        let first = run(
+            &app,
+            json!({"prompt": "What is the weather in Paris?", "stream": stream,
+                   "tools": [weather_tool()], "tool_choice": "auto"}),
+        )
+        .await;
+        let r = &first.result;
+        assert_eq!(r["status"], "ok", "{r}");
+        assert_eq!(r["finish_reason"], "tool_calls");
+        assert_eq!(
+            r["tool_calls"],
+            json!([{"id": "call_0", "name": "get_weather", "arguments": {"city": "Paris"}}])
+        );
+        if stream {
+            // Streamed as chunk events carrying the call: id and name, then the arguments.
+            assert_eq!(
+                first.final_tool_calls(),
+                [(
+                    "call_0".to_string(),
+                    "get_weather".to_string(),
+                    r#"{"city": "Paris"}"#.to_string()
+                )]
+            );
+            assert!(first.chunks.iter().all(|c| c.get("delta").is_none()));
+        }
+        let sent = fake.requests().pop().unwrap();
+        assert_eq!(sent["tools"][0]["type"], "function", "{sent}");
+        assert_eq!(sent["tools"][0]["function"]["name"], "get_weather");
+        assert_eq!(sent["tool_choice"], "auto");
+
+        // Turn 2: the tool's answer goes back; the model answers in text.
+        fake.push(Reply::answer(&["It is 21 °C in Paris."], (40, 9)));
+        let second = run(
+            &app,
+            json!({"stream": stream, "tools": [weather_tool()], "messages": [
+                {"role": "user", "content": "What is the weather in Paris?"},
+                {"role": "assistant", "content": "", "tool_calls": r["tool_calls"]},
+                {"role": "tool", "tool_call_id": "call_0", "content": "{\"temp_c\": 21}"}]}),
+        )
+        .await;
+        assert_eq!(second.result["output"], "It is 21 °C in Paris.");
+        assert_eq!(second.result["finish_reason"], "stop");
+        let sent = fake.requests().pop().unwrap();
+        let m = &sent["messages"];
+        assert_eq!(m[1]["role"], "assistant", "{sent}");
+        assert_eq!(m[1]["content"], Value::Null);
+        assert_eq!(m[1]["tool_calls"][0]["id"], "call_0");
+        assert_eq!(m[1]["tool_calls"][0]["type"], "function");
+        // OpenAI's format carries arguments as JSON text.
+        let args: Value = serde_json::from_str(
+            m[1]["tool_calls"][0]["function"]["arguments"]
+                .as_str()
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(args, json!({"city": "Paris"}));
+        assert_eq!(m[2]["role"], "tool");
+        assert_eq!(m[2]["tool_call_id"], "call_0");
+        assert_eq!(m[2]["content"], "{\"temp_c\": 21}");
+    }
+    app.teardown().await;
+}
+
+fn person_format() -> Value {
+    json!({"type": "json_schema", "name": "person", "strict": true,
+           "schema": {"type": "object", "properties": {"name": {"type": "string"},
+                      "age": {"type": "integer"}}, "required": ["name"]}})
+}
+
+#[tokio::test]
+async fn a_json_schema_answer_comes_back_parsed_streamed_and_not() {
+    let (app, fake) = setup("").await;
+    for stream in [true, false] {
+        fake.push(Reply::answer(
+            &["{\"name\": ", "\"Ada\", \"age\": 36}"],
+            (12, 8),
+        ));
+        let reply = run(
+            &app,
+            json!({"prompt": "Who wrote the first program?", "stream": stream,
+                   "response_format": person_format()}),
+        )
+        .await;
+        let r = &reply.result;
+        assert_eq!(r["status"], "ok", "{r}");
+        assert_eq!(r["output"], "{\"name\": \"Ada\", \"age\": 36}");
+        assert_eq!(r["json"], json!({"name": "Ada", "age": 36}));
+        let sent = fake.requests().pop().unwrap();
+        assert_eq!(sent["response_format"]["type"], "json_schema", "{sent}");
+        assert_eq!(sent["response_format"]["json_schema"]["name"], "person");
+        assert_eq!(sent["response_format"]["json_schema"]["strict"], true);
+        assert_eq!(
+            sent["response_format"]["json_schema"]["schema"]["required"],
+            json!(["name"])
+        );
+    }
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn an_image_reaches_the_provider_in_its_own_shape() {
+    let (app, fake) = setup("").await;
+    let png = base64::engine::general_purpose::STANDARD.encode(b"\x89PNG\r\n\x1a\n-fake-pixels-");
+    fake.push(Reply::answer(&["A red square."], (800, 4)));
+    let reply = run(
+        &app,
+        json!({"stream": false, "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "What is in this picture?"},
+            {"type": "image", "data": png, "media_type": "image/png", "detail": "low"},
+            {"type": "image", "url": "https://example.com/cat.png"}]}]}),
+    )
+    .await;
+    assert_eq!(reply.result["output"], "A red square.", "{}", reply.result);
+    let sent = fake.requests().pop().unwrap();
+    let parts = &sent["messages"][0]["content"];
+    assert_eq!(
+        parts[0],
+        json!({"type": "text", "text": "What is in this picture?"})
+    );
+    assert_eq!(parts[1]["type"], "image_url", "{sent}");
+    assert_eq!(
+        parts[1]["image_url"]["url"],
+        format!("data:image/png;base64,{png}")
+    );
+    assert_eq!(parts[1]["image_url"]["detail"], "low");
+    assert_eq!(parts[2]["image_url"]["url"], "https://example.com/cat.png");
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn an_invalid_answer_is_billed_and_the_route_escalates_to_the_next_model() {
+    let (app, fake) = setup("").await;
+    // weak answers prose instead of JSON, then calls the tool with arguments that are not
+    // JSON; strong answers properly each time.
+    fake.push(Reply::answer(&["Sure! Ada, 36."], (12, 6)));
+    fake.push(Reply::answer(&["{\"name\": \"Ada\"}"], (12, 5)));
+    let json_job = run(
+        &app,
+        json!({"prompt": "Who?", "stream": false, "response_format": person_format()}),
+    )
+    .await;
+    fake.push(Reply::tool_call("get_weather", r#"{"city": "Par"#, (20, 4)));
+    fake.push(Reply::tool_call(
+        "get_weather",
+        r#"{"city": "Paris"}"#,
+        (20, 7),
+    ));
+    let tool_job = run(
+        &app,
+        json!({"prompt": "Weather?", "stream": true, "tools": [weather_tool()]}),
+    )
+    .await;
+    for (reply, final_output) in [(&json_job, "json"), (&tool_job, "tool_calls")] {
+        let r = &reply.result;
+        assert_eq!(r["status"], "ok", "{r}");
+        assert_eq!(
+            (r["model_used"].as_str(), r["attempt"].as_u64()),
+            (Some("strong"), Some(2))
+        );
+        assert!(!r[final_output].is_null(), "{r}");
+        let first = &r["attempts"][0];
+        assert_eq!(first["model"], "weak");
+        assert_eq!(first["error"]["code"], "invalid_output", "{r}");
+        assert!(
+            first["output_tokens"].as_u64().unwrap() > 0,
+            "billed: {first}"
+        );
+    }
+    // The client keeps only the final attempt's tool calls.
+    assert_eq!(tool_job.final_tool_calls()[0].2, r#"{"city": "Paris"}"#);
+    let models: Vec<String> = fake
+        .requests()
+        .iter()
+        .map(|r| r["model"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(models, ["weak", "strong", "weak", "strong"]);
+    // The ledger has the failed, billed attempts.
+    app.wait_count(
+        "SELECT count(*) FROM llm_calls WHERE error_code = 'invalid_output' AND output_tokens > 0",
+        2,
+    )
+    .await;
+    app.wait_count("SELECT count(*) FROM llm_jobs WHERE status = 'ok'", 2)
+        .await;
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn every_answer_invalid_ends_invalid_output() {
+    let (app, fake) = setup("").await;
+    fake.set_default(Reply::answer(&["not json"], (5, 2)));
+    let r = run(
+        &app,
+        json!({"prompt": "x", "stream": false, "response_format": {"type": "json_object"}}),
+    )
+    .await
+    .result;
+    assert_eq!(r["error"]["code"], "invalid_output", "{r}");
+    assert_eq!(r["attempts"].as_array().unwrap().len(), 2);
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn a_stream_cut_inside_a_tool_call_restarts_and_the_final_attempts_call_counts() {
+    let (app, fake) = setup("").await;
+    fake.push(Reply::ToolCalls {
+        calls: vec![("get_weather".into(), r#"{"city": "Paris"}"#.into())],
+        usage: (20, 7),
+        cut: true,
+    });
+    fake.push(Reply::tool_call(
+        "get_weather",
+        r#"{"city": "Lyon"}"#,
+        (20, 7),
+    ));
+    let reply = run(
+        &app,
+        json!({"prompt": "Weather?", "stream": true, "tools": [weather_tool()]}),
+    )
+    .await;
+    let r = &reply.result;
+    assert_eq!(r["status"], "ok", "{r}");
+    assert_eq!(r["attempt"], 2);
+    assert_eq!(r["tool_calls"][0]["arguments"], json!({"city": "Lyon"}));
+    // The cut attempt's pieces were streamed under attempt 1; the final ones under 2.
+    assert!(
+        reply
+            .chunks
+            .iter()
+            .any(|c| c["attempt"] == 1 && c["tool_call"].is_object())
+    );
+    assert_eq!(reply.final_tool_calls()[0].2, r#"{"city": "Lyon"}"#);
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn an_entry_whose_model_cannot_take_the_job_is_skipped_without_a_call() {
+    // `weak` is configured as text only.
+    let (app, fake) = setup("capabilities = { \"weak\" = [] }\n").await;
+    fake.push(Reply::tool_call(
+        "get_weather",
+        r#"{"city": "Paris"}"#,
+        (20, 7),
+    ));
+    let r = run(
+        &app,
+        json!({"prompt": "Weather?", "stream": false, "tools": [weather_tool()]}),
+    )
+    .await
+    .result;
+    assert_eq!(r["status"], "ok", "{r}");
+    assert_eq!(r["model_used"], "strong");
+    assert_eq!(r["attempts"].as_array().unwrap().len(), 1);
+    let models: Vec<String> = fake
+        .requests()
+        .iter()
+        .map(|r| r["model"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(models, ["strong"], "no call to the entry that lacks tools");
+    // A plain job still goes to `weak`.
+    fake.push(Reply::answer(&["hi"], (1, 1)));
+    let plain = run(&app, json!({"prompt": "hi", "stream": false}))
+        .await
+        .result;
+    assert_eq!(plain["model_used"], "weak");
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn a_job_no_entry_can_take_ends_unsupported_without_a_call() {
+    let (app, fake) =
+        setup("capabilities = { \"weak\" = [\"tools\"], \"strong\" = [\"tools\"] }\n").await;
+    let r = run(
+        &app,
+        json!({"stream": false, "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "What is this?"},
+            {"type": "image", "url": "https://example.com/cat.png"}]}]}),
+    )
+    .await
+    .result;
+    assert_eq!(r["error"]["code"], "unsupported", "{r}");
+    let message = r["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("openai:weak (images, image URLs)"),
+        "{message}"
+    );
+    assert_eq!(r["attempts"], json!([]));
+    assert_eq!(fake.request_count(), 0);
+    app.wait_count(
+        "SELECT count(*) FROM llm_jobs WHERE error_code = 'unsupported'",
+        1,
+    )
+    .await;
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn rich_jobs_over_their_bounds_are_refused_naming_the_bound() {
+    let (app, fake) =
+        setup("[limits]\nmax_tools = 2\nmax_image_bytes = 1000\nmax_schema_depth = 4\n").await;
+    let big = base64::engine::general_purpose::STANDARD.encode(vec![0u8; 3000]);
+    let tool = |name: &str| json!({"name": name, "parameters": {"type": "object"}});
+    let deep = json!({"type": "object", "properties": {"a": {"type": "object", "properties":
+        {"b": {"type": "object", "properties": {"c": {"type": "string"}}}}}}});
+    for (job, bound) in [
+        (
+            json!({"messages": [{"role": "user", "content": [
+                {"type": "image", "data": big, "media_type": "image/png"}]}]}),
+            "limits.max_image_bytes",
+        ),
+        (
+            json!({"prompt": "x", "tools": [tool("a"), tool("b"), tool("c")]}),
+            "limits.max_tools",
+        ),
+        (
+            json!({"prompt": "x", "response_format": {"type": "json_schema", "name": "deep",
+                   "schema": deep}}),
+            "limits.max_schema_depth",
+        ),
+        (
+            json!({"prompt": "x", "tools": [{"name": "remote",
+                   "parameters": {"$ref": "https://example.com/s.json"}}]}),
+            "not a usable JSON Schema",
+        ),
+    ] {
+        let r = run(&app, job).await.result;
+        assert_eq!(r["error"]["code"], "invalid_job", "{r}");
+        let message = r["error"]["message"].as_str().unwrap();
+        assert!(message.contains(bound), "{bound}: {message}");
+    }
+    assert_eq!(fake.request_count(), 0);
+    app.teardown().await;
+}
