@@ -2,9 +2,10 @@
 //! object, or matching a schema). A route entry that lacks what a job needs is skipped without
 //! a call; a job no entry can take ends `unsupported` (CONTRACT section 6).
 //!
-//! Three sources, narrowest wins: what the protocol module translates (today OpenAI and every
-//! OpenAI-compatible server translate all of it; the Anthropic, Gemini and Ollama modules
-//! translate text only, so their entries are skipped for rich jobs); then the provider's
+//! Three sources, narrowest wins: what the protocol module translates (today OpenAI, every
+//! OpenAI-compatible server and Anthropic translate all of it, Anthropic's JSON output through
+//! an answer tool; the Gemini and Ollama modules translate text only, so their entries are
+//! skipped for rich jobs); then the provider's
 //! `capabilities` setting for the model (exact name, `prefix*`, `*`), else the built-in table
 //! below for well-known models; a model neither names takes everything its protocol does (a
 //! local server's model: the server says no if it cannot).
@@ -80,7 +81,7 @@ impl Caps {
 /// What a protocol module translates.
 pub fn of_protocol(api: &Api) -> Caps {
     match api {
-        Api::Openai { .. } => Caps::ALL,
+        Api::Openai { .. } | Api::Anthropic { .. } => Caps::ALL,
         _ => Caps::NONE,
     }
 }
@@ -198,14 +199,25 @@ mod tests {
         // A protocol module that does not translate tools yet.
         assert_eq!(
             resolve(
-                &Api::Anthropic {
-                    default_max_tokens: 1
+                &Api::Ollama {
+                    embed: crate::config::EmbedBatching {
+                        batch_size: 1,
+                        batch_tokens: 1,
+                    },
                 },
                 None,
-                "claude-sonnet-4"
+                "llama3.1"
             )
             .missing(needs_tools),
             ["tools"]
+        );
+        let anthropic = Api::Anthropic {
+            default_max_tokens: 1,
+        };
+        assert!(
+            resolve(&anthropic, None, "claude-sonnet-4")
+                .missing(needs_tools)
+                .is_empty()
         );
     }
 }

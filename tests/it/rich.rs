@@ -1,13 +1,14 @@
 //! Rich generation jobs (CONTRACT section 6) through NATS, against the fake provider in
-//! OpenAI's wire format: a two-turn tool loop, JSON answers checked against their schema,
-//! images in the provider's own shape, escalation past an invalid answer, entries skipped for
-//! what their model cannot take, and the bounds.
+//! OpenAI's and Anthropic's wire formats: a two-turn tool loop, JSON answers checked against
+//! their schema, images in the provider's own shape, escalation past an invalid answer (also
+//! from one format to the other), entries skipped for what their model cannot take, and the
+//! bounds.
 
 use base64::Engine as _;
 use llm_worker_testkit::{FakeLlmServer, Reply};
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, collect_reply, openai_provider};
+use crate::helpers::{TestApp, collect_reply, openai_provider, provider_base_url};
 
 /// A worker whose route is `openai:weak` then `openai:strong` (one fake server), with
 /// `extra` TOML after the provider table (its own keys, e.g. capabilities).
@@ -36,59 +37,83 @@ async fn run(app: &TestApp, mut job: Value) -> crate::helpers::Reply {
     collect_reply(&mut sub).await
 }
 
+/// Turn 1 of a tool loop: `fake` calls `get_weather` for Paris; the result (and, streamed,
+/// the chunks) carry that call under the id the provider gave it.
+async fn tool_loop_first_turn(
+    app: &TestApp,
+    fake: &FakeLlmServer,
+    stream: bool,
+    tool_choice: &str,
+    id: &str,
+) -> Value {
+    fake.push(Reply::tool_call(
+        "get_weather",
+        r#"{"city": "Paris"}"#,
+        (20, 7),
+    ));
+    let first = run(
+        app,
+        json!({"prompt": "What is the weather in Paris?", "stream": stream,
+               "tools": [weather_tool()], "tool_choice": tool_choice}),
+    )
+    .await;
+    let r = first.result.clone();
+    assert_eq!(r["status"], "ok", "{r}");
+    assert_eq!(r["finish_reason"], "tool_calls");
+    assert_eq!(
+        r["tool_calls"],
+        json!([{"id": id, "name": "get_weather", "arguments": {"city": "Paris"}}])
+    );
+    assert_eq!(r["tokens_used"]["output"], 7, "{r}");
+    if stream {
+        // Streamed as chunk events carrying the call: id and name, then the arguments.
+        assert_eq!(
+            first.final_tool_calls(),
+            [(
+                id.to_string(),
+                "get_weather".to_string(),
+                r#"{"city": "Paris"}"#.to_string()
+            )]
+        );
+        assert!(first.chunks.iter().all(|c| c.get("delta").is_none()));
+    }
+    r
+}
+
+/// Turn 2: the tool's answer goes back (the result of turn 1 as the assistant message); the
+/// model answers in text. Returns the request the provider got.
+async fn tool_loop_second_turn(
+    app: &TestApp,
+    fake: &FakeLlmServer,
+    stream: bool,
+    first: &Value,
+) -> Value {
+    fake.push(Reply::answer(&["It is 21 °C in Paris."], (40, 9)));
+    let id = first["tool_calls"][0]["id"].clone();
+    let second = run(
+        app,
+        json!({"stream": stream, "tools": [weather_tool()], "messages": [
+            {"role": "user", "content": "What is the weather in Paris?"},
+            {"role": "assistant", "content": "", "tool_calls": first["tool_calls"]},
+            {"role": "tool", "tool_call_id": id, "content": "{\"temp_c\": 21}"}]}),
+    )
+    .await;
+    assert_eq!(second.result["output"], "It is 21 °C in Paris.");
+    assert_eq!(second.result["finish_reason"], "stop");
+    fake.requests().pop().unwrap()
+}
+
 #[tokio::test]
 async fn a_two_turn_tool_loop_runs_through_nats_streamed_and_not() {
     let (app, fake) = setup("").await;
     for stream in [true, false] {
-        // Turn 1: the model calls the tool.
-        fake.push(Reply::tool_call(
-            "get_weather",
-            r#"{"city": "Paris"}"#,
-            (20, 7),
-        ));
-        let first = run(
-            &app,
-            json!({"prompt": "What is the weather in Paris?", "stream": stream,
-                   "tools": [weather_tool()], "tool_choice": "auto"}),
-        )
-        .await;
-        let r = &first.result;
-        assert_eq!(r["status"], "ok", "{r}");
-        assert_eq!(r["finish_reason"], "tool_calls");
-        assert_eq!(
-            r["tool_calls"],
-            json!([{"id": "call_0", "name": "get_weather", "arguments": {"city": "Paris"}}])
-        );
-        if stream {
-            // Streamed as chunk events carrying the call: id and name, then the arguments.
-            assert_eq!(
-                first.final_tool_calls(),
-                [(
-                    "call_0".to_string(),
-                    "get_weather".to_string(),
-                    r#"{"city": "Paris"}"#.to_string()
-                )]
-            );
-            assert!(first.chunks.iter().all(|c| c.get("delta").is_none()));
-        }
+        let first = tool_loop_first_turn(&app, &fake, stream, "auto", "call_0").await;
         let sent = fake.requests().pop().unwrap();
         assert_eq!(sent["tools"][0]["type"], "function", "{sent}");
         assert_eq!(sent["tools"][0]["function"]["name"], "get_weather");
         assert_eq!(sent["tool_choice"], "auto");
 
-        // Turn 2: the tool's answer goes back; the model answers in text.
-        fake.push(Reply::answer(&["It is 21 °C in Paris."], (40, 9)));
-        let second = run(
-            &app,
-            json!({"stream": stream, "tools": [weather_tool()], "messages": [
-                {"role": "user", "content": "What is the weather in Paris?"},
-                {"role": "assistant", "content": "", "tool_calls": r["tool_calls"]},
-                {"role": "tool", "tool_call_id": "call_0", "content": "{\"temp_c\": 21}"}]}),
-        )
-        .await;
-        assert_eq!(second.result["output"], "It is 21 °C in Paris.");
-        assert_eq!(second.result["finish_reason"], "stop");
-        let sent = fake.requests().pop().unwrap();
+        let sent = tool_loop_second_turn(&app, &fake, stream, &first).await;
         let m = &sent["messages"];
         assert_eq!(m[1]["role"], "assistant", "{sent}");
         assert_eq!(m[1]["content"], Value::Null);
@@ -377,5 +402,162 @@ async fn rich_jobs_over_their_bounds_are_refused_naming_the_bound() {
         assert!(message.contains(bound), "{bound}: {message}");
     }
     assert_eq!(fake.request_count(), 0);
+    app.teardown().await;
+}
+
+/// A worker whose route is `claude:claude-sonnet-4` then `openai:strong` (Anthropic's format
+/// first, OpenAI's second; one fake server for each).
+async fn setup_anthropic() -> (TestApp, FakeLlmServer, FakeLlmServer) {
+    let claude = FakeLlmServer::start().await.unwrap();
+    let openai = FakeLlmServer::start().await.unwrap();
+    let toml = format!(
+        "[providers.claude]\ntype = \"anthropic\"\nbase_url = \"{}\"\ndefault_model = \"claude-sonnet-4\"\n\
+         max_retries = 1\nretry_min_delay_ms = 10\nretry_max_delay_ms = 50\n{}\
+         [routes]\ndefault = [\"claude:claude-sonnet-4\", \"openai:strong\"]\n",
+        provider_base_url("anthropic", &claude),
+        openai_provider("openai", &openai.base_url(), "strong")
+    );
+    let mut app = TestApp::new(&toml).await;
+    app.start_worker().await;
+    (app, claude, openai)
+}
+
+#[tokio::test]
+async fn anthropic_a_two_turn_tool_loop_speaks_tool_use_and_tool_result_blocks() {
+    let (app, claude, openai) = setup_anthropic().await;
+    for stream in [true, false] {
+        let first = tool_loop_first_turn(&app, &claude, stream, "required", "toolu_0").await;
+        assert_eq!(first["provider"], "claude");
+        let sent = claude.requests().pop().unwrap();
+        assert_eq!(
+            sent["tools"],
+            json!([{"name": "get_weather", "description": "Current weather",
+                    "input_schema": weather_tool()["parameters"]}]),
+            "{sent}"
+        );
+        assert_eq!(sent["tool_choice"], json!({"type": "any"}));
+
+        let sent = tool_loop_second_turn(&app, &claude, stream, &first).await;
+        assert_eq!(
+            sent["messages"],
+            json!([
+                {"role": "user", "content": "What is the weather in Paris?"},
+                {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_0",
+                    "name": "get_weather", "input": {"city": "Paris"}}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_0",
+                    "content": "{\"temp_c\": 21}"}]}
+            ]),
+            "{sent}"
+        );
+    }
+    assert!(openai.requests().is_empty());
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn anthropic_a_json_answer_comes_through_a_forced_answer_tool_streamed_and_not() {
+    let (app, claude, _openai) = setup_anthropic().await;
+    for stream in [true, false] {
+        // The fake answers a forced tool with the scripted text as the tool's input.
+        claude.push(Reply::answer(
+            &["{\"name\": \"Ada\", \"age\": 36}"],
+            (12, 8),
+        ));
+        let reply = run(
+            &app,
+            json!({"prompt": "Who wrote the first program?", "stream": stream,
+                   "response_format": person_format()}),
+        )
+        .await;
+        let r = &reply.result;
+        assert_eq!(r["status"], "ok", "{r}");
+        assert_eq!(r["provider"], "claude");
+        assert_eq!(r["json"], json!({"name": "Ada", "age": 36}), "{r}");
+        assert_eq!(r["finish_reason"], "stop");
+        assert!(r["tool_calls"].is_null(), "{r}");
+        if stream {
+            // The answer streams as text deltas, as from any provider.
+            let text: String = reply
+                .chunks
+                .iter()
+                .filter_map(|c| c["delta"].as_str())
+                .collect();
+            assert_eq!(serde_json::from_str::<Value>(&text).unwrap(), r["json"]);
+        }
+        let sent = claude.requests().pop().unwrap();
+        assert_eq!(sent["tools"][0]["name"], "person", "{sent}");
+        assert_eq!(sent["tools"][0]["input_schema"], person_format()["schema"]);
+        assert_eq!(
+            sent["tool_choice"],
+            json!({"type": "tool", "name": "person"})
+        );
+    }
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn anthropic_an_image_goes_as_an_image_block_before_the_text() {
+    let (app, claude, _openai) = setup_anthropic().await;
+    let png = base64::engine::general_purpose::STANDARD.encode(b"\x89PNG\r\n\x1a\nfake");
+    claude.push(Reply::answer(&["A cat."], (90, 3)));
+    let r = run(
+        &app,
+        json!({"stream": false, "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "What is this?"},
+            {"type": "image", "data": png, "media_type": "image/png"},
+            {"type": "image", "url": "https://example.com/cat.png"}]}]}),
+    )
+    .await
+    .result;
+    assert_eq!(r["output"], "A cat.", "{r}");
+    let sent = claude.requests().pop().unwrap();
+    assert_eq!(
+        sent["messages"][0]["content"],
+        json!([
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": png}},
+            {"type": "image", "source": {"type": "url", "url": "https://example.com/cat.png"}},
+            {"type": "text", "text": "What is this?"}
+        ]),
+        "{sent}"
+    );
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn an_invalid_anthropic_tool_call_escalates_to_openai_and_both_attempts_are_recorded() {
+    let (app, claude, openai) = setup_anthropic().await;
+    // Claude calls the tool without its required argument; OpenAI's model calls it properly.
+    claude.push(Reply::tool_call(
+        "get_weather",
+        r#"{"town": "Paris"}"#,
+        (20, 6),
+    ));
+    openai.push(Reply::tool_call(
+        "get_weather",
+        r#"{"city": "Paris"}"#,
+        (20, 7),
+    ));
+    let reply = run(
+        &app,
+        json!({"prompt": "Weather?", "stream": true, "tools": [weather_tool()]}),
+    )
+    .await;
+    let r = &reply.result;
+    assert_eq!(r["status"], "ok", "{r}");
+    assert_eq!(r["provider"], "openai");
+    assert_eq!(r["tool_calls"][0]["id"], "call_0");
+    let first = &r["attempts"][0];
+    assert_eq!(first["provider"], "claude", "{r}");
+    assert_eq!(first["error"]["code"], "invalid_output", "{r}");
+    assert!(
+        first["error"]["message"].as_str().unwrap().contains("city"),
+        "names what failed: {first}"
+    );
+    assert_eq!(reply.final_tool_calls()[0].2, r#"{"city": "Paris"}"#);
+    app.wait_count(
+        "SELECT count(*) FROM llm_calls WHERE provider = 'claude' AND error_code = 'invalid_output' AND output_tokens = 6",
+        1,
+    )
+    .await;
     app.teardown().await;
 }

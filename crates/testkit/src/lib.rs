@@ -69,8 +69,9 @@ pub enum Reply {
     /// Embeddings of this size (embedding routes; any other success reply gives the request's
     /// `dimensions`, or 8). Vectors are [`fake_vector`]`(input, dims)`.
     Vectors { dims: usize },
-    /// An answer that calls tools (OpenAI format): `(name, arguments text)` per call, the
-    /// arguments streamed in three pieces each, `finish_reason: "tool_calls"`. The arguments
+    /// An answer that calls tools (OpenAI's or Anthropic's format; 501 on the others):
+    /// `(name, arguments text)` per call, the arguments streamed in three pieces each,
+    /// finishing `tool_calls` / `tool_use`. The arguments
     /// text is sent as given, so a test can send text that is not JSON. With `cut`, the stream
     /// breaks in the middle of the last call's arguments.
     ToolCalls {
@@ -408,7 +409,7 @@ async fn embed(script: Arc<Mutex<Script>>, flavor: Flavor, body: &[u8]) -> Respo
     let dims = match reply {
         Some(Reply::Vectors { dims }) => dims,
         Some(other @ (Reply::Status { .. } | Reply::Hang | Reply::Raw { .. })) => {
-            return render(flavor, other, false, "m").await;
+            return render(flavor, other, false, "m", None).await;
         }
         _ => asked.unwrap_or(8) as usize,
     };
@@ -457,6 +458,7 @@ async fn serve(
             (model, stream)
         }
     };
+    let forced = wire::forced_tool(flavor, &request);
     let (reply, latency, timing_key) = match script.lock() {
         Ok(mut s) => {
             // Benchmarks key each request's handler time by its last message (the job's prompt).
@@ -488,7 +490,7 @@ async fn serve(
         .lock()
         .ok()
         .and_then(|s| s.record.then(|| s.open.clone()));
-    let response = render(flavor, reply, stream, &model).await;
+    let response = render(flavor, reply, stream, &model, forced).await;
     let response = match open {
         Some(open) => counted(response, open),
         None => response,

@@ -185,15 +185,91 @@ fn thirds(text: &str) -> Vec<&str> {
     vec![&text[..a], &text[a..b], &text[b..]]
 }
 
-/// An answer that calls tools. OpenAI's format only (other flavors answer 501).
-fn tool_calls(
-    flavor: Flavor,
+/// A stream of `frames` that breaks (after a moment, so that headers and frames reach the
+/// client first) when `cut`.
+fn maybe_cut(frames: Vec<Bytes>, cut: bool) -> Response<Body> {
+    if cut {
+        let cut = futures::stream::once(async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            Err(std::io::Error::other("connection cut by the fake server"))
+        });
+        let body = futures::stream::iter(frames.into_iter().map(Ok)).chain(cut);
+        return response(200, "text/event-stream", Body::from_stream(body));
+    }
+    let body = futures::stream::iter(frames.into_iter().map(Ok::<_, std::io::Error>));
+    response(200, "text/event-stream", Body::from_stream(body))
+}
+
+/// Tool calls in Anthropic's format: `tool_use` blocks, streamed as `content_block_start`
+/// then `input_json_delta` pieces.
+fn anthropic_tool_calls(
     model: &str,
     calls: &[(String, String)],
     (input, output): (u64, u64),
     cut: bool,
     stream: bool,
 ) -> Response<Body> {
+    if !stream {
+        let blocks: Vec<serde_json::Value> = calls
+            .iter()
+            .enumerate()
+            .map(|(i, (name, args))| {
+                // A real answer's input is always an object; a test's broken arguments go
+                // through as they are, as a string.
+                let input = serde_json::from_str::<serde_json::Value>(args)
+                    .unwrap_or_else(|_| serde_json::Value::String(args.clone()));
+                json!({"type": "tool_use", "id": format!("toolu_{i}"), "name": name, "input": input})
+            })
+            .collect();
+        let v = json!({"id": "msg_fake", "type": "message", "role": "assistant", "model": model,
+            "content": blocks, "stop_reason": "tool_use", "stop_sequence": null,
+            "usage": {"input_tokens": input, "output_tokens": output}});
+        return response(200, "application/json", Body::from(v.to_string()));
+    }
+    let mut frames = vec![named(
+        "message_start",
+        json!({"type": "message_start", "message": {"id": "msg_fake", "type": "message",
+        "role": "assistant", "content": [], "model": model, "stop_reason": null,
+        "usage": {"input_tokens": input, "output_tokens": 1}}}),
+    )];
+    for (i, (name, args)) in calls.iter().enumerate() {
+        frames.push(named("content_block_start", json!({"type": "content_block_start", "index": i,
+            "content_block": {"type": "tool_use", "id": format!("toolu_{i}"), "name": name, "input": {}}})));
+        let last_call = i + 1 == calls.len();
+        for (k, piece) in thirds(args).iter().enumerate() {
+            if cut && last_call && k == 2 {
+                return maybe_cut(frames, true);
+            }
+            frames.push(named(
+                "content_block_delta",
+                json!({"type": "content_block_delta", "index": i,
+                "delta": {"type": "input_json_delta", "partial_json": piece}}),
+            ));
+        }
+        frames.push(named(
+            "content_block_stop",
+            json!({"type": "content_block_stop", "index": i}),
+        ));
+    }
+    frames.push(named("message_delta", json!({"type": "message_delta",
+        "delta": {"stop_reason": "tool_use", "stop_sequence": null}, "usage": {"output_tokens": output}})));
+    frames.push(named("message_stop", json!({"type": "message_stop"})));
+    maybe_cut(frames, false)
+}
+
+/// An answer that calls tools, in OpenAI's or Anthropic's format (the others answer 501).
+fn tool_calls(
+    flavor: Flavor,
+    model: &str,
+    calls: &[(String, String)],
+    usage: (u64, u64),
+    cut: bool,
+    stream: bool,
+) -> Response<Body> {
+    if flavor == Flavor::Anthropic {
+        return anthropic_tool_calls(model, calls, usage, cut, stream);
+    }
+    let (input, output) = usage;
     if flavor != Flavor::OpenAi {
         return response(
             501,
@@ -235,7 +311,7 @@ fn tool_calls(
         let last_call = i + 1 == calls.len();
         for (k, piece) in pieces.iter().enumerate() {
             if cut && last_call && k == 2 {
-                break;
+                return maybe_cut(frames, true);
             }
             frames.push(sse(&openai_chunk(
                 model,
@@ -244,21 +320,12 @@ fn tool_calls(
             )));
         }
     }
-    if cut {
-        let cut = futures::stream::once(async {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            Err(std::io::Error::other("connection cut by the fake server"))
-        });
-        let body = futures::stream::iter(frames.into_iter().map(Ok)).chain(cut);
-        return response(200, "text/event-stream", Body::from_stream(body));
-    }
     frames.push(sse(&openai_chunk(model, json!({}), Some("tool_calls"))));
     let u = json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": model,
         "choices": [], "usage": usage});
     frames.push(sse(&u.to_string()));
     frames.push(sse("[DONE]"));
-    let body = futures::stream::iter(frames.into_iter().map(Ok::<_, std::io::Error>));
-    response(200, "text/event-stream", Body::from_stream(body))
+    maybe_cut(frames, false)
 }
 
 fn stream_content_type(flavor: Flavor) -> &'static str {
@@ -269,12 +336,31 @@ fn stream_content_type(flavor: Flavor) -> &'static str {
     }
 }
 
+/// The tool an Anthropic request forces (`tool_choice: {"type": "tool", "name"}`): a model
+/// made to call a tool answers through it, so the fake turns a scripted answer into that
+/// tool's input (that is how a JSON answer comes back from Anthropic).
+pub(crate) fn forced_tool(flavor: Flavor, request: &serde_json::Value) -> Option<String> {
+    let choice = &request["tool_choice"];
+    (flavor == Flavor::Anthropic && choice["type"] == "tool")
+        .then(|| choice["name"].as_str().map(str::to_string))
+        .flatten()
+}
+
 pub(crate) async fn render(
     flavor: Flavor,
     reply: Reply,
     stream: bool,
     model: &str,
+    forced_tool: Option<String>,
 ) -> Response<Body> {
+    let reply = match (reply, forced_tool) {
+        (Reply::Answer { deltas, usage, .. }, Some(name)) => Reply::ToolCalls {
+            calls: vec![(name, deltas.concat())],
+            usage: usage.unwrap_or((0, 0)),
+            cut: false,
+        },
+        (reply, _) => reply,
+    };
     match reply {
         Reply::Hang => {
             std::future::pending::<()>().await;
