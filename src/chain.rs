@@ -128,6 +128,8 @@ pub struct Chain {
     max_output_bytes: usize,
     pub(crate) health: Health,
     prices: PriceBook,
+    /// Image URLs the worker may fetch itself (`limits.image_url_hosts`).
+    images: Arc<images::ImageFetcher>,
 }
 
 impl Chain {
@@ -151,6 +153,7 @@ impl Chain {
             max_output_bytes: config.limits.max_output_bytes,
             health,
             prices,
+            images: Arc::new(images::ImageFetcher::new(&config.limits)),
         }
     }
 
@@ -290,9 +293,26 @@ impl Chain {
         let mut unable: Vec<String> = Vec::new();
         let mut timed_out = false;
         let needs = req.needs();
+        // The job with its image URLs fetched, for entries that take only bytes; fetched the
+        // first time such an entry comes up.
+        let inlined = tokio::sync::OnceCell::new();
         'targets: for target in &targets {
+            let mut source = req;
             if !needs.is_plain() {
-                let missing = target.provider.capabilities(&target.model).missing(needs);
+                let caps = target.provider.capabilities(&target.model);
+                let mut missing = caps.missing(needs);
+                if missing == ["image URLs"] && self.images.may_fetch_all(req) {
+                    match inlined
+                        .get_or_init(|| self.images.inline(req, deadline))
+                        .await
+                    {
+                        Ok(fetched) => {
+                            source = fetched;
+                            missing.clear();
+                        }
+                        Err(e) => missing = vec![e.as_str()],
+                    }
+                }
                 if !missing.is_empty() {
                     unable.push(format!(
                         "{}:{} ({})",
@@ -303,7 +323,7 @@ impl Chain {
                     continue 'targets;
                 }
             }
-            let (sent, trimmed) = match fit(target, req).await {
+            let (sent, trimmed) = match fit(target, source).await {
                 Ok(fitted) => fitted,
                 Err(t) => {
                     too_long.push((format!("{}:{}", target.provider.name, target.model), t));
@@ -750,6 +770,7 @@ pub(crate) fn chain_error(
 }
 
 mod attempt;
+mod images;
 mod output;
 #[cfg(test)]
 mod tests;

@@ -14,6 +14,7 @@
 //! part of a `Debug` or `Display` output.
 
 mod env;
+mod image_hosts;
 mod provider;
 mod validate;
 
@@ -25,6 +26,7 @@ use secrecy::SecretString;
 use serde::Deserialize;
 
 pub use env::EnvLookup;
+pub use image_hosts::ImageHost;
 pub use provider::{
     Api, Capability, EmbedBatching, MaxTokensField, ProviderConfig, RouteEntry, by_model,
     model_allowed,
@@ -291,6 +293,9 @@ pub struct LimitsConfig {
     /// Images in one job, and the bytes of one (decoded from base64).
     pub max_images: usize,
     pub max_image_bytes: usize,
+    /// Hosts (HTTPS) or origins whose image URLs the worker may fetch itself, to send a
+    /// provider that fetches no URLs the bytes. Empty: it never fetches a job's URL.
+    pub image_url_hosts: Vec<String>,
     /// Tools one job may offer.
     pub max_tools: usize,
     /// A JSON Schema (a tool's parameters, a response format): its size as JSON, and how
@@ -324,6 +329,7 @@ impl Default for LimitsConfig {
             max_output_bytes: 512 * 1024,
             max_images: 8,
             max_image_bytes: 5 * 1024 * 1024,
+            image_url_hosts: Vec::new(),
             max_tools: 64,
             max_schema_bytes: 64 * 1024,
             max_schema_depth: 32,

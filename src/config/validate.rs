@@ -114,6 +114,16 @@ impl Config {
                 return Err(invalid(key, "must be positive"));
             }
         }
+        if let Some(bad) = l
+            .image_url_hosts
+            .iter()
+            .find(|e| super::ImageHost::parse(e).is_none())
+        {
+            return Err(invalid(
+                "limits.image_url_hosts",
+                format!("{bad:?} is neither a host name (HTTPS) nor an http(s)://host:port origin"),
+            ));
+        }
         if self.nats.inbox_prefix.is_empty()
             || self.nats.inbox_prefix.starts_with('$')
             || !crate::contract::is_literal_subject(&self.nats.inbox_prefix)

@@ -8,7 +8,7 @@
 
 mod bounds;
 mod decode;
-mod rich;
+pub(crate) mod rich;
 mod wire;
 
 use std::time::Duration;

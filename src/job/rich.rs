@@ -80,7 +80,7 @@ pub(super) enum WireResponseFormat {
 }
 
 /// Media types of images every provider with image input takes.
-const IMAGE_TYPES: [&str; 4] = ["image/png", "image/jpeg", "image/gif", "image/webp"];
+pub(crate) const IMAGE_TYPES: [&str; 4] = ["image/png", "image/jpeg", "image/gif", "image/webp"];
 /// The longest image URL taken.
 const MAX_URL_BYTES: usize = 2048;
 /// A tool's description, at most.

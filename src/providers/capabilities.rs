@@ -2,10 +2,10 @@
 //! object, or matching a schema). A route entry that lacks what a job needs is skipped without
 //! a call; a job no entry can take ends `unsupported` (CONTRACT section 6).
 //!
-//! Three sources, narrowest wins: what the protocol module translates (today OpenAI, every
+//! Three sources, narrowest wins: what the protocol module translates (OpenAI, every
 //! OpenAI-compatible server and Anthropic translate all of it, Anthropic's JSON output through
-//! an answer tool; the Gemini and Ollama modules translate text only, so their entries are
-//! skipped for rich jobs); then the provider's
+//! an answer tool; Gemini and Ollama all but image URLs, which neither API fetches); then the
+//! provider's
 //! `capabilities` setting for the model (exact name, `prefix*`, `*`), else the built-in table
 //! below for well-known models; a model neither names takes everything its protocol does (a
 //! local server's model: the server says no if it cannot).
@@ -82,7 +82,10 @@ impl Caps {
 pub fn of_protocol(api: &Api) -> Caps {
     match api {
         Api::Openai { .. } | Api::Anthropic { .. } => Caps::ALL,
-        _ => Caps::NONE,
+        Api::Gemini { .. } | Api::Ollama { .. } => Caps {
+            image_urls: false,
+            ..Caps::ALL
+        },
     }
 }
 
@@ -196,20 +199,26 @@ mod tests {
             resolve(&openai, Some(&none), "my-local-model").missing(needs_tools),
             ["tools"]
         );
-        // A protocol module that does not translate tools yet.
+        // A protocol that cannot take what the model could: Ollama fetches no image URLs.
+        let ollama = Api::Ollama {
+            embed: crate::config::EmbedBatching {
+                batch_size: 1,
+                batch_tokens: 1,
+            },
+        };
+        let needs_url = Needs {
+            images: true,
+            image_urls: true,
+            ..Needs::default()
+        };
+        assert!(
+            resolve(&ollama, None, "llama3.1")
+                .missing(needs_tools)
+                .is_empty()
+        );
         assert_eq!(
-            resolve(
-                &Api::Ollama {
-                    embed: crate::config::EmbedBatching {
-                        batch_size: 1,
-                        batch_tokens: 1,
-                    },
-                },
-                None,
-                "llama3.1"
-            )
-            .missing(needs_tools),
-            ["tools"]
+            resolve(&ollama, None, "my-vision-model").missing(needs_url),
+            ["image URLs"]
         );
         let anthropic = Api::Anthropic {
             default_max_tokens: 1,

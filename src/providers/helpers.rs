@@ -81,6 +81,19 @@ pub(crate) fn redact(message: &str, key: Option<&SecretString>) -> String {
         .join(" ")
 }
 
+/// The name of the tool whose call `id` is, from the assistant messages of `messages` (for
+/// protocols whose tool results name the tool rather than the call).
+pub(crate) fn tool_name_of<'a>(
+    messages: &'a [crate::contract::Message],
+    id: &str,
+) -> Option<&'a str> {
+    messages
+        .iter()
+        .flat_map(|m| &m.tool_calls)
+        .find(|c| c.id == id)
+        .map(|c| c.name.as_str())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,6 +9,8 @@
 
 pub(crate) mod anthropic;
 pub mod capabilities;
+#[cfg(test)]
+pub(crate) mod fixtures;
 pub(crate) mod gemini;
 mod helpers;
 pub(crate) mod ollama;

@@ -1,6 +1,13 @@
 //! Ollama's native API: `POST /api/chat` with NDJSON streaming (`stream` defaults to true),
 //! usage from `prompt_eval_count` / `eval_count` on the `done: true` line (which may still carry
 //! text), and `{"error": "..."}` bodies or lines, the latter also inside a 200 stream.
+//!
+//! Rich jobs: images go as base64 strings in a message's `images` (Ollama fetches no URLs),
+//! tools as OpenAI-style function tools, assistant `tool_calls` with arguments as JSON
+//! objects, `tool` messages with `tool_name`; `format` is `"json"` or the job's schema. A
+//! tool call arrives whole in a line's `message.tool_calls`. Ollama has no `tool_choice`:
+//! `none` sends no tools; `required` and a named tool cannot be enforced (the answer's check
+//! still applies to whatever calls come back).
 
 use std::collections::VecDeque;
 
@@ -13,7 +20,9 @@ use super::helpers::{clip, lenient_count};
 use super::{Call, EventStream, FinishReason, ProviderEvent, Usage};
 use crate::config::ProviderConfig;
 use crate::contract::ErrorCode;
-use crate::contract::{GenerateRequest, Role};
+use crate::contract::{
+    GenerateRequest, ImageSource, Message, ResponseFormat, Role, ToolCallChunk, ToolChoice,
+};
 use crate::error::{ProviderError, code_for_status};
 
 pub(crate) struct Ollama {
@@ -106,12 +115,88 @@ struct WireRequest<'a> {
     stream: bool,
     #[serde(skip_serializing_if = "Options::is_empty")]
     options: Options<'a>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tools: Vec<ToolIn<'a>>,
+    /// `"json"`, or a JSON Schema the answer must match.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    format: Option<std::borrow::Cow<'a, serde_json::Value>>,
 }
 
 #[derive(Serialize)]
 struct MessageIn<'a> {
     role: &'static str,
     content: &'a str,
+    /// Base64 image bytes.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    images: Vec<&'a str>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tool_calls: Vec<CallIn<'a>>,
+    /// The tool whose result a `tool` message is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_name: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct CallIn<'a> {
+    function: FunctionIn<'a>,
+}
+
+#[derive(Serialize)]
+struct FunctionIn<'a> {
+    name: &'a str,
+    arguments: &'a serde_json::Value,
+}
+
+#[derive(Serialize)]
+struct ToolIn<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    function: ToolFunctionIn<'a>,
+}
+
+#[derive(Serialize)]
+struct ToolFunctionIn<'a> {
+    name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    description: Option<&'a str>,
+    parameters: &'a serde_json::Value,
+}
+
+impl<'a> MessageIn<'a> {
+    fn of(m: &'a Message, all: &'a [Message]) -> Self {
+        MessageIn {
+            role: match m.role {
+                Role::System => "system",
+                Role::User => "user",
+                Role::Assistant => "assistant",
+                Role::Tool => "tool",
+            },
+            content: &m.content,
+            // URL images never get here: the entry is skipped (`providers::capabilities`).
+            images: m
+                .images
+                .iter()
+                .filter_map(|i| match &i.source {
+                    ImageSource::Data { data, .. } => Some(data.as_str()),
+                    ImageSource::Url(_) => None,
+                })
+                .collect(),
+            tool_calls: m
+                .tool_calls
+                .iter()
+                .map(|c| CallIn {
+                    function: FunctionIn {
+                        name: &c.name,
+                        arguments: &c.arguments,
+                    },
+                })
+                .collect(),
+            tool_name: m
+                .tool_call_id
+                .as_deref()
+                .and_then(|id| super::helpers::tool_name_of(all, id)),
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -142,21 +227,34 @@ fn request_body<'a>(model: &'a str, req: &'a GenerateRequest) -> WireRequest<'a>
     let system = req.system.as_deref().map(|content| MessageIn {
         role: "system",
         content,
+        images: Vec::new(),
+        tool_calls: Vec::new(),
+        tool_name: None,
     });
     let messages = system
         .into_iter()
-        .chain(req.messages.iter().map(|m| MessageIn {
-            role: match m.role {
-                Role::System => "system",
-                Role::User => "user",
-                Role::Assistant => "assistant",
-                // Never sent: an Ollama entry is skipped for jobs with tools
-                // (`providers::capabilities`).
-                Role::Tool => "tool",
-            },
-            content: &m.content,
-        }))
+        .chain(req.messages.iter().map(|m| MessageIn::of(m, &req.messages)))
         .collect();
+    let tools = if req.tool_choice == Some(ToolChoice::None) {
+        Vec::new()
+    } else {
+        req.tools
+            .iter()
+            .map(|t| ToolIn {
+                kind: "function",
+                function: ToolFunctionIn {
+                    name: &t.name,
+                    description: t.description.as_deref(),
+                    parameters: &t.parameters,
+                },
+            })
+            .collect()
+    };
+    let format = req.response_format.as_ref().and_then(|f| match f {
+        ResponseFormat::Text => None,
+        ResponseFormat::JsonObject => Some(std::borrow::Cow::Owned(serde_json::json!("json"))),
+        ResponseFormat::JsonSchema { schema, .. } => Some(std::borrow::Cow::Borrowed(schema)),
+    });
     let o = &req.options;
     WireRequest {
         model,
@@ -169,6 +267,8 @@ fn request_body<'a>(model: &'a str, req: &'a GenerateRequest) -> WireRequest<'a>
             seed: o.seed,
             stop: &o.stop,
         },
+        tools,
+        format,
     }
 }
 
@@ -191,6 +291,23 @@ struct WireLine {
 struct MessageOut {
     #[serde(default)]
     content: String,
+    #[serde(default)]
+    tool_calls: Vec<CallOut>,
+}
+
+/// A whole tool call (Ollama does not stream a call's arguments in pieces).
+#[derive(Deserialize)]
+struct CallOut {
+    #[serde(default)]
+    id: Option<String>,
+    function: FunctionOut,
+}
+
+#[derive(Deserialize)]
+struct FunctionOut {
+    name: String,
+    #[serde(default)]
+    arguments: Option<serde_json::Value>,
 }
 
 /// Map a `done_reason` (absent on older servers: a plain stop).
@@ -206,6 +323,8 @@ fn finish(reason: Option<&str>) -> FinishReason {
 #[derive(Default)]
 struct Decoder {
     finished: bool,
+    /// Tool calls so far (they are numbered across lines).
+    calls: u32,
 }
 
 impl Decoder {
@@ -223,17 +342,36 @@ impl Decoder {
             return Err(classify(200, &String::from_utf8_lossy(line)));
         }
         let mut out = Vec::new();
-        if let Some(message) = v.message
-            && !message.content.is_empty()
-        {
-            out.push(ProviderEvent::Delta(message.content));
+        if let Some(message) = v.message {
+            if !message.content.is_empty() {
+                out.push(ProviderEvent::Delta(message.content));
+            }
+            for call in message.tool_calls {
+                let index = self.calls;
+                self.calls += 1;
+                out.push(ProviderEvent::ToolCall(ToolCallChunk {
+                    index,
+                    id: Some(call.id.unwrap_or_else(|| format!("call_{index}"))),
+                    name: Some(call.function.name),
+                    arguments: call
+                        .function
+                        .arguments
+                        .map(|a| a.to_string())
+                        .unwrap_or_default(),
+                }));
+            }
         }
         if v.done {
             out.push(ProviderEvent::Usage(Usage {
                 input_tokens: v.prompt_eval_count,
                 output_tokens: v.eval_count,
             }));
-            out.push(ProviderEvent::Finish(finish(v.done_reason.as_deref())));
+            // Ollama says `stop` when the model called tools.
+            let reason = match finish(v.done_reason.as_deref()) {
+                FinishReason::Stop if self.calls > 0 => FinishReason::ToolCalls,
+                other => other,
+            };
+            out.push(ProviderEvent::Finish(reason));
             self.finished = true;
         }
         Ok(out)
@@ -458,5 +596,70 @@ mod tests {
             let out = Decoder::default().line(line.as_bytes()).unwrap();
             assert_eq!(out.last(), Some(&ProviderEvent::Finish(reason)), "{line}");
         }
+    }
+
+    #[test]
+    fn a_rich_request_has_base64_images_tool_calls_as_objects_and_the_tool_name() {
+        use crate::providers::fixtures::{tool_turn, weather_schema};
+        use serde_json::json;
+        let schema = weather_schema();
+        let mut req = tool_turn("{\"temp_c\": 21}");
+        req.response_format = Some(ResponseFormat::JsonObject);
+        let body = serde_json::to_value(request_body("llama3.2-vision", &req)).unwrap();
+        assert_eq!(
+            body["messages"],
+            json!([
+                {"role": "user", "content": "Weather where this is?", "images": ["iVBORw0KGgo="]},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+                {"role": "tool", "content": "{\"temp_c\": 21}", "tool_name": "get_weather"}
+            ])
+        );
+        assert_eq!(
+            body["tools"],
+            json!([{"type": "function", "function": {"name": "get_weather",
+                "description": "Current weather", "parameters": schema}}])
+        );
+        assert_eq!(body["format"], "json");
+        req.response_format = Some(ResponseFormat::JsonSchema {
+            name: "weather".into(),
+            schema: schema.clone(),
+            strict: false,
+        });
+        req.tool_choice = Some(ToolChoice::None);
+        let body = serde_json::to_value(request_body("m", &req)).unwrap();
+        assert_eq!(body["format"], schema);
+        assert!(
+            body.get("tools").is_none(),
+            "tool_choice none sends no tools"
+        );
+    }
+
+    #[test]
+    fn tool_calls_arrive_whole_numbered_across_lines_and_finish_tool_calls() {
+        let mut d = Decoder::default();
+        let a = d
+            .line(br#"{"message":{"role":"assistant","content":"","tool_calls":[{"function":{"name":"get_weather","arguments":{"city":"Paris"}}}]},"done":false}"#)
+            .unwrap();
+        let b = d
+            .line(br#"{"message":{"role":"assistant","content":"","tool_calls":[{"id":"x1","function":{"name":"get_time","arguments":{}}}]},"done":true,"done_reason":"stop","eval_count":9}"#)
+            .unwrap();
+        assert_eq!(
+            a,
+            vec![crate::providers::fixtures::whole_call(
+                0,
+                "call_0",
+                "get_weather",
+                r#"{"city":"Paris"}"#
+            )]
+        );
+        assert_eq!(
+            b[0],
+            crate::providers::fixtures::whole_call(1, "x1", "get_time", "{}")
+        );
+        assert_eq!(
+            b.last(),
+            Some(&ProviderEvent::Finish(FinishReason::ToolCalls))
+        );
     }
 }

@@ -1,5 +1,5 @@
-//! Rich generation jobs (CONTRACT section 6) through NATS, against the fake provider in
-//! OpenAI's and Anthropic's wire formats: a two-turn tool loop, JSON answers checked against
+//! Rich generation jobs (CONTRACT section 6) through NATS, against the fake provider in all
+//! four wire formats: a two-turn tool loop, JSON answers checked against
 //! their schema, images in the provider's own shape, escalation past an invalid answer (also
 //! from one format to the other), entries skipped for what their model cannot take, and the
 //! bounds.
@@ -67,14 +67,14 @@ async fn tool_loop_first_turn(
     assert_eq!(r["tokens_used"]["output"], 7, "{r}");
     if stream {
         // Streamed as chunk events carrying the call: id and name, then the arguments.
+        let calls = first.final_tool_calls();
+        assert_eq!(calls.len(), 1, "{calls:?}");
         assert_eq!(
-            first.final_tool_calls(),
-            [(
-                id.to_string(),
-                "get_weather".to_string(),
-                r#"{"city": "Paris"}"#.to_string()
-            )]
+            (calls[0].0.as_str(), calls[0].1.as_str()),
+            (id, "get_weather")
         );
+        let args: Value = serde_json::from_str(&calls[0].2).unwrap();
+        assert_eq!(args, json!({"city": "Paris"}));
         assert!(first.chunks.iter().all(|c| c.get("delta").is_none()));
     }
     r
@@ -559,5 +559,180 @@ async fn an_invalid_anthropic_tool_call_escalates_to_openai_and_both_attempts_ar
         1,
     )
     .await;
+    app.teardown().await;
+}
+
+/// A worker whose only route entry is a provider of `kind` (`gemini` or `ollama`) on `fake`.
+async fn setup_kind(kind: &str, fake: &FakeLlmServer) -> TestApp {
+    setup_kind_with(kind, fake, "").await
+}
+
+/// The same, with more TOML (`extra`, top-level tables) in its configuration.
+async fn setup_kind_with(kind: &str, fake: &FakeLlmServer, extra: &str) -> TestApp {
+    let toml = format!(
+        "[providers.p]\ntype = \"{kind}\"\nbase_url = \"{}\"\ndefault_model = \"m\"\n\
+         max_retries = 1\nretry_min_delay_ms = 10\nretry_max_delay_ms = 50\n\
+         [routes]\ndefault = [\"p\"]\n{extra}",
+        provider_base_url(kind, fake)
+    );
+    let mut app = TestApp::new(&toml).await;
+    app.start_worker().await;
+    app
+}
+
+#[tokio::test]
+async fn gemini_and_ollama_run_a_tool_loop_in_their_own_shapes() {
+    for kind in ["gemini", "ollama"] {
+        let fake = FakeLlmServer::start().await.unwrap();
+        let app = setup_kind(kind, &fake).await;
+        for stream in [true, false] {
+            // Neither API names calls: the worker numbers them.
+            let first = tool_loop_first_turn(&app, &fake, stream, "auto", "call_0").await;
+            let sent = fake.requests().pop().unwrap();
+            if kind == "gemini" {
+                assert_eq!(
+                    sent["tools"][0]["functionDeclarations"][0]["parametersJsonSchema"],
+                    weather_tool()["parameters"],
+                    "{sent}"
+                );
+                assert_eq!(sent["toolConfig"]["functionCallingConfig"]["mode"], "AUTO");
+            } else {
+                assert_eq!(
+                    sent["tools"][0]["function"]["name"], "get_weather",
+                    "{sent}"
+                );
+            }
+            let sent = tool_loop_second_turn(&app, &fake, stream, &first).await;
+            if kind == "gemini" {
+                let c = &sent["contents"];
+                assert_eq!(
+                    c[1],
+                    json!({"role": "model", "parts": [{"functionCall":
+                        {"id": "call_0", "name": "get_weather", "args": {"city": "Paris"}}}]}),
+                    "{sent}"
+                );
+                assert_eq!(
+                    c[2]["parts"][0]["functionResponse"],
+                    json!({"id": "call_0", "name": "get_weather", "response": {"temp_c": 21}})
+                );
+            } else {
+                let m = &sent["messages"];
+                assert_eq!(
+                    m[1]["tool_calls"],
+                    json!([{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]),
+                    "{sent}"
+                );
+                assert_eq!(m[2]["role"], "tool");
+                assert_eq!(m[2]["tool_name"], "get_weather");
+            }
+        }
+        app.teardown().await;
+    }
+}
+
+#[tokio::test]
+async fn gemini_and_ollama_answer_json_and_take_image_bytes() {
+    let png = base64::engine::general_purpose::STANDARD.encode(b"\x89PNG\r\n\x1a\nfake");
+    for kind in ["gemini", "ollama"] {
+        let fake = FakeLlmServer::start().await.unwrap();
+        let app = setup_kind(kind, &fake).await;
+        fake.push(Reply::answer(&["{\"name\": \"Ada\"}"], (12, 5)));
+        let r = run(
+            &app,
+            json!({"prompt": "Who?", "stream": true, "response_format": person_format()}),
+        )
+        .await
+        .result;
+        assert_eq!(r["json"], json!({"name": "Ada"}), "{kind}: {r}");
+        let sent = fake.requests().pop().unwrap();
+        let schema = person_format()["schema"].clone();
+        if kind == "gemini" {
+            assert_eq!(
+                sent["generationConfig"]["responseMimeType"],
+                "application/json"
+            );
+            assert_eq!(
+                sent["generationConfig"]["responseJsonSchema"], schema,
+                "{sent}"
+            );
+        } else {
+            assert_eq!(sent["format"], schema, "{sent}");
+        }
+
+        fake.push(Reply::answer(&["A cat."], (90, 3)));
+        let r = run(
+            &app,
+            json!({"stream": false, "messages": [{"role": "user", "content": [
+                {"type": "text", "text": "What is this?"},
+                {"type": "image", "data": png, "media_type": "image/png"}]}]}),
+        )
+        .await
+        .result;
+        assert_eq!(r["output"], "A cat.", "{kind}: {r}");
+        let sent = fake.requests().pop().unwrap();
+        if kind == "gemini" {
+            assert_eq!(
+                sent["contents"][0]["parts"][1],
+                json!({"inlineData": {"mimeType": "image/png", "data": png}}),
+                "{sent}"
+            );
+        } else {
+            assert_eq!(sent["messages"][0]["images"], json!([png]), "{sent}");
+        }
+        // An image by URL: neither API fetches URLs, so the only entry is skipped.
+        let asked = fake.requests().len();
+        let r = run(
+            &app,
+            json!({"stream": false, "messages": [{"role": "user", "content": [
+                {"type": "text", "text": "What is this?"},
+                {"type": "image", "url": "https://example.com/cat.png"}]}]}),
+        )
+        .await
+        .result;
+        assert_eq!(r["error"]["code"], "unsupported", "{kind}: {r}");
+        assert_eq!(fake.requests().len(), asked, "no call was made");
+        app.teardown().await;
+    }
+}
+
+#[tokio::test]
+async fn an_image_url_from_an_allowed_host_is_fetched_and_sent_as_bytes_and_no_other() {
+    let fake = FakeLlmServer::start().await.unwrap();
+    let app = setup_kind_with(
+        "ollama",
+        &fake,
+        &format!(
+            "[limits]\nimage_url_hosts = [\"{}\"]\nmax_image_bytes = 4096\n",
+            fake.root_url()
+        ),
+    )
+    .await;
+    let job = |url: &str| {
+        json!({"stream": false, "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "What is this?"},
+            {"type": "image", "url": url}]}]})
+    };
+    fake.push(Reply::answer(&["A cat."], (90, 3)));
+    let r = run(&app, job(&fake.file_url("image.png"))).await.result;
+    assert_eq!(r["output"], "A cat.", "{r}");
+    let sent = fake.requests().pop().unwrap();
+    let png = base64::engine::general_purpose::STANDARD.encode(llm_worker_testkit::FAKE_PNG);
+    assert_eq!(sent["messages"][0]["images"], json!([png]), "{sent}");
+
+    // Not fetched, or fetched and refused: the only entry is skipped, no call, and the
+    // error says why.
+    let asked = fake.requests().len();
+    for (url, why) in [
+        ("https://example.com/cat.png".to_string(), "image URLs"),
+        (fake.file_url("page.html"), "content type \"text/html\""),
+        (fake.file_url("big.png"), "limits.max_image_bytes"),
+        (fake.file_url("gone.png"), "HTTP 404"),
+    ] {
+        let r = run(&app, job(&url)).await.result;
+        assert_eq!(r["error"]["code"], "unsupported", "{url}: {r}");
+        let message = r["error"]["message"].as_str().unwrap();
+        assert!(message.contains(why), "{url}: {message}");
+    }
+    assert_eq!(fake.requests().len(), asked, "no call was made");
     app.teardown().await;
 }

@@ -69,9 +69,9 @@ pub enum Reply {
     /// Embeddings of this size (embedding routes; any other success reply gives the request's
     /// `dimensions`, or 8). Vectors are [`fake_vector`]`(input, dims)`.
     Vectors { dims: usize },
-    /// An answer that calls tools (OpenAI's or Anthropic's format; 501 on the others):
-    /// `(name, arguments text)` per call, the arguments streamed in three pieces each,
-    /// finishing `tool_calls` / `tool_use`. The arguments
+    /// An answer that calls tools: `(name, arguments text)` per call; OpenAI and Anthropic
+    /// stream the arguments in three pieces each and finish `tool_calls` / `tool_use`, Gemini
+    /// and Ollama send each call whole (as JSON objects) and finish `STOP` / `stop`. The arguments
     /// text is sent as given, so a test can send text that is not JSON. With `cut`, the stream
     /// breaks in the middle of the last call's arguments.
     ToolCalls {
@@ -201,6 +201,7 @@ impl FakeLlmServer {
             .route("/api/chat", post(ollama))
             .route("/v1/embeddings", post(openai_embed))
             .route("/api/embed", post(ollama_embed))
+            .route("/files/{name}", axum::routing::get(file))
             .with_state(script.clone());
         // Like real provider front ends: no Nagle delay between a stream's small writes.
         let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -228,6 +229,12 @@ impl FakeLlmServer {
     /// The OpenAI base URL in the SDK convention (`http://127.0.0.1:PORT/v1`).
     pub fn base_url(&self) -> String {
         format!("http://{}/v1", self.addr)
+    }
+
+    /// A URL of a file the server serves (`GET /files/NAME`): `image.png` ([`FAKE_PNG`],
+    /// `image/png`), `big.png` (1 MiB, `image/png`), `page.html` (`text/html`); others 404.
+    pub fn file_url(&self, name: &str) -> String {
+        format!("http://{}/files/{name}", self.addr)
     }
 
     /// The server root (`http://127.0.0.1:PORT`): the base URL for the other flavors.
@@ -548,4 +555,16 @@ pub fn fake_vector(text: &str, dims: usize) -> Vec<f32> {
             (h % 2000) as f32 / 1000.0 - 1.0
         })
         .collect()
+}
+
+/// The bytes `GET /files/image.png` serves: a PNG signature and a few bytes.
+pub const FAKE_PNG: &[u8] = b"\x89PNG\r\n\x1a\nfake image bytes";
+
+async fn file(axum::extract::Path(name): axum::extract::Path<String>) -> Response<Body> {
+    match name.as_str() {
+        "image.png" => wire::response(200, "image/png", Body::from(FAKE_PNG)),
+        "big.png" => wire::response(200, "image/png", Body::from(vec![0u8; 1024 * 1024])),
+        "page.html" => wire::response(200, "text/html", Body::from("<html></html>")),
+        _ => wire::response(404, "text/plain", Body::from("no such file")),
+    }
 }

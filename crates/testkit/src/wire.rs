@@ -257,7 +257,89 @@ fn anthropic_tool_calls(
     maybe_cut(frames, false)
 }
 
-/// An answer that calls tools, in OpenAI's or Anthropic's format (the others answer 501).
+/// Arguments text as the JSON object Gemini and Ollama send (a test's broken arguments go
+/// through as a string).
+fn arguments_value(args: &str) -> serde_json::Value {
+    serde_json::from_str(args).unwrap_or_else(|_| serde_json::Value::String(args.to_string()))
+}
+
+/// Tool calls in Gemini's or Ollama's format: each call whole, one chunk (line) per call,
+/// then the finish (Gemini: `STOP` with usage on the last call's chunk; Ollama: a `done`
+/// line). With `cut` the stream breaks before the last call.
+fn whole_tool_calls(
+    flavor: Flavor,
+    model: &str,
+    calls: &[(String, String)],
+    (input, output): (u64, u64),
+    cut: bool,
+    stream: bool,
+) -> Response<Body> {
+    let gemini = |calls: &[(String, String)], last: bool| {
+        let parts: Vec<serde_json::Value> = calls
+            .iter()
+            .map(|(name, args)| json!({"functionCall": {"name": name, "args": arguments_value(args)}}))
+            .collect();
+        let mut c = json!({"content": {"parts": parts, "role": "model"}, "index": 0});
+        let mut v = json!({"modelVersion": "fake"});
+        if last {
+            c["finishReason"] = json!("STOP");
+            v["usageMetadata"] = json!({"promptTokenCount": input, "candidatesTokenCount": output,
+                "totalTokenCount": input + output});
+        }
+        v["candidates"] = json!([c]);
+        v
+    };
+    let ollama = |calls: &[(String, String)], done: bool| {
+        let tool_calls: Vec<serde_json::Value> = calls
+            .iter()
+            .map(|(name, args)| json!({"function": {"name": name, "arguments": arguments_value(args)}}))
+            .collect();
+        let mut v = json!({"model": model, "created_at": "2025-01-01T00:00:00Z",
+            "message": {"role": "assistant", "content": "", "tool_calls": tool_calls}, "done": done});
+        if done {
+            v["done_reason"] = json!("stop");
+            v["prompt_eval_count"] = json!(input);
+            v["eval_count"] = json!(output);
+        }
+        v
+    };
+    if !stream {
+        let v = if flavor == Flavor::Gemini {
+            gemini(calls, true)
+        } else {
+            ollama(calls, true)
+        };
+        return response(200, "application/json", Body::from(v.to_string()));
+    }
+    let n = calls.len();
+    let mut frames = Vec::new();
+    for (i, call) in calls.iter().enumerate() {
+        let last = i + 1 == n;
+        if cut && last {
+            break;
+        }
+        let one = std::slice::from_ref(call);
+        frames.push(if flavor == Flavor::Gemini {
+            sse(&gemini(one, last).to_string())
+        } else {
+            line(ollama(one, false))
+        });
+    }
+    if flavor == Flavor::Ollama && !cut {
+        frames.push(line(
+            json!({"model": model, "created_at": "2025-01-01T00:00:01Z",
+            "message": {"role": "assistant", "content": ""}, "done": true, "done_reason": "stop",
+            "prompt_eval_count": input, "eval_count": output}),
+        ));
+    }
+    let mut r = maybe_cut(frames, cut);
+    if let Ok(v) = axum::http::HeaderValue::from_str(stream_content_type(flavor)) {
+        r.headers_mut().insert(axum::http::header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+/// An answer that calls tools, in each format.
 fn tool_calls(
     flavor: Flavor,
     model: &str,
@@ -266,19 +348,14 @@ fn tool_calls(
     cut: bool,
     stream: bool,
 ) -> Response<Body> {
-    if flavor == Flavor::Anthropic {
-        return anthropic_tool_calls(model, calls, usage, cut, stream);
+    match flavor {
+        Flavor::Anthropic => return anthropic_tool_calls(model, calls, usage, cut, stream),
+        Flavor::Gemini | Flavor::Ollama => {
+            return whole_tool_calls(flavor, model, calls, usage, cut, stream);
+        }
+        Flavor::OpenAi => {}
     }
     let (input, output) = usage;
-    if flavor != Flavor::OpenAi {
-        return response(
-            501,
-            "application/json",
-            Body::from(
-                r#"{"error":{"message":"the fake answers tool calls in OpenAI's format only"}}"#,
-            ),
-        );
-    }
     let usage = json!({"prompt_tokens": input, "completion_tokens": output, "total_tokens": input + output});
     if !stream {
         let tool_calls: Vec<serde_json::Value> = calls

@@ -1,6 +1,13 @@
 //! Google Gemini (v1beta): `generateContent` / `streamGenerateContent?alt=sse`, the SSE decoder
 //! (no event names, no sentinel, cumulative `usageMetadata`), and error mapping including
-//! `RetryInfo.retryDelay` and per-day quota exhaustion.
+//! `RetryInfo.retryDelay` and per-day quota exhaustion. A `functionCall` part arrives whole
+//! (Gemini does not stream a call's arguments in pieces).
+//!
+//! `request` builds the request, rich jobs included.
+
+mod request;
+
+use request::{PartIn, SystemIn, request_body};
 
 use std::time::Duration;
 
@@ -15,7 +22,7 @@ use super::sse::{SseDecoder, Step};
 use super::{Call, FinishReason, ProviderEvent, Usage};
 use crate::config::ProviderConfig;
 use crate::contract::ErrorCode;
-use crate::contract::{GenerateRequest, Role};
+use crate::contract::{GenerateRequest, ToolCallChunk};
 use crate::error::{ProviderError, code_for_status};
 
 pub(crate) struct Gemini {
@@ -158,89 +165,6 @@ impl Gemini {
     }
 }
 
-/// A `generateContent` request.
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct WireRequest<'a> {
-    contents: Vec<ContentIn<'a>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    system_instruction: Option<SystemIn<'a>>,
-    #[serde(skip_serializing_if = "GenerationConfig::is_empty")]
-    generation_config: GenerationConfig<'a>,
-}
-
-#[derive(Serialize)]
-struct ContentIn<'a> {
-    role: &'static str,
-    parts: [PartIn<'a>; 1],
-}
-
-/// Parts without a role (the system instruction, an embedding's content).
-#[derive(Serialize)]
-struct SystemIn<'a> {
-    parts: [PartIn<'a>; 1],
-}
-
-#[derive(Serialize)]
-struct PartIn<'a> {
-    text: &'a str,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct GenerationConfig<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    temperature: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    top_p: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    max_output_tokens: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    seed: Option<u32>,
-    #[serde(skip_serializing_if = "<[String]>::is_empty")]
-    stop_sequences: &'a [String],
-}
-
-impl GenerationConfig<'_> {
-    fn is_empty(&self) -> bool {
-        self.temperature.is_none()
-            && self.top_p.is_none()
-            && self.max_output_tokens.is_none()
-            && self.seed.is_none()
-            && self.stop_sequences.is_empty()
-    }
-}
-
-fn request_body(req: &GenerateRequest) -> WireRequest<'_> {
-    let contents = req
-        .messages
-        .iter()
-        .filter(|m| m.role != Role::System)
-        .map(|m| ContentIn {
-            role: if m.role == Role::Assistant {
-                "model"
-            } else {
-                "user"
-            },
-            parts: [PartIn { text: &m.content }],
-        })
-        .collect();
-    let o = &req.options;
-    WireRequest {
-        contents,
-        system_instruction: req.system.as_deref().map(|text| SystemIn {
-            parts: [PartIn { text }],
-        }),
-        generation_config: GenerationConfig {
-            temperature: o.temperature,
-            top_p: o.top_p,
-            max_output_tokens: o.max_tokens,
-            seed: o.seed,
-            stop_sequences: &o.stop,
-        },
-    }
-}
-
 /// One `GenerateContentResponse` (a whole answer, or one streamed chunk of it).
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -266,12 +190,25 @@ struct ContentOut {
     parts: Vec<PartOut>,
 }
 
-/// A part of an answer: text (thoughts are skipped), or kinds we do not use.
+/// A part of an answer: text (thoughts are skipped), a whole function call, or kinds we do
+/// not use.
 #[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct PartOut {
     text: Option<String>,
     #[serde(default)]
     thought: bool,
+    function_call: Option<FunctionCallOut>,
+}
+
+#[derive(Deserialize)]
+struct FunctionCallOut {
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    args: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -310,6 +247,8 @@ fn finish(reason: &str) -> Result<FinishReason, ProviderError> {
 #[derive(Default)]
 pub(crate) struct StreamDecoder {
     finished: bool,
+    /// Function calls so far (numbered across chunks).
+    calls: u32,
 }
 
 impl StreamDecoder {
@@ -336,7 +275,16 @@ impl StreamDecoder {
         }
         let (content, reason) = candidate.map_or((None, None), |c| (c.content, c.finish_reason));
         for part in content.map(|c| c.parts).unwrap_or_default() {
-            if let Some(text) = part.text
+            if let Some(call) = part.function_call {
+                let index = self.calls;
+                self.calls += 1;
+                out.push(ProviderEvent::ToolCall(ToolCallChunk {
+                    index,
+                    id: Some(call.id.unwrap_or_else(|| format!("call_{index}"))),
+                    name: Some(call.name),
+                    arguments: call.args.map(|a| a.to_string()).unwrap_or_default(),
+                }));
+            } else if let Some(text) = part.text
                 && !part.thought
                 && !text.is_empty()
             {
@@ -352,7 +300,12 @@ impl StreamDecoder {
             }));
         }
         if let Some(reason) = reason {
-            out.push(ProviderEvent::Finish(finish(&reason)?));
+            // Gemini says `STOP` when the model called functions.
+            let reason = match finish(&reason)? {
+                FinishReason::Stop if self.calls > 0 => FinishReason::ToolCalls,
+                other => other,
+            };
+            out.push(ProviderEvent::Finish(reason));
             self.finished = true;
         }
         Ok(out)
@@ -478,6 +431,7 @@ fn parse_duration(s: &str) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::contract::Role;
 
     fn ev(data: &str) -> Event {
         Event {
@@ -614,5 +568,74 @@ mod tests {
         }
         let _ = classify(200, r#"{"error":{"code":1e300}}"#);
         let _ = classify(200, r#"{"error":{"code":-1}}"#);
+    }
+
+    #[test]
+    fn a_rich_request_has_inline_data_function_parts_and_a_json_schema_config() {
+        use crate::contract::{Message, ResponseFormat, ToolChoice};
+        use crate::providers::fixtures::{tool_turn, weather_schema};
+        use serde_json::json;
+        let schema = weather_schema();
+        let mut req = tool_turn("21 degrees");
+        req.messages.push(Message::text(Role::User, "Thanks."));
+        req.tool_choice = Some(ToolChoice::Named("get_weather".into()));
+        req.response_format = Some(ResponseFormat::JsonSchema {
+            name: "w".into(),
+            schema: schema.clone(),
+            strict: true,
+        });
+        let body = serde_json::to_value(request_body(&req)).unwrap();
+        assert_eq!(
+            body["contents"],
+            json!([
+                {"role": "user", "parts": [{"text": "Weather where this is?"},
+                    {"inlineData": {"mimeType": "image/png", "data": "iVBORw0KGgo="}}]},
+                {"role": "model", "parts": [{"functionCall":
+                    {"id": "call_0", "name": "get_weather", "args": {"city": "Paris"}}}]},
+                {"role": "user", "parts": [
+                    {"functionResponse": {"id": "call_0", "name": "get_weather",
+                        "response": {"content": "21 degrees"}}},
+                    {"text": "Thanks."}]}
+            ])
+        );
+        assert_eq!(
+            body["tools"],
+            json!([{"functionDeclarations": [{"name": "get_weather",
+                "description": "Current weather", "parametersJsonSchema": schema}]}])
+        );
+        assert_eq!(
+            body["toolConfig"],
+            json!({"functionCallingConfig": {"mode": "ANY", "allowedFunctionNames": ["get_weather"]}})
+        );
+        assert_eq!(
+            body["generationConfig"]["responseMimeType"],
+            "application/json"
+        );
+        assert_eq!(body["generationConfig"]["responseJsonSchema"], schema);
+    }
+
+    #[test]
+    fn function_calls_arrive_whole_and_a_stop_with_calls_is_tool_calls() {
+        let mut d = StreamDecoder::default();
+        let out = d
+            .response(r#"{"candidates":[{"content":{"role":"model","parts":[{"functionCall":{"name":"get_weather","args":{"city":"Paris"}}},{"functionCall":{"id":"g1","name":"get_time"}}]},"finishReason":"STOP"}],"usageMetadata":{"promptTokenCount":20,"candidatesTokenCount":7}}"#)
+            .unwrap();
+        assert_eq!(
+            out[0],
+            crate::providers::fixtures::whole_call(
+                0,
+                "call_0",
+                "get_weather",
+                r#"{"city":"Paris"}"#
+            )
+        );
+        assert_eq!(
+            out[1],
+            crate::providers::fixtures::whole_call(1, "g1", "get_time", "")
+        );
+        assert_eq!(
+            out.last(),
+            Some(&ProviderEvent::Finish(FinishReason::ToolCalls))
+        );
     }
 }
