@@ -736,3 +736,81 @@ async fn an_image_url_from_an_allowed_host_is_fetched_and_sent_as_bytes_and_no_o
     assert_eq!(fake.requests().len(), asked, "no call was made");
     app.teardown().await;
 }
+
+#[tokio::test]
+async fn in_every_format_broken_arguments_and_a_cut_stream_move_on_to_the_next_model() {
+    for kind in ["openai", "anthropic", "gemini", "ollama"] {
+        let fake = FakeLlmServer::start().await.unwrap();
+        let toml = format!(
+            "[providers.p]\ntype = \"{kind}\"\nbase_url = \"{}\"\ndefault_model = \"weak\"\n\
+             max_retries = 0\n[routes]\ndefault = [\"p:weak\", \"p:strong\"]\n",
+            provider_base_url(kind, &fake)
+        );
+        let mut app = TestApp::new(&toml).await;
+        app.start_worker().await;
+        for stream in [true, false] {
+            // Arguments that are not JSON, then a proper call.
+            fake.push(Reply::tool_call("get_weather", r#"{"city": "Par"#, (20, 4)));
+            fake.push(Reply::tool_call(
+                "get_weather",
+                r#"{"city": "Paris"}"#,
+                (20, 7),
+            ));
+            let reply = run(
+                &app,
+                json!({"prompt": "Weather?", "stream": stream, "tools": [weather_tool()]}),
+            )
+            .await;
+            let r = &reply.result;
+            assert_eq!(r["status"], "ok", "{kind}: {r}");
+            assert_eq!(r["model_used"], "strong", "{kind}: {r}");
+            assert_eq!(
+                r["attempts"][0]["error"]["code"], "invalid_output",
+                "{kind}: {r}"
+            );
+            assert_eq!(r["tool_calls"][0]["arguments"], json!({"city": "Paris"}));
+            // A JSON answer that breaks the schema (age is not an integer), then a good one.
+            fake.push(Reply::answer(
+                &["{\"name\": \"Ada\", \"age\": \"old\"}"],
+                (9, 5),
+            ));
+            fake.push(Reply::answer(&["{\"name\": \"Ada\", \"age\": 36}"], (9, 5)));
+            let r = run(
+                &app,
+                json!({"prompt": "Who?", "stream": stream, "response_format": person_format()}),
+            )
+            .await
+            .result;
+            assert_eq!(r["json"]["age"], 36, "{kind}: {r}");
+            assert_eq!(
+                r["attempts"][0]["error"]["code"], "invalid_output",
+                "{kind}: {r}"
+            );
+        }
+        // A stream cut in the middle of a tool call: the next model's call is the answer, and
+        // the client keeps only its chunks.
+        fake.push(Reply::ToolCalls {
+            calls: vec![("get_weather".into(), r#"{"city": "Lyon"}"#.into())],
+            usage: (20, 7),
+            cut: true,
+        });
+        fake.push(Reply::tool_call(
+            "get_weather",
+            r#"{"city": "Paris"}"#,
+            (20, 7),
+        ));
+        let reply = run(
+            &app,
+            json!({"prompt": "Weather?", "stream": true, "tools": [weather_tool()]}),
+        )
+        .await;
+        let r = &reply.result;
+        assert_eq!(r["model_used"], "strong", "{kind}: {r}");
+        assert_eq!(r["tool_calls"][0]["arguments"], json!({"city": "Paris"}));
+        let calls = reply.final_tool_calls();
+        assert_eq!(calls.len(), 1, "{kind}: {calls:?}");
+        let args: Value = serde_json::from_str(&calls[0].2).unwrap();
+        assert_eq!(args, json!({"city": "Paris"}), "{kind}");
+        app.teardown().await;
+    }
+}
