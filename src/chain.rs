@@ -271,6 +271,10 @@ impl Chain {
                 };
                 ttft(a).total_cmp(&ttft(b))
             }),
+            // Highest rank first; unranked last (sort_by_key is stable: ties keep order).
+            Strategy::BestQuality => rest.sort_by_key(|t| {
+                std::cmp::Reverse(t.provider.quality(&t.model).map_or(0, |q| u64::from(q) + 1))
+            }),
         }
         targets
     }

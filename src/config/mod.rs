@@ -343,7 +343,7 @@ impl Default for LimitsConfig {
 
 /// How a route's entries are ordered for a job (a pinned provider always goes first).
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum Strategy {
     /// As listed.
     #[default]
@@ -352,6 +352,9 @@ pub enum Strategy {
     Cheapest,
     /// Lowest recent time to first token first (an EWMA per provider and model; untried first).
     Fastest,
+    /// Highest quality rank first (`providers.<name>.quality`, else the built-in table;
+    /// unranked entries last).
+    BestQuality,
 }
 
 #[derive(Debug, Clone, Deserialize)]

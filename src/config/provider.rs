@@ -112,6 +112,9 @@ pub struct ProviderConfig {
     /// built-in table (`crate::providers::capabilities`): an entry that lacks what a job
     /// needs is skipped without a call.
     pub capabilities: std::collections::BTreeMap<String, Vec<Capability>>,
+    /// Quality ranks by model (exact names, `prefix*`, or `*`), over the built-in table
+    /// (`crate::providers::quality`): the `best_quality` strategy tries higher ranks first.
+    pub quality: std::collections::BTreeMap<String, u32>,
 }
 
 /// What a model may take beyond text (`providers.<name>.capabilities`).
@@ -176,6 +179,7 @@ impl ProviderConfig {
             requests_per_minute: None,
             context_windows: Default::default(),
             capabilities: Default::default(),
+            quality: Default::default(),
         }
     }
 }
@@ -203,6 +207,7 @@ macro_rules! provider_table {
             requests_per_minute: Option<u32>,
             context_windows: Option<std::collections::BTreeMap<String, u32>>,
             capabilities: Option<std::collections::BTreeMap<String, Vec<Capability>>>,
+            quality: Option<std::collections::BTreeMap<String, u32>>,
             $($own: Option<$ty>,)*
         }
 
@@ -227,6 +232,7 @@ macro_rules! provider_table {
                     requests_per_minute: self.requests_per_minute,
                     context_windows: self.context_windows.unwrap_or_default(),
                     capabilities: self.capabilities.unwrap_or_default(),
+                    quality: self.quality.unwrap_or_default(),
                     ..d
                 }
             }

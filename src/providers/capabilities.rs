@@ -129,16 +129,25 @@ pub fn builtin(model: &str) -> Option<Caps> {
             image_urls: false,
             ..Caps::ALL
         }
+    // Open models: JSON output, with a schema too, is the server's constrained decoding
+    // (Ollama's `format`), which works for any model.
     } else if starts(&["llama3.1", "llama3.3", "qwen2.5", "qwen3", "mistral-nemo"]) {
-        tools_json
+        Caps {
+            json_schema: true,
+            ..tools_json
+        }
     } else if starts(&["llama3.2-vision", "llava"]) {
         Caps {
             images: true,
             json: true,
+            json_schema: true,
             ..Caps::NONE
         }
     } else if starts(&["llama3", "llama2", "gemma", "phi3", "deepseek-r1"]) {
-        text_json
+        Caps {
+            json_schema: true,
+            ..text_json
+        }
     } else {
         return None;
     })

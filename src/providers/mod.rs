@@ -15,6 +15,7 @@ pub(crate) mod gemini;
 mod helpers;
 pub(crate) mod ollama;
 pub(crate) mod openai;
+pub mod quality;
 #[cfg(test)]
 pub(crate) mod scripted;
 pub(crate) mod sse;
@@ -167,6 +168,8 @@ pub struct Provider {
     /// The protocol, and what models take beyond text as configured (`capabilities`).
     api: Api,
     capabilities: BTreeMap<String, Vec<crate::config::Capability>>,
+    /// Quality ranks as configured (`quality`).
+    quality: BTreeMap<String, u32>,
     imp: ProviderImpl,
 }
 
@@ -244,6 +247,7 @@ impl Provider {
             context_windows: cfg.context_windows.clone(),
             api: cfg.api.clone(),
             capabilities: cfg.capabilities.clone(),
+            quality: cfg.quality.clone(),
             imp,
         })
     }
@@ -346,6 +350,13 @@ impl Provider {
             crate::config::by_model(&self.capabilities, model),
             model,
         )
+    }
+
+    /// How good `model` here is (`quality`, else the built-in table; `None`: unranked).
+    pub fn quality(&self, model: &str) -> Option<u32> {
+        crate::config::by_model(&self.quality, model)
+            .copied()
+            .or_else(|| quality::builtin(model))
     }
 
     /// Whether a job may pin `model` on this provider.

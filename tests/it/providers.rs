@@ -643,6 +643,42 @@ async fn the_cheapest_strategy_orders_a_route_by_price() {
 }
 
 #[tokio::test]
+async fn the_best_quality_strategy_orders_by_rank_and_configured_ranks_win() {
+    let fake = FakeLlmServer::start().await.unwrap();
+    let plan_of = |extra_local: &str| {
+        let toml = format!(
+            "{}{}{}[routes]\ndefault = [\"local:llama3.1\", \"openai:gpt-4o-mini\", \"openai:my-finetune\", \"claude:claude-sonnet-4\"]\n[strategies]\ndefault = \"best_quality\"\n",
+            section("local", "ollama", &fake.root_url(), "llama3.1", extra_local),
+            section("openai", "openai", &fake.base_url(), "gpt-4o-mini", ""),
+            section(
+                "claude",
+                "anthropic",
+                &fake.root_url(),
+                "claude-sonnet-4",
+                ""
+            ),
+        );
+        let (chain, _) = chain(&toml);
+        let plan: Vec<String> = chain
+            .plan(&job(&chain, json!({"prompt": "x"})))
+            .iter()
+            .map(|t| t.model.clone())
+            .collect();
+        plan
+    };
+    // Built-in ranks; a model the table does not know goes last.
+    assert_eq!(
+        plan_of(""),
+        ["claude-sonnet-4", "gpt-4o-mini", "llama3.1", "my-finetune"]
+    );
+    // An operator's rank for their own model wins.
+    assert_eq!(
+        plan_of("quality = { \"llama3*\" = 99 }"),
+        ["llama3.1", "claude-sonnet-4", "gpt-4o-mini", "my-finetune"]
+    );
+}
+
+#[tokio::test]
 async fn a_llama_cpp_error_field_inside_a_200_stream_is_seen_and_a_context_overflow_falls_back() {
     let (primary, backup, chain, _) = two("openai", "openai", "").await;
     let body = "error: {\"code\":400,\"message\":\"the request exceeds the available context size, try increasing it\",\"type\":\"exceed_context_size_error\"}\n\ndata: [DONE]\n\n";

@@ -814,3 +814,42 @@ async fn in_every_format_broken_arguments_and_a_cut_stream_move_on_to_the_next_m
         app.teardown().await;
     }
 }
+
+#[tokio::test]
+async fn a_route_across_three_formats_answers_from_the_first_model_whose_output_is_valid() {
+    let local = FakeLlmServer::start().await.unwrap();
+    let openai = FakeLlmServer::start().await.unwrap();
+    let claude = FakeLlmServer::start().await.unwrap();
+    let toml = format!(
+        "[providers.local]\ntype = \"ollama\"\nbase_url = \"{}\"\ndefault_model = \"llama3.1\"\nmax_retries = 0\n\
+         {}\
+         [providers.anthropic]\ntype = \"anthropic\"\nbase_url = \"{}\"\ndefault_model = \"claude-sonnet-4\"\n\
+         [routes]\ndefault = [\"local:llama3.1\", \"openai:gpt-4o-mini\", \"anthropic:claude-sonnet-4\"]\n",
+        local.root_url(),
+        openai_provider("openai", &openai.base_url(), "gpt-4o-mini"),
+        claude.root_url()
+    );
+    let mut app = TestApp::new(&toml).await;
+    app.start_worker().await;
+    local.push(Reply::answer(&["Ada Lovelace, 36"], (10, 6)));
+    openai.push(Reply::answer(
+        &["{\"name\": \"Ada Lovelace\", \"age\": 36}"],
+        (10, 9),
+    ));
+    let r = run(
+        &app,
+        json!({"prompt": "Who?", "stream": true, "response_format": person_format()}),
+    )
+    .await
+    .result;
+    assert_eq!(r["status"], "ok", "{r}");
+    assert_eq!(
+        (r["provider"].as_str(), r["model_used"].as_str()),
+        (Some("openai"), Some("gpt-4o-mini"))
+    );
+    assert_eq!(r["json"]["name"], "Ada Lovelace");
+    assert_eq!(r["attempts"][0]["model"], "llama3.1");
+    assert_eq!(r["attempts"][0]["error"]["code"], "invalid_output");
+    assert!(claude.requests().is_empty(), "the third entry is not asked");
+    app.teardown().await;
+}
