@@ -9,8 +9,11 @@
 //!   on (`use`) for deterministic jobs (`options.temperature` 0 or an `options.seed`) and
 //!   off for the others. A
 //!   policy `off` wins over the job.
-//! - **What is stored**: answers that ended normally (finish reason `stop` or `length`), with
-//!   their model, provider, usage and cost, for `cache.ttl_secs` (the bucket's age limit).
+//! - **What is stored**: answers that ended normally (finish reason `stop`, `length` or
+//!   `tool_calls`), with their tool calls and parsed JSON, model, provider, usage and cost, for
+//!   `cache.ttl_secs` (the bucket's age limit). A rich job's key also covers its tools, tool
+//!   choice and response format; its messages carry its images (bytes by content, a URL by
+//!   the URL) and tool calls.
 //!
 //! Embedding vectors are cached per input text (`vectors`): on by default (`cache.embeddings`).
 //! Entries a process read or wrote are also kept in its memory for a while (`near`), so a
@@ -47,6 +50,12 @@ pub(crate) struct Entry {
     /// What the answer cost when it was paid for (`None`: unknown price).
     pub cost_usd: Option<f64>,
     pub stored_at: DateTime<Utc>,
+    /// The answer's tool calls (entries stored before rich jobs have none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<crate::contract::ToolCall>,
+    /// A JSON answer, parsed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub json: Option<serde_json::Value>,
 }
 
 /// Handle to the cache bucket (cheap to clone).
@@ -111,13 +120,8 @@ pub(crate) fn embed_mode(job: &Job, said: Said) -> CacheMode {
 }
 
 /// Whether a generation job reads the cache (`Use`), only writes it (`Refresh`), or neither;
-/// by default `Use` for a deterministic job (temperature 0 or a seed), else `Off`. A job with
-/// tools, images or a response format never uses it: a cached answer holds text only (not
-/// tool calls), and its key does not cover those fields.
+/// by default `Use` for a deterministic job (temperature 0 or a seed), else `Off`.
 pub(crate) fn mode(job: &Job, req: &GenerateRequest, said: Said) -> CacheMode {
-    if !req.needs().is_plain() || !req.tools.is_empty() || req.response_format.is_some() {
-        return CacheMode::Off;
-    }
     let deterministic = req.options.temperature == Some(0.0) || req.options.seed.is_some();
     let default = if deterministic {
         CacheMode::Use
@@ -140,6 +144,15 @@ struct KeyMaterial<'a> {
     seed: Option<u32>,
     stop: &'a [String],
     fit: crate::contract::FitMode,
+    // Left out when empty, so that a plain job's key is what it was before rich jobs.
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    tools: &'a [crate::contract::Tool],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_choice: Option<&'a crate::contract::ToolChoice>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parallel_tool_calls: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response_format: Option<&'a crate::contract::ResponseFormat>,
 }
 
 /// `g.` and the hex SHA-256 of what decides `job`'s answer.
@@ -157,6 +170,10 @@ fn key(job: &Job, req: &GenerateRequest, scope: &str, share_across_tenants: bool
         seed: req.options.seed,
         stop: &req.options.stop,
         fit: req.options.fit,
+        tools: &req.tools,
+        tool_choice: req.tool_choice.as_ref(),
+        parallel_tool_calls: req.parallel_tool_calls,
+        response_format: req.response_format.as_ref(),
     };
     let bytes = serde_json::to_vec(&material).unwrap_or_default();
     hex_key(

@@ -220,6 +220,7 @@ pub fn fit(req: &GenerateRequest, window: Window) -> Fit {
         options: req.options.clone(),
         tools: req.tools.clone(),
         tool_choice: req.tool_choice.clone(),
+        parallel_tool_calls: req.parallel_tool_calls,
         response_format: req.response_format.clone(),
         stream: req.stream,
     };

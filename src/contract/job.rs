@@ -75,6 +75,9 @@ pub struct GenerateRequest {
     /// Tools the model may call (at most `limits.max_tools`).
     pub tools: Vec<Tool>,
     pub tool_choice: Option<ToolChoice>,
+    /// Whether the model may call several tools in one answer (`None`: the provider's
+    /// default, which is yes).
+    pub parallel_tool_calls: Option<bool>,
     /// JSON output, and the schema it must match.
     pub response_format: Option<ResponseFormat>,
     /// Publish chunk events as text arrives.
@@ -139,6 +142,7 @@ impl GenerateRequest {
             options: self.options.clone(),
             tools: self.tools.clone(),
             tool_choice: self.tool_choice.clone(),
+            parallel_tool_calls: self.parallel_tool_calls,
             response_format: self.response_format.clone(),
             stream: self.stream,
         })

@@ -2,10 +2,10 @@
 //! `messages` (`developer` counts as `system`; user content as text or parts, `image_url`
 //! parts as images, `data:` URLs as bytes; assistant `tool_calls` with their JSON-text
 //! arguments parsed; `tool` messages), `tools` (functions), `tool_choice`,
-//! `response_format` (`json_object`, `json_schema`), `temperature`, `top_p`,
+//! `parallel_tool_calls`, `response_format` (`json_object`, `json_schema`), `temperature`, `top_p`,
 //! `max_tokens` / `max_completion_tokens`, `stop`; `user` goes to the job's metadata.
 //! Fields a job cannot honour (`n` > 1, `functions`, audio or file parts) are refused with 400;
-//! others (`parallel_tool_calls`, `logprobs`, ...) are ignored.
+//! others (`logprobs`, ...) are ignored.
 
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -29,6 +29,7 @@ pub(crate) struct ChatRequest {
     n: Option<u32>,
     tools: Option<Vec<Tool>>,
     tool_choice: Option<Value>,
+    parallel_tool_calls: Option<bool>,
     response_format: Option<ResponseFormat>,
     functions: Option<Value>,
     user: Option<String>,
@@ -210,6 +211,9 @@ impl ChatRequest {
                 },
                 _ => return Err(ApiError::invalid("tool_choice: a string or an object")),
             };
+        }
+        if let Some(parallel) = self.parallel_tool_calls {
+            job["parallel_tool_calls"] = json!(parallel);
         }
         match self.response_format {
             None | Some(ResponseFormat::Text) => {}

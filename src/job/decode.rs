@@ -446,6 +446,7 @@ fn generate_request(w: &WireGenerate, bounds: &LimitsConfig) -> Result<GenerateR
         },
         tools,
         tool_choice,
+        parallel_tool_calls: w.parallel_tool_calls,
         response_format,
         stream: w.stream.unwrap_or(true),
     })

@@ -28,6 +28,7 @@ pub(super) struct WireGenerate {
     /// Tools the model may call, whether it must, and the answer's form (section 6).
     pub(super) tools: Option<Vec<WireTool>>,
     pub(super) tool_choice: Option<serde_json::Value>,
+    pub(super) parallel_tool_calls: Option<bool>,
     pub(super) response_format: Option<WireResponseFormat>,
     #[serde(default)]
     pub(super) options: WireGenerateOptions,

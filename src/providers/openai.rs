@@ -270,6 +270,9 @@ struct ChatRequest<'a> {
     tools: Vec<WireTool<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     tool_choice: Option<serde_json::Value>,
+    /// Only with tools (OpenAI refuses it without).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parallel_tool_calls: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     response_format: Option<serde_json::Value>,
 }
@@ -335,6 +338,7 @@ fn request_body<'a>(
         max_completion_tokens: o
             .max_tokens
             .filter(|_| field == MaxTokensField::MaxCompletionTokens),
+        parallel_tool_calls: req.parallel_tool_calls.filter(|_| !req.tools.is_empty()),
         tools,
         tool_choice,
         response_format,
@@ -717,6 +721,17 @@ mod tests {
         assert!(v.get("max_tokens").is_none());
         assert_eq!(v["stream_options"]["include_usage"], true);
         assert_eq!(v["messages"][0]["role"], "system");
+    }
+
+    #[test]
+    fn parallel_tool_calls_is_sent_only_with_tools() {
+        let mut req = crate::providers::fixtures::tool_turn("21");
+        req.parallel_tool_calls = Some(false);
+        let v = serde_json::to_value(request_body("m", &req, MaxTokensField::MaxTokens)).unwrap();
+        assert_eq!(v["parallel_tool_calls"], false);
+        req.tools.clear();
+        let v = serde_json::to_value(request_body("m", &req, MaxTokensField::MaxTokens)).unwrap();
+        assert!(v.get("parallel_tool_calls").is_none());
     }
 
     #[test]

@@ -81,13 +81,14 @@ impl<O: Outbox> Worker<O> {
     }
 }
 
-/// What is stored of a result: an answer that ended normally (`stop` or `length`).
+/// What is stored of a result: an answer that ended normally (`stop`, `length`, or
+/// `tool_calls`).
 fn entry_of(result: &ResultEvent) -> Option<cache::Entry> {
     let output = result.output.as_ref()?;
     let finish_reason = result
         .finish_reason
         .clone()
-        .filter(|f| f == "stop" || f == "length")?;
+        .filter(|f| f == "stop" || f == "length" || f == "tool_calls")?;
     Some(cache::Entry {
         output: output.clone(),
         finish_reason,
@@ -97,6 +98,8 @@ fn entry_of(result: &ResultEvent) -> Option<cache::Entry> {
         output_tokens: result.tokens_used.output,
         cost_usd: result.cost_usd,
         stored_at: result.finished_at,
+        tool_calls: result.tool_calls.clone().unwrap_or_default(),
+        json: result.json.clone(),
     })
 }
 
@@ -117,6 +120,15 @@ async fn answer_from_cache(
     for piece in pieces(&hit.output, CACHED_CHUNK_BYTES) {
         sink.delta(meta, piece).await;
     }
+    for (index, call) in (0u32..).zip(&hit.tool_calls) {
+        let chunk = crate::contract::ToolCallChunk {
+            index,
+            id: Some(call.id.clone()),
+            name: Some(call.name.clone()),
+            arguments: call.arguments.to_string(),
+        };
+        sink.tool_call(meta, &chunk).await;
+    }
     sink.flush().await;
     result.status = Status::Ok;
     result.error = None;
@@ -133,6 +145,8 @@ async fn answer_from_cache(
         cached_inputs: None,
     });
     result.output = Some(hit.output);
+    result.tool_calls = (!hit.tool_calls.is_empty()).then_some(hit.tool_calls);
+    result.json = hit.json;
     result.finish_reason = Some(hit.finish_reason);
     result.model_used = Some(hit.model);
     result.provider = Some(hit.provider);

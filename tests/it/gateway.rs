@@ -582,7 +582,7 @@ async fn an_openai_client_runs_a_tool_loop_and_a_structured_output_through_the_g
         .chat()
         .create(chat_request(
             json!({"model": "gpt-test", "messages": [question],
-            "tools": tools, "tool_choice": "auto"}),
+            "tools": tools, "tool_choice": "auto", "parallel_tool_calls": false}),
         ))
         .await
         .unwrap();
@@ -600,6 +600,7 @@ async fn an_openai_client_runs_a_tool_loop_and_a_structured_output_through_the_g
         sent["tools"][0]["function"]["name"], "get_weather",
         "{sent}"
     );
+    assert_eq!(sent["parallel_tool_calls"], false, "passed through: {sent}");
 
     // The same call streamed: OpenAI's delta.tool_calls pieces.
     s.fake.push(Reply::tool_call(

@@ -853,3 +853,54 @@ async fn a_route_across_three_formats_answers_from_the_first_model_whose_output_
     assert!(claude.requests().is_empty(), "the third entry is not asked");
     app.teardown().await;
 }
+
+#[tokio::test]
+async fn a_deterministic_rich_job_is_answered_from_the_cache_with_its_tool_calls_and_json() {
+    let (app, fake) = setup("").await;
+    let tool_job = |tools: Value| {
+        json!({"prompt": "Weather?", "stream": true, "tools": tools,
+               "options": {"temperature": 0}})
+    };
+    fake.push(Reply::tool_call(
+        "get_weather",
+        r#"{"city": "Paris"}"#,
+        (20, 7),
+    ));
+    let first = run(&app, tool_job(json!([weather_tool()]))).await;
+    assert_eq!(first.result["cache_hit"], false, "{}", first.result);
+    let second = run(&app, tool_job(json!([weather_tool()]))).await;
+    let r = &second.result;
+    assert_eq!(r["cache_hit"], true, "{r}");
+    assert_eq!(r["tool_calls"], first.result["tool_calls"]);
+    assert_eq!(r["finish_reason"], "tool_calls");
+    // Streamed from the cache as tool_call chunks (attempt 0).
+    let calls = second.final_tool_calls();
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!(calls[0].1, "get_weather");
+    assert_eq!(
+        serde_json::from_str::<Value>(&calls[0].2).unwrap(),
+        json!({"city": "Paris"})
+    );
+    // Other tools are another question: not a hit.
+    let mut other = weather_tool();
+    other["description"] = json!("Weather tomorrow");
+    fake.push(Reply::tool_call(
+        "get_weather",
+        r#"{"city": "Paris"}"#,
+        (20, 7),
+    ));
+    let third = run(&app, tool_job(json!([other]))).await;
+    assert_eq!(third.result["cache_hit"], false, "{}", third.result);
+
+    // A JSON answer comes back parsed from the cache too.
+    let json_job = json!({"prompt": "Who?", "stream": false, "options": {"temperature": 0},
+                          "response_format": person_format()});
+    fake.push(Reply::answer(&["{\"name\": \"Ada\"}"], (9, 5)));
+    let first = run(&app, json_job.clone()).await.result;
+    assert_eq!(first["cache_hit"], false, "{first}");
+    let again = run(&app, json_job).await.result;
+    assert_eq!(again["cache_hit"], true, "{again}");
+    assert_eq!(again["json"], json!({"name": "Ada"}));
+    assert_eq!(fake.requests().len(), 3, "two hits made no call");
+    app.teardown().await;
+}

@@ -743,6 +743,14 @@ mod tests {
             let body = serde_json::to_value(request_body("claude", &req, 1024, None)).unwrap();
             assert_eq!(body["tool_choice"], wire);
         }
+        // One call at a time is said inside tool_choice.
+        req.tool_choice = None;
+        req.parallel_tool_calls = Some(false);
+        let body = serde_json::to_value(request_body("claude", &req, 1024, None)).unwrap();
+        assert_eq!(
+            body["tool_choice"],
+            json!({"type": "auto", "disable_parallel_tool_use": true})
+        );
     }
 
     #[test]

@@ -212,6 +212,13 @@ pub(super) fn request_body<'a>(
             _ => json!({"type": "any"}),
         });
     }
+    // One call at a time: Anthropic says it inside `tool_choice` (`auto` when none was set).
+    if req.parallel_tool_calls == Some(false) && !tools.is_empty() {
+        let choice = tool_choice.get_or_insert_with(|| json!({"type": "auto"}));
+        if choice["type"] != "none" {
+            choice["disable_parallel_tool_use"] = json!(true);
+        }
+    }
     let o = &req.options;
     WireRequest {
         model,
