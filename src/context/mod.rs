@@ -117,7 +117,7 @@ impl Counts {
 }
 
 /// Bytes of the prompt's text (system prompt, context chunks, messages, and the tools and
-/// tool calls as JSON text; images are not text: see [`bytes_bound`]).
+/// tool calls as JSON text; images are not text: see `bytes_bound`).
 pub fn prompt_bytes(req: &GenerateRequest) -> usize {
     let json = |v: &serde_json::Value| v.to_string().len();
     req.system.as_deref().map_or(0, str::len)
