@@ -136,6 +136,11 @@ enum Command {
         #[command(subcommand)]
         action: DeadAction,
     },
+    /// Load published prices into `llm_prices`, or re-apply prices to recorded calls.
+    Prices {
+        #[command(subcommand)]
+        action: PricesAction,
+    },
     /// Print usage per day, tenant, provider and model.
     Usage {
         /// How many days back, today included.
@@ -171,6 +176,44 @@ enum DeadAction {
     /// Publish a dead job again as a new job (printing its id), or write a dead result to
     /// Postgres.
     Replay { sequence: u64 },
+}
+
+#[derive(Subcommand)]
+enum PricesAction {
+    /// Add the prices of a price file (such as `prices/list-prices.toml`) to `llm_prices`,
+    /// for every configured provider of each entry's type; prices already in force are
+    /// left alone. Recorded costs do not change (see `reprice`).
+    Load { file: PathBuf },
+    /// Recompute the cost of recorded calls with the prices in force when each started (after
+    /// a corrected or back-dated price), and their jobs' totals; says how many rows and how
+    /// much money changed.
+    Reprice {
+        /// Calls started at or after this time (RFC 3339, or YYYY-MM-DD for midnight UTC).
+        #[arg(long, value_parser = parse_time)]
+        since: chrono::DateTime<chrono::Utc>,
+        /// And before this time.
+        #[arg(long, value_parser = parse_time)]
+        until: Option<chrono::DateTime<chrono::Utc>>,
+        /// Only this provider's calls (a provider name from the configuration).
+        #[arg(long)]
+        provider: Option<String>,
+        /// Only this model's calls.
+        #[arg(long)]
+        model: Option<String>,
+        /// Say what would change, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+/// An RFC 3339 time, or a day (midnight UTC).
+fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&chrono::Utc));
+    }
+    chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d")
+        .map(|d| d.and_time(chrono::NaiveTime::MIN).and_utc())
+        .map_err(|_| format!("{s:?} is neither an RFC 3339 time nor a YYYY-MM-DD day"))
 }
 
 #[derive(Subcommand)]
@@ -466,6 +509,48 @@ async fn command(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
             let rows = usage::report::daily(&pool, from, to, tenant.as_deref()).await?;
             let limit = (limit > 0).then_some(limit);
             print!("{}", usage::report::render_last(&rows, limit));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Prices { action } => {
+            let pool = llm_worker::usage::connect(&config)
+                .await?
+                .context("DATABASE_URL (or database.url) is not set")?;
+            match action {
+                PricesAction::Load { file } => {
+                    let prices = usage::prices::PriceFile::read(&file)?;
+                    let loaded = usage::prices::load(&pool, &config, &prices).await?;
+                    for (api, names) in &loaded.providers {
+                        println!("{api} prices -> provider(s) {}", names.join(", "));
+                    }
+                    println!(
+                        "{} price rows added, {} already in force (prices checked {})",
+                        loaded.added, loaded.unchanged, prices.checked
+                    );
+                    for c in &loaded.conflicting {
+                        println!(
+                            "not replaced: {c} has other prices from the same time (give the file a later effective_from)"
+                        );
+                    }
+                }
+                PricesAction::Reprice {
+                    since,
+                    until,
+                    provider,
+                    model,
+                    dry_run,
+                } => {
+                    let scope = usage::prices::Scope {
+                        since,
+                        until,
+                        provider,
+                        model,
+                        dry_run,
+                    };
+                    let r = usage::prices::reprice(&pool, &scope).await?;
+                    let verb = if dry_run { "would reprice" } else { "repriced" };
+                    println!("{verb}: {r}");
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Cancel { job_id, tenant } => {

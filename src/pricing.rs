@@ -10,12 +10,49 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use chrono::{DateTime, Utc};
 
-/// One price row: USD per million tokens, valid from `effective_from`.
-#[derive(Debug, Clone, PartialEq)]
+use crate::contract::TokenClasses;
+
+/// One price row: USD per million tokens, valid from `effective_from`. A class without a
+/// price (`None`) is not priced: a call with tokens in it has no known cost.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Price {
     pub effective_from: DateTime<Utc>,
     pub input_per_mtok: f64,
     pub output_per_mtok: f64,
+    pub cache_read_per_mtok: Option<f64>,
+    pub cache_write_per_mtok: Option<f64>,
+    pub cache_write_1h_per_mtok: Option<f64>,
+    pub reasoning_per_mtok: Option<f64>,
+    pub image_input_per_mtok: Option<f64>,
+}
+
+impl Price {
+    /// A call's cost at this price: each class at its own price, the rest of the input and
+    /// output at theirs (the same sum as the recorder's SQL, CONTRACT.md section 7). `None`
+    /// when a class with tokens has no price.
+    pub fn cost(&self, input: u64, output: u64, c: &TokenClasses) -> Option<f64> {
+        let class = |tokens: u64, price: Option<f64>| match tokens {
+            0 => Some(0.0),
+            n => price.map(|p| n as f64 * p),
+        };
+        let plain_input = input.saturating_sub(c.input_part());
+        let plain_output = output.saturating_sub(c.reasoning_tokens);
+        let total = plain_input as f64 * self.input_per_mtok
+            + plain_output as f64 * self.output_per_mtok
+            + class(c.cache_read_tokens, self.cache_read_per_mtok)?
+            + class(c.cache_write_tokens, self.cache_write_per_mtok)?
+            + class(c.cache_write_1h_tokens, self.cache_write_1h_per_mtok)?
+            + class(c.reasoning_tokens, self.reasoning_per_mtok)?
+            + class(c.image_input_tokens, self.image_input_per_mtok)?;
+        Some(total / 1_000_000.0)
+    }
+
+    /// What the cache reads cost less than the same tokens at the input price (`None` when
+    /// cache reads are not priced).
+    pub fn cache_saving(&self, c: &TokenClasses) -> Option<f64> {
+        let read = self.cache_read_per_mtok?;
+        Some(c.cache_read_tokens as f64 * (self.input_per_mtok - read) / 1_000_000.0)
+    }
 }
 
 /// Prices by (provider, model), each list sorted by `effective_from`.
@@ -52,7 +89,28 @@ impl PriceBook {
         Some(p.input_per_mtok + p.output_per_mtok)
     }
 
-    /// Cost of a call with the price in force at `at`; `None` when no price is known.
+    /// What a call's cache reads saved, with the price in force at `at` (`None` without
+    /// cache reads, a price, or a price for cache reads).
+    pub(crate) fn cache_saving(
+        &self,
+        provider: &str,
+        model: &str,
+        at: DateTime<Utc>,
+        classes: &TokenClasses,
+    ) -> Option<f64> {
+        if classes.cache_read_tokens == 0 {
+            return None;
+        }
+        let map = self.prices.read().ok()?;
+        let list = map.get(&(provider.to_string(), model.to_string()))?;
+        list.iter()
+            .rev()
+            .find(|p| p.effective_from <= at)?
+            .cache_saving(classes)
+    }
+
+    /// Cost of a call with the price in force at `at`; `None` when no price is known, or a
+    /// class with tokens has none.
     pub(crate) fn cost(
         &self,
         provider: &str,
@@ -60,6 +118,7 @@ impl PriceBook {
         at: DateTime<Utc>,
         input_tokens: u64,
         output_tokens: u64,
+        classes: &TokenClasses,
     ) -> Option<f64> {
         if input_tokens + output_tokens == 0 {
             return Some(0.0);
@@ -70,10 +129,7 @@ impl PriceBook {
                 .and_then(|list| list.iter().rev().find(|p| p.effective_from <= at).cloned())
         });
         match price {
-            Some(p) => Some(
-                (input_tokens as f64 * p.input_per_mtok + output_tokens as f64 * p.output_per_mtok)
-                    / 1_000_000.0,
-            ),
+            Some(p) => p.cost(input_tokens, output_tokens, classes),
             None => {
                 if let Ok(mut warned) = self.warned.lock()
                     && warned.insert(key)
@@ -97,6 +153,7 @@ mod tests {
 
     #[test]
     fn the_price_in_force_at_the_call_is_used() {
+        let none = TokenClasses::default();
         let book = PriceBook::default();
         let t = |h| Utc.with_ymd_and_hms(2026, 1, 1, h, 0, 0).unwrap();
         book.replace(vec![
@@ -107,6 +164,7 @@ mod tests {
                     effective_from: t(10),
                     input_per_mtok: 2.0,
                     output_per_mtok: 4.0,
+                    ..Price::default()
                 },
             ),
             (
@@ -116,21 +174,65 @@ mod tests {
                     effective_from: t(0),
                     input_per_mtok: 1.0,
                     output_per_mtok: 2.0,
+                    ..Price::default()
                 },
             ),
         ]);
-        assert_eq!(book.cost("p", "m", t(5), 1_000_000, 1_000_000), Some(3.0));
-        assert_eq!(book.cost("p", "m", t(11), 1_000_000, 0), Some(2.0));
-        assert_eq!(book.cost("p", "other", t(11), 10, 0), None);
+        assert_eq!(
+            book.cost("p", "m", t(5), 1_000_000, 1_000_000, &none),
+            Some(3.0)
+        );
+        assert_eq!(book.cost("p", "m", t(11), 1_000_000, 0, &none), Some(2.0));
+        assert_eq!(book.cost("p", "other", t(11), 10, 0, &none), None);
         assert_eq!(
             book.cost(
                 "p",
                 "m",
                 Utc.with_ymd_and_hms(2025, 1, 1, 0, 0, 0).unwrap(),
                 10,
-                0
+                0,
+                &none
             ),
             None
+        );
+    }
+
+    #[test]
+    fn each_class_is_priced_apart_and_an_unpriced_class_with_tokens_has_no_cost() {
+        let price = Price {
+            input_per_mtok: 3.0,
+            output_per_mtok: 15.0,
+            cache_read_per_mtok: Some(0.3),
+            cache_write_per_mtok: Some(3.75),
+            cache_write_1h_per_mtok: Some(6.0),
+            reasoning_per_mtok: Some(15.0),
+            image_input_per_mtok: None,
+            ..Price::default()
+        };
+        let classes = TokenClasses {
+            cache_read_tokens: 600_000,
+            cache_write_tokens: 100_000,
+            cache_write_1h_tokens: 100_000,
+            reasoning_tokens: 200_000,
+            image_input_tokens: 0,
+        };
+        // 200k plain input at 3, 600k reads at 0.3, 100k writes at 3.75, 100k 1h writes at 6,
+        // 800k plain output at 15, 200k reasoning at 15.
+        let cost = price.cost(1_000_000, 1_000_000, &classes).unwrap();
+        let expected = 0.6 + 0.18 + 0.375 + 0.6 + 12.0 + 3.0;
+        assert!((cost - expected).abs() < 1e-9, "{cost} != {expected}");
+        let saving = price.cache_saving(&classes).unwrap();
+        assert!((saving - 0.6 * 2.7).abs() < 1e-9);
+        // Image tokens have no price here: no cost, never a guess.
+        let with_images = TokenClasses {
+            image_input_tokens: 1,
+            ..classes
+        };
+        assert_eq!(price.cost(1_000_000, 1_000_000, &with_images), None);
+        // No classes: input and output at their prices.
+        assert_eq!(
+            Price::default().cost(10, 0, &TokenClasses::default()),
+            Some(0.0)
         );
     }
 }

@@ -555,7 +555,11 @@ impl<O: Outbox> Worker<O> {
                 a.started_at,
                 a.input_tokens,
                 a.output_tokens,
+                &a.classes,
             );
+            a.cache_saved_usd =
+                self.prices
+                    .cache_saving(&a.provider, &a.model, a.started_at, &a.classes);
         }
         // The job's cost is every call's cost (failed calls can be billed); unknown if any is.
         let cost_usd = attempts
@@ -584,8 +588,11 @@ impl<O: Outbox> Worker<O> {
                 result.tool_calls = (!success.tool_calls.is_empty()).then_some(success.tool_calls);
                 result.json = success.json;
                 result.finish_reason = Some(success.finish_reason);
-                result.tokens_used =
-                    TokensUsed::new(success.usage.input_tokens, success.usage.output_tokens);
+                result.tokens_used = TokensUsed::with_classes(
+                    success.usage.input_tokens,
+                    success.usage.output_tokens,
+                    success.usage.classes,
+                );
                 result.model_used = Some(success.model);
                 result.provider = Some(success.provider);
                 result.attempt = Some(success.attempt);

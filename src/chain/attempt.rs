@@ -165,8 +165,10 @@ pub(super) async fn attempt<S: DeltaSink>(
         }),
         input_tokens: tokens.input_tokens,
         output_tokens: tokens.output_tokens,
+        classes: tokens.classes,
         tokens_estimated: estimated,
         cost_usd: None,
+        cache_saved_usd: None,
         http_status,
         latency_ms: elapsed_ms(started_at, finished_at),
         ttft_ms: ttft.map(|d| d.as_millis() as u64),
@@ -267,9 +269,11 @@ fn attempt_usage(
         } else {
             counter.count(output)
         };
+        // The classes reported so far stay: a count adds only plain tokens.
         Usage {
             input_tokens: input,
             output_tokens: output.max(reported.output_tokens),
+            classes: reported.classes,
         }
     };
     match reported {

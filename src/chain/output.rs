@@ -134,6 +134,7 @@ mod tests {
             description: None,
             parameters: serde_json::json!({"type": "object",
                 "properties": {"city": {"type": "string"}}, "required": ["city"]}),
+            cache: None,
         }
     }
 

@@ -223,6 +223,8 @@ pub fn fit(req: &GenerateRequest, window: Window) -> Fit {
         parallel_tool_calls: req.parallel_tool_calls,
         response_format: req.response_format.clone(),
         stream: req.stream,
+        system_cache: req.system_cache,
+        prompt_cache_key: req.prompt_cache_key.clone(),
     };
     fitted.options.max_tokens = max_tokens;
     let trimmed = Trimmed {

@@ -51,11 +51,67 @@ pub struct ErrorBody {
     pub retryable: bool,
 }
 
+/// The token classes a provider bills apart (CONTRACT.md section 7). Each is a part of a
+/// call's input or output tokens, never in addition to them: `reasoning_tokens` of the
+/// output, the others of the input. Zero (and absent from the JSON) when not reported.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TokenClasses {
+    /// Prompt tokens served from the provider's prompt cache.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cache_read_tokens: u64,
+    /// Prompt tokens written to the provider's prompt cache (Anthropic: 5-minute writes).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cache_write_tokens: u64,
+    /// Anthropic's 1-hour cache writes.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cache_write_1h_tokens: u64,
+    /// Thinking tokens, billed as output.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub reasoning_tokens: u64,
+    /// Prompt tokens of images.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub image_input_tokens: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+impl TokenClasses {
+    /// Whether no class has tokens.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// The prompt tokens these classes account for (the rest of the input is plain text).
+    pub fn input_part(&self) -> u64 {
+        self.cache_read_tokens
+            .saturating_add(self.cache_write_tokens)
+            .saturating_add(self.cache_write_1h_tokens)
+            .saturating_add(self.image_input_tokens)
+    }
+
+    /// These classes, each at most what it is a part of (`input`, `output`): a provider's
+    /// inconsistent counts never make a class larger than its whole.
+    pub fn within(self, input: u64, output: u64) -> Self {
+        Self {
+            cache_read_tokens: self.cache_read_tokens.min(input),
+            cache_write_tokens: self.cache_write_tokens.min(input),
+            cache_write_1h_tokens: self.cache_write_1h_tokens.min(input),
+            reasoning_tokens: self.reasoning_tokens.min(output),
+            image_input_tokens: self.image_input_tokens.min(input),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct TokensUsed {
     pub input: u64,
     pub output: u64,
     pub total: u64,
+    /// The billed classes of `input` and `output`, as the provider reported them.
+    #[serde(flatten)]
+    pub classes: TokenClasses,
 }
 
 impl TokensUsed {
@@ -64,6 +120,15 @@ impl TokensUsed {
             input,
             output,
             total: input.saturating_add(output),
+            classes: TokenClasses::default(),
+        }
+    }
+
+    /// Counts with their billed classes.
+    pub fn with_classes(input: u64, output: u64, classes: TokenClasses) -> Self {
+        Self {
+            classes,
+            ..Self::new(input, output)
         }
     }
 }
@@ -78,9 +143,16 @@ pub struct AttemptRecord {
     pub error: Option<ErrorBody>,
     pub input_tokens: u64,
     pub output_tokens: u64,
+    /// The billed classes of these tokens (cache reads and writes, reasoning, images).
+    #[serde(flatten)]
+    pub classes: TokenClasses,
     /// True when the provider reported no usage and the worker estimated it.
     pub tokens_estimated: bool,
     pub cost_usd: Option<f64>,
+    /// What the provider's prompt cache saved on this call: its cache reads at the input
+    /// price less their own price. Absent without cache reads or their price.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub cache_saved_usd: Option<f64>,
     pub http_status: Option<u16>,
     pub latency_ms: u64,
     /// Time to the first text, when there was any.

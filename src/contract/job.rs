@@ -82,9 +82,32 @@ pub struct GenerateRequest {
     pub response_format: Option<ResponseFormat>,
     /// Publish chunk events as text arrives.
     pub stream: bool,
+    /// A prompt-cache breakpoint at the end of the system prompt (a system message marked
+    /// `cache`), before the retrieval context.
+    pub system_cache: Option<CacheTtl>,
+    /// OpenAI's `prompt_cache_key`: the job's own, or derived from its tenant and route when
+    /// the job marks a cache breakpoint.
+    pub prompt_cache_key: Option<String>,
+}
+
+/// How long a provider should keep a prompt prefix in its cache (CONTRACT.md section 7): a
+/// breakpoint marked `"cache": "5m"` or `"1h"` on a message, a system message or a tool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum CacheTtl {
+    #[serde(rename = "5m")]
+    FiveMinutes,
+    #[serde(rename = "1h")]
+    OneHour,
 }
 
 impl GenerateRequest {
+    /// How many prompt-cache breakpoints the job marks.
+    pub fn cache_breakpoints(&self) -> usize {
+        usize::from(self.system_cache.is_some())
+            + self.messages.iter().filter(|m| m.cache.is_some()).count()
+            + self.tools.iter().filter(|t| t.cache.is_some()).count()
+    }
+
     /// What the job needs of a model beyond text (`crate::providers` capabilities).
     pub fn needs(&self) -> Needs {
         Needs {
@@ -114,19 +137,28 @@ impl GenerateRequest {
     /// (`Context:` and one `[n] chunk` line per chunk).
     pub fn system_text(&self) -> Option<std::borrow::Cow<'_, str>> {
         use std::borrow::Cow;
-        if self.context.is_empty() {
+        let Some(block) = self.context_block() else {
             return self.system.as_deref().map(Cow::Borrowed);
-        }
+        };
         let mut text = String::new();
         if let Some(s) = &self.system {
             text.push_str(s);
             text.push_str("\n\n");
         }
-        text.push_str(CONTEXT_HEADER);
+        text.push_str(&block);
+        Some(Cow::Owned(text))
+    }
+
+    /// The context block alone (`Context:` and one `[n] chunk` line per chunk), if any.
+    pub fn context_block(&self) -> Option<String> {
+        if self.context.is_empty() {
+            return None;
+        }
+        let mut text = String::from(CONTEXT_HEADER);
         for (i, chunk) in self.context.iter().enumerate() {
             text.push_str(&context_line(i, chunk));
         }
-        Some(Cow::Owned(text))
+        Some(text)
     }
 
     /// The request as providers take it: the context block joined to the system prompt.
@@ -145,6 +177,8 @@ impl GenerateRequest {
             parallel_tool_calls: self.parallel_tool_calls,
             response_format: self.response_format.clone(),
             stream: self.stream,
+            system_cache: self.system_cache,
+            prompt_cache_key: self.prompt_cache_key.clone(),
         })
     }
 }
@@ -188,6 +222,9 @@ pub struct Message {
     pub tool_calls: Vec<ToolCall>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool_call_id: Option<String>,
+    /// A prompt-cache breakpoint after this message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheTtl>,
 }
 
 impl Message {
@@ -199,6 +236,7 @@ impl Message {
             images: Vec::new(),
             tool_calls: Vec::new(),
             tool_call_id: None,
+            cache: None,
         }
     }
 }
@@ -246,6 +284,9 @@ pub struct Tool {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
     pub parameters: serde_json::Value,
+    /// A prompt-cache breakpoint after the tool definitions up to this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheTtl>,
 }
 
 /// Whether and which tool the model must call.

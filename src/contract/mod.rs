@@ -22,12 +22,13 @@ pub mod trace;
 
 pub use error_code::ErrorCode;
 pub use event::{
-    AttemptRecord, CacheSaving, ErrorBody, ResultEvent, Status, TokensUsed, ToolCallChunk, Trimmed,
+    AttemptRecord, CacheSaving, ErrorBody, ResultEvent, Status, TokenClasses, TokensUsed,
+    ToolCallChunk, Trimmed,
 };
 pub(crate) use event::{ChunkEvent, elapsed_ms};
 pub(crate) use job::{CONTEXT_HEADER, context_line};
 pub use job::{
-    CacheMode, EmbedRequest, Envelope, FitMode, GenerateOptions, GenerateRequest, Image,
+    CacheMode, CacheTtl, EmbedRequest, Envelope, FitMode, GenerateOptions, GenerateRequest, Image,
     ImageSource, JobKind, Message, Needs, ResponseFormat, Role, Tool, ToolCall, ToolChoice,
 };
 pub(crate) use subject::{QUOTE_CHARS, is_literal_subject, quote};

@@ -3,7 +3,8 @@
 //! parts as images, `data:` URLs as bytes; assistant `tool_calls` with their JSON-text
 //! arguments parsed; `tool` messages), `tools` (functions), `tool_choice`,
 //! `parallel_tool_calls`, `response_format` (`json_object`, `json_schema`), `temperature`, `top_p`,
-//! `max_tokens` / `max_completion_tokens`, `stop`; `user` goes to the job's metadata.
+//! `max_tokens` / `max_completion_tokens`, `stop`; `user` goes to the job's metadata,
+//! `prompt_cache_key` to the job.
 //! Fields a job cannot honour (`n` > 1, `functions`, audio or file parts) are refused with 400;
 //! others (`logprobs`, ...) are ignored.
 
@@ -33,6 +34,8 @@ pub(crate) struct ChatRequest {
     response_format: Option<ResponseFormat>,
     functions: Option<Value>,
     user: Option<String>,
+    /// Passed on to the job (OpenAI providers get it).
+    prompt_cache_key: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -175,6 +178,9 @@ impl ChatRequest {
             "stream": self.stream,
             "timeout_ms": gw.timeout_ms(None),
         });
+        if let Some(key) = self.prompt_cache_key {
+            job["prompt_cache_key"] = key.into();
+        }
         if let Some(tools) = self.tools {
             job["tools"] = tools
                 .into_iter()

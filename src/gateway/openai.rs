@@ -266,11 +266,15 @@ fn finish_reason(r: &ResultEvent) -> &'static str {
     }
 }
 
+/// OpenAI's `usage`, with cached and reasoning tokens in its details objects.
 fn usage(r: &ResultEvent) -> Value {
+    let c = &r.tokens_used.classes;
     json!({
         "prompt_tokens": r.tokens_used.input,
         "completion_tokens": r.tokens_used.output,
         "total_tokens": r.tokens_used.total,
+        "prompt_tokens_details": {"cached_tokens": c.cache_read_tokens},
+        "completion_tokens_details": {"reasoning_tokens": c.reasoning_tokens},
     })
 }
 

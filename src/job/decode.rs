@@ -90,7 +90,14 @@ pub fn decode(
         JobKind::Generate => {
             let w: WireGenerate = serde_path_to_error::deserialize(&value)
                 .map_err(|e| serde_fail(e.path().to_string(), e.inner()))?;
-            let body = JobBody::Generate(generate_request(&w, &limits.bounds).map_err(&fail)?);
+            let mut req = generate_request(&w, &limits.bounds).map_err(&fail)?;
+            if req.prompt_cache_key.is_none() && req.cache_breakpoints() > 0 {
+                req.prompt_cache_key = Some(prompt_cache_key(
+                    &envelope.tenant,
+                    envelope.task_type.as_deref(),
+                ));
+            }
+            let body = JobBody::Generate(req);
             (
                 w.provider,
                 w.model,
@@ -363,7 +370,8 @@ fn generate_request(w: &WireGenerate, bounds: &LimitsConfig) -> Result<GenerateR
     let tools = super::rich::tools(w.tools.as_deref().unwrap_or_default(), bounds)?;
     check_prompt_bounds(w, &messages, &tools, bounds)?;
     let mut system = w.system_prompt.clone().filter(|s| !s.is_empty());
-    if let Some(listed) = listed_system {
+    let system_cache = listed_system.cache;
+    if let Some(listed) = listed_system.text {
         // System messages in the list join the system prompt, in order.
         let s = system.get_or_insert_with(String::new);
         if !s.is_empty() {
@@ -432,6 +440,27 @@ fn generate_request(w: &WireGenerate, bounds: &LimitsConfig) -> Result<GenerateR
             "options.stop: at most 4 non-empty sequences of at most {MAX_STOP_BYTES} bytes, without NUL"
         ));
     }
+    let prompt_cache_key = match &w.prompt_cache_key {
+        Some(k)
+            if k.is_empty()
+                || k.len() > MAX_PROMPT_CACHE_KEY_BYTES
+                || k.chars().any(char::is_control) =>
+        {
+            return Err(format!(
+                "prompt_cache_key: 1 to {MAX_PROMPT_CACHE_KEY_BYTES} bytes without control characters"
+            ));
+        }
+        key => key.clone(),
+    };
+    let breakpoints = usize::from(system_cache.is_some())
+        + messages.iter().filter(|m| m.cache.is_some()).count()
+        + tools.iter().filter(|t| t.cache.is_some()).count();
+    if breakpoints > MAX_CACHE_BREAKPOINTS {
+        return Err(format!(
+            "cache: {breakpoints} cache breakpoints (system messages, messages and tools together), \
+             more than {MAX_CACHE_BREAKPOINTS} (Anthropic's limit per request)"
+        ));
+    }
     Ok(GenerateRequest {
         system,
         context,
@@ -448,8 +477,31 @@ fn generate_request(w: &WireGenerate, bounds: &LimitsConfig) -> Result<GenerateR
         tool_choice,
         parallel_tool_calls: w.parallel_tool_calls,
         response_format,
+        system_cache,
+        prompt_cache_key,
         stream: w.stream.unwrap_or(true),
     })
+}
+
+/// The longest `prompt_cache_key` taken (OpenAI's own limit is 64 characters).
+const MAX_PROMPT_CACHE_KEY_BYTES: usize = 64;
+/// Cache breakpoints per request: Anthropic takes at most four.
+const MAX_CACHE_BREAKPOINTS: usize = 4;
+
+/// The `prompt_cache_key` of a job that marks a cache breakpoint and gives no key: one per
+/// tenant and route, so the provider routes their prompts (which share prefixes) together.
+/// A hash, so the tenant's name is not sent to the provider.
+fn prompt_cache_key(tenant: &str, task_type: Option<&str>) -> String {
+    let route = task_type.unwrap_or("default");
+    let digest = ring::digest::digest(
+        &ring::digest::SHA256,
+        format!("{tenant}\n{route}").as_bytes(),
+    );
+    let hex: String = digest.as_ref()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("llmw-{hex}")
 }
 
 fn embed_request(w: &WireEmbed, bounds: &LimitsConfig) -> Result<EmbedRequest, String> {

@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use crate::config::LimitsConfig;
 use crate::contract::{
-    Image, ImageSource, Message, ResponseFormat, Role, Tool, ToolCall, ToolChoice, quote,
+    CacheTtl, Image, ImageSource, Message, ResponseFormat, Role, Tool, ToolCall, ToolChoice, quote,
 };
 
 /// A message as published.
@@ -25,6 +25,9 @@ pub(super) struct WireMessage {
     pub(super) tool_calls: Option<Vec<WireToolCall>>,
     #[serde(default)]
     pub(super) tool_call_id: Option<String>,
+    /// A prompt-cache breakpoint after this message (`5m` or `1h`).
+    #[serde(default)]
+    pub(super) cache: Option<CacheTtl>,
 }
 
 #[derive(Deserialize)]
@@ -64,6 +67,8 @@ pub(super) struct WireTool {
     description: Option<String>,
     #[serde(default)]
     parameters: Option<Value>,
+    #[serde(default)]
+    cache: Option<CacheTtl>,
 }
 
 #[derive(Deserialize)]
@@ -98,12 +103,20 @@ fn check_identifier(field: &str, name: &str) -> Result<(), String> {
     }
 }
 
+/// The system text of a job's system messages, and the longest cache breakpoint they mark.
+#[derive(Default)]
+pub(super) struct ListedSystem {
+    pub(super) text: Option<String>,
+    pub(super) cache: Option<CacheTtl>,
+}
+
 /// The messages of a job, decoded: roles, text, images, tool calls and results.
 pub(super) fn messages(
     wire: &[WireMessage],
     bounds: &LimitsConfig,
-) -> Result<(Option<String>, Vec<Message>), String> {
+) -> Result<(ListedSystem, Vec<Message>), String> {
     let mut system: Option<String> = None;
+    let mut system_cache: Option<CacheTtl> = None;
     let mut out = Vec::with_capacity(wire.len());
     let mut images = 0usize;
     for (i, m) in wire.iter().enumerate() {
@@ -186,6 +199,7 @@ pub(super) fn messages(
                     s.push_str("\n\n");
                 }
                 s.push_str(&text);
+                system_cache = system_cache.max(m.cache);
                 continue;
             }
             _ if text.is_empty() && parts_images.is_empty() && tool_calls.is_empty() => {
@@ -199,9 +213,14 @@ pub(super) fn messages(
             images: parts_images,
             tool_calls,
             tool_call_id,
+            cache: m.cache,
         });
     }
-    Ok((system, out))
+    let listed = ListedSystem {
+        text: system,
+        cache: system_cache,
+    };
+    Ok((listed, out))
 }
 
 fn image(
@@ -317,6 +336,7 @@ pub(super) fn tools(wire: &[WireTool], bounds: &LimitsConfig) -> Result<Vec<Tool
             name: t.name.clone(),
             description: t.description.clone(),
             parameters,
+            cache: t.cache,
         });
     }
     Ok(out)
@@ -489,6 +509,7 @@ mod tests {
             name: name.into(),
             description: None,
             parameters: Some(parameters),
+            cache: None,
         };
         let ok = serde_json::json!({"type": "object", "properties": {"city": {"type": "string"}}});
         assert!(tools(&[tool("a", ok.clone())], &bounds).is_ok());
@@ -524,6 +545,7 @@ mod tests {
             name: "f".into(),
             description: None,
             parameters: serde_json::json!({"type": "object"}),
+            cache: None,
         }];
         assert_eq!(
             tool_choice(&serde_json::json!({"name": "f"}), &t),

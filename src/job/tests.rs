@@ -94,6 +94,67 @@ fn prompt_is_appended_after_messages_and_system_messages_join_the_system_prompt(
 }
 
 #[test]
+fn cache_breakpoints_are_read_bounded_and_bring_a_prompt_cache_key() {
+    use crate::contract::CacheTtl;
+    let job = gen_job(r#"{"tenant":"acme","messages":[{"role":"system","content":"S","cache":"1h"},{"role":"user","content":"doc","cache":"5m"},{"role":"user","content":"q"}],"tools":[{"name":"f","cache":"5m"}]}"#).unwrap();
+    let JobBody::Generate(g) = job.body else {
+        panic!()
+    };
+    assert_eq!(g.system_cache, Some(CacheTtl::OneHour));
+    assert_eq!(g.messages[0].cache, Some(CacheTtl::FiveMinutes));
+    assert_eq!(g.messages[1].cache, None);
+    assert_eq!(g.tools[0].cache, Some(CacheTtl::FiveMinutes));
+    assert_eq!(g.cache_breakpoints(), 3);
+    // Derived from tenant and route: stable, and not the tenant's name.
+    let key = g.prompt_cache_key.clone().unwrap();
+    assert!(
+        key.starts_with("llmw-") && key.len() == 21 && !key.contains("acme"),
+        "{key}"
+    );
+    let again =
+        gen_job(r#"{"tenant":"acme","messages":[{"role":"user","content":"x","cache":"5m"}]}"#)
+            .unwrap();
+    let JobBody::Generate(again) = again.body else {
+        panic!()
+    };
+    assert_eq!(again.prompt_cache_key, Some(key.clone()));
+    let other = gen_job(r#"{"tenant":"acme","task_type":"summarize","messages":[{"role":"user","content":"x","cache":"5m"}]}"#).unwrap();
+    let JobBody::Generate(other) = other.body else {
+        panic!()
+    };
+    assert_ne!(other.prompt_cache_key, Some(key));
+    // The job's own key wins; no marks and no key: none sent.
+    let own = gen_job(r#"{"prompt":"x","prompt_cache_key":"mine"}"#).unwrap();
+    let JobBody::Generate(own) = own.body else {
+        panic!()
+    };
+    assert_eq!(own.prompt_cache_key.as_deref(), Some("mine"));
+    let plain = gen_job(r#"{"prompt":"x"}"#).unwrap();
+    let JobBody::Generate(plain) = plain.body else {
+        panic!()
+    };
+    assert_eq!(plain.prompt_cache_key, None);
+    // Bounds: a lifetime other than 5m or 1h, more than four breakpoints, a bad key.
+    for (json, says) in [
+        (
+            r#"{"messages":[{"role":"user","content":"x","cache":"1d"}]}"#,
+            "messages[0].cache",
+        ),
+        (
+            r#"{"messages":[{"role":"system","content":"s","cache":"5m"},{"role":"user","content":"x","cache":"5m"}],"tools":[{"name":"a","cache":"5m"},{"name":"b","cache":"5m"},{"name":"c","cache":"5m"}]}"#,
+            "5 cache breakpoints",
+        ),
+        (
+            r#"{"prompt":"x","prompt_cache_key":""}"#,
+            "prompt_cache_key",
+        ),
+    ] {
+        let e = gen_job(json).err().unwrap();
+        assert!(e.reason.contains(says), "{json}: {}", e.reason);
+    }
+}
+
+#[test]
 fn options_fit_is_trim_by_default_or_strict_and_nothing_else() {
     let g = |json: &str| match gen_job(json).map(|j| j.body) {
         Ok(JobBody::Generate(g)) => Ok(g.options.fit),

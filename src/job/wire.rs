@@ -38,6 +38,8 @@ pub(super) struct WireGenerate {
     pub(super) expires_in_ms: Option<u64>,
     /// `use`, `refresh` or `off` (the response cache).
     pub(super) cache: Option<CacheMode>,
+    /// OpenAI's `prompt_cache_key` (section 7).
+    pub(super) prompt_cache_key: Option<String>,
 }
 
 #[derive(Deserialize, Default)]

@@ -68,6 +68,14 @@ struct TokenLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClassLabels {
+    provider: String,
+    model: String,
+    class: &'static str,
+    tenant: Option<String>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CostLabels {
     provider: String,
     model: String,
@@ -110,6 +118,8 @@ struct Inner {
     ttft_seconds: ModelSeconds,
     tokens: Family<TokenLabels, Counter>,
     cost: Family<CostLabels, Counter<f64, AtomicU64>>,
+    token_classes: Family<ClassLabels, Counter>,
+    cache_saved: Family<CostLabels, Counter<f64, AtomicU64>>,
     in_flight: Gauge,
     circuit: Family<ModelLabels, Gauge>,
     consumer_pending: Family<KindLabels, Gauge>,
@@ -137,6 +147,8 @@ impl Metrics {
             ttft_seconds: Family::new_with_constructor(seconds_buckets),
             tokens: Family::default(),
             cost: Family::default(),
+            token_classes: Family::default(),
+            cache_saved: Family::default(),
             in_flight: Gauge::default(),
             circuit: Family::default(),
             consumer_pending: Family::default(),
@@ -187,6 +199,17 @@ impl Metrics {
             "llm_cost_usd",
             "Cost of provider calls in USD (calls with a known price)",
             inner.cost.clone(),
+        );
+        r.register(
+            "llm_token_classes",
+            "Billed token classes of provider calls (cache_read, cache_write, cache_write_1h, \
+             reasoning, image_input): parts of llm_tokens, never in addition to them",
+            inner.token_classes.clone(),
+        );
+        r.register(
+            "llm_prompt_cache_saved_usd",
+            "What provider prompt-cache reads saved against the input price, in USD",
+            inner.cache_saved.clone(),
         );
         r.register(
             "llm_jobs_in_flight",
@@ -303,6 +326,34 @@ impl Metrics {
                         tenant: tenant.clone(),
                     })
                     .inc_by(n);
+            }
+            let c = &call.classes;
+            for (class, n) in [
+                ("cache_read", c.cache_read_tokens),
+                ("cache_write", c.cache_write_tokens),
+                ("cache_write_1h", c.cache_write_1h_tokens),
+                ("reasoning", c.reasoning_tokens),
+                ("image_input", c.image_input_tokens),
+            ] {
+                if n > 0 {
+                    m.token_classes
+                        .get_or_create(&ClassLabels {
+                            provider: labels.provider.clone(),
+                            model: labels.model.clone(),
+                            class,
+                            tenant: tenant.clone(),
+                        })
+                        .inc_by(n);
+                }
+            }
+            if let Some(saved) = call.cache_saved_usd {
+                m.cache_saved
+                    .get_or_create(&CostLabels {
+                        provider: labels.provider.clone(),
+                        model: labels.model.clone(),
+                        tenant: tenant.clone(),
+                    })
+                    .inc_by(saved);
             }
             if let Some(cost) = call.cost_usd {
                 m.cost
@@ -440,8 +491,13 @@ mod tests {
             error: None,
             input_tokens: 7,
             output_tokens: 3,
+            classes: crate::contract::TokenClasses {
+                cache_read_tokens: 4,
+                ..Default::default()
+            },
             tokens_estimated: false,
             cost_usd: Some(0.5),
+            cache_saved_usd: Some(0.25),
             http_status: Some(200),
             latency_ms: 20,
             ttft_ms: Some(5),
@@ -455,6 +511,8 @@ mod tests {
             r#"llm_provider_calls_total{provider="p",model="m",outcome="ok"} 1"#,
             r#"llm_tokens_total{provider="p",model="m",direction="input",tenant="acme"} 7"#,
             r#"llm_cost_usd_total{provider="p",model="m",tenant="acme"} 0.5"#,
+            r#"llm_token_classes_total{provider="p",model="m",class="cache_read",tenant="acme"} 4"#,
+            r#"llm_prompt_cache_saved_usd_total{provider="p",model="m",tenant="acme"} 0.25"#,
             r#"llm_provider_ttft_seconds_count{provider="p",model="m"} 1"#,
         ] {
             assert!(text.contains(line), "{line} not in\n{text}");

@@ -34,6 +34,7 @@ pub(crate) fn tool_turn(result: &str) -> GenerateRequest {
             name: "get_weather".into(),
             description: Some("Current weather".into()),
             parameters: weather_schema(),
+            cache: None,
         }],
         ..Default::default()
     }

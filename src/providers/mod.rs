@@ -28,8 +28,8 @@ use std::time::Duration;
 use futures::Stream;
 
 use crate::config::{Api, Config, EmbedBatching, LimitsConfig, ProviderConfig};
-use crate::contract::ErrorCode;
 use crate::contract::GenerateRequest;
+use crate::contract::{ErrorCode, TokenClasses};
 use crate::error::ProviderError;
 
 /// What a provider stream yields, in order: deltas, then `Finish`, possibly `Usage` anywhere.
@@ -73,11 +73,13 @@ impl FinishReason {
     }
 }
 
-/// Token counts as the provider reported them.
+/// Token counts as the provider reported them: every prompt token in `input_tokens`, every
+/// completion token in `output_tokens`, and the billed classes as parts of those.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
     pub input_tokens: u64,
     pub output_tokens: u64,
+    pub classes: TokenClasses,
 }
 
 /// The most tokens one call is believed to have used: a provider reporting more is clamped,
@@ -87,9 +89,21 @@ pub const MAX_REPORTED_TOKENS: u64 = 1_000_000_000;
 impl Usage {
     /// These counts, each clamped to [`MAX_REPORTED_TOKENS`].
     pub fn clamped(self) -> Self {
+        let input_tokens = self.input_tokens.min(MAX_REPORTED_TOKENS);
+        let output_tokens = self.output_tokens.min(MAX_REPORTED_TOKENS);
         Self {
-            input_tokens: self.input_tokens.min(MAX_REPORTED_TOKENS),
-            output_tokens: self.output_tokens.min(MAX_REPORTED_TOKENS),
+            input_tokens,
+            output_tokens,
+            classes: self.classes.within(input_tokens, output_tokens),
+        }
+    }
+
+    /// Plain counts, no classes.
+    pub fn plain(input_tokens: u64, output_tokens: u64) -> Self {
+        Self {
+            input_tokens,
+            output_tokens,
+            classes: TokenClasses::default(),
         }
     }
 }
@@ -254,16 +268,18 @@ impl Provider {
 
     /// Start one generation call. Errors before the first byte of the answer are returned here;
     /// errors after it arrive inside the stream. The protocol modules get the request with its
-    /// context block joined to the system prompt.
+    /// context block joined to the system prompt (Anthropic joins it itself).
     pub async fn generate(
         &self,
         model: &str,
         req: &GenerateRequest,
     ) -> Result<Call, ProviderError> {
+        let original = req;
         let req = &*req.as_sent();
         match &self.imp {
             ProviderImpl::OpenAi(p) => p.generate(model, req).await,
-            ProviderImpl::Anthropic(p) => p.generate(model, req).await,
+            // Anthropic sends the context apart from a system prompt marked for caching.
+            ProviderImpl::Anthropic(p) => p.generate(model, original).await,
             ProviderImpl::Gemini(p) => p.generate(model, req).await,
             ProviderImpl::Ollama(p) => p.generate(model, req).await,
             #[cfg(test)]
@@ -675,8 +691,16 @@ mod tests {
         let u = Usage {
             input_tokens: u64::MAX,
             output_tokens: 7,
+            classes: TokenClasses {
+                cache_read_tokens: u64::MAX,
+                reasoning_tokens: 9,
+                ..TokenClasses::default()
+            },
         }
         .clamped();
         assert_eq!((u.input_tokens, u.output_tokens), (MAX_REPORTED_TOKENS, 7));
+        // A class is never larger than the count it is a part of.
+        assert_eq!(u.classes.cache_read_tokens, MAX_REPORTED_TOKENS);
+        assert_eq!(u.classes.reasoning_tokens, 7);
     }
 }

@@ -362,10 +362,10 @@ impl Decoder {
             }
         }
         if v.done {
-            out.push(ProviderEvent::Usage(Usage {
-                input_tokens: v.prompt_eval_count,
-                output_tokens: v.eval_count,
-            }));
+            out.push(ProviderEvent::Usage(Usage::plain(
+                v.prompt_eval_count,
+                v.eval_count,
+            )));
             // Ollama says `stop` when the model called tools.
             let reason = match finish(v.done_reason.as_deref()) {
                 FinishReason::Stop if self.calls > 0 => FinishReason::ToolCalls,
@@ -515,10 +515,7 @@ mod tests {
             b,
             vec![
                 ProviderEvent::Delta("lo".into()),
-                ProviderEvent::Usage(Usage {
-                    input_tokens: 26,
-                    output_tokens: 2
-                }),
+                ProviderEvent::Usage(Usage::plain(26, 2)),
                 ProviderEvent::Finish(FinishReason::Stop),
             ]
         );
@@ -568,10 +565,7 @@ mod tests {
         let out = d
             .line(br#"{"message":{"content":""},"done":true,"done_reason":"stop","prompt_eval_count":-1,"eval_count":18446744073709551615}"#)
             .unwrap();
-        assert!(out.contains(&ProviderEvent::Usage(Usage {
-            input_tokens: 0,
-            output_tokens: u64::MAX
-        })));
+        assert!(out.contains(&ProviderEvent::Usage(Usage::plain(0, u64::MAX))));
         let mut d = Decoder::default();
         let e = d
             .line(br#"{"done":true,"eval_count":1e400}"#)

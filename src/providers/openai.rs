@@ -16,7 +16,7 @@ use super::helpers::{clip, endpoint};
 use super::sse::{SseDecoder, Step};
 use super::{Call, FinishReason, ProviderEvent, Usage};
 use crate::config::{MaxTokensField, ProviderConfig};
-use crate::contract::ErrorCode;
+use crate::contract::{ErrorCode, TokenClasses};
 use crate::contract::{
     GenerateRequest, ImageSource, Message, ResponseFormat, Role, ToolCallChunk, ToolChoice,
 };
@@ -275,6 +275,11 @@ struct ChatRequest<'a> {
     parallel_tool_calls: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     response_format: Option<serde_json::Value>,
+    /// Routes prompts that share a prefix to the same cache (sent only when the job asks for
+    /// prompt caching: OpenAI caches long prompts by itself, and compatible servers may not
+    /// know the field).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prompt_cache_key: Option<&'a str>,
 }
 
 fn request_body<'a>(
@@ -342,22 +347,55 @@ fn request_body<'a>(
         tools,
         tool_choice,
         response_format,
+        prompt_cache_key: req.prompt_cache_key.as_deref(),
     }
 }
 
+/// `usage`: the classes are parts of the totals (`cached_tokens` of `prompt_tokens`,
+/// `reasoning_tokens` of `completion_tokens`). Compatible servers send the details as `null`,
+/// or not at all.
 #[derive(Deserialize)]
 struct WireUsage {
     #[serde(default)]
     prompt_tokens: u64,
     #[serde(default)]
     completion_tokens: u64,
+    #[serde(default)]
+    prompt_tokens_details: Option<PromptDetails>,
+    #[serde(default)]
+    completion_tokens_details: Option<CompletionDetails>,
+}
+
+#[derive(Deserialize)]
+struct PromptDetails {
+    #[serde(default)]
+    cached_tokens: Option<u64>,
+    /// Not sent by OpenAI's chat API today; servers that count image tokens apart do.
+    #[serde(default)]
+    image_tokens: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct CompletionDetails {
+    #[serde(default)]
+    reasoning_tokens: Option<u64>,
 }
 
 impl From<WireUsage> for Usage {
     fn from(u: WireUsage) -> Self {
+        let prompt = u.prompt_tokens_details.as_ref();
         Usage {
             input_tokens: u.prompt_tokens,
             output_tokens: u.completion_tokens,
+            classes: TokenClasses {
+                cache_read_tokens: prompt.and_then(|d| d.cached_tokens).unwrap_or(0),
+                image_input_tokens: prompt.and_then(|d| d.image_tokens).unwrap_or(0),
+                reasoning_tokens: u
+                    .completion_tokens_details
+                    .and_then(|d| d.reasoning_tokens)
+                    .unwrap_or(0),
+                ..TokenClasses::default()
+            },
         }
     }
 }
@@ -632,7 +670,7 @@ mod tests {
             all.extend(events(d.event(&ev(data)).unwrap()));
         }
         let last = d
-            .event(&ev(r#"{"id":"c1","choices":[],"usage":{"prompt_tokens":9,"completion_tokens":1,"total_tokens":10}}"#))
+            .event(&ev(r#"{"id":"c1","choices":[],"usage":{"prompt_tokens":9,"completion_tokens":1,"total_tokens":10,"prompt_tokens_details":{"cached_tokens":4,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":1,"audio_tokens":0,"accepted_prediction_tokens":0,"rejected_prediction_tokens":0}}}"#))
             .unwrap();
         assert!(matches!(last, Step::End(_)));
         all.extend(events(last));
@@ -643,10 +681,35 @@ mod tests {
                 ProviderEvent::Finish(FinishReason::Stop),
                 ProviderEvent::Usage(Usage {
                     input_tokens: 9,
-                    output_tokens: 1
+                    output_tokens: 1,
+                    classes: TokenClasses {
+                        cache_read_tokens: 4,
+                        reasoning_tokens: 1,
+                        ..TokenClasses::default()
+                    },
                 }),
             ]
         );
+    }
+
+    #[test]
+    fn usage_details_may_be_null_or_missing() {
+        for details in [
+            r#""prompt_tokens_details":null,"completion_tokens_details":null"#,
+            r#""prompt_tokens_details":{"cached_tokens":null}"#,
+            r#""x":1"#,
+        ] {
+            let data = format!(
+                r#"{{"choices":[],"usage":{{"prompt_tokens":5,"completion_tokens":2,{details}}}}}"#
+            );
+            let mut d = StreamDecoder::default();
+            let got = events(d.event(&ev(&data)).unwrap());
+            assert_eq!(
+                got,
+                vec![ProviderEvent::Usage(Usage::plain(5, 2))],
+                "{details}"
+            );
+        }
     }
 
     #[test]
@@ -721,6 +784,16 @@ mod tests {
         assert!(v.get("max_tokens").is_none());
         assert_eq!(v["stream_options"]["include_usage"], true);
         assert_eq!(v["messages"][0]["role"], "system");
+    }
+
+    #[test]
+    fn a_prompt_cache_key_is_sent_when_the_job_has_one() {
+        let mut req = crate::providers::fixtures::tool_turn("21");
+        let v = serde_json::to_value(request_body("m", &req, MaxTokensField::MaxTokens)).unwrap();
+        assert!(v.get("prompt_cache_key").is_none());
+        req.prompt_cache_key = Some("llmw-0123456789abcdef".into());
+        let v = serde_json::to_value(request_body("m", &req, MaxTokensField::MaxTokens)).unwrap();
+        assert_eq!(v["prompt_cache_key"], "llmw-0123456789abcdef");
     }
 
     #[test]

@@ -67,10 +67,7 @@ impl Scripted {
         });
         let end = futures::stream::iter(finish.then_some([
             Ok(ProviderEvent::Finish(FinishReason::Stop)),
-            Ok(ProviderEvent::Usage(Usage {
-                input_tokens: 1,
-                output_tokens: n,
-            })),
+            Ok(ProviderEvent::Usage(Usage::plain(1, n))),
         ]))
         .flat_map(futures::stream::iter);
         let silence = futures::stream::iter((!finish).then(futures::stream::pending)).flatten();

@@ -1,18 +1,18 @@
 //! The usage and cost ledger in Postgres: migrations, the recorder that projects stored
-//! results into `llm_jobs` / `llm_calls`, the price refresh, the `usage` report, and the
-//! budgets in force (`llm_tenant_budgets`).
+//! results into `llm_jobs` / `llm_calls`, the price refresh, price files and repricing
+//! ([`prices`]), the `usage` report, and the budgets in force (`llm_tenant_budgets`).
 //!
 //! Nothing here sits on a job's hot path: jobs store their results in JetStream, and the
 //! recorder writes them to Postgres in batches, so a slow or absent database delays rows but
 //! never jobs, and loses nothing.
 
 pub(crate) mod budgets;
+pub mod prices;
 mod recorder;
 pub mod report;
 
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
 pub use recorder::{Recorder, write_batch};
@@ -29,24 +29,31 @@ pub async fn migrate(pool: &sqlx::PgPool) -> Result<(), sqlx::migrate::MigrateEr
 
 /// Load `llm_prices` into `book`.
 pub(crate) async fn load_prices(pool: &sqlx::PgPool, book: &PriceBook) -> Result<(), sqlx::Error> {
-    let rows: Vec<(String, String, DateTime<Utc>, f64, f64)> = sqlx::query_as(
-        "SELECT provider, model, effective_from, input_usd_per_mtok::float8, output_usd_per_mtok::float8 \
+    use sqlx::Row;
+    let rows = sqlx::query(
+        "SELECT provider, model, effective_from, input_usd_per_mtok::float8, \
+                output_usd_per_mtok::float8, cache_read_usd_per_mtok::float8, \
+                cache_write_usd_per_mtok::float8, cache_write_1h_usd_per_mtok::float8, \
+                reasoning_usd_per_mtok::float8, image_input_usd_per_mtok::float8 \
          FROM llm_prices",
     )
     .fetch_all(pool)
     .await?;
-    book.replace(
-        rows.into_iter()
-            .map(|(provider, model, effective_from, input, output)| {
-                let price = Price {
-                    effective_from,
-                    input_per_mtok: input,
-                    output_per_mtok: output,
-                };
-                (provider, model, price)
-            })
-            .collect(),
-    );
+    let mut prices: Vec<(String, String, Price)> = Vec::with_capacity(rows.len());
+    for r in rows {
+        let price = Price {
+            effective_from: r.try_get(2)?,
+            input_per_mtok: r.try_get(3)?,
+            output_per_mtok: r.try_get(4)?,
+            cache_read_per_mtok: r.try_get(5)?,
+            cache_write_per_mtok: r.try_get(6)?,
+            cache_write_1h_per_mtok: r.try_get(7)?,
+            reasoning_per_mtok: r.try_get(8)?,
+            image_input_per_mtok: r.try_get(9)?,
+        };
+        prices.push((r.try_get(0)?, r.try_get(1)?, price));
+    }
+    book.replace(prices);
     Ok(())
 }
 

@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::config::{NatsConfig, RecorderConfig};
-use crate::contract::{ResultEvent, Status};
+use crate::contract::{ResultEvent, Status, TokenClasses};
 use crate::dead::DeadLetters;
 use crate::nats::SetupError;
 
@@ -330,6 +330,7 @@ pub async fn write_batch(pool: &sqlx::PgPool, results: &[ResultEvent]) -> Result
             c.status.push(if ok { "ok" } else { "error" }.to_string());
             c.input_tokens.push(a.input_tokens as i64);
             c.output_tokens.push(a.output_tokens as i64);
+            c.classes.push(&a.classes);
             c.tokens_estimated.push(a.tokens_estimated);
             c.latency_ms.push(a.latency_ms as i64);
             c.ttft_ms.push(a.ttft_ms.map(|v| v as i64));
@@ -349,26 +350,26 @@ pub async fn write_batch(pool: &sqlx::PgPool, results: &[ResultEvent]) -> Result
             r#"
             INSERT INTO llm_calls (job_id, attempt, trace_id, tenant, provider, model, status,
                 input_tokens, output_tokens, tokens_estimated, cost_usd, latency_ms, ttft_ms,
-                http_status, error_code, error_message, started_at, finished_at)
+                http_status, error_code, error_message, started_at, finished_at,
+                cache_read_tokens, cache_write_tokens, cache_write_1h_tokens, reasoning_tokens,
+                image_input_tokens, price_effective_from)
             SELECT u.job_id, u.attempt, u.trace_id, u.tenant, u.provider, u.model, u.status,
                 u.input_tokens, u.output_tokens, u.tokens_estimated,
-                CASE WHEN u.input_tokens + u.output_tokens = 0 THEN 0
-                     ELSE (p.input_usd_per_mtok * u.input_tokens
-                           + p.output_usd_per_mtok * u.output_tokens) / 1000000 END,
+                llm_cost(p, u.input_tokens, u.output_tokens, u.cache_read, u.cache_write,
+                         u.cache_write_1h, u.reasoning, u.image_input),
                 u.latency_ms, u.ttft_ms, u.http_status, u.error_code, u.error_message,
-                u.started_at, u.finished_at
+                u.started_at, u.finished_at,
+                u.cache_read, u.cache_write, u.cache_write_1h, u.reasoning, u.image_input,
+                CASE WHEN u.input_tokens + u.output_tokens > 0 THEN p.effective_from END
             FROM UNNEST($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::text[], $6::text[],
                         $7::text[], $8::int8[], $9::int8[], $10::bool[], $11::int8[], $12::int8[],
-                        $13::int4[], $14::text[], $15::text[], $16::timestamptz[], $17::timestamptz[])
+                        $13::int4[], $14::text[], $15::text[], $16::timestamptz[], $17::timestamptz[],
+                        $18::int8[], $19::int8[], $20::int8[], $21::int8[], $22::int8[])
                 AS u(job_id, attempt, trace_id, tenant, provider, model, status, input_tokens,
                      output_tokens, tokens_estimated, latency_ms, ttft_ms, http_status,
-                     error_code, error_message, started_at, finished_at)
-            LEFT JOIN LATERAL (
-                SELECT input_usd_per_mtok, output_usd_per_mtok FROM llm_prices p
-                WHERE p.provider = u.provider AND p.model = u.model
-                  AND p.effective_from <= u.started_at
-                ORDER BY p.effective_from DESC LIMIT 1
-            ) p ON true
+                     error_code, error_message, started_at, finished_at,
+                     cache_read, cache_write, cache_write_1h, reasoning, image_input)
+            LEFT JOIN LATERAL llm_price_at(u.provider, u.model, u.started_at) p ON true
             ON CONFLICT (job_id, attempt) DO NOTHING
             "#,
         )
@@ -389,6 +390,11 @@ pub async fn write_batch(pool: &sqlx::PgPool, results: &[ResultEvent]) -> Result
         .bind(&c.error_message)
         .bind(&c.started_at)
         .bind(&c.finished_at)
+        .bind(&c.classes.cache_read)
+        .bind(&c.classes.cache_write)
+        .bind(&c.classes.cache_write_1h)
+        .bind(&c.classes.reasoning)
+        .bind(&c.classes.image_input)
         .execute(&mut *tx)
         .await?;
     }
@@ -427,14 +433,18 @@ pub async fn write_batch(pool: &sqlx::PgPool, results: &[ResultEvent]) -> Result
         INSERT INTO llm_jobs (job_id, trace_id, tenant, kind, task_type, status, provider, model,
             input_tokens, output_tokens, cost_usd, attempts, cache_hit, error_code, error_message,
             metadata, worker_id, received_at, finished_at, processing_ms,
-            cache_saved_input_tokens, cache_saved_output_tokens, cache_saved_cost_usd)
+            cache_saved_input_tokens, cache_saved_output_tokens, cache_saved_cost_usd,
+            cache_read_tokens, cache_write_tokens, cache_write_1h_tokens, reasoning_tokens,
+            image_input_tokens)
         SELECT u.job_id, u.trace_id, u.tenant, u.kind, u.task_type, u.status, u.provider, u.model,
             coalesce(c.input_tokens, 0), coalesce(c.output_tokens, 0),
             CASE WHEN c.unpriced THEN NULL ELSE coalesce(c.cost_usd, 0) END,
             u.attempts, u.cache_hit, u.error_code, u.error_message,
             CASE WHEN u.metadata = 'null'::jsonb THEN NULL ELSE u.metadata END,
             u.worker_id, u.received_at, u.finished_at, u.processing_ms,
-            u.saved_input, u.saved_output, u.saved_cost::numeric
+            u.saved_input, u.saved_output, u.saved_cost::numeric,
+            coalesce(c.cache_read, 0), coalesce(c.cache_write, 0), coalesce(c.cache_write_1h, 0),
+            coalesce(c.reasoning, 0), coalesce(c.image_input, 0)
         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
                     $7::text[], $8::text[], $9::int4[], $10::bool[], $11::text[], $12::text[],
                     $13::jsonb[], $14::text[], $15::timestamptz[], $16::timestamptz[], $17::int8[],
@@ -446,7 +456,12 @@ pub async fn write_batch(pool: &sqlx::PgPool, results: &[ResultEvent]) -> Result
             SELECT sum(input_tokens)::bigint AS input_tokens,
                    sum(output_tokens)::bigint AS output_tokens,
                    sum(cost_usd) AS cost_usd,
-                   bool_or(cost_usd IS NULL) AS unpriced
+                   bool_or(cost_usd IS NULL) AS unpriced,
+                   sum(cache_read_tokens)::bigint AS cache_read,
+                   sum(cache_write_tokens)::bigint AS cache_write,
+                   sum(cache_write_1h_tokens)::bigint AS cache_write_1h,
+                   sum(reasoning_tokens)::bigint AS reasoning,
+                   sum(image_input_tokens)::bigint AS image_input
             FROM llm_calls WHERE job_id = u.job_id
         ) c ON true
         ON CONFLICT (job_id) DO NOTHING
@@ -489,6 +504,7 @@ struct CallColumns {
     status: Vec<String>,
     input_tokens: Vec<i64>,
     output_tokens: Vec<i64>,
+    classes: ClassColumns,
     tokens_estimated: Vec<bool>,
     latency_ms: Vec<i64>,
     ttft_ms: Vec<Option<i64>>,
@@ -522,4 +538,24 @@ struct JobColumns {
     received_at: Vec<DateTime<Utc>>,
     finished_at: Vec<DateTime<Utc>>,
     processing_ms: Vec<i64>,
+}
+
+/// The token classes of `llm_calls`, one array per class.
+#[derive(Default)]
+struct ClassColumns {
+    cache_read: Vec<i64>,
+    cache_write: Vec<i64>,
+    cache_write_1h: Vec<i64>,
+    reasoning: Vec<i64>,
+    image_input: Vec<i64>,
+}
+
+impl ClassColumns {
+    fn push(&mut self, c: &TokenClasses) {
+        self.cache_read.push(c.cache_read_tokens as i64);
+        self.cache_write.push(c.cache_write_tokens as i64);
+        self.cache_write_1h.push(c.cache_write_1h_tokens as i64);
+        self.reasoning.push(c.reasoning_tokens as i64);
+        self.image_input.push(c.image_input_tokens as i64);
+    }
 }

@@ -138,7 +138,14 @@ impl<O: Outbox> Worker<O> {
                 .unwrap_or_else(Utc::now),
             saved_input_tokens: tokens,
             saved_output_tokens: 0,
-            saved_cost_usd: self.prices.cost(provider, model, Utc::now(), tokens, 0),
+            saved_cost_usd: self.prices.cost(
+                provider,
+                model,
+                Utc::now(),
+                tokens,
+                0,
+                &Default::default(),
+            ),
             cached_inputs: Some(saved.len()),
         }
     }

@@ -696,3 +696,35 @@ async fn an_openai_client_runs_a_tool_loop_and_a_structured_output_through_the_g
     );
     s.teardown().await;
 }
+
+#[tokio::test]
+async fn cached_and_reasoning_tokens_show_in_usage_and_a_prompt_cache_key_reaches_the_provider() {
+    let s = Setup::new("", |_| {}).await;
+    s.fake.push(Reply::billed(
+        &["hi"],
+        llm_worker_testkit::Billing {
+            cache_read: 64,
+            reasoning: 5,
+            ..llm_worker_testkit::Billing::plain(100, 9)
+        },
+    ));
+    let body = json!({"model": "gpt-test", "prompt_cache_key": "doc-7",
+                      "messages": [{"role": "user", "content": "hi"}]});
+    let (status, _, reply) = s.post("/v1/chat/completions", None, body.to_string()).await;
+    assert_eq!(status, 200, "{reply}");
+    let usage = &reply["usage"];
+    assert_eq!(usage["prompt_tokens"], 100, "{reply}");
+    assert_eq!(
+        usage["prompt_tokens_details"]["cached_tokens"], 64,
+        "{reply}"
+    );
+    assert_eq!(
+        usage["completion_tokens_details"]["reasoning_tokens"], 5,
+        "{reply}"
+    );
+    assert_eq!(
+        s.fake.requests().pop().unwrap()["prompt_cache_key"],
+        "doc-7"
+    );
+    s.teardown().await;
+}

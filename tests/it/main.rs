@@ -7,6 +7,7 @@
     clippy::type_complexity
 )]
 
+mod billing;
 mod budgets;
 mod cache;
 mod cancel;

@@ -609,6 +609,7 @@ async fn the_cheapest_strategy_orders_a_route_by_price() {
                 effective_from: t0,
                 input_per_mtok: 10.0,
                 output_per_mtok: 30.0,
+                ..Default::default()
             },
         ),
         (
@@ -618,6 +619,7 @@ async fn the_cheapest_strategy_orders_a_route_by_price() {
                 effective_from: t0,
                 input_per_mtok: 0.1,
                 output_per_mtok: 0.4,
+                ..Default::default()
             },
         ),
     ]);

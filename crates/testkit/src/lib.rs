@@ -79,6 +79,40 @@ pub enum Reply {
         usage: (u64, u64),
         cut: bool,
     },
+    /// A complete answer billed with token classes, each reported in the request's format
+    /// where that format has a field for it (see [`Billing`]).
+    Billed {
+        deltas: Vec<String>,
+        billing: Billing,
+    },
+}
+
+/// A call's usage with every billed class, in the contract's terms: `input` and `output` are
+/// all prompt and completion tokens, the classes are parts of them. Each format reports what
+/// it can: OpenAI `cache_read` and `reasoning` (in the usage details); Anthropic
+/// `cache_read`, `cache_write` and `cache_write_1h` (its `input_tokens` then excludes them);
+/// Gemini `cache_read` (`cachedContentTokenCount`), `reasoning` (`thoughtsTokenCount`, apart
+/// from `candidatesTokenCount`) and `image_input` (`promptTokensDetails`); Ollama none.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Billing {
+    pub input: u64,
+    pub output: u64,
+    pub cache_read: u64,
+    pub cache_write: u64,
+    pub cache_write_1h: u64,
+    pub reasoning: u64,
+    pub image_input: u64,
+}
+
+impl Billing {
+    /// Input and output, no classes.
+    pub fn plain(input: u64, output: u64) -> Self {
+        Self {
+            input,
+            output,
+            ..Self::default()
+        }
+    }
 }
 
 impl Reply {
@@ -98,6 +132,14 @@ impl Reply {
             usage: Some(usage),
             done_marker: true,
             chunk_delay: Duration::ZERO,
+        }
+    }
+
+    /// A streamed (or whole) answer of `deltas` billed with these classes.
+    pub fn billed(deltas: &[&str], billing: Billing) -> Self {
+        Reply::Billed {
+            deltas: deltas.iter().map(|s| s.to_string()).collect(),
+            billing,
         }
     }
 

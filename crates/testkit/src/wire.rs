@@ -8,7 +8,7 @@ use axum::http::{Response, StatusCode};
 use futures::StreamExt;
 use serde_json::json;
 
-use crate::Reply;
+use crate::{Billing, Reply};
 
 /// The wire format of a request, from the route it hit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,15 +46,58 @@ fn openai_chunk(model: &str, delta: serde_json::Value, finish: Option<&str>) -> 
     .to_string()
 }
 
-fn gemini_chunk(text: &str, finish: bool, usage: Option<(u64, u64)>) -> serde_json::Value {
+/// OpenAI's `usage`: cached and reasoning tokens inside the totals, in the details objects
+/// (sent with zeros too, as OpenAI does). Cache writes and image tokens are not reported.
+fn openai_usage(b: &Billing) -> serde_json::Value {
+    json!({"prompt_tokens": b.input, "completion_tokens": b.output, "total_tokens": b.input + b.output,
+        "prompt_tokens_details": {"cached_tokens": b.cache_read, "audio_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": b.reasoning, "audio_tokens": 0,
+            "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}})
+}
+
+/// Anthropic's `usage`: `input_tokens` counts only what follows the last cache breakpoint;
+/// cache reads and writes (by lifetime) come apart. No reasoning or image counts.
+fn anthropic_usage(b: &Billing, output: u64) -> serde_json::Value {
+    let written = b.cache_write + b.cache_write_1h;
+    let mut u = json!({"input_tokens": b.input.saturating_sub(b.cache_read + written),
+        "output_tokens": output});
+    if b.cache_read + written > 0 {
+        u["cache_read_input_tokens"] = json!(b.cache_read);
+        u["cache_creation_input_tokens"] = json!(written);
+        u["cache_creation"] = json!({"ephemeral_5m_input_tokens": b.cache_write,
+            "ephemeral_1h_input_tokens": b.cache_write_1h});
+    }
+    u
+}
+
+/// Gemini's `usageMetadata`: thoughts apart from (not inside) `candidatesTokenCount`, cached
+/// tokens and image tokens inside `promptTokenCount`. No cache writes (implicit caching).
+fn gemini_usage(b: &Billing) -> serde_json::Value {
+    let mut u = json!({"promptTokenCount": b.input,
+        "candidatesTokenCount": b.output.saturating_sub(b.reasoning),
+        "totalTokenCount": b.input + b.output});
+    if b.reasoning > 0 {
+        u["thoughtsTokenCount"] = json!(b.reasoning);
+    }
+    if b.cache_read > 0 {
+        u["cachedContentTokenCount"] = json!(b.cache_read);
+    }
+    if b.image_input > 0 {
+        u["promptTokensDetails"] = json!([
+            {"modality": "TEXT", "tokenCount": b.input.saturating_sub(b.image_input)},
+            {"modality": "IMAGE", "tokenCount": b.image_input}]);
+    }
+    u
+}
+
+fn gemini_chunk(text: &str, finish: bool, usage: Option<Billing>) -> serde_json::Value {
     let mut c = json!({"content": {"parts": [{"text": text}], "role": "model"}, "index": 0});
     if finish {
         c["finishReason"] = json!("STOP");
     }
     let mut v = json!({"candidates": [c], "modelVersion": "fake"});
-    if let Some((p, o)) = usage {
-        v["usageMetadata"] =
-            json!({"promptTokenCount": p, "candidatesTokenCount": o, "totalTokenCount": p + o});
+    if let Some(b) = usage {
+        v["usageMetadata"] = gemini_usage(&b);
     }
     v
 }
@@ -65,11 +108,12 @@ fn stream_frames(
     flavor: Flavor,
     model: &str,
     deltas: &[String],
-    usage: Option<(u64, u64)>,
+    usage: Option<Billing>,
     complete: bool,
     done_marker: bool,
 ) -> Vec<Bytes> {
-    let (input, output) = usage.unwrap_or((0, 0));
+    let billed = usage.unwrap_or_default();
+    let (input, output) = (billed.input, billed.output);
     let mut frames = Vec::new();
     match flavor {
         Flavor::OpenAi => {
@@ -87,7 +131,7 @@ fn stream_frames(
                 frames.push(sse(&openai_chunk(model, json!({}), Some("stop"))));
                 if usage.is_some() {
                     let u = json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": model,
-                        "choices": [], "usage": {"prompt_tokens": input, "completion_tokens": output, "total_tokens": input + output}});
+                        "choices": [], "usage": openai_usage(&billed)});
                     frames.push(sse(&u.to_string()));
                 }
                 if done_marker {
@@ -100,7 +144,7 @@ fn stream_frames(
                 "message_start",
                 json!({"type": "message_start", "message": {"id": "msg_fake", "type": "message",
                 "role": "assistant", "content": [], "model": model, "stop_reason": null,
-                "usage": {"input_tokens": input, "output_tokens": 1}}}),
+                "usage": anthropic_usage(&billed, 1)}}),
             ));
             frames.push(named("content_block_start", json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})));
             frames.push(named("ping", json!({"type": "ping"})));
@@ -127,7 +171,11 @@ fn stream_frames(
                 let u = if last {
                     usage
                 } else {
-                    usage.map(|_| (input, (i as u64 + 1).min(output)))
+                    usage.map(|b| Billing {
+                        output: (i as u64 + 1).min(output),
+                        reasoning: 0,
+                        ..b
+                    })
                 };
                 frames.push(sse(&gemini_chunk(d, last, u).to_string()));
             }
@@ -153,21 +201,22 @@ fn stream_frames(
 }
 
 /// A non-streamed answer.
-fn whole(flavor: Flavor, model: &str, text: &str, usage: Option<(u64, u64)>) -> serde_json::Value {
-    let (input, output) = usage.unwrap_or((0, 0));
+fn whole(flavor: Flavor, model: &str, text: &str, usage: Option<Billing>) -> serde_json::Value {
+    let billed = usage.unwrap_or_default();
+    let (input, output) = (billed.input, billed.output);
     match flavor {
         Flavor::OpenAi => {
             let mut v = json!({"id": "chatcmpl-fake", "object": "chat.completion", "model": model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]});
             if usage.is_some() {
-                v["usage"] = json!({"prompt_tokens": input, "completion_tokens": output, "total_tokens": input + output});
+                v["usage"] = openai_usage(&billed);
             }
             v
         }
         Flavor::Anthropic => {
             json!({"id": "msg_fake", "type": "message", "role": "assistant", "model": model,
             "content": [{"type": "text", "text": text}], "stop_reason": "end_turn", "stop_sequence": null,
-            "usage": {"input_tokens": input, "output_tokens": output}})
+            "usage": anthropic_usage(&billed, output)})
         }
         Flavor::Gemini => gemini_chunk(text, true, usage),
         Flavor::Ollama => json!({"model": model, "created_at": "2025-01-01T00:00:00Z",
@@ -205,10 +254,11 @@ fn maybe_cut(frames: Vec<Bytes>, cut: bool) -> Response<Body> {
 fn anthropic_tool_calls(
     model: &str,
     calls: &[(String, String)],
-    (input, output): (u64, u64),
+    billed: Billing,
     cut: bool,
     stream: bool,
 ) -> Response<Body> {
+    let output = billed.output;
     if !stream {
         let blocks: Vec<serde_json::Value> = calls
             .iter()
@@ -223,14 +273,14 @@ fn anthropic_tool_calls(
             .collect();
         let v = json!({"id": "msg_fake", "type": "message", "role": "assistant", "model": model,
             "content": blocks, "stop_reason": "tool_use", "stop_sequence": null,
-            "usage": {"input_tokens": input, "output_tokens": output}});
+            "usage": anthropic_usage(&billed, output)});
         return response(200, "application/json", Body::from(v.to_string()));
     }
     let mut frames = vec![named(
         "message_start",
         json!({"type": "message_start", "message": {"id": "msg_fake", "type": "message",
         "role": "assistant", "content": [], "model": model, "stop_reason": null,
-        "usage": {"input_tokens": input, "output_tokens": 1}}}),
+        "usage": anthropic_usage(&billed, 1)}}),
     )];
     for (i, (name, args)) in calls.iter().enumerate() {
         frames.push(named("content_block_start", json!({"type": "content_block_start", "index": i,
@@ -270,10 +320,11 @@ fn whole_tool_calls(
     flavor: Flavor,
     model: &str,
     calls: &[(String, String)],
-    (input, output): (u64, u64),
+    billed: Billing,
     cut: bool,
     stream: bool,
 ) -> Response<Body> {
+    let (input, output) = (billed.input, billed.output);
     let gemini = |calls: &[(String, String)], last: bool| {
         let parts: Vec<serde_json::Value> = calls
             .iter()
@@ -283,8 +334,7 @@ fn whole_tool_calls(
         let mut v = json!({"modelVersion": "fake"});
         if last {
             c["finishReason"] = json!("STOP");
-            v["usageMetadata"] = json!({"promptTokenCount": input, "candidatesTokenCount": output,
-                "totalTokenCount": input + output});
+            v["usageMetadata"] = gemini_usage(&billed);
         }
         v["candidates"] = json!([c]);
         v
@@ -344,19 +394,18 @@ fn tool_calls(
     flavor: Flavor,
     model: &str,
     calls: &[(String, String)],
-    usage: (u64, u64),
+    billed: Billing,
     cut: bool,
     stream: bool,
 ) -> Response<Body> {
     match flavor {
-        Flavor::Anthropic => return anthropic_tool_calls(model, calls, usage, cut, stream),
+        Flavor::Anthropic => return anthropic_tool_calls(model, calls, billed, cut, stream),
         Flavor::Gemini | Flavor::Ollama => {
-            return whole_tool_calls(flavor, model, calls, usage, cut, stream);
+            return whole_tool_calls(flavor, model, calls, billed, cut, stream);
         }
         Flavor::OpenAi => {}
     }
-    let (input, output) = usage;
-    let usage = json!({"prompt_tokens": input, "completion_tokens": output, "total_tokens": input + output});
+    let usage = openai_usage(&billed);
     if !stream {
         let tool_calls: Vec<serde_json::Value> = calls
             .iter()
@@ -430,14 +479,48 @@ pub(crate) async fn render(
     model: &str,
     forced_tool: Option<String>,
 ) -> Response<Body> {
-    let reply = match (reply, forced_tool) {
-        (Reply::Answer { deltas, usage, .. }, Some(name)) => Reply::ToolCalls {
-            calls: vec![(name, deltas.concat())],
-            usage: usage.unwrap_or((0, 0)),
-            cut: false,
-        },
-        (reply, _) => reply,
+    // A billed answer is an answer with every class of usage.
+    let (reply, billing) = match reply {
+        Reply::Billed { deltas, billing } => (
+            Reply::Answer {
+                deltas,
+                usage: Some((billing.input, billing.output)),
+                done_marker: true,
+                chunk_delay: Duration::ZERO,
+            },
+            Some(billing),
+        ),
+        Reply::Answer {
+            deltas,
+            usage,
+            done_marker,
+            chunk_delay,
+        } => (
+            Reply::Answer {
+                deltas,
+                usage,
+                done_marker,
+                chunk_delay,
+            },
+            usage.map(|(i, o)| Billing::plain(i, o)),
+        ),
+        Reply::ToolCalls { calls, usage, cut } => (
+            Reply::ToolCalls { calls, usage, cut },
+            Some(Billing::plain(usage.0, usage.1)),
+        ),
+        other => (other, None),
     };
+    if let (Reply::Answer { deltas, .. }, Some(name)) = (&reply, forced_tool) {
+        let calls = vec![(name, deltas.concat())];
+        return tool_calls(
+            flavor,
+            model,
+            &calls,
+            billing.unwrap_or_default(),
+            false,
+            stream,
+        );
+    }
     match reply {
         Reply::Hang => {
             std::future::pending::<()>().await;
@@ -461,11 +544,11 @@ pub(crate) async fn render(
         }
         Reply::Answer {
             deltas,
-            usage,
             done_marker,
             chunk_delay,
+            ..
         } if stream => {
-            let frames = stream_frames(flavor, model, &deltas, usage, true, done_marker);
+            let frames = stream_frames(flavor, model, &deltas, billing, true, done_marker);
             let body = futures::stream::iter(frames).then(move |f| async move {
                 if !chunk_delay.is_zero() {
                     tokio::time::sleep(chunk_delay).await;
@@ -474,8 +557,8 @@ pub(crate) async fn render(
             });
             response(200, stream_content_type(flavor), Body::from_stream(body))
         }
-        Reply::Answer { deltas, usage, .. } => {
-            let v = whole(flavor, model, &deltas.concat(), usage);
+        Reply::Answer { deltas, .. } => {
+            let v = whole(flavor, model, &deltas.concat(), billing);
             response(200, "application/json", Body::from(v.to_string()))
         }
         Reply::RawStream(datas) => {
@@ -508,9 +591,16 @@ pub(crate) async fn render(
             };
             response(status, content_type, Body::from_stream(body))
         }
-        Reply::ToolCalls { calls, usage, cut } => {
-            tool_calls(flavor, model, &calls, usage, cut, stream)
-        }
+        Reply::ToolCalls { calls, cut, .. } => tool_calls(
+            flavor,
+            model,
+            &calls,
+            billing.unwrap_or_default(),
+            cut,
+            stream,
+        ),
+        // Turned into an answer above.
+        Reply::Billed { .. } => response(500, "text/plain", Body::empty()),
         // Vectors on a generation route: the test scripted the wrong endpoint.
         Reply::Vectors { .. } => response(
             400,

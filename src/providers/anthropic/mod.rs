@@ -22,7 +22,7 @@ use super::helpers::clip;
 use super::sse::{SseDecoder, Step};
 use super::{Call, FinishReason, ProviderEvent, Usage};
 use crate::config::ProviderConfig;
-use crate::contract::ErrorCode;
+use crate::contract::{ErrorCode, TokenClasses};
 use crate::contract::{GenerateRequest, ToolCallChunk};
 use crate::error::{ProviderError, code_for_status};
 
@@ -112,13 +112,46 @@ struct WireUsage {
     cache_creation_input_tokens: Option<u64>,
     #[serde(default)]
     cache_read_input_tokens: Option<u64>,
+    /// Cache writes by lifetime (`cache_creation_input_tokens` is their sum).
+    #[serde(default)]
+    cache_creation: Option<CacheCreation>,
+}
+
+#[derive(Deserialize, Default)]
+struct CacheCreation {
+    #[serde(default)]
+    ephemeral_1h_input_tokens: Option<u64>,
 }
 
 impl WireUsage {
+    /// Every prompt token: Anthropic's `input_tokens` counts only those after the last cache
+    /// breakpoint; cache reads and writes come on top.
     fn total_input(&self) -> u64 {
         self.input_tokens
             .saturating_add(self.cache_creation_input_tokens.unwrap_or(0))
             .saturating_add(self.cache_read_input_tokens.unwrap_or(0))
+    }
+
+    /// The billed input classes (Anthropic reports no reasoning or image counts apart).
+    fn classes(&self) -> TokenClasses {
+        let written = self.cache_creation_input_tokens.unwrap_or(0);
+        let hour = self
+            .cache_creation
+            .as_ref()
+            .and_then(|c| c.ephemeral_1h_input_tokens)
+            .unwrap_or(0)
+            .min(written);
+        TokenClasses {
+            cache_read_tokens: self.cache_read_input_tokens.unwrap_or(0),
+            cache_write_tokens: written - hour,
+            cache_write_1h_tokens: hour,
+            ..TokenClasses::default()
+        }
+    }
+
+    /// Whether this usage carries input counts (a `message_delta` may carry only output).
+    fn has_input(&self) -> bool {
+        self.total_input() > 0
     }
 }
 
@@ -282,7 +315,8 @@ impl ToolBlocks {
 
 #[derive(Default)]
 pub(crate) struct StreamDecoder {
-    input_tokens: u64,
+    /// Input counts and classes from `message_start`.
+    input: Usage,
     finished: bool,
     tools: ToolBlocks,
 }
@@ -313,7 +347,11 @@ impl SseDecoder for StreamDecoder {
         let mut out = Vec::new();
         match ev {
             WireEvent::MessageStart { message } => {
-                self.input_tokens = message.usage.total_input();
+                self.input = Usage {
+                    input_tokens: message.usage.total_input(),
+                    output_tokens: 0,
+                    classes: message.usage.classes(),
+                };
             }
             WireEvent::ContentBlockStart {
                 index,
@@ -329,9 +367,19 @@ impl SseDecoder for StreamDecoder {
             } => out.extend(self.tools.input(index, partial_json)),
             WireEvent::MessageDelta { delta, usage } => {
                 if let Some(u) = usage {
+                    // Newer API versions repeat the input counts here (cumulative).
+                    let input = if u.has_input() && u.total_input() >= self.input.input_tokens {
+                        Usage {
+                            input_tokens: u.total_input(),
+                            output_tokens: 0,
+                            classes: u.classes(),
+                        }
+                    } else {
+                        self.input
+                    };
                     out.push(ProviderEvent::Usage(Usage {
-                        input_tokens: self.input_tokens.max(u.total_input()),
                         output_tokens: u.output_tokens,
+                        ..input
                     }));
                 }
                 if let Some(reason) = delta.stop_reason {
@@ -420,6 +468,7 @@ fn parse_message(
     out.push(Ok(ProviderEvent::Usage(Usage {
         input_tokens: m.usage.total_input(),
         output_tokens: m.usage.output_tokens,
+        classes: m.usage.classes(),
     })));
     out
 }
@@ -486,7 +535,7 @@ mod tests {
         let transcript = [
             (
                 "message_start",
-                r#"{"type":"message_start","message":{"id":"msg_1","type":"message","role":"assistant","content":[],"model":"m","stop_reason":null,"usage":{"input_tokens":25,"output_tokens":1,"cache_read_input_tokens":5}}}"#,
+                r#"{"type":"message_start","message":{"id":"msg_1","type":"message","role":"assistant","content":[],"model":"m","stop_reason":null,"usage":{"input_tokens":25,"output_tokens":1,"cache_read_input_tokens":5,"cache_creation_input_tokens":10,"cache_creation":{"ephemeral_5m_input_tokens":4,"ephemeral_1h_input_tokens":6}}}}"#,
             ),
             (
                 "content_block_start",
@@ -525,8 +574,14 @@ mod tests {
             vec![
                 ProviderEvent::Delta("Hello".into()),
                 ProviderEvent::Usage(Usage {
-                    input_tokens: 30,
-                    output_tokens: 15
+                    input_tokens: 40,
+                    output_tokens: 15,
+                    classes: TokenClasses {
+                        cache_read_tokens: 5,
+                        cache_write_tokens: 4,
+                        cache_write_1h_tokens: 6,
+                        ..TokenClasses::default()
+                    },
                 }),
                 ProviderEvent::Finish(FinishReason::Stop),
             ]
@@ -595,6 +650,77 @@ mod tests {
     }
 
     #[test]
+    fn cache_breakpoints_become_cache_control_on_the_marked_blocks() {
+        use crate::contract::{CacheTtl, Message, Tool};
+        let mut req = GenerateRequest {
+            system: Some("be brief".into()),
+            context: vec!["chunk".into()],
+            system_cache: Some(CacheTtl::OneHour),
+            messages: vec![
+                Message {
+                    cache: Some(CacheTtl::FiveMinutes),
+                    ..Message::text(Role::User, "a long document")
+                },
+                Message::text(Role::Assistant, "read it"),
+                Message::text(Role::User, "summarise"),
+            ],
+            tools: vec![Tool {
+                name: "lookup".into(),
+                description: None,
+                parameters: json!({"type": "object"}),
+                cache: Some(CacheTtl::FiveMinutes),
+            }],
+            ..Default::default()
+        };
+        let body = serde_json::to_value(request_body("claude", &req, 1024, None)).unwrap();
+        assert_eq!(
+            body["system"],
+            json!([
+                {"type": "text", "text": "be brief", "cache_control": {"type": "ephemeral", "ttl": "1h"}},
+                {"type": "text", "text": "Context:\n[1] chunk\n"}
+            ])
+        );
+        assert_eq!(
+            body["messages"][0]["content"],
+            json!([{"type": "text", "text": "a long document", "cache_control": {"type": "ephemeral"}}])
+        );
+        assert_eq!(body["messages"][2]["content"], "summarise");
+        assert_eq!(
+            body["tools"][0]["cache_control"],
+            json!({"type": "ephemeral"})
+        );
+        // Unmarked: one system text with the context joined, no cache_control anywhere.
+        req.system_cache = None;
+        req.messages[0].cache = None;
+        req.tools[0].cache = None;
+        let body = serde_json::to_value(request_body("claude", &req, 1024, None)).unwrap();
+        assert_eq!(body["system"], "be brief\n\nContext:\n[1] chunk\n");
+        assert!(!body.to_string().contains("cache_control"), "{body}");
+    }
+
+    #[test]
+    fn cache_reads_and_writes_by_lifetime_are_read_from_whole_answers() {
+        let body = r#"{"id":"m","type":"message","role":"assistant","model":"m","content":[{"type":"text","text":"hi"}],
+            "stop_reason":"end_turn","usage":{"input_tokens":10,"output_tokens":3,"cache_read_input_tokens":100,
+            "cache_creation_input_tokens":30,"cache_creation":{"ephemeral_5m_input_tokens":10,"ephemeral_1h_input_tokens":20}}}"#;
+        let m: WireMessage = serde_json::from_str(body).unwrap();
+        assert_eq!(m.usage.total_input(), 140);
+        assert_eq!(
+            m.usage.classes(),
+            TokenClasses {
+                cache_read_tokens: 100,
+                cache_write_tokens: 10,
+                cache_write_1h_tokens: 20,
+                ..TokenClasses::default()
+            }
+        );
+        // Without the breakdown every write is a 5-minute write.
+        let m: WireUsage =
+            serde_json::from_str(r#"{"input_tokens":1,"cache_creation_input_tokens":7}"#).unwrap();
+        assert_eq!(m.classes().cache_write_tokens, 7);
+    }
+
+    #[test]
     fn absurd_numbers_saturate_never_a_panic() {
         let mut d = StreamDecoder::default();
         let start = r#"{"type":"message_start","message":{"usage":{"input_tokens":18446744073709551615,"output_tokens":1,"cache_creation_input_tokens":18446744073709551615,"cache_read_input_tokens":18446744073709551615}}}"#;
@@ -603,10 +729,8 @@ mod tests {
         let out = match d.event(&ev("message_delta", delta)).unwrap() {
             Step::More(v) | Step::End(v) => v,
         };
-        assert!(out.contains(&ProviderEvent::Usage(Usage {
-            input_tokens: u64::MAX,
-            output_tokens: u64::MAX
-        })));
+        assert!(out.iter().any(|e| matches!(e, ProviderEvent::Usage(u)
+            if u.input_tokens == u64::MAX && u.output_tokens == u64::MAX)));
         let bad = r#"{"type":"message_delta","usage":{"output_tokens":-1}}"#;
         assert!(d.event(&ev("message_delta", bad)).is_err());
     }
@@ -694,6 +818,7 @@ mod tests {
                 name: "get_weather".into(),
                 description: Some("Current weather".into()),
                 parameters: json!({"type": "object", "properties": {"city": {"type": "string"}}}),
+                cache: None,
             }],
             stream: true,
             ..Default::default()
@@ -780,6 +905,7 @@ mod tests {
             name: "person".into(),
             description: None,
             parameters: json!({"type": "object"}),
+            cache: None,
         }];
         let answer = AnswerTool::of(&req).unwrap();
         assert_eq!(answer.0, "json_answer");
@@ -860,10 +986,7 @@ mod tests {
                 chunk(Some("toolu_a"), Some("get_weather"), ""),
                 chunk(None, None, "{\"city\": \"Pa"),
                 chunk(None, None, "ris\"}"),
-                ProviderEvent::Usage(Usage {
-                    input_tokens: 0,
-                    output_tokens: 30
-                }),
+                ProviderEvent::Usage(Usage::plain(0, 30)),
                 ProviderEvent::Finish(FinishReason::ToolCalls),
             ]
         );

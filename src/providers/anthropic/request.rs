@@ -12,7 +12,9 @@ use std::borrow::Cow;
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::contract::{GenerateRequest, ImageSource, Message, ResponseFormat, Role, ToolChoice};
+use crate::contract::{
+    CacheTtl, GenerateRequest, ImageSource, Message, ResponseFormat, Role, ToolChoice,
+};
 
 #[derive(Serialize)]
 pub(super) struct WireRequest<'a> {
@@ -21,7 +23,7 @@ pub(super) struct WireRequest<'a> {
     messages: Vec<MessageIn<'a>>,
     stream: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
-    system: Option<&'a str>,
+    system: Option<SystemIn<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     temperature: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -40,12 +42,66 @@ struct MessageIn<'a> {
     content: ContentIn<'a>,
 }
 
+/// The system prompt: text, or (with a cache breakpoint) the prompt as a marked block and the
+/// retrieval context after it, unmarked.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum SystemIn<'a> {
+    Text(Cow<'a, str>),
+    Blocks(Vec<SystemBlock<'a>>),
+}
+
+#[derive(Serialize)]
+struct SystemBlock<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    text: Cow<'a, str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cache_control: Option<CacheControl>,
+}
+
+/// `cache_control`: a breakpoint after this block (5 minutes unless `ttl` says `1h`).
+#[derive(Serialize, Clone, Copy)]
+struct CacheControl {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ttl: Option<&'static str>,
+}
+
+impl CacheControl {
+    fn of(ttl: Option<CacheTtl>) -> Option<Self> {
+        ttl.map(|ttl| CacheControl {
+            kind: "ephemeral",
+            ttl: (ttl == CacheTtl::OneHour).then_some("1h"),
+        })
+    }
+}
+
 /// A turn's content: plain text, or blocks.
 #[derive(Serialize)]
 #[serde(untagged)]
 enum ContentIn<'a> {
     Text(&'a str),
-    Blocks(Vec<BlockIn<'a>>),
+    Blocks(Vec<Marked<'a>>),
+}
+
+/// A content block, and the cache breakpoint after it if any.
+#[derive(Serialize)]
+struct Marked<'a> {
+    #[serde(flatten)]
+    block: BlockIn<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cache_control: Option<CacheControl>,
+}
+
+impl<'a> From<BlockIn<'a>> for Marked<'a> {
+    fn from(block: BlockIn<'a>) -> Self {
+        Marked {
+            block,
+            cache_control: None,
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -81,6 +137,8 @@ struct ToolIn<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     description: Option<&'a str>,
     input_schema: Cow<'a, Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cache_control: Option<CacheControl>,
 }
 
 /// The tool a JSON answer comes through, by name.
@@ -107,7 +165,16 @@ impl AnswerTool {
 }
 
 impl<'a> BlockIn<'a> {
-    fn of_message(m: &'a Message) -> Vec<BlockIn<'a>> {
+    /// A message's blocks; a message marked `cache` has the breakpoint on its last block.
+    fn of_message(m: &'a Message) -> Vec<Marked<'a>> {
+        let mut blocks: Vec<Marked<'a>> = Self::blocks(m).into_iter().map(Marked::from).collect();
+        if let Some(last) = blocks.last_mut() {
+            last.cache_control = CacheControl::of(m.cache);
+        }
+        blocks
+    }
+
+    fn blocks(m: &'a Message) -> Vec<BlockIn<'a>> {
         let mut blocks = Vec::with_capacity(1 + m.images.len() + m.tool_calls.len());
         if let Some(id) = m.tool_call_id.as_deref().filter(|_| m.role == Role::Tool) {
             blocks.push(BlockIn::ToolResult {
@@ -148,12 +215,15 @@ fn role(m: &Message) -> &'static str {
 fn messages(req: &GenerateRequest) -> Vec<MessageIn<'_>> {
     let mut out: Vec<MessageIn<'_>> = Vec::with_capacity(req.messages.len());
     for m in req.messages.iter().filter(|m| m.role != Role::System) {
-        let plain = m.images.is_empty() && m.tool_calls.is_empty() && m.role != Role::Tool;
+        let plain = m.images.is_empty()
+            && m.tool_calls.is_empty()
+            && m.role != Role::Tool
+            && m.cache.is_none();
         match out.last_mut() {
             Some(last) if last.role == role(m) => {
                 let mut blocks = match std::mem::replace(&mut last.content, ContentIn::Text("")) {
                     ContentIn::Text("") => Vec::new(),
-                    ContentIn::Text(text) => vec![BlockIn::Text { text }],
+                    ContentIn::Text(text) => vec![BlockIn::Text { text }.into()],
                     ContentIn::Blocks(b) => b,
                 };
                 blocks.extend(BlockIn::of_message(m));
@@ -185,6 +255,7 @@ pub(super) fn request_body<'a>(
             name: Cow::Borrowed(&t.name),
             description: t.description.as_deref(),
             input_schema: Cow::Borrowed(&t.parameters),
+            cache_control: CacheControl::of(t.cache),
         })
         .collect();
     let mut tool_choice = req.tool_choice.as_ref().map(|c| match c {
@@ -202,6 +273,7 @@ pub(super) fn request_body<'a>(
             name: Cow::Owned(name.clone()),
             description: Some("Give your answer by calling this tool: its input is the answer."),
             input_schema: schema,
+            cache_control: None,
         });
         // The answer must come through a tool: the answer tool alone, or (when the job has
         // tools the model may call) any tool; a named tool stays named.
@@ -225,12 +297,35 @@ pub(super) fn request_body<'a>(
         max_tokens: o.max_tokens.unwrap_or(default_max_tokens),
         messages: messages(req),
         stream: req.stream,
-        system: req.system.as_deref(),
+        system: system(req),
         // Anthropic's range is 0..=1; the contract's is 0..=2.
         temperature: o.temperature.map(|t| t.min(1.0)),
         top_p: o.top_p,
         stop_sequences: &o.stop,
         tools,
         tool_choice,
+    }
+}
+
+/// The system prompt and retrieval context as sent: one text, or with a cache breakpoint on
+/// the system prompt, a marked block for it and an unmarked one for the context (which
+/// changes from job to job and is not worth caching).
+fn system(req: &GenerateRequest) -> Option<SystemIn<'_>> {
+    let prompt = req.system.as_deref().filter(|s| !s.is_empty());
+    match (prompt, CacheControl::of(req.system_cache)) {
+        (Some(prompt), Some(mark)) => {
+            let mut blocks = vec![SystemBlock {
+                kind: "text",
+                text: Cow::Borrowed(prompt),
+                cache_control: Some(mark),
+            }];
+            blocks.extend(req.context_block().map(|text| SystemBlock {
+                kind: "text",
+                text: Cow::Owned(text),
+                cache_control: None,
+            }));
+            Some(SystemIn::Blocks(blocks))
+        }
+        _ => req.system_text().map(SystemIn::Text),
     }
 }

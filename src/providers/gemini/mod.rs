@@ -21,7 +21,7 @@ use super::helpers::{clip, lenient_count};
 use super::sse::{SseDecoder, Step};
 use super::{Call, FinishReason, ProviderEvent, Usage};
 use crate::config::ProviderConfig;
-use crate::contract::ErrorCode;
+use crate::contract::{ErrorCode, TokenClasses};
 use crate::contract::{GenerateRequest, ToolCallChunk};
 use crate::error::{ProviderError, code_for_status};
 
@@ -227,6 +227,44 @@ struct UsageMetadata {
     candidates_token_count: u64,
     #[serde(default, deserialize_with = "lenient_count")]
     thoughts_token_count: u64,
+    /// Part of `promptTokenCount` (implicit or explicit context caching).
+    #[serde(default, deserialize_with = "lenient_count")]
+    cached_content_token_count: u64,
+    /// `promptTokenCount` by modality.
+    #[serde(default)]
+    prompt_tokens_details: Vec<ModalityCount>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ModalityCount {
+    #[serde(default)]
+    modality: String,
+    #[serde(default, deserialize_with = "lenient_count")]
+    token_count: u64,
+}
+
+impl UsageMetadata {
+    /// Output is the answer plus the thoughts (billed as output, counted apart).
+    fn usage(&self) -> Usage {
+        Usage {
+            input_tokens: self.prompt_token_count,
+            output_tokens: self
+                .candidates_token_count
+                .saturating_add(self.thoughts_token_count),
+            classes: TokenClasses {
+                cache_read_tokens: self.cached_content_token_count,
+                reasoning_tokens: self.thoughts_token_count,
+                image_input_tokens: self
+                    .prompt_tokens_details
+                    .iter()
+                    .filter(|m| m.modality == "IMAGE")
+                    .map(|m| m.token_count)
+                    .fold(0, u64::saturating_add),
+                ..TokenClasses::default()
+            },
+        }
+    }
 }
 
 /// Map a `finishReason` to a finish reason, or to the error it really is.
@@ -292,12 +330,7 @@ impl StreamDecoder {
             }
         }
         if let Some(u) = v.usage_metadata {
-            out.push(ProviderEvent::Usage(Usage {
-                input_tokens: u.prompt_token_count,
-                output_tokens: u
-                    .candidates_token_count
-                    .saturating_add(u.thoughts_token_count),
-            }));
+            out.push(ProviderEvent::Usage(u.usage()));
         }
         if let Some(reason) = reason {
             // Gemini says `STOP` when the model called functions.
@@ -450,7 +483,7 @@ mod tests {
             panic!("not finished yet")
         };
         assert_eq!(first[0], ProviderEvent::Delta("Okay, ".into()));
-        let last = d.event(&ev(r#"{"candidates":[{"content":{"parts":[{"text":"thinking","thought":true},{"text":"done."}],"role":"model"},"finishReason":"STOP","index":0}],"usageMetadata":{"promptTokenCount":4,"candidatesTokenCount":4,"thoughtsTokenCount":3,"totalTokenCount":11}}"#)).unwrap();
+        let last = d.event(&ev(r#"{"candidates":[{"content":{"parts":[{"text":"thinking","thought":true},{"text":"done."}],"role":"model"},"finishReason":"STOP","index":0}],"usageMetadata":{"promptTokenCount":4,"candidatesTokenCount":4,"thoughtsTokenCount":3,"cachedContentTokenCount":2,"promptTokensDetails":[{"modality":"TEXT","tokenCount":3},{"modality":"IMAGE","tokenCount":1}],"cacheTokensDetails":[{"modality":"TEXT","tokenCount":2}],"totalTokenCount":11}}"#)).unwrap();
         let Step::End(last) = last else {
             panic!("finished")
         };
@@ -460,7 +493,13 @@ mod tests {
                 ProviderEvent::Delta("done.".into()),
                 ProviderEvent::Usage(Usage {
                     input_tokens: 4,
-                    output_tokens: 7
+                    output_tokens: 7,
+                    classes: TokenClasses {
+                        cache_read_tokens: 2,
+                        reasoning_tokens: 3,
+                        image_input_tokens: 1,
+                        ..TokenClasses::default()
+                    },
                 }),
                 ProviderEvent::Finish(FinishReason::Stop),
             ]
@@ -551,10 +590,8 @@ mod tests {
         let out = match d.event(&ev(huge)).unwrap() {
             Step::More(v) | Step::End(v) => v,
         };
-        assert!(out.contains(&ProviderEvent::Usage(Usage {
-            input_tokens: 0,
-            output_tokens: u64::MAX
-        })));
+        assert!(out.iter().any(|e| matches!(e, ProviderEvent::Usage(u)
+            if u.input_tokens == 0 && u.output_tokens == u64::MAX)));
         for delay in ["1e20s", "1e400s", "-1s", "NaNs", "infs"] {
             let body = format!(
                 r#"{{"error":{{"code":429,"message":"slow","status":"RESOURCE_EXHAUSTED","details":[{{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"{delay}"}}]}}}}"#

@@ -17,7 +17,9 @@ use chrono::Utc;
 use llm_worker::config::{Config, RecorderConfig};
 use llm_worker::contract::ErrorCode;
 use llm_worker::contract::JobKind;
-use llm_worker::contract::{AttemptRecord, ErrorBody, ResultEvent, Status, TokensUsed};
+use llm_worker::contract::{
+    AttemptRecord, ErrorBody, ResultEvent, Status, TokenClasses, TokensUsed,
+};
 use llm_worker::usage::Recorder;
 use llm_worker_testkit::ScratchDatabase;
 use tokio_util::sync::CancellationToken;
@@ -36,8 +38,15 @@ fn result(job_id: Uuid) -> ResultEvent {
         error,
         input_tokens: 120,
         output_tokens: 80,
+        // Cached prompts and reasoning, as most calls now report.
+        classes: TokenClasses {
+            cache_read_tokens: 64,
+            reasoning_tokens: 20,
+            ..TokenClasses::default()
+        },
         tokens_estimated: false,
         cost_usd: None,
+        cache_saved_usd: None,
         http_status: Some(200),
         latency_ms: 300,
         ttft_ms: Some(90),
