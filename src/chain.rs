@@ -82,6 +82,47 @@ impl DeltaSink for NoSink {
     async fn delta(&mut self, _: AttemptMeta<'_>, _: &str) {}
 }
 
+/// Asked before every provider call of a generation job (the worker reserves the tenant's
+/// budget for the call's worst case there): an error ends the job with it, without the call.
+pub trait CallGate: Sync {
+    /// `attempts`: the job's calls so far (what they cost is already spent).
+    fn before_call(
+        &self,
+        target: &Target,
+        req: &GenerateRequest,
+        attempts: &[AttemptRecord],
+    ) -> impl Future<Output = Result<(), ErrorBody>> + Send;
+}
+
+/// A gate only when there is one.
+impl<G: CallGate> CallGate for Option<&G> {
+    async fn before_call(
+        &self,
+        target: &Target,
+        req: &GenerateRequest,
+        attempts: &[AttemptRecord],
+    ) -> Result<(), ErrorBody> {
+        match self {
+            Some(gate) => gate.before_call(target, req, attempts).await,
+            None => Ok(()),
+        }
+    }
+}
+
+/// Every call may go ahead (no budgets).
+pub struct Open;
+
+impl CallGate for Open {
+    async fn before_call(
+        &self,
+        _: &Target,
+        _: &GenerateRequest,
+        _: &[AttemptRecord],
+    ) -> Result<(), ErrorBody> {
+        Ok(())
+    }
+}
+
 /// One planned call target.
 #[derive(Clone)]
 pub struct Target {
@@ -288,6 +329,7 @@ impl Chain {
         deadline: Instant,
         cancel: &CancellationToken,
         sink: &mut S,
+        gate: &impl CallGate,
     ) -> Outcome {
         let targets = self.plan(job);
         let mut attempts: Vec<AttemptRecord> = Vec::new();
@@ -337,6 +379,12 @@ impl Chain {
             let req = &*sent;
             let mut backoff = retry_delays(&target.provider);
             loop {
+                if let Err(error) = gate.before_call(target, req, &attempts).await {
+                    return Outcome {
+                        attempts,
+                        result: Err(error),
+                    };
+                }
                 let admitted = match self
                     .admit(target, deadline, cancel, &attempts, &mut skipped)
                     .await

@@ -89,6 +89,14 @@ impl PriceBook {
         Some(p.input_per_mtok + p.output_per_mtok)
     }
 
+    /// The price in force now.
+    pub(crate) fn price_now(&self, provider: &str, model: &str) -> Option<Price> {
+        let now = Utc::now();
+        let map = self.prices.read().ok()?;
+        let list = map.get(&(provider.to_string(), model.to_string()))?;
+        list.iter().rev().find(|p| p.effective_from <= now).cloned()
+    }
+
     /// What a call's cache reads saved, with the price in force at `at` (`None` without
     /// cache reads, a price, or a price for cache reads).
     pub(crate) fn cache_saving(

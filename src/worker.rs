@@ -12,6 +12,7 @@
 //! The message and where its events go are the [`JobMessage`] and [`Outbox`] traits
 //! ([`outbox`]), so these decisions are unit-tested without JetStream.
 
+mod budget;
 mod embed;
 mod generate;
 pub mod outbox;
@@ -481,7 +482,25 @@ impl<O: Outbox> Worker<O> {
             .map_or(job.timeout, |at| (at - now).to_std().unwrap_or_default());
         let deadline = Instant::now() + job.timeout.min(left);
         let running = self.cancels.run(tenant, job.envelope.job_id);
-        let work = self.execute(routing, &job, received_at, deadline, running.token());
+        // Budgets are reserved before each call of the job (`worker::budget`).
+        let gate = budget.map(|(policy, ledger)| {
+            budget::BudgetGate::new(
+                ledger,
+                tenant,
+                policy,
+                &self.prices,
+                deadline,
+                running.token(),
+            )
+        });
+        let work = self.execute(
+            routing,
+            &job,
+            received_at,
+            deadline,
+            running.token(),
+            gate.as_ref(),
+        );
         tokio::pin!(work);
         let mut progress =
             tokio::time::interval_at(Instant::now() + self.progress_every, self.progress_every);
@@ -501,12 +520,19 @@ impl<O: Outbox> Worker<O> {
                 // Spend and tokens are counted before the job is acked (`policy::ledger`).
                 if let Some((policy, ledger)) = policy {
                     let (usd, tokens) = spend_of(&result.attempts);
-                    ledger.charge(tenant, policy, usd, tokens).await;
+                    let reserved = gate.as_ref().and_then(budget::BudgetGate::reserved);
+                    ledger.charge(tenant, policy, usd, tokens, reserved).await;
                 }
                 self.finish(msg, job.kind, &job.envelope, &result, AckKind::Ack)
                     .await
             }
             None => {
+                // What it reserved goes back (it is run, and charged, again elsewhere).
+                if let (Some((policy, ledger)), Some(reserved)) =
+                    (policy, gate.as_ref().and_then(budget::BudgetGate::reserved))
+                {
+                    ledger.charge(tenant, policy, 0.0, 0, Some(reserved)).await;
+                }
                 tracing::warn!("shutdown grace exceeded; handing the job back");
                 ack(msg, crate::nats::hand_back(self.pull_expires)).await
             }
@@ -521,12 +547,28 @@ impl<O: Outbox> Worker<O> {
         received_at: DateTime<Utc>,
         deadline: Instant,
         cancel: &CancellationToken,
+        gate: Option<&budget::BudgetGate<'_>>,
     ) -> ResultEvent {
         let (attempts, answer) = match &job.body {
             JobBody::Generate(req) => {
-                return self
-                    .generate(routing, job, req, received_at, deadline, cancel)
-                    .await;
+                // A job under a budget needs a known worst case: without max_tokens it is sent
+                // with the tenant's `budget_max_tokens`.
+                let capped;
+                let req = match (gate, req.options.max_tokens) {
+                    (Some(g), None) => {
+                        let mut r = req.clone();
+                        r.options.max_tokens = Some(g.max_tokens());
+                        capped = r;
+                        &capped
+                    }
+                    _ => req,
+                };
+                let bounds = generate::Bounds {
+                    deadline,
+                    cancel,
+                    gate,
+                };
+                return self.generate(routing, job, req, received_at, bounds).await;
             }
             JobBody::Embed(req) => match &routing.embed {
                 Some(_) => {

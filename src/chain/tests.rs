@@ -70,7 +70,14 @@ fn job() -> (Job, GenerateRequest) {
 async fn run(chain: &Chain, deadline: Instant) -> Outcome {
     let (job, req) = job();
     chain
-        .generate(&job, &req, deadline, &CancellationToken::new(), &mut NoSink)
+        .generate(
+            &job,
+            &req,
+            deadline,
+            &CancellationToken::new(),
+            &mut NoSink,
+            &super::Open,
+        )
         .await
 }
 
@@ -295,7 +302,7 @@ async fn a_cancel_mid_answer_ends_the_call_at_once_with_its_usage_estimated() {
     let (job, req) = job();
     let start = Instant::now();
     let outcome = chain
-        .generate(&job, &req, far(), &cancel, &mut NoSink)
+        .generate(&job, &req, far(), &cancel, &mut NoSink, &super::Open)
         .await;
     assert_eq!(
         Instant::now() - start,
@@ -325,7 +332,7 @@ async fn a_cancel_during_a_retry_wait_ends_the_job_without_another_call() {
     let (job, req) = job();
     let start = Instant::now();
     let outcome = chain
-        .generate(&job, &req, far(), &cancel, &mut NoSink)
+        .generate(&job, &req, far(), &cancel, &mut NoSink, &super::Open)
         .await;
     assert_eq!(Instant::now() - start, Duration::from_secs(1));
     assert_eq!(outcome.result.unwrap_err().code, ErrorCode::Cancelled);

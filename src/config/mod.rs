@@ -215,6 +215,9 @@ pub struct TenantPolicy {
     /// Input plus output tokens per UTC day / month, of every call.
     pub daily_budget_tokens: Option<u64>,
     pub monthly_budget_tokens: Option<u64>,
+    /// With a budget: `max_tokens` sent for a job that sets none, so that every call's worst
+    /// case is known and reserved before it is made (budgets are never overshot).
+    pub budget_max_tokens: u32,
     /// Percentages of a budget at which a warning is published (once per period) on
     /// `<prefix>.events.budget.<tenant>` and logged.
     pub budget_warnings: Vec<u8>,
@@ -245,6 +248,7 @@ impl Default for TenantPolicy {
             monthly_budget_usd: None,
             daily_budget_tokens: None,
             monthly_budget_tokens: None,
+            budget_max_tokens: 4096,
             budget_warnings: vec![80, 100],
             requests_per_minute: None,
             tokens_per_minute: None,

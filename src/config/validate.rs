@@ -222,6 +222,12 @@ impl Config {
                     ));
                 }
             }
+            if policy.budget_max_tokens == 0 {
+                return Err(invalid(
+                    format!("tenants.{tenant}.budget_max_tokens"),
+                    "must be 1 or more",
+                ));
+            }
             if !(1..=1000).contains(&policy.weight) {
                 return Err(invalid(
                     format!("tenants.{tenant}.weight"),

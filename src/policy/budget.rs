@@ -1,10 +1,68 @@
-//! Budget arithmetic, free of I/O: a tenant's spend in the current UTC day and month, whether
-//! a budget is spent, and which warning thresholds one charge crosses.
+//! Budget arithmetic, free of I/O: a tenant's spend in the current UTC day and month, the
+//! budget workers hold for jobs in flight, whether a budget is spent or has room for a job's
+//! worst case, and which warning thresholds one charge crosses.
+//!
+//! Reservations (why budgets cannot be overshot): before each provider call a job reserves
+//! its worst case (prompt bound plus `max_tokens`, at the model's highest prices) out of
+//! what its worker *holds* for the tenant; a worker takes holdings from the shared counter
+//! by compare-and-set, only while `spent + held by every worker <= budget`. When the job
+//! ends its real cost moves from the worker's holding to `spent` in one write. So `spent`
+//! never passes a budget unless a call costs more than its worst case (a provider billing
+//! beyond `max_tokens`, a prompt counted above its bound) or its model has no price (USD
+//! budgets). Holdings carry the time their worker last confirmed them and stop counting
+//! after [`STALE_AFTER`] (a dead worker's holding frees itself).
+
+use std::collections::BTreeMap;
 
 use chrono::{DateTime, Datelike, NaiveDate, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::config::TenantPolicy;
+pub(crate) use crate::policy::slots::STALE_AFTER;
+
+/// An amount of budget: USD and tokens (a job's worst case, a holding, a cost).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Cost {
+    pub usd: f64,
+    pub tokens: f64,
+}
+
+impl Cost {
+    pub fn plus(self, o: Cost) -> Cost {
+        Cost {
+            usd: self.usd + o.usd,
+            tokens: self.tokens + o.tokens,
+        }
+    }
+
+    pub fn minus(self, o: Cost) -> Cost {
+        Cost {
+            usd: self.usd - o.usd,
+            tokens: self.tokens - o.tokens,
+        }
+    }
+
+    /// Each measure at least zero.
+    pub fn floor(self) -> Cost {
+        Cost {
+            usd: self.usd.max(0.0),
+            tokens: self.tokens.max(0.0),
+        }
+    }
+
+    /// Whether `need` fits in this amount (each measure, with a hair of float slack).
+    pub fn covers(&self, need: Cost) -> bool {
+        self.usd + 1e-12 >= need.usd && self.tokens + 1e-9 >= need.tokens
+    }
+}
+
+/// Budget a worker holds for its tenant's jobs in flight, confirmed at `at`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Hold {
+    pub usd: f64,
+    pub tokens: f64,
+    pub at: DateTime<Utc>,
+}
 
 /// What a tenant spent in one day and one month (UTC), as stored in the shared counter.
 /// Counters of a past period read as zero: budgets reset at midnight UTC and on the first of
@@ -19,6 +77,9 @@ pub(crate) struct Spend {
     pub month: String,
     pub month_usd: f64,
     pub month_tokens: u64,
+    /// Budget held for jobs in flight, by worker (counts against every budget line).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub holds: BTreeMap<String, Hold>,
 }
 
 fn day_of(now: DateTime<Utc>) -> String {
@@ -39,6 +100,45 @@ impl Spend {
         }
         if s.month != month {
             (s.month, s.month_usd, s.month_tokens) = (month, 0.0, 0);
+        }
+        s
+    }
+
+    /// What live workers hold as of `now`.
+    pub fn held(&self, now: DateTime<Utc>) -> Cost {
+        self.holds
+            .values()
+            .filter(|h| now - h.at < STALE_AFTER)
+            .fold(Cost::default(), |c, h| {
+                c.plus(Cost {
+                    usd: h.usd,
+                    tokens: h.tokens,
+                })
+            })
+    }
+
+    /// This spend with `worker`'s holding changed by `change` (confirmed at `now`; never
+    /// below zero), and stale holdings of other workers dropped.
+    pub fn hold(&self, now: DateTime<Utc>, worker: &str, change: Cost) -> Spend {
+        let mut s = self.clone();
+        s.holds
+            .retain(|w, h| w == worker || now - h.at < STALE_AFTER);
+        let mine = s.holds.remove(worker).unwrap_or_default();
+        let next = Cost {
+            usd: mine.usd,
+            tokens: mine.tokens,
+        }
+        .plus(change)
+        .floor();
+        if next.usd > 1e-12 || next.tokens > 1e-9 {
+            s.holds.insert(
+                worker.to_string(),
+                Hold {
+                    usd: next.usd,
+                    tokens: next.tokens,
+                    at: now,
+                },
+            );
         }
         s
     }
@@ -118,6 +218,68 @@ pub(crate) fn lines(policy: &TenantPolicy, spend: &Spend) -> Vec<Line> {
         }
     }
     out
+}
+
+/// For each measure with a budget, the least room its lines have as of `now` (budget less
+/// spent, less what workers hold when `holds`); a measure without a budget has room for
+/// anything.
+pub(crate) fn room(policy: &TenantPolicy, spend: &Spend, now: DateTime<Utc>, holds: bool) -> Cost {
+    let held = if holds {
+        spend.held(now)
+    } else {
+        Cost::default()
+    };
+    let mut room = Cost {
+        usd: f64::INFINITY,
+        tokens: f64::INFINITY,
+    };
+    for l in lines(policy, spend) {
+        match l.measure {
+            Measure::Usd => room.usd = room.usd.min(l.budget - l.spent - held.usd),
+            Measure::Tokens => room.tokens = room.tokens.min(l.budget - l.spent - held.tokens),
+        }
+    }
+    room
+}
+
+/// Why a job whose worst case is `need` cannot run: its budget line, what is spent and held.
+pub(crate) fn no_room(
+    policy: &TenantPolicy,
+    spend: &Spend,
+    need: Cost,
+    now: DateTime<Utc>,
+) -> String {
+    let held = spend.held(now);
+    let line = lines(policy, spend).into_iter().find(|l| match l.measure {
+        Measure::Usd => l.spent + held.usd + need.usd > l.budget + 1e-12,
+        Measure::Tokens => l.spent + held.tokens + need.tokens > l.budget + 1e-9,
+    });
+    let Some(line) = line else {
+        return "the tenant's budget has no room for this job".into();
+    };
+    let period = match line.period {
+        Period::Day => "daily",
+        Period::Month => "monthly",
+    };
+    let (budget, spent, held, need) = match line.measure {
+        Measure::Usd => (
+            format!("{} USD", line.budget),
+            format!("{:.6} USD", line.spent),
+            format!("{:.6} USD", held.usd),
+            format!("{:.6} USD", need.usd),
+        ),
+        Measure::Tokens => (
+            format!("{} tokens", line.budget),
+            format!("{} tokens", line.spent),
+            format!("{} tokens", held.tokens),
+            format!("{} tokens", need.tokens),
+        ),
+    };
+    let resets = resets_at(line.period, now).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    format!(
+        "the tenant's {period} budget of {budget} cannot cover this call's worst case ({need}; \
+         {spent} spent, {held} held for jobs in flight); it resets at {resets}"
+    )
 }
 
 /// When the period that `now` is in ends (its budget resets).
@@ -244,6 +406,71 @@ mod tests {
             at("2027-01-01T00:00:00Z")
         );
         assert_eq!(refusal(&TenantPolicy::default(), &s, now), None);
+    }
+
+    #[test]
+    fn holdings_count_against_the_room_until_they_go_stale() {
+        let now = at("2026-11-30T12:00:00Z");
+        let p = policy();
+        let s = Spend::default().add(now, 0.5, 600);
+        let room = room(&p, &s, now, true);
+        assert_eq!((room.usd, room.tokens), (1.5, 400.0));
+        let s = s.hold(
+            now,
+            "w1",
+            Cost {
+                usd: 1.0,
+                tokens: 300.0,
+            },
+        );
+        let r = super::room(&p, &s, now, true);
+        assert_eq!((r.usd, r.tokens), (0.5, 100.0));
+        assert!(r.covers(Cost {
+            usd: 0.5,
+            tokens: 100.0
+        }));
+        assert!(!r.covers(Cost {
+            usd: 0.0,
+            tokens: 101.0
+        }));
+        // Without holdings: what spending alone leaves.
+        assert_eq!(super::room(&p, &s, now, false).tokens, 400.0);
+        let why = no_room(
+            &p,
+            &s,
+            Cost {
+                usd: 0.0,
+                tokens: 150.0,
+            },
+            now,
+        );
+        assert!(
+            why.contains("daily budget of 1000 tokens cannot cover"),
+            "{why}"
+        );
+        assert!(why.contains("600 tokens spent, 300 tokens held"), "{why}");
+        // Releasing more than is held leaves nothing (never below zero), and the holding goes.
+        let s2 = s.hold(
+            now,
+            "w1",
+            Cost {
+                usd: -2.0,
+                tokens: -400.0,
+            },
+        );
+        assert!(s2.holds.is_empty());
+        // A holding not confirmed for STALE_AFTER stops counting, and is dropped on the
+        // next write of another worker.
+        let later = now + STALE_AFTER;
+        assert_eq!(s.held(later), Cost::default());
+        assert!(
+            !s.hold(later, "w2", Cost::default())
+                .holds
+                .contains_key("w1")
+        );
+        // Holdings survive the day's reset; the spend does not.
+        let tomorrow = at("2026-12-01T00:00:01Z");
+        assert_eq!(s.at(tomorrow).holds.len(), 1);
     }
 
     #[test]

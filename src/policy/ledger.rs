@@ -30,7 +30,7 @@ mod charges;
 
 use charges::{Charge, Writer};
 
-use super::budget::{self, Spend};
+use super::budget::{self, Cost, Spend};
 use super::rate::{self, Rate};
 use super::slots::{self, Busy};
 use crate::config::{NatsConfig, TenantPolicy};
@@ -44,12 +44,14 @@ const KEEP_KEYS: Duration = Duration::from_secs(40 * 24 * 3600);
 pub(crate) use crate::contract::subject_token as token;
 
 /// What one charge adds: to the spend counter (`usd`, `tokens`) or the rate counter
-/// (`requests`, `tokens`).
+/// (`requests`, `tokens`); and what it takes from the charging worker's budget holding
+/// (`unhold`: the reservation the spend used, and what the worker gives back).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub(crate) struct Delta {
     pub usd: f64,
     pub tokens: u64,
     pub requests: u64,
+    pub unhold: Cost,
 }
 
 impl Delta {
@@ -58,6 +60,7 @@ impl Delta {
             usd: self.usd + o.usd,
             tokens: self.tokens.saturating_add(o.tokens),
             requests: self.requests.saturating_add(o.requests),
+            unhold: self.unhold.plus(o.unhold),
         }
     }
 
@@ -66,25 +69,36 @@ impl Delta {
             usd: self.usd - o.usd,
             tokens: self.tokens.saturating_sub(o.tokens),
             requests: self.requests.saturating_sub(o.requests),
+            unhold: self.unhold.minus(o.unhold),
         }
     }
 
     fn is_zero(&self) -> bool {
-        self.tokens == 0 && self.requests == 0 && self.usd.abs() < 1e-12
+        self.tokens == 0
+            && self.requests == 0
+            && self.usd.abs() < 1e-12
+            && self.unhold.usd.abs() < 1e-12
+            && self.unhold.tokens.abs() < 1e-9
     }
 }
 
 /// A kind of shared counter: its key prefix, how a charge changes it, and its table here.
 trait Tally: Serialize + DeserializeOwned + Default + Clone + Send + Sync + 'static {
     const PREFIX: &'static str;
-    fn add(&self, now: DateTime<Utc>, d: &Delta) -> Self;
+    /// This counter plus `d`, charged by `worker`.
+    fn add(&self, now: DateTime<Utc>, worker: &str, d: &Delta) -> Self;
     fn table(c: &mut Counters) -> &mut Table<Self>;
 }
 
 impl Tally for Spend {
     const PREFIX: &'static str = "spend.";
-    fn add(&self, now: DateTime<Utc>, d: &Delta) -> Self {
-        Spend::add(self, now, d.usd, d.tokens)
+    fn add(&self, now: DateTime<Utc>, worker: &str, d: &Delta) -> Self {
+        let spent = Spend::add(self, now, d.usd, d.tokens);
+        if d.unhold == Cost::default() {
+            spent
+        } else {
+            spent.hold(now, worker, Cost::default().minus(d.unhold))
+        }
     }
     fn table(c: &mut Counters) -> &mut Table<Self> {
         &mut c.spend
@@ -93,7 +107,7 @@ impl Tally for Spend {
 
 impl Tally for Rate {
     const PREFIX: &'static str = "rate.";
-    fn add(&self, now: DateTime<Utc>, d: &Delta) -> Self {
+    fn add(&self, now: DateTime<Utc>, _: &str, d: &Delta) -> Self {
         Rate::add(self, now, d.requests, d.tokens)
     }
     fn table(c: &mut Counters) -> &mut Table<Self> {
@@ -130,13 +144,17 @@ impl<V: Tally> Table<V> {
     }
 
     /// The counter as this worker sees it now: the last known value plus its own charges.
-    fn current(&self, token: &str, now: DateTime<Utc>) -> V {
+    fn current(&self, token: &str, worker: &str, now: DateTime<Utc>) -> V {
         let seen = self
             .seen
             .get(token)
             .map(|(_, v)| v.clone())
             .unwrap_or_default();
-        seen.add(now, &self.pending.get(token).copied().unwrap_or_default())
+        seen.add(
+            now,
+            worker,
+            &self.pending.get(token).copied().unwrap_or_default(),
+        )
     }
 
     fn owe(&mut self, token: &str, d: Delta) {
@@ -174,6 +192,8 @@ pub(crate) struct Ledger {
     gates: Arc<Mutex<Gates>>,
     /// Slots this worker holds per tenant (`max_in_flight`), as it last wrote or will write.
     held: Arc<Mutex<HashMap<String, u64>>>,
+    /// Budget this worker holds per tenant for its jobs in flight.
+    allowances: Arc<Mutex<HashMap<String, Allowance>>>,
     worker_id: Arc<str>,
 }
 
@@ -210,6 +230,7 @@ impl Ledger {
             leases: Arc::default(),
             gates: Arc::default(),
             held: Arc::default(),
+            allowances: Arc::default(),
             worker_id: worker_id.into(),
         };
         tokio::spawn(confirm(ledger.downgrade()));
@@ -220,7 +241,9 @@ impl Ledger {
     /// the counters and its own charges not yet written.
     pub(crate) fn refusal(&self, tenant: &str, policy: &TenantPolicy) -> Option<String> {
         let now = Utc::now();
-        let spend = lock(&self.counters).spend.current(&token(tenant), now);
+        let spend = lock(&self.counters)
+            .spend
+            .current(&token(tenant), &self.worker_id, now);
         budget::refusal(policy, &spend, now)
     }
 
@@ -242,7 +265,9 @@ impl Ledger {
         if policy.requests_per_minute.is_none() && policy.tokens_per_minute.is_none() {
             return true;
         }
-        let mut rate = lock(&self.counters).rate.current(&token, now);
+        let mut rate = lock(&self.counters)
+            .rate
+            .current(&token, &self.worker_id, now);
         if policy.requests_per_minute.is_some() {
             // Starts this worker holds are not a reason to wait.
             let held = lock(&self.leases)
@@ -407,6 +432,7 @@ impl Ledger {
             leases: Arc::downgrade(&self.leases),
             gates: Arc::downgrade(&self.gates),
             held: Arc::downgrade(&self.held),
+            allowances: Arc::downgrade(&self.allowances),
             worker_id: self.worker_id.clone(),
         }
     }
@@ -424,15 +450,172 @@ impl Ledger {
         }
     }
 
-    /// Add a job's spend (budgets) and tokens (tokens per minute) to its tenant's counters;
-    /// returns once they are written (or given up).
-    pub(crate) async fn charge(&self, tenant: &str, policy: &TenantPolicy, usd: f64, tokens: u64) {
+    /// Reserve `need` (a call's worst case) of the tenant's budgets for one of this
+    /// worker's jobs, which holds `already` from earlier calls: out of what the worker holds for the tenant, else by taking more from
+    /// the shared counter by compare-and-set while `spent + held <= budget`
+    /// ([`budget`]). Give it back with the job's charge ([`Self::charge`]).
+    pub(crate) async fn reserve_budget(
+        &self,
+        tenant: &str,
+        policy: &TenantPolicy,
+        need: Cost,
+        already: Cost,
+    ) -> Reserved {
         let token = token(tenant);
+        // A job's first reservation makes it one of the worker's jobs of the tenant.
+        let first = u64::from(already == Cost::default());
+        let gate = self.gate(&format!("$budget.{token}"));
+        let _one = gate.lock().await;
+        if self.take_allowance(&token, need, first) {
+            return Reserved::Yes;
+        }
+        let key = format!("{}{token}", Spend::PREFIX);
+        let mut known = lock(&self.counters).spend.seen.get(&token).cloned();
+        for _ in 0..RESERVE_TRIES {
+            let now = Utc::now();
+            let (revision, seen) = known.clone().unwrap_or_default();
+            let current = seen.at(now);
+            let free = lock(&self.allowances)
+                .get(&token)
+                .map_or(Cost::default(), |a| a.free.floor());
+            let short = need.minus(free).floor();
+            let room = budget::room(policy, &current, now, true).floor();
+            if !room.covers(short) {
+                let why = budget::no_room(policy, &current, need.minus(free).floor(), now);
+                // Even with nothing held (but what this job holds already) it would not fit:
+                // it cannot run this period.
+                let whole = need.plus(already);
+                return if budget::room(policy, &current, now, false).covers(whole) {
+                    Reserved::Wait(why)
+                } else {
+                    Reserved::No(why)
+                };
+            }
+            // Take a block: this call's shortfall, or a sixteenth of the room if more, so
+            // that the next jobs reserve without a write.
+            let block = Cost {
+                usd: short.usd.max(room.usd / 16.0).min(room.usd),
+                tokens: short
+                    .tokens
+                    .max((room.tokens / 16.0).floor())
+                    .min(room.tokens),
+            };
+            let block = Cost {
+                usd: if policy.daily_budget_usd.is_some() || policy.monthly_budget_usd.is_some() {
+                    block.usd
+                } else {
+                    short.usd
+                },
+                tokens: if block.tokens.is_finite() {
+                    block.tokens
+                } else {
+                    short.tokens
+                },
+            };
+            let next = current.hold(now, &self.worker_id, block);
+            match put_if(&self.kv, &key, &next, revision).await {
+                Ok(revision) => {
+                    lock(&self.counters).spend.learn(&token, revision, next);
+                    let mut all = lock(&self.allowances);
+                    let a = all.entry(token.clone()).or_default();
+                    a.held = a.held.plus(block);
+                    a.free = a.free.plus(block).minus(need);
+                    a.jobs += first;
+                    return Reserved::Yes;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "spend counter changed meanwhile; retrying");
+                    known = match read::<Spend>(&self.kv, &key).await {
+                        Ok(Some((revision, value))) => {
+                            lock(&self.counters)
+                                .spend
+                                .learn(&token, revision, value.clone());
+                            Some((revision, value))
+                        }
+                        Ok(None) => None,
+                        Err(e) => {
+                            tracing::warn!(error = %e, tenant, "cannot read the tenant's spend counter; the job waits");
+                            return Reserved::Wait(
+                                "the tenant's spend counter cannot be read".into(),
+                            );
+                        }
+                    };
+                }
+            }
+        }
+        Reserved::Wait("the tenant's spend counter is busy".into())
+    }
+
+    /// Rewrite this worker's holding of a tenant's budget with the time now (so that it does
+    /// not go stale while its jobs run).
+    async fn confirm_hold(&self, token: &str) {
+        let key = format!("{}{token}", Spend::PREFIX);
+        let mut known = lock(&self.counters).spend.seen.get(token).cloned();
+        for _ in 0..RESERVE_TRIES {
+            let now = Utc::now();
+            let (revision, seen) = known.clone().unwrap_or_default();
+            let next = seen.hold(now, &self.worker_id, Cost::default());
+            match put_if(&self.kv, &key, &next, revision).await {
+                Ok(revision) => {
+                    lock(&self.counters).spend.learn(token, revision, next);
+                    return;
+                }
+                Err(_) => match read::<Spend>(&self.kv, &key).await {
+                    Ok(value) => known = value,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cannot read a tenant's spend counter");
+                        return;
+                    }
+                },
+            }
+        }
+    }
+
+    /// Serve `need` from what this worker already holds for the tenant, if it can.
+    fn take_allowance(&self, token: &str, need: Cost, first: u64) -> bool {
+        let mut all = lock(&self.allowances);
+        match all.get_mut(token) {
+            Some(a) if a.free.covers(need) => {
+                a.free = a.free.minus(need);
+                a.jobs += first;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Add a job's spend (budgets) and tokens (tokens per minute) to its tenant's counters;
+    /// returns once they are written (or given up). `reserved`: what the job reserved with
+    /// [`Self::reserve_budget`] (its spend comes out of the worker's holding, the rest goes
+    /// back to it, and a worker with no other job of the tenant gives its holding back).
+    pub(crate) async fn charge(
+        &self,
+        tenant: &str,
+        policy: &TenantPolicy,
+        usd: f64,
+        tokens: u64,
+        reserved: Option<Cost>,
+    ) {
+        let token = token(tenant);
+        let unhold = match reserved {
+            Some(r) => {
+                // Not while a reservation of the tenant is being taken here.
+                let gate = self.gate(&format!("$budget.{token}"));
+                let _one = gate.lock().await;
+                let spent = Cost {
+                    usd,
+                    tokens: tokens as f64,
+                };
+                self.settle_allowance(&token, r, spent)
+            }
+            None => Cost::default(),
+        };
         let spend = if policy.has_budget() {
             Delta {
                 usd,
                 tokens,
                 requests: 0,
+                unhold,
             }
         } else {
             Delta::default()
@@ -466,6 +649,44 @@ impl Ledger {
             let _ = written.await;
         }
     }
+
+    /// A job that reserved `reserved` has cost `spent`: take the spend out of this worker's
+    /// holding (what the charge removes from the shared one), give the rest back to it, and
+    /// when no job of the tenant is left here, give the whole holding back.
+    fn settle_allowance(&self, token: &str, reserved: Cost, spent: Cost) -> Cost {
+        let mut all = lock(&self.allowances);
+        let Some(a) = all.get_mut(token) else {
+            return Cost::default();
+        };
+        a.jobs = a.jobs.saturating_sub(1);
+        a.held = a.held.minus(spent).floor();
+        a.free = a.free.plus(reserved).minus(spent);
+        let mut unhold = spent;
+        if a.jobs == 0 {
+            unhold = unhold.plus(a.held);
+            all.remove(token);
+        }
+        unhold
+    }
+}
+
+/// The answer to a budget reservation.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Reserved {
+    Yes,
+    /// Jobs in flight hold the room; it may come back when they end.
+    Wait(String),
+    /// Even with nothing held the budget cannot cover it this period.
+    No(String),
+}
+
+/// What this worker holds of one tenant's budget: `held` (its holding in the shared
+/// counter), `free` (the part no job of its has reserved), and its jobs holding the rest.
+#[derive(Debug, Clone, Copy, Default)]
+struct Allowance {
+    held: Cost,
+    free: Cost,
+    jobs: u64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -527,6 +748,7 @@ struct WeakLedger {
     leases: std::sync::Weak<Mutex<Leases>>,
     gates: std::sync::Weak<Mutex<Gates>>,
     held: std::sync::Weak<Mutex<HashMap<String, u64>>>,
+    allowances: std::sync::Weak<Mutex<HashMap<String, Allowance>>>,
     worker_id: Arc<str>,
 }
 
@@ -539,6 +761,7 @@ impl WeakLedger {
             leases: self.leases.upgrade()?,
             gates: self.gates.upgrade()?,
             held: self.held.upgrade()?,
+            allowances: self.allowances.upgrade()?,
             worker_id: self.worker_id.clone(),
         })
     }
@@ -561,6 +784,13 @@ async fn confirm(weak: WeakLedger) {
             if ledger.write_slots(&token, jobs, None).await && jobs == 0 {
                 lock(&ledger.held).remove(&token);
             }
+        }
+        // Budget holdings too: confirmed (a zero charge rewrites the holding's time).
+        let budgets: Vec<String> = lock(&ledger.allowances).keys().cloned().collect();
+        for token in budgets {
+            let gate = ledger.gate(&format!("$budget.{token}"));
+            let _one = gate.lock().await;
+            ledger.confirm_hold(&token).await;
         }
     }
 }
@@ -687,10 +917,10 @@ mod tests {
         };
         t.owe("a", one);
         t.owe("a", one);
-        assert_eq!(t.current("a", now).requests, 2);
+        assert_eq!(t.current("a", "w", now).requests, 2);
         t.settle("a", one);
         t.learn("a", 1, Rate::default().add(now, 1, 0));
-        assert_eq!(t.current("a", now).requests, 2);
+        assert_eq!(t.current("a", "w", now).requests, 2);
         t.settle("a", one);
         assert!(t.pending.is_empty());
     }

@@ -1,7 +1,8 @@
 //! Tenant policies at run time: what the fleet lets each tenant spend, and how a worker shares
 //! its job slots between tenants.
 //!
-//! - [`budget`]: spend per UTC day and month, spent budgets, warning thresholds (no I/O).
+//! - [`budget`]: spend per UTC day and month, budget held for jobs in flight (reservations),
+//!   spent budgets, warning thresholds (no I/O).
 //! - [`rate`]: requests and tokens per UTC minute, and whether a job may start (no I/O).
 //! - [`slots`]: jobs in flight per tenant, by worker (no I/O).
 //! - [`ledger`]: the shared counters in a JetStream KV bucket, each worker's copy of them,
@@ -10,8 +11,8 @@
 //!   `crate::queue` parks pulled jobs there).
 //!
 //! Who may send which jobs (`refuse`, `task_types`) is decided when a job is decoded
-//! (`crate::job`); budgets are checked when a job starts and charged when it ends
-//! (`crate::worker`).
+//! (`crate::job`); budgets are checked when a job starts, reserved before each provider call
+//! and settled when it ends (`crate::worker`).
 
 pub(crate) mod budget;
 pub(crate) mod fair;
@@ -19,4 +20,5 @@ pub(crate) mod ledger;
 pub(crate) mod rate;
 pub(crate) mod slots;
 
-pub(crate) use ledger::Ledger;
+pub(crate) use budget::Cost;
+pub(crate) use ledger::{Ledger, Reserved};

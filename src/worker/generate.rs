@@ -15,6 +15,13 @@ use crate::contract::{CacheMode, GenerateRequest};
 use crate::contract::{CacheSaving, ErrorBody, ResultEvent, Status, elapsed_ms};
 use crate::job::Job;
 
+/// What limits a job's calls: its deadline, its cancellation, its budget gate.
+pub(super) struct Bounds<'a> {
+    pub(super) deadline: Instant,
+    pub(super) cancel: &'a CancellationToken,
+    pub(super) gate: Option<&'a super::budget::BudgetGate<'a>>,
+}
+
 /// Largest chunk event text of a cached answer.
 const CACHED_CHUNK_BYTES: usize = 16 * 1024;
 
@@ -26,9 +33,13 @@ impl<O: Outbox> Worker<O> {
         job: &Job,
         req: &GenerateRequest,
         received_at: DateTime<Utc>,
-        deadline: Instant,
-        cancel: &CancellationToken,
+        bounds: Bounds<'_>,
     ) -> ResultEvent {
+        let Bounds {
+            deadline,
+            cancel,
+            gate,
+        } = bounds;
         let env = &job.envelope;
         let reply_to = env.reply_to.as_deref().filter(|_| req.stream);
         let mut sink = self.outbox.chunks(env.job_id, &env.trace_id, reply_to);
@@ -58,7 +69,7 @@ impl<O: Outbox> Worker<O> {
         }
         let o = routing
             .chain
-            .generate(job, req, deadline, cancel, &mut sink)
+            .generate(job, req, deadline, cancel, &mut sink, &gate)
             .await;
         let result = self.result_of(job, o.attempts, o.result.map(Answer::Text), received_at);
         if let Some(hit) = stale

@@ -421,11 +421,14 @@ async fn a_body_over_the_bound_is_413() {
 
 #[tokio::test]
 async fn a_spent_budget_is_429_with_retry_after() {
-    let s = Setup::new("[tenants.acme]\ndaily_budget_tokens = 1\n", |_| {}).await;
-    let body = json!({"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]});
+    // A call of "hi" with max_tokens 10 reserves 2 + 2 × 16 + 10 = 44 tokens and spends 7:
+    // the second call's worst case no longer fits in 50.
+    let s = Setup::new("[tenants.acme]\ndaily_budget_tokens = 50\n", |_| {}).await;
+    let body = json!({"model": "gpt-test", "max_tokens": 10,
+                      "messages": [{"role": "user", "content": "hi"}]});
     s.fake.push(Reply::answer(&["ok"], (5, 2)));
     let (status, _, _) = s.post("/v1/chat/completions", None, body.to_string()).await;
-    assert_eq!(status, 200, "the first job spends the budget");
+    assert_eq!(status, 200, "the first job fits the budget");
     let (status, headers, err) = s.post("/v1/chat/completions", None, body.to_string()).await;
     assert_eq!(status, 429, "{err}");
     assert_eq!(

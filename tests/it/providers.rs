@@ -71,7 +71,14 @@ async fn run(chain: &Chain, v: Value) -> (Outcome, Collect) {
     let deadline = tokio::time::Instant::now() + job.timeout;
     let cancel = tokio_util::sync::CancellationToken::new();
     let outcome = chain
-        .generate(&job, req, deadline, &cancel, &mut sink)
+        .generate(
+            &job,
+            req,
+            deadline,
+            &cancel,
+            &mut sink,
+            &llm_worker::chain::Open,
+        )
         .await;
     (outcome, sink)
 }

@@ -113,10 +113,10 @@ impl Writer {
         let written = loop {
             let now = Utc::now();
             let (revision, before) = known.clone().unwrap_or_default();
-            let after = before.add(now, &delta);
+            let after = before.add(now, &self.worker_id, &delta);
             match put_if(&self.kv, &key, &after, revision).await {
                 Ok(new_revision) => {
-                    let before = before.add(now, &Delta::default());
+                    let before = before.add(now, &self.worker_id, &Delta::default());
                     break Some((before, after, new_revision, now));
                 }
                 Err(e) => {
