@@ -82,14 +82,21 @@ impl DeltaSink for NoSink {
     async fn delta(&mut self, _: AttemptMeta<'_>, _: &str) {}
 }
 
-/// Asked before every provider call of a generation job (the worker reserves the tenant's
-/// budget for the call's worst case there): an error ends the job with it, without the call.
+/// What a provider call sends: a generation request, or a batch of embedding inputs.
+#[derive(Clone, Copy)]
+pub enum Call<'a> {
+    Generate(&'a GenerateRequest),
+    Embed(&'a [String]),
+}
+
+/// Asked before every provider call of a job (the worker reserves the tenant's budget for
+/// the call's worst case there): an error ends the job with it, without the call.
 pub trait CallGate: Sync {
     /// `attempts`: the job's calls so far (what they cost is already spent).
     fn before_call(
         &self,
         target: &Target,
-        req: &GenerateRequest,
+        call: Call<'_>,
         attempts: &[AttemptRecord],
     ) -> impl Future<Output = Result<(), ErrorBody>> + Send;
 }
@@ -99,11 +106,11 @@ impl<G: CallGate> CallGate for Option<&G> {
     async fn before_call(
         &self,
         target: &Target,
-        req: &GenerateRequest,
+        call: Call<'_>,
         attempts: &[AttemptRecord],
     ) -> Result<(), ErrorBody> {
         match self {
-            Some(gate) => gate.before_call(target, req, attempts).await,
+            Some(gate) => gate.before_call(target, call, attempts).await,
             None => Ok(()),
         }
     }
@@ -116,11 +123,18 @@ impl CallGate for Open {
     async fn before_call(
         &self,
         _: &Target,
-        _: &GenerateRequest,
+        _: Call<'_>,
         _: &[AttemptRecord],
     ) -> Result<(), ErrorBody> {
         Ok(())
     }
+}
+
+/// What bounds a job's calls: its deadline, its cancellation, the gate every call passes.
+pub struct Bounds<'a, G> {
+    pub deadline: Instant,
+    pub cancel: &'a CancellationToken,
+    pub gate: &'a G,
 }
 
 /// One planned call target.
@@ -322,15 +336,18 @@ impl Chain {
 
     /// Run a generation job through its chain until one attempt succeeds, the chain is
     /// exhausted, or `deadline` passes.
-    pub async fn generate<S: DeltaSink>(
+    pub async fn generate<S: DeltaSink, G: CallGate>(
         &self,
         job: &Job,
         req: &GenerateRequest,
-        deadline: Instant,
-        cancel: &CancellationToken,
         sink: &mut S,
-        gate: &impl CallGate,
+        bounds: Bounds<'_, G>,
     ) -> Outcome {
+        let Bounds {
+            deadline,
+            cancel,
+            gate,
+        } = bounds;
         let targets = self.plan(job);
         let mut attempts: Vec<AttemptRecord> = Vec::new();
         let mut skipped: Vec<String> = Vec::new();
@@ -379,7 +396,10 @@ impl Chain {
             let req = &*sent;
             let mut backoff = retry_delays(&target.provider);
             loop {
-                if let Err(error) = gate.before_call(target, req, &attempts).await {
+                if let Err(error) = gate
+                    .before_call(target, Call::Generate(req), &attempts)
+                    .await
+                {
                     return Outcome {
                         attempts,
                         result: Err(error),

@@ -17,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::chain::{
-    Chain, Refused, Settled, Target, cancelled, cancelled_call, chain_error, retry_delays,
-    wait_retry,
+    Bounds, Call, CallGate, Chain, Refused, Settled, Target, cancelled, cancelled_call,
+    chain_error, retry_delays, wait_retry,
 };
 use crate::contract::EmbedRequest;
 use crate::contract::ErrorCode;
@@ -90,19 +90,23 @@ impl Chain {
     /// With `first_inputs` (the inputs the vector cache does not hold for the route's first
     /// entry), that entry embeds only those; a fallback entry embeds every input, since
     /// cached vectors of the first entry's model must not mix with its own.
-    pub async fn embed(
+    pub async fn embed<G: CallGate>(
         &self,
         job: &Job,
         req: &EmbedRequest,
         first_inputs: Option<&[String]>,
-        deadline: Instant,
-        cancel: &CancellationToken,
         rules: EmbedRules,
+        bounds: Bounds<'_, G>,
     ) -> EmbedOutcome {
         let EmbedRules {
             mixed_dimensions,
             max_vector_bytes,
         } = rules;
+        let Bounds {
+            deadline,
+            cancel,
+            gate,
+        } = bounds;
         let targets = self.plan(job);
         let mut attempts: Vec<AttemptRecord> = Vec::new();
         let mut skipped = Vec::new();
@@ -137,6 +141,15 @@ impl Chain {
             for batch in batches(inputs, batching.batch_size, batching.batch_tokens) {
                 let mut backoff = retry_delays(provider);
                 loop {
+                    if let Err(error) = gate
+                        .before_call(target, Call::Embed(batch), &attempts)
+                        .await
+                    {
+                        return EmbedOutcome {
+                            attempts,
+                            result: Err(error),
+                        };
+                    }
                     let admitted = match self
                         .admit(target, deadline, cancel, &attempts, &mut skipped)
                         .await

@@ -551,18 +551,6 @@ impl<O: Outbox> Worker<O> {
     ) -> ResultEvent {
         let (attempts, answer) = match &job.body {
             JobBody::Generate(req) => {
-                // A job under a budget needs a known worst case: without max_tokens it is sent
-                // with the tenant's `budget_max_tokens`.
-                let capped;
-                let req = match (gate, req.options.max_tokens) {
-                    (Some(g), None) => {
-                        let mut r = req.clone();
-                        r.options.max_tokens = Some(g.max_tokens());
-                        capped = r;
-                        &capped
-                    }
-                    _ => req,
-                };
                 let bounds = generate::Bounds {
                     deadline,
                     cancel,
@@ -572,9 +560,12 @@ impl<O: Outbox> Worker<O> {
             }
             JobBody::Embed(req) => match &routing.embed {
                 Some(_) => {
-                    return self
-                        .embed(routing, job, req, received_at, deadline, cancel)
-                        .await;
+                    let bounds = generate::Bounds {
+                        deadline,
+                        cancel,
+                        gate,
+                    };
+                    return self.embed(routing, job, req, received_at, bounds).await;
                 }
                 None => (Vec::new(), Err(no_embedding())),
             },

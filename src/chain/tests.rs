@@ -73,10 +73,8 @@ async fn run(chain: &Chain, deadline: Instant) -> Outcome {
         .generate(
             &job,
             &req,
-            deadline,
-            &CancellationToken::new(),
             &mut NoSink,
-            &super::Open,
+            open(deadline, &CancellationToken::new()),
         )
         .await
 }
@@ -302,7 +300,7 @@ async fn a_cancel_mid_answer_ends_the_call_at_once_with_its_usage_estimated() {
     let (job, req) = job();
     let start = Instant::now();
     let outcome = chain
-        .generate(&job, &req, far(), &cancel, &mut NoSink, &super::Open)
+        .generate(&job, &req, &mut NoSink, open(far(), &cancel))
         .await;
     assert_eq!(
         Instant::now() - start,
@@ -332,9 +330,18 @@ async fn a_cancel_during_a_retry_wait_ends_the_job_without_another_call() {
     let (job, req) = job();
     let start = Instant::now();
     let outcome = chain
-        .generate(&job, &req, far(), &cancel, &mut NoSink, &super::Open)
+        .generate(&job, &req, &mut NoSink, open(far(), &cancel))
         .await;
     assert_eq!(Instant::now() - start, Duration::from_secs(1));
     assert_eq!(outcome.result.unwrap_err().code, ErrorCode::Cancelled);
     assert_eq!((a.calls().len(), b.calls().len()), (1, 0));
+}
+
+/// Bounds without a gate.
+fn open(deadline: Instant, cancel: &CancellationToken) -> super::Bounds<'_, super::Open> {
+    super::Bounds {
+        deadline,
+        cancel,
+        gate: &super::Open,
+    }
 }

@@ -91,6 +91,14 @@ pub fn decode(
             let w: WireGenerate = serde_path_to_error::deserialize(&value)
                 .map_err(|e| serde_fail(e.path().to_string(), e.inner()))?;
             let mut req = generate_request(&w, &limits.bounds).map_err(&fail)?;
+            // Under a budget every call's worst case must be known: a job that sets no
+            // max_tokens is sent with the tenant's `budget_max_tokens`.
+            if req.options.max_tokens.is_none()
+                && let Some(policy) = limits.policy(&envelope.tenant)
+                && policy.has_budget()
+            {
+                req.options.max_tokens = Some(policy.budget_max_tokens);
+            }
             if req.prompt_cache_key.is_none() && req.cache_breakpoints() > 0 {
                 req.prompt_cache_key = Some(prompt_cache_key(
                     &envelope.tenant,

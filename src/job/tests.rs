@@ -33,6 +33,14 @@ fn limits() -> Limits {
                     ..Default::default()
                 },
             ),
+            (
+                "thrifty",
+                TenantPolicy {
+                    daily_budget_tokens: Some(1000),
+                    budget_max_tokens: 77,
+                    ..Default::default()
+                },
+            ),
         ]
         .into_iter()
         .map(|(t, p)| (t.to_string(), p))
@@ -152,6 +160,21 @@ fn cache_breakpoints_are_read_bounded_and_bring_a_prompt_cache_key() {
         let e = gen_job(json).err().unwrap();
         assert!(e.reason.contains(says), "{json}: {}", e.reason);
     }
+}
+
+#[test]
+fn under_a_budget_a_job_without_max_tokens_gets_the_tenants_cap() {
+    let max = |json: &str| match gen_job(json).unwrap().body {
+        JobBody::Generate(g) => g.options.max_tokens,
+        JobBody::Embed(_) => None,
+    };
+    assert_eq!(max(r#"{"tenant":"thrifty","prompt":"x"}"#), Some(77));
+    assert_eq!(
+        max(r#"{"tenant":"thrifty","prompt":"x","options":{"max_tokens":5}}"#),
+        Some(5)
+    );
+    // No budget: nothing changes.
+    assert_eq!(max(r#"{"tenant":"acme","prompt":"x"}"#), None);
 }
 
 #[test]

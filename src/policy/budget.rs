@@ -50,6 +50,11 @@ impl Cost {
         }
     }
 
+    /// Whether this is no amount at all.
+    pub fn is_nothing(&self) -> bool {
+        self.usd.abs() < 1e-12 && self.tokens.abs() < 1e-9
+    }
+
     /// Whether `need` fits in this amount (each measure, with a hair of float slack).
     pub fn covers(&self, need: Cost) -> bool {
         self.usd + 1e-12 >= need.usd && self.tokens + 1e-9 >= need.tokens

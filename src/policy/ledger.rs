@@ -464,11 +464,45 @@ impl Ledger {
         let token = token(tenant);
         // A job's first reservation makes it one of the worker's jobs of the tenant.
         let first = u64::from(already == Cost::default());
-        let gate = self.gate(&format!("$budget.{token}"));
-        let _one = gate.lock().await;
+        // Most reservations come out of what this worker holds already: no lock to wait for.
         if self.take_allowance(&token, need, first) {
             return Reserved::Yes;
         }
+        let gate = self.gate(&format!("$budget.{token}"));
+        let _one = gate.lock().await;
+        // While a block is taken, the holding is not given back by a job that ends.
+        lock(&self.allowances)
+            .entry(token.clone())
+            .or_default()
+            .reserving += 1;
+        let answer = if self.take_allowance(&token, need, first) {
+            Reserved::Yes
+        } else {
+            self.take_block(&token, tenant, policy, need, already, first)
+                .await
+        };
+        let mut all = lock(&self.allowances);
+        if let Some(a) = all.get_mut(&token) {
+            a.reserving = a.reserving.saturating_sub(1);
+            if a.jobs == 0 && a.reserving == 0 && a.held.is_nothing() {
+                all.remove(&token);
+            }
+        }
+        answer
+    }
+
+    /// Take a block of the tenant's budget from the shared counter (compare-and-set) and
+    /// reserve `need` out of it.
+    async fn take_block(
+        &self,
+        token: &str,
+        tenant: &str,
+        policy: &TenantPolicy,
+        need: Cost,
+        already: Cost,
+        first: u64,
+    ) -> Reserved {
+        let token = token.to_string();
         let key = format!("{}{token}", Spend::PREFIX);
         let mut known = lock(&self.counters).spend.seen.get(&token).cloned();
         for _ in 0..RESERVE_TRIES {
@@ -599,9 +633,6 @@ impl Ledger {
         let token = token(tenant);
         let unhold = match reserved {
             Some(r) => {
-                // Not while a reservation of the tenant is being taken here.
-                let gate = self.gate(&format!("$budget.{token}"));
-                let _one = gate.lock().await;
                 let spent = Cost {
                     usd,
                     tokens: tokens as f64,
@@ -662,7 +693,7 @@ impl Ledger {
         a.held = a.held.minus(spent).floor();
         a.free = a.free.plus(reserved).minus(spent);
         let mut unhold = spent;
-        if a.jobs == 0 {
+        if a.jobs == 0 && a.reserving == 0 {
             unhold = unhold.plus(a.held);
             all.remove(token);
         }
@@ -687,6 +718,8 @@ struct Allowance {
     held: Cost,
     free: Cost,
     jobs: u64,
+    /// Reservations taking a block from the shared counter now.
+    reserving: u64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

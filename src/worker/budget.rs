@@ -1,5 +1,6 @@
-//! A job's budget gate: before each provider call, the tenant's budgets are reserved for what
-//! the job has spent so far plus the call's worst case ([`crate::policy::budget`] says why
+//! A job's budget gate: before each provider call (generation, or a batch of embedding
+//! inputs), the tenant's budgets are reserved for what the job has spent so far plus the
+//! call's worst case ([`crate::policy::budget`] says why
 //! that keeps spend within the budget); the job's charge settles the reservation. A call
 //! whose reservation cannot fit while other jobs of the tenant hold budget waits for them
 //! (until the job's deadline); one that cannot fit at all ends the job `budget_exceeded`.
@@ -10,14 +11,16 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::chain::{CallGate, Target};
+use crate::chain::{Call, CallGate, Target};
 use crate::config::TenantPolicy;
-use crate::contract::{AttemptRecord, ErrorBody, ErrorCode, GenerateRequest};
+use crate::contract::{AttemptRecord, ErrorBody, ErrorCode};
 use crate::policy::{Cost, Ledger, Reserved};
 use crate::pricing::PriceBook;
 
 /// Prompt tokens counted for each message (roles, separators) on top of its bytes.
 const PER_MESSAGE_TOKENS: usize = 16;
+/// Tokens counted for each embedding input on top of its bytes (start and end markers).
+const PER_INPUT_TOKENS: usize = 4;
 /// Tokens an image may cost at most (Anthropic's largest images are about 1,600; OpenAI's
 /// 1,105 in high detail; Gemini's 258).
 const PER_IMAGE_TOKENS: usize = 1_600;
@@ -52,11 +55,6 @@ impl<'a> BudgetGate<'a> {
         }
     }
 
-    /// `max_tokens` for a job that sets none (so that its worst case is known).
-    pub(crate) fn max_tokens(&self) -> u32 {
-        self.policy.budget_max_tokens
-    }
-
     /// What the job reserved, if it reserved anything (its charge settles it).
     pub(crate) fn reserved(&self) -> Option<Cost> {
         *self.reserved.lock().unwrap_or_else(|p| p.into_inner())
@@ -84,17 +82,23 @@ impl<'a> BudgetGate<'a> {
     }
 }
 
-/// The most a call of `req` to `target` can cost: its prompt's bound (bytes, plus
-/// [`PER_MESSAGE_TOKENS`] a message and [`PER_IMAGE_TOKENS`] an image) at the highest
-/// input-side price of the model, and `max_tokens` at the highest output-side one. No USD
-/// without a price (a USD budget then cannot bound the call).
-pub(crate) fn worst_case(target: &Target, req: &GenerateRequest, prices: &PriceBook) -> Cost {
-    let images: usize = req.messages.iter().map(|m| m.images.len()).sum();
-    let prompt = crate::context::prompt_bytes(req)
-        + PER_MESSAGE_TOKENS * (req.messages.len() + 1)
-        + PER_IMAGE_TOKENS * images;
-    let output = req.options.max_tokens.map_or(0, u64::from) as f64;
-    let prompt = prompt as f64;
+/// The most a call to `target` can cost: its prompt's bound (bytes, plus
+/// [`PER_MESSAGE_TOKENS`] a message and [`PER_IMAGE_TOKENS`] an image; an embedding input's
+/// bytes plus [`PER_INPUT_TOKENS`]) at the highest input-side price of the model, and
+/// `max_tokens` at the highest output-side one. No USD without a price (a USD budget then
+/// cannot bound the call).
+pub(crate) fn worst_case(target: &Target, call: Call<'_>, prices: &PriceBook) -> Cost {
+    let (prompt, output) = match call {
+        Call::Generate(req) => {
+            let images: usize = req.messages.iter().map(|m| m.images.len()).sum();
+            let prompt = crate::context::prompt_bytes(req)
+                + PER_MESSAGE_TOKENS * (req.messages.len() + 1)
+                + PER_IMAGE_TOKENS * images;
+            (prompt, req.options.max_tokens.map_or(0, u64::from))
+        }
+        Call::Embed(inputs) => (inputs.iter().map(|i| i.len() + PER_INPUT_TOKENS).sum(), 0),
+    };
+    let (prompt, output) = (prompt as f64, output as f64);
     let usd = prices
         .price_now(&target.provider.name, &target.model)
         .map_or(0.0, |p| {
@@ -119,12 +123,12 @@ impl CallGate for BudgetGate<'_> {
     async fn before_call(
         &self,
         target: &Target,
-        req: &GenerateRequest,
+        call: Call<'_>,
         attempts: &[AttemptRecord],
     ) -> Result<(), ErrorBody> {
         let need = self
             .spent(attempts)
-            .plus(worst_case(target, req, self.prices));
+            .plus(worst_case(target, call, self.prices));
         let held = self.reserved().unwrap_or_default();
         let extra = need.minus(held).floor();
         if held.covers(need) {

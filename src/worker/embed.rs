@@ -3,8 +3,6 @@
 //! cached makes no call (`cache_hit: true`). See `crate::cache` (`vectors`) for the key.
 
 use chrono::{DateTime, Utc};
-use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use super::{Answer, Outbox, PAYLOAD_HEADROOM, RESULT_MARGIN, Routing, Worker};
 use crate::cache::{self, Cache, StoredVector, VectorScope};
@@ -32,9 +30,18 @@ impl<O: Outbox> Worker<O> {
         job: &Job,
         req: &EmbedRequest,
         received_at: DateTime<Utc>,
-        deadline: Instant,
-        cancel: &CancellationToken,
+        bounds: super::generate::Bounds<'_>,
     ) -> ResultEvent {
+        let super::generate::Bounds {
+            deadline,
+            cancel,
+            gate,
+        } = bounds;
+        let bounds = || crate::chain::Bounds {
+            deadline,
+            cancel,
+            gate: &gate,
+        };
         let Some((chain, mixed)) = &routing.embed else {
             return self.result_of(job, Vec::new(), Err(super::no_embedding()), received_at);
         };
@@ -54,7 +61,7 @@ impl<O: Outbox> Worker<O> {
             None => None,
         };
         let Some((c, lookup)) = cache.zip(lookup) else {
-            let o = chain.embed(job, req, None, deadline, cancel, rules).await;
+            let o = chain.embed(job, req, None, rules, bounds()).await;
             return self.result_of(job, o.attempts, o.result.map(Answer::Vectors), received_at);
         };
         let missing: Vec<usize> = (0..req.input.len())
@@ -67,7 +74,7 @@ impl<O: Outbox> Worker<O> {
         let first: Option<Vec<String>> =
             (cached > 0).then(|| missing.iter().map(|i| req.input[*i].clone()).collect());
         let o = chain
-            .embed(job, req, first.as_deref(), deadline, cancel, rules)
+            .embed(job, req, first.as_deref(), rules, bounds())
             .await;
         let mut success = match o.result {
             Ok(s) => s,

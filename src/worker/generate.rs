@@ -16,6 +16,7 @@ use crate::contract::{CacheSaving, ErrorBody, ResultEvent, Status, elapsed_ms};
 use crate::job::Job;
 
 /// What limits a job's calls: its deadline, its cancellation, its budget gate.
+#[derive(Clone, Copy)]
 pub(super) struct Bounds<'a> {
     pub(super) deadline: Instant,
     pub(super) cancel: &'a CancellationToken,
@@ -69,7 +70,16 @@ impl<O: Outbox> Worker<O> {
         }
         let o = routing
             .chain
-            .generate(job, req, deadline, cancel, &mut sink, &gate)
+            .generate(
+                job,
+                req,
+                &mut sink,
+                crate::chain::Bounds {
+                    deadline,
+                    cancel,
+                    gate: &gate,
+                },
+            )
             .await;
         let result = self.result_of(job, o.attempts, o.result.map(Answer::Text), received_at);
         if let Some(hit) = stale

@@ -48,11 +48,14 @@ async fn run(chain: &Chain, v: Value, mixed: bool) -> EmbedOutcome {
             &job,
             req,
             None,
-            tokio::time::Instant::now() + job.timeout,
-            &tokio_util::sync::CancellationToken::new(),
             EmbedRules {
                 mixed_dimensions: mixed,
                 max_vector_bytes: usize::MAX,
+            },
+            llm_worker::chain::Bounds {
+                deadline: tokio::time::Instant::now() + job.timeout,
+                cancel: &tokio_util::sync::CancellationToken::new(),
+                gate: &llm_worker::chain::Open,
             },
         )
         .await
@@ -363,11 +366,14 @@ async fn only_the_first_entry_gets_the_uncached_inputs_a_fallback_embeds_them_al
             &job,
             req,
             Some(&missing),
-            tokio::time::Instant::now() + job.timeout,
-            &cancel,
             EmbedRules {
                 mixed_dimensions: false,
                 max_vector_bytes: usize::MAX,
+            },
+            llm_worker::chain::Bounds {
+                deadline: tokio::time::Instant::now() + job.timeout,
+                cancel: &cancel,
+                gate: &llm_worker::chain::Open,
             },
         )
     };

@@ -74,10 +74,12 @@ async fn run(chain: &Chain, v: Value) -> (Outcome, Collect) {
         .generate(
             &job,
             req,
-            deadline,
-            &cancel,
             &mut sink,
-            &llm_worker::chain::Open,
+            llm_worker::chain::Bounds {
+                deadline,
+                cancel: &cancel,
+                gate: &llm_worker::chain::Open,
+            },
         )
         .await;
     (outcome, sink)
