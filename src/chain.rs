@@ -90,7 +90,9 @@ pub enum Call<'a> {
 }
 
 /// Asked before every provider call of a job (the worker reserves the tenant's budget for
-/// the call's worst case there): an error ends the job with it, without the call.
+/// the call's worst case there): an error ends the job with it, without the call; a
+/// `max_tokens` sends the generation call with that lower limit (what the budget has room
+/// for).
 pub trait CallGate: Sync {
     /// `attempts`: the job's calls so far (what they cost is already spent).
     fn before_call(
@@ -98,7 +100,7 @@ pub trait CallGate: Sync {
         target: &Target,
         call: Call<'_>,
         attempts: &[AttemptRecord],
-    ) -> impl Future<Output = Result<(), ErrorBody>> + Send;
+    ) -> impl Future<Output = Result<Option<u32>, ErrorBody>> + Send;
 }
 
 /// A gate only when there is one.
@@ -108,10 +110,10 @@ impl<G: CallGate> CallGate for Option<&G> {
         target: &Target,
         call: Call<'_>,
         attempts: &[AttemptRecord],
-    ) -> Result<(), ErrorBody> {
+    ) -> Result<Option<u32>, ErrorBody> {
         match self {
             Some(gate) => gate.before_call(target, call, attempts).await,
-            None => Ok(()),
+            None => Ok(None),
         }
     }
 }
@@ -125,8 +127,8 @@ impl CallGate for Open {
         _: &Target,
         _: Call<'_>,
         _: &[AttemptRecord],
-    ) -> Result<(), ErrorBody> {
-        Ok(())
+    ) -> Result<Option<u32>, ErrorBody> {
+        Ok(None)
     }
 }
 
@@ -396,15 +398,26 @@ impl Chain {
             let req = &*sent;
             let mut backoff = retry_delays(&target.provider);
             loop {
-                if let Err(error) = gate
+                // The budget may allow this call less output than the job asked for.
+                let lowered;
+                let req = match gate
                     .before_call(target, Call::Generate(req), &attempts)
                     .await
                 {
-                    return Outcome {
-                        attempts,
-                        result: Err(error),
-                    };
-                }
+                    Ok(None) => req,
+                    Ok(Some(max_tokens)) => {
+                        let mut r = req.clone();
+                        r.options.max_tokens = Some(max_tokens);
+                        lowered = r;
+                        &lowered
+                    }
+                    Err(error) => {
+                        return Outcome {
+                            attempts,
+                            result: Err(error),
+                        };
+                    }
+                };
                 let admitted = match self
                     .admit(target, deadline, cancel, &attempts, &mut skipped)
                     .await

@@ -141,6 +141,7 @@ impl Chain {
             for batch in batches(inputs, batching.batch_size, batching.batch_tokens) {
                 let mut backoff = retry_delays(provider);
                 loop {
+                    // Embedding calls have no output to lower: only a refusal counts.
                     if let Err(error) = gate
                         .before_call(target, Call::Embed(batch), &attempts)
                         .await

@@ -519,10 +519,11 @@ impl Ledger {
                 // Even with nothing held (but what this job holds already) it would not fit:
                 // it cannot run this period.
                 let whole = need.plus(already);
-                return if budget::room(policy, &current, now, false).covers(whole) {
+                let bare = budget::room(policy, &current, now, false);
+                return if bare.covers(whole) {
                     Reserved::Wait(why)
                 } else {
-                    Reserved::No(why)
+                    Reserved::No { why, room: bare }
                 };
             }
             // Take a block: this call's shortfall, or a sixteenth of the room if more, so
@@ -707,8 +708,12 @@ pub(crate) enum Reserved {
     Yes,
     /// Jobs in flight hold the room; it may come back when they end.
     Wait(String),
-    /// Even with nothing held the budget cannot cover it this period.
-    No(String),
+    /// Even with nothing held the budget cannot cover it this period: `room` is what the
+    /// budget has left for the job (what it holds already included).
+    No {
+        why: String,
+        room: Cost,
+    },
 }
 
 /// What this worker holds of one tenant's budget: `held` (its holding in the shared

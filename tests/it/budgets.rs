@@ -208,3 +208,54 @@ async fn a_fallback_call_reserves_again_and_is_refused_when_the_usd_budget_canno
     assert_eq!(fake.request_count(), 3, "acme's fallback was never called");
     app.teardown().await;
 }
+
+/// A job whose worst case does not fit what a budget has left is sent with less output (as
+/// context fitting lowers `max_tokens`), so small budgets are used up without overshoot;
+/// with `fit: strict` it is refused instead.
+#[tokio::test]
+async fn a_call_is_sent_with_the_output_the_budget_has_room_for() {
+    let fake = FakeLlmServer::start().await.unwrap();
+    fake.set_default(Reply::answer(&["ok"], (15, 5)));
+    let toml = format!(
+        "{}[routes]\ndefault = [\"openai\"]\n[tenants.acme]\ndaily_budget_tokens = 200\n",
+        openai_provider("openai", &fake.base_url(), "gpt-test")
+    );
+    let mut app = TestApp::new(&toml).await;
+    app.start_worker().await;
+    let (reply_to, mut sub) = app.reply_inbox().await;
+    let mut sent = Vec::new();
+    let mut answered = 0;
+    // Without max_tokens a job would reserve 33 + 4,096 tokens: never within 200.
+    for _ in 0..12 {
+        app.publish(
+            json!({"prompt": "x", "tenant": "acme", "reply_to": reply_to, "stream": false}),
+        )
+        .await;
+        let r = crate::helpers::collect_reply(&mut sub).await.result;
+        if r["status"] == "ok" {
+            answered += 1;
+            let body = fake.requests().pop().unwrap();
+            sent.push(
+                body["max_completion_tokens"]
+                    .as_u64()
+                    .or(body["max_tokens"].as_u64()),
+            );
+        } else {
+            assert_eq!(r["error"]["code"], "budget_exceeded", "{r}");
+            assert_eq!(r["attempts"], json!([]), "{r}");
+        }
+    }
+    // 200 − 33 (the prompt's bound) = 167 for the first, 20 fewer for each after.
+    assert_eq!(sent[..3], [Some(167), Some(147), Some(127)], "{sent:?}");
+    // Answered while at least 16 tokens of output fit: 20 × 8 = 160 spent, never above 200.
+    assert_eq!(answered, 8, "{sent:?}");
+    // Strict fitting keeps the job's max_tokens, and so cannot run.
+    app.publish(
+        json!({"prompt": "x", "tenant": "acme", "reply_to": reply_to, "stream": false,
+                       "options": {"fit": "strict"}}),
+    )
+    .await;
+    let r = crate::helpers::collect_reply(&mut sub).await.result;
+    assert_eq!(r["error"]["code"], "budget_exceeded", "{r}");
+    app.teardown().await;
+}
