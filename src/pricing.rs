@@ -80,21 +80,22 @@ impl PriceBook {
         }
     }
 
-    /// Input + output USD per million tokens in force now (for the `cheapest` strategy).
-    pub(crate) fn current_rate(&self, provider: &str, model: &str) -> Option<f64> {
-        let now = Utc::now();
+    /// The price row in force at `at` (the one with the latest `effective_from` not after it).
+    fn price_at(&self, provider: &str, model: &str, at: DateTime<Utc>) -> Option<Price> {
         let map = self.prices.read().ok()?;
         let list = map.get(&(provider.to_string(), model.to_string()))?;
-        let p = list.iter().rev().find(|p| p.effective_from <= now)?;
+        list.iter().rev().find(|p| p.effective_from <= at).cloned()
+    }
+
+    /// Input + output USD per million tokens in force now (for the `cheapest` strategy).
+    pub(crate) fn current_rate(&self, provider: &str, model: &str) -> Option<f64> {
+        let p = self.price_now(provider, model)?;
         Some(p.input_per_mtok + p.output_per_mtok)
     }
 
     /// The price in force now.
     pub(crate) fn price_now(&self, provider: &str, model: &str) -> Option<Price> {
-        let now = Utc::now();
-        let map = self.prices.read().ok()?;
-        let list = map.get(&(provider.to_string(), model.to_string()))?;
-        list.iter().rev().find(|p| p.effective_from <= now).cloned()
+        self.price_at(provider, model, Utc::now())
     }
 
     /// What a call's cache reads saved, with the price in force at `at` (`None` without
@@ -109,12 +110,7 @@ impl PriceBook {
         if classes.cache_read_tokens == 0 {
             return None;
         }
-        let map = self.prices.read().ok()?;
-        let list = map.get(&(provider.to_string(), model.to_string()))?;
-        list.iter()
-            .rev()
-            .find(|p| p.effective_from <= at)?
-            .cache_saving(classes)
+        self.price_at(provider, model, at)?.cache_saving(classes)
     }
 
     /// Cost of a call with the price in force at `at`; `None` when no price is known, or a
@@ -131,16 +127,12 @@ impl PriceBook {
         if input_tokens + output_tokens == 0 {
             return Some(0.0);
         }
-        let key = (provider.to_string(), model.to_string());
-        let price = self.prices.read().ok().and_then(|map| {
-            map.get(&key)
-                .and_then(|list| list.iter().rev().find(|p| p.effective_from <= at).cloned())
-        });
+        let price = self.price_at(provider, model, at);
         match price {
             Some(p) => p.cost(input_tokens, output_tokens, classes),
             None => {
                 if let Ok(mut warned) = self.warned.lock()
-                    && warned.insert(key)
+                    && warned.insert((provider.to_string(), model.to_string()))
                 {
                     tracing::warn!(
                         provider,

@@ -515,7 +515,7 @@ impl Ledger {
             let short = need.minus(free).floor();
             let room = budget::room(policy, &current, now, true).floor();
             if !room.covers(short) {
-                let why = budget::no_room(policy, &current, need.minus(free).floor(), now);
+                let why = budget::no_room(policy, &current, short, now);
                 // Even with nothing held (but what this job holds already) it would not fit:
                 // it cannot run this period.
                 let whole = need.plus(already);
@@ -527,25 +527,18 @@ impl Ledger {
                 };
             }
             // Take a block: this call's shortfall, or a sixteenth of the room if more, so
-            // that the next jobs reserve without a write.
-            let block = Cost {
-                usd: short.usd.max(room.usd / 16.0).min(room.usd),
-                tokens: short
-                    .tokens
-                    .max((room.tokens / 16.0).floor())
-                    .min(room.tokens),
+            // that the next jobs reserve without a write (a measure without a budget has
+            // infinite room: only the shortfall is held).
+            let block_of = |short: f64, room: f64| {
+                if room.is_finite() {
+                    short.max(room / 16.0).min(room)
+                } else {
+                    short
+                }
             };
             let block = Cost {
-                usd: if policy.daily_budget_usd.is_some() || policy.monthly_budget_usd.is_some() {
-                    block.usd
-                } else {
-                    short.usd
-                },
-                tokens: if block.tokens.is_finite() {
-                    block.tokens
-                } else {
-                    short.tokens
-                },
+                usd: block_of(short.usd, room.usd),
+                tokens: block_of(short.tokens, room.tokens),
             };
             let next = current.hold(now, &self.worker_id, block);
             match put_if(&self.kv, &key, &next, revision).await {
