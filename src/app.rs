@@ -157,11 +157,14 @@ pub async fn start_with(
         if let Some(why) = no_embedding {
             tracing::warn!(%why, "embedding jobs are not consumed");
         }
-        let kinds: Vec<JobKind> = if routing.embeds() {
-            vec![JobKind::Generate, JobKind::Embed]
-        } else {
-            vec![JobKind::Generate]
-        };
+        let mut kinds = vec![JobKind::Generate];
+        if routing.embeds() {
+            kinds.push(JobKind::Embed);
+        }
+        let makes_images = routing.makes_images();
+        if makes_images {
+            kinds.push(JobKind::Image);
+        }
         let dead = DeadLetters::new(js.clone(), nats_cfg.clone());
         let outbox = crate::worker::NatsOutbox { replies, dead };
         let ledger =
@@ -170,6 +173,12 @@ pub async fn start_with(
                 .map_err(anyhow::Error::msg)?;
         let mut worker = Worker::new(&config, routing, outbox, prices.clone())?.with_ledger(ledger);
         metrics = worker.metrics().clone();
+        if makes_images {
+            let store = crate::image_store::ImageStore::open(&js, &nats_cfg)
+                .await
+                .map_err(anyhow::Error::msg)?;
+            worker = worker.with_images(store);
+        }
         consumed.clone_from(&kinds);
         if config.cache.enabled {
             let cache = crate::cache::Cache::open(

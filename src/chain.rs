@@ -87,6 +87,7 @@ impl DeltaSink for NoSink {
 pub enum Call<'a> {
     Generate(&'a GenerateRequest),
     Embed(&'a [String]),
+    Image(&'a crate::contract::ImageRequest),
 }
 
 /// Asked before every provider call of a job (the worker reserves the tenant's budget for
@@ -833,6 +834,9 @@ pub(crate) fn chain_error(
     let all = |code: ErrorCode| !codes.is_empty() && codes.iter().all(|c| *c == code);
     let code = if all(ErrorCode::ContextTooLong) {
         ErrorCode::ContextTooLong
+    } else if all(ErrorCode::ContentFiltered) {
+        // Every entry refused the content (image jobs try each).
+        ErrorCode::ContentFiltered
     } else if all(ErrorCode::InvalidOutput) {
         // Every answer broke the job's rules (tool arguments, JSON schema).
         ErrorCode::InvalidOutput

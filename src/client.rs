@@ -126,6 +126,48 @@ impl Client {
         &self.config
     }
 
+    /// The bytes of a picture an image job's result names (CONTRACT.md section 8), read
+    /// from its bucket and checked against the result's size and SHA-256.
+    pub async fn image_bytes(
+        &self,
+        image: &crate::contract::ImageObject,
+    ) -> Result<Vec<u8>, ClientError> {
+        let nats = |e: String| ClientError::Nats(e);
+        let store = crate::image_store::ImageStore::existing(&self.js, &image.bucket)
+            .await
+            .map_err(nats)?;
+        let max = usize::try_from(image.bytes).unwrap_or(usize::MAX);
+        let bytes = store
+            .read(&image.object, max)
+            .await
+            .map_err(nats)?
+            .ok_or_else(|| {
+                nats(format!(
+                    "{} is not in {} (expired?)",
+                    image.object, image.bucket
+                ))
+            })?;
+        if crate::image_store::sha256_hex(&bytes) != image.sha256 {
+            return Err(nats(format!(
+                "{} does not match the result's sha256",
+                image.object
+            )));
+        }
+        Ok(bytes)
+    }
+
+    /// A picture an image job's result names, as a reader of its bytes (for serving it
+    /// without holding it whole); `None` when it is gone (expired).
+    pub async fn image_reader(
+        &self,
+        image: &crate::contract::ImageObject,
+    ) -> Result<Option<async_nats::jetstream::object_store::Object>, ClientError> {
+        let store = crate::image_store::ImageStore::existing(&self.js, &image.bucket)
+            .await
+            .map_err(ClientError::Nats)?;
+        store.reader(&image.object).await.map_err(ClientError::Nats)
+    }
+
     /// Publish `job` (a JSON object) as a job of `kind` and return its handle.
     ///
     /// `job_id` is filled in (a UUID v7) when absent and `reply_to` is always this

@@ -360,6 +360,7 @@ async fn call(
         output_tokens: 0,
         classes: Default::default(),
         tokens_estimated: estimated,
+        images: None,
         cost_usd: None,
         cache_saved_usd: None,
         http_status,

@@ -29,6 +29,8 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+// Parsed once per process: the size of the largest variant (`submit`) costs nothing.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Run a worker: consume jobs and record usage until SIGTERM/SIGINT.
     Run {
@@ -87,6 +89,16 @@ enum Command {
         /// Vector size to ask for (embedding jobs).
         #[arg(long, requires = "embed")]
         dimensions: Option<u32>,
+        /// Submit an image job with this prompt; the pictures are written to --output.
+        #[arg(long, value_name = "PROMPT", conflicts_with_all = ["embed", "prompt", "job"], requires = "output")]
+        image_gen: Option<String>,
+        /// Where an image job's picture goes (`fox.png`); with several pictures, `fox-2.png`
+        /// and so on for the second and later ones.
+        #[arg(short, long, requires = "image_gen")]
+        output: Option<PathBuf>,
+        /// The picture size to ask for (`1024x1024`, `1536x1024`, `auto`).
+        #[arg(long, requires = "image_gen")]
+        size: Option<String>,
     },
     /// Cancel a job: a running one stops at once (its provider call is closed and its usage
     /// recorded), a queued one is answered `cancelled` when a worker picks it up.
@@ -329,9 +341,14 @@ async fn command(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
             json,
             embed,
             dimensions,
+            image_gen,
+            output,
+            size,
         } => {
             let kind = if embed {
                 JobKind::Embed
+            } else if image_gen.is_some() {
+                JobKind::Image
             } else {
                 JobKind::Generate
             };
@@ -356,11 +373,15 @@ async fn command(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
                     None => None,
                 },
                 dimensions,
+                image_size: size,
             };
             let job = match job {
                 Some(source) => serde_json::from_str(&read_source(&source)?)
                     .context("the job file is not valid JSON")?,
                 // One input: the argument; else one per non-empty line of stdin.
+                None if image_gen.is_some() => {
+                    submit::build_job(kind, image_gen.into_iter().collect(), &fields)
+                }
                 None if embed => {
                     let inputs = match prompt {
                         Some(p) => vec![p],
@@ -385,6 +406,11 @@ async fn command(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
             let result = submit::submit(&config.nats, kind, job, &mut stdout).await?;
             if let Some(vectors) = result.embeddings.as_ref().filter(|_| !json) {
                 print!("{}", submit::describe_vectors(vectors));
+            }
+            if let (Some(images), Some(path)) = (&result.images, &output) {
+                for written in submit::save_images(&config.nats, images, path).await? {
+                    eprintln!("wrote {}", written.display());
+                }
             }
             if json {
                 println!("{}", serde_json::to_string_pretty(&result)?);

@@ -94,6 +94,15 @@ pub(crate) fn worker(nats: &NatsConfig) -> Permissions {
         publish.push(format!("{api}.STREAM.MSG.GET.{kv}"));
         publish.push(format!("$KV.{bucket}.>"));
     }
+    // Image jobs' pictures (the object store): its stream, puts (chunks, then the object's
+    // metadata), and finding an earlier run's pictures. No purge: a picture put again leaves
+    // its older chunks to the bucket's max age (`crate::image_store`).
+    let obj = format!("OBJ_{}", nats.images_bucket);
+    publish.push(format!("{api}.STREAM.INFO.{obj}"));
+    publish.push(format!("{api}.STREAM.CREATE.{obj}"));
+    publish.push(format!("{api}.DIRECT.GET.{obj}.>"));
+    publish.push(format!("{api}.STREAM.MSG.GET.{obj}"));
+    publish.push(format!("$O.{}.>", nats.images_bucket));
     let kv = format!("KV_{}", nats.tenant_bucket);
     publish.push(format!("{api}.CONSUMER.CREATE.{kv}"));
     publish.push(format!("{api}.CONSUMER.CREATE.{kv}.>"));
@@ -143,6 +152,14 @@ pub(crate) fn orchestrator(nats: &NatsConfig, tenant: Option<&str>) -> Permissio
         format!("$JS.API.DIRECT.GET.{results}.>"),
         format!("$JS.API.STREAM.MSG.GET.{results}"),
         format!("{p}.status"),
+        // Reading an image job's pictures (named by its job id, like its result): the
+        // object's metadata, and its chunks through an ordered consumer.
+        format!("$JS.API.STREAM.INFO.OBJ_{}", nats.images_bucket),
+        format!("$JS.API.DIRECT.GET.OBJ_{}.>", nats.images_bucket),
+        format!("$JS.API.STREAM.MSG.GET.OBJ_{}", nats.images_bucket),
+        format!("$JS.API.CONSUMER.CREATE.OBJ_{}", nats.images_bucket),
+        format!("$JS.API.CONSUMER.CREATE.OBJ_{}.>", nats.images_bucket),
+        format!("$JS.FC.OBJ_{}.>", nats.images_bucket),
         // `submit` asks whether any worker consumes the jobs (the NATS service API).
         format!("$SRV.INFO.{}", crate::contract::SERVICE_NAME),
     ]);

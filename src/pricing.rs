@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use chrono::{DateTime, Utc};
 
-use crate::contract::TokenClasses;
+use crate::contract::{AttemptRecord, ImagesMade, TokenClasses};
 
 /// One price row: USD per million tokens, valid from `effective_from`. A class without a
 /// price (`None`) is not priced: a call with tokens in it has no known cost.
@@ -24,6 +24,9 @@ pub struct Price {
     pub cache_write_1h_per_mtok: Option<f64>,
     pub reasoning_per_mtok: Option<f64>,
     pub image_input_per_mtok: Option<f64>,
+    /// USD per picture, by `<size>/<quality>`, `<size>`, `*/<quality>` or `*` (image models
+    /// billed per picture; `llm_prices.per_image_usd`).
+    pub per_image: std::collections::BTreeMap<String, f64>,
 }
 
 impl Price {
@@ -45,6 +48,20 @@ impl Price {
             + class(c.reasoning_tokens, self.reasoning_per_mtok)?
             + class(c.image_input_tokens, self.image_input_per_mtok)?;
         Some(total / 1_000_000.0)
+    }
+
+    /// The price of one picture of `size` and `quality`: the most specific key that applies
+    /// (the same lookup as the SQL function `llm_image_price`).
+    pub fn image_price(&self, size: Option<&str>, quality: Option<&str>) -> Option<f64> {
+        let (size, quality) = (size.unwrap_or("*"), quality.unwrap_or("*"));
+        [
+            format!("{size}/{quality}"),
+            size.to_string(),
+            format!("*/{quality}"),
+            "*".to_string(),
+        ]
+        .iter()
+        .find_map(|k| self.per_image.get(k).copied())
     }
 
     /// What the cache reads cost less than the same tokens at the input price (`None` when
@@ -113,6 +130,53 @@ impl PriceBook {
         self.price_at(provider, model, at)?.cache_saving(classes)
     }
 
+    /// Cost of one recorded call with the price in force when it started: its tokens, or
+    /// (when it reported none and made pictures) its pictures at the per-image price. The
+    /// same rule as the SQL function `llm_call_cost`.
+    pub(crate) fn attempt_cost(&self, a: &AttemptRecord) -> Option<f64> {
+        match &a.images {
+            Some(made) if made.count > 0 && a.input_tokens + a.output_tokens == 0 => {
+                self.images_cost(&a.provider, &a.model, a.started_at, made)
+            }
+            _ => self.cost(
+                &a.provider,
+                &a.model,
+                a.started_at,
+                a.input_tokens,
+                a.output_tokens,
+                &a.classes,
+            ),
+        }
+    }
+
+    /// Pictures at the per-image price in force at `at`.
+    pub(crate) fn images_cost(
+        &self,
+        provider: &str,
+        model: &str,
+        at: DateTime<Utc>,
+        made: &ImagesMade,
+    ) -> Option<f64> {
+        let price = self.price_at(provider, model, at);
+        let each = price.and_then(|p| p.image_price(made.size.as_deref(), made.quality.as_deref()));
+        if each.is_none() {
+            self.warn_unpriced(provider, model);
+        }
+        each.map(|usd| usd * f64::from(made.count))
+    }
+
+    fn warn_unpriced(&self, provider: &str, model: &str) {
+        if let Ok(mut warned) = self.warned.lock()
+            && warned.insert((provider.to_string(), model.to_string()))
+        {
+            tracing::warn!(
+                provider,
+                model,
+                "no price known for this model: its cost is recorded as NULL (add a row to llm_prices)"
+            );
+        }
+    }
+
     /// Cost of a call with the price in force at `at`; `None` when no price is known, or a
     /// class with tokens has none.
     pub(crate) fn cost(
@@ -131,15 +195,7 @@ impl PriceBook {
         match price {
             Some(p) => p.cost(input_tokens, output_tokens, classes),
             None => {
-                if let Ok(mut warned) = self.warned.lock()
-                    && warned.insert((provider.to_string(), model.to_string()))
-                {
-                    tracing::warn!(
-                        provider,
-                        model,
-                        "no price known for this model: its cost is recorded as NULL (add a row to llm_prices)"
-                    );
-                }
+                self.warn_unpriced(provider, model);
                 None
             }
         }
@@ -229,6 +285,23 @@ mod tests {
             ..classes
         };
         assert_eq!(price.cost(1_000_000, 1_000_000, &with_images), None);
+        // Pictures: the most specific key applies.
+        let per_image = Price {
+            per_image: [("1024x1024/hd", 0.08), ("1024x1024", 0.04), ("*", 0.1)]
+                .map(|(k, v)| (k.to_string(), v))
+                .into(),
+            ..Price::default()
+        };
+        assert_eq!(
+            per_image.image_price(Some("1024x1024"), Some("hd")),
+            Some(0.08)
+        );
+        assert_eq!(
+            per_image.image_price(Some("1024x1024"), Some("standard")),
+            Some(0.04)
+        );
+        assert_eq!(per_image.image_price(Some("1792x1024"), None), Some(0.1));
+        assert_eq!(Price::default().image_price(Some("1024x1024"), None), None);
         // No classes: input and output at their prices.
         assert_eq!(
             Price::default().cost(10, 0, &TokenClasses::default()),

@@ -33,6 +33,7 @@ pub use crate::contract::SERVICE_NAME as NAME;
 pub struct JobStats {
     generate: Counters,
     embed: Counters,
+    image: Counters,
 }
 
 #[derive(Default)]
@@ -48,6 +49,7 @@ impl JobStats {
         match kind {
             JobKind::Generate => &self.generate,
             JobKind::Embed => &self.embed,
+            JobKind::Image => &self.image,
         }
     }
 

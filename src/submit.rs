@@ -108,6 +108,8 @@ pub struct Fields {
     pub json_schema: Option<serde_json::Value>,
     /// Embedding only.
     pub dimensions: Option<u32>,
+    /// Image jobs only: `options.size` (`1024x1024`).
+    pub image_size: Option<String>,
 }
 
 /// An image file as a job's image part: its media type (from its extension) and its bytes
@@ -151,6 +153,7 @@ pub fn build_job(kind: JobKind, text: Vec<String>, f: &Fields) -> serde_json::Va
         }
         JobKind::Generate => serde_json::json!({"prompt": text.concat(), "stream": f.stream}),
         JobKind::Embed => serde_json::json!({"input": text}),
+        JobKind::Image => serde_json::json!({"prompt": text.concat()}),
     };
     if kind == JobKind::Generate
         && let Some(schema) = &f.json_schema
@@ -177,6 +180,13 @@ pub fn build_job(kind: JobKind, text: Vec<String>, f: &Fields) -> serde_json::Va
             (
                 "options",
                 f.dimensions.map(|d| serde_json::json!({"dimensions": d})),
+            ),
+            ("", None),
+        ],
+        JobKind::Image => [
+            (
+                "options",
+                f.image_size.clone().map(|s| serde_json::json!({"size": s})),
             ),
             ("", None),
         ],
@@ -247,6 +257,41 @@ pub fn summary(r: &ResultEvent) -> String {
             r.attempts.len(),
         ),
     }
+}
+
+/// Write an image job's pictures: the first to `path`, the others beside it with `-2`, `-3`
+/// ... before the extension. Each is checked against the result's SHA-256.
+pub async fn save_images(
+    nats: &NatsConfig,
+    images: &[crate::contract::ImageObject],
+    path: &std::path::Path,
+) -> anyhow::Result<Vec<std::path::PathBuf>> {
+    let client = Client::connect(nats).await?;
+    let mut written = Vec::with_capacity(images.len());
+    for (i, image) in images.iter().enumerate() {
+        let target = numbered(path, i);
+        let bytes = client.image_bytes(image).await?;
+        std::fs::write(&target, bytes)
+            .map_err(|e| anyhow::anyhow!("writing {}: {e}", target.display()))?;
+        written.push(target);
+    }
+    Ok(written)
+}
+
+/// `fox.png` for the first picture, `fox-2.png` for the second, ...
+fn numbered(path: &std::path::Path, index: usize) -> std::path::PathBuf {
+    if index == 0 {
+        return path.to_path_buf();
+    }
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let name = match path.extension() {
+        Some(ext) => format!("{stem}-{}.{}", index + 1, ext.to_string_lossy()),
+        None => format!("{stem}-{}", index + 1),
+    };
+    path.with_file_name(name)
 }
 
 #[cfg(test)]

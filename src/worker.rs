@@ -15,6 +15,7 @@
 mod budget;
 mod embed;
 mod generate;
+mod image;
 pub mod outbox;
 #[cfg(test)]
 mod tests;
@@ -66,6 +67,11 @@ fn requeue(delivered: i64) -> AckKind {
 enum Answer {
     Text(crate::chain::Success),
     Vectors(crate::embedding::EmbedSuccess),
+    /// The pictures' call (its bytes already taken out) and the objects they became.
+    Pictures(
+        crate::image_gen::ImageSuccess,
+        Vec<crate::contract::ImageObject>,
+    ),
 }
 
 /// The error of an embedding job on a worker that does not embed.
@@ -104,6 +110,9 @@ pub struct Routing {
     /// The embedding chain and the routes allowed to mix vector sizes; `None` when embedding
     /// is not configured (embedding jobs are then not consumed).
     embed: Option<(Chain, Arc<[String]>)>,
+    /// The image chain; `None` when no route makes pictures (image jobs are then not
+    /// consumed).
+    image: Option<Chain>,
     limits: Limits,
 }
 
@@ -112,6 +121,7 @@ impl Routing {
         Self {
             chain,
             embed: embed.map(|c| (c, config.embed_mixed_dimensions.clone().into())),
+            image: None,
             limits: Limits::from_config(config),
         }
     }
@@ -140,12 +150,31 @@ impl Routing {
             ),
             Err(why) => (None, Some(why)),
         };
-        Ok((Self::new(config, chain, embed), why_not))
+        let mut routing = Self::new(config, chain, embed);
+        routing.image = match config.generation_image_routes() {
+            Ok(routes) => Some(Chain::with_routes(
+                &routes,
+                config,
+                routing.chain.registry().clone(),
+                prices.clone(),
+                health.clone(),
+            )),
+            Err(why) => {
+                tracing::info!(%why, "image jobs are not consumed");
+                None
+            }
+        };
+        Ok((routing, why_not))
     }
 
     /// Whether embedding jobs are answered.
     pub(crate) fn embeds(&self) -> bool {
         self.embed.is_some()
+    }
+
+    /// Whether image jobs are answered.
+    pub(crate) fn makes_images(&self) -> bool {
+        self.image.is_some()
     }
 }
 
@@ -172,6 +201,8 @@ pub struct Worker<O: Outbox = NatsOutbox> {
     ledger: Option<Ledger>,
     /// The fleet's response cache; none when `cache.enabled` is off (and in unit tests).
     cache: Option<Cache>,
+    /// Where image jobs' pictures are kept; none in unit tests (image jobs then fail).
+    images: Option<crate::image_store::ImageStore>,
     /// Jobs answered, for the NATS service API's stats.
     stats: Arc<crate::service::JobStats>,
     /// Prometheus counters of answered jobs and their provider calls.
@@ -207,6 +238,7 @@ impl<O: Outbox> Worker<O> {
             log_prompts: config.telemetry.log_prompts,
             ledger: None,
             cache: None,
+            images: None,
             stats: Arc::default(),
             metrics: crate::metrics::Metrics::new(config.telemetry.metrics_tenant_label),
         })
@@ -215,6 +247,12 @@ impl<O: Outbox> Worker<O> {
     /// Answer identical jobs from this response cache.
     pub(crate) fn with_cache(mut self, cache: Cache) -> Self {
         self.cache = Some(cache);
+        self
+    }
+
+    /// Keep image jobs' pictures in this store.
+    pub(crate) fn with_images(mut self, store: crate::image_store::ImageStore) -> Self {
+        self.images = Some(store);
         self
     }
 
@@ -238,6 +276,12 @@ impl<O: Outbox> Worker<O> {
         if routing.embeds() != self.routing().embeds() {
             return Err(
                 "turning embedding jobs on or off needs a restart (embed_routes, or routes with a provider that cannot embed)"
+                    .into(),
+            );
+        }
+        if routing.makes_images() != self.routing().makes_images() {
+            return Err(
+                "turning image jobs on or off needs a restart (image_routes, or a routes.default without a provider that makes pictures)"
                     .into(),
             );
         }
@@ -352,8 +396,9 @@ impl<O: Outbox> Worker<O> {
             traceparent: msg.traceparent(),
         };
         let routing = self.routing();
-        let catalog = match (kind, &routing.embed) {
-            (JobKind::Embed, Some((chain, _))) => chain,
+        let catalog = match (kind, &routing.embed, &routing.image) {
+            (JobKind::Embed, Some((chain, _)), _) => chain,
+            (JobKind::Image, _, Some(chain)) => chain,
             _ => &routing.chain,
         };
         let rules = Rules {
@@ -496,7 +541,7 @@ impl<O: Outbox> Worker<O> {
         let work = self.execute(
             routing,
             &job,
-            received_at,
+            (received_at, delivered),
             deadline,
             running.token(),
             gate.as_ref(),
@@ -514,6 +559,19 @@ impl<O: Outbox> Worker<O> {
                 }
                 _ = abandon.cancelled() => break None,
             }
+        };
+        let result = match result {
+            Some(Err(image::NotKept(why))) => {
+                if let (Some((policy, ledger)), Some(reserved)) =
+                    (policy, gate.as_ref().and_then(budget::BudgetGate::reserved))
+                {
+                    ledger.charge(tenant, policy, 0.0, 0, Some(reserved)).await;
+                }
+                tracing::warn!(error = %why, "cannot keep the pictures; requeueing the job");
+                return ack(msg, requeue(delivered)).await;
+            }
+            Some(Ok(result)) => Some(result),
+            None => None,
         };
         match result {
             Some(result) => {
@@ -539,38 +597,34 @@ impl<O: Outbox> Worker<O> {
         }
     }
 
-    /// Run the job's provider chain and build its result.
+    /// Run the job's provider chain and build its result (`Err`: an image job's pictures
+    /// could not be kept).
     async fn execute(
         &self,
         routing: &Routing,
         job: &Job,
-        received_at: DateTime<Utc>,
+        (received_at, delivered): (DateTime<Utc>, i64),
         deadline: Instant,
         cancel: &CancellationToken,
         gate: Option<&budget::BudgetGate<'_>>,
-    ) -> ResultEvent {
-        let (attempts, answer) = match &job.body {
-            JobBody::Generate(req) => {
-                let bounds = generate::Bounds {
-                    deadline,
-                    cancel,
-                    gate,
-                };
-                return self.generate(routing, job, req, received_at, bounds).await;
-            }
-            JobBody::Embed(req) => match &routing.embed {
-                Some(_) => {
-                    let bounds = generate::Bounds {
-                        deadline,
-                        cancel,
-                        gate,
-                    };
-                    return self.embed(routing, job, req, received_at, bounds).await;
-                }
-                None => (Vec::new(), Err(no_embedding())),
-            },
+    ) -> Result<ResultEvent, image::NotKept> {
+        let bounds = generate::Bounds {
+            deadline,
+            cancel,
+            gate,
         };
-        self.result_of(job, attempts, answer, received_at)
+        Ok(match &job.body {
+            JobBody::Generate(req) => self.generate(routing, job, req, received_at, bounds).await,
+            JobBody::Embed(req) => match &routing.embed {
+                Some(_) => self.embed(routing, job, req, received_at, bounds).await,
+                None => self.result_of(job, Vec::new(), Err(no_embedding()), received_at),
+            },
+            JobBody::Image(req) => {
+                return self
+                    .image(routing, job, req, received_at, delivered, bounds)
+                    .await;
+            }
+        })
     }
 
     fn result_of(
@@ -582,14 +636,7 @@ impl<O: Outbox> Worker<O> {
     ) -> ResultEvent {
         let env = &job.envelope;
         for a in &mut attempts {
-            a.cost_usd = self.prices.cost(
-                &a.provider,
-                &a.model,
-                a.started_at,
-                a.input_tokens,
-                a.output_tokens,
-                &a.classes,
-            );
+            a.cost_usd = self.prices.attempt_cost(a);
             a.cache_saved_usd =
                 self.prices
                     .cache_saving(&a.provider, &a.model, a.started_at, &a.classes);
@@ -597,7 +644,10 @@ impl<O: Outbox> Worker<O> {
         // The job's cost is every call's cost (failed calls can be billed); unknown if any is.
         let cost_usd = attempts
             .iter()
-            .filter(|a| a.input_tokens + a.output_tokens > 0)
+            .filter(|a| {
+                a.input_tokens + a.output_tokens > 0
+                    || a.images.as_ref().is_some_and(|i| i.count > 0)
+            })
             .map(|a| a.cost_usd)
             .sum::<Option<f64>>()
             // An empty float sum is -0.0 (Rust >= 1.81); results say 0.
@@ -641,6 +691,20 @@ impl<O: Outbox> Worker<O> {
                 result.provider = Some(success.provider);
                 result.attempt = Some(success.attempt);
                 tracing::debug!(attempts = attempts.len(), "embedding job done");
+            }
+            Ok(Answer::Pictures(success, objects)) => {
+                result.status = Status::Ok;
+                result.error = None;
+                result.images = Some(objects);
+                result.tokens_used = TokensUsed::with_classes(
+                    success.usage.input_tokens,
+                    success.usage.output_tokens,
+                    success.usage.classes,
+                );
+                result.model_used = Some(success.model);
+                result.provider = Some(success.provider);
+                result.attempt = Some(success.attempt);
+                tracing::debug!(attempts = attempts.len(), "image job done");
             }
             Err(error) => {
                 tracing::warn!(code = %error.code, message = %error.message, "job failed");

@@ -167,6 +167,7 @@ pub(super) async fn attempt<S: DeltaSink>(
         output_tokens: tokens.output_tokens,
         classes: tokens.classes,
         tokens_estimated: estimated,
+        images: None,
         cost_usd: None,
         cache_saved_usd: None,
         http_status,

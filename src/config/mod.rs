@@ -70,6 +70,11 @@ pub struct Config {
     /// Routes for embedding jobs; when absent, `routes` serve them too (if every provider in
     /// them can embed; otherwise embedding jobs are not consumed and a warning says why).
     pub embed_routes: BTreeMap<String, Vec<RouteEntry>>,
+    /// Routes for image jobs (entries of providers that generate images: `openai`, `gemini`;
+    /// an entry without a model asks for the protocol's image model, `gpt-image-2` or
+    /// `gemini-2.5-flash-image`). When absent, image jobs go to the providers of
+    /// `routes.default` that generate images, with those models.
+    pub image_routes: BTreeMap<String, Vec<RouteEntry>>,
     /// Embedding routes whose fallback entries may return vectors of another dimension.
     pub embed_mixed_dimensions: Vec<String>,
     /// `task_type` -> how its route's entries are ordered (default `ordered`).
@@ -297,6 +302,10 @@ pub struct LimitsConfig {
     /// Images in one job, and the bytes of one (decoded from base64).
     pub max_images: usize,
     pub max_image_bytes: usize,
+    /// Image jobs: pictures one job may ask for (`options.n`), and the bytes of one picture
+    /// a provider may answer (decoded); a larger one fails the attempt.
+    pub max_generated_images: usize,
+    pub max_generated_image_bytes: usize,
     /// Hosts (HTTPS) or origins whose image URLs the worker may fetch itself, to send a
     /// provider that fetches no URLs the bytes. Empty: it never fetches a job's URL.
     pub image_url_hosts: Vec<String>,
@@ -333,6 +342,8 @@ impl Default for LimitsConfig {
             max_output_bytes: 512 * 1024,
             max_images: 8,
             max_image_bytes: 5 * 1024 * 1024,
+            max_generated_images: 4,
+            max_generated_image_bytes: 16 * 1024 * 1024,
             image_url_hosts: Vec::new(),
             max_tools: 64,
             max_schema_bytes: 64 * 1024,
@@ -429,6 +440,9 @@ pub struct NatsConfig {
     pub tenant_bucket: String,
     /// JetStream KV bucket of the fleet's response cache (`[cache]`).
     pub cache_bucket: String,
+    /// JetStream object store bucket of image jobs' pictures, kept as long as results
+    /// (`results_max_age_secs`).
+    pub images_bucket: String,
     /// Durable consumer names are `<consumer_prefix>-generate` and `<consumer_prefix>-embed`.
     pub consumer_prefix: String,
     /// How long stored results are kept.
@@ -467,6 +481,7 @@ impl Default for NatsConfig {
             cancel_max_age_secs: 24 * 3600,
             tenant_bucket: "LLM_TENANTS".into(),
             cache_bucket: "LLM_CACHE".into(),
+            images_bucket: crate::contract::IMAGES_BUCKET.into(),
             consumer_prefix: "llm-worker".into(),
             results_max_age_secs: 24 * 3600,
             duplicate_window_secs: 120,
@@ -711,6 +726,67 @@ impl Config {
             }
         }
         Ok(&self.routes)
+    }
+
+    /// The routes image jobs use, every entry with its model; why there are none when empty.
+    pub fn generation_image_routes(&self) -> Result<BTreeMap<String, Vec<RouteEntry>>, String> {
+        let with_model = |e: &RouteEntry| {
+            let api = &self.providers.get(&e.provider)?.api;
+            Some(RouteEntry {
+                provider: e.provider.clone(),
+                model: Some(e.model.clone().or(api.image_model().map(String::from))?),
+            })
+        };
+        if !self.image_routes.is_empty() {
+            // Checked at load: every entry names a provider that generates images.
+            return Ok(self
+                .image_routes
+                .iter()
+                .map(|(task, entries)| {
+                    (
+                        task.clone(),
+                        entries.iter().filter_map(with_model).collect(),
+                    )
+                })
+                .collect());
+        }
+        let default: Vec<RouteEntry> = self
+            .routes
+            .get("default")
+            .into_iter()
+            .flatten()
+            .filter_map(|e| {
+                with_model(&RouteEntry {
+                    provider: e.provider.clone(),
+                    model: None,
+                })
+            })
+            .collect();
+        if default.is_empty() {
+            return Err(
+                "no [image_routes] are configured and no provider of routes.default generates images (openai, gemini)"
+                    .into(),
+            );
+        }
+        Ok(BTreeMap::from([("default".to_string(), default)]))
+    }
+
+    /// Every entry names a configured provider whose protocol generates images.
+    pub(super) fn check_image_makers(&self, entries: &[RouteEntry]) -> Result<(), String> {
+        for entry in entries {
+            match self.providers.get(&entry.provider) {
+                None => return Err(format!("unknown provider '{}'", entry.provider)),
+                Some(p) if p.api.image_model().is_none() => {
+                    return Err(format!(
+                        "provider '{}' is {}, which does not generate images",
+                        entry.provider,
+                        p.api.name()
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
     }
 
     /// Every entry names a configured provider whose protocol has an embeddings API.

@@ -50,6 +50,16 @@ impl Api {
         }
     }
 
+    /// The model an image route entry without one asks for, for the protocols that generate
+    /// images (OpenAI's Images API and compatible servers; Gemini's image output).
+    pub(crate) fn image_model(&self) -> Option<&'static str> {
+        match self {
+            Api::Openai { .. } => Some("gpt-image-2"),
+            Api::Gemini { .. } => Some("gemini-2.5-flash-image"),
+            Api::Anthropic { .. } | Api::Ollama { .. } => None,
+        }
+    }
+
     /// How embedding requests are batched, for the protocols that have an embeddings API.
     pub(crate) fn embedding(&self) -> Option<EmbedBatching> {
         match self {

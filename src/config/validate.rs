@@ -84,6 +84,7 @@ impl Config {
             ("nats.cancel_stream", &self.nats.cancel_stream),
             ("nats.tenant_bucket", &self.nats.tenant_bucket),
             ("nats.cache_bucket", &self.nats.cache_bucket),
+            ("nats.images_bucket", &self.nats.images_bucket),
             ("nats.consumer_prefix", &self.nats.consumer_prefix),
         ] {
             if value.is_empty() || value.contains([' ', '*', '>', '\t']) {
@@ -104,6 +105,11 @@ impl Config {
             ("limits.max_embed_input_bytes", l.max_embed_input_bytes),
             ("limits.max_output_bytes", l.max_output_bytes),
             ("limits.max_image_bytes", l.max_image_bytes),
+            ("limits.max_generated_images", l.max_generated_images),
+            (
+                "limits.max_generated_image_bytes",
+                l.max_generated_image_bytes,
+            ),
             ("limits.max_schema_bytes", l.max_schema_bytes),
             ("limits.max_schema_depth", l.max_schema_depth),
             ("limits.max_response_bytes", l.max_response_bytes),
@@ -202,7 +208,10 @@ impl Config {
             }
         }
         for task in &self.pin_any_provider {
-            if !self.routes.contains_key(task) && !self.embed_routes.contains_key(task) {
+            if !self.routes.contains_key(task)
+                && !self.embed_routes.contains_key(task)
+                && !self.image_routes.contains_key(task)
+            {
                 return Err(invalid(
                     "pin_any_provider",
                     format!("names route '{task}', which does not exist"),
@@ -253,6 +262,7 @@ impl Config {
             for task in policy.task_types.iter().flatten() {
                 if !self.routes.contains_key(task)
                     && !self.embed_routes.contains_key(task)
+                    && !self.image_routes.contains_key(task)
                     && task != "default"
                 {
                     return Err(invalid(
@@ -267,6 +277,16 @@ impl Config {
                 return Err(invalid(
                     format!("strategies.{task}"),
                     "names a route that does not exist",
+                ));
+            }
+        }
+        for (task, entries) in &self.image_routes {
+            self.check_image_makers(entries)
+                .map_err(|e| invalid(format!("image_routes.{task}"), e))?;
+            if entries.is_empty() {
+                return Err(invalid(
+                    format!("image_routes.{task}"),
+                    "must list at least one provider",
                 ));
             }
         }

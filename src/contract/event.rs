@@ -148,6 +148,9 @@ pub struct AttemptRecord {
     pub classes: TokenClasses,
     /// True when the provider reported no usage and the worker estimated it.
     pub tokens_estimated: bool,
+    /// Image jobs: the pictures this call made (billed per image where not in tokens).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub images: Option<ImagesMade>,
     pub cost_usd: Option<f64>,
     /// What the provider's prompt cache saved on this call: its cache reads at the input
     /// price less their own price. Absent without cache reads or their price.
@@ -161,6 +164,18 @@ pub struct AttemptRecord {
     pub started_at: DateTime<Utc>,
     #[serde(serialize_with = "timestamp")]
     pub finished_at: DateTime<Utc>,
+}
+
+/// The pictures one call of an image job made, with what their per-image price depends on.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ImagesMade {
+    pub count: u32,
+    /// The size made (as the provider reported it, else as asked), `1024x1024`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub size: Option<String>,
+    /// The quality made (as reported, else as asked), `medium`, `hd`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub quality: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -215,6 +230,9 @@ pub struct ResultEvent {
     pub output: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub embeddings: Option<Vec<Vec<f32>>>,
+    /// Image jobs: the pictures, kept in the object store (CONTRACT.md section 8).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub images: Option<Vec<super::ImageObject>>,
     /// The tool calls of the final answer (`finish_reason: "tool_calls"`).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub tool_calls: Option<Vec<super::ToolCall>>,
@@ -271,6 +289,7 @@ impl ResultEvent {
             status: Status::Error,
             output: None,
             embeddings: None,
+            images: None,
             tool_calls: None,
             json: None,
             finish_reason: None,

@@ -5,20 +5,23 @@
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-/// The two job kinds, one JetStream subject and one durable consumer each.
+/// The job kinds, one JetStream subject and one durable consumer each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JobKind {
     Generate,
     Embed,
+    /// Image generation (CONTRACT.md section 8).
+    Image,
 }
 
 impl JobKind {
-    pub(crate) const ALL: [JobKind; 2] = [JobKind::Generate, JobKind::Embed];
+    pub(crate) const ALL: [JobKind; 3] = [JobKind::Generate, JobKind::Embed, JobKind::Image];
     pub(crate) fn as_str(self) -> &'static str {
         match self {
             JobKind::Generate => "generate",
             JobKind::Embed => "embed",
+            JobKind::Image => "image",
         }
     }
 }

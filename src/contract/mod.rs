@@ -6,6 +6,7 @@
 //!   validated requests providers take (messages and roles, options, [`CacheMode`],
 //!   [`FitMode`]). The wire JSON is decoded into these by `crate::job`.
 //! - [`event`]: the `chunk` and `result` events, attempts, token counts.
+//! - [`image`]: image jobs' requests and the stored pictures their results name.
 //! - [`error_code`]: the `error.code` vocabulary.
 //! - [`subject`]: literal subjects, the reply-subject rule, tenants as subject tokens,
 //!   quoting job values in error texts.
@@ -16,16 +17,18 @@ pub const SERVICE_NAME: &str = "llm-worker";
 
 pub mod error_code;
 pub mod event;
+pub mod image;
 pub mod job;
 pub mod subject;
 pub mod trace;
 
 pub use error_code::ErrorCode;
 pub use event::{
-    AttemptRecord, CacheSaving, ErrorBody, ResultEvent, Status, TokenClasses, TokensUsed,
-    ToolCallChunk, Trimmed,
+    AttemptRecord, CacheSaving, ErrorBody, ImagesMade, ResultEvent, Status, TokenClasses,
+    TokensUsed, ToolCallChunk, Trimmed,
 };
 pub(crate) use event::{ChunkEvent, elapsed_ms};
+pub use image::{IMAGES_BUCKET, ImageFormat, ImageObject, ImageRequest, image_object_name};
 pub(crate) use job::{CONTEXT_HEADER, context_line};
 pub use job::{
     CacheMode, CacheTtl, EmbedRequest, Envelope, FitMode, GenerateOptions, GenerateRequest, Image,

@@ -24,6 +24,7 @@
 
 pub(crate) mod chat_request;
 pub mod error;
+pub(crate) mod images;
 pub mod keys;
 pub(crate) mod models;
 pub(crate) mod openai;
@@ -130,6 +131,9 @@ fn router(gateway: Arc<Gateway>) -> Router {
         .route("/v1/chat/completions", post(openai::chat))
         .route("/v1/embeddings", post(openai::embeddings))
         .route("/v1/models", get(openai::models))
+        .route("/v1/images/generations", post(images::generations))
+        .route("/v1/images/{job_id}/{file}", get(images::picture))
+        .route("/v1/image/generate", post(seed::image))
         .route("/v1/generate", post(seed::generate))
         .route("/v1/embed", post(seed::embed))
         .route("/v1/status", get(seed::status))

@@ -68,6 +68,7 @@ impl Names {
 pub(crate) struct Catalog {
     generate: Names,
     embed: Names,
+    image: Names,
     /// Configured providers and their `models` allow-lists (`None`: any model):
     /// `provider:model` with an allowed model is passed on to the worker (which decides
     /// whether the route lets a job pin it).
@@ -92,6 +93,10 @@ impl Catalog {
             embed: config
                 .embedding_routes()
                 .map(|r| Names::of(config, r))
+                .unwrap_or_default(),
+            image: config
+                .generation_image_routes()
+                .map(|r| Names::of(config, &r))
                 .unwrap_or_default(),
             providers: config
                 .providers
@@ -149,6 +154,7 @@ impl Catalog {
         let names = match kind {
             JobKind::Generate => &self.generate,
             JobKind::Embed => &self.embed,
+            JobKind::Image => &self.image,
         };
         if let Some(t) = names.0.get(model) {
             return Some(t.clone());

@@ -1,5 +1,5 @@
-//! The seed API, kept for the system this worker replaced: `POST /v1/generate` and
-//! `POST /v1/embed` take the contract's job JSON and answer with its result JSON (HTTP 200
+//! The seed API, kept for the system this worker replaced: `POST /v1/generate`,
+//! `POST /v1/embed` and `POST /v1/image/generate` take the contract's job JSON and answer with its result JSON (HTTP 200
 //! when `status` is `ok`, else the status its error code maps to, see [`super::error`]);
 //! `POST /v1/generate` with `"stream": true` answers with server-sent events, each `data:`
 //! one event of the contract (chunks, then the result). `GET /v1/status`: the fleet's health
@@ -48,6 +48,17 @@ pub(crate) async fn embed(
     body: Body,
 ) -> Response {
     run(gw, JobKind::Embed, peer, headers, body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+pub(crate) async fn image(
+    State(gw): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    run(gw, JobKind::Image, peer, headers, body)
         .await
         .unwrap_or_else(IntoResponse::into_response)
 }

@@ -11,12 +11,12 @@ use uuid::Uuid;
 use super::bounds::{
     MAX_STOP_BYTES, check_metadata, check_name, check_prompt_bounds, clip_reason, no_nul, safe_name,
 };
-use super::wire::{StopWire, WireEmbed, WireEnvelope, WireGenerate};
+use super::wire::{StopWire, WireEmbed, WireEnvelope, WireGenerate, WireImage};
 use super::{Delivery, InvalidJob, Job, JobBody, Rules};
 use crate::config::LimitsConfig;
 use crate::contract::{
-    EmbedRequest, Envelope, GenerateOptions, GenerateRequest, JobKind, Message, QUOTE_CHARS, Role,
-    quote,
+    EmbedRequest, Envelope, GenerateOptions, GenerateRequest, ImageRequest, JobKind, Message,
+    QUOTE_CHARS, Role, quote,
 };
 use crate::trust::check_model_name;
 
@@ -125,6 +125,19 @@ pub fn decode(
                 w.timeout_ms,
                 (w.deadline, w.expires_in_ms),
                 w.cache,
+                body,
+            )
+        }
+        JobKind::Image => {
+            let w: WireImage = serde_path_to_error::deserialize(&value)
+                .map_err(|e| serde_fail(e.path().to_string(), e.inner()))?;
+            let body = JobBody::Image(image_request(&w, &limits.bounds).map_err(&fail)?);
+            (
+                w.provider,
+                w.model,
+                w.timeout_ms,
+                (w.deadline, w.expires_in_ms),
+                None,
                 body,
             )
         }
@@ -543,4 +556,71 @@ fn embed_request(w: &WireEmbed, bounds: &LimitsConfig) -> Result<EmbedRequest, S
         input: w.input.clone(),
         dimensions: w.options.dimensions,
     })
+}
+
+/// The longest size, quality or background value taken (they are short words).
+const MAX_IMAGE_OPTION_BYTES: usize = 32;
+
+fn image_request(w: &WireImage, bounds: &LimitsConfig) -> Result<ImageRequest, String> {
+    if w.prompt.is_empty() {
+        return Err("prompt: an image job needs a non-empty prompt".into());
+    }
+    if w.prompt.len() > bounds.max_prompt_bytes {
+        return Err(format!(
+            "prompt: {} bytes, more than the limit of {} bytes (limits.max_prompt_bytes)",
+            w.prompt.len(),
+            bounds.max_prompt_bytes
+        ));
+    }
+    no_nul("prompt", &w.prompt)?;
+    let o = &w.options;
+    let n = o.n.unwrap_or(1);
+    if n == 0 || n as usize > bounds.max_generated_images {
+        return Err(format!(
+            "options.n: {n} images; 1 to {} (limits.max_generated_images)",
+            bounds.max_generated_images
+        ));
+    }
+    let word = |field: &str, v: &Option<String>| -> Result<Option<String>, String> {
+        match v {
+            None => Ok(None),
+            Some(v)
+                if v.is_empty()
+                    || v.len() > MAX_IMAGE_OPTION_BYTES
+                    || !v
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') =>
+            {
+                Err(format!(
+                    "options.{field}: {} is not a word of at most {MAX_IMAGE_OPTION_BYTES} letters, digits, '-' or '_'",
+                    quote(v)
+                ))
+            }
+            Some(v) => Ok(Some(v.to_ascii_lowercase())),
+        }
+    };
+    let size = word("size", &o.size)?;
+    if let Some(s) = size.as_deref().filter(|s| *s != "auto")
+        && image_dimensions(s).is_none()
+    {
+        return Err(format!(
+            "options.size: {} is not WIDTHxHEIGHT (1024x1024) or auto",
+            quote(s)
+        ));
+    }
+    Ok(ImageRequest {
+        prompt: w.prompt.clone(),
+        n,
+        size,
+        quality: word("quality", &o.quality)?,
+        output_format: o.output_format.unwrap_or_default(),
+        background: word("background", &o.background)?,
+    })
+}
+
+/// `WIDTHxHEIGHT` as numbers, each 1 to 16384.
+pub(crate) fn image_dimensions(size: &str) -> Option<(u32, u32)> {
+    let (w, h) = size.split_once('x')?;
+    let (w, h): (u32, u32) = (w.parse().ok()?, h.parse().ok()?);
+    ((1..=16_384).contains(&w) && (1..=16_384).contains(&h)).then_some((w, h))
 }

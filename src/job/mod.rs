@@ -16,10 +16,13 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use crate::config::{Config, LimitsConfig};
-use crate::contract::{CacheMode, EmbedRequest, Envelope, GenerateRequest, JobKind, ReplyPolicy};
+use crate::contract::{
+    CacheMode, EmbedRequest, Envelope, GenerateRequest, ImageRequest, JobKind, ReplyPolicy,
+};
 
 pub(crate) use bounds::clip_reason;
 pub use decode::decode;
+pub(crate) use decode::image_dimensions;
 
 /// Limits that validation needs from configuration.
 #[derive(Debug, Clone)]
@@ -79,6 +82,7 @@ pub struct Job {
 pub enum JobBody {
     Generate(GenerateRequest),
     Embed(EmbedRequest),
+    Image(ImageRequest),
 }
 
 /// Why a job was refused, with the identity needed to answer it.

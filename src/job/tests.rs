@@ -166,7 +166,7 @@ fn cache_breakpoints_are_read_bounded_and_bring_a_prompt_cache_key() {
 fn under_a_budget_a_job_without_max_tokens_gets_the_tenants_cap() {
     let max = |json: &str| match gen_job(json).unwrap().body {
         JobBody::Generate(g) => g.options.max_tokens,
-        JobBody::Embed(_) => None,
+        JobBody::Embed(_) | JobBody::Image(_) => None,
     };
     assert_eq!(max(r#"{"tenant":"thrifty","prompt":"x"}"#), Some(77));
     assert_eq!(
@@ -590,4 +590,61 @@ fn a_valid_traceparent_names_the_jobs_trace() {
     };
     let job = decode_with(JobKind::Generate, body, &garbage).unwrap();
     assert_eq!(job.envelope.trace_id, "from-the-body");
+}
+
+#[test]
+fn image_jobs_decode_with_their_options_and_bounds() {
+    let image = |j: &str| decode_with(JobKind::Image, j, &Delivery::default());
+    let job = image(
+        r#"{"prompt":"a red fox","model":"gpt-image-1","options":{"size":"1024x1024","quality":"Medium","n":2,"output_format":"webp","background":"transparent"}}"#,
+    )
+    .unwrap();
+    let JobBody::Image(req) = job.body else {
+        panic!("not an image job")
+    };
+    assert_eq!(req.prompt, "a red fox");
+    assert_eq!(req.n, 2);
+    assert_eq!(req.size.as_deref(), Some("1024x1024"));
+    assert_eq!(req.quality.as_deref(), Some("medium"));
+    assert_eq!(req.output_format, crate::contract::ImageFormat::Webp);
+    assert_eq!(req.background.as_deref(), Some("transparent"));
+    let JobBody::Image(plain) = image(r#"{"prompt":"x"}"#).unwrap().body else {
+        panic!("not an image job")
+    };
+    assert_eq!(
+        (plain.n, plain.size, plain.output_format),
+        (1, None, Default::default())
+    );
+    for (json, says) in [
+        (r#"{"prompt":""}"#, "prompt"),
+        (r#"{"input":["x"]}"#, "prompt"),
+        (r#"{"prompt":"x","options":{"n":0}}"#, "options.n"),
+        (
+            r#"{"prompt":"x","options":{"n":5}}"#,
+            "limits.max_generated_images",
+        ),
+        (
+            r#"{"prompt":"x","options":{"size":"huge"}}"#,
+            "options.size",
+        ),
+        (
+            r#"{"prompt":"x","options":{"size":"0x10"}}"#,
+            "options.size",
+        ),
+        (
+            r#"{"prompt":"x","options":{"quality":"a b"}}"#,
+            "options.quality",
+        ),
+        (
+            r#"{"prompt":"x","options":{"output_format":"bmp"}}"#,
+            "output_format",
+        ),
+        (r#"{"prompt":"x","options":{"style":"vivid"}}"#, "style"),
+        (r#"{"prompt":"x\u0000"}"#, "prompt"),
+    ] {
+        let e = image(json)
+            .err()
+            .unwrap_or_else(|| panic!("{json} was accepted"));
+        assert!(e.reason.contains(says), "{json}: {}", e.reason);
+    }
 }

@@ -80,3 +80,25 @@ pub(super) struct WireEmbed {
 pub(super) struct WireEmbedOptions {
     pub(super) dimensions: Option<u32>,
 }
+
+#[derive(Deserialize)]
+pub(super) struct WireImage {
+    pub(super) provider: Option<String>,
+    pub(super) model: Option<String>,
+    pub(super) prompt: String,
+    #[serde(default)]
+    pub(super) options: WireImageOptions,
+    pub(super) timeout_ms: Option<u64>,
+    pub(super) deadline: Option<String>,
+    pub(super) expires_in_ms: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct WireImageOptions {
+    pub(super) n: Option<u32>,
+    pub(super) size: Option<String>,
+    pub(super) quality: Option<String>,
+    pub(super) output_format: Option<crate::contract::ImageFormat>,
+    pub(super) background: Option<String>,
+}

@@ -496,6 +496,7 @@ mod tests {
                 ..Default::default()
             },
             tokens_estimated: false,
+            images: None,
             cost_usd: Some(0.5),
             cache_saved_usd: Some(0.25),
             http_status: Some(200),

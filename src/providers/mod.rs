@@ -15,6 +15,8 @@ pub(crate) mod gemini;
 mod helpers;
 pub(crate) mod ollama;
 pub(crate) mod openai;
+mod openai_images;
+pub mod pictures;
 pub mod quality;
 #[cfg(test)]
 pub(crate) mod scripted;
@@ -327,6 +329,34 @@ impl Provider {
 
     /// A provider message with this provider's key (and anything shaped like an API key)
     /// removed: some providers quote the key, masked or not, in auth errors.
+    /// Make the pictures an image job asks for (OpenAI's Images API and compatible servers;
+    /// Gemini's image output), checked to be at most `req.n` real pictures.
+    pub async fn images(
+        &self,
+        model: &str,
+        req: &crate::contract::ImageRequest,
+    ) -> Result<pictures::Pictures, ProviderError> {
+        let answer = match &self.imp {
+            ProviderImpl::OpenAi(p) => p.images(model, req).await?,
+            ProviderImpl::Gemini(p) => p.images(model, req).await?,
+            ProviderImpl::Anthropic(_) | ProviderImpl::Ollama(_) => {
+                return Err(ProviderError::new(
+                    ErrorCode::Unsupported,
+                    "this provider's protocol does not generate images",
+                ));
+            }
+            #[cfg(test)]
+            ProviderImpl::Scripted(_) => {
+                return Err(ProviderError::new(
+                    ErrorCode::BadRequest,
+                    "scripted providers do not generate images",
+                ));
+            }
+        };
+        pictures::check(&answer, req.n)?;
+        Ok(answer)
+    }
+
     pub fn redact(&self, message: &str) -> String {
         helpers::redact(message, self.key.as_ref())
     }
@@ -461,6 +491,8 @@ pub fn http_client(connect_timeout: Duration) -> Result<reqwest::Client, Provide
 pub struct Bounds {
     /// A non-streamed body.
     pub max_response_bytes: usize,
+    /// One generated picture, decoded (`limits.max_generated_image_bytes`).
+    pub max_picture_bytes: usize,
     /// An error body: only this much is read.
     pub max_error_body_bytes: usize,
     /// One SSE event or NDJSON line.
@@ -471,6 +503,7 @@ impl Bounds {
     pub fn from_limits(l: &LimitsConfig) -> Self {
         Self {
             max_response_bytes: l.max_response_bytes,
+            max_picture_bytes: l.max_generated_image_bytes,
             max_error_body_bytes: l.max_error_body_bytes,
             max_line_bytes: l.max_line_bytes,
         }
@@ -513,7 +546,27 @@ impl Http {
         &self,
         response: reqwest::Response,
     ) -> Result<String, ProviderError> {
-        let max = self.bounds.max_response_bytes;
+        self.read_body_within(response, self.bounds.max_response_bytes)
+            .await
+    }
+
+    /// The body of an answer carrying `n` pictures as base64: room for `n` of the largest
+    /// picture allowed, and for the rest of the JSON.
+    pub(crate) async fn read_pictures_body(
+        &self,
+        response: reqwest::Response,
+        n: u32,
+    ) -> Result<String, ProviderError> {
+        let pictures = self.bounds.max_picture_bytes.saturating_mul(n as usize) / 3 * 4;
+        let max = pictures.saturating_add(self.bounds.max_response_bytes);
+        self.read_body_within(response, max).await
+    }
+
+    async fn read_body_within(
+        &self,
+        response: reqwest::Response,
+        max: usize,
+    ) -> Result<String, ProviderError> {
         let too_large = || {
             ProviderError::new(
                 ErrorCode::ResponseTooLarge,

@@ -26,6 +26,7 @@ pub(crate) struct OpenAi {
     http: super::Http,
     chat_url: Url,
     embed_url: Url,
+    images_url: Url,
     key: Option<SecretString>,
     max_tokens_field: MaxTokensField,
 }
@@ -44,6 +45,7 @@ impl OpenAi {
             http,
             chat_url: endpoint(base, "chat/completions")?,
             embed_url: endpoint(base, "embeddings")?,
+            images_url: endpoint(base, "images/generations")?,
             key: cfg.api_key.clone(),
             max_tokens_field,
         })
@@ -71,6 +73,16 @@ impl OpenAi {
             http_status: Some(status),
             events,
         })
+    }
+
+    /// `POST {base}/images/generations` (`super::openai_images`).
+    pub async fn images(
+        &self,
+        model: &str,
+        req: &crate::contract::ImageRequest,
+    ) -> Result<super::pictures::Pictures, ProviderError> {
+        super::openai_images::generate(&self.http, &self.images_url, self.key.as_ref(), model, req)
+            .await
     }
 
     /// `POST {base}/embeddings`; vectors are returned in input order (sorted by `index`).
@@ -624,7 +636,10 @@ pub(crate) fn classify_error_body(status: u16, body: &str) -> ProviderError {
         ErrorCode::ContextTooLong
     } else if code == "insufficient_quota" || kind == "insufficient_quota" {
         ErrorCode::QuotaExhausted
-    } else if code == "content_filter" || code == "content_policy_violation" {
+    } else if code == "content_filter"
+        || code == "content_policy_violation"
+        || code == "moderation_blocked"
+    {
         ErrorCode::ContentFiltered
     } else if status == 200 {
         // An error inside a 200 stream: the server failed mid-answer.

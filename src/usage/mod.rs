@@ -34,7 +34,7 @@ pub(crate) async fn load_prices(pool: &sqlx::PgPool, book: &PriceBook) -> Result
         "SELECT provider, model, effective_from, input_usd_per_mtok::float8, \
                 output_usd_per_mtok::float8, cache_read_usd_per_mtok::float8, \
                 cache_write_usd_per_mtok::float8, cache_write_1h_usd_per_mtok::float8, \
-                reasoning_usd_per_mtok::float8, image_input_usd_per_mtok::float8 \
+                reasoning_usd_per_mtok::float8, image_input_usd_per_mtok::float8, per_image_usd \
          FROM llm_prices",
     )
     .fetch_all(pool)
@@ -50,11 +50,23 @@ pub(crate) async fn load_prices(pool: &sqlx::PgPool, book: &PriceBook) -> Result
             cache_write_1h_per_mtok: r.try_get(7)?,
             reasoning_per_mtok: r.try_get(8)?,
             image_input_per_mtok: r.try_get(9)?,
+            per_image: per_image(r.try_get(10)?),
         };
         prices.push((r.try_get(0)?, r.try_get(1)?, price));
     }
     book.replace(prices);
     Ok(())
+}
+
+/// `llm_prices.per_image_usd` as a map; keys whose value is not a number are left out.
+fn per_image(v: Option<serde_json::Value>) -> std::collections::BTreeMap<String, f64> {
+    match v {
+        Some(serde_json::Value::Object(m)) => m
+            .into_iter()
+            .filter_map(|(k, v)| Some((k, v.as_f64()?)))
+            .collect(),
+        _ => Default::default(),
+    }
 }
 
 /// The database side of a worker process: apply migrations (retrying until the database is

@@ -275,10 +275,12 @@ pub async fn reprice(pool: &sqlx::PgPool, scope: &Scope) -> Result<Repriced, sql
     let changed: Vec<(Uuid, Option<f64>, Option<f64>)> = sqlx::query_as(
         "WITH target AS (
              SELECT c.job_id, c.attempt, c.cost_usd AS old_cost,
-                    llm_cost(p, c.input_tokens, c.output_tokens, c.cache_read_tokens,
-                             c.cache_write_tokens, c.cache_write_1h_tokens, c.reasoning_tokens,
-                             c.image_input_tokens) AS new_cost,
-                    CASE WHEN c.input_tokens + c.output_tokens > 0 THEN p.effective_from END
+                    llm_call_cost(p, c.input_tokens, c.output_tokens, c.cache_read_tokens,
+                                  c.cache_write_tokens, c.cache_write_1h_tokens,
+                                  c.reasoning_tokens, c.image_input_tokens, c.images,
+                                  c.image_size, c.image_quality) AS new_cost,
+                    CASE WHEN c.input_tokens + c.output_tokens + c.images > 0
+                         THEN p.effective_from END
                         AS new_from
              FROM llm_calls c
              LEFT JOIN LATERAL llm_price_at(c.provider, c.model, c.started_at) p ON true

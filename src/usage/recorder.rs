@@ -341,6 +341,11 @@ pub async fn write_batch(pool: &sqlx::PgPool, results: &[ResultEvent]) -> Result
                 .push(a.error.as_ref().map(|e| e.message.clone()));
             c.started_at.push(a.started_at);
             c.finished_at.push(a.finished_at);
+            let made = a.images.as_ref();
+            c.images
+                .push(made.map_or(0, |m| i32::try_from(m.count).unwrap_or(i32::MAX)));
+            c.image_size.push(made.and_then(|m| m.size.clone()));
+            c.image_quality.push(made.and_then(|m| m.quality.clone()));
         }
     }
 
@@ -352,23 +357,27 @@ pub async fn write_batch(pool: &sqlx::PgPool, results: &[ResultEvent]) -> Result
                 input_tokens, output_tokens, tokens_estimated, cost_usd, latency_ms, ttft_ms,
                 http_status, error_code, error_message, started_at, finished_at,
                 cache_read_tokens, cache_write_tokens, cache_write_1h_tokens, reasoning_tokens,
-                image_input_tokens, price_effective_from)
+                image_input_tokens, price_effective_from, images, image_size, image_quality)
             SELECT u.job_id, u.attempt, u.trace_id, u.tenant, u.provider, u.model, u.status,
                 u.input_tokens, u.output_tokens, u.tokens_estimated,
-                llm_cost(p, u.input_tokens, u.output_tokens, u.cache_read, u.cache_write,
-                         u.cache_write_1h, u.reasoning, u.image_input),
+                llm_call_cost(p, u.input_tokens, u.output_tokens, u.cache_read, u.cache_write,
+                              u.cache_write_1h, u.reasoning, u.image_input, u.images,
+                              u.image_size, u.image_quality),
                 u.latency_ms, u.ttft_ms, u.http_status, u.error_code, u.error_message,
                 u.started_at, u.finished_at,
                 u.cache_read, u.cache_write, u.cache_write_1h, u.reasoning, u.image_input,
-                CASE WHEN u.input_tokens + u.output_tokens > 0 THEN p.effective_from END
+                CASE WHEN u.input_tokens + u.output_tokens + u.images > 0 THEN p.effective_from END,
+                u.images, u.image_size, u.image_quality
             FROM UNNEST($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::text[], $6::text[],
                         $7::text[], $8::int8[], $9::int8[], $10::bool[], $11::int8[], $12::int8[],
                         $13::int4[], $14::text[], $15::text[], $16::timestamptz[], $17::timestamptz[],
-                        $18::int8[], $19::int8[], $20::int8[], $21::int8[], $22::int8[])
+                        $18::int8[], $19::int8[], $20::int8[], $21::int8[], $22::int8[],
+                        $23::int4[], $24::text[], $25::text[])
                 AS u(job_id, attempt, trace_id, tenant, provider, model, status, input_tokens,
                      output_tokens, tokens_estimated, latency_ms, ttft_ms, http_status,
                      error_code, error_message, started_at, finished_at,
-                     cache_read, cache_write, cache_write_1h, reasoning, image_input)
+                     cache_read, cache_write, cache_write_1h, reasoning, image_input,
+                     images, image_size, image_quality)
             LEFT JOIN LATERAL llm_price_at(u.provider, u.model, u.started_at) p ON true
             ON CONFLICT (job_id, attempt) DO NOTHING
             "#,
@@ -395,6 +404,9 @@ pub async fn write_batch(pool: &sqlx::PgPool, results: &[ResultEvent]) -> Result
         .bind(&c.classes.cache_write_1h)
         .bind(&c.classes.reasoning)
         .bind(&c.classes.image_input)
+        .bind(&c.images)
+        .bind(&c.image_size)
+        .bind(&c.image_quality)
         .execute(&mut *tx)
         .await?;
     }
@@ -426,6 +438,11 @@ pub async fn write_batch(pool: &sqlx::PgPool, results: &[ResultEvent]) -> Result
         j.received_at.push(r.received_at);
         j.finished_at.push(r.finished_at);
         j.processing_ms.push(r.processing_time_ms as i64);
+        j.images.push(
+            r.images
+                .as_ref()
+                .map_or(0, |i| i32::try_from(i.len()).unwrap_or(i32::MAX)),
+        );
     }
     // Job totals come from its calls, so job and call rows always agree.
     sqlx::query(
@@ -435,7 +452,7 @@ pub async fn write_batch(pool: &sqlx::PgPool, results: &[ResultEvent]) -> Result
             metadata, worker_id, received_at, finished_at, processing_ms,
             cache_saved_input_tokens, cache_saved_output_tokens, cache_saved_cost_usd,
             cache_read_tokens, cache_write_tokens, cache_write_1h_tokens, reasoning_tokens,
-            image_input_tokens)
+            image_input_tokens, images)
         SELECT u.job_id, u.trace_id, u.tenant, u.kind, u.task_type, u.status, u.provider, u.model,
             coalesce(c.input_tokens, 0), coalesce(c.output_tokens, 0),
             CASE WHEN c.unpriced THEN NULL ELSE coalesce(c.cost_usd, 0) END,
@@ -444,14 +461,14 @@ pub async fn write_batch(pool: &sqlx::PgPool, results: &[ResultEvent]) -> Result
             u.worker_id, u.received_at, u.finished_at, u.processing_ms,
             u.saved_input, u.saved_output, u.saved_cost::numeric,
             coalesce(c.cache_read, 0), coalesce(c.cache_write, 0), coalesce(c.cache_write_1h, 0),
-            coalesce(c.reasoning, 0), coalesce(c.image_input, 0)
+            coalesce(c.reasoning, 0), coalesce(c.image_input, 0), u.images
         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
                     $7::text[], $8::text[], $9::int4[], $10::bool[], $11::text[], $12::text[],
                     $13::jsonb[], $14::text[], $15::timestamptz[], $16::timestamptz[], $17::int8[],
-                    $18::int8[], $19::int8[], $20::float8[])
+                    $18::int8[], $19::int8[], $20::float8[], $21::int4[])
             AS u(job_id, trace_id, tenant, kind, task_type, status, provider, model, attempts,
                  cache_hit, error_code, error_message, metadata, worker_id, received_at,
-                 finished_at, processing_ms, saved_input, saved_output, saved_cost)
+                 finished_at, processing_ms, saved_input, saved_output, saved_cost, images)
         LEFT JOIN LATERAL (
             SELECT sum(input_tokens)::bigint AS input_tokens,
                    sum(output_tokens)::bigint AS output_tokens,
@@ -487,6 +504,7 @@ pub async fn write_batch(pool: &sqlx::PgPool, results: &[ResultEvent]) -> Result
     .bind(&j.saved_input)
     .bind(&j.saved_output)
     .bind(&j.saved_cost)
+    .bind(&j.images)
     .execute(&mut *tx)
     .await?;
     tx.commit().await
@@ -513,6 +531,9 @@ struct CallColumns {
     error_message: Vec<Option<String>>,
     started_at: Vec<DateTime<Utc>>,
     finished_at: Vec<DateTime<Utc>>,
+    images: Vec<i32>,
+    image_size: Vec<Option<String>>,
+    image_quality: Vec<Option<String>>,
 }
 
 /// Column arrays for one `llm_jobs` insert.
@@ -538,6 +559,7 @@ struct JobColumns {
     received_at: Vec<DateTime<Utc>>,
     finished_at: Vec<DateTime<Utc>>,
     processing_ms: Vec<i64>,
+    images: Vec<i32>,
 }
 
 /// The token classes of `llm_calls`, one array per class.

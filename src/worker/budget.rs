@@ -24,6 +24,9 @@ const PER_INPUT_TOKENS: usize = 4;
 /// Tokens an image may cost at most (Anthropic's largest images are about 1,600; OpenAI's
 /// 1,105 in high detail; Gemini's 258).
 const PER_IMAGE_TOKENS: usize = 1_600;
+/// The most output tokens one generated picture is billed (gpt-image-1, high quality,
+/// 1536x1024: 6,240; Gemini: 1,290).
+const PER_PICTURE_TOKENS: u64 = 6_240;
 
 pub(crate) struct BudgetGate<'a> {
     ledger: &'a Ledger,
@@ -63,17 +66,7 @@ impl<'a> BudgetGate<'a> {
     /// What the job's calls so far cost (priced now, as the worker prices its results).
     fn spent(&self, attempts: &[AttemptRecord]) -> Cost {
         attempts.iter().fold(Cost::default(), |c, a| {
-            let usd = self
-                .prices
-                .cost(
-                    &a.provider,
-                    &a.model,
-                    a.started_at,
-                    a.input_tokens,
-                    a.output_tokens,
-                    &a.classes,
-                )
-                .unwrap_or(0.0);
+            let usd = self.prices.attempt_cost(a).unwrap_or(0.0);
             c.plus(Cost {
                 usd,
                 tokens: (a.input_tokens + a.output_tokens) as f64,
@@ -96,6 +89,8 @@ pub(crate) struct Worst {
     /// USD per token of the prompt and of the output (0 without a price).
     pub input_price: f64,
     pub output_price: f64,
+    /// USD of the call beyond its tokens: pictures at their per-image price.
+    pub fixed_usd: f64,
 }
 
 impl Worst {
@@ -109,32 +104,44 @@ impl Worst {
                 (prompt, req.options.max_tokens.map_or(0, u64::from))
             }
             Call::Embed(inputs) => (inputs.iter().map(|i| i.len() + PER_INPUT_TOKENS).sum(), 0),
+            Call::Image(req) => (req.prompt.len(), PER_PICTURE_TOKENS * u64::from(req.n)),
         };
-        let (input_price, output_price) = prices
-            .price_now(&target.provider.name, &target.model)
-            .map_or((0.0, 0.0), |p| {
-                let input = [
-                    p.cache_write_per_mtok,
-                    p.cache_write_1h_per_mtok,
-                    p.image_input_per_mtok,
-                ]
-                .into_iter()
-                .flatten()
-                .fold(p.input_per_mtok, f64::max);
-                let out = p.reasoning_per_mtok.unwrap_or(0.0).max(p.output_per_mtok);
-                (input / 1_000_000.0, out / 1_000_000.0)
-            });
+        let price = prices.price_now(&target.provider.name, &target.model);
+        // Pictures billed per picture cost that at most, whatever their tokens.
+        let fixed_usd = match (call, &price) {
+            (Call::Image(req), Some(p)) => {
+                let each = p
+                    .image_price(req.size.as_deref(), req.quality.as_deref())
+                    .or_else(|| p.per_image.values().copied().reduce(f64::max))
+                    .unwrap_or(0.0);
+                each * f64::from(req.n)
+            }
+            _ => 0.0,
+        };
+        let (input_price, output_price) = price.map_or((0.0, 0.0), |p| {
+            let input = [
+                p.cache_write_per_mtok,
+                p.cache_write_1h_per_mtok,
+                p.image_input_per_mtok,
+            ]
+            .into_iter()
+            .flatten()
+            .fold(p.input_per_mtok, f64::max);
+            let out = p.reasoning_per_mtok.unwrap_or(0.0).max(p.output_per_mtok);
+            (input / 1_000_000.0, out / 1_000_000.0)
+        });
         Worst {
             prompt: prompt as f64,
             output: output as f64,
             input_price,
             output_price,
+            fixed_usd,
         }
     }
 
     pub(crate) fn cost(&self) -> Cost {
         Cost {
-            usd: self.prompt * self.input_price + self.output * self.output_price,
+            usd: self.prompt * self.input_price + self.output * self.output_price + self.fixed_usd,
             tokens: self.prompt + self.output,
         }
     }
@@ -142,7 +149,10 @@ impl Worst {
     /// The most output that fits in `room` once `spent` and the prompt are paid for (`None`
     /// when not even [`crate::context::MIN_OUTPUT`] does).
     pub(crate) fn output_within(&self, room: Cost, spent: Cost) -> Option<u32> {
-        let left = room.minus(spent);
+        let left = room.minus(spent).minus(Cost {
+            usd: self.fixed_usd,
+            tokens: 0.0,
+        });
         let by_tokens = left.tokens - self.prompt;
         let by_usd = if self.output_price > 0.0 {
             (left.usd - self.prompt * self.input_price) / self.output_price
@@ -237,6 +247,7 @@ mod tests {
             output: 4096.0,
             input_price: 1e-6,
             output_price: 4e-6,
+            fixed_usd: 0.0,
         };
         let room = |usd: f64, tokens: f64| Cost { usd, tokens };
         // Tokens: 1000 − 10 spent − 30 prompt.

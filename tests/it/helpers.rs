@@ -106,6 +106,7 @@ dead_stream = "DEAD_{id}"
 cancel_stream = "CANCEL_{id}"
 tenant_bucket = "TENANTS_{id}"
 cache_bucket = "CACHE_{id}"
+images_bucket = "IMAGES_{id}"
 consumer_prefix = "w{id}"
 ack_wait_secs = 5
 
@@ -393,6 +394,8 @@ impl TestApp {
         ] {
             let _ = self.js.delete_stream(format!("KV_{bucket}")).await;
         }
+        let images = format!("OBJ_{}", self.config.nats.images_bucket);
+        let _ = self.js.delete_stream(images).await;
         self.db.close().await;
         self.database.drop().await;
     }

@@ -23,6 +23,7 @@ mod gateway;
 mod gateway_tenancy;
 mod generate;
 mod helpers;
+mod images;
 mod layering;
 mod lifecycle;
 mod metrics;

@@ -61,7 +61,7 @@ impl Deployment {
         } else {
             format!(
                 "replicas = {}\ndead_stream = \"BENCH_DEAD_{id}\"\ncancel_stream = \"BENCH_CANCEL_{id}\"\n\
-                 tenant_bucket = \"BENCH_TENANTS_{id}\"\ncache_bucket = \"BENCH_CACHE_{id}\"\n",
+                 tenant_bucket = \"BENCH_TENANTS_{id}\"\ncache_bucket = \"BENCH_CACHE_{id}\"\nimages_bucket = \"BENCH_IMAGES_{id}\"\n",
                 target.replicas
             )
         };
@@ -281,6 +281,10 @@ url = "{db_url}"
         let _ = self.js.delete_stream(&self.nats.results_stream).await;
         let _ = self.js.delete_stream(&self.nats.dead_stream).await;
         let _ = self.js.delete_stream(&self.nats.cancel_stream).await;
+        let _ = self
+            .js
+            .delete_stream(format!("OBJ_{}", self.nats.images_bucket))
+            .await;
         for bucket in [&self.nats.tenant_bucket, &self.nats.cache_bucket] {
             let _ = self.js.delete_stream(format!("KV_{bucket}")).await;
         }

@@ -7,12 +7,14 @@
 //! NDJSON). It plays scripted [`Reply`]s in order, then the default reply, including the
 //! failures real servers produce: HTTP errors with retry hints, streams cut mid-answer, errors
 //! inside a 200 stream, malformed chunks, silence. It records every request body so tests can
-//! assert what reached the provider. With [`FakeLlmServer::demo_mode`] (the `fake-llm-server`
+//! assert what reached the provider. Image requests (OpenAI's Images API, Gemini asking for
+//! `IMAGE`) get real PNG pictures drawn from the prompt ([`fake_png`], `images`). With [`FakeLlmServer::demo_mode`] (the `fake-llm-server`
 //! binary) the model name picks the failure instead of a script (`demo`). The wire formats are
 //! rendered in `wire`. Also [`ScratchDatabase`] (`scratch`), the throw-away Postgres database
 //! each test and benchmark runs against.
 
 mod demo;
+mod images;
 pub mod nats;
 mod scratch;
 mod wire;
@@ -30,6 +32,7 @@ use axum::routing::post;
 use futures::StreamExt;
 use serde_json::json;
 
+pub use images::{FAKE_IMAGE_OUTPUT_TOKENS, FAKE_PICTURE_SIDE, fake_png};
 pub use scratch::{ScratchDatabase, with_database};
 use wire::{Flavor, render, response};
 
@@ -143,6 +146,19 @@ impl Reply {
         }
     }
 
+    /// OpenAI's refusal of a prompt its safety system blocks (Images API: HTTP 400,
+    /// `content_policy_violation`).
+    pub fn content_policy() -> Self {
+        let body = json!({"error": {"code": "content_policy_violation",
+            "message": "Your request was rejected as a result of our safety system. Your prompt may contain text that is not allowed by our safety system.",
+            "param": null, "type": "invalid_request_error"}});
+        Reply::Status {
+            status: 400,
+            body: body.to_string(),
+            headers: Vec::new(),
+        }
+    }
+
     /// An HTTP error status with an OpenAI-style error body.
     pub fn status(status: u16, message: &str) -> Self {
         let body = json!({"error": {"message": message, "type": "server_error", "code": null}});
@@ -242,6 +258,7 @@ impl FakeLlmServer {
             .route("/v1beta/models/{*target}", post(gemini))
             .route("/api/chat", post(ollama))
             .route("/v1/embeddings", post(openai_embed))
+            .route("/v1/images/generations", post(openai_images))
             .route("/api/embed", post(ollama_embed))
             .route("/files/{name}", axum::routing::get(file))
             .with_state(script.clone());
@@ -395,6 +412,16 @@ async fn gemini(
         return embed(script, Flavor::Gemini, &body).await;
     }
     let stream = method == "streamGenerateContent";
+    let request: serde_json::Value =
+        serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+    let modalities = &request["generationConfig"]["responseModalities"];
+    if modalities
+        .as_array()
+        .is_some_and(|m| m.iter().any(|v| v == "IMAGE"))
+    {
+        let reply = take(&script, request.clone());
+        return images::answer(reply, Flavor::Gemini, &request).await;
+    }
     serve(
         script,
         Flavor::Gemini,
@@ -402,6 +429,22 @@ async fn gemini(
         &body,
     )
     .await
+}
+
+async fn openai_images(State(script): Shared, body: Bytes) -> Response<Body> {
+    let request: serde_json::Value =
+        serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+    let reply = take(&script, request.clone());
+    images::answer(reply, Flavor::OpenAi, &request).await
+}
+
+/// Record a request and take the reply it gets (the queue's next, else the default).
+fn take(script: &Arc<Mutex<Script>>, request: serde_json::Value) -> Option<Reply> {
+    let mut s = script.lock().ok()?;
+    if s.record {
+        s.requests.push(request);
+    }
+    s.queue.pop_front().or_else(|| s.default.clone())
 }
 
 async fn openai_embed(State(script): Shared, body: Bytes) -> Response<Body> {

@@ -3,8 +3,9 @@
 //! `RetryInfo.retryDelay` and per-day quota exhaustion. A `functionCall` part arrives whole
 //! (Gemini does not stream a call's arguments in pieces).
 //!
-//! `request` builds the request, rich jobs included.
+//! `request` builds the request, rich jobs included; `image` asks for pictures.
 
+mod image;
 mod request;
 
 use request::{PartIn, SystemIn, request_body};

@@ -45,6 +45,7 @@ fn result(job_id: Uuid) -> ResultEvent {
             ..TokenClasses::default()
         },
         tokens_estimated: false,
+        images: None,
         cost_usd: None,
         cache_saved_usd: None,
         http_status: Some(200),
@@ -60,6 +61,7 @@ fn result(job_id: Uuid) -> ResultEvent {
         status: Status::Ok,
         output: Some("a short answer".into()),
         embeddings: None,
+        images: None,
         tool_calls: None,
         json: None,
         finish_reason: Some("stop".into()),
