@@ -84,10 +84,12 @@ pub async fn start_with(
     if roles.jobs {
         config.require_providers()?;
     }
+    let mut config = config;
+    let client = crate::nats::connect_worker(&config.nats).await?;
+    let js = async_nats::jetstream::new(client.clone());
+    crate::nats::keep_earlier_names(&js, &mut config.nats).await;
     let config = Arc::new(config);
     let nats_cfg = Arc::new(config.nats.clone());
-    let client = crate::nats::connect_worker(&nats_cfg).await?;
-    let js = async_nats::jetstream::new(client.clone());
     crate::nats::ensure_streams(&js, &nats_cfg).await?;
 
     let prices = PriceBook::default();

@@ -104,8 +104,10 @@ impl Client {
     /// Connect with `config` (credentials, TLS, inbox prefix) and make sure the streams exist.
     pub async fn connect(config: &NatsConfig) -> anyhow::Result<Client> {
         let nats = crate::nats::connect(config).await?;
-        let client = Client::with_connection(nats, config);
-        crate::nats::ensure_streams(&client.js, config).await?;
+        let mut config = config.clone();
+        crate::nats::keep_earlier_names(&jetstream::new(nats.clone()), &mut config).await;
+        let client = Client::with_connection(nats, &config);
+        crate::nats::ensure_streams(&client.js, &config).await?;
         Ok(client)
     }
 

@@ -101,6 +101,30 @@ pub enum SetupError {
     Consumer { consumer: String, message: String },
 }
 
+/// Keep the streams a deployment already has: one with its own subject prefix that ran before
+/// names were derived from the prefix has them under the `llm` names (`LLM_JOBS` taking
+/// `<prefix>.jobs.>`). When the derived jobs stream does not exist and that one does, every
+/// derived name goes back to the `llm` name (`crate::config` names). Nothing changes for
+/// names the configuration sets, or when NATS cannot say.
+pub async fn keep_earlier_names(js: &jetstream::Context, nats: &mut NatsConfig) {
+    if !nats.names_derived() || js.get_stream(&nats.jobs_stream).await.is_ok() {
+        return;
+    }
+    let earlier = NatsConfig::default().jobs_stream;
+    let ours = format!("{}.jobs.>", nats.subject_prefix);
+    let Ok(stream) = js.get_stream(&earlier).await else {
+        return;
+    };
+    if stream.cached_info().config.subjects.contains(&ours) {
+        tracing::info!(
+            stream = %earlier,
+            prefix = %nats.subject_prefix,
+            "this deployment's streams predate names derived from the subject prefix: keeping the llm names (set nats.jobs_stream and the others to silence this)"
+        );
+        nats.use_llm_names();
+    }
+}
+
 /// Create the job, result and dead-letter streams if they are missing (idempotent; an existing stream's
 /// configuration is left as it is).
 pub async fn ensure_streams(js: &jetstream::Context, nats: &NatsConfig) -> Result<(), SetupError> {

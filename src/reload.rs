@@ -56,6 +56,11 @@ impl Reloader {
         }
         let fixed = match self.current.lock() {
             Ok(mut current) => {
+                let mut new = new;
+                // Names this process kept from before derived names stay kept.
+                if current.nats.derived_names.is_empty() && new.nats.names_derived() {
+                    new.nats.use_llm_names();
+                }
                 let fixed = needs_restart(&current, &new);
                 *current = new;
                 fixed

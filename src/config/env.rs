@@ -48,8 +48,10 @@ impl Config {
             None => toml::Table::new(),
         };
         apply_env_overrides(&mut tree, vars)?;
+        let given = super::names::given(&tree);
         let mut config: Config = serde_path_to_error::deserialize(toml::Value::Table(tree))
             .map_err(|e| invalid(e.path().to_string(), e.inner().to_string()))?;
+        super::names::derive(&mut config.nats, &given);
         config.apply_conventional_env(env);
         config.resolve_secrets(env)?;
         config.validate()?;
@@ -64,8 +66,10 @@ impl Config {
                 path: PathBuf::from("<string>"),
                 message: e.to_string(),
             })?;
+        let given = super::names::given(&tree);
         let mut config: Config = serde_path_to_error::deserialize(toml::Value::Table(tree))
             .map_err(|e| invalid(e.path().to_string(), e.inner().to_string()))?;
+        super::names::derive(&mut config.nats, &given);
         config.validate()?;
         Ok(config)
     }

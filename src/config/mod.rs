@@ -15,6 +15,7 @@
 
 mod env;
 mod image_hosts;
+mod names;
 mod provider;
 mod validate;
 
@@ -454,6 +455,10 @@ pub struct NatsConfig {
     /// Copies of every stream and KV bucket the worker creates (1, or 3 on a 3-node
     /// cluster). Existing streams are not changed; a warning names settings that differ.
     pub replicas: usize,
+    /// Which of the names above were derived from `subject_prefix` (not set by the
+    /// configuration): `crate::nats::keep_earlier_names` may put the `llm` names back.
+    #[serde(skip)]
+    pub derived_names: Vec<&'static str>,
 }
 
 impl Default for NatsConfig {
@@ -487,6 +492,7 @@ impl Default for NatsConfig {
             duplicate_window_secs: 120,
             ack_wait_secs: 30,
             replicas: 1,
+            derived_names: Vec::new(),
         }
     }
 }

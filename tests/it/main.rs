@@ -14,6 +14,7 @@ mod cancel;
 mod client;
 mod cluster;
 mod context;
+mod deployments;
 mod docs;
 mod embed;
 mod fairness;
