@@ -102,24 +102,68 @@ pub enum SetupError {
 }
 
 /// Keep the streams a deployment already has: one with its own subject prefix that ran before
-/// names were derived from the prefix has them under the `llm` names (`LLM_JOBS` taking
-/// `<prefix>.jobs.>`). When the derived jobs stream does not exist and that one does, every
-/// derived name goes back to the `llm` name (`crate::config` names). Nothing changes for
-/// names the configuration sets, or when NATS cannot say.
+/// names were derived from the prefix has them under the `llm` names (`LLM_DEAD` taking
+/// `<prefix>.dead.>`, and so on). When a stream whose name was derived does not exist and the
+/// `llm`-named one takes this prefix's subjects, every derived name goes back to the `llm`
+/// name (`crate::config` names). Nothing changes for names the configuration sets, or when
+/// NATS cannot say.
 pub async fn keep_earlier_names(js: &jetstream::Context, nats: &mut NatsConfig) {
-    if !nats.names_derived() || js.get_stream(&nats.jobs_stream).await.is_ok() {
+    if !nats.names_derived() {
         return;
     }
-    let earlier = NatsConfig::default().jobs_stream;
-    let ours = format!("{}.jobs.>", nats.subject_prefix);
-    let Ok(stream) = js.get_stream(&earlier).await else {
-        return;
-    };
-    if stream.cached_info().config.subjects.contains(&ours) {
+    let llm = NatsConfig::default();
+    let p = &nats.subject_prefix;
+    let streams = [
+        (
+            "jobs_stream",
+            &nats.jobs_stream,
+            &llm.jobs_stream,
+            format!("{p}.jobs.>"),
+        ),
+        (
+            "results_stream",
+            &nats.results_stream,
+            &llm.results_stream,
+            format!("{p}.results.>"),
+        ),
+        (
+            "dead_stream",
+            &nats.dead_stream,
+            &llm.dead_stream,
+            format!("{p}.dead.>"),
+        ),
+        (
+            "cancel_stream",
+            &nats.cancel_stream,
+            &llm.cancel_stream,
+            format!("{p}.cancel."),
+        ),
+    ];
+    let mut earlier = None;
+    for (key, name, llm_name, subjects) in streams {
+        if !nats.derived_names.contains(&key) || js.get_stream(name.as_str()).await.is_ok() {
+            continue;
+        }
+        let Ok(stream) = js.get_stream(llm_name.as_str()).await else {
+            continue;
+        };
+        // The cancel stream took `<prefix>.cancel.*` before `<prefix>.cancel.>`.
+        if stream
+            .cached_info()
+            .config
+            .subjects
+            .iter()
+            .any(|s| s == &subjects || (key == "cancel_stream" && s.starts_with(&subjects)))
+        {
+            earlier = Some(llm_name.clone());
+            break;
+        }
+    }
+    if let Some(stream) = earlier {
         tracing::info!(
-            stream = %earlier,
+            %stream,
             prefix = %nats.subject_prefix,
-            "this deployment's streams predate names derived from the subject prefix: keeping the llm names (set nats.jobs_stream and the others to silence this)"
+            "this deployment's streams predate names derived from the subject prefix: keeping the llm names (set them in [nats] to silence this)"
         );
         nats.use_llm_names();
     }

@@ -88,6 +88,22 @@ async fn two_deployments_with_different_prefixes_share_one_nats_with_one_setting
 
 #[tokio::test]
 async fn a_deployment_whose_streams_predate_derived_names_keeps_them() {
+    earlier_deployment_keeps_its_streams("", "LLM_JOBS", "LLM_RESULTS").await;
+}
+
+#[tokio::test]
+async fn a_deployment_that_named_some_streams_keeps_the_others_llm_names() {
+    // As the docs suggested before: the jobs and results streams and the consumers named,
+    // the dead-letter and cancel streams and the buckets left at their `llm` names.
+    earlier_deployment_keeps_its_streams(
+        "jobs_stream = \"ACME_OWN_JOBS\"\nresults_stream = \"ACME_OWN_RESULTS\"\nconsumer_prefix = \"acme-own\"\n",
+        "ACME_OWN_JOBS",
+        "ACME_OWN_RESULTS",
+    )
+    .await;
+}
+
+async fn earlier_deployment_keeps_its_streams(explicit: &str, jobs: &str, results: &str) {
     // Its own NATS: the `llm` names must be free for the old deployment's streams.
     let server = llm_worker_testkit::nats::NatsServer::start("")
         .await
@@ -103,9 +119,20 @@ async fn a_deployment_whose_streams_predate_derived_names_keeps_them() {
     let js = async_nats::jetstream::new(client.clone());
     // What an earlier version made for prefix `acme` with no names set: `LLM_*` streams
     // taking `acme.*` subjects, with a job waiting in the jobs stream.
+    let named: toml::Table = explicit.parse().unwrap();
+    let name = |key: &str, default: String| {
+        named
+            .get(key)
+            .and_then(|v| v.as_str())
+            .map_or(default, String::from)
+    };
+    let d = llm_worker::config::NatsConfig::default();
     let earlier = llm_worker::config::NatsConfig {
         url: server.url(),
         subject_prefix: "acme".into(),
+        jobs_stream: name("jobs_stream", d.jobs_stream.clone()),
+        results_stream: name("results_stream", d.results_stream.clone()),
+        consumer_prefix: name("consumer_prefix", d.consumer_prefix.clone()),
         ..Default::default()
     };
     llm_worker::nats::ensure_streams(&js, &earlier)
@@ -124,21 +151,24 @@ async fn a_deployment_whose_streams_predate_derived_names_keeps_them() {
     .unwrap();
 
     let toml = format!(
-        "[nats]\nurl = \"{}\"\nsubject_prefix = \"acme\"\n[database]\nurl = \"{}\"\n{}[routes]\ndefault = [\"openai\"]\n",
+        "[nats]\nurl = \"{}\"\nsubject_prefix = \"acme\"\n{explicit}[database]\nurl = \"{}\"\n{}[routes]\ndefault = [\"openai\"]\n",
         server.url(),
         database.url,
         openai_provider("openai", &fake.base_url(), "gpt-test"),
     );
     let config = Config::from_toml(&toml).unwrap();
-    assert_eq!(config.nats.jobs_stream, "ACME_JOBS", "derived before start");
+    assert_eq!(config.nats.dead_stream, "ACME_DEAD", "derived before start");
     let running = app::start(config, ALL_ROLES).await.unwrap();
     let r = collect_reply(&mut sub).await.result;
     assert_eq!(r["status"], "ok", "{r}");
-    assert!(
-        js.get_stream("ACME_JOBS").await.is_err(),
-        "no second jobs stream was made"
-    );
-    let mut results = js.get_stream("LLM_RESULTS").await.unwrap();
+    for derived in ["ACME_JOBS", "ACME_DEAD", "ACME_CANCEL"] {
+        assert!(
+            js.get_stream(derived).await.is_err(),
+            "{derived}: no second stream was made"
+        );
+    }
+    js.get_stream(jobs).await.unwrap();
+    let mut results = js.get_stream(results).await.unwrap();
     assert_eq!(results.info().await.unwrap().state.messages, 1);
     running.shutdown().await;
     database.drop().await;
