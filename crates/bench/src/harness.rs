@@ -81,7 +81,11 @@ url = "{db_url}"
             nats = target.nats_url,
             db_url = database.url,
         );
-        let config = Config::from_toml(&toml).context("benchmark worker config")?;
+        let mut config = Config::from_toml(&toml).context("benchmark worker config")?;
+        if target.legacy_config {
+            // Older workers know no names derived from the prefix: theirs are the llm ones.
+            config.nats.use_llm_names();
+        }
         let dir = std::env::temp_dir().join(format!("llm-worker-bench-{id}"));
         std::fs::create_dir_all(&dir)?;
         let config_path = dir.join("worker.toml");
