@@ -859,12 +859,14 @@ pub(crate) fn chain_error(
 }
 
 mod attempt;
+mod call;
 mod images;
 mod output;
 #[cfg(test)]
 mod tests;
 
 use attempt::attempt;
+pub(crate) use call::{attempt_error, whole_answer};
 
 /// The span of one provider call (exported as a child of the job's span).
 pub(crate) fn attempt_span(target: &Target, number: u32) -> tracing::Span {

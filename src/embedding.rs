@@ -17,13 +17,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::chain::{
-    Bounds, Call, CallGate, Chain, Refused, Settled, Target, cancelled, cancelled_call,
-    chain_error, retry_delays, wait_retry,
+    Bounds, Call, CallGate, Chain, Refused, Settled, Target, attempt_error, cancelled, chain_error,
+    retry_delays, wait_retry, whole_answer,
 };
 use crate::contract::EmbedRequest;
 use crate::contract::ErrorCode;
 use crate::contract::{AttemptRecord, ErrorBody, elapsed_ms};
-use crate::error::{Disposition, ProviderError};
+use crate::error::ProviderError;
 use crate::job::Job;
 use crate::providers::MAX_REPORTED_TOKENS;
 use crate::tokens;
@@ -318,23 +318,14 @@ async fn call(
 ) -> (AttemptRecord, Result<Vec<Vec<f32>>, ProviderError>) {
     let provider = &target.provider;
     let started_at = Utc::now();
-    let limit = (Instant::now() + provider.timeouts.first_token).min(deadline);
-    let answer = tokio::select! {
-        biased;
-        () = cancel.cancelled() => Ok(Err(cancelled_call())),
-        r = tokio::time::timeout_at(limit, provider.embed(&target.model, batch, dimensions)) => r,
-    };
-    let result = match answer {
-        Ok(r) => r,
-        Err(_) if Instant::now() >= deadline => Err(ProviderError::new(
-            ErrorCode::Timeout,
-            "the job's deadline passed during the call",
-        )),
-        Err(_) => Err(ProviderError::new(
-            ErrorCode::FirstTokenTimeout,
-            "no answer within the first-token limit",
-        )),
-    };
+    let result = whole_answer(
+        provider.embed(&target.model, batch, dimensions),
+        Instant::now() + provider.timeouts.first_token,
+        deadline,
+        cancel,
+        "no answer within the first-token limit",
+    )
+    .await;
     let finished_at = Utc::now();
     let (input_tokens, estimated, http_status) = match &result {
         Ok(e) => match e.input_tokens {
@@ -351,11 +342,7 @@ async fn call(
         attempt: number,
         provider: provider.name.clone(),
         model: target.model.clone(),
-        error: result.as_ref().err().map(|e| ErrorBody {
-            code: e.code,
-            message: provider.redact(&e.message),
-            retryable: e.disposition() == Disposition::Retry,
-        }),
+        error: result.as_ref().err().map(|e| attempt_error(provider, e)),
         input_tokens,
         output_tokens: 0,
         classes: Default::default(),

@@ -13,11 +13,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::chain::{
-    Bounds, Call, CallGate, Chain, Refused, Settled, Target, cancelled, cancelled_call,
-    chain_error, retry_delays, wait_retry,
+    Bounds, Call, CallGate, Chain, Refused, Settled, Target, attempt_error, cancelled, chain_error,
+    retry_delays, wait_retry, whole_answer,
 };
 use crate::contract::{AttemptRecord, ErrorBody, ErrorCode, ImageRequest, ImagesMade, elapsed_ms};
-use crate::error::{Disposition, ProviderError};
+use crate::error::ProviderError;
 use crate::job::Job;
 use crate::providers::Usage;
 use crate::providers::pictures::{Picture, Pictures};
@@ -140,24 +140,14 @@ async fn call(
 ) -> (AttemptRecord, Result<Pictures, ProviderError>) {
     let provider = &target.provider;
     let started_at = Utc::now();
-    let limit =
-        (Instant::now() + provider.timeouts.first_token + provider.timeouts.stall).min(deadline);
-    let answer = tokio::select! {
-        biased;
-        () = cancel.cancelled() => Ok(Err(cancelled_call())),
-        r = tokio::time::timeout_at(limit, provider.images(&target.model, req)) => r,
-    };
-    let result = match answer {
-        Ok(r) => r,
-        Err(_) if Instant::now() >= deadline => Err(ProviderError::new(
-            ErrorCode::Timeout,
-            "the job's deadline passed during the call",
-        )),
-        Err(_) => Err(ProviderError::new(
-            ErrorCode::FirstTokenTimeout,
-            "no picture within the provider's first-token and stall limits",
-        )),
-    };
+    let result = whole_answer(
+        provider.images(&target.model, req),
+        Instant::now() + provider.timeouts.first_token + provider.timeouts.stall,
+        deadline,
+        cancel,
+        "no picture within the provider's first-token and stall limits",
+    )
+    .await;
     let finished_at = Utc::now();
     let usage = result
         .as_ref()
@@ -173,11 +163,7 @@ async fn call(
         attempt: number,
         provider: provider.name.clone(),
         model: target.model.clone(),
-        error: result.as_ref().err().map(|e| ErrorBody {
-            code: e.code,
-            message: provider.redact(&e.message),
-            retryable: e.disposition() == Disposition::Retry,
-        }),
+        error: result.as_ref().err().map(|e| attempt_error(provider, e)),
         input_tokens: usage.input_tokens,
         output_tokens: usage.output_tokens,
         classes: usage.classes,

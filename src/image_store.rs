@@ -59,14 +59,7 @@ impl ImageStore {
         crate::nats::ensure_stream(js, config, nats.replicas)
             .await
             .map_err(|e| format!("creating the picture bucket {bucket}: {e}"))?;
-        let store = js
-            .get_object_store(bucket)
-            .await
-            .map_err(|e| format!("opening the picture bucket {bucket}: {e}"))?;
-        Ok(Self {
-            store,
-            bucket: bucket.clone(),
-        })
+        Self::existing(js, bucket).await
     }
 
     /// Open an existing bucket (clients: nothing is created).

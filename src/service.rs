@@ -81,16 +81,7 @@ pub(crate) struct Identity {
 
 impl Identity {
     pub(crate) fn new(worker_id: &str, nats: &NatsConfig, kinds: Vec<JobKind>) -> Self {
-        let id: String = worker_id
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
+        let id = crate::config::name_token(worker_id);
         let metadata = BTreeMap::from([
             ("worker_id".to_string(), worker_id.to_string()),
             ("subject_prefix".to_string(), nats.subject_prefix.clone()),

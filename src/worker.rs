@@ -664,47 +664,48 @@ impl<O: Outbox> Worker<O> {
             received_at,
         );
         match answer {
-            Ok(Answer::Text(success)) => {
+            Ok(answer) => {
+                // What each kind answers with; who answered, in every kind's result.
+                let (provider, model, attempt) = match answer {
+                    Answer::Text(success) => {
+                        result.output = Some(success.output);
+                        result.tool_calls =
+                            (!success.tool_calls.is_empty()).then_some(success.tool_calls);
+                        result.json = success.json;
+                        result.finish_reason = Some(success.finish_reason);
+                        result.tokens_used = TokensUsed::with_classes(
+                            success.usage.input_tokens,
+                            success.usage.output_tokens,
+                            success.usage.classes,
+                        );
+                        result.context_trimmed = success.context_trimmed;
+                        (success.provider, success.model, success.attempt)
+                    }
+                    Answer::Vectors(success) => {
+                        result.embeddings = Some(success.vectors);
+                        result.tokens_used = TokensUsed::new(success.input_tokens, 0);
+                        (success.provider, success.model, success.attempt)
+                    }
+                    Answer::Pictures(success, objects) => {
+                        result.images = Some(objects);
+                        result.tokens_used = TokensUsed::with_classes(
+                            success.usage.input_tokens,
+                            success.usage.output_tokens,
+                            success.usage.classes,
+                        );
+                        (success.provider, success.model, success.attempt)
+                    }
+                };
                 result.status = Status::Ok;
                 result.error = None;
-                result.output = Some(success.output);
-                result.tool_calls = (!success.tool_calls.is_empty()).then_some(success.tool_calls);
-                result.json = success.json;
-                result.finish_reason = Some(success.finish_reason);
-                result.tokens_used = TokensUsed::with_classes(
-                    success.usage.input_tokens,
-                    success.usage.output_tokens,
-                    success.usage.classes,
+                result.provider = Some(provider);
+                result.model_used = Some(model);
+                result.attempt = Some(attempt);
+                tracing::debug!(
+                    attempts = attempts.len(),
+                    kind = job.kind.as_str(),
+                    "job done"
                 );
-                result.model_used = Some(success.model);
-                result.provider = Some(success.provider);
-                result.attempt = Some(success.attempt);
-                result.context_trimmed = success.context_trimmed;
-                tracing::debug!(attempts = attempts.len(), "job done");
-            }
-            Ok(Answer::Vectors(success)) => {
-                result.status = Status::Ok;
-                result.error = None;
-                result.embeddings = Some(success.vectors);
-                result.tokens_used = TokensUsed::new(success.input_tokens, 0);
-                result.model_used = Some(success.model);
-                result.provider = Some(success.provider);
-                result.attempt = Some(success.attempt);
-                tracing::debug!(attempts = attempts.len(), "embedding job done");
-            }
-            Ok(Answer::Pictures(success, objects)) => {
-                result.status = Status::Ok;
-                result.error = None;
-                result.images = Some(objects);
-                result.tokens_used = TokensUsed::with_classes(
-                    success.usage.input_tokens,
-                    success.usage.output_tokens,
-                    success.usage.classes,
-                );
-                result.model_used = Some(success.model);
-                result.provider = Some(success.provider);
-                result.attempt = Some(success.attempt);
-                tracing::debug!(attempts = attempts.len(), "image job done");
             }
             Err(error) => {
                 tracing::warn!(code = %error.code, message = %error.message, "job failed");

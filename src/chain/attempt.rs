@@ -13,7 +13,7 @@ use super::{AttemptMeta, DeltaSink, Success, Target, cancelled_call};
 use crate::contract::ErrorCode;
 use crate::contract::GenerateRequest;
 use crate::contract::{AttemptRecord, ErrorBody, elapsed_ms};
-use crate::error::{Disposition, ProviderError};
+use crate::error::ProviderError;
 use crate::providers::{FinishReason, Provider, ProviderEvent, Usage};
 use crate::tokens::{self, Counter};
 
@@ -158,11 +158,7 @@ pub(super) async fn attempt<S: DeltaSink>(
         attempt: number,
         provider: provider.name.clone(),
         model: target.model.clone(),
-        error: error.as_ref().map(|e| ErrorBody {
-            code: e.code,
-            message: provider.redact(&e.message),
-            retryable: e.disposition() == Disposition::Retry,
-        }),
+        error: error.as_ref().map(|e| super::attempt_error(provider, e)),
         input_tokens: tokens.input_tokens,
         output_tokens: tokens.output_tokens,
         classes: tokens.classes,

@@ -16,6 +16,7 @@
 mod env;
 mod image_hosts;
 mod names;
+pub(crate) use names::name_token;
 mod provider;
 mod validate;
 
@@ -779,30 +780,36 @@ impl Config {
 
     /// Every entry names a configured provider whose protocol generates images.
     pub(super) fn check_image_makers(&self, entries: &[RouteEntry]) -> Result<(), String> {
-        for entry in entries {
-            match self.providers.get(&entry.provider) {
-                None => return Err(format!("unknown provider '{}'", entry.provider)),
-                Some(p) if p.api.image_model().is_none() => {
-                    return Err(format!(
-                        "provider '{}' is {}, which does not generate images",
-                        entry.provider,
-                        p.api.name()
-                    ));
-                }
-                Some(_) => {}
-            }
-        }
-        Ok(())
+        self.check_protocols(
+            entries,
+            |api| api.image_model().is_some(),
+            "does not generate images",
+        )
     }
 
     /// Every entry names a configured provider whose protocol has an embeddings API.
     pub(super) fn check_embedders(&self, entries: &[RouteEntry]) -> Result<(), String> {
+        self.check_protocols(
+            entries,
+            |api| api.embedding().is_some(),
+            "has no embeddings API",
+        )
+    }
+
+    /// Every entry names a configured provider whose protocol `can` do the route's kind of
+    /// job; the first that does not, with the protocol that `lacks` it.
+    fn check_protocols(
+        &self,
+        entries: &[RouteEntry],
+        can: fn(&Api) -> bool,
+        lacks: &str,
+    ) -> Result<(), String> {
         for entry in entries {
             match self.providers.get(&entry.provider) {
                 None => return Err(format!("unknown provider '{}'", entry.provider)),
-                Some(p) if p.api.embedding().is_none() => {
+                Some(p) if !can(&p.api) => {
                     return Err(format!(
-                        "provider '{}' is {}, which has no embeddings API",
+                        "provider '{}' is {}, which {lacks}",
                         entry.provider,
                         p.api.name()
                     ));

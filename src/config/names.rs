@@ -39,18 +39,7 @@ pub(super) fn given(tree: &toml::Table) -> Vec<String> {
 
 /// Derive every name not in `given` from the subject prefix.
 pub(super) fn derive(nats: &mut NatsConfig, given: &[String]) {
-    // A NATS stream or bucket name: letters, digits, `_` and `-` (no dots).
-    let token: String = nats
-        .subject_prefix
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
+    let token = name_token(&nats.subject_prefix);
     let upper = token.to_ascii_uppercase();
     let mut derived = Vec::new();
     for (key, suffix) in STREAMS {
@@ -64,6 +53,20 @@ pub(super) fn derive(nats: &mut NatsConfig, given: &[String]) {
         derived.push(CONSUMER_PREFIX);
     }
     nats.derived_names = derived;
+}
+
+/// `text` as a NATS name token (a stream, bucket or consumer name, a subject token): letters,
+/// digits, `_` and `-` kept, anything else `_`.
+pub(crate) fn name_token(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 fn slot<'a>(nats: &'a mut NatsConfig, key: &str) -> &'a mut String {

@@ -280,24 +280,28 @@ impl Config {
                 ));
             }
         }
-        for (task, entries) in &self.image_routes {
-            self.check_image_makers(entries)
-                .map_err(|e| invalid(format!("image_routes.{task}"), e))?;
-            if entries.is_empty() {
-                return Err(invalid(
-                    format!("image_routes.{task}"),
-                    "must list at least one provider",
-                ));
-            }
-        }
-        for (task, entries) in &self.embed_routes {
-            self.check_embedders(entries)
-                .map_err(|e| invalid(format!("embed_routes.{task}"), e))?;
-            if entries.is_empty() {
-                return Err(invalid(
-                    format!("embed_routes.{task}"),
-                    "must list at least one provider",
-                ));
+        type Check = fn(&Config, &[RouteEntry]) -> Result<(), String>;
+        let kinds = [
+            (
+                "image_routes",
+                &self.image_routes,
+                Config::check_image_makers as Check,
+            ),
+            (
+                "embed_routes",
+                &self.embed_routes,
+                Config::check_embedders as Check,
+            ),
+        ];
+        for (table, routes, check) in kinds {
+            for (task, entries) in routes {
+                check(self, entries).map_err(|e| invalid(format!("{table}.{task}"), e))?;
+                if entries.is_empty() {
+                    return Err(invalid(
+                        format!("{table}.{task}"),
+                        "must list at least one provider",
+                    ));
+                }
             }
         }
         for (task, entries) in &self.routes {

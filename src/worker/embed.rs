@@ -32,16 +32,6 @@ impl<O: Outbox> Worker<O> {
         received_at: DateTime<Utc>,
         bounds: super::generate::Bounds<'_>,
     ) -> ResultEvent {
-        let super::generate::Bounds {
-            deadline,
-            cancel,
-            gate,
-        } = bounds;
-        let bounds = || crate::chain::Bounds {
-            deadline,
-            cancel,
-            gate: &gate,
-        };
         let Some((chain, mixed)) = &routing.embed else {
             return self.result_of(job, Vec::new(), Err(super::no_embedding()), received_at);
         };
@@ -61,7 +51,7 @@ impl<O: Outbox> Worker<O> {
             None => None,
         };
         let Some((c, lookup)) = cache.zip(lookup) else {
-            let o = chain.embed(job, req, None, rules, bounds()).await;
+            let o = chain.embed(job, req, None, rules, bounds.chain()).await;
             return self.result_of(job, o.attempts, o.result.map(Answer::Vectors), received_at);
         };
         let missing: Vec<usize> = (0..req.input.len())
@@ -74,7 +64,7 @@ impl<O: Outbox> Worker<O> {
         let first: Option<Vec<String>> =
             (cached > 0).then(|| missing.iter().map(|i| req.input[*i].clone()).collect());
         let o = chain
-            .embed(job, req, first.as_deref(), rules, bounds())
+            .embed(job, req, first.as_deref(), rules, bounds.chain())
             .await;
         let mut success = match o.result {
             Ok(s) => s,

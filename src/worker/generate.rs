@@ -23,6 +23,19 @@ pub(super) struct Bounds<'a> {
     pub(super) gate: Option<&'a super::budget::BudgetGate<'a>>,
 }
 
+impl<'a> Bounds<'a> {
+    /// The chain's bounds of one run (the budget gate, when there is one).
+    pub(super) fn chain(
+        &self,
+    ) -> crate::chain::Bounds<'_, Option<&'a super::budget::BudgetGate<'a>>> {
+        crate::chain::Bounds {
+            deadline: self.deadline,
+            cancel: self.cancel,
+            gate: &self.gate,
+        }
+    }
+}
+
 /// Largest chunk event text of a cached answer.
 const CACHED_CHUNK_BYTES: usize = 16 * 1024;
 

@@ -46,17 +46,7 @@ impl<O: Outbox> Worker<O> {
                 Err(e) => return Err(NotKept(e)),
             }
         }
-        let super::generate::Bounds {
-            deadline,
-            cancel,
-            gate,
-        } = bounds;
-        let bounds = crate::chain::Bounds {
-            deadline,
-            cancel,
-            gate: &gate,
-        };
-        let outcome = chain.images(job, req, bounds).await;
+        let outcome = chain.images(job, req, bounds.chain()).await;
         let mut success = match outcome.result {
             Ok(s) => s,
             Err(e) => return Ok(self.result_of(job, outcome.attempts, Err(e), received_at)),
