@@ -20,6 +20,7 @@ use crate::pricing::PriceBook;
 use crate::queue::{self, PullLoop};
 use crate::reload::{ConfigSource, Reloader};
 use crate::reply::Replies;
+use crate::startup::{Phase, Progress, Startup};
 use crate::status;
 use crate::usage;
 use crate::worker::{Routing, Worker};
@@ -85,25 +86,64 @@ pub async fn start_with(
         config.require_providers()?;
     }
     let mut config = config;
+    let progress = Progress::default();
+    let startup = Startup::new(
+        Duration::from_secs(config.nats.start_timeout_secs),
+        progress.clone(),
+    );
     let client = crate::nats::connect_worker(&config.nats).await?;
     let js = async_nats::jetstream::new(client.clone());
-    crate::nats::keep_earlier_names(&js, &mut config.nats).await;
+    let earlier = startup
+        .step("the deployment's stream names", || {
+            crate::nats::earlier_names(&js, &config.nats)
+        })
+        .await?;
+    if earlier {
+        crate::nats::use_earlier_names(&mut config.nats);
+    }
     let config = Arc::new(config);
     let nats_cfg = Arc::new(config.nats.clone());
-    crate::nats::ensure_streams(&js, &nats_cfg).await?;
-
     let prices = PriceBook::default();
     let health = Health::new(&config.circuit_breaker);
     let stop = CancellationToken::new();
     let abandon = CancellationToken::new();
     let tracker = TaskTracker::new();
     let background = TaskTracker::new();
+    let pool = usage::lazy_pool(&config)?;
+    let recording = roles.recorder && config.recorder.enabled;
+    let metrics = crate::metrics::Metrics::new(config.telemetry.metrics_tenant_label);
+
+    // Served from the start, so `/readyz` says what start-up waits for.
+    let metrics_addr = match &config.telemetry.metrics_listen {
+        Some(listen) => Some(
+            crate::metrics::server::serve(
+                listen,
+                crate::metrics::server::Probe {
+                    metrics: metrics.clone(),
+                    client: client.clone(),
+                    js: js.clone(),
+                    nats: nats_cfg.clone(),
+                    progress: progress.clone(),
+                    recorder: recording && pool.is_some(),
+                    health: health.clone(),
+                    tracker: tracker.clone(),
+                    stop: stop.clone(),
+                },
+            )
+            .await
+            .with_context(|| format!("serving metrics on {listen}"))?,
+        ),
+        None => None,
+    };
+    startup
+        .step("the deployment's streams", || {
+            crate::nats::ensure_streams(&js, &nats_cfg)
+        })
+        .await?;
 
     // Postgres is never required to answer jobs: with the database down at start, the worker
     // serves jobs at once and the recorder (results wait in JetStream) and prices catch up when
     // it is back.
-    let pool = usage::lazy_pool(&config)?;
-    let recording = roles.recorder && config.recorder.enabled;
     if let Some(pool) = &pool {
         let ready = tokio::time::timeout(Duration::from_secs(5), async {
             usage::migrate(pool).await?;
@@ -124,10 +164,18 @@ pub async fn start_with(
         };
         let recorder = if recording {
             let dead = DeadLetters::new(js.clone(), nats_cfg.clone());
-            Some(
-                usage::Recorder::start(&js, &nats_cfg, pool.clone(), dead, &config.recorder)
-                    .await?,
-            )
+            let recorder = startup
+                .step("the recorder's consumer", || {
+                    usage::Recorder::start(
+                        &js,
+                        &nats_cfg,
+                        pool.clone(),
+                        dead.clone(),
+                        &config.recorder,
+                    )
+                })
+                .await?;
+            Some(recorder)
         } else {
             None
         };
@@ -147,7 +195,6 @@ pub async fn start_with(
 
     let mut loops = Vec::new();
     let mut consumed = Vec::new();
-    let mut metrics = crate::metrics::Metrics::new(config.telemetry.metrics_tenant_label);
     if roles.jobs {
         let (routing, no_embedding) = Routing::from_config(&config, &health, &prices)?;
         let replies = Replies::new(
@@ -169,28 +216,39 @@ pub async fn start_with(
         }
         let dead = DeadLetters::new(js.clone(), nats_cfg.clone());
         let outbox = crate::worker::NatsOutbox { replies, dead };
-        let ledger =
-            crate::policy::Ledger::start(&js, client.clone(), &nats_cfg, config.worker_id())
-                .await
-                .map_err(anyhow::Error::msg)?;
-        let mut worker = Worker::new(&config, routing, outbox, prices.clone())?.with_ledger(ledger);
-        metrics = worker.metrics().clone();
+        let ledger = startup
+            .step(
+                &format!("the tenant bucket {}", nats_cfg.tenant_bucket),
+                || crate::policy::Ledger::start(&js, client.clone(), &nats_cfg, config.worker_id()),
+            )
+            .await?;
+        let mut worker = Worker::new(&config, routing, outbox, prices.clone())?
+            .with_ledger(ledger)
+            .with_metrics(metrics.clone());
         if makes_images {
-            let store = crate::image_store::ImageStore::open(&js, &nats_cfg)
-                .await
-                .map_err(anyhow::Error::msg)?;
+            let store = startup
+                .step(
+                    &format!("the picture bucket {}", nats_cfg.images_bucket),
+                    || crate::image_store::ImageStore::open(&js, &nats_cfg),
+                )
+                .await?;
             worker = worker.with_images(store);
         }
         consumed.clone_from(&kinds);
         if config.cache.enabled {
-            let cache = crate::cache::Cache::open(
-                &js,
-                &nats_cfg.cache_bucket,
-                &config.cache,
-                nats_cfg.replicas,
-            )
-            .await
-            .map_err(anyhow::Error::msg)?;
+            let cache = startup
+                .step(
+                    &format!("the cache bucket {}", nats_cfg.cache_bucket),
+                    || {
+                        crate::cache::Cache::open(
+                            &js,
+                            &nats_cfg.cache_bucket,
+                            &config.cache,
+                            nats_cfg.replicas,
+                        )
+                    },
+                )
+                .await?;
             worker = worker.with_cache(cache);
         }
         if let Some(source) = reload {
@@ -212,14 +270,19 @@ pub async fn start_with(
             ));
             reload_handle = Some(reloader);
         }
-        let follower = crate::cancel::follow(
-            js.clone(),
-            nats_cfg.clone(),
-            worker.cancels().clone(),
-            stop.clone(),
-        )
-        .await
-        .map_err(anyhow::Error::msg)?;
+        let follower = startup
+            .step(
+                &format!("the cancel stream {}", nats_cfg.cancel_stream),
+                || {
+                    crate::cancel::follow(
+                        js.clone(),
+                        nats_cfg.clone(),
+                        worker.cancels().clone(),
+                        stop.clone(),
+                    )
+                },
+            )
+            .await?;
         background.spawn(async move {
             let _ = follower.await;
         });
@@ -240,7 +303,12 @@ pub async fn start_with(
             stop.clone(),
         ));
         for kind in kinds {
-            queue::ensure_consumer(&js, &nats_cfg, kind, config.worker.max_deliver).await?;
+            startup
+                .step(
+                    &format!("the job consumer {}", nats_cfg.consumer_name(kind)),
+                    || queue::ensure_consumer(&js, &nats_cfg, kind, config.worker.max_deliver),
+                )
+                .await?;
             let pull = PullLoop {
                 kind,
                 max_deliver: config.worker.max_deliver,
@@ -261,27 +329,7 @@ pub async fn start_with(
         }
     }
 
-    let metrics_addr = match &config.telemetry.metrics_listen {
-        Some(listen) => Some(
-            crate::metrics::server::serve(
-                listen,
-                crate::metrics::server::Probe {
-                    metrics,
-                    client: client.clone(),
-                    js: js.clone(),
-                    nats: nats_cfg.clone(),
-                    kinds: consumed,
-                    recorder: recording && pool.is_some(),
-                    health: health.clone(),
-                    tracker: tracker.clone(),
-                    stop: stop.clone(),
-                },
-            )
-            .await
-            .with_context(|| format!("serving metrics on {listen}"))?,
-        ),
-        None => None,
-    };
+    progress.set(Phase::Ready(consumed));
     let grace = Duration::from_secs(config.worker.shutdown_grace_secs);
     let worker_id = config.worker_id();
     tracing::info!(

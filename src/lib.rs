@@ -48,7 +48,7 @@
 //! | 0 | `contract`, `tls`, `pricing` | the contract's types; TLS set-up; prices and cost |
 //! | 1 | `config` | configuration, validated once; the only reader of env vars |
 //! | 2 | `trust`, `error`, `job`, `tokens` | trust rules; errors with their consequence; job decoding and bounds; token counting |
-//! | 3 | `context`, `providers`, `health`, `telemetry`, `nats`, `dead`, `cancel`, `service`, `status`, `image_store` | context fitting; one module per wire protocol; circuit breakers; logs and traces; NATS connections and streams; dead letters; cancel requests; the NATS service API; health over NATS; image jobs' pictures in the object store |
+//! | 3 | `context`, `providers`, `health`, `telemetry`, `nats`, `dead`, `cancel`, `service`, `status`, `image_store`, `startup` | context fitting; one module per wire protocol; circuit breakers; logs and traces; NATS connections and streams; dead letters; cancel requests; the NATS service API; health over NATS; image jobs' pictures in the object store; start-up steps that wait for JetStream, bounded |
 //! | 4 | `chain`, `embedding`, `image_gen`, `cache`, `policy` | routing, retries, fallback; embedding batches; image jobs' chain; the response cache; tenant budgets, limits and fair share |
 //! | 5 | `reply`, `metrics`, `usage`, `worker`, `queue`, `replay` | events out; Prometheus; the ledger; one job from start to ack; consumers and the pull loop; replaying dead letters |
 //! | 6 | `app`, `reload`, `nats_account` | start-up and shutdown; configuration reload; the least-privilege NATS account |
@@ -108,6 +108,7 @@ pub mod replay;
 pub(crate) mod reply;
 #[doc(hidden)]
 pub mod service;
+pub(crate) mod startup;
 #[doc(hidden)]
 pub mod status;
 #[doc(hidden)]

@@ -106,10 +106,30 @@ pub enum SetupError {
 /// `<prefix>.dead.>`, and so on). When a stream whose name was derived does not exist and the
 /// `llm`-named one takes this prefix's subjects, every derived name goes back to the `llm`
 /// name (`crate::config` names). Nothing changes for names the configuration sets, or when
-/// NATS cannot say.
+/// NATS cannot say (a client; a worker asks [`earlier_names`] until NATS answers).
 pub async fn keep_earlier_names(js: &jetstream::Context, nats: &mut NatsConfig) {
+    if let Ok(true) = earlier_names(js, nats).await {
+        use_earlier_names(nats);
+    }
+}
+
+/// Switch `nats` to the `llm` names, saying so.
+pub(crate) fn use_earlier_names(nats: &mut NatsConfig) {
+    tracing::info!(
+        prefix = %nats.subject_prefix,
+        "this deployment's streams predate names derived from the subject prefix: keeping the llm names (set them in [nats] to silence this)"
+    );
+    nats.use_llm_names();
+}
+
+/// Whether this deployment's streams are under the `llm` names (see [`keep_earlier_names`]);
+/// `Err` when NATS cannot say (no answer, no leader).
+pub(crate) async fn earlier_names(
+    js: &jetstream::Context,
+    nats: &NatsConfig,
+) -> Result<bool, String> {
     if !nats.names_derived() {
-        return;
+        return Ok(false);
     }
     let llm = NatsConfig::default();
     let p = &nats.subject_prefix;
@@ -139,33 +159,40 @@ pub async fn keep_earlier_names(js: &jetstream::Context, nats: &mut NatsConfig) 
             format!("{p}.cancel."),
         ),
     ];
-    let mut earlier = None;
     for (key, name, llm_name, subjects) in streams {
-        if !nats.derived_names.contains(&key) || js.get_stream(name.as_str()).await.is_ok() {
+        if !nats.derived_names.contains(&key) || stream_config(js, name).await?.is_some() {
             continue;
         }
-        let Ok(stream) = js.get_stream(llm_name.as_str()).await else {
+        let Some(config) = stream_config(js, llm_name).await? else {
             continue;
         };
         // The cancel stream took `<prefix>.cancel.*` before `<prefix>.cancel.>`.
-        if stream
-            .cached_info()
-            .config
+        if config
             .subjects
             .iter()
             .any(|s| s == &subjects || (key == "cancel_stream" && s.starts_with(&subjects)))
         {
-            earlier = Some(llm_name.clone());
-            break;
+            return Ok(true);
         }
     }
-    if let Some(stream) = earlier {
-        tracing::info!(
-            %stream,
-            prefix = %nats.subject_prefix,
-            "this deployment's streams predate names derived from the subject prefix: keeping the llm names (set them in [nats] to silence this)"
-        );
-        nats.use_llm_names();
+    Ok(false)
+}
+
+/// The configuration of stream `name`; `None` when there is no such stream.
+async fn stream_config(
+    js: &jetstream::Context,
+    name: &str,
+) -> Result<Option<stream::Config>, String> {
+    match js.get_stream(name).await {
+        Ok(stream) => Ok(Some(stream.cached_info().config.clone())),
+        Err(e) => match e.kind() {
+            jetstream::context::GetStreamErrorKind::JetStream(j)
+                if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
+            {
+                Ok(None)
+            }
+            _ => Err(format!("reading stream {name}: {e}")),
+        },
     }
 }
 

@@ -244,6 +244,12 @@ impl<O: Outbox> Worker<O> {
         })
     }
 
+    /// Count into these metrics (the process's, served before the worker exists).
+    pub(crate) fn with_metrics(mut self, metrics: crate::metrics::Metrics) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
     /// Answer identical jobs from this response cache.
     pub(crate) fn with_cache(mut self, cache: Cache) -> Self {
         self.cache = Some(cache);
@@ -354,10 +360,6 @@ impl<O: Outbox> Worker<O> {
     /// The counts of jobs this worker answered.
     pub(crate) fn stats(&self) -> &Arc<crate::service::JobStats> {
         &self.stats
-    }
-
-    pub(crate) fn metrics(&self) -> &crate::metrics::Metrics {
-        &self.metrics
     }
 
     /// Handle one job message to its end. `abandon` fires when the process can wait no longer

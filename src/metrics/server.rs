@@ -1,7 +1,8 @@
 //! The worker's HTTP endpoints (`telemetry.metrics_listen`): `/metrics` (read fresh on every
 //! scrape: jobs in flight, circuit breakers, consumer and recorder backlogs), `/healthz`
-//! (the process answers) and `/readyz` (connected to NATS and not shutting down: an
-//! orchestrator like Kubernetes sends it no traffic otherwise).
+//! (the process answers) and `/readyz` (started, connected to NATS and not shutting down:
+//! an orchestrator like Kubernetes sends it no traffic otherwise; while starting, the 503
+//! says what start-up waits for).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,8 +19,8 @@ use tokio_util::task::TaskTracker;
 
 use super::Metrics;
 use crate::config::NatsConfig;
-use crate::contract::JobKind;
 use crate::health::Health;
+use crate::startup::{Phase, Progress};
 
 /// What a scrape reads besides the counters.
 pub(crate) struct Probe {
@@ -27,8 +28,8 @@ pub(crate) struct Probe {
     pub client: async_nats::Client,
     pub js: jetstream::Context,
     pub nats: Arc<NatsConfig>,
-    /// Job kinds this process consumes.
-    pub kinds: Vec<JobKind>,
+    /// Where start-up is; once started, the job kinds this process consumes.
+    pub progress: Progress,
     /// Whether this process records usage (then the recorder's backlog is reported).
     pub recorder: bool,
     pub health: Health,
@@ -66,6 +67,8 @@ async fn ready(State(p): State<Arc<Probe>>) -> Response {
     );
     if p.stop.is_cancelled() {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response()
+    } else if let Phase::Starting(what) = p.progress.get() {
+        (StatusCode::SERVICE_UNAVAILABLE, format!("starting: {what}")).into_response()
     } else if !connected {
         (StatusCode::SERVICE_UNAVAILABLE, "NATS is not connected").into_response()
     } else {
@@ -86,8 +89,12 @@ async fn metrics(State(p): State<Arc<Probe>>) -> Response {
 }
 
 async fn read_queues(p: &Probe) {
+    let kinds = match p.progress.get() {
+        Phase::Ready(kinds) => kinds,
+        Phase::Starting(_) => return,
+    };
     if let Ok(jobs) = p.js.get_stream_no_info(&p.nats.jobs_stream).await {
-        for kind in &p.kinds {
+        for kind in &kinds {
             if let Ok(info) = jobs.consumer_info(p.nats.consumer_name(*kind)).await {
                 p.metrics
                     .set_consumer(*kind, info.num_pending, info.num_ack_pending);

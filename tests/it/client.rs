@@ -91,9 +91,7 @@ async fn a_result_missed_live_is_read_back_from_the_results_stream() {
 
 #[tokio::test]
 async fn a_publish_is_retried_across_a_nats_restart_without_a_duplicate_job() {
-    let Some(mut server) = NatsServer::start("").await else {
-        return;
-    };
+    let mut server = NatsServer::start("").await;
     let fake = FakeLlmServer::start().await.unwrap();
     let services = Services::get().await;
     let database = ScratchDatabase::create(&services.database_url, "llmw")

@@ -37,6 +37,7 @@ mod rich;
 mod security;
 mod servers;
 mod service;
+mod startup;
 mod tenants;
 mod traces;
 mod usage;

@@ -103,9 +103,7 @@ async fn a_worker_with_least_privilege_runs_jobs_and_nobody_can_purge_a_stream()
         role,
     });
     let account = nats_account::render(&config.nats, "LLM", &users);
-    let Some(server) = NatsServer::start(&account).await else {
-        return;
-    };
+    let server = NatsServer::start(&account).await;
     config.nats.url = server.url();
     let (jobs, results) = (
         config.nats.jobs_stream.clone(),
@@ -381,9 +379,7 @@ async fn a_worker_talks_to_nats_over_tls_with_a_client_certificate() {
         path("server.key"),
         path("ca.pem")
     );
-    let Some(server) = NatsServer::start(&tls).await else {
-        return;
-    };
+    let server = NatsServer::start(&tls).await;
     let services = Services::get().await;
     let database = ScratchDatabase::create(&services.database_url, "llmw")
         .await

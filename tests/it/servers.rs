@@ -31,25 +31,25 @@ impl Drop for TempDir {
 pub struct NatsServer(pub llm_worker_testkit::nats::NatsServer);
 
 impl NatsServer {
-    /// Start one with `config` added to `listen` and `jetstream` settings; `None` (with a
-    /// message on stderr) where nats-server is not installed.
-    pub async fn start(config: &str) -> Option<Self> {
+    /// Start one with `config` added to `listen` and `jetstream` settings. Fails the test
+    /// where nats-server is not installed: a fault test that cannot make its fault must not
+    /// pass.
+    pub async fn start(config: &str) -> Self {
         let server = llm_worker_testkit::nats::NatsServer::start(config)
             .await
             .unwrap();
-        if server.is_none() {
-            eprintln!(
-                "SKIPPED: {} is not installed",
-                llm_worker_testkit::nats::NATS_SERVER
-            );
-        }
-        server.map(Self)
+        Self(server.unwrap_or_else(missing))
     }
 
-    /// Three routed nodes (`n0`..`n2`); `None` where nats-server is not installed.
-    pub async fn cluster() -> Option<Vec<Self>> {
-        let nodes = llm_worker_testkit::nats::cluster().await.unwrap()?;
-        Some(nodes.into_iter().map(Self).collect())
+    /// Three routed nodes (`n0`..`n2`).
+    pub async fn cluster() -> Vec<Self> {
+        Self::planned(llm_worker_testkit::nats::ClusterPlan::new().unwrap()).await
+    }
+
+    /// The three nodes of `plan`, on the ports it chose.
+    pub async fn planned(plan: llm_worker_testkit::nats::ClusterPlan) -> Vec<Self> {
+        let nodes = plan.start().await.unwrap().unwrap_or_else(missing);
+        nodes.into_iter().map(Self).collect()
     }
 
     /// SIGKILL, and wait until it is gone.
@@ -119,6 +119,13 @@ impl Outage {
     pub fn set_up(&self, up: bool) {
         self.up.send_replace(up);
     }
+}
+
+fn missing<T>() -> T {
+    panic!(
+        "{} is not installed: this test starts its own NATS servers (apt install nats-server)",
+        llm_worker_testkit::nats::NATS_SERVER
+    )
 }
 
 fn url_host_port(url: &str) -> String {

@@ -28,12 +28,16 @@ impl NatsServer {
     /// Start one with `config` added to its `listen` and `jetstream` settings. `Ok(None)`
     /// where nats-server is not installed.
     pub async fn start(config: &str) -> std::io::Result<Option<Self>> {
+        Self::start_on(free_port()?, config).await
+    }
+
+    /// [`Self::start`] on `port`.
+    pub async fn start_on(port: u16, config: &str) -> std::io::Result<Option<Self>> {
         if !Path::new(NATS_SERVER).exists() {
             return Ok(None);
         }
         let dir = std::env::temp_dir().join(format!("llmw-nats-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir)?;
-        let port = free_port()?;
         let file = dir.join("nats-server.conf");
         let text = format!(
             "listen: 127.0.0.1:{port}\njetstream {{ store_dir: {:?} }}\n{config}",
@@ -98,23 +102,53 @@ impl NatsServer {
 /// Three nats-servers routed to each other (server names `n0`, `n1`, `n2`), JetStream on
 /// each. `Ok(None)` where nats-server is not installed.
 pub async fn cluster() -> std::io::Result<Option<Vec<NatsServer>>> {
-    let routes = [free_port()?, free_port()?, free_port()?];
-    let all = routes
-        .iter()
-        .map(|p| format!("nats-route://127.0.0.1:{p}"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let mut nodes = Vec::new();
-    for (i, port) in routes.iter().enumerate() {
-        let config = format!(
-            "server_name: n{i}\ncluster {{ name: llmw, listen: 127.0.0.1:{port}, routes: [{all}] }}\n"
-        );
-        match NatsServer::start(&config).await? {
-            Some(node) => nodes.push(node),
-            None => return Ok(None),
-        }
+    ClusterPlan::new()?.start().await
+}
+
+/// The ports of a 3-node cluster chosen before it starts, so a client can be pointed at it
+/// (and start connecting) before any node listens.
+pub struct ClusterPlan {
+    clients: [u16; 3],
+    routes: [u16; 3],
+}
+
+impl ClusterPlan {
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            clients: [free_port()?, free_port()?, free_port()?],
+            routes: [free_port()?, free_port()?, free_port()?],
+        })
     }
-    Ok(Some(nodes))
+
+    /// The nodes' client URLs, comma separated (what `nats.url` takes).
+    pub fn urls(&self) -> String {
+        self.clients
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Start the three nodes, each once the previous one listens.
+    pub async fn start(self) -> std::io::Result<Option<Vec<NatsServer>>> {
+        let all = self
+            .routes
+            .iter()
+            .map(|p| format!("nats-route://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut nodes = Vec::new();
+        for (i, (client, route)) in self.clients.iter().zip(&self.routes).enumerate() {
+            let config = format!(
+                "server_name: n{i}\ncluster {{ name: llmw, listen: 127.0.0.1:{route}, routes: [{all}] }}\n"
+            );
+            match NatsServer::start_on(*client, &config).await? {
+                Some(node) => nodes.push(node),
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(nodes))
+    }
 }
 
 /// The servers' URLs, comma separated (what `nats.url` takes).
