@@ -270,6 +270,11 @@ pub async fn start_with(
             ));
             reload_handle = Some(reloader);
         }
+        background.spawn(crate::worker::probe::run(
+            worker.clone(),
+            config.health.clone(),
+            stop.clone(),
+        ));
         let follower = startup
             .step(
                 &format!("the cancel stream {}", nats_cfg.cancel_stream),

@@ -73,11 +73,9 @@ pub trait DeltaSink: Send {
     }
 }
 
-/// A sink that drops text (tests).
-#[cfg(test)]
+/// A sink that drops text (health probes, tests).
 pub(crate) struct NoSink;
 
-#[cfg(test)]
 impl DeltaSink for NoSink {
     async fn delta(&mut self, _: AttemptMeta<'_>, _: &str) {}
 }
@@ -862,6 +860,7 @@ mod attempt;
 mod call;
 mod images;
 mod output;
+mod probe;
 #[cfg(test)]
 mod tests;
 

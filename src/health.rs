@@ -35,6 +35,8 @@ pub enum State {
     Healthy,
     Degraded,
     Unavailable,
+    /// A pair the routes list that no call or probe has tried yet in this process.
+    Unknown,
 }
 
 /// Whether the chain may call an entry now.
@@ -57,6 +59,16 @@ struct Entry {
     /// Size of the vectors this entry last returned (embeddings).
     dimensions: Option<usize>,
     last_used: Instant,
+    /// The last active probe's outcome (`health.probe_interval_secs`).
+    last_probe: Option<Probed>,
+}
+
+/// What the last active probe of an entry saw.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Probed {
+    pub at: chrono::DateTime<chrono::Utc>,
+    pub latency_ms: u64,
+    pub ok: bool,
 }
 
 impl Entry {
@@ -69,6 +81,7 @@ impl Entry {
             ewma_ttft_ms: None,
             dimensions: None,
             last_used: Instant::now(),
+            last_probe: None,
         }
     }
 
@@ -125,6 +138,9 @@ pub struct Report {
     pub state: State,
     pub consecutive_failures: u32,
     pub ewma_ttft_ms: Option<f64>,
+    /// The last active probe, when probes are on and one has run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_probe: Option<Probed>,
 }
 
 /// Shared by all jobs of a process. Cheap to clone.
@@ -238,7 +254,30 @@ impl Health {
                 State::Healthy => {
                     tracing::info!(provider, model, "provider healthy: circuit closed")
                 }
+                State::Unknown => {}
             }
+        }
+    }
+
+    /// Record an active probe of (provider, model): its outcome counts like a call's (a
+    /// success closes an open circuit, whatever its cooldown; a provider fault counts
+    /// towards opening it), and its latency and time are kept for reports.
+    pub(crate) fn record_probe(
+        &self,
+        provider: &str,
+        model: &str,
+        outcome: Result<Option<Duration>, &ProviderError>,
+        latency: Duration,
+    ) {
+        self.record(provider, model, outcome);
+        if let Ok(mut table) = self.table.lock()
+            && let Some(e) = table.entry(provider, model)
+        {
+            e.last_probe = Some(Probed {
+                at: chrono::Utc::now(),
+                latency_ms: u64::try_from(latency.as_millis()).unwrap_or(u64::MAX),
+                ok: outcome.is_ok(),
+            });
         }
     }
 
@@ -260,7 +299,8 @@ impl Health {
         self.table.lock().ok()?.get(provider, model)?.ewma_ttft_ms
     }
 
-    /// Every entry kept (the routes' pairs seen so far, and at most [`MAX_UNLISTED`] others).
+    /// Every entry kept (the routes' pairs, `Unknown` until tried, and at most
+    /// [`MAX_UNLISTED`] others).
     pub fn report(&self) -> Vec<Report> {
         let Ok(table) = self.table.lock() else {
             return Vec::new();
@@ -274,8 +314,23 @@ impl Health {
                 state: e.state,
                 consecutive_failures: e.consecutive_failures,
                 ewma_ttft_ms: e.ewma_ttft_ms,
+                last_probe: e.last_probe.clone(),
             })
             .collect();
+        out.extend(
+            table
+                .listed
+                .iter()
+                .filter(|k| !table.entries.contains_key(*k))
+                .map(|(provider, model)| Report {
+                    provider: provider.clone(),
+                    model: model.clone(),
+                    state: State::Unknown,
+                    consecutive_failures: 0,
+                    ewma_ttft_ms: None,
+                    last_probe: None,
+                }),
+        );
         out.sort_by(|a, b| (&a.provider, &a.model).cmp(&(&b.provider, &b.model)));
         out
     }
@@ -313,6 +368,33 @@ mod tests {
         tokio::time::advance(Duration::from_secs(11)).await;
         assert_eq!(h.admit("p", "m"), Admission::Probe);
         h.record("p", "m", Ok(Some(Duration::from_millis(100))));
+        assert_eq!(h.admit("p", "m"), Admission::Go);
+        assert_eq!(h.report()[0].state, State::Healthy);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_listed_pair_is_unknown_until_tried_and_a_probe_closes_an_open_circuit_at_once() {
+        let h = Health::new(&CircuitConfig {
+            failure_threshold: 1,
+            cooldown_secs: 3600,
+        });
+        h.set_listed([("p".to_string(), "m".to_string())]);
+        assert_eq!(h.report()[0].state, State::Unknown);
+        h.record_probe(
+            "p",
+            "m",
+            Err(&err(ErrorCode::ServerError)),
+            Duration::from_millis(7),
+        );
+        let r = &h.report()[0];
+        assert_eq!(r.state, State::Unavailable);
+        assert_eq!(
+            r.last_probe.as_ref().map(|p| (p.ok, p.latency_ms)),
+            Some((false, 7))
+        );
+        assert_eq!(h.admit("p", "m"), Admission::Skip);
+        // Long before the cooldown ends, a successful probe closes it.
+        h.record_probe("p", "m", Ok(None), Duration::from_millis(5));
         assert_eq!(h.admit("p", "m"), Admission::Go);
         assert_eq!(h.report()[0].state, State::Healthy);
     }

@@ -68,11 +68,13 @@ pub(crate) async fn serve(
     }
 }
 
-/// The workers' health as a table, one line per (worker, provider, model).
+/// The workers' health as a table, one line per (worker, provider, model): the state as the
+/// health monitor names it (HEALTHY, DEGRADED, UNAVAILABLE, UNKNOWN), and the last active
+/// probe's latency when probes are on.
 pub fn render(workers: &[WorkerStatus]) -> String {
     let mut out = format!(
-        "{:<24} {:<16} {:<28} {:<12} {:>8} {:>10}\n",
-        "worker", "provider", "model", "state", "failures", "ttft_ms"
+        "{:<24} {:<16} {:<28} {:<12} {:>8} {:>10} {:>10}\n",
+        "worker", "provider", "model", "state", "failures", "ttft_ms", "probe_ms"
     );
     for w in workers {
         if w.providers.is_empty() {
@@ -82,14 +84,22 @@ pub fn render(workers: &[WorkerStatus]) -> String {
             let ttft = p
                 .ewma_ttft_ms
                 .map_or("-".to_string(), |t| format!("{t:.0}"));
+            let probe = p.last_probe.as_ref().map_or("-".to_string(), |probe| {
+                if probe.ok {
+                    probe.latency_ms.to_string()
+                } else {
+                    format!("{} failed", probe.latency_ms)
+                }
+            });
             let state = match p.state {
-                crate::health::State::Healthy => "healthy",
-                crate::health::State::Degraded => "degraded",
-                crate::health::State::Unavailable => "unavailable",
+                crate::health::State::Healthy => "HEALTHY",
+                crate::health::State::Degraded => "DEGRADED",
+                crate::health::State::Unavailable => "UNAVAILABLE",
+                crate::health::State::Unknown => "UNKNOWN",
             };
             out.push_str(&format!(
-                "{:<24} {:<16} {:<28} {:<12} {:>8} {:>10}\n",
-                w.worker_id, p.provider, p.model, state, p.consecutive_failures, ttft
+                "{:<24} {:<16} {:<28} {:<12} {:>8} {:>10} {:>10}\n",
+                w.worker_id, p.provider, p.model, state, p.consecutive_failures, ttft, probe
             ));
         }
     }

@@ -17,6 +17,7 @@ mod embed;
 mod generate;
 mod image;
 pub mod outbox;
+pub(crate) mod probe;
 #[cfg(test)]
 mod tests;
 

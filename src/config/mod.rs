@@ -86,6 +86,8 @@ pub struct Config {
     /// only the route's own providers.
     pub pin_any_provider: Vec<String>,
     pub circuit_breaker: CircuitConfig,
+    /// Active health probes of the routes' providers.
+    pub health: HealthConfig,
     pub limits: LimitsConfig,
     /// Tenant policies by tenant name; `default` applies to tenants without their own.
     pub tenants: BTreeMap<String, TenantPolicy>,
@@ -389,6 +391,37 @@ impl Default for CircuitConfig {
         Self {
             failure_threshold: 5,
             cooldown_secs: 30,
+        }
+    }
+}
+
+/// Active health probes (`[health]`): every worker calls each (provider, model) of its
+/// generation routes with a tiny request every `probe_interval_secs`, so circuits close
+/// when a provider recovers even with no job traffic, and `llm-worker status`, `/readyz` and
+/// Prometheus show each provider's state with the last probe's latency.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// Seconds between probes of each entry; 0 (the default) turns probes off.
+    pub probe_interval_secs: u64,
+    /// The probe's prompt (one user message).
+    pub probe_prompt: String,
+    /// The probe's `max_tokens`: what one probe may cost in output.
+    pub probe_max_tokens: u32,
+    /// How long one probe may take before it counts as a timeout.
+    pub probe_timeout_ms: u64,
+    /// Tenant of the probes' rows in the ledger (`task_type = "health_probe"`).
+    pub probe_tenant: String,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            probe_interval_secs: 0,
+            probe_prompt: "ping".into(),
+            probe_max_tokens: 1,
+            probe_timeout_ms: 10_000,
+            probe_tenant: "llm-worker".into(),
         }
     }
 }

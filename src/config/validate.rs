@@ -32,6 +32,18 @@ impl Config {
                 "must be 1 to 5 (JetStream's limit; 3 on a 3-node cluster)",
             ));
         }
+        if self.nats.start_timeout_secs == 0 {
+            return Err(invalid("nats.start_timeout_secs", "must be positive"));
+        }
+        if self.health.probe_timeout_ms == 0 {
+            return Err(invalid("health.probe_timeout_ms", "must be positive"));
+        }
+        if self.health.probe_max_tokens == 0 {
+            return Err(invalid("health.probe_max_tokens", "must be at least 1"));
+        }
+        if self.health.probe_tenant.trim().is_empty() {
+            return Err(invalid("health.probe_tenant", "must not be empty"));
+        }
         if self.gateway.max_concurrent == 0 {
             return Err(invalid("gateway.max_concurrent", "must be at least 1"));
         }

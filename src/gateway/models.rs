@@ -134,6 +134,7 @@ impl Catalog {
                         State::Healthy => 0,
                         State::Degraded => 1,
                         State::Unavailable => 2,
+                        State::Unknown => -1,
                     });
                 EntryState {
                     provider: provider.clone(),
@@ -143,6 +144,7 @@ impl Catalog {
                         Some(State::Healthy) => "healthy",
                         Some(State::Degraded) => "degraded",
                         Some(State::Unavailable) => "unavailable",
+                        Some(State::Unknown) => "unknown",
                     },
                 }
             })

@@ -122,6 +122,8 @@ struct Inner {
     cache_saved: Family<CostLabels, Counter<f64, AtomicU64>>,
     in_flight: Gauge,
     circuit: Family<ModelLabels, Gauge>,
+    probe_seconds: Family<ModelLabels, Gauge<f64, AtomicU64>>,
+    probe_ok: Family<ModelLabels, Gauge>,
     consumer_pending: Family<KindLabels, Gauge>,
     consumer_ack_pending: Family<KindLabels, Gauge>,
     recorder_backlog: Gauge,
@@ -151,6 +153,8 @@ impl Metrics {
             cache_saved: Family::default(),
             in_flight: Gauge::default(),
             circuit: Family::default(),
+            probe_seconds: Family::default(),
+            probe_ok: Family::default(),
             consumer_pending: Family::default(),
             consumer_ack_pending: Family::default(),
             recorder_backlog: Gauge::default(),
@@ -218,8 +222,18 @@ impl Metrics {
         );
         r.register(
             "llm_circuit_state",
-            "Circuit breaker per provider and model: 0 healthy, 1 degraded, 2 open (unavailable)",
+            "Circuit breaker per provider and model: 0 healthy, 1 degraded, 2 open (unavailable), 3 unknown (listed, not tried yet)",
             inner.circuit.clone(),
+        );
+        r.register(
+            "llm_provider_probe_seconds",
+            "Latency of the last active health probe per provider and model (health.probe_interval_secs)",
+            inner.probe_seconds.clone(),
+        );
+        r.register(
+            "llm_provider_probe_ok",
+            "Whether the last active health probe per provider and model succeeded (1) or failed (0)",
+            inner.probe_ok.clone(),
         );
         r.register(
             "llm_consumer_pending",
@@ -377,14 +391,23 @@ impl Metrics {
                 crate::health::State::Healthy => 0,
                 crate::health::State::Degraded => 1,
                 crate::health::State::Unavailable => 2,
+                crate::health::State::Unknown => 3,
             };
-            self.0
-                .circuit
-                .get_or_create(&ModelLabels {
-                    provider: r.provider.clone(),
-                    model: self.model(&r.model),
-                })
-                .set(state);
+            let labels = ModelLabels {
+                provider: r.provider.clone(),
+                model: self.model(&r.model),
+            };
+            self.0.circuit.get_or_create(&labels).set(state);
+            if let Some(probe) = &r.last_probe {
+                self.0
+                    .probe_seconds
+                    .get_or_create(&labels)
+                    .set(probe.latency_ms as f64 / 1000.0);
+                self.0
+                    .probe_ok
+                    .get_or_create(&labels)
+                    .set(i64::from(probe.ok));
+            }
         }
     }
 

@@ -72,8 +72,29 @@ async fn ready(State(p): State<Arc<Probe>>) -> Response {
     } else if !connected {
         (StatusCode::SERVICE_UNAVAILABLE, "NATS is not connected").into_response()
     } else {
-        "ready".into_response()
+        ready_text(&p.health.report()).into_response()
     }
+}
+
+/// `ready`, then one line per provider entry: its state as the health monitor names it, and
+/// the last active probe's latency when probes are on.
+fn ready_text(reports: &[crate::health::Report]) -> String {
+    let mut text = String::from("ready\n");
+    for r in reports {
+        let state = match r.state {
+            crate::health::State::Healthy => "HEALTHY",
+            crate::health::State::Degraded => "DEGRADED",
+            crate::health::State::Unavailable => "UNAVAILABLE",
+            crate::health::State::Unknown => "UNKNOWN",
+        };
+        text.push_str(&format!("provider {} {} {state}", r.provider, r.model));
+        if let Some(probe) = &r.last_probe {
+            let outcome = if probe.ok { "ok" } else { "failed" };
+            text.push_str(&format!(" probe {outcome} {} ms", probe.latency_ms));
+        }
+        text.push('\n');
+    }
+    text
 }
 
 async fn metrics(State(p): State<Arc<Probe>>) -> Response {

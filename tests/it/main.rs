@@ -30,6 +30,7 @@ mod lifecycle;
 mod metrics;
 mod nats_auth;
 mod poison;
+mod probes;
 mod providers;
 mod rates;
 mod reload;
