@@ -112,11 +112,8 @@ impl<O: Outbox> Worker<O> {
             result.model_used = Some(record.model.clone());
             result.attempt = Some(1);
         }
-        result.tokens_used = TokensUsed::with_classes(
-            record.input_tokens,
-            record.output_tokens,
-            record.classes,
-        );
+        result.tokens_used =
+            TokensUsed::with_classes(record.input_tokens, record.output_tokens, record.classes);
         result.cost_usd = record.cost_usd;
         result.attempts = vec![record];
         let stored = match encode_result(&result, || self.outbox.max_payload()) {

@@ -221,6 +221,16 @@ pub async fn slowest_answer(db: &sqlx::PgPool, acked: &[Uuid]) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// Results stored in the app's results stream.
+async fn stored_results(app: &TestApp) -> u64 {
+    let mut results = app
+        .js
+        .get_stream(&app.config.nats.results_stream)
+        .await
+        .unwrap();
+    results.info().await.unwrap().state.messages
+}
+
 /// A fake provider answering after `latency`, a fresh database, and a config for a worker
 /// on `nats_url` (one URL or several, comma separated; else the shared server).
 pub async fn world(
@@ -279,6 +289,13 @@ async fn the_nats_server_killed_and_restarted_under_load_loses_no_acknowledged_j
         "only {} acknowledged",
         load.acked.len()
     );
+    // The fault happened: publishes made while the server was down were refused (timed out).
+    let refused_while_down: u32 = load.timeline.range(5..=10).map(|(_, (_, r, _))| r).sum();
+    assert!(
+        refused_while_down > 0,
+        "no publish was refused while the server was down: the kill made no fault; {:?}",
+        load.timeline
+    );
 
     let db = sqlx::PgPool::connect(&database.url).await.unwrap();
     every_acked_job_answered_once(&js, &config.nats, &db, &load.acked).await;
@@ -330,9 +347,22 @@ async fn worker_processes_killed_every_few_seconds_under_load_lose_no_acknowledg
     let load = load.await.unwrap();
     assert_eq!(load.refused.len(), 0, "{:?}", load.timeline);
     every_acked_job_answered_once(&app.js, &app.config.nats, &app.db, &load.acked).await;
+    // The fault happened: the consumer counts every delivery (its consumer sequence), so
+    // more deliveries than jobs are jobs a killed worker held, delivered again.
+    let deliveries = app
+        .generate_consumer_info()
+        .await
+        .delivered
+        .consumer_sequence;
+    let redelivered = deliveries.saturating_sub(load.acked.len() as u64);
+    assert!(
+        redelivered > 0,
+        "{deliveries} deliveries for {} jobs: no job was redelivered, the kills made no fault",
+        load.acked.len()
+    );
     eprintln!(
-        "worker kills: {} jobs, 4 workers killed; slowest answer {:.1} s after its publish \
-         (a killed worker's jobs wait out nats.ack_wait_secs = {})",
+        "worker kills: {} jobs, 4 workers killed, {redelivered} redeliveries; slowest answer \
+         {:.1} s after its publish (a killed worker's jobs wait out nats.ack_wait_secs = {})",
         load.acked.len(),
         slowest_answer(&app.db, &load.acked).await,
         app.config.nats.ack_wait_secs
@@ -358,10 +388,25 @@ async fn postgres_unreachable_for_30_s_under_load_loses_no_usage_row() {
         async move { steady_load(&js, &subject, 300, 34).await }
     });
     tokio::time::sleep(Duration::from_secs(2)).await;
+    let rows = "SELECT count(*) FROM llm_jobs";
     outage.set_up(false);
-    tokio::time::sleep(Duration::from_secs(30)).await;
+    // A batch already on its way may still commit; after that nothing is written.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (rows_cut, results_cut) = (app.count(rows).await, stored_results(&app).await);
+    tokio::time::sleep(Duration::from_secs(27)).await;
+    let (rows_end, results_end) = (app.count(rows).await, stored_results(&app).await);
     outage.set_up(true);
     let restored = tokio::time::Instant::now();
+    // The fault happened: while jobs kept being answered, the rows stood still.
+    assert!(rows_cut > 0, "no row before the outage");
+    assert_eq!(
+        rows_end, rows_cut,
+        "usage rows were written while the database was cut off: the outage made no fault"
+    );
+    assert!(
+        results_end > results_cut + 1_000,
+        "jobs were not answered during the outage ({results_cut} -> {results_end} results)"
+    );
     let load = load.await.unwrap();
     assert_eq!(load.refused.len(), 0, "{:?}", load.timeline);
     every_acked_job_answered_once(&app.js, &app.config.nats, &app.db, &load.acked).await;
