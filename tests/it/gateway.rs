@@ -8,6 +8,8 @@ use async_openai::types::chat::{
     ChatCompletionStreamOptions, CreateChatCompletionRequestArgs,
 };
 use async_openai::types::embeddings::{CreateEmbeddingRequestArgs, EncodingFormat};
+use std::time::Duration;
+
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use llm_worker::gateway::{self, keys};
@@ -380,6 +382,51 @@ async fn a_request_without_a_valid_key_is_401_and_a_revoked_key_stops_working() 
     let (status, _, _) = s.post("/v1/chat/completions", None, body.to_string()).await;
     assert_eq!(status, 401);
     assert_eq!(s.fake.request_count(), 0, "no job may reach a provider");
+    s.teardown().await;
+}
+
+#[tokio::test]
+async fn a_revoked_key_already_cached_is_refused_within_the_cache_time() {
+    // The default key cache (10 s): the key is looked up once, then trusted from memory.
+    let s = Setup::new("", |_| {}).await;
+    let cache = Duration::from_secs(s.app.config.gateway.key_cache_secs);
+    assert!(!cache.is_zero(), "the test needs a key cache");
+    s.fake.set_default(Reply::answer(&["hi"], (1, 1)));
+    let body = json!({"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]});
+    let (status, _, answer) = s.post("/v1/chat/completions", None, body.to_string()).await;
+    assert_eq!(status, 200, "{answer}");
+
+    let keys = keys::list(&s.app.db).await.unwrap();
+    assert_eq!(keys::revoke(&s.app.db, &keys[0].prefix).await.unwrap(), 1);
+    let revoked = tokio::time::Instant::now();
+    let calls_before = s.fake.request_count();
+    loop {
+        let (status, _, err) = s.post("/v1/chat/completions", None, body.to_string()).await;
+        if status == 401 {
+            assert_eq!(
+                openai_error(&err),
+                ("invalid_request_error", "invalid_api_key")
+            );
+            break;
+        }
+        assert_eq!(status, 200, "{err}");
+        // One second of slack for the request in flight when the cache entry expires.
+        assert!(
+            revoked.elapsed() <= cache + Duration::from_secs(1),
+            "a revoked key still worked {:?} after revocation (key_cache_secs = {})",
+            revoked.elapsed(),
+            cache.as_secs()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // And it stays refused.
+    let (status, _, _) = s.post("/v1/chat/completions", None, body.to_string()).await;
+    assert_eq!(status, 401);
+    let served_after = s.fake.request_count() - calls_before;
+    eprintln!(
+        "revocation: refused {:?} after it, {served_after} requests served from the cache meanwhile",
+        revoked.elapsed()
+    );
     s.teardown().await;
 }
 

@@ -141,3 +141,41 @@ async fn start_up_gives_up_at_its_deadline_naming_what_it_waited_for() {
     );
     database.drop().await;
 }
+
+#[tokio::test]
+async fn worker_and_gateway_are_not_ready_while_nats_is_gone_and_ready_again_when_it_is_back() {
+    llm_worker::tls::install_crypto_provider();
+    let mut server = NatsServer::start("").await;
+    let (_fake, _services, database, mut config) = world(Some(&server.url()), Duration::ZERO).await;
+    let metrics = free_port().unwrap();
+    config.telemetry.metrics_listen = Some(format!("127.0.0.1:{metrics}"));
+    let worker = llm_worker::app::start(config.clone(), ALL_ROLES)
+        .await
+        .unwrap();
+    let gateway = llm_worker::gateway::start(config.clone(), "127.0.0.1:0")
+        .await
+        .unwrap();
+    let gateway_port = gateway.addr.port();
+    for port in [metrics, gateway_port] {
+        let (status, body) = readyz(port).await.unwrap();
+        assert_eq!(
+            (status, body.lines().next()),
+            (200, Some("ready")),
+            "{body}"
+        );
+    }
+
+    server.kill().await;
+    for port in [metrics, gateway_port] {
+        let (_, body) = readyz_until(port, |status, _| status == 503).await;
+        assert_eq!(body, "NATS is not connected");
+    }
+
+    server.restart().await;
+    for port in [metrics, gateway_port] {
+        readyz_until(port, |status, _| status == 200).await;
+    }
+    gateway.shutdown().await;
+    worker.shutdown().await;
+    database.drop().await;
+}
