@@ -51,7 +51,7 @@ async fn next_result(sub: &mut async_nats::Subscriber) -> Value {
 /// Make sure at least 10 s of the current UTC minute are left, so a burst of jobs lands in
 /// one minute: without the limit it would, and the test would see it. (Waiting for a clock
 /// position: there is no event to await.)
-async fn minute_with_room() {
+pub(crate) async fn minute_with_room() {
     use chrono::Timelike;
     let second = Utc::now().second();
     if second >= 50 {

@@ -215,3 +215,147 @@ async fn a_reload_changes_tenant_policies_on_every_worker_and_an_invalid_one_cha
     drop(workers);
     app.teardown().await;
 }
+
+/// When a result's first call started and its last call ended.
+fn call_span(r: &Value) -> (chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>) {
+    let attempts = r["attempts"].as_array().unwrap();
+    let at = |a: &Value, key: &str| a[key].as_str().unwrap().parse().unwrap();
+    (
+        at(&attempts[0], "started_at"),
+        at(attempts.last().unwrap(), "finished_at"),
+    )
+}
+
+/// Most of `results` calling a provider at once.
+fn most_at_once(results: &[&Value]) -> usize {
+    let mut edges: Vec<(chrono::DateTime<chrono::Utc>, i32)> = Vec::new();
+    for r in results {
+        let (start, end) = call_span(r);
+        edges.push((start, 1));
+        edges.push((end, -1));
+    }
+    edges.sort();
+    let (mut now, mut most) = (0i32, 0i32);
+    for (_, step) in edges {
+        now += step;
+        most = most.max(now);
+    }
+    most as usize
+}
+
+/// A backlog of 40 jobs of A then 40 of B, parked behind 4 jobs that hang until their 1.5 s
+/// timeout (the worker's 4 slots): the backlog's results, ordered by when their call started.
+async fn backlog(app: &TestApp, fake: &FakeLlmServer) -> Vec<Value> {
+    let (reply_to, mut sub) = app.reply_inbox().await;
+    for _ in 0..4 {
+        fake.push(Reply::Hang);
+        app.publish(json!({"prompt": "block", "tenant": "C", "timeout_ms": 1500}))
+            .await;
+    }
+    for tenant in ["A", "B"] {
+        for _ in 0..40 {
+            app.publish(
+                json!({"prompt": "x", "tenant": tenant, "reply_to": reply_to, "stream": false}),
+            )
+            .await;
+        }
+    }
+    let mut results: Vec<Value> = crate::helpers::collect_results(&mut sub, 80)
+        .await
+        .into_values()
+        .collect();
+    assert!(results.iter().all(|r| r["status"] == "ok"));
+    results.sort_by_key(|r| call_span(r).0);
+    results
+}
+
+fn share_of(results: &[Value], tenant: &str) -> usize {
+    results[..20]
+        .iter()
+        .filter(|r| r["tenant"] == tenant)
+        .count()
+}
+
+#[tokio::test]
+async fn weights_show_through_nats_and_a_reloaded_weight_rate_limit_and_max_in_flight_take_effect()
+{
+    let fake = FakeLlmServer::start().await.unwrap();
+    fake.set_default(Reply::answer(&["ok"], (1, 1)));
+    fake.set_latency(Duration::from_millis(20));
+    let policies = "[tenants.A]\nweight = 3\n[tenants.B]\nweight = 1\n";
+    let toml = format!(
+        "{}[routes]\ndefault = [\"a\"]\n{policies}",
+        openai_provider("a", &fake.base_url(), "m"),
+    );
+    let app = TestApp::new(&toml).await;
+    let env = [("LLM_WORKER__WORKER__MAX_IN_FLIGHT", "4")];
+    let worker = app.spawn_process_with("", &["run"], &env).await;
+
+    // 3:1 under a backlog: of the first 20 jobs started, about 15 are A's.
+    let before = backlog(&app, &fake).await;
+    let (a, b) = (share_of(&before, "A"), share_of(&before, "B"));
+    eprintln!("weights 3:1: of the first 20 started, A {a}, B {b}");
+    assert!(
+        (13..=17).contains(&a),
+        "A got {a} of the first 20 (weight 3:1)"
+    );
+    let a_jobs: Vec<&Value> = before.iter().filter(|r| r["tenant"] == "A").collect();
+    assert!(most_at_once(&a_jobs) > 1, "A never ran two jobs at once");
+    // Tenant R has no rate limit yet: 10 jobs, all answered.
+    let (reply_to, mut sub) = app.reply_inbox().await;
+    for _ in 0..10 {
+        app.publish(json!({"prompt": "r", "tenant": "R", "reply_to": reply_to, "stream": false}))
+            .await;
+    }
+    let unlimited = crate::helpers::collect_results(&mut sub, 10).await;
+    assert!(unlimited.values().all(|r| r["status"] == "ok"));
+
+    // Reloaded: the weights swapped, A at most one job in flight, R 5 requests a minute.
+    rewrite(
+        &worker.config_path(),
+        policies,
+        "[tenants.A]\nweight = 1\nmax_in_flight = 1\n[tenants.B]\nweight = 3\n\
+         [tenants.R]\nrequests_per_minute = 5\n",
+    );
+    let answers = reload_all(&app, 1).await;
+    assert!(answers.iter().all(|a| a["ok"] == true), "{answers:?}");
+
+    let after = backlog(&app, &fake).await;
+    let (a, b) = (share_of(&after, "A"), share_of(&after, "B"));
+    eprintln!("weights 1:3 after the reload: of the first 20 started, A {a}, B {b}");
+    assert!(
+        (13..=17).contains(&b),
+        "B got {b} of the first 20 (weight 1:3)"
+    );
+    let a_jobs: Vec<&Value> = after.iter().filter(|r| r["tenant"] == "A").collect();
+    assert_eq!(
+        most_at_once(&a_jobs),
+        1,
+        "A ran more than its max_in_flight"
+    );
+
+    // 10 jobs of R in one minute: 5 answered, 5 wait past their 3 s timeout uncalled.
+    crate::rates::minute_with_room().await;
+    let calls = fake.request_count();
+    let (reply_to, mut sub) = app.reply_inbox().await;
+    for _ in 0..10 {
+        app.publish(
+            json!({"prompt": "r", "tenant": "R", "reply_to": reply_to, "stream": false,
+                           "timeout_ms": 3000}),
+        )
+        .await;
+    }
+    let limited: Vec<Value> = crate::helpers::collect_results(&mut sub, 10)
+        .await
+        .into_values()
+        .collect();
+    let ok = limited.iter().filter(|r| r["status"] == "ok").count();
+    let timed_out = limited
+        .iter()
+        .filter(|r| r["error"]["code"] == "timeout")
+        .count();
+    assert_eq!((ok, timed_out), (5, 5), "{limited:?}");
+    assert_eq!(fake.request_count() - calls, 5);
+    drop(worker);
+    app.teardown().await;
+}
