@@ -202,3 +202,62 @@ async fn a_tenant_never_runs_more_jobs_than_its_max_in_flight_on_three_workers()
     drop(workers);
     app.teardown().await;
 }
+
+#[tokio::test]
+async fn a_slot_held_by_a_killed_worker_is_freed_within_the_stated_30_s() {
+    let fake = FakeLlmServer::start().await.unwrap();
+    fake.set_default(Reply::answer(&["ok"], (15, 5)));
+    let toml = format!(
+        "{}[routes]\ndefault = [\"openai\"]\n[tenants.capped]\nmax_in_flight = 1\n",
+        openai_provider("openai", &fake.base_url(), "gpt-test")
+    );
+    let app = TestApp::new(&toml).await;
+    // The first worker takes the tenant's only slot with a call that never answers.
+    let first = app.spawn_process("", &["run"]).await;
+    fake.push(Reply::Hang);
+    let (reply_to, mut sub) = app.reply_inbox().await;
+    let job = json!({"prompt": "x", "tenant": "capped", "reply_to": reply_to, "stream": false,
+                     "timeout_ms": WAIT_MS});
+    app.publish(job.clone()).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while fake.request_count() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the job never reached the provider"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let second = app.spawn_process("", &["run"]).await;
+    first.kill().await;
+    let killed = Utc::now();
+    // The killed worker's job comes back (after the ack wait), and one more is published:
+    // both wait for the slot its holding keeps counted until it goes stale.
+    app.publish(job).await;
+    let results = [next_result(&mut sub).await, next_result(&mut sub).await];
+    let mut starts = Vec::new();
+    for r in &results {
+        assert_eq!(r["status"], "ok", "{r}");
+        let attempts = r["attempts"].as_array().unwrap();
+        let start: DateTime<Utc> = attempts[0]["started_at"].as_str().unwrap().parse().unwrap();
+        starts.push((start - killed).num_milliseconds() as f64 / 1e3);
+    }
+    starts.sort_by(f64::total_cmp);
+    eprintln!("slot of a killed worker: the tenant's jobs started {starts:?} s after the kill");
+    // Confirmed every 10 s and stale 30 s after the last confirmation (here: the slot was
+    // taken about a second before the kill): free 20 to 30 s after the kill, plus the
+    // parked job's next look at its tenant's limits and a loaded machine's slack.
+    assert!(
+        starts[0] >= 15.0,
+        "the tenant ran {:.1} s after the kill: the killed worker's slot was not held",
+        starts[0]
+    );
+    assert!(
+        starts[0] <= 35.0,
+        "the slot was freed only {:.1} s after the kill (stated: 30 s)",
+        starts[0]
+    );
+    // One at a time still.
+    assert!(starts[1] >= starts[0]);
+    drop(second);
+    app.teardown().await;
+}
