@@ -304,3 +304,67 @@ async fn task_types_set_the_cache_use_of_their_jobs_and_off_wins() {
     assert_eq!(fake.request_count(), 3);
     app.teardown().await;
 }
+
+#[tokio::test]
+async fn refresh_stores_the_new_answer_for_other_workers_the_near_cache_needs_no_kv_read_and_the_seed_is_in_the_key()
+ {
+    let fake = FakeLlmServer::start().await.unwrap();
+    let app = TestApp::new(&setup_toml(&fake)).await;
+
+    // One worker answers and stores "old"; another refreshes it to "new".
+    let first = app.spawn_process("", &["run"]).await;
+    fake.push(Reply::answer(&["old"], (5, 1)));
+    assert_eq!(ask(&app, json!({})).await.result["output"], "old");
+    first.kill().await;
+    let second = app.spawn_process("", &["run"]).await;
+    fake.push(Reply::answer(&["new"], (5, 1)));
+    let refreshed = ask(&app, json!({"cache": "refresh"})).await.result;
+    assert_eq!(
+        (&refreshed["output"], &refreshed["cache_hit"]),
+        (&json!("new"), &json!(false))
+    );
+    second.kill().await;
+
+    // A third worker's hit returns the refreshed answer.
+    let third = app.spawn_process("", &["run"]).await;
+    let calls = fake.request_count();
+    let hit = ask(&app, json!({})).await.result;
+    assert_eq!(
+        (&hit["output"], &hit["cache_hit"]),
+        (&json!("new"), &json!(true)),
+        "{hit}"
+    );
+    assert_eq!(fake.request_count(), calls);
+
+    // The bucket emptied behind its back: the third worker still hits, from its memory.
+    let mut bucket = app
+        .js
+        .get_stream(format!("KV_{}", app.config.nats.cache_bucket))
+        .await
+        .unwrap();
+    bucket.purge().await.unwrap();
+    assert_eq!(bucket.info().await.unwrap().state.messages, 0);
+    let near = ask(&app, json!({})).await.result;
+    assert_eq!(
+        (&near["output"], &near["cache_hit"]),
+        (&json!("new"), &json!(true)),
+        "{near}"
+    );
+    assert_eq!(fake.request_count(), calls, "the near hit made no call");
+    third.kill().await;
+    // A worker without that memory misses: the hit above was not read from the bucket.
+    let fourth = app.spawn_process("", &["run"]).await;
+    fake.set_default(Reply::answer(&["fresh"], (5, 1)));
+    let missed = ask(&app, json!({})).await.result;
+    assert_eq!(missed["cache_hit"], false, "{missed}");
+    assert_eq!(fake.request_count(), calls + 1);
+
+    // The seed is part of the key: the same seed hits, another one asks the provider.
+    let seeded = |seed: u32| json!({"options": {"temperature": 0.7, "seed": seed}});
+    assert_eq!(ask(&app, seeded(1)).await.result["cache_hit"], false);
+    assert_eq!(ask(&app, seeded(1)).await.result["cache_hit"], true);
+    assert_eq!(ask(&app, seeded(2)).await.result["cache_hit"], false);
+    assert_eq!(fake.request_count(), calls + 3);
+    drop(fourth);
+    app.teardown().await;
+}
