@@ -259,3 +259,65 @@ async fn a_call_is_sent_with_the_output_the_budget_has_room_for() {
     assert_eq!(r["error"]["code"], "budget_exceeded", "{r}");
     app.teardown().await;
 }
+
+/// A monthly USD budget through NATS: jobs are answered while the month's spend and the next
+/// call's worst case fit, then refused `budget_exceeded` without a call, naming the budget.
+#[tokio::test]
+async fn a_monthly_usd_budget_answers_until_it_is_spent_and_then_refuses_without_a_call() {
+    let fake = FakeLlmServer::start().await.unwrap();
+    fake.set_default(Reply::answer(&["ok"], (15, 5)));
+    let toml = format!(
+        "{}[routes]\ndefault = [\"openai\"]\n[tenants.acme]\nmonthly_budget_usd = 0.1\n",
+        openai_provider("openai", &fake.base_url(), "gpt-test")
+    );
+    let mut app = TestApp::new(&toml).await;
+    llm_worker::usage::migrate(&app.db).await.unwrap();
+    // 0.001 USD a token, in and out: a job bills 20 tokens, 0.02 USD.
+    sqlx::query(
+        "INSERT INTO llm_prices (provider, model, effective_from, input_usd_per_mtok, output_usd_per_mtok)
+         VALUES ('openai', 'gpt-test', '2000-01-01', 1000, 1000)",
+    )
+    .execute(&app.db)
+    .await
+    .unwrap();
+    app.start_worker().await;
+    let (reply_to, mut sub) = app.reply_inbox().await;
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        // Worst case: "x" (1) + 16 + max_tokens 10 = 27 tokens, 0.027 USD.
+        app.publish(
+            json!({"prompt": "x", "tenant": "acme", "reply_to": reply_to,
+                           "stream": false, "options": {"max_tokens": 10}}),
+        )
+        .await;
+        let r = crate::helpers::collect_reply(&mut sub).await.result;
+        if r["status"] == "error" {
+            assert_eq!(r["error"]["code"], "budget_exceeded", "{r}");
+            let message = r["error"]["message"].as_str().unwrap();
+            assert!(message.contains("monthly budget of 0.1 USD"), "{message}");
+        }
+        statuses.push(r["status"].as_str().unwrap().to_string());
+    }
+    // Answered while the spend (0.02 a job) and the next call's worst case fit, then refused
+    // for good: at least three answered (0.06 + 0.027 fits 0.1), never a fifth (0.08 + 0.027
+    // does not).
+    let answered = statuses.iter().take_while(|s| *s == "ok").count();
+    assert!((3..=4).contains(&answered), "{statuses:?}");
+    assert!(
+        statuses[answered..].iter().all(|s| s == "error"),
+        "{statuses:?}"
+    );
+    assert_eq!(fake.request_count(), answered, "a refused job made a call");
+    app.wait_count("SELECT count(*) FROM llm_jobs WHERE tenant = 'acme'", 6)
+        .await;
+    let spent: f64 =
+        sqlx::query_scalar("SELECT sum(cost_usd)::float8 FROM llm_jobs WHERE tenant = 'acme'")
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    assert!(
+        (spent - 0.02 * answered as f64).abs() < 1e-9 && spent <= 0.1,
+        "{spent}"
+    );
+    app.teardown().await;
+}
