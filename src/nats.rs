@@ -106,7 +106,7 @@ pub enum SetupError {
 /// `<prefix>.dead.>`, and so on). When a stream whose name was derived does not exist and the
 /// `llm`-named one takes this prefix's subjects, every derived name goes back to the `llm`
 /// name (`crate::config` names). Nothing changes for names the configuration sets, or when
-/// NATS cannot say (a client; a worker asks [`earlier_names`] until NATS answers).
+/// NATS cannot say (a client; a worker asks `earlier_names` until NATS answers).
 pub async fn keep_earlier_names(js: &jetstream::Context, nats: &mut NatsConfig) {
     if let Ok(true) = earlier_names(js, nats).await {
         use_earlier_names(nats);
