@@ -39,6 +39,18 @@ pub enum State {
     Unknown,
 }
 
+impl State {
+    /// The state as the health monitor names it in reports (`llm-worker status`, `/readyz`).
+    pub fn label(self) -> &'static str {
+        match self {
+            State::Healthy => "HEALTHY",
+            State::Degraded => "DEGRADED",
+            State::Unavailable => "UNAVAILABLE",
+            State::Unknown => "UNKNOWN",
+        }
+    }
+}
+
 /// Whether the chain may call an entry now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Admission {

@@ -91,12 +91,7 @@ pub fn render(workers: &[WorkerStatus]) -> String {
                     format!("{} failed", probe.latency_ms)
                 }
             });
-            let state = match p.state {
-                crate::health::State::Healthy => "HEALTHY",
-                crate::health::State::Degraded => "DEGRADED",
-                crate::health::State::Unavailable => "UNAVAILABLE",
-                crate::health::State::Unknown => "UNKNOWN",
-            };
+            let state = p.state.label();
             out.push_str(&format!(
                 "{:<24} {:<16} {:<28} {:<12} {:>8} {:>10} {:>10}\n",
                 w.worker_id, p.provider, p.model, state, p.consecutive_failures, ttft, probe

@@ -81,12 +81,7 @@ async fn ready(State(p): State<Arc<Probe>>) -> Response {
 fn ready_text(reports: &[crate::health::Report]) -> String {
     let mut text = String::from("ready\n");
     for r in reports {
-        let state = match r.state {
-            crate::health::State::Healthy => "HEALTHY",
-            crate::health::State::Degraded => "DEGRADED",
-            crate::health::State::Unavailable => "UNAVAILABLE",
-            crate::health::State::Unknown => "UNKNOWN",
-        };
+        let state = r.state.label();
         text.push_str(&format!("provider {} {} {state}", r.provider, r.model));
         if let Some(probe) = &r.last_probe {
             let outcome = if probe.ok { "ok" } else { "failed" };

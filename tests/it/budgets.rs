@@ -161,17 +161,9 @@ async fn a_fallback_call_reserves_again_and_is_refused_when_the_usd_budget_canno
             .replace("max_retries = 1", "max_retries = 0")
     );
     let mut app = TestApp::new(&toml).await;
-    llm_worker::usage::migrate(&app.db).await.unwrap();
     // 0.001 USD a token, in and out, for both models.
     for model in ["weak", "strong"] {
-        sqlx::query(
-            "INSERT INTO llm_prices (provider, model, effective_from, input_usd_per_mtok, output_usd_per_mtok)
-             VALUES ('openai', $1, '2000-01-01', 1000, 1000)",
-        )
-        .bind(model)
-        .execute(&app.db)
-        .await
-        .unwrap();
+        app.set_price("openai", model, 1000.0, 1000.0).await;
     }
     app.start_worker().await;
     let (reply_to, mut sub) = app.reply_inbox().await;
@@ -271,15 +263,8 @@ async fn a_monthly_usd_budget_answers_until_it_is_spent_and_then_refuses_without
         openai_provider("openai", &fake.base_url(), "gpt-test")
     );
     let mut app = TestApp::new(&toml).await;
-    llm_worker::usage::migrate(&app.db).await.unwrap();
     // 0.001 USD a token, in and out: a job bills 20 tokens, 0.02 USD.
-    sqlx::query(
-        "INSERT INTO llm_prices (provider, model, effective_from, input_usd_per_mtok, output_usd_per_mtok)
-         VALUES ('openai', 'gpt-test', '2000-01-01', 1000, 1000)",
-    )
-    .execute(&app.db)
-    .await
-    .unwrap();
+    app.set_price("openai", "gpt-test", 1000.0, 1000.0).await;
     app.start_worker().await;
     let (reply_to, mut sub) = app.reply_inbox().await;
     let mut statuses = Vec::new();

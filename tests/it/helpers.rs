@@ -357,6 +357,22 @@ impl TestApp {
 
     /// Wait (bounded) until `sql` (returning one bigint) returns `expected`.
     /// The `bigint` a one-value query returns.
+    /// A price row for (provider, model) from 2000 on, in USD per million tokens.
+    pub async fn set_price(&self, provider: &str, model: &str, input: f64, output: f64) {
+        llm_worker::usage::migrate(&self.db).await.unwrap();
+        sqlx::query(
+            "INSERT INTO llm_prices (provider, model, effective_from, input_usd_per_mtok, output_usd_per_mtok)
+             VALUES ($1, $2, '2000-01-01', $3, $4)",
+        )
+        .bind(provider)
+        .bind(model)
+        .bind(input)
+        .bind(output)
+        .execute(&self.db)
+        .await
+        .unwrap();
+    }
+
     pub async fn count(&self, sql: &str) -> i64 {
         sqlx::query_scalar(sql).fetch_one(&self.db).await.unwrap()
     }
@@ -562,4 +578,21 @@ pub async fn collect_reply(sub: &mut async_nats::Subscriber) -> Reply {
             other => panic!("unexpected event type {other:?}: {event}"),
         }
     }
+}
+
+/// Most of the spans (start, end) open at once; back to back is not overlapping.
+pub fn peak_overlap<T: Ord>(spans: impl IntoIterator<Item = (T, T)>) -> usize {
+    let mut edges: Vec<(T, i32)> = Vec::new();
+    for (start, end) in spans {
+        edges.push((start, 1));
+        edges.push((end, -1));
+    }
+    // Ends sort before starts at the same instant.
+    edges.sort();
+    let (mut now, mut most) = (0i32, 0i32);
+    for (_, step) in edges {
+        now += step;
+        most = most.max(now);
+    }
+    most as usize
 }

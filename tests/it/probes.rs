@@ -38,14 +38,7 @@ async fn probes_open_and_close_a_circuit_with_no_job_traffic_and_show_the_state_
             .replace("max_retries = 1", "max_retries = 0"),
     )
     .await;
-    llm_worker::usage::migrate(&app.db).await.unwrap();
-    sqlx::query(
-        "INSERT INTO llm_prices (provider, model, effective_from, input_usd_per_mtok, output_usd_per_mtok)
-         VALUES ('openai', 'gpt-test', '2000-01-01', 1000, 2000)",
-    )
-    .execute(&app.db)
-    .await
-    .unwrap();
+    app.set_price("openai", "gpt-test", 1000.0, 2000.0).await;
     app.start_worker_with(ALL_ROLES, |c| {
         c.telemetry.metrics_listen = Some("127.0.0.1:0".into());
         c.circuit_breaker.failure_threshold = 2;

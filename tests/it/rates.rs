@@ -152,23 +152,14 @@ async fn jobs_over_the_tokens_per_minute_wait_for_the_next_minute_on_three_worke
     app.teardown().await;
 }
 
-/// Most jobs running at once among `results` (each from its start to its result).
+/// Most jobs running at once among `results` (each from its receipt to its result).
 fn max_overlap(results: &[&Value]) -> usize {
-    let mut edges: Vec<(DateTime<Utc>, i32)> = Vec::new();
-    for r in results {
-        let start: DateTime<Utc> = r["received_at"].as_str().unwrap().parse().unwrap();
-        let end: DateTime<Utc> = r["finished_at"].as_str().unwrap().parse().unwrap();
-        edges.push((start, 1));
-        edges.push((end, -1));
-    }
-    // Ends before starts at the same instant: back to back is not overlapping.
-    edges.sort();
-    let (mut now, mut most) = (0i32, 0i32);
-    for (_, step) in edges {
-        now += step;
-        most = most.max(now);
-    }
-    most as usize
+    let at = |r: &Value, key: &str| -> DateTime<Utc> { r[key].as_str().unwrap().parse().unwrap() };
+    crate::helpers::peak_overlap(
+        results
+            .iter()
+            .map(|r| (at(r, "received_at"), at(r, "finished_at"))),
+    )
 }
 
 #[tokio::test]

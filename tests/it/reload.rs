@@ -228,19 +228,7 @@ fn call_span(r: &Value) -> (chrono::DateTime<chrono::Utc>, chrono::DateTime<chro
 
 /// Most of `results` calling a provider at once.
 fn most_at_once(results: &[&Value]) -> usize {
-    let mut edges: Vec<(chrono::DateTime<chrono::Utc>, i32)> = Vec::new();
-    for r in results {
-        let (start, end) = call_span(r);
-        edges.push((start, 1));
-        edges.push((end, -1));
-    }
-    edges.sort();
-    let (mut now, mut most) = (0i32, 0i32);
-    for (_, step) in edges {
-        now += step;
-        most = most.max(now);
-    }
-    most as usize
+    crate::helpers::peak_overlap(results.iter().map(|r| call_span(r)))
 }
 
 /// A backlog of 40 jobs of A then 40 of B, parked behind 4 jobs that hang until their 1.5 s

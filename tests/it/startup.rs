@@ -56,14 +56,29 @@ async fn one_job_answered(urls: &str, config: &llm_worker::config::Config) {
     assert_eq!(result.output.as_deref(), Some("ok"));
 }
 
-#[tokio::test]
-async fn a_worker_started_with_a_fresh_cluster_waits_for_it_and_serves_jobs_without_a_restart() {
+/// A 3-node cluster planned (not started), R3 streams, a worker's configuration for it with
+/// `/metrics` on a known port: the plan, its URLs, the fake, the database, the
+/// configuration and that port.
+async fn cluster_world() -> (
+    ClusterPlan,
+    String,
+    llm_worker_testkit::FakeLlmServer,
+    llm_worker_testkit::ScratchDatabase,
+    llm_worker::config::Config,
+    u16,
+) {
     let plan = ClusterPlan::new().unwrap();
     let urls = plan.urls();
-    let (_fake, _services, database, mut config) = world(Some(&urls), Duration::ZERO).await;
+    let (fake, _services, database, mut config) = world(Some(&urls), Duration::ZERO).await;
     config.nats.replicas = 3;
     let metrics = free_port().unwrap();
     config.telemetry.metrics_listen = Some(format!("127.0.0.1:{metrics}"));
+    (plan, urls, fake, database, config, metrics)
+}
+
+#[tokio::test]
+async fn a_worker_started_with_a_fresh_cluster_waits_for_it_and_serves_jobs_without_a_restart() {
+    let (plan, urls, _fake, database, config, metrics) = cluster_world().await;
 
     // The worker first: no node listens yet.
     let starting = tokio::spawn(llm_worker::app::start(config.clone(), ALL_ROLES));
@@ -92,12 +107,7 @@ async fn a_worker_started_with_a_fresh_cluster_waits_for_it_and_serves_jobs_with
 
 #[tokio::test]
 async fn a_cluster_node_killed_during_start_up_delays_the_worker_but_does_not_hang_it() {
-    let plan = ClusterPlan::new().unwrap();
-    let urls = plan.urls();
-    let (_fake, _services, database, mut config) = world(Some(&urls), Duration::ZERO).await;
-    config.nats.replicas = 3;
-    let metrics = free_port().unwrap();
-    config.telemetry.metrics_listen = Some(format!("127.0.0.1:{metrics}"));
+    let (plan, urls, _fake, database, config, metrics) = cluster_world().await;
 
     let mut nodes = NatsServer::planned(plan).await;
     let starting = tokio::spawn(llm_worker::app::start(config.clone(), ALL_ROLES));
