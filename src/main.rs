@@ -153,8 +153,11 @@ enum Command {
         #[command(subcommand)]
         action: PricesAction,
     },
-    /// Print usage per day, tenant, provider and model.
+    /// Print usage per day, tenant, provider and model; or list or prune the history's
+    /// monthly partitions.
     Usage {
+        #[command(subcommand)]
+        action: Option<UsageAction>,
         /// How many days back, today included.
         #[arg(long, default_value_t = 7, conflicts_with = "since")]
         days: u32,
@@ -168,6 +171,22 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         limit: usize,
     },
+}
+
+#[derive(Subcommand)]
+enum UsageAction {
+    /// Drop the months of `llm_calls` and `llm_jobs` that ended before the given age (whole
+    /// partitions; the daily rollups and their views keep those months).
+    Prune {
+        /// How old a month must be, counted from now: 13months, 400days, 8weeks, 2years.
+        #[arg(long)]
+        older_than: usage::history::Age,
+        /// Print what would be dropped, drop nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// The monthly partitions of the history, with their estimated rows and size.
+    Partitions,
 }
 
 #[derive(Subcommand)]
@@ -520,6 +539,7 @@ async fn command(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Usage {
+            action,
             days,
             since,
             tenant,
@@ -528,6 +548,33 @@ async fn command(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
             let pool = llm_worker::usage::connect(&config)
                 .await?
                 .context("DATABASE_URL (or database.url) is not set")?;
+            match action {
+                Some(UsageAction::Partitions) => {
+                    let all = usage::history::partitions(&pool).await?;
+                    print!("{}", usage::history::render(&all, "partition"));
+                    return Ok(ExitCode::SUCCESS);
+                }
+                Some(UsageAction::Prune {
+                    older_than,
+                    dry_run,
+                }) => {
+                    let cutoff = older_than.before(chrono::Utc::now());
+                    let all = usage::history::partitions(&pool).await?;
+                    let doomed = usage::history::expired(&all, cutoff);
+                    eprintln!(
+                        "months ended before {} (now - {older_than}):",
+                        cutoff.format("%Y-%m-%d %H:%M UTC")
+                    );
+                    if dry_run {
+                        print!("{}", usage::history::render(&doomed, "would drop"));
+                    } else {
+                        usage::history::drop_partitions(&pool, &doomed).await?;
+                        print!("{}", usage::history::render(&doomed, "dropped"));
+                    }
+                    return Ok(ExitCode::SUCCESS);
+                }
+                None => {}
+            }
             let today = chrono::Utc::now().date_naive();
             let from =
                 since.unwrap_or_else(|| today - chrono::Days::new(u64::from(days.max(1)) - 1));

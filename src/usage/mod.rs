@@ -1,12 +1,14 @@
 //! The usage and cost ledger in Postgres: migrations, the recorder that projects stored
 //! results into `llm_jobs` / `llm_calls`, the price refresh, price files and repricing
-//! ([`prices`]), the `usage` report, and the budgets in force (`llm_tenant_budgets`).
+//! ([`prices`]), the `usage` report, the history's monthly partitions ([`history`]: listing
+//! and pruning), and the budgets in force (`llm_tenant_budgets`).
 //!
 //! Nothing here sits on a job's hot path: jobs store their results in JetStream, and the
 //! recorder writes them to Postgres in batches, so a slow or absent database delays rows but
 //! never jobs, and loses nothing.
 
 pub(crate) mod budgets;
+pub mod history;
 pub mod prices;
 mod recorder;
 pub mod report;
@@ -22,9 +24,25 @@ use crate::pricing::{Price, PriceBook};
 /// How often the worker re-reads `llm_prices`.
 const PRICE_REFRESH: Duration = Duration::from_secs(30);
 
-/// Apply the embedded migrations (`migrations/`).
+/// How many months ahead of this one `migrate` creates the history's partitions.
+const PARTITIONS_AHEAD: i32 = 2;
+
+/// Apply the embedded migrations (`migrations/`), then create the monthly partitions of
+/// `llm_calls` and `llm_jobs` for this month and the next two (the recorder
+/// creates any other month's when a row needs it).
 pub async fn migrate(pool: &sqlx::PgPool) -> Result<(), sqlx::migrate::MigrateError> {
-    sqlx::migrate!("./migrations").run(pool).await
+    sqlx::migrate!("./migrations").run(pool).await?;
+    sqlx::query(
+        "SELECT llm_ensure_partitions(ARRAY(
+             SELECT (date_trunc('month', now() AT TIME ZONE 'UTC') + make_interval(months => g))
+                    AT TIME ZONE 'UTC'
+             FROM generate_series(0, $1) g))",
+    )
+    .bind(PARTITIONS_AHEAD)
+    .execute(pool)
+    .await
+    .map_err(sqlx::migrate::MigrateError::Execute)?;
+    Ok(())
 }
 
 /// Load `llm_prices` into `book`.

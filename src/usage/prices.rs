@@ -258,7 +258,8 @@ impl std::fmt::Display for Repriced {
 }
 
 /// Recompute the cost of the calls in `scope` with the price rows in force at each call's
-/// start, then the totals of their jobs; one transaction (rolled back on a dry run).
+/// start, then the totals of their jobs and the daily rollups of the days touched; one
+/// transaction (rolled back on a dry run).
 pub async fn reprice(pool: &sqlx::PgPool, scope: &Scope) -> Result<Repriced, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let (calls_seen,): (i64,) = sqlx::query_as(
@@ -272,9 +273,9 @@ pub async fn reprice(pool: &sqlx::PgPool, scope: &Scope) -> Result<Repriced, sql
     .bind(&scope.model)
     .fetch_one(&mut *tx)
     .await?;
-    let changed: Vec<(Uuid, Option<f64>, Option<f64>)> = sqlx::query_as(
+    let changed: Vec<(Uuid, Option<f64>, Option<f64>, NaiveDate)> = sqlx::query_as(
         "WITH target AS (
-             SELECT c.job_id, c.attempt, c.cost_usd AS old_cost,
+             SELECT c.job_id, c.attempt, c.started_at, c.cost_usd AS old_cost,
                     llm_call_cost(p, c.input_tokens, c.output_tokens, c.cache_read_tokens,
                                   c.cache_write_tokens, c.cache_write_1h_tokens,
                                   c.reasoning_tokens, c.image_input_tokens, c.images,
@@ -289,10 +290,11 @@ pub async fn reprice(pool: &sqlx::PgPool, scope: &Scope) -> Result<Repriced, sql
          )
          UPDATE llm_calls c SET cost_usd = t.new_cost, price_effective_from = t.new_from
          FROM target t
-         WHERE c.job_id = t.job_id AND c.attempt = t.attempt
+         WHERE c.job_id = t.job_id AND c.attempt = t.attempt AND c.started_at = t.started_at
            AND (c.cost_usd IS DISTINCT FROM t.new_cost
                 OR c.price_effective_from IS DISTINCT FROM t.new_from)
-         RETURNING c.job_id, t.old_cost::float8, t.new_cost::float8",
+         RETURNING c.job_id, t.old_cost::float8, t.new_cost::float8,
+                   (c.started_at AT TIME ZONE 'UTC')::date",
     )
     .bind(scope.since)
     .bind(scope.until)
@@ -306,8 +308,10 @@ pub async fn reprice(pool: &sqlx::PgPool, scope: &Scope) -> Result<Repriced, sql
         ..Repriced::default()
     };
     let mut jobs: Vec<Uuid> = Vec::with_capacity(changed.len());
-    for (job, before, after) in &changed {
+    let mut days: Vec<NaiveDate> = Vec::with_capacity(changed.len());
+    for (job, before, after, day) in &changed {
         jobs.push(*job);
+        days.push(*day);
         out.before_usd += before.unwrap_or(0.0);
         out.after_usd += after.unwrap_or(0.0);
         match (before, after) {
@@ -319,18 +323,28 @@ pub async fn reprice(pool: &sqlx::PgPool, scope: &Scope) -> Result<Repriced, sql
     jobs.sort_unstable();
     jobs.dedup();
     // A job's cost is its calls' sum, unknown when one of them is (as the recorder writes it).
-    let updated = sqlx::query(
+    let job_days: Vec<(NaiveDate,)> = sqlx::query_as(
         "UPDATE llm_jobs j SET cost_usd = s.cost
          FROM (SELECT job_id,
                       CASE WHEN bool_or(cost_usd IS NULL) THEN NULL
                            ELSE coalesce(sum(cost_usd), 0) END AS cost
                FROM llm_calls WHERE job_id = ANY($1) GROUP BY job_id) s
-         WHERE j.job_id = s.job_id AND j.cost_usd IS DISTINCT FROM s.cost",
+         WHERE j.job_id = s.job_id AND j.cost_usd IS DISTINCT FROM s.cost
+         RETURNING (j.finished_at AT TIME ZONE 'UTC')::date",
     )
     .bind(&jobs)
-    .execute(&mut *tx)
+    .fetch_all(&mut *tx)
     .await?;
-    out.jobs_changed = updated.rows_affected();
+    out.jobs_changed = job_days.len() as u64;
+    days.extend(job_days.into_iter().map(|(d,)| d));
+    // The daily rollups of the days whose costs changed are rebuilt from the rows.
+    if let (Some(from), Some(to)) = (days.iter().min(), days.iter().max()) {
+        sqlx::query("SELECT llm_rollup_rebuild($1, $2)")
+            .bind(from)
+            .bind(to)
+            .execute(&mut *tx)
+            .await?;
+    }
     if scope.dry_run {
         tx.rollback().await?;
     } else {

@@ -2,8 +2,12 @@
 //! (one row per attempt) and `llm_jobs` (one row per job) in batches.
 //!
 //! One transaction and two `INSERT ... SELECT FROM UNNEST(...)` statements per batch, whatever
-//! its size; `ON CONFLICT DO NOTHING` on the primary keys makes redelivery harmless. Costs are
-//! computed in SQL with the `llm_prices` row in force at each call's `started_at`.
+//! its size, each followed by the daily rollup's increment for the rows it wrote;
+//! `ON CONFLICT DO NOTHING` on the unique keys makes redelivery harmless (a stored result
+//! never changes, so a result recorded twice carries the same times, part of the keys of the
+//! monthly-partitioned tables). The partitions a batch needs are created before its
+//! transaction. Costs are computed in SQL with the `llm_prices` row in force at each call's
+//! `started_at`.
 //!
 //! It pulls exactly what it writes (one message with a long poll, then after `batch_wait` what
 //! has arrived, without waiting): no message waits in a client buffer with its ack timer
@@ -24,7 +28,7 @@ use async_nats::jetstream::{
     self, AckKind,
     consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull},
 };
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike, Utc};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -318,8 +322,14 @@ pub async fn write_batch(pool: &sqlx::PgPool, results: &[ResultEvent]) -> Result
     }
 
     let mut c = CallColumns::default();
+    let mut j = JobColumns::default();
     for r in &results {
+        let mut calls_from: Option<DateTime<Utc>> = None;
+        let mut calls_to: Option<DateTime<Utc>> = None;
         for a in &r.attempts {
+            calls_from = Some(calls_from.map_or(a.started_at, |t| t.min(a.started_at)));
+            calls_to = Some(calls_to.map_or(a.started_at, |t| t.max(a.started_at)));
+            c.kind.push(r.job_kind.as_str().to_string());
             c.job_id.push(r.job_id);
             c.attempt.push(a.attempt as i32);
             c.trace_id.push(r.trace_id.clone());
@@ -347,17 +357,35 @@ pub async fn write_batch(pool: &sqlx::PgPool, results: &[ResultEvent]) -> Result
             c.image_size.push(made.and_then(|m| m.size.clone()));
             c.image_quality.push(made.and_then(|m| m.quality.clone()));
         }
+        j.calls_from.push(calls_from);
+        j.calls_to.push(calls_to);
     }
+
+    // Every row's monthly partition exists before the transaction that writes it (a partition
+    // is created once a month; the check is a catalog lookup).
+    let mut instants: Vec<DateTime<Utc>> = c.started_at.clone();
+    instants.extend(results.iter().map(|r| r.finished_at));
+    instants.sort_unstable_by_key(|t| (t.year(), t.month()));
+    instants.dedup_by_key(|t| (t.year(), t.month()));
+    sqlx::query("SELECT llm_ensure_partitions($1)")
+        .bind(&instants)
+        .execute(pool)
+        .await?;
 
     let mut tx = pool.begin().await?;
     if !c.job_id.is_empty() {
-        sqlx::query(
+        // The rollup grows by the calls this statement wrote (none on a redelivery), in the
+        // same transaction: it stays exact.
+        let (jobs, lo, hi): WrittenRows =
+            sqlx::query_as(
             r#"
+            WITH ins AS (
             INSERT INTO llm_calls (job_id, attempt, trace_id, tenant, provider, model, status,
                 input_tokens, output_tokens, tokens_estimated, cost_usd, latency_ms, ttft_ms,
                 http_status, error_code, error_message, started_at, finished_at,
                 cache_read_tokens, cache_write_tokens, cache_write_1h_tokens, reasoning_tokens,
-                image_input_tokens, price_effective_from, images, image_size, image_quality)
+                image_input_tokens, price_effective_from, images, image_size, image_quality,
+                kind)
             SELECT u.job_id, u.attempt, u.trace_id, u.tenant, u.provider, u.model, u.status,
                 u.input_tokens, u.output_tokens, u.tokens_estimated,
                 llm_call_cost(p, u.input_tokens, u.output_tokens, u.cache_read, u.cache_write,
@@ -367,19 +395,24 @@ pub async fn write_batch(pool: &sqlx::PgPool, results: &[ResultEvent]) -> Result
                 u.started_at, u.finished_at,
                 u.cache_read, u.cache_write, u.cache_write_1h, u.reasoning, u.image_input,
                 CASE WHEN u.input_tokens + u.output_tokens + u.images > 0 THEN p.effective_from END,
-                u.images, u.image_size, u.image_quality
+                u.images, u.image_size, u.image_quality, u.kind
             FROM UNNEST($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::text[], $6::text[],
                         $7::text[], $8::int8[], $9::int8[], $10::bool[], $11::int8[], $12::int8[],
                         $13::int4[], $14::text[], $15::text[], $16::timestamptz[], $17::timestamptz[],
                         $18::int8[], $19::int8[], $20::int8[], $21::int8[], $22::int8[],
-                        $23::int4[], $24::text[], $25::text[])
+                        $23::int4[], $24::text[], $25::text[], $26::text[])
                 AS u(job_id, attempt, trace_id, tenant, provider, model, status, input_tokens,
                      output_tokens, tokens_estimated, latency_ms, ttft_ms, http_status,
                      error_code, error_message, started_at, finished_at,
                      cache_read, cache_write, cache_write_1h, reasoning, image_input,
-                     images, image_size, image_quality)
+                     images, image_size, image_quality, kind)
             LEFT JOIN LATERAL llm_price_at(u.provider, u.model, u.started_at) p ON true
-            ON CONFLICT (job_id, attempt) DO NOTHING
+            ON CONFLICT (job_id, attempt, started_at) DO NOTHING
+            RETURNING job_id, started_at
+            )
+            SELECT array_agg(DISTINCT job_id), min(started_at),
+                   max(started_at) + interval '1 microsecond'
+            FROM ins
             "#,
         )
         .bind(&c.job_id)
@@ -407,11 +440,14 @@ pub async fn write_batch(pool: &sqlx::PgPool, results: &[ResultEvent]) -> Result
         .bind(&c.images)
         .bind(&c.image_size)
         .bind(&c.image_quality)
-        .execute(&mut *tx)
+        .bind(&c.kind)
+        .fetch_one(&mut *tx)
         .await?;
+        if let (Some(jobs), Some(lo), Some(hi)) = (jobs, lo, hi) {
+            add_to_rollup(&mut tx, Rollup::Calls, &jobs, lo, hi).await?;
+        }
     }
 
-    let mut j = JobColumns::default();
     for r in &results {
         j.job_id.push(r.job_id);
         j.trace_id.push(r.trace_id.clone());
@@ -445,8 +481,9 @@ pub async fn write_batch(pool: &sqlx::PgPool, results: &[ResultEvent]) -> Result
         );
     }
     // Job totals come from its calls, so job and call rows always agree.
-    sqlx::query(
+    let (jobs, lo, hi): WrittenRows = sqlx::query_as(
         r#"
+        WITH ins AS (
         INSERT INTO llm_jobs (job_id, trace_id, tenant, kind, task_type, status, provider, model,
             input_tokens, output_tokens, cost_usd, attempts, cache_hit, error_code, error_message,
             metadata, worker_id, received_at, finished_at, processing_ms,
@@ -465,10 +502,12 @@ pub async fn write_batch(pool: &sqlx::PgPool, results: &[ResultEvent]) -> Result
         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
                     $7::text[], $8::text[], $9::int4[], $10::bool[], $11::text[], $12::text[],
                     $13::jsonb[], $14::text[], $15::timestamptz[], $16::timestamptz[], $17::int8[],
-                    $18::int8[], $19::int8[], $20::float8[], $21::int4[])
+                    $18::int8[], $19::int8[], $20::float8[], $21::int4[], $22::timestamptz[],
+                    $23::timestamptz[])
             AS u(job_id, trace_id, tenant, kind, task_type, status, provider, model, attempts,
                  cache_hit, error_code, error_message, metadata, worker_id, received_at,
-                 finished_at, processing_ms, saved_input, saved_output, saved_cost, images)
+                 finished_at, processing_ms, saved_input, saved_output, saved_cost, images,
+                 calls_from, calls_to)
         LEFT JOIN LATERAL (
             SELECT sum(input_tokens)::bigint AS input_tokens,
                    sum(output_tokens)::bigint AS output_tokens,
@@ -479,9 +518,14 @@ pub async fn write_batch(pool: &sqlx::PgPool, results: &[ResultEvent]) -> Result
                    sum(cache_write_1h_tokens)::bigint AS cache_write_1h,
                    sum(reasoning_tokens)::bigint AS reasoning,
                    sum(image_input_tokens)::bigint AS image_input
-            FROM llm_calls WHERE job_id = u.job_id
+            FROM llm_calls
+            WHERE job_id = u.job_id AND started_at >= u.calls_from AND started_at <= u.calls_to
         ) c ON true
-        ON CONFLICT (job_id) DO NOTHING
+        ON CONFLICT (job_id, finished_at) DO NOTHING
+        RETURNING job_id, finished_at
+        )
+        SELECT array_agg(job_id), min(finished_at), max(finished_at) + interval '1 microsecond'
+        FROM ins
         "#,
     )
     .bind(&j.job_id)
@@ -505,10 +549,108 @@ pub async fn write_batch(pool: &sqlx::PgPool, results: &[ResultEvent]) -> Result
     .bind(&j.saved_output)
     .bind(&j.saved_cost)
     .bind(&j.images)
-    .execute(&mut *tx)
+    .bind(&j.calls_from)
+    .bind(&j.calls_to)
+    .fetch_one(&mut *tx)
     .await?;
+    if let (Some(jobs), Some(lo), Some(hi)) = (jobs, lo, hi) {
+        add_to_rollup(&mut tx, Rollup::Jobs, &jobs, lo, hi).await?;
+    }
     tx.commit().await
 }
+
+/// The job ids a statement wrote rows for, and the span of the rows' partition times
+/// (`[lo, hi)`); all `None` when it wrote none.
+type WrittenRows = (
+    Option<Vec<Uuid>>,
+    Option<DateTime<Utc>>,
+    Option<DateTime<Utc>>,
+);
+
+/// Which rollup table.
+#[derive(Clone, Copy)]
+enum Rollup {
+    Calls,
+    Jobs,
+}
+
+/// Add the rows just written for `jobs` (times in `[lo, hi)`) to a daily rollup. The rows
+/// come from `llm_rollup_calls_of` / `llm_rollup_jobs_of` (the one definition of each figure,
+/// shared with `llm_rollup_rebuild`), in key order, so concurrent recorders lock rollup rows
+/// in the same order and never deadlock.
+async fn add_to_rollup(
+    tx: &mut sqlx::PgConnection,
+    rollup: Rollup,
+    jobs: &[Uuid],
+    lo: DateTime<Utc>,
+    hi: DateTime<Utc>,
+) -> Result<(), sqlx::Error> {
+    let sql = match rollup {
+        Rollup::Calls => ROLLUP_CALLS,
+        Rollup::Jobs => ROLLUP_JOBS,
+    };
+    sqlx::query(sql)
+        .bind(lo)
+        .bind(hi)
+        .bind(jobs)
+        .execute(tx)
+        .await?;
+    Ok(())
+}
+
+const ROLLUP_CALLS: &str = r#"
+    INSERT INTO llm_rollup_calls AS r
+    SELECT * FROM llm_rollup_calls_of($1, $2, $3)
+    ORDER BY day, tenant, kind, provider, model, status
+    ON CONFLICT (day, tenant, kind, provider, model, status) DO UPDATE SET
+        calls = r.calls + excluded.calls,
+        jobs = r.jobs + excluded.jobs,
+        input_tokens = r.input_tokens + excluded.input_tokens,
+        output_tokens = r.output_tokens + excluded.output_tokens,
+        cache_read_tokens = r.cache_read_tokens + excluded.cache_read_tokens,
+        cache_write_tokens = r.cache_write_tokens + excluded.cache_write_tokens,
+        cache_write_1h_tokens = r.cache_write_1h_tokens + excluded.cache_write_1h_tokens,
+        reasoning_tokens = r.reasoning_tokens + excluded.reasoning_tokens,
+        image_input_tokens = r.image_input_tokens + excluded.image_input_tokens,
+        images = r.images + excluded.images,
+        estimated_calls = r.estimated_calls + excluded.estimated_calls,
+        cost_usd = r.cost_usd + excluded.cost_usd,
+        priced_calls = r.priced_calls + excluded.priced_calls,
+        unpriced_calls = r.unpriced_calls + excluded.unpriced_calls,
+        calls_with_cache_reads = r.calls_with_cache_reads + excluded.calls_with_cache_reads,
+        cache_saved_usd_e6 = r.cache_saved_usd_e6 + excluded.cache_saved_usd_e6,
+        cache_saved_calls = r.cache_saved_calls + excluded.cache_saved_calls,
+        latency_ms_sum = r.latency_ms_sum + excluded.latency_ms_sum,
+        latency_ms_max = greatest(r.latency_ms_max, excluded.latency_ms_max),
+        latency_hist = llm_hist_merge(r.latency_hist, excluded.latency_hist)
+"#;
+
+const ROLLUP_JOBS: &str = r#"
+    INSERT INTO llm_rollup_jobs AS r
+    SELECT * FROM llm_rollup_jobs_of($1, $2, $3)
+    ORDER BY day, tenant, kind, status, error_code, provider, model
+    ON CONFLICT (day, tenant, kind, status, error_code, provider, model) DO UPDATE SET
+        jobs = r.jobs + excluded.jobs,
+        attempts = r.attempts + excluded.attempts,
+        cache_hits = r.cache_hits + excluded.cache_hits,
+        images = r.images + excluded.images,
+        input_tokens = r.input_tokens + excluded.input_tokens,
+        output_tokens = r.output_tokens + excluded.output_tokens,
+        cache_read_tokens = r.cache_read_tokens + excluded.cache_read_tokens,
+        cache_write_tokens = r.cache_write_tokens + excluded.cache_write_tokens,
+        cache_write_1h_tokens = r.cache_write_1h_tokens + excluded.cache_write_1h_tokens,
+        reasoning_tokens = r.reasoning_tokens + excluded.reasoning_tokens,
+        image_input_tokens = r.image_input_tokens + excluded.image_input_tokens,
+        cost_usd = r.cost_usd + excluded.cost_usd,
+        priced_jobs = r.priced_jobs + excluded.priced_jobs,
+        cache_saved_input_tokens = r.cache_saved_input_tokens + excluded.cache_saved_input_tokens,
+        cache_saved_output_tokens = r.cache_saved_output_tokens + excluded.cache_saved_output_tokens,
+        cache_saved_cost_usd = r.cache_saved_cost_usd + excluded.cache_saved_cost_usd,
+        cache_saved_priced = r.cache_saved_priced + excluded.cache_saved_priced,
+        processing_ms_sum = r.processing_ms_sum + excluded.processing_ms_sum,
+        processing_ms_max = greatest(r.processing_ms_max, excluded.processing_ms_max),
+        processing_hist = llm_hist_merge(r.processing_hist, excluded.processing_hist)
+"#;
 
 /// Column arrays for one `llm_calls` insert.
 #[derive(Default)]
@@ -534,6 +676,8 @@ struct CallColumns {
     images: Vec<i32>,
     image_size: Vec<Option<String>>,
     image_quality: Vec<Option<String>>,
+    /// The kind of the call's job.
+    kind: Vec<String>,
 }
 
 /// Column arrays for one `llm_jobs` insert.
@@ -560,6 +704,9 @@ struct JobColumns {
     finished_at: Vec<DateTime<Utc>>,
     processing_ms: Vec<i64>,
     images: Vec<i32>,
+    /// The first and last start of the job's calls (to find them in their partitions).
+    calls_from: Vec<Option<DateTime<Utc>>>,
+    calls_to: Vec<Option<DateTime<Utc>>>,
 }
 
 /// The token classes of `llm_calls`, one array per class.

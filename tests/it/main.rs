@@ -24,6 +24,7 @@ mod gateway;
 mod gateway_tenancy;
 mod generate;
 mod helpers;
+mod history;
 mod images;
 mod layering;
 mod lifecycle;
