@@ -24,6 +24,12 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT date_trunc('month', at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
 $$;
 
+-- The first instant of the UTC month after the one of `at`.
+CREATE FUNCTION llm_month_end(at timestamptz) RETURNS timestamptz
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT (date_trunc('month', at AT TIME ZONE 'UTC') + interval '1 month') AT TIME ZONE 'UTC'
+$$;
+
 -- Create the monthly partitions of llm_calls and llm_jobs that hold the given instants, where
 -- missing. Safe to call concurrently (creators take turns on an advisory lock). Returns how
 -- many partitions it created.
@@ -45,8 +51,7 @@ BEGIN
             PERFORM pg_advisory_xact_lock(hashtext('llm_ensure_partitions'));
             CONTINUE WHEN to_regclass(part) IS NOT NULL;
             EXECUTE format('CREATE TABLE %I PARTITION OF %I FOR VALUES FROM (%L) TO (%L)',
-                           part, parent, m,
-                           ((m AT TIME ZONE 'UTC') + interval '1 month') AT TIME ZONE 'UTC');
+                           part, parent, m, llm_month_end(m));
             made := made + 1;
         END LOOP;
     END LOOP;
@@ -237,11 +242,13 @@ CREATE TABLE llm_rollup_jobs (
 );
 CREATE INDEX llm_rollup_jobs_tenant_day ON llm_rollup_jobs (tenant, day);
 
--- The rollup rows of the calls that started in [lo, hi) (of the jobs `jobs`; NULL: every
--- job). The recorder adds these for the calls it has just written; llm_rollup_rebuild
--- replaces whole days with them. One definition of every rollup figure.
-CREATE FUNCTION llm_rollup_calls_of(lo timestamptz, hi timestamptz, jobs uuid[])
-RETURNS SETOF llm_rollup_calls LANGUAGE sql STABLE AS $$
+-- Add calls to llm_rollup_calls: the one definition of every rollup figure. The recorder
+-- calls it with the rows each batch wrote (in the batch's transaction); llm_rollup_rebuild with
+-- a day's rows, in parts holding whole jobs. Rollup rows are written in key order, so
+-- concurrent recorders lock them in the same order and never deadlock.
+CREATE FUNCTION llm_rollup_add_calls(batch llm_calls[]) RETURNS void
+LANGUAGE sql AS $$
+    INSERT INTO llm_rollup_calls AS r
     SELECT c.day, c.tenant, c.kind, c.provider, c.model, c.status,
            count(*), count(*) FILTER (WHERE c.first_of_job),
            sum(c.input_tokens)::bigint, sum(c.output_tokens)::bigint,
@@ -260,19 +267,40 @@ RETURNS SETOF llm_rollup_calls LANGUAGE sql STABLE AS $$
                                                c.provider, c.model
                                   ORDER BY c.attempt) = 1 AS first_of_job,
                c.cache_read_tokens * (p.input_usd_per_mtok - p.cache_read_usd_per_mtok) AS saved_e6
-        FROM llm_calls c
+        FROM unnest(batch) c
         LEFT JOIN llm_prices p
                ON p.provider = c.provider AND p.model = c.model
               AND p.effective_from = c.price_effective_from
-        WHERE c.started_at >= lo AND c.started_at < hi
-          AND (jobs IS NULL OR c.job_id = ANY (jobs))
     ) c
     GROUP BY 1, 2, 3, 4, 5, 6
+    ORDER BY 1, 2, 3, 4, 5, 6
+    ON CONFLICT (day, tenant, kind, provider, model, status) DO UPDATE SET
+        calls = r.calls + excluded.calls,
+        jobs = r.jobs + excluded.jobs,
+        input_tokens = r.input_tokens + excluded.input_tokens,
+        output_tokens = r.output_tokens + excluded.output_tokens,
+        cache_read_tokens = r.cache_read_tokens + excluded.cache_read_tokens,
+        cache_write_tokens = r.cache_write_tokens + excluded.cache_write_tokens,
+        cache_write_1h_tokens = r.cache_write_1h_tokens + excluded.cache_write_1h_tokens,
+        reasoning_tokens = r.reasoning_tokens + excluded.reasoning_tokens,
+        image_input_tokens = r.image_input_tokens + excluded.image_input_tokens,
+        images = r.images + excluded.images,
+        estimated_calls = r.estimated_calls + excluded.estimated_calls,
+        cost_usd = r.cost_usd + excluded.cost_usd,
+        priced_calls = r.priced_calls + excluded.priced_calls,
+        unpriced_calls = r.unpriced_calls + excluded.unpriced_calls,
+        calls_with_cache_reads = r.calls_with_cache_reads + excluded.calls_with_cache_reads,
+        cache_saved_usd_e6 = r.cache_saved_usd_e6 + excluded.cache_saved_usd_e6,
+        cache_saved_calls = r.cache_saved_calls + excluded.cache_saved_calls,
+        latency_ms_sum = r.latency_ms_sum + excluded.latency_ms_sum,
+        latency_ms_max = greatest(r.latency_ms_max, excluded.latency_ms_max),
+        latency_hist = llm_hist_merge(r.latency_hist, excluded.latency_hist)
 $$;
 
--- The rollup rows of the jobs that finished in [lo, hi) (of `jobs`; NULL: every job).
-CREATE FUNCTION llm_rollup_jobs_of(lo timestamptz, hi timestamptz, jobs uuid[])
-RETURNS SETOF llm_rollup_jobs LANGUAGE sql STABLE AS $$
+-- Add jobs to llm_rollup_jobs (as llm_rollup_add_calls does for calls).
+CREATE FUNCTION llm_rollup_add_jobs(batch llm_jobs[]) RETURNS void
+LANGUAGE sql AS $$
+    INSERT INTO llm_rollup_jobs AS r
     SELECT (j.finished_at AT TIME ZONE 'UTC')::date, j.tenant, j.kind, j.status,
            coalesce(j.error_code, ''), coalesce(j.provider, ''), coalesce(j.model, ''),
            count(*), sum(j.attempts)::bigint, count(*) FILTER (WHERE j.cache_hit),
@@ -286,29 +314,87 @@ RETURNS SETOF llm_rollup_jobs LANGUAGE sql STABLE AS $$
            coalesce(sum(j.cache_saved_cost_usd), 0), count(j.cache_saved_cost_usd),
            sum(j.processing_ms)::bigint, max(j.processing_ms),
            llm_hist(llm_latency_bucket(j.processing_ms))
-    FROM llm_jobs j
-    WHERE j.finished_at >= lo AND j.finished_at < hi
-      AND (jobs IS NULL OR j.job_id = ANY (jobs))
+    FROM unnest(batch) j
     GROUP BY 1, 2, 3, 4, 5, 6, 7
+    ORDER BY 1, 2, 3, 4, 5, 6, 7
+    ON CONFLICT (day, tenant, kind, status, error_code, provider, model) DO UPDATE SET
+        jobs = r.jobs + excluded.jobs,
+        attempts = r.attempts + excluded.attempts,
+        cache_hits = r.cache_hits + excluded.cache_hits,
+        images = r.images + excluded.images,
+        input_tokens = r.input_tokens + excluded.input_tokens,
+        output_tokens = r.output_tokens + excluded.output_tokens,
+        cache_read_tokens = r.cache_read_tokens + excluded.cache_read_tokens,
+        cache_write_tokens = r.cache_write_tokens + excluded.cache_write_tokens,
+        cache_write_1h_tokens = r.cache_write_1h_tokens + excluded.cache_write_1h_tokens,
+        reasoning_tokens = r.reasoning_tokens + excluded.reasoning_tokens,
+        image_input_tokens = r.image_input_tokens + excluded.image_input_tokens,
+        cost_usd = r.cost_usd + excluded.cost_usd,
+        priced_jobs = r.priced_jobs + excluded.priced_jobs,
+        cache_saved_input_tokens = r.cache_saved_input_tokens + excluded.cache_saved_input_tokens,
+        cache_saved_output_tokens = r.cache_saved_output_tokens + excluded.cache_saved_output_tokens,
+        cache_saved_cost_usd = r.cache_saved_cost_usd + excluded.cache_saved_cost_usd,
+        cache_saved_priced = r.cache_saved_priced + excluded.cache_saved_priced,
+        processing_ms_sum = r.processing_ms_sum + excluded.processing_ms_sum,
+        processing_ms_max = greatest(r.processing_ms_max, excluded.processing_ms_max),
+        processing_hist = llm_hist_merge(r.processing_hist, excluded.processing_hist)
 $$;
 
 -- Rebuild the rollups of the UTC days from_day..to_day (NULL: unbounded) from the raw rows.
 -- The recorder keeps them current as it writes; this is for the upgrade and for
 -- `llm-worker prices reprice`, which changes recorded costs. It locks the rollups against the
--- recorders' increments for its transaction, so none is lost or counted twice.
+-- recorders' increments for its transaction, so none is lost or counted twice. A day is added
+-- in parts of about 100,000 rows, each holding whole jobs (parts by a hash of the job id), so
+-- memory stays bounded whatever a day holds.
 CREATE FUNCTION llm_rollup_rebuild(from_day date, to_day date) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
-    lo timestamptz := coalesce(from_day, '-infinity'::date)::timestamp AT TIME ZONE 'UTC';
-    hi timestamptz := coalesce(to_day + 1, 'infinity'::date)::timestamp AT TIME ZONE 'UTC';
+    first_day date;
+    last_day  date;
+    d         date;
+    lo        timestamptz;
+    hi        timestamptz;
+    n         bigint;
+    parts     integer;
+    k         integer;
 BEGIN
     LOCK TABLE llm_rollup_calls, llm_rollup_jobs IN SHARE ROW EXCLUSIVE MODE;
     DELETE FROM llm_rollup_calls WHERE day >= coalesce(from_day, '-infinity'::date)
                                    AND day <= coalesce(to_day, 'infinity'::date);
     DELETE FROM llm_rollup_jobs WHERE day >= coalesce(from_day, '-infinity'::date)
                                   AND day <= coalesce(to_day, 'infinity'::date);
-    INSERT INTO llm_rollup_calls SELECT * FROM llm_rollup_calls_of(lo, hi, NULL);
-    INSERT INTO llm_rollup_jobs SELECT * FROM llm_rollup_jobs_of(lo, hi, NULL);
+    SELECT least((SELECT (min(started_at) AT TIME ZONE 'UTC')::date FROM llm_calls),
+                 (SELECT (min(finished_at) AT TIME ZONE 'UTC')::date FROM llm_jobs)),
+           greatest((SELECT (max(started_at) AT TIME ZONE 'UTC')::date FROM llm_calls),
+                    (SELECT (max(finished_at) AT TIME ZONE 'UTC')::date FROM llm_jobs))
+      INTO first_day, last_day;
+    IF first_day IS NULL THEN
+        RETURN;
+    END IF;
+    first_day := greatest(first_day, coalesce(from_day, first_day));
+    last_day := least(last_day, coalesce(to_day, last_day));
+    d := first_day;
+    WHILE d <= last_day LOOP
+        lo := d::timestamp AT TIME ZONE 'UTC';
+        hi := (d + 1)::timestamp AT TIME ZONE 'UTC';
+        SELECT count(*) INTO n FROM llm_calls WHERE started_at >= lo AND started_at < hi;
+        parts := greatest(1, ceil(n / 100000.0)::integer);
+        FOR k IN 0 .. parts - 1 LOOP
+            PERFORM llm_rollup_add_calls(ARRAY(
+                SELECT c FROM llm_calls c
+                WHERE c.started_at >= lo AND c.started_at < hi
+                  AND (parts = 1 OR (hashtext(c.job_id::text) & 2147483647) % parts = k)));
+        END LOOP;
+        SELECT count(*) INTO n FROM llm_jobs WHERE finished_at >= lo AND finished_at < hi;
+        parts := greatest(1, ceil(n / 100000.0)::integer);
+        FOR k IN 0 .. parts - 1 LOOP
+            PERFORM llm_rollup_add_jobs(ARRAY(
+                SELECT j FROM llm_jobs j
+                WHERE j.finished_at >= lo AND j.finished_at < hi
+                  AND (parts = 1 OR (hashtext(j.job_id::text) & 2147483647) % parts = k)));
+        END LOOP;
+        d := d + 1;
+    END LOOP;
 END
 $$;
 

@@ -2,7 +2,8 @@
 //! (one row per attempt) and `llm_jobs` (one row per job) in batches.
 //!
 //! One transaction and two `INSERT ... SELECT FROM UNNEST(...)` statements per batch, whatever
-//! its size, each followed by the daily rollup's increment for the rows it wrote;
+//! its size, each adding the rows it wrote to the daily rollup (`llm_rollup_add_calls`,
+//! `llm_rollup_add_jobs`: the one definition of every rollup figure);
 //! `ON CONFLICT DO NOTHING` on the unique keys makes redelivery harmless (a stored result
 //! never changes, so a result recorded twice carries the same times, part of the keys of the
 //! monthly-partitioned tables). The partitions a batch needs are created before its
@@ -375,9 +376,8 @@ pub async fn write_batch(pool: &sqlx::PgPool, results: &[ResultEvent]) -> Result
     let mut tx = pool.begin().await?;
     if !c.job_id.is_empty() {
         // The rollup grows by the calls this statement wrote (none on a redelivery), in the
-        // same transaction: it stays exact.
-        let (jobs, lo, hi): WrittenRows =
-            sqlx::query_as(
+        // same statement: it stays exact.
+        sqlx::query(
             r#"
             WITH ins AS (
             INSERT INTO llm_calls (job_id, attempt, trace_id, tenant, provider, model, status,
@@ -408,11 +408,9 @@ pub async fn write_batch(pool: &sqlx::PgPool, results: &[ResultEvent]) -> Result
                      images, image_size, image_quality, kind)
             LEFT JOIN LATERAL llm_price_at(u.provider, u.model, u.started_at) p ON true
             ON CONFLICT (job_id, attempt, started_at) DO NOTHING
-            RETURNING job_id, started_at
+            RETURNING llm_calls
             )
-            SELECT array_agg(DISTINCT job_id), min(started_at),
-                   max(started_at) + interval '1 microsecond'
-            FROM ins
+            SELECT llm_rollup_add_calls(array_agg(ins.llm_calls)) FROM ins
             "#,
         )
         .bind(&c.job_id)
@@ -441,11 +439,8 @@ pub async fn write_batch(pool: &sqlx::PgPool, results: &[ResultEvent]) -> Result
         .bind(&c.image_size)
         .bind(&c.image_quality)
         .bind(&c.kind)
-        .fetch_one(&mut *tx)
+        .execute(&mut *tx)
         .await?;
-        if let (Some(jobs), Some(lo), Some(hi)) = (jobs, lo, hi) {
-            add_to_rollup(&mut tx, Rollup::Calls, &jobs, lo, hi).await?;
-        }
     }
 
     for r in &results {
@@ -481,7 +476,7 @@ pub async fn write_batch(pool: &sqlx::PgPool, results: &[ResultEvent]) -> Result
         );
     }
     // Job totals come from its calls, so job and call rows always agree.
-    let (jobs, lo, hi): WrittenRows = sqlx::query_as(
+    sqlx::query(
         r#"
         WITH ins AS (
         INSERT INTO llm_jobs (job_id, trace_id, tenant, kind, task_type, status, provider, model,
@@ -522,10 +517,9 @@ pub async fn write_batch(pool: &sqlx::PgPool, results: &[ResultEvent]) -> Result
             WHERE job_id = u.job_id AND started_at >= u.calls_from AND started_at <= u.calls_to
         ) c ON true
         ON CONFLICT (job_id, finished_at) DO NOTHING
-        RETURNING job_id, finished_at
+        RETURNING llm_jobs
         )
-        SELECT array_agg(job_id), min(finished_at), max(finished_at) + interval '1 microsecond'
-        FROM ins
+        SELECT llm_rollup_add_jobs(array_agg(ins.llm_jobs)) FROM ins
         "#,
     )
     .bind(&j.job_id)
@@ -551,106 +545,10 @@ pub async fn write_batch(pool: &sqlx::PgPool, results: &[ResultEvent]) -> Result
     .bind(&j.images)
     .bind(&j.calls_from)
     .bind(&j.calls_to)
-    .fetch_one(&mut *tx)
+    .execute(&mut *tx)
     .await?;
-    if let (Some(jobs), Some(lo), Some(hi)) = (jobs, lo, hi) {
-        add_to_rollup(&mut tx, Rollup::Jobs, &jobs, lo, hi).await?;
-    }
     tx.commit().await
 }
-
-/// The job ids a statement wrote rows for, and the span of the rows' partition times
-/// (`[lo, hi)`); all `None` when it wrote none.
-type WrittenRows = (
-    Option<Vec<Uuid>>,
-    Option<DateTime<Utc>>,
-    Option<DateTime<Utc>>,
-);
-
-/// Which rollup table.
-#[derive(Clone, Copy)]
-enum Rollup {
-    Calls,
-    Jobs,
-}
-
-/// Add the rows just written for `jobs` (times in `[lo, hi)`) to a daily rollup. The rows
-/// come from `llm_rollup_calls_of` / `llm_rollup_jobs_of` (the one definition of each figure,
-/// shared with `llm_rollup_rebuild`), in key order, so concurrent recorders lock rollup rows
-/// in the same order and never deadlock.
-async fn add_to_rollup(
-    tx: &mut sqlx::PgConnection,
-    rollup: Rollup,
-    jobs: &[Uuid],
-    lo: DateTime<Utc>,
-    hi: DateTime<Utc>,
-) -> Result<(), sqlx::Error> {
-    let sql = match rollup {
-        Rollup::Calls => ROLLUP_CALLS,
-        Rollup::Jobs => ROLLUP_JOBS,
-    };
-    sqlx::query(sql)
-        .bind(lo)
-        .bind(hi)
-        .bind(jobs)
-        .execute(tx)
-        .await?;
-    Ok(())
-}
-
-const ROLLUP_CALLS: &str = r#"
-    INSERT INTO llm_rollup_calls AS r
-    SELECT * FROM llm_rollup_calls_of($1, $2, $3)
-    ORDER BY day, tenant, kind, provider, model, status
-    ON CONFLICT (day, tenant, kind, provider, model, status) DO UPDATE SET
-        calls = r.calls + excluded.calls,
-        jobs = r.jobs + excluded.jobs,
-        input_tokens = r.input_tokens + excluded.input_tokens,
-        output_tokens = r.output_tokens + excluded.output_tokens,
-        cache_read_tokens = r.cache_read_tokens + excluded.cache_read_tokens,
-        cache_write_tokens = r.cache_write_tokens + excluded.cache_write_tokens,
-        cache_write_1h_tokens = r.cache_write_1h_tokens + excluded.cache_write_1h_tokens,
-        reasoning_tokens = r.reasoning_tokens + excluded.reasoning_tokens,
-        image_input_tokens = r.image_input_tokens + excluded.image_input_tokens,
-        images = r.images + excluded.images,
-        estimated_calls = r.estimated_calls + excluded.estimated_calls,
-        cost_usd = r.cost_usd + excluded.cost_usd,
-        priced_calls = r.priced_calls + excluded.priced_calls,
-        unpriced_calls = r.unpriced_calls + excluded.unpriced_calls,
-        calls_with_cache_reads = r.calls_with_cache_reads + excluded.calls_with_cache_reads,
-        cache_saved_usd_e6 = r.cache_saved_usd_e6 + excluded.cache_saved_usd_e6,
-        cache_saved_calls = r.cache_saved_calls + excluded.cache_saved_calls,
-        latency_ms_sum = r.latency_ms_sum + excluded.latency_ms_sum,
-        latency_ms_max = greatest(r.latency_ms_max, excluded.latency_ms_max),
-        latency_hist = llm_hist_merge(r.latency_hist, excluded.latency_hist)
-"#;
-
-const ROLLUP_JOBS: &str = r#"
-    INSERT INTO llm_rollup_jobs AS r
-    SELECT * FROM llm_rollup_jobs_of($1, $2, $3)
-    ORDER BY day, tenant, kind, status, error_code, provider, model
-    ON CONFLICT (day, tenant, kind, status, error_code, provider, model) DO UPDATE SET
-        jobs = r.jobs + excluded.jobs,
-        attempts = r.attempts + excluded.attempts,
-        cache_hits = r.cache_hits + excluded.cache_hits,
-        images = r.images + excluded.images,
-        input_tokens = r.input_tokens + excluded.input_tokens,
-        output_tokens = r.output_tokens + excluded.output_tokens,
-        cache_read_tokens = r.cache_read_tokens + excluded.cache_read_tokens,
-        cache_write_tokens = r.cache_write_tokens + excluded.cache_write_tokens,
-        cache_write_1h_tokens = r.cache_write_1h_tokens + excluded.cache_write_1h_tokens,
-        reasoning_tokens = r.reasoning_tokens + excluded.reasoning_tokens,
-        image_input_tokens = r.image_input_tokens + excluded.image_input_tokens,
-        cost_usd = r.cost_usd + excluded.cost_usd,
-        priced_jobs = r.priced_jobs + excluded.priced_jobs,
-        cache_saved_input_tokens = r.cache_saved_input_tokens + excluded.cache_saved_input_tokens,
-        cache_saved_output_tokens = r.cache_saved_output_tokens + excluded.cache_saved_output_tokens,
-        cache_saved_cost_usd = r.cache_saved_cost_usd + excluded.cache_saved_cost_usd,
-        cache_saved_priced = r.cache_saved_priced + excluded.cache_saved_priced,
-        processing_ms_sum = r.processing_ms_sum + excluded.processing_ms_sum,
-        processing_ms_max = greatest(r.processing_ms_max, excluded.processing_ms_max),
-        processing_hist = llm_hist_merge(r.processing_hist, excluded.processing_hist)
-"#;
 
 /// Column arrays for one `llm_calls` insert.
 #[derive(Default)]

@@ -10,6 +10,7 @@
 mod cache;
 mod gateway;
 mod harness;
+mod history;
 mod load;
 mod pipeline;
 mod scaling;
@@ -44,6 +45,10 @@ struct Cli {
     /// Short jobs in the throughput and ceiling runs (default 20,000; 5,000 with --quick).
     #[arg(long)]
     jobs: Option<usize>,
+    /// Synthetic `llm_calls` rows the history scenario loads (`--only history`; default
+    /// 100,000,000, or 1,000,000 with --quick).
+    #[arg(long)]
+    history_rows: Option<u64>,
     /// Give every tenant a policy that every job goes through (budgets, requests and tokens
     /// per minute, all too large to bind): the cost of the policy checks.
     #[arg(long)]
@@ -122,6 +127,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         max_in_flight: cli.max_in_flight,
         tenant_policy: cli.tenant_policy,
         jobs: cli.jobs,
+        history_rows: cli.history_rows,
         model: cli.model,
     };
     scenarios::run(&target, &options).await?;

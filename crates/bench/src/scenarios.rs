@@ -41,6 +41,8 @@ pub enum Scenario {
     Scaling,
     Cache,
     Gateway,
+    /// The usage history at scale (only when asked for: it loads 100 million rows).
+    History,
 }
 
 #[derive(Debug, Clone)]
@@ -57,6 +59,8 @@ pub struct Options {
     pub max_in_flight: usize,
     /// Short jobs in the throughput and ceiling runs (default 20,000; 5,000 when quick).
     pub jobs: Option<usize>,
+    /// Rows of the history scenario.
+    pub history_rows: Option<u64>,
     /// Every tenant under a policy with budgets and rate limits too large to bind.
     pub tenant_policy: bool,
     /// The model the workers' provider is configured with (its tokenizer, if counting is
@@ -86,7 +90,9 @@ pub(crate) fn row(
 
 /// Run the chosen scenarios, printing each row as it is measured; returns the table.
 pub async fn run(target: &Target, options: &Options) -> anyhow::Result<Vec<Row>> {
-    let wants = |s: Scenario| options.only.is_empty() || options.only.contains(&s);
+    let wants = |s: Scenario| {
+        options.only.contains(&s) || (options.only.is_empty() && s != Scenario::History)
+    };
     println!("{}", machine(target).await);
     let mut rows = Vec::new();
     let mut emit = |r: Vec<Row>| {
@@ -109,6 +115,14 @@ pub async fn run(target: &Target, options: &Options) -> anyhow::Result<Vec<Row>>
     }
     if wants(Scenario::Gateway) {
         emit(crate::gateway::gateway(target, options).await?);
+    }
+    if wants(Scenario::History) {
+        let rows = options.history_rows.unwrap_or(if options.quick {
+            1_000_000
+        } else {
+            100_000_000
+        });
+        emit(crate::history::history(&target.database_url, rows).await?);
     }
     println!();
     println!("{}", table(&rows));
