@@ -392,8 +392,10 @@ async fn postgres_unreachable_for_30_s_under_load_loses_no_usage_row() {
         let js = app.js.clone();
         async move { steady_load(&js, &subject, 300, 34).await }
     });
-    tokio::time::sleep(Duration::from_secs(2)).await;
     let rows = "SELECT count(*) FROM llm_jobs";
+    // The cut starts once rows are being written (the worker has migrated and recorded).
+    app.wait_count("SELECT least(count(*), 1) FROM llm_jobs", 1)
+        .await;
     outage.set_up(false);
     // A batch already on its way may still commit; after that nothing is written.
     tokio::time::sleep(Duration::from_secs(3)).await;
