@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-pub use recorder::{Recorder, write_batch};
+pub use recorder::{Months, Recorder, write_batch, write_batch_in};
 
 use crate::pricing::{Price, PriceBook};
 

@@ -7,7 +7,9 @@
 //! `ON CONFLICT DO NOTHING` on the unique keys makes redelivery harmless (a stored result
 //! never changes, so a result recorded twice carries the same times, part of the keys of the
 //! monthly-partitioned tables). The partitions a batch needs are created before its
-//! transaction. Costs are computed in SQL with the `llm_prices` row in force at each call's
+//! transaction, once per month and process ([`Months`]: a batch in a month already seen makes
+//! no extra round trip; a "no partition" refusal, as after a prune, forgets them and retries
+//! once). Costs are computed in SQL with the `llm_prices` row in force at each call's
 //! `started_at`.
 //!
 //! It pulls exactly what it writes (one message with a long poll, then after `batch_wait` what
@@ -23,6 +25,7 @@
 //! row: the batch is handed back and waits in JetStream.
 
 use std::collections::HashSet;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use async_nats::jetstream::{
@@ -53,6 +56,36 @@ pub struct Recorder {
     batch_size: usize,
     batch_wait: Duration,
     progress_every: Duration,
+    months: Months,
+}
+
+/// The months (UTC year, month) whose partitions one recorder has created or found, so it
+/// asks `llm_ensure_partitions` only when a batch reaches a new month.
+#[derive(Debug, Default)]
+pub struct Months(Mutex<HashSet<(i32, u32)>>);
+
+impl Months {
+    /// The months of `instants` not known to exist yet.
+    fn missing(&self, instants: &[DateTime<Utc>]) -> Vec<DateTime<Utc>> {
+        let known = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<DateTime<Utc>> = instants
+            .iter()
+            .filter(|t| !known.contains(&(t.year(), t.month())))
+            .copied()
+            .collect();
+        out.sort_unstable_by_key(|t| (t.year(), t.month()));
+        out.dedup_by_key(|t| (t.year(), t.month()));
+        out
+    }
+
+    fn add(&self, instants: &[DateTime<Utc>]) {
+        let mut known = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        known.extend(instants.iter().map(|t| (t.year(), t.month())));
+    }
+
+    fn forget(&self) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
 }
 
 /// How writing a batch ended.
@@ -92,6 +125,7 @@ impl Recorder {
             batch_size,
             batch_wait: Duration::from_millis(cfg.batch_wait_ms),
             progress_every: ack_wait / 3,
+            months: Months::default(),
         })
     }
 
@@ -228,7 +262,7 @@ impl Recorder {
             if from == to {
                 continue;
             }
-            match write_batch(&self.pool, &results[from..to]).await {
+            match write_batch_in(&self.pool, &results[from..to], &self.months).await {
                 Ok(()) => {
                     for msg in &messages[from..to] {
                         if let Err(e) = msg.ack().await {
@@ -316,6 +350,37 @@ fn status_str(s: Status) -> &'static str {
 
 /// Project results into `llm_calls` and `llm_jobs`: one transaction, idempotent.
 pub async fn write_batch(pool: &sqlx::PgPool, results: &[ResultEvent]) -> Result<(), sqlx::Error> {
+    write_batch_in(pool, results, &Months::default()).await
+}
+
+/// [`write_batch`], creating only the partitions of months not in `months`. When Postgres
+/// finds no partition for a row (a month dropped by `usage prune` since), `months` is
+/// forgotten and the batch written once more, ensuring every month it touches.
+pub async fn write_batch_in(
+    pool: &sqlx::PgPool,
+    results: &[ResultEvent],
+    months: &Months,
+) -> Result<(), sqlx::Error> {
+    match write_once(pool, results, months).await {
+        Err(e) if is_missing_partition(&e) => {
+            months.forget();
+            write_once(pool, results, months).await
+        }
+        other => other,
+    }
+}
+
+/// "no partition of relation ... found for row" (SQLSTATE 23514, a check violation).
+fn is_missing_partition(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db)
+        if db.code().as_deref() == Some("23514") && db.message().contains("no partition"))
+}
+
+async fn write_once(
+    pool: &sqlx::PgPool,
+    results: &[ResultEvent],
+    months: &Months,
+) -> Result<(), sqlx::Error> {
     let mut seen = HashSet::new();
     let results: Vec<&ResultEvent> = results.iter().filter(|r| seen.insert(r.job_id)).collect();
     if results.is_empty() {
@@ -362,16 +427,17 @@ pub async fn write_batch(pool: &sqlx::PgPool, results: &[ResultEvent]) -> Result
         j.calls_to.push(calls_to);
     }
 
-    // Every row's monthly partition exists before the transaction that writes it (a partition
-    // is created once a month; the check is a catalog lookup).
+    // Every row's monthly partition exists before the transaction that writes it.
     let mut instants: Vec<DateTime<Utc>> = c.started_at.clone();
     instants.extend(results.iter().map(|r| r.finished_at));
-    instants.sort_unstable_by_key(|t| (t.year(), t.month()));
-    instants.dedup_by_key(|t| (t.year(), t.month()));
-    sqlx::query("SELECT llm_ensure_partitions($1)")
-        .bind(&instants)
-        .execute(pool)
-        .await?;
+    let missing = months.missing(&instants);
+    if !missing.is_empty() {
+        sqlx::query("SELECT llm_ensure_partitions($1)")
+            .bind(&missing)
+            .execute(pool)
+            .await?;
+        months.add(&missing);
+    }
 
     let mut tx = pool.begin().await?;
     if !c.job_id.is_empty() {

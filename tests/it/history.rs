@@ -648,8 +648,12 @@ async fn prune_drops_whole_old_months_keeps_recent_rows_and_the_rollups() {
     let old: Vec<ResultEvent> = (0..30).map(|i| months_ago(16, i)).collect();
     let kept: Vec<ResultEvent> = (0..30).map(|i| months_ago(1, i)).collect();
     let recent = history(60, 3);
+    // One set of known months, as one recorder keeps across its batches.
+    let months = llm_worker::usage::Months::default();
     for batch in [&old, &kept, &recent] {
-        llm_worker::usage::write_batch(&db, batch).await.unwrap();
+        llm_worker::usage::write_batch_in(&db, batch, &months)
+            .await
+            .unwrap();
     }
     let old_month = old[0].finished_at.format("%Y_%m").to_string();
     let old_days = count(
@@ -738,6 +742,16 @@ async fn prune_drops_whole_old_months_keeps_recent_rows_and_the_rollups() {
     assert_eq!(count(&db, "SELECT count(*) FROM llm_calls").await, calls);
     // A second prune finds nothing left to drop.
     assert!(prune(false).contains("0 partition(s)"));
+    // A late result in a pruned month, from a recorder that knew the month before the prune:
+    // its partition is made again, not the result refused.
+    let late = months_ago(16, 99);
+    llm_worker::usage::write_batch_in(&db, std::slice::from_ref(&late), &months)
+        .await
+        .unwrap();
+    assert_eq!(
+        count(&db, &format!("SELECT count(*) FROM llm_jobs_p{old_month}")).await,
+        1
+    );
     db.close().await;
     database.drop().await;
 }

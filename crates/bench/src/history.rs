@@ -213,7 +213,7 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-/// Results per second `write_batch` records, in batches of 100 (each job one call), over 20,000
+/// Results per second `write_batch_in` records, in batches of 100 (each job one call), over 20,000
 /// results: the recorder's database side.
 async fn recorder_rate(db: &sqlx::PgPool) -> anyhow::Result<f64> {
     const RESULTS: usize = 20_000;
@@ -239,9 +239,11 @@ async fn recorder_rate(db: &sqlx::PgPool) -> anyhow::Result<f64> {
                 .collect()
         })
         .collect();
+    // As a recorder does: partitions ensured once per month it meets.
+    let months = llm_worker::usage::Months::default();
     let started = Instant::now();
     for batch in &batches {
-        llm_worker::usage::write_batch(db, batch).await?;
+        llm_worker::usage::write_batch_in(db, batch, &months).await?;
     }
     Ok(RESULTS as f64 / started.elapsed().as_secs_f64())
 }
