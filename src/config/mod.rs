@@ -129,6 +129,8 @@ pub struct GatewayConfig {
     pub write_timeout_ms: u64,
     /// Open connections at most; more wait to be accepted.
     pub max_connections: usize,
+    /// Serve the usage dashboard at `/dashboard` (admin keys only). Off by default.
+    pub dashboard: bool,
 }
 
 impl Default for GatewayConfig {
@@ -145,6 +147,7 @@ impl Default for GatewayConfig {
             body_timeout_ms: 30_000,
             write_timeout_ms: 30_000,
             max_connections: 4096,
+            dashboard: false,
         }
     }
 }

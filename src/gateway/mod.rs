@@ -10,6 +10,7 @@
 //! - [`error`]: OpenAI's error shape and the status of each job error code.
 //! - `models`: what a request's `model` names.
 //! - `serve`: the HTTP/1 server with header, write and idle timeouts and a connection cap.
+//! - `dashboard`: the usage page at `/dashboard` for admin keys (`gateway.dashboard`).
 //!
 //! Tenants are kept apart: a request is answered only with its own tenant's job (a
 //! `job_id` naming another tenant's job is 409, never waited on), a cancel (the client went
@@ -23,6 +24,7 @@
 //! gateway also cancels it.
 
 pub(crate) mod chat_request;
+pub(crate) mod dashboard;
 pub mod error;
 pub(crate) mod images;
 pub mod keys;
@@ -68,6 +70,8 @@ pub(crate) struct Gateway {
     /// `limits.max_name_bytes`: the longest trace id a request may set.
     max_name_bytes: usize,
     metrics: crate::metrics::Metrics,
+    /// The usage database (API keys, the dashboard's figures).
+    pool: sqlx::PgPool,
 }
 
 /// A running gateway (for tests and the binary).
@@ -102,7 +106,8 @@ pub async fn start(config: Config, listen: &str) -> anyhow::Result<Running> {
     let client = Client::connect(&config.nats).await?;
     let g = &config.gateway;
     let gateway = Arc::new(Gateway {
-        keys: keys::Keys::new(pool, Duration::from_secs(g.key_cache_secs)),
+        keys: keys::Keys::new(pool.clone(), Duration::from_secs(g.key_cache_secs)),
+        pool,
         bad_keys: keys::BadKeys::new(g.bad_keys_per_minute),
         catalog: models::Catalog::new(&config),
         slots: Arc::new(Semaphore::new(g.max_concurrent)),
@@ -127,7 +132,12 @@ pub async fn start(config: Config, listen: &str) -> anyhow::Result<Running> {
 }
 
 fn router(gateway: Arc<Gateway>) -> Router {
-    Router::new()
+    let routes = if gateway.config.dashboard {
+        dashboard::routes()
+    } else {
+        Router::new()
+    };
+    routes
         .route("/v1/chat/completions", post(openai::chat))
         .route("/v1/embeddings", post(openai::embeddings))
         .route("/v1/models", get(openai::models))
@@ -221,21 +231,7 @@ impl Gateway {
         headers: &HeaderMap,
         peer: SocketAddr,
     ) -> Result<Admitted, ApiError> {
-        let address = peer.ip();
-        if let Some(secs) = self.bad_keys.blocked(address) {
-            return Err(ApiError::too_many_bad_keys(secs));
-        }
-        let owner = match bearer(headers) {
-            Some(key) => self.keys.owner_of(key).await.map_err(|e| {
-                tracing::warn!(error = %e, "API key lookup failed");
-                ApiError::unavailable("API keys cannot be checked right now (Postgres)")
-            })?,
-            None => None,
-        };
-        let Some(owner) = owner else {
-            self.bad_keys.refused(address);
-            return Err(ApiError::unauthorized());
-        };
+        let owner = self.owner(bearer(headers), peer).await?;
         let share = {
             let mut shares = self
                 .tenant_slots
@@ -258,6 +254,30 @@ impl Gateway {
             tenant: owner.tenant,
             admin: owner.admin,
             _slots: (tenant_slot, slot),
+        })
+    }
+
+    /// Whose `key` is (else 401, or 503 when Postgres cannot say; 429 for an address that
+    /// sent too many refused keys, without a lookup).
+    pub(crate) async fn owner(
+        &self,
+        key: Option<&str>,
+        peer: SocketAddr,
+    ) -> Result<keys::Owner, ApiError> {
+        let address = peer.ip();
+        if let Some(secs) = self.bad_keys.blocked(address) {
+            return Err(ApiError::too_many_bad_keys(secs));
+        }
+        let owner = match key {
+            Some(key) => self.keys.owner_of(key).await.map_err(|e| {
+                tracing::warn!(error = %e, "API key lookup failed");
+                ApiError::unavailable("API keys cannot be checked right now (Postgres)")
+            })?,
+            None => None,
+        };
+        owner.ok_or_else(|| {
+            self.bad_keys.refused(address);
+            ApiError::unauthorized()
         })
     }
 

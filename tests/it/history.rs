@@ -100,7 +100,7 @@ async fn count(db: &sqlx::PgPool, sql: &str) -> i64 {
 
 /// A scratch database with every migration applied, and prices: p1/m1 prices every class,
 /// p2/m2 prices tokens but not cache reads, p3/m3 has no price.
-async fn priced_database() -> (ScratchDatabase, sqlx::PgPool) {
+pub(crate) async fn priced_database() -> (ScratchDatabase, sqlx::PgPool) {
     let services = Services::get().await;
     let database = ScratchDatabase::create(&services.database_url, "llmw_hist")
         .await
@@ -111,7 +111,7 @@ async fn priced_database() -> (ScratchDatabase, sqlx::PgPool) {
     (database, db)
 }
 
-async fn set_prices(db: &sqlx::PgPool) {
+pub(crate) async fn set_prices(db: &sqlx::PgPool) {
     sqlx::query(
         "INSERT INTO llm_prices (provider, model, effective_from, input_usd_per_mtok,
              output_usd_per_mtok, cache_read_usd_per_mtok, reasoning_usd_per_mtok,
@@ -285,7 +285,7 @@ fn synthetic(i: u64, finished: DateTime<Utc>) -> ResultEvent {
 }
 
 /// `n` results spread over the `days` days before now (the last minutes of today included).
-fn history(n: u64, days: i64) -> Vec<ResultEvent> {
+pub(crate) fn history(n: u64, days: i64) -> Vec<ResultEvent> {
     let now = Utc::now();
     let span = Duration::days(days).num_milliseconds() as u64;
     (0..n)

@@ -8,12 +8,14 @@
 )]
 
 mod billing;
+mod browser;
 mod budgets;
 mod cache;
 mod cancel;
 mod client;
 mod cluster;
 mod context;
+mod dashboard;
 mod deployments;
 mod docs;
 mod embed;
