@@ -105,3 +105,13 @@ fn the_readme_is_a_front_page() {
         "README.md has {lines} lines; the reference belongs in docs/"
     );
 }
+
+#[test]
+fn the_dashboard_page_shows_the_dashboards_queries_as_they_are() {
+    let sql = std::fs::read_to_string(root().join("src/gateway/dashboard/queries.sql")).unwrap();
+    let page = std::fs::read_to_string(root().join("docs/dashboard.md")).unwrap();
+    assert!(
+        page.contains(sql.trim_end()),
+        "docs/dashboard.md must show src/gateway/dashboard/queries.sql whole"
+    );
+}
