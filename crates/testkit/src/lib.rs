@@ -9,10 +9,13 @@
 //! inside a 200 stream, malformed chunks, silence. It records every request body so tests can
 //! assert what reached the provider. Image requests (OpenAI's Images API, Gemini asking for
 //! `IMAGE`) get real PNG pictures drawn from the prompt ([`fake_png`], `images`). With [`FakeLlmServer::demo_mode`] (the `fake-llm-server`
-//! binary) the model name picks the failure instead of a script (`demo`). The wire formats are
+//! binary) the model name picks the failure instead of a script (`demo`). The providers'
+//! batch APIs (OpenAI's Files and Batch API, Anthropic's Message Batches) are faked in
+//! `batches`, with batches that end late, expire or fail some lines ([`BatchPlan`]). The wire formats are
 //! rendered in `wire`. Also [`ScratchDatabase`] (`scratch`), the throw-away Postgres database
 //! each test and benchmark runs against.
 
+mod batches;
 mod demo;
 mod images;
 pub mod nats;
@@ -32,6 +35,7 @@ use axum::routing::post;
 use futures::StreamExt;
 use serde_json::json;
 
+pub use batches::{BatchPlan, BatchStats};
 pub use images::{FAKE_IMAGE_OUTPUT_TOKENS, FAKE_PICTURE_SIDE, fake_png};
 pub use scratch::{ScratchDatabase, with_database};
 use wire::{Flavor, render, response};
@@ -215,6 +219,8 @@ pub struct FakeLlmServer {
     script: Arc<Mutex<Script>>,
     /// TCP connections accepted so far.
     connections: Arc<std::sync::atomic::AtomicUsize>,
+    /// The batch APIs' files and batches (`batches`).
+    batches: batches::SharedBatches,
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -262,6 +268,8 @@ impl FakeLlmServer {
             .route("/api/embed", post(ollama_embed))
             .route("/files/{name}", axum::routing::get(file))
             .with_state(script.clone());
+        let batches = batches::SharedBatches::default();
+        let app = app.merge(batches::router(batches.clone()));
         // Like real provider front ends: no Nagle delay between a stream's small writes.
         let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let accepted = connections.clone();
@@ -276,6 +284,7 @@ impl FakeLlmServer {
             addr,
             script,
             connections,
+            batches,
             task: Some(task),
         })
     }
@@ -299,6 +308,19 @@ impl FakeLlmServer {
     /// The server root (`http://127.0.0.1:PORT`): the base URL for the other flavors.
     pub fn root_url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// How batches created from now on behave (OpenAI's Batch API and Anthropic's Message
+    /// Batches, `batches`): how long they take, which lines fail, whether they expire.
+    pub fn set_batch_plan(&self, plan: BatchPlan) {
+        if let Ok(mut b) = self.batches.lock() {
+            b.set_plan(plan);
+        }
+    }
+
+    /// The batch API requests received so far.
+    pub fn batch_stats(&self) -> BatchStats {
+        self.batches.lock().map(|b| b.stats()).unwrap_or_default()
     }
 
     /// Queue replies, played in order before the default.
