@@ -71,7 +71,7 @@ fn load_month_sql() -> &'static str {
 }
 
 /// Load, roll up, time. Prints progress to stderr; returns the table rows.
-pub async fn history(database_url: &str, rows: u64) -> anyhow::Result<Vec<Row>> {
+pub async fn history(database_url: &str, rows: u64, keep: bool) -> anyhow::Result<Vec<Row>> {
     let queries = documented_queries();
     anyhow::ensure!(
         queries.len() >= 4,
@@ -79,8 +79,38 @@ pub async fn history(database_url: &str, rows: u64) -> anyhow::Result<Vec<Row>> 
     );
     let database = ScratchDatabase::create(database_url, "llmw_bench_history").await?;
     let outcome = run(&database.url, rows, &queries).await;
-    database.drop().await;
+    if keep {
+        eprintln!("  history: database kept: {}", database.url);
+    } else {
+        database.drop().await;
+    }
     outcome
+}
+
+/// The queries and the recorder on a history loaded before (`--history-keep`): nothing is
+/// loaded; the recorder's results are added to it.
+pub async fn existing(url: &str) -> anyhow::Result<Vec<Row>> {
+    let queries = documented_queries();
+    let db = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect(url)
+        .await?;
+    llm_worker::usage::migrate(&db).await?;
+    sqlx::query("SET synchronous_commit = off")
+        .execute(&db)
+        .await?;
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM llm_calls")
+        .fetch_one(&db)
+        .await?;
+    let mut out = time_queries(&db, &queries).await?;
+    let rate = recorder_rate(&db).await?;
+    out.push(row(
+        format!("history: recorder writes on {rows} rows"),
+        format!("{rate:.0} results/s"),
+        "as on an empty history",
+    ));
+    db.close().await;
+    Ok(out)
 }
 
 async fn run(url: &str, rows: u64, queries: &[(String, String)]) -> anyhow::Result<Vec<Row>> {
@@ -170,11 +200,26 @@ async fn run(url: &str, rows: u64, queries: &[(String, String)]) -> anyhow::Resu
     ));
     sqlx::query("ANALYZE llm_rollup_calls").execute(&db).await?;
 
-    // The documented queries: the median and worst of 7 runs after one warm-up.
+    out.extend(time_queries(&db, queries).await?);
+
+    // The recorder on the full history.
+    let full_rate = recorder_rate(&db).await?;
+    out.push(row(
+        format!("history: recorder writes, empty history vs {rows} rows"),
+        format!("{empty_rate:.0} vs {full_rate:.0} results/s"),
+        "unchanged",
+    ));
+    db.close().await;
+    Ok(out)
+}
+
+/// The documented queries: the median and worst of 7 runs after one warm-up.
+async fn time_queries(db: &sqlx::PgPool, queries: &[(String, String)]) -> anyhow::Result<Vec<Row>> {
+    let mut out = Vec::new();
     let job: String = sqlx::query_scalar(
         "SELECT job_id::text FROM llm_calls WHERE started_at > now() - interval '1 day' LIMIT 1",
     )
-    .fetch_one(&db)
+    .fetch_one(db)
     .await?;
     for (title, sql) in queries {
         let sql = sql.replace(":'job_id'", &format!("'{job}'"));
@@ -182,7 +227,7 @@ async fn run(url: &str, rows: u64, queries: &[(String, String)]) -> anyhow::Resu
         let mut returned = 0;
         for _ in 0..8 {
             let t = Instant::now();
-            returned = sqlx::query(&sql).fetch_all(&db).await?.len();
+            returned = sqlx::query(&sql).fetch_all(db).await?.len();
             times.push(t.elapsed());
         }
         times.remove(0);
@@ -198,14 +243,6 @@ async fn run(url: &str, rows: u64, queries: &[(String, String)]) -> anyhow::Resu
         ));
     }
 
-    // The recorder on the full history.
-    let full_rate = recorder_rate(&db).await?;
-    out.push(row(
-        format!("history: recorder writes, empty history vs {rows} rows"),
-        format!("{empty_rate:.0} vs {full_rate:.0} results/s"),
-        "unchanged",
-    ));
-    db.close().await;
     Ok(out)
 }
 

@@ -49,6 +49,13 @@ struct Cli {
     /// 100,000,000, or 1,000,000 with --quick).
     #[arg(long)]
     history_rows: Option<u64>,
+    /// The history scenario keeps its database (and prints its URL) instead of dropping it.
+    #[arg(long)]
+    history_keep: bool,
+    /// The history scenario loads nothing: it times the queries and the recorder on this
+    /// database (one it kept before; the recorder's 20,000 results are written to it).
+    #[arg(long)]
+    history_database: Option<String>,
     /// Give every tenant a policy that every job goes through (budgets, requests and tokens
     /// per minute, all too large to bind): the cost of the policy checks.
     #[arg(long)]
@@ -128,6 +135,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         tenant_policy: cli.tenant_policy,
         jobs: cli.jobs,
         history_rows: cli.history_rows,
+        history_keep: cli.history_keep,
+        history_database: cli.history_database,
         model: cli.model,
     };
     scenarios::run(&target, &options).await?;

@@ -61,6 +61,10 @@ pub struct Options {
     pub jobs: Option<usize>,
     /// Rows of the history scenario.
     pub history_rows: Option<u64>,
+    /// Keep the history scenario's database.
+    pub history_keep: bool,
+    /// Time the history queries on this database instead of loading one.
+    pub history_database: Option<String>,
     /// Every tenant under a policy with budgets and rate limits too large to bind.
     pub tenant_policy: bool,
     /// The model the workers' provider is configured with (its tokenizer, if counting is
@@ -122,7 +126,12 @@ pub async fn run(target: &Target, options: &Options) -> anyhow::Result<Vec<Row>>
         } else {
             100_000_000
         });
-        emit(crate::history::history(&target.database_url, rows).await?);
+        emit(match &options.history_database {
+            Some(url) => crate::history::existing(url).await?,
+            None => {
+                crate::history::history(&target.database_url, rows, options.history_keep).await?
+            }
+        });
     }
     println!();
     println!("{}", table(&rows));
