@@ -700,6 +700,12 @@ mod tests {
         assert_eq!(rfc3339(leap), "2000-02-29T12:00:00Z");
     }
 
+    /// A client (with a TLS crypto provider: see the dev-dependency on rustls).
+    fn http() -> reqwest::Client {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        reqwest::Client::new()
+    }
+
     fn jsonl(n: usize) -> String {
         (1..=n)
             .map(|i| {
@@ -714,7 +720,7 @@ mod tests {
 
     /// Upload `file` and create an OpenAI batch of it; the batch object.
     async fn openai_batch_of(fake: &FakeLlmServer, file: String) -> Value {
-        let http = reqwest::Client::new();
+        let http = http();
         let form = reqwest::multipart::Form::new()
             .text("purpose", "batch")
             .part(
@@ -745,11 +751,11 @@ mod tests {
     }
 
     async fn get_json(url: String) -> Value {
-        reqwest::get(url).await.unwrap().json().await.unwrap()
+        http().get(url).send().await.unwrap().json().await.unwrap()
     }
 
     async fn get_lines(url: String) -> Vec<Value> {
-        let text = reqwest::get(url).await.unwrap().text().await.unwrap();
+        let text = http().get(url).send().await.unwrap().text().await.unwrap();
         text.lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
@@ -857,7 +863,7 @@ mod tests {
         });
         let batch = openai_batch_of(&fake, jsonl(2)).await;
         let id = batch["id"].as_str().unwrap();
-        let cancelled: Value = reqwest::Client::new()
+        let cancelled: Value = http()
             .post(format!("{}/batches/{id}/cancel", fake.base_url()))
             .send()
             .await
@@ -889,7 +895,7 @@ mod tests {
             fail_every: 2,
             expire: false,
         });
-        let http = reqwest::Client::new();
+        let http = http();
         let requests: Vec<Value> = (1..=3)
             .map(|i| {
                 json!({"custom_id": format!("job-{i}"), "params": {"model": "claude-test",
