@@ -31,7 +31,17 @@ const PARTITIONS_AHEAD: i32 = 2;
 /// `llm_calls` and `llm_jobs` for this month and the next two (the recorder
 /// creates any other month's when a row needs it).
 pub async fn migrate(pool: &sqlx::PgPool) -> Result<(), sqlx::migrate::MigrateError> {
-    sqlx::migrate!("./migrations").run(pool).await?;
+    use sqlx::Connection as _;
+    // A connection of its own, closed afterwards: sqlx takes a session advisory lock while it
+    // migrates and leaves it held when the run fails or is cancelled (a start-up deadline); on
+    // a pooled connection that lock outlived the run, and every later migration of the
+    // database waited for it forever.
+    let mut conn = sqlx::PgConnection::connect_with(&pool.connect_options())
+        .await
+        .map_err(sqlx::migrate::MigrateError::Execute)?;
+    let outcome = sqlx::migrate!("./migrations").run_direct(&mut conn).await;
+    let _ = conn.close().await;
+    outcome?;
     sqlx::query(
         "SELECT llm_ensure_partitions(ARRAY(
              SELECT (date_trunc('month', now() AT TIME ZONE 'UTC') + make_interval(months => g))
