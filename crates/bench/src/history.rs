@@ -87,10 +87,9 @@ pub async fn history(database_url: &str, rows: u64, keep: bool) -> anyhow::Resul
     outcome
 }
 
-/// The queries and the recorder on a history loaded before (`--history-keep`): nothing is
-/// loaded; the recorder's results are added to it.
-pub async fn existing(url: &str) -> anyhow::Result<Vec<Row>> {
-    let queries = documented_queries();
+/// A pool on `url`, migrated, committing without waiting for the disk (as the scenario's
+/// loads and recorder runs do).
+async fn open(url: &str) -> anyhow::Result<sqlx::PgPool> {
     let db = sqlx::postgres::PgPoolOptions::new()
         .max_connections(4)
         .connect(url)
@@ -99,6 +98,14 @@ pub async fn existing(url: &str) -> anyhow::Result<Vec<Row>> {
     sqlx::query("SET synchronous_commit = off")
         .execute(&db)
         .await?;
+    Ok(db)
+}
+
+/// The queries and the recorder on a history loaded before (`--history-keep`): nothing is
+/// loaded; the recorder's results are added to it.
+pub async fn existing(url: &str) -> anyhow::Result<Vec<Row>> {
+    let queries = documented_queries();
+    let db = open(url).await?;
     let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM llm_calls")
         .fetch_one(&db)
         .await?;
@@ -114,14 +121,7 @@ pub async fn existing(url: &str) -> anyhow::Result<Vec<Row>> {
 }
 
 async fn run(url: &str, rows: u64, queries: &[(String, String)]) -> anyhow::Result<Vec<Row>> {
-    let db = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(4)
-        .connect(url)
-        .await?;
-    llm_worker::usage::migrate(&db).await?;
-    sqlx::query("SET synchronous_commit = off")
-        .execute(&db)
-        .await?;
+    let db = open(url).await?;
     let mut out = Vec::new();
 
     // The recorder on an empty history first.
