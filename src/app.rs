@@ -235,6 +235,14 @@ pub async fn start_with(
             worker = worker.with_images(store);
         }
         consumed.clone_from(&kinds);
+        // The batch lane: its stream and bucket, where this worker hands batch jobs over.
+        let (held_stream, batch_kv) = startup
+            .step(
+                &format!("the batch stream {}", nats_cfg.batch_stream),
+                || crate::lane::ensure(&js, &nats_cfg),
+            )
+            .await?;
+        worker = worker.with_lane(crate::lane::Intake::new(js.clone(), &nats_cfg));
         if config.cache.enabled {
             let cache = startup
                 .step(
@@ -307,6 +315,25 @@ pub async fn start_with(
             nats_cfg.reply_policy().map_err(anyhow::Error::msg)?,
             stop.clone(),
         ));
+        let batch_consumer = startup
+            .step(
+                &format!("the batch consumer of {}", nats_cfg.batch_stream),
+                || crate::batch::consumer(&js, &nats_cfg, &config.batch),
+            )
+            .await?;
+        crate::batch::start(
+            crate::batch::Parts {
+                stream: held_stream,
+                kv: batch_kv,
+                worker: worker.clone(),
+                worker_id: config.worker_id(),
+                stop: stop.clone(),
+                abandon: abandon.clone(),
+            },
+            batch_consumer,
+            &config.batch,
+            &background,
+        );
         for kind in kinds {
             startup
                 .step(

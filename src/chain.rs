@@ -857,6 +857,7 @@ pub(crate) fn chain_error(
 }
 
 mod attempt;
+mod batched;
 mod call;
 mod images;
 mod output;

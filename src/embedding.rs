@@ -351,6 +351,7 @@ async fn call(
         cost_usd: None,
         cache_saved_usd: None,
         http_status,
+        service_tier: crate::contract::ServiceTier::Standard,
         latency_ms: elapsed_ms(started_at, finished_at),
         ttft_ms: None,
         started_at,

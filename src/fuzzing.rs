@@ -54,6 +54,8 @@ pub fn job_decode(data: &[u8]) {
         },
         tenants: Default::default(),
         cache_task_types: Default::default(),
+        tier_task_types: Default::default(),
+        batch_deadline: Duration::from_secs(86_400),
     };
     let Ok(replies) = NatsConfig::default().reply_policy() else {
         return;

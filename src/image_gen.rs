@@ -171,6 +171,7 @@ async fn call(
         images,
         cost_usd: None,
         cache_saved_usd: None,
+        service_tier: crate::contract::ServiceTier::Standard,
         http_status: match &result {
             Ok(a) => a.http_status,
             Err(e) => e.http_status,

@@ -48,16 +48,17 @@
 //! | 0 | `contract`, `tls`, `pricing` | the contract's types; TLS set-up; prices and cost |
 //! | 1 | `config` | configuration, validated once; the only reader of env vars |
 //! | 2 | `trust`, `error`, `job`, `tokens` | trust rules; errors with their consequence; job decoding and bounds; token counting |
-//! | 3 | `context`, `providers`, `health`, `telemetry`, `nats`, `dead`, `cancel`, `service`, `status`, `image_store`, `startup` | context fitting; one module per wire protocol; circuit breakers; logs and traces; NATS connections and streams; dead letters; cancel requests; the NATS service API; health over NATS; image jobs' pictures in the object store; start-up steps that wait for JetStream, bounded |
+//! | 3 | `context`, `providers`, `health`, `telemetry`, `nats`, `dead`, `cancel`, `service`, `status`, `image_store`, `startup`, `lane` | context fitting; one module per wire protocol; circuit breakers; logs and traces; NATS connections and streams; dead letters; cancel requests; the NATS service API; health over NATS; image jobs' pictures in the object store; start-up steps that wait for JetStream, bounded; the batch lane's intake stream |
 //! | 4 | `chain`, `embedding`, `image_gen`, `cache`, `policy` | routing, retries, fallback; embedding batches; image jobs' chain; the response cache; tenant budgets, limits and fair share |
 //! | 5 | `reply`, `metrics`, `usage`, `worker`, `queue`, `replay` | events out; Prometheus; the ledger; one job from start to ack; consumers and the pull loop; replaying dead letters |
-//! | 6 | `app`, `reload`, `nats_account` | start-up and shutdown; configuration reload; the least-privilege NATS account |
+//! | 6 | `app`, `reload`, `nats_account`, `batch` | start-up and shutdown; configuration reload; the least-privilege NATS account; the batch lane (collecting and following provider batches) |
 //! | 7 | `client`, `submit`, `gateway`, `fuzzing` | the orchestrator side; `llm-worker submit`; the HTTP gateway; fuzz entry points |
 //!
 //! Not in this crate: the fake LLM API server and scratch databases of tests, demos and
 //! benchmarks (`crates/testkit`), and the benchmark (`crates/bench`).
 
 pub mod app;
+pub(crate) mod batch;
 pub mod client;
 pub mod config;
 pub mod contract;
@@ -90,6 +91,7 @@ pub mod image_gen;
 pub mod image_store;
 #[doc(hidden)]
 pub mod job;
+pub(crate) mod lane;
 #[doc(hidden)]
 pub mod metrics;
 #[doc(hidden)]

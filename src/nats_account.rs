@@ -3,9 +3,9 @@
 //! `accounts` block (`llm-worker nats-account`).
 //!
 //! A worker may create its own streams and consumers, pull and ack jobs, store and read results,
-//! write dead letters, follow cancel requests and publish replies under the reply prefixes, and
-//! nothing else: no `STREAM.DELETE`, `STREAM.PURGE`, `MSG.DELETE`, `CONSUMER.DELETE`, no other
-//! stream. An orchestrator publishes jobs and cancel requests, reads stored results and
+//! write dead letters, follow cancel requests, hold batch jobs and publish replies under the
+//! reply prefixes, and nothing else: no `STREAM.DELETE`, `STREAM.PURGE`, `CONSUMER.DELETE`,
+//! `MSG.DELETE` only on the batch stream (a held job, once answered), no other stream. An orchestrator publishes jobs and cancel requests, reads stored results and
 //! subscribes to its replies; a tenant's orchestrator does so
 //! only on its tenant's job subjects and reply subjects (with `nats.tenant_from_subject` the
 //! worker then takes the tenant from the subject, so NATS vouches for it). This module does no
@@ -56,7 +56,13 @@ pub(crate) fn worker(nats: &NatsConfig) -> Permissions {
     let (jobs, results) = (&nats.jobs_stream, &nats.results_stream);
     let api = "$JS.API";
     let mut publish = Vec::new();
-    for stream in [jobs, results, &nats.dead_stream, &nats.cancel_stream] {
+    for stream in [
+        jobs,
+        results,
+        &nats.dead_stream,
+        &nats.cancel_stream,
+        &nats.batch_stream,
+    ] {
         publish.push(format!("{api}.STREAM.INFO.{stream}"));
         publish.push(format!("{api}.STREAM.CREATE.{stream}"));
     }
@@ -65,6 +71,8 @@ pub(crate) fn worker(nats: &NatsConfig) -> Permissions {
         .map(|k| (jobs, nats.consumer_name(*k)))
         .collect();
     consumers.push((results, nats.recorder_consumer_name()));
+    let batch_consumer = format!("{}-batch", nats.consumer_prefix);
+    consumers.push((&nats.batch_stream, batch_consumer));
     for (stream, consumer) in &consumers {
         publish.push(format!("{api}.CONSUMER.INFO.{stream}.{consumer}"));
         // async-nats names the filter subject after the consumer (NATS 2.9 extended create).
@@ -76,6 +84,13 @@ pub(crate) fn worker(nats: &NatsConfig) -> Permissions {
     publish.push(format!("{api}.STREAM.MSG.GET.{results}"));
     publish.push(format!("{}.results.>", nats.subject_prefix));
     publish.push(format!("{}.dead.>", nats.subject_prefix));
+    // The batch lane (`crate::batch`): hand jobs over, read them back by sequence, delete
+    // each once it is answered.
+    let batch = &nats.batch_stream;
+    publish.push(crate::lane::subject(nats));
+    publish.push(format!("{api}.DIRECT.GET.{batch}.>"));
+    publish.push(format!("{api}.STREAM.MSG.GET.{batch}"));
+    publish.push(format!("{api}.STREAM.MSG.DELETE.{batch}"));
     // Following the cancel stream: an ordered (ephemeral) consumer and its flow control.
     let cancel = &nats.cancel_stream;
     publish.push(format!("{api}.CONSUMER.CREATE.{cancel}"));
@@ -86,7 +101,7 @@ pub(crate) fn worker(nats: &NatsConfig) -> Permissions {
     // The tenant counters and the response cache (KV buckets): their streams, reads, writes
     // (compare-and-set for counters), and the watch (an ordered consumer) that keeps every
     // worker's copy of the counters current.
-    for bucket in [&nats.tenant_bucket, &nats.cache_bucket] {
+    for bucket in [&nats.tenant_bucket, &nats.cache_bucket, &nats.batch_bucket] {
         let kv = format!("KV_{bucket}");
         publish.push(format!("{api}.STREAM.INFO.{kv}"));
         publish.push(format!("{api}.STREAM.CREATE.{kv}"));
@@ -103,10 +118,13 @@ pub(crate) fn worker(nats: &NatsConfig) -> Permissions {
     publish.push(format!("{api}.DIRECT.GET.{obj}.>"));
     publish.push(format!("{api}.STREAM.MSG.GET.{obj}"));
     publish.push(format!("$O.{}.>", nats.images_bucket));
-    let kv = format!("KV_{}", nats.tenant_bucket);
-    publish.push(format!("{api}.CONSUMER.CREATE.{kv}"));
-    publish.push(format!("{api}.CONSUMER.CREATE.{kv}.>"));
-    publish.push(format!("$JS.FC.{kv}.>"));
+    // Watches (ordered consumers): the tenant counters, and listing the open batches.
+    for bucket in [&nats.tenant_bucket, &nats.batch_bucket] {
+        let kv = format!("KV_{bucket}");
+        publish.push(format!("{api}.CONSUMER.CREATE.{kv}"));
+        publish.push(format!("{api}.CONSUMER.CREATE.{kv}.>"));
+        publish.push(format!("$JS.FC.{kv}.>"));
+    }
     publish.push(format!("{}.events.budget.>", nats.subject_prefix));
     publish.extend(reply_patterns(nats));
     Permissions {
@@ -291,11 +309,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_worker_may_not_delete_or_purge_anything() {
+    fn a_worker_may_not_delete_or_purge_anything_but_answered_batch_jobs() {
         let p = worker(&NatsConfig::default());
         for s in &p.publish {
-            // One update: widening an old cancel stream's subjects (`crate::queue`).
-            if s == "$JS.API.STREAM.UPDATE.LLM_CANCEL" {
+            // One update: widening an old cancel stream's subjects (`crate::queue`); one
+            // delete: a held job once answered (`crate::batch`).
+            if s == "$JS.API.STREAM.UPDATE.LLM_CANCEL" || s == "$JS.API.STREAM.MSG.DELETE.LLM_BATCH"
+            {
                 continue;
             }
             for forbidden in ["DELETE", "PURGE", "$JS.API.>", "UPDATE"] {

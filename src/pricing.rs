@@ -10,11 +10,11 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use chrono::{DateTime, Utc};
 
-use crate::contract::{AttemptRecord, ImagesMade, TokenClasses};
+use crate::contract::{AttemptRecord, ImagesMade, ServiceTier, TokenClasses};
 
 /// One price row: USD per million tokens, valid from `effective_from`. A class without a
 /// price (`None`) is not priced: a call with tokens in it has no known cost.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Price {
     pub effective_from: DateTime<Utc>,
     pub input_per_mtok: f64,
@@ -27,6 +27,28 @@ pub struct Price {
     /// USD per picture, by `<size>/<quality>`, `<size>`, `*/<quality>` or `*` (image models
     /// billed per picture; `llm_prices.per_image_usd`).
     pub per_image: std::collections::BTreeMap<String, f64>,
+    /// The fraction of these prices a batch call pays (`llm_prices.batch_price_factor`).
+    pub batch_factor: f64,
+    /// The fraction a call at OpenAI's flex tier pays (`llm_prices.flex_price_factor`).
+    pub flex_factor: f64,
+}
+
+impl Default for Price {
+    fn default() -> Self {
+        Self {
+            effective_from: DateTime::default(),
+            input_per_mtok: 0.0,
+            output_per_mtok: 0.0,
+            cache_read_per_mtok: None,
+            cache_write_per_mtok: None,
+            cache_write_1h_per_mtok: None,
+            reasoning_per_mtok: None,
+            image_input_per_mtok: None,
+            per_image: Default::default(),
+            batch_factor: 0.5,
+            flex_factor: 0.5,
+        }
+    }
 }
 
 impl Price {
@@ -134,7 +156,7 @@ impl PriceBook {
     /// (when it reported none and made pictures) its pictures at the per-image price. The
     /// same rule as the SQL function `llm_call_cost`.
     pub(crate) fn attempt_cost(&self, a: &AttemptRecord) -> Option<f64> {
-        match &a.images {
+        let standard = match &a.images {
             Some(made) if made.count > 0 && a.input_tokens + a.output_tokens == 0 => {
                 self.images_cost(&a.provider, &a.model, a.started_at, made)
             }
@@ -146,7 +168,18 @@ impl PriceBook {
                 a.output_tokens,
                 &a.classes,
             ),
-        }
+        }?;
+        let factor = match a.service_tier {
+            ServiceTier::Standard => 1.0,
+            tier => {
+                let price = self.price_at(&a.provider, &a.model, a.started_at);
+                price.map_or(1.0, |p| match tier {
+                    ServiceTier::Batch => p.batch_factor,
+                    _ => p.flex_factor,
+                })
+            }
+        };
+        Some(standard * factor)
     }
 
     /// Pictures at the per-image price in force at `at`.

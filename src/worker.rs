@@ -12,6 +12,7 @@
 //! The message and where its events go are the [`JobMessage`] and [`Outbox`] traits
 //! ([`outbox`]), so these decisions are unit-tested without JetStream.
 
+mod batched;
 mod budget;
 mod embed;
 mod generate;
@@ -208,6 +209,8 @@ pub struct Worker<O: Outbox = NatsOutbox> {
     stats: Arc<crate::service::JobStats>,
     /// Prometheus counters of answered jobs and their provider calls.
     metrics: crate::metrics::Metrics,
+    /// Where batch jobs are handed over; none: they are answered online.
+    lane: Option<crate::lane::Intake>,
 }
 
 impl<O: Outbox> Worker<O> {
@@ -242,6 +245,7 @@ impl<O: Outbox> Worker<O> {
             images: None,
             stats: Arc::default(),
             metrics: crate::metrics::Metrics::new(config.telemetry.metrics_tenant_label),
+            lane: None,
         })
     }
 
@@ -260,6 +264,12 @@ impl<O: Outbox> Worker<O> {
     /// Keep image jobs' pictures in this store.
     pub(crate) fn with_images(mut self, store: crate::image_store::ImageStore) -> Self {
         self.images = Some(store);
+        self
+    }
+
+    /// Hand batch jobs to the batch lane here.
+    pub(crate) fn with_lane(mut self, intake: crate::lane::Intake) -> Self {
+        self.lane = Some(intake);
         self
     }
 
@@ -386,30 +396,8 @@ impl<O: Outbox> Worker<O> {
     ) -> Disposal {
         let received_at = Utc::now();
         let delivered = msg.delivered();
-        // With tenants bound to subjects, the consumer's filter (`<jobs subject>.*`) makes the
-        // last token the tenant: whoever NATS let publish there.
-        let subject_tenant = self
-            .tenant_from_subject
-            .then(|| msg.subject().rsplit_once('.').map(|(_, t)| t))
-            .flatten();
-        let delivery = Delivery {
-            msg_id: msg.msg_id(),
-            subject_tenant,
-            published: msg.published(),
-            traceparent: msg.traceparent(),
-        };
         let routing = self.routing();
-        let catalog = match (kind, &routing.embed, &routing.image) {
-            (JobKind::Embed, Some((chain, _)), _) => chain,
-            (JobKind::Image, _, Some(chain)) => chain,
-            _ => &routing.chain,
-        };
-        let rules = Rules {
-            limits: &routing.limits,
-            replies: &self.reply_policy,
-            catalog,
-        };
-        match job::decode(kind, msg.payload(), &delivery, &rules) {
+        match self.decode(kind, &msg, &routing) {
             Err(invalid) => {
                 let span = job_span(&invalid.envelope, kind, delivered, msg.traceparent());
                 async {
@@ -449,6 +437,58 @@ impl<O: Outbox> Worker<O> {
                     .await
             }
         }
+    }
+
+    /// The routing jobs start with now.
+    pub(crate) fn current_routing(&self) -> Arc<Routing> {
+        self.routing()
+    }
+
+    /// The configured provider `name`.
+    pub(crate) fn provider(&self, name: &str) -> Option<Arc<crate::providers::Provider>> {
+        self.routing().chain.registry().get(name).cloned()
+    }
+
+    /// Decode and validate the job `msg` carries under `routing`.
+    pub(crate) fn decode_job(
+        &self,
+        kind: JobKind,
+        msg: &impl JobMessage,
+        routing: &Routing,
+    ) -> Result<Job, Box<job::InvalidJob>> {
+        self.decode(kind, msg, routing)
+    }
+
+    /// Decode and validate the job `msg` carries under `routing`.
+    fn decode(
+        &self,
+        kind: JobKind,
+        msg: &impl JobMessage,
+        routing: &Routing,
+    ) -> Result<Job, Box<job::InvalidJob>> {
+        // With tenants bound to subjects, the consumer's filter (`<jobs subject>.*`) makes the
+        // last token the tenant: whoever NATS let publish there.
+        let subject_tenant = self
+            .tenant_from_subject
+            .then(|| msg.subject().rsplit_once('.').map(|(_, t)| t))
+            .flatten();
+        let delivery = Delivery {
+            msg_id: msg.msg_id(),
+            subject_tenant,
+            published: msg.published(),
+            traceparent: msg.traceparent(),
+        };
+        let catalog = match (kind, &routing.embed, &routing.image) {
+            (JobKind::Embed, Some((chain, _)), _) => chain,
+            (JobKind::Image, _, Some(chain)) => chain,
+            _ => &routing.chain,
+        };
+        let rules = Rules {
+            limits: &routing.limits,
+            replies: &self.reply_policy,
+            catalog,
+        };
+        job::decode(kind, msg.payload(), &delivery, &rules)
     }
 
     async fn run(
@@ -520,6 +560,9 @@ impl<O: Outbox> Worker<O> {
             return self
                 .finish(msg, job.kind, &job.envelope, &result, AckKind::Ack)
                 .await;
+        }
+        if let Some(disposal) = self.hand_over(msg, routing, &job, delivered).await {
+            return disposal;
         }
         if self.log_prompts {
             tracing::debug!(job = ?job.body, "job body");

@@ -167,6 +167,7 @@ pub(super) async fn attempt<S: DeltaSink>(
         cost_usd: None,
         cache_saved_usd: None,
         http_status,
+        service_tier: provider.tier_of(req.service_tier),
         latency_ms: elapsed_ms(started_at, finished_at),
         ttft_ms: ttft.map(|d| d.as_millis() as u64),
         started_at,
@@ -210,12 +211,12 @@ pub(super) struct PendingCall {
 }
 
 impl PendingCall {
-    fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         self.id.len() + self.name.len() + self.arguments.len()
     }
 
     /// Add a piece to the call it belongs to (by index; a new index starts a call).
-    fn add(calls: &mut Vec<PendingCall>, chunk: crate::contract::ToolCallChunk) {
+    pub(super) fn add(calls: &mut Vec<PendingCall>, chunk: crate::contract::ToolCallChunk) {
         let at = chunk.index as usize;
         // Indexes come in order from 0; a gap (a provider's own numbering) appends.
         let call = match calls.get_mut(at) {
@@ -246,7 +247,7 @@ impl PendingCall {
 /// text events where the protocol sends about one token per event, else with the tokenizer.
 /// Usage seen in a stream that then failed is not final (Gemini repeats a running total with
 /// every chunk): the larger of it and the count, marked estimated.
-fn attempt_usage(
+pub(super) fn attempt_usage(
     provider: &Provider,
     model: &str,
     req: &GenerateRequest,

@@ -93,6 +93,45 @@ pub struct Config {
     pub tenants: BTreeMap<String, TenantPolicy>,
     pub cache: CacheConfig,
     pub gateway: GatewayConfig,
+    /// The batch lane (`crate::batch`, `docs/batch.md`).
+    pub batch: BatchConfig,
+}
+
+/// Most jobs in one provider batch: the record of an open batch (a KV value) names each.
+pub const MAX_BATCH_JOBS: usize = 5_000;
+
+/// The batch lane: jobs with `service_tier: "batch"` collected into provider batches.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchConfig {
+    /// Most jobs in one provider batch.
+    pub max_jobs: usize,
+    /// Longest a job waits for others before its batch is sent.
+    pub max_wait_secs: u64,
+    /// The deadline of a batch job that gives none, from when it was published.
+    pub default_deadline_secs: u64,
+    /// A job still in a batch this close to its deadline is sent online instead.
+    pub online_margin_secs: u64,
+    /// How often open batches are polled.
+    pub poll_ms: u64,
+    /// How long a worker following a batch holds it before another may take it over.
+    pub lease_secs: u64,
+    /// The tier of jobs of a task type that do not say (`standard`, `flex`, `batch`).
+    pub task_types: BTreeMap<String, crate::contract::ServiceTier>,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self {
+            max_jobs: 1000,
+            max_wait_secs: 60,
+            default_deadline_secs: 24 * 3600,
+            online_margin_secs: 600,
+            poll_ms: 30_000,
+            lease_secs: 60,
+            task_types: BTreeMap::new(),
+        }
+    }
 }
 
 /// `llm-worker gateway`: the HTTP front door (`crate::gateway`).

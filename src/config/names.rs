@@ -12,7 +12,7 @@ use super::NatsConfig;
 
 /// The derived names' keys in `[nats]` and their suffixes after the upper-case prefix;
 /// `consumer_prefix` is the lower-case token and `-worker`.
-const STREAMS: [(&str, &str); 7] = [
+const STREAMS: [(&str, &str); 9] = [
     ("jobs_stream", "JOBS"),
     ("results_stream", "RESULTS"),
     ("dead_stream", "DEAD"),
@@ -20,6 +20,8 @@ const STREAMS: [(&str, &str); 7] = [
     ("tenant_bucket", "TENANTS"),
     ("cache_bucket", "CACHE"),
     ("images_bucket", "IMAGES"),
+    ("batch_stream", "BATCH"),
+    ("batch_bucket", "BATCHES"),
 ];
 const CONSUMER_PREFIX: &str = "consumer_prefix";
 
@@ -78,6 +80,8 @@ fn slot<'a>(nats: &'a mut NatsConfig, key: &str) -> &'a mut String {
         "tenant_bucket" => &mut nats.tenant_bucket,
         "cache_bucket" => &mut nats.cache_bucket,
         "images_bucket" => &mut nats.images_bucket,
+        "batch_stream" => &mut nats.batch_stream,
+        "batch_bucket" => &mut nats.batch_bucket,
         _ => &mut nats.consumer_prefix,
     }
 }

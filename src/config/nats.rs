@@ -61,6 +61,11 @@ pub struct NatsConfig {
     /// JetStream object store bucket of image jobs' pictures, kept as long as results
     /// (`results_max_age_secs`).
     pub images_bucket: String,
+    /// JetStream stream of jobs handed to the batch lane (`crate::batch`), subjects
+    /// `<prefix>.batch.jobs`, kept until their batch is answered.
+    pub batch_stream: String,
+    /// JetStream KV bucket of the open provider batches (`crate::batch`).
+    pub batch_bucket: String,
     /// Durable consumer names are `<consumer_prefix>-generate` and `<consumer_prefix>-embed`.
     pub consumer_prefix: String,
     /// How long stored results are kept.
@@ -108,6 +113,8 @@ impl Default for NatsConfig {
             tenant_bucket: "LLM_TENANTS".into(),
             cache_bucket: "LLM_CACHE".into(),
             images_bucket: crate::contract::IMAGES_BUCKET.into(),
+            batch_stream: "LLM_BATCH".into(),
+            batch_bucket: "LLM_BATCHES".into(),
             consumer_prefix: "llm-worker".into(),
             results_max_age_secs: 24 * 3600,
             duplicate_window_secs: 120,

@@ -125,6 +125,11 @@ pub struct ProviderConfig {
     /// Quality ranks by model (exact names, `prefix*`, or `*`), over the built-in table
     /// (`crate::providers::quality`): the `best_quality` strategy tries higher ranks first.
     pub quality: std::collections::BTreeMap<String, u32>,
+    /// OpenAI protocol only: the server offers OpenAI's service tiers, the Batch API (`/files`
+    /// and `/batches`) and `service_tier: "flex"`. Default: yes for OpenAI itself (no
+    /// `base_url`, or one on `api.openai.com`), no for compatible servers, which mostly have
+    /// neither.
+    pub service_tiers: bool,
 }
 
 /// What a model may take beyond text (`providers.<name>.capabilities`).
@@ -190,6 +195,7 @@ impl ProviderConfig {
             context_windows: Default::default(),
             capabilities: Default::default(),
             quality: Default::default(),
+            service_tiers: false,
         }
     }
 }
@@ -254,6 +260,7 @@ provider_table!(OpenAiTable {
     max_tokens_field: MaxTokensField,
     embed_batch_size: usize,
     embed_batch_tokens: u64,
+    service_tiers: bool,
 });
 provider_table!(AnthropicTable {
     default_max_tokens: u32
@@ -304,7 +311,16 @@ impl From<ProviderTable> for ProviderConfig {
                     max_tokens_field: t.max_tokens_field.unwrap_or(MaxTokensField::MaxTokens),
                     embed: batching(t.embed_batch_size, t.embed_batch_tokens, 2048),
                 };
-                t.into_config(api)
+                let tiers = t.service_tiers.unwrap_or_else(|| {
+                    t.base_url.as_deref().is_none_or(|url| {
+                        reqwest::Url::parse(url)
+                            .is_ok_and(|u| u.host_str() == Some("api.openai.com"))
+                    })
+                });
+                ProviderConfig {
+                    service_tiers: tiers,
+                    ..t.into_config(api)
+                }
             }
             ProviderTable::Anthropic(t) => {
                 let api = Api::Anthropic {

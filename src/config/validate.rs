@@ -85,6 +85,25 @@ impl Config {
                 "ttl_secs must be positive and max_bytes at least 1 MiB",
             ));
         }
+        let b = &self.batch;
+        if !(1..=crate::config::MAX_BATCH_JOBS).contains(&b.max_jobs) {
+            return Err(invalid(
+                "batch.max_jobs",
+                format!("must be 1 to {}", crate::config::MAX_BATCH_JOBS),
+            ));
+        }
+        if b.max_wait_secs == 0 || b.poll_ms < 50 || b.lease_secs < 2 {
+            return Err(invalid(
+                "batch",
+                "max_wait_secs must be positive, poll_ms at least 50 and lease_secs at least 2",
+            ));
+        }
+        if b.default_deadline_secs <= b.online_margin_secs {
+            return Err(invalid(
+                "batch.default_deadline_secs",
+                "must be longer than batch.online_margin_secs",
+            ));
+        }
         if self.recorder.ack_wait_secs < 2 {
             return Err(invalid("recorder.ack_wait_secs", "must be at least 2"));
         }
@@ -97,6 +116,8 @@ impl Config {
             ("nats.tenant_bucket", &self.nats.tenant_bucket),
             ("nats.cache_bucket", &self.nats.cache_bucket),
             ("nats.images_bucket", &self.nats.images_bucket),
+            ("nats.batch_stream", &self.nats.batch_stream),
+            ("nats.batch_bucket", &self.nats.batch_bucket),
             ("nats.consumer_prefix", &self.nats.consumer_prefix),
         ] {
             if value.is_empty() || value.contains([' ', '*', '>', '\t']) {

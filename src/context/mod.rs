@@ -225,6 +225,7 @@ pub fn fit(req: &GenerateRequest, window: Window) -> Fit {
         stream: req.stream,
         system_cache: req.system_cache,
         prompt_cache_key: req.prompt_cache_key.clone(),
+        service_tier: req.service_tier,
     };
     fitted.options.max_tokens = max_tokens;
     let trimmed = Trimmed {

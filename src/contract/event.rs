@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::{Envelope, ErrorCode, JobKind};
+use super::{Envelope, ErrorCode, JobKind, ServiceTier};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub(crate) struct ChunkEvent<'a> {
@@ -157,6 +157,10 @@ pub struct AttemptRecord {
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub cache_saved_usd: Option<f64>,
     pub http_status: Option<u16>,
+    /// The tier the call was made and billed at (`flex`: OpenAI's flex tier, `batch`: a line
+    /// of a provider batch); absent for a standard call.
+    #[serde(skip_serializing_if = "ServiceTier::is_standard", default)]
+    pub service_tier: ServiceTier,
     pub latency_ms: u64,
     /// Time to the first text, when there was any.
     pub ttft_ms: Option<u64>,
@@ -259,6 +263,10 @@ pub struct ResultEvent {
     pub context_trimmed: Option<Trimmed>,
     pub processing_time_ms: u64,
     pub error: Option<ErrorBody>,
+    /// The tier of the call that answered (`batch`: through a provider's batch API); absent
+    /// when standard.
+    #[serde(skip_serializing_if = "ServiceTier::is_standard", default)]
+    pub service_tier: ServiceTier,
     // Beyond the contract's example, for the usage ledger (clients ignore unknown fields).
     pub job_kind: JobKind,
     pub tenant: String,
@@ -305,6 +313,7 @@ impl ResultEvent {
             context_trimmed: None,
             processing_time_ms: elapsed_ms(received_at, finished_at),
             error: Some(error),
+            service_tier: ServiceTier::Standard,
             job_kind: kind,
             tenant: envelope.tenant.clone(),
             task_type: envelope.task_type.clone(),

@@ -91,6 +91,35 @@ pub struct GenerateRequest {
     /// OpenAI's `prompt_cache_key`: the job's own, or derived from its tenant and route when
     /// the job marks a cache breakpoint.
     pub prompt_cache_key: Option<String>,
+    /// How soon the answer is needed, and so what it may cost (`service_tier`).
+    pub service_tier: ServiceTier,
+}
+
+/// How soon a job's answer is needed (`service_tier`): `standard` at once, `flex` when a
+/// slower, cheaper online call will do (OpenAI's flex tier), `batch` within the job's
+/// deadline through a provider's batch API at the batch price (`docs/batch.md`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceTier {
+    #[default]
+    Standard,
+    Flex,
+    Batch,
+}
+
+impl ServiceTier {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Standard => "standard",
+            Self::Flex => "flex",
+            Self::Batch => "batch",
+        }
+    }
+
+    /// Whether this is the default tier (left out of results and attempts).
+    pub fn is_standard(&self) -> bool {
+        *self == Self::Standard
+    }
 }
 
 /// How long a provider should keep a prompt prefix in its cache (CONTRACT.md section 7): a
@@ -182,6 +211,7 @@ impl GenerateRequest {
             stream: self.stream,
             system_cache: self.system_cache,
             prompt_cache_key: self.prompt_cache_key.clone(),
+            service_tier: self.service_tier,
         })
     }
 }

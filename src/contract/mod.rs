@@ -32,7 +32,8 @@ pub use image::{IMAGES_BUCKET, ImageFormat, ImageObject, ImageRequest, image_obj
 pub(crate) use job::{CONTEXT_HEADER, context_line};
 pub use job::{
     CacheMode, CacheTtl, EmbedRequest, Envelope, FitMode, GenerateOptions, GenerateRequest, Image,
-    ImageSource, JobKind, Message, Needs, ResponseFormat, Role, Tool, ToolCall, ToolChoice,
+    ImageSource, JobKind, Message, Needs, ResponseFormat, Role, ServiceTier, Tool, ToolCall,
+    ToolChoice,
 };
 pub(crate) use subject::{QUOTE_CHARS, is_literal_subject, quote};
 pub use subject::{ReplyPolicy, subject_token};

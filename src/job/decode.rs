@@ -16,7 +16,7 @@ use super::{Delivery, InvalidJob, Job, JobBody, Rules};
 use crate::config::LimitsConfig;
 use crate::contract::{
     EmbedRequest, Envelope, GenerateOptions, GenerateRequest, ImageRequest, JobKind, Message,
-    QUOTE_CHARS, Role, quote,
+    QUOTE_CHARS, Role, ServiceTier, quote,
 };
 use crate::trust::check_model_name;
 
@@ -105,6 +105,18 @@ pub fn decode(
                     envelope.task_type.as_deref(),
                 ));
             }
+            req.service_tier = w.service_tier.unwrap_or_else(|| {
+                let task = envelope.task_type.as_deref().unwrap_or("default");
+                limits
+                    .tier_task_types
+                    .get(task)
+                    .copied()
+                    .unwrap_or_default()
+            });
+            // A job that can wait a batch is answered whole, also when it goes online.
+            if req.service_tier == ServiceTier::Batch {
+                req.stream = false;
+            }
             let body = JobBody::Generate(req);
             (
                 w.provider,
@@ -142,7 +154,17 @@ pub fn decode(
             )
         }
     };
-    let expires_at = expires_at(expiry, delivery.published).map_err(&fail)?;
+    let mut expires_at = expires_at(expiry, delivery.published).map_err(&fail)?;
+    // A job that can wait a batch still has a deadline: the deployment's default.
+    if let JobBody::Generate(req) = &body
+        && req.service_tier == ServiceTier::Batch
+        && expires_at.is_none()
+    {
+        let from = delivery.published.unwrap_or_else(Utc::now);
+        expires_at = chrono::TimeDelta::from_std(limits.batch_deadline)
+            .ok()
+            .and_then(|d| from.checked_add_signed(d));
+    }
     if let Some(m) = &model {
         check_model_name(m, limits.bounds.max_model_bytes).map_err(&fail)?;
     }
@@ -501,6 +523,7 @@ fn generate_request(w: &WireGenerate, bounds: &LimitsConfig) -> Result<GenerateR
         system_cache,
         prompt_cache_key,
         stream: w.stream.unwrap_or(true),
+        service_tier: ServiceTier::Standard,
     })
 }
 

@@ -36,6 +36,10 @@ pub struct Limits {
     pub tenants: std::collections::BTreeMap<String, crate::config::TenantPolicy>,
     /// Cache use by task type (`cache.task_types`).
     pub cache_task_types: std::collections::BTreeMap<String, CacheMode>,
+    /// Service tier by task type (`batch.task_types`).
+    pub tier_task_types: std::collections::BTreeMap<String, crate::contract::ServiceTier>,
+    /// The deadline of a batch job that gives none (`batch.default_deadline_secs`).
+    pub batch_deadline: Duration,
 }
 
 impl Limits {
@@ -47,6 +51,8 @@ impl Limits {
             bounds: config.limits.clone(),
             tenants: config.tenants.clone(),
             cache_task_types: config.cache.task_types.clone(),
+            tier_task_types: config.batch.task_types.clone(),
+            batch_deadline: Duration::from_secs(config.batch.default_deadline_secs),
         }
     }
 

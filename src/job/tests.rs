@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::config::{NatsConfig, TenantPolicy};
-use crate::contract::{FitMode, Message, Role};
+use crate::contract::{FitMode, Message, Role, ServiceTier};
 
 fn limits() -> Limits {
     Limits {
@@ -46,6 +46,10 @@ fn limits() -> Limits {
         .map(|(t, p)| (t.to_string(), p))
         .collect(),
         cache_task_types: Default::default(),
+        tier_task_types: [("nightly".to_string(), ServiceTier::Batch)]
+            .into_iter()
+            .collect(),
+        batch_deadline: Duration::from_secs(86_400),
     }
 }
 
@@ -647,4 +651,44 @@ fn image_jobs_decode_with_their_options_and_bounds() {
             .unwrap_or_else(|| panic!("{json} was accepted"));
         assert!(e.reason.contains(says), "{json}: {}", e.reason);
     }
+}
+
+#[test]
+fn a_service_tier_is_read_or_comes_from_the_task_type_and_a_batch_job_has_a_deadline() {
+    let tier = |job: &Job| match &job.body {
+        JobBody::Generate(r) => (r.service_tier, r.stream),
+        _ => unreachable!(),
+    };
+    let plain = gen_job(r#"{"prompt":"hi"}"#).unwrap();
+    assert_eq!(tier(&plain), (ServiceTier::Standard, true));
+    assert_eq!(plain.expires_at, None);
+    let flex = gen_job(r#"{"prompt":"hi","service_tier":"flex"}"#).unwrap();
+    assert_eq!(tier(&flex), (ServiceTier::Flex, true));
+    // A batch job is answered whole, and without a deadline of its own gets the default.
+    let published = Utc::now() - chrono::TimeDelta::hours(1);
+    let delivery = Delivery {
+        published: Some(published),
+        ..Default::default()
+    };
+    let batch = decode_with(
+        JobKind::Generate,
+        r#"{"prompt":"hi","service_tier":"batch"}"#,
+        &delivery,
+    )
+    .unwrap();
+    assert_eq!(tier(&batch), (ServiceTier::Batch, false));
+    assert_eq!(
+        batch.expires_at,
+        Some(published + chrono::TimeDelta::days(1))
+    );
+    let own = gen_job(r#"{"prompt":"hi","service_tier":"batch","expires_in_ms":60000}"#).unwrap();
+    assert!(own.expires_at.unwrap() < Utc::now() + chrono::TimeDelta::seconds(61));
+    // By task type, unless the job says.
+    let nightly = gen_job(r#"{"prompt":"hi","task_type":"nightly"}"#).unwrap();
+    assert_eq!(tier(&nightly).0, ServiceTier::Batch);
+    let urgent =
+        gen_job(r#"{"prompt":"hi","task_type":"nightly","service_tier":"standard"}"#).unwrap();
+    assert_eq!(tier(&urgent).0, ServiceTier::Standard);
+    let bad = gen_job(r#"{"prompt":"hi","service_tier":"cheap"}"#).unwrap_err();
+    assert!(bad.reason.starts_with("service_tier:"), "{}", bad.reason);
 }

@@ -4,7 +4,7 @@
 use serde::Deserialize;
 
 use super::rich::{WireMessage, WireResponseFormat, WireTool};
-use crate::contract::{CacheMode, FitMode};
+use crate::contract::{CacheMode, FitMode, ServiceTier};
 
 /// The envelope fields, read leniently first so that an invalid job can still be answered.
 #[derive(Deserialize, Default)]
@@ -40,6 +40,8 @@ pub(super) struct WireGenerate {
     pub(super) cache: Option<CacheMode>,
     /// OpenAI's `prompt_cache_key` (section 7).
     pub(super) prompt_cache_key: Option<String>,
+    /// `standard`, `flex` or `batch` (`docs/batch.md`).
+    pub(super) service_tier: Option<ServiceTier>,
 }
 
 #[derive(Deserialize, Default)]
@@ -73,6 +75,9 @@ pub(super) struct WireEmbed {
     pub(super) expires_in_ms: Option<u64>,
     /// `use`, `refresh` or `off` (the vector cache).
     pub(super) cache: Option<CacheMode>,
+    /// Accepted; embedding jobs are answered online whatever they ask (`docs/batch.md`).
+    #[allow(dead_code)]
+    pub(super) service_tier: Option<ServiceTier>,
 }
 
 #[derive(Deserialize, Default)]

@@ -523,6 +523,7 @@ mod tests {
             cost_usd: Some(0.5),
             cache_saved_usd: Some(0.25),
             http_status: Some(200),
+            service_tier: crate::contract::ServiceTier::Standard,
             latency_ms: 20,
             ttft_ms: Some(5),
             started_at: chrono::Utc::now(),

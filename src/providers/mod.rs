@@ -8,6 +8,7 @@
 //! ends before one yields a `truncated` error as its last item.
 
 pub(crate) mod anthropic;
+pub mod batch;
 pub mod capabilities;
 #[cfg(test)]
 pub(crate) mod fixtures;
@@ -15,6 +16,7 @@ pub(crate) mod gemini;
 mod helpers;
 pub(crate) mod ollama;
 pub(crate) mod openai;
+pub(crate) mod openai_batch;
 mod openai_images;
 pub mod pictures;
 pub mod quality;
@@ -186,6 +188,8 @@ pub struct Provider {
     capabilities: BTreeMap<String, Vec<crate::config::Capability>>,
     /// Quality ranks as configured (`quality`).
     quality: BTreeMap<String, u32>,
+    /// OpenAI's service tiers and Batch API (`providers.<name>.service_tiers`).
+    service_tiers: bool,
     imp: ProviderImpl,
 }
 
@@ -264,6 +268,7 @@ impl Provider {
             api: cfg.api.clone(),
             capabilities: cfg.capabilities.clone(),
             quality: cfg.quality.clone(),
+            service_tiers: cfg.service_tiers,
             imp,
         })
     }
@@ -403,6 +408,16 @@ impl Provider {
         crate::config::by_model(&self.quality, model)
             .copied()
             .or_else(|| quality::builtin(model))
+    }
+
+    /// The tier a call for a job asking `asked` is made at: `flex` where the provider has
+    /// service tiers, else standard (`batch` is not an online call's tier).
+    pub fn tier_of(&self, asked: crate::contract::ServiceTier) -> crate::contract::ServiceTier {
+        use crate::contract::ServiceTier;
+        match asked {
+            ServiceTier::Flex if self.service_tiers => ServiceTier::Flex,
+            _ => ServiceTier::Standard,
+        }
     }
 
     /// Whether a job may pin `model` on this provider.
@@ -562,7 +577,7 @@ impl Http {
         self.read_body_within(response, max).await
     }
 
-    async fn read_body_within(
+    pub(crate) async fn read_body_within(
         &self,
         response: reqwest::Response,
         max: usize,

@@ -16,7 +16,7 @@ use super::helpers::{clip, endpoint};
 use super::sse::{SseDecoder, Step};
 use super::{Call, FinishReason, ProviderEvent, Usage};
 use crate::config::{MaxTokensField, ProviderConfig};
-use crate::contract::{ErrorCode, TokenClasses};
+use crate::contract::{ErrorCode, ServiceTier, TokenClasses};
 use crate::contract::{
     GenerateRequest, ImageSource, Message, ResponseFormat, Role, ToolCallChunk, ToolChoice,
 };
@@ -29,6 +29,10 @@ pub(crate) struct OpenAi {
     images_url: Url,
     key: Option<SecretString>,
     max_tokens_field: MaxTokensField,
+    /// The server has OpenAI's service tiers (`flex`) and Batch API.
+    service_tiers: bool,
+    /// Boxed: two more URLs would make every provider's value larger.
+    batch: Box<super::openai_batch::BatchApi>,
 }
 
 impl OpenAi {
@@ -48,6 +52,8 @@ impl OpenAi {
             images_url: endpoint(base, "images/generations")?,
             key: cfg.api_key.clone(),
             max_tokens_field,
+            service_tiers: cfg.service_tiers,
+            batch: Box::new(super::openai_batch::BatchApi::new(base)?),
         })
     }
 
@@ -56,7 +62,10 @@ impl OpenAi {
         model: &str,
         req: &GenerateRequest,
     ) -> Result<Call, ProviderError> {
-        let body = request_body(model, req, self.max_tokens_field);
+        let mut body = request_body(model, req, self.max_tokens_field);
+        if self.service_tiers && req.service_tier == ServiceTier::Flex {
+            body.service_tier = Some("flex");
+        }
         let mut builder = self.http.client.post(self.chat_url.clone()).json(&body);
         if let Some(key) = &self.key {
             builder = builder.bearer_auth(key.expose_secret());
@@ -73,6 +82,31 @@ impl OpenAi {
             http_status: Some(status),
             events,
         })
+    }
+
+    /// The Batch API's request line for `req` (not streamed), under `custom_id`.
+    pub(crate) fn batch_line(
+        &self,
+        custom_id: &str,
+        model: &str,
+        req: &GenerateRequest,
+    ) -> serde_json::Value {
+        let mut body = request_body(model, req, self.max_tokens_field);
+        body.stream = false;
+        body.stream_options = None;
+        serde_json::json!({"custom_id": custom_id, "method": "POST",
+            "url": "/v1/chat/completions", "body": body})
+    }
+
+    /// The server's Batch API, with what it is called with.
+    pub(crate) fn batch_api(
+        &self,
+    ) -> (
+        &super::openai_batch::BatchApi,
+        &super::Http,
+        Option<&SecretString>,
+    ) {
+        (&self.batch, &self.http, self.key.as_ref())
     }
 
     /// `POST {base}/images/generations` (`super::openai_images`).
@@ -292,6 +326,9 @@ struct ChatRequest<'a> {
     /// know the field).
     #[serde(skip_serializing_if = "Option::is_none")]
     prompt_cache_key: Option<&'a str>,
+    /// `flex` for a job that asks for it, on a server with service tiers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    service_tier: Option<&'static str>,
 }
 
 fn request_body<'a>(
@@ -360,6 +397,7 @@ fn request_body<'a>(
         tool_choice,
         response_format,
         prompt_cache_key: req.prompt_cache_key.as_deref(),
+        service_tier: None,
     }
 }
 
@@ -554,7 +592,7 @@ fn finish(reason: &str) -> Result<FinishReason, ProviderError> {
 }
 
 /// A non-streamed completion as the same event sequence a stream would give.
-fn parse_completion(text: &str) -> Vec<Result<ProviderEvent, ProviderError>> {
+pub(crate) fn parse_completion(text: &str) -> Vec<Result<ProviderEvent, ProviderError>> {
     let chunk: WireChunk = match serde_json::from_str(text) {
         Ok(c) => c,
         Err(e) => {

@@ -62,7 +62,8 @@ pub(crate) async fn load_prices(pool: &sqlx::PgPool, book: &PriceBook) -> Result
         "SELECT provider, model, effective_from, input_usd_per_mtok::float8, \
                 output_usd_per_mtok::float8, cache_read_usd_per_mtok::float8, \
                 cache_write_usd_per_mtok::float8, cache_write_1h_usd_per_mtok::float8, \
-                reasoning_usd_per_mtok::float8, image_input_usd_per_mtok::float8, per_image_usd \
+                reasoning_usd_per_mtok::float8, image_input_usd_per_mtok::float8, per_image_usd, \
+                batch_price_factor::float8, flex_price_factor::float8 \
          FROM llm_prices",
     )
     .fetch_all(pool)
@@ -79,6 +80,8 @@ pub(crate) async fn load_prices(pool: &sqlx::PgPool, book: &PriceBook) -> Result
             reasoning_per_mtok: r.try_get(8)?,
             image_input_per_mtok: r.try_get(9)?,
             per_image: per_image(r.try_get(10)?),
+            batch_factor: r.try_get(11)?,
+            flex_factor: r.try_get(12)?,
         };
         prices.push((r.try_get(0)?, r.try_get(1)?, price));
     }

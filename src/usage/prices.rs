@@ -279,7 +279,8 @@ pub async fn reprice(pool: &sqlx::PgPool, scope: &Scope) -> Result<Repriced, sql
                     llm_call_cost(p, c.input_tokens, c.output_tokens, c.cache_read_tokens,
                                   c.cache_write_tokens, c.cache_write_1h_tokens,
                                   c.reasoning_tokens, c.image_input_tokens, c.images,
-                                  c.image_size, c.image_quality) AS new_cost,
+                                  c.image_size, c.image_quality)
+                        * llm_tier_factor(p, c.service_tier) AS new_cost,
                     CASE WHEN c.input_tokens + c.output_tokens + c.images > 0
                          THEN p.effective_from END
                         AS new_from

@@ -422,6 +422,7 @@ async fn write_once(
                 .push(made.map_or(0, |m| i32::try_from(m.count).unwrap_or(i32::MAX)));
             c.image_size.push(made.and_then(|m| m.size.clone()));
             c.image_quality.push(made.and_then(|m| m.quality.clone()));
+            c.service_tier.push(a.service_tier.as_str().to_string());
         }
         j.calls_from.push(calls_from);
         j.calls_to.push(calls_to);
@@ -451,27 +452,28 @@ async fn write_once(
                 http_status, error_code, error_message, started_at, finished_at,
                 cache_read_tokens, cache_write_tokens, cache_write_1h_tokens, reasoning_tokens,
                 image_input_tokens, price_effective_from, images, image_size, image_quality,
-                kind)
+                kind, service_tier)
             SELECT u.job_id, u.attempt, u.trace_id, u.tenant, u.provider, u.model, u.status,
                 u.input_tokens, u.output_tokens, u.tokens_estimated,
                 llm_call_cost(p, u.input_tokens, u.output_tokens, u.cache_read, u.cache_write,
                               u.cache_write_1h, u.reasoning, u.image_input, u.images,
-                              u.image_size, u.image_quality),
+                              u.image_size, u.image_quality)
+                    * llm_tier_factor(p, u.service_tier),
                 u.latency_ms, u.ttft_ms, u.http_status, u.error_code, u.error_message,
                 u.started_at, u.finished_at,
                 u.cache_read, u.cache_write, u.cache_write_1h, u.reasoning, u.image_input,
                 CASE WHEN u.input_tokens + u.output_tokens + u.images > 0 THEN p.effective_from END,
-                u.images, u.image_size, u.image_quality, u.kind
+                u.images, u.image_size, u.image_quality, u.kind, u.service_tier
             FROM UNNEST($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::text[], $6::text[],
                         $7::text[], $8::int8[], $9::int8[], $10::bool[], $11::int8[], $12::int8[],
                         $13::int4[], $14::text[], $15::text[], $16::timestamptz[], $17::timestamptz[],
                         $18::int8[], $19::int8[], $20::int8[], $21::int8[], $22::int8[],
-                        $23::int4[], $24::text[], $25::text[], $26::text[])
+                        $23::int4[], $24::text[], $25::text[], $26::text[], $27::text[])
                 AS u(job_id, attempt, trace_id, tenant, provider, model, status, input_tokens,
                      output_tokens, tokens_estimated, latency_ms, ttft_ms, http_status,
                      error_code, error_message, started_at, finished_at,
                      cache_read, cache_write, cache_write_1h, reasoning, image_input,
-                     images, image_size, image_quality, kind)
+                     images, image_size, image_quality, kind, service_tier)
             LEFT JOIN LATERAL llm_price_at(u.provider, u.model, u.started_at) p ON true
             ON CONFLICT (job_id, attempt, started_at) DO NOTHING
             RETURNING llm_calls
@@ -505,6 +507,7 @@ async fn write_once(
         .bind(&c.image_size)
         .bind(&c.image_quality)
         .bind(&c.kind)
+        .bind(&c.service_tier)
         .execute(&mut *tx)
         .await?;
     }
@@ -642,6 +645,8 @@ struct CallColumns {
     image_quality: Vec<Option<String>>,
     /// The kind of the call's job.
     kind: Vec<String>,
+    /// `standard`, `flex` or `batch`.
+    service_tier: Vec<String>,
 }
 
 /// Column arrays for one `llm_jobs` insert.

@@ -34,6 +34,10 @@ pub trait JobMessage: Send + Sync {
     fn traceparent(&self) -> Option<&str> {
         None
     }
+    /// A job held by the batch lane (`crate::batch`) that must now be answered online.
+    fn held(&self) -> bool {
+        false
+    }
     /// Settle (or extend) the message with the queue.
     fn settle(&self, kind: AckKind) -> impl Future<Output = Result<(), String>> + Send;
 }

@@ -107,6 +107,8 @@ cancel_stream = "CANCEL_{id}"
 tenant_bucket = "TENANTS_{id}"
 cache_bucket = "CACHE_{id}"
 images_bucket = "IMAGES_{id}"
+batch_stream = "BATCH_{id}"
+batch_bucket = "BATCHES_{id}"
 consumer_prefix = "w{id}"
 ack_wait_secs = 5
 
@@ -404,9 +406,11 @@ impl TestApp {
             .await;
         let _ = self.js.delete_stream(&self.config.nats.dead_stream).await;
         let _ = self.js.delete_stream(&self.config.nats.cancel_stream).await;
+        let _ = self.js.delete_stream(&self.config.nats.batch_stream).await;
         for bucket in [
             &self.config.nats.tenant_bucket,
             &self.config.nats.cache_bucket,
+            &self.config.nats.batch_bucket,
         ] {
             let _ = self.js.delete_stream(format!("KV_{bucket}")).await;
         }
@@ -432,6 +436,8 @@ pub fn decode_job(
         bounds: Default::default(),
         tenants: Default::default(),
         cache_task_types: Default::default(),
+        tier_task_types: Default::default(),
+        batch_deadline: Duration::from_secs(86_400),
     };
     let replies = llm_worker::config::NatsConfig::default()
         .reply_policy()

@@ -7,6 +7,7 @@
     clippy::type_complexity
 )]
 
+mod batch;
 mod billing;
 mod browser;
 mod budgets;

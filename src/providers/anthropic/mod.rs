@@ -9,6 +9,7 @@
 //!
 //! `request` builds the request (and the answer tool of a JSON job).
 
+pub(super) mod batch;
 mod request;
 
 use request::{AnswerTool, request_body};
@@ -471,6 +472,14 @@ fn parse_message(
         classes: m.usage.classes(),
     })));
     out
+}
+
+/// A batch line's message (`batch`) as the events of a call for `req`.
+pub(crate) fn parse_batch_answer(
+    text: &str,
+    req: &GenerateRequest,
+) -> Vec<Result<ProviderEvent, ProviderError>> {
+    parse_message(text, AnswerTool::of(req).as_ref())
 }
 
 /// Classify an HTTP error body `{"type":"error","error":{"type","message"}}`.
