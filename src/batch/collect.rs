@@ -179,7 +179,10 @@ impl Lane {
             .iter()
             .map(|(h, req)| (h.job_id.to_string(), req))
             .collect();
-        let created = target.batch_create(model, &lines, &lease.key).await;
+        let key = lease.key.clone();
+        let (created, held) = self
+            .renewing(&mut lease, target.batch_create(model, &lines, &key))
+            .await;
         let status = match created {
             Ok(status) => status,
             Err(e) => {
@@ -194,7 +197,11 @@ impl Lane {
         lease.record.state = State::Open;
         lease.record.batch_id = Some(status.id.clone());
         lease.record.lease_until = Utc::now();
-        if let Err(e) = lease.save(&self.kv).await {
+        let saved = match held {
+            true => lease.save(&self.kv).await,
+            false => Err("another worker took the record".into()),
+        };
+        if let Err(e) = saved {
             // Taken as abandoned meanwhile: the jobs are delivered again, this batch unused.
             tracing::warn!(error = %e, "the batch record changed while its batch was created; cancelling it");
             let _ = target.batch_cancel(&status.id).await;

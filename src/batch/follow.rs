@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use chrono::Utc;
 use futures::{StreamExt, TryStreamExt};
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::Lane;
@@ -114,28 +113,6 @@ impl Lane {
         self.answer_online(held).await;
     }
 
-    /// Run `work` while renewing `lease`; `false` if the lease was lost meanwhile.
-    async fn renewing(
-        &self,
-        lease: &mut Lease,
-        work: impl std::future::Future<Output = ()>,
-    ) -> bool {
-        tokio::pin!(work);
-        let every = self.lease() / 3;
-        let mut renew = tokio::time::interval_at(Instant::now() + every, every);
-        loop {
-            tokio::select! {
-                () = &mut work => return true,
-                _ = renew.tick() => {
-                    lease.record.lease_until = self.lease_until();
-                    if lease.save(&self.kv).await.is_err() {
-                        return false;
-                    }
-                }
-            }
-        }
-    }
-
     /// One pass over a record this worker holds.
     async fn follow(&self, mut lease: Lease) {
         if lease.record.state == State::Creating {
@@ -149,7 +126,7 @@ impl Lane {
             let jobs = lease.record.jobs.clone();
             let work = futures::stream::iter(&jobs)
                 .for_each_concurrent(ANSWERING, |h| self.answer_online(h));
-            if self.renewing(&mut lease, work).await {
+            if self.renewing(&mut lease, work).await.1 {
                 let _ = lease.remove(&self.kv).await;
             }
             return;
@@ -167,7 +144,7 @@ impl Lane {
             tracing::info!(jobs = due.len(), batch = ?lease.record.batch_id, "jobs near their deadline or cancelled leave their batch");
             let work = futures::stream::iter(&due)
                 .for_each_concurrent(ANSWERING, |h| self.answer_online(h));
-            if !self.renewing(&mut lease, work).await {
+            if !self.renewing(&mut lease, work).await.1 {
                 return;
             }
             lease.record.jobs = waiting;
@@ -227,7 +204,7 @@ impl Lane {
             let line = lines.get(&h.job_id.to_string());
             self.answer(which, h, line, record.created_at)
         });
-        if self.renewing(&mut lease, work).await {
+        if self.renewing(&mut lease, work).await.1 {
             let _ = lease.remove(&self.kv).await;
         }
     }

@@ -58,6 +58,29 @@ impl Lane {
         Duration::from_secs(self.config.lease_secs)
     }
 
+    /// Run `work` to its end while renewing `lease` every third of a lease; whether the
+    /// lease was still held at the end (a record changed by another worker is not renewed
+    /// further, and the caller must not write it).
+    async fn renewing<T>(
+        &self,
+        lease: &mut record::Lease,
+        work: impl std::future::Future<Output = T>,
+    ) -> (T, bool) {
+        tokio::pin!(work);
+        let every = self.lease() / 3;
+        let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        let mut held = true;
+        loop {
+            tokio::select! {
+                out = &mut work => return (out, held),
+                _ = renew.tick(), if held => {
+                    lease.record.lease_until = self.lease_until();
+                    held = lease.save(&self.kv).await.is_ok();
+                }
+            }
+        }
+    }
+
     fn lease_until(&self) -> chrono::DateTime<chrono::Utc> {
         chrono::Utc::now() + chrono::TimeDelta::seconds(self.config.lease_secs as i64)
     }

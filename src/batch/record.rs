@@ -42,9 +42,10 @@ pub(crate) struct Record {
 }
 
 impl Record {
-    /// Whether `me` may take the record at `now`: its lease is over, or is `me`'s.
-    pub(crate) fn takeable(&self, me: &str, now: DateTime<Utc>) -> bool {
-        self.holder == me || self.lease_until <= now
+    /// Whether the record may be taken at `now`: its lease is over. Also when this process
+    /// holds it: its collector and its follower are two holders under one name.
+    pub(crate) fn takeable(&self, now: DateTime<Utc>) -> bool {
+        self.lease_until <= now
     }
 }
 
@@ -76,8 +77,8 @@ impl Lease {
         })
     }
 
-    /// Take the record under `key` for `me` until `until`, if its lease allows; `Ok(None)`
-    /// when another worker holds it (or took it first), or it is gone.
+    /// Take the record under `key` for `me` until `until`, if its lease is over; `Ok(None)`
+    /// when someone holds it (or took it first), or it is gone.
     pub(crate) async fn take(
         kv: &kv::Store,
         key: &str,
@@ -97,7 +98,7 @@ impl Lease {
                 return Ok(None);
             }
         };
-        if !record.takeable(me, Utc::now()) {
+        if !record.takeable(Utc::now()) {
             return Ok(None);
         }
         record.holder = me.to_string();
@@ -135,7 +136,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_lease_is_taken_when_over_or_held() {
+    fn a_lease_is_taken_only_when_over() {
         let now = Utc::now();
         let record = Record {
             provider: "p".into(),
@@ -147,8 +148,7 @@ mod tests {
             lease_until: now + chrono::TimeDelta::seconds(10),
             jobs: Vec::new(),
         };
-        assert!(record.takeable("a", now));
-        assert!(!record.takeable("b", now));
-        assert!(record.takeable("b", now + chrono::TimeDelta::seconds(10)));
+        assert!(!record.takeable(now));
+        assert!(record.takeable(now + chrono::TimeDelta::seconds(10)));
     }
 }

@@ -99,10 +99,8 @@ impl BatchApi {
                 format!("multipart/form-data; boundary={boundary}"),
             )
             .body(body);
-        let (response, _) = http
-            .send(self.authed(upload, key), super::openai::classify_error_body)
-            .await?;
-        let file: WireFile = parse(&http.read_body(response).await?, "file")?;
+        let max = http.bounds.max_response_bytes;
+        let file: WireFile = parse(&self.send(http, key, upload, max).await?, "file")?;
         let create = http
             .client
             .post(self.batches.clone())
@@ -112,10 +110,24 @@ impl BatchApi {
                 "completion_window": "24h",
                 "metadata": {"llm_worker_record": record},
             }));
+        status_of(&self.send(http, key, create, max).await?)
+    }
+
+    /// Send `builder` with the key; the response, read up to `max_bytes`.
+    async fn send(
+        &self,
+        http: &Http,
+        key: Option<&SecretString>,
+        builder: reqwest::RequestBuilder,
+        max_bytes: usize,
+    ) -> Result<String, ProviderError> {
         let (response, _) = http
-            .send(self.authed(create, key), super::openai::classify_error_body)
+            .send(
+                self.authed(builder, key),
+                super::openai::classify_error_body,
+            )
             .await?;
-        status_of(&http.read_body(response).await?)
+        http.read_body_within(response, max_bytes).await
     }
 
     /// The batch `id` now.
@@ -126,13 +138,8 @@ impl BatchApi {
         id: &str,
     ) -> Result<BatchStatus, ProviderError> {
         let url = endpoint(self.batches.as_str(), id)?;
-        let (response, _) = http
-            .send(
-                self.authed(http.client.get(url), key),
-                super::openai::classify_error_body,
-            )
-            .await?;
-        status_of(&http.read_body(response).await?)
+        let max = http.bounds.max_response_bytes;
+        status_of(&self.send(http, key, http.client.get(url), max).await?)
     }
 
     /// Ask for the batch `id` to be cancelled (its unanswered requests end `batch_cancelled`).
@@ -143,13 +150,8 @@ impl BatchApi {
         id: &str,
     ) -> Result<BatchStatus, ProviderError> {
         let url = endpoint(self.batches.as_str(), &format!("{id}/cancel"))?;
-        let (response, _) = http
-            .send(
-                self.authed(http.client.post(url), key),
-                super::openai::classify_error_body,
-            )
-            .await?;
-        status_of(&http.read_body(response).await?)
+        let max = http.bounds.max_response_bytes;
+        status_of(&self.send(http, key, http.client.post(url), max).await?)
     }
 
     /// Every line of an ended batch's output and error files. `max_bytes` bounds each file.
@@ -163,13 +165,9 @@ impl BatchApi {
         let mut lines = Vec::new();
         for file in &batch.files {
             let url = endpoint(self.files.as_str(), &format!("{file}/content"))?;
-            let (response, _) = http
-                .send(
-                    self.authed(http.client.get(url), key),
-                    super::openai::classify_error_body,
-                )
+            let text = self
+                .send(http, key, http.client.get(url), max_bytes)
                 .await?;
-            let text = http.read_body_within(response, max_bytes).await?;
             lines.extend(parse_lines(&text));
         }
         Ok(lines)

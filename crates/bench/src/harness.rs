@@ -285,11 +285,16 @@ url = "{db_url}"
         let _ = self.js.delete_stream(&self.nats.results_stream).await;
         let _ = self.js.delete_stream(&self.nats.dead_stream).await;
         let _ = self.js.delete_stream(&self.nats.cancel_stream).await;
+        let _ = self.js.delete_stream(&self.nats.batch_stream).await;
         let _ = self
             .js
             .delete_stream(format!("OBJ_{}", self.nats.images_bucket))
             .await;
-        for bucket in [&self.nats.tenant_bucket, &self.nats.cache_bucket] {
+        for bucket in [
+            &self.nats.tenant_bucket,
+            &self.nats.cache_bucket,
+            &self.nats.batch_bucket,
+        ] {
             let _ = self.js.delete_stream(format!("KV_{bucket}")).await;
         }
         self.pool.close().await;

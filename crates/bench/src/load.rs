@@ -28,6 +28,8 @@ pub enum Shape {
     Distinct,
     /// Deterministic, all the same prompt: cache hits once one is stored.
     Same,
+    /// `service_tier: "batch"`, from three tenants in turn (the batch lane).
+    Batch,
 }
 
 /// The job with index `i`: its prompt is `bench <i>` (the fake provider's timings are keyed by
@@ -46,6 +48,10 @@ pub fn job(i: usize, reply_prefix: &str, stream: bool, shape: Shape) -> (Uuid, V
         Shape::Same => {
             job["prompt"] = "bench, the same question".into();
             job["options"] = serde_json::json!({"temperature": 0});
+        }
+        Shape::Batch => {
+            job["service_tier"] = "batch".into();
+            job["tenant"] = ["acme", "globex", "initech"][i % 3].into();
         }
     }
     (job_id, job.to_string().into_bytes())

@@ -7,6 +7,7 @@
 //! - [`load`]: publishing at a pace and collecting reply events.
 //! - [`pipeline`]: the bare pipeline, the ceiling a worker is compared with.
 
+mod batch;
 mod cache;
 mod gateway;
 mod harness;

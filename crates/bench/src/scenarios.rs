@@ -43,6 +43,8 @@ pub enum Scenario {
     Gateway,
     /// The usage history at scale (only when asked for: it loads 100 million rows).
     History,
+    /// The batch lane: 1,000 jobs through the fake's Batch API, then the same jobs online.
+    Batch,
 }
 
 #[derive(Debug, Clone)]
@@ -119,6 +121,9 @@ pub async fn run(target: &Target, options: &Options) -> anyhow::Result<Vec<Row>>
     }
     if wants(Scenario::Gateway) {
         emit(crate::gateway::gateway(target, options).await?);
+    }
+    if wants(Scenario::Batch) {
+        emit(crate::batch::batch(target, options).await?);
     }
     if wants(Scenario::History) {
         let rows = options.history_rows.unwrap_or(if options.quick {
