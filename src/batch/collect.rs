@@ -16,6 +16,7 @@ use super::held::HeldJob;
 use super::record::{Held, Lease, Record, State};
 use super::{Lane, MAX_CREATE_TRIES};
 use crate::contract::{GenerateRequest, JobKind};
+use crate::error::Disposition;
 use crate::job::JobBody;
 use crate::lane;
 use crate::worker::Disposal;
@@ -186,10 +187,18 @@ impl Lane {
         let status = match created {
             Ok(status) => status,
             Err(e) => {
-                tracing::warn!(provider, model, error = %e.message, "cannot create a provider batch; the jobs wait");
                 let _ = lease.remove(&self.kv).await;
-                for m in &kept {
-                    settle(m, retry).await;
+                if e.disposition() == Disposition::Retry {
+                    tracing::warn!(provider, model, error = %e.message, "cannot create a provider batch now; the jobs wait");
+                    for m in &kept {
+                        settle(m, retry).await;
+                    }
+                } else {
+                    // No Batch API there (a compatible server), or it refuses these requests.
+                    tracing::warn!(provider, model, error = %e.message, "the provider refuses the batch; its jobs go online");
+                    futures::stream::iter(&kept)
+                        .for_each_concurrent(super::ONLINE_AT_ONCE, |m| self.online(m))
+                        .await;
                 }
                 return;
             }

@@ -18,8 +18,6 @@ use crate::providers::Provider;
 
 /// Before a job whose online answer could not be stored is tried again.
 pub(super) const ONLINE_RETRY: Duration = Duration::from_secs(5);
-/// Jobs answered at once when a batch ends.
-const ANSWERING: usize = 32;
 
 pub(super) async fn run(lane: Arc<Lane>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_millis(lane.config.poll_ms));
@@ -125,7 +123,7 @@ impl Lane {
             tracing::warn!(provider = %lease.record.provider, "an open batch's provider is no longer configured; its jobs go online");
             let jobs = lease.record.jobs.clone();
             let work = futures::stream::iter(&jobs)
-                .for_each_concurrent(ANSWERING, |h| self.answer_online(h));
+                .for_each_concurrent(super::ONLINE_AT_ONCE, |h| self.answer_online(h));
             if self.renewing(&mut lease, work).await.1 {
                 let _ = lease.remove(&self.kv).await;
             }
@@ -143,7 +141,7 @@ impl Lane {
         if !due.is_empty() {
             tracing::info!(jobs = due.len(), batch = ?lease.record.batch_id, "jobs near their deadline or cancelled leave their batch");
             let work = futures::stream::iter(&due)
-                .for_each_concurrent(ANSWERING, |h| self.answer_online(h));
+                .for_each_concurrent(super::ONLINE_AT_ONCE, |h| self.answer_online(h));
             if !self.renewing(&mut lease, work).await.1 {
                 return;
             }
@@ -200,10 +198,11 @@ impl Lane {
             lines.into_iter().map(|l| (l.custom_id, l.answer)).collect();
         tracing::info!(batch = %status.id, status = %status.status, jobs = record.jobs.len(), lines = lines.len(), "provider batch ended");
         let which = (record.provider.as_str(), record.model.as_str());
-        let work = futures::stream::iter(&record.jobs).for_each_concurrent(ANSWERING, |h| {
-            let line = lines.get(&h.job_id.to_string());
-            self.answer(which, h, line, record.created_at)
-        });
+        let work =
+            futures::stream::iter(&record.jobs).for_each_concurrent(super::ONLINE_AT_ONCE, |h| {
+                let line = lines.get(&h.job_id.to_string());
+                self.answer(which, h, line, record.created_at)
+            });
         if self.renewing(&mut lease, work).await.1 {
             let _ = lease.remove(&self.kv).await;
         }

@@ -40,6 +40,8 @@ use crate::worker::Worker;
 
 /// Deliveries of a held job in batches that could not be created, before it goes online.
 const MAX_CREATE_TRIES: i64 = 3;
+/// Held jobs answered online at once by one worker.
+const ONLINE_AT_ONCE: usize = 32;
 
 /// What both loops share.
 pub(crate) struct Lane {

@@ -126,9 +126,9 @@ pub struct ProviderConfig {
     /// (`crate::providers::quality`): the `best_quality` strategy tries higher ranks first.
     pub quality: std::collections::BTreeMap<String, u32>,
     /// OpenAI protocol only: the server offers OpenAI's service tiers, the Batch API (`/files`
-    /// and `/batches`) and `service_tier: "flex"`. Default: yes for OpenAI itself (no
-    /// `base_url`, or one on `api.openai.com`), no for compatible servers, which mostly have
-    /// neither.
+    /// and `/batches`) and `service_tier: "flex"`. Default yes; a compatible server without a
+    /// Batch API answers batch jobs online anyway (its refusal sends them there), but one that
+    /// rejects an unknown `service_tier` field needs `false`.
     pub service_tiers: bool,
 }
 
@@ -311,12 +311,7 @@ impl From<ProviderTable> for ProviderConfig {
                     max_tokens_field: t.max_tokens_field.unwrap_or(MaxTokensField::MaxTokens),
                     embed: batching(t.embed_batch_size, t.embed_batch_tokens, 2048),
                 };
-                let tiers = t.service_tiers.unwrap_or_else(|| {
-                    t.base_url.as_deref().is_none_or(|url| {
-                        reqwest::Url::parse(url)
-                            .is_ok_and(|u| u.host_str() == Some("api.openai.com"))
-                    })
-                });
+                let tiers = t.service_tiers.unwrap_or(true);
                 ProviderConfig {
                     service_tiers: tiers,
                     ..t.into_config(api)

@@ -389,7 +389,7 @@ async fn a_flex_job_asks_openai_for_the_flex_tier_and_pays_the_flex_price() {
     let providers = format!(
         "{}service_tiers = true\n{}\n[routes]\ndefault = [\"openai\", \"compat\"]\n",
         openai_provider("openai", &fake.base_url(), "gpt-test"),
-        openai_provider("compat", &fake.base_url(), "gpt-test")
+        openai_provider("compat", &fake.base_url(), "gpt-test") + "service_tiers = false\n"
     );
     let mut app = TestApp::new(&providers).await;
     app.set_price("openai", "gpt-test", 2.0, 8.0).await;
@@ -426,5 +426,32 @@ async fn a_flex_job_asks_openai_for_the_flex_tier_and_pays_the_flex_price() {
         (flex_cost * 2.0 - standard_cost).abs() < 1e-12,
         "{flex_cost} vs {standard_cost}"
     );
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn batch_jobs_for_a_server_without_a_batch_api_are_answered_online_at_once() {
+    let fake = FakeLlmServer::start().await.unwrap();
+    fake.set_batch_plan(BatchPlan {
+        absent: true,
+        ..Default::default()
+    });
+    let mut app = app_with_lane(&fake, FAST_LANE).await;
+    app.start_worker().await;
+    let (reply_to, mut sub) = app.reply_inbox().await;
+    for i in 0..5 {
+        app.publish(batch_job("acme", &format!("q{i}"), &reply_to))
+            .await;
+    }
+    let got = results(&mut sub, 5, Duration::from_secs(30)).await;
+    // One refused upload, then online (not a batch tried again and again).
+    assert_eq!(fake.batch_stats().uploads, 1);
+    for (r, n) in got.values() {
+        assert_eq!((*n, &r["status"]), (1, &json!("ok")), "{r}");
+        assert!(r.get("service_tier").is_none(), "answered online: {r}");
+    }
+    assert_eq!(fake.request_count(), 5);
+    assert_eq!(fake.batch_stats().created, 0);
+    lane_empty(&app, Duration::from_secs(10)).await;
     app.teardown().await;
 }

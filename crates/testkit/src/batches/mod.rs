@@ -33,12 +33,14 @@ pub struct BatchPlan {
     pub fail_every: usize,
     /// The batch expires at its end: its first half answered, the rest expired.
     pub expire: bool,
+    /// No Batch API at all, as most compatible servers: file uploads get 404.
+    pub absent: bool,
 }
 
 /// Batch API requests received, by kind.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BatchStats {
-    /// Files uploaded (OpenAI).
+    /// Files uploaded (OpenAI), refused ones included.
     pub uploads: usize,
     /// Batches created (both APIs).
     pub created: usize,
@@ -247,6 +249,9 @@ async fn upload(State(state): Shared, mut form: Multipart) -> Response {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     };
     s.stats.uploads += 1;
+    if s.plan.absent {
+        return not_found("route");
+    }
     let id = s.id("file-");
     let bytes = content.len();
     s.files.insert(id.clone(), content.to_vec());

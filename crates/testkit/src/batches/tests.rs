@@ -92,6 +92,7 @@ async fn an_openai_batch_answers_its_lines_after_a_while_and_fails_some() {
         takes: Duration::from_millis(300),
         fail_every: 3,
         expire: false,
+        ..Default::default()
     });
     let batch = openai_batch_of(&fake, jsonl(5)).await;
     assert_eq!(batch["status"], "in_progress");
@@ -143,6 +144,7 @@ async fn an_openai_batch_expires_cancels_or_fails_on_a_bad_file() {
         takes: Duration::from_millis(100),
         fail_every: 0,
         expire: true,
+        ..Default::default()
     });
     let batch = openai_batch_of(&fake, jsonl(4)).await;
     let url = format!(
@@ -206,6 +208,7 @@ async fn an_anthropic_message_batch_ends_with_results_per_request() {
         takes: Duration::from_millis(200),
         fail_every: 2,
         expire: false,
+        ..Default::default()
     });
     let http = http();
     let requests: Vec<Value> = (1..=3)
