@@ -65,31 +65,70 @@ impl Lane {
         }
     }
 
-    /// Answer the held job at `seq` online (or `cancelled`, if it was), then delete it.
-    async fn answer_online(&self, held: &Held) {
+    /// Answer the held job at `seq` online (or `cancelled`, if it was), then delete it;
+    /// `false` when its answer could not be stored (the record must keep it).
+    async fn answer_online(&self, held: &Held) -> bool {
         if let Some(job) = self.load(held.seq).await {
             let disposal = self
                 .worker
                 .handle_parked(JobKind::Generate, job, &self.abandon, None)
                 .await;
             if disposal == crate::worker::Disposal::Requeued {
-                // Not stored: the record keeps it, and the next poll tries again.
-                return;
+                return false;
             }
         }
         let _ = self.stream.delete_message(held.seq).await;
+        true
     }
 
-    /// Answer the held job from its batch line, or online when the line is not an answer.
+    /// Answer each of `jobs` with `answer` (a few at a time) while renewing `lease`: the jobs
+    /// not answered (their answer could not be stored), or `None` if the lease was lost.
+    async fn each<F, Fut>(&self, lease: &mut Lease, jobs: Vec<Held>, answer: F) -> Option<Vec<Held>>
+    where
+        F: Fn(Held) -> Fut,
+        Fut: std::future::Future<Output = (Held, bool)>,
+    {
+        let work = futures::stream::iter(jobs)
+            .map(answer)
+            .buffer_unordered(super::ONLINE_AT_ONCE)
+            .collect::<Vec<(Held, bool)>>();
+        match self.renewing(lease, work).await {
+            (answered, true) => Some(
+                answered
+                    .into_iter()
+                    .filter_map(|(h, done)| (!done).then_some(h))
+                    .collect(),
+            ),
+            (_, false) => None,
+        }
+    }
+
+    /// Keep only `left` in the record (their answers could not be stored: the next pass
+    /// tries again), or remove it when none is left.
+    async fn settle(&self, mut lease: Lease, left: Vec<Held>) {
+        if left.is_empty() {
+            let _ = lease.remove(&self.kv).await;
+            return;
+        }
+        tracing::warn!(
+            jobs = left.len(),
+            "answers not stored; the batch's record keeps them"
+        );
+        lease.record.jobs = left;
+        self.release(lease).await;
+    }
+
+    /// Answer the held job from its batch line, or online when the line is not an answer;
+    /// `false` when its answer could not be stored.
     async fn answer(
         &self,
         target: (&str, &str),
         held: &Held,
         line: Option<&Result<String, String>>,
         created: chrono::DateTime<Utc>,
-    ) {
+    ) -> bool {
         let Some(job) = self.load(held.seq).await else {
-            return;
+            return true;
         };
         let why = match line {
             Some(Ok(body)) => match self
@@ -97,10 +136,10 @@ impl Lane {
                 .answer_batched(&job, target, body, created)
                 .await
             {
-                Ok(crate::worker::Disposal::Requeued) => return,
+                Ok(crate::worker::Disposal::Requeued) => return false,
                 Ok(_) => {
                     let _ = self.stream.delete_message(held.seq).await;
-                    return;
+                    return true;
                 }
                 Err(why) => why,
             },
@@ -108,7 +147,7 @@ impl Lane {
             None => "no line for it in the batch's files".into(),
         };
         tracing::info!(job_id = %held.job_id, %why, "batch line is no answer; sending the job online");
-        self.answer_online(held).await;
+        self.answer_online(held).await
     }
 
     /// One pass over a record this worker holds.
@@ -122,10 +161,14 @@ impl Lane {
         let Some(target) = self.worker.provider(&lease.record.provider) else {
             tracing::warn!(provider = %lease.record.provider, "an open batch's provider is no longer configured; its jobs go online");
             let jobs = lease.record.jobs.clone();
-            let work = futures::stream::iter(&jobs)
-                .for_each_concurrent(super::ONLINE_AT_ONCE, |h| self.answer_online(h));
-            if self.renewing(&mut lease, work).await.1 {
-                let _ = lease.remove(&self.kv).await;
+            let left = self
+                .each(&mut lease, jobs, |h| async move {
+                    let done = self.answer_online(&h).await;
+                    (h, done)
+                })
+                .await;
+            if let Some(left) = left {
+                self.settle(lease, left).await;
             }
             return;
         };
@@ -140,12 +183,17 @@ impl Lane {
             });
         if !due.is_empty() {
             tracing::info!(jobs = due.len(), batch = ?lease.record.batch_id, "jobs near their deadline or cancelled leave their batch");
-            let work = futures::stream::iter(&due)
-                .for_each_concurrent(super::ONLINE_AT_ONCE, |h| self.answer_online(h));
-            if !self.renewing(&mut lease, work).await.1 {
+            let left = self
+                .each(&mut lease, due, |h| async move {
+                    let done = self.answer_online(&h).await;
+                    (h, done)
+                })
+                .await;
+            let Some(left) = left else {
                 return;
-            }
+            };
             lease.record.jobs = waiting;
+            lease.record.jobs.extend(left);
             if lease.save(&self.kv).await.is_err() {
                 return;
             }
@@ -198,13 +246,16 @@ impl Lane {
             lines.into_iter().map(|l| (l.custom_id, l.answer)).collect();
         tracing::info!(batch = %status.id, status = %status.status, jobs = record.jobs.len(), lines = lines.len(), "provider batch ended");
         let which = (record.provider.as_str(), record.model.as_str());
-        let work =
-            futures::stream::iter(&record.jobs).for_each_concurrent(super::ONLINE_AT_ONCE, |h| {
+        let (lines, created) = (&lines, record.created_at);
+        let left = self
+            .each(&mut lease, record.jobs.clone(), |h| async move {
                 let line = lines.get(&h.job_id.to_string());
-                self.answer(which, h, line, record.created_at)
-            });
-        if self.renewing(&mut lease, work).await.1 {
-            let _ = lease.remove(&self.kv).await;
+                let done = self.answer(which, &h, line, created).await;
+                (h, done)
+            })
+            .await;
+        if let Some(left) = left {
+            self.settle(lease, left).await;
         }
     }
 }
