@@ -280,7 +280,7 @@ impl<O: Outbox> Worker<O> {
     }
 
     /// The routing jobs start with from now on.
-    fn routing(&self) -> Arc<Routing> {
+    pub(crate) fn routing(&self) -> Arc<Routing> {
         match self.routing.read() {
             Ok(r) => r.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
@@ -439,28 +439,13 @@ impl<O: Outbox> Worker<O> {
         }
     }
 
-    /// The routing jobs start with now.
-    pub(crate) fn current_routing(&self) -> Arc<Routing> {
-        self.routing()
-    }
-
     /// The configured provider `name`.
     pub(crate) fn provider(&self, name: &str) -> Option<Arc<crate::providers::Provider>> {
         self.routing().chain.registry().get(name).cloned()
     }
 
     /// Decode and validate the job `msg` carries under `routing`.
-    pub(crate) fn decode_job(
-        &self,
-        kind: JobKind,
-        msg: &impl JobMessage,
-        routing: &Routing,
-    ) -> Result<Job, Box<job::InvalidJob>> {
-        self.decode(kind, msg, routing)
-    }
-
-    /// Decode and validate the job `msg` carries under `routing`.
-    fn decode(
+    pub(crate) fn decode(
         &self,
         kind: JobKind,
         msg: &impl JobMessage,

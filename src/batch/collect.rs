@@ -120,7 +120,7 @@ impl Lane {
             }
             return;
         };
-        let routing = self.worker.current_routing();
+        let routing = self.worker.routing();
         let mut jobs: Vec<(Held, GenerateRequest)> = Vec::with_capacity(messages.len());
         let mut kept = Vec::with_capacity(messages.len());
         for m in messages {
@@ -128,7 +128,7 @@ impl Lane {
             let seq = m.info().map_or(0, |i| i.stream_sequence);
             let decoded = self
                 .worker
-                .decode_job(JobKind::Generate, &held_of(&m), &routing);
+                .decode(JobKind::Generate, &held_of(&m), &routing);
             match decoded {
                 Ok(job) if tries <= MAX_CREATE_TRIES => {
                     let JobBody::Generate(req) = job.body else {
