@@ -361,6 +361,12 @@ pub async fn start_with(
         }
     }
 
+    // After a burst of jobs, the memory it freed goes back to the system.
+    background.spawn(crate::memory::release_after_bursts(
+        tracker.clone(),
+        stop.clone(),
+    ));
+
     progress.set(Phase::Ready(consumed));
     let grace = Duration::from_secs(config.worker.shutdown_grace_secs);
     let worker_id = config.worker_id();

@@ -45,7 +45,7 @@
 //!
 //! | layer | modules | what they are |
 //! |---|---|---|
-//! | 0 | `contract`, `tls`, `pricing` | the contract's types; TLS set-up; prices and cost |
+//! | 0 | `contract`, `tls`, `pricing`, `memory` | the contract's types; TLS set-up; prices and cost; freed memory back to the system after a burst |
 //! | 1 | `config` | configuration, validated once; the only reader of env vars |
 //! | 2 | `trust`, `error`, `job`, `tokens` | trust rules; errors with their consequence; job decoding and bounds; token counting |
 //! | 3 | `context`, `providers`, `health`, `telemetry`, `nats`, `dead`, `cancel`, `service`, `status`, `image_store`, `startup`, `lane` | context fitting; one module per wire protocol; circuit breakers; logs and traces; NATS connections and streams; dead letters; cancel requests; the NATS service API; health over NATS; image jobs' pictures in the object store; start-up steps that wait for JetStream, bounded; the batch lane's intake stream |
@@ -92,6 +92,8 @@ pub mod image_store;
 #[doc(hidden)]
 pub mod job;
 pub(crate) mod lane;
+#[doc(hidden)]
+pub mod memory;
 #[doc(hidden)]
 pub mod metrics;
 #[doc(hidden)]

@@ -1,0 +1,137 @@
+//! Gives the memory a burst of jobs freed back to the system once the burst is over.
+//!
+//! glibc keeps what a thread freed in that thread's arena for its next allocations; after a
+//! burst, the two tokio worker threads' arenas held ~18 MB each of freed memory, a third of the
+//! worker's resident size ([benchmarks](../docs/benchmarks.md)). It returns such memory only
+//! when asked (`malloc_trim`), and only one arena (`MALLOC_ARENA_MAX=1`, which serializes
+//! every allocation) kept it away otherwise. So the worker asks once after each burst: when no
+//! job has been in flight for two samples in a row after some were. Under steady load it never
+//! asks (the memory is about to be used again), and one call costs a walk of the free lists.
+//!
+//! The crate's one `unsafe` call lives here.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// How often the jobs in flight are sampled.
+pub const SAMPLE_EVERY: Duration = Duration::from_millis(250);
+
+/// Returns the free memory of every allocator arena to the system (glibc's `malloc_trim(0)`);
+/// whether any was returned.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+pub fn release() -> bool {
+    // SAFETY: `malloc_trim` takes no pointers and changes only glibc's own free lists, under
+    // each arena's lock; any thread may call it at any time.
+    unsafe { libc::malloc_trim(0) == 1 }
+}
+
+/// Elsewhere nothing: musl's and other systems' allocators return freed memory themselves.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub fn release() -> bool {
+    false
+}
+
+/// When a burst of jobs is over, from samples of the jobs in flight.
+#[derive(Debug, Default)]
+pub struct Bursts {
+    busy: bool,
+    idle_samples: u32,
+}
+
+impl Bursts {
+    /// Takes one sample; true when memory should be released now (once per burst).
+    pub fn sample(&mut self, in_flight: usize) -> bool {
+        if in_flight > 0 {
+            self.busy = true;
+            self.idle_samples = 0;
+            return false;
+        }
+        self.idle_samples = self.idle_samples.saturating_add(1);
+        if self.busy && self.idle_samples >= 2 {
+            self.busy = false;
+            return true;
+        }
+        false
+    }
+}
+
+/// Samples `jobs` (the tasks of the jobs in flight) every [`SAMPLE_EVERY`] until `stop`, and
+/// releases memory after each burst (on a blocking thread: the call walks every arena).
+pub async fn release_after_bursts(jobs: TaskTracker, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(SAMPLE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut bursts = Bursts::default();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if bursts.sample(jobs.len()) {
+            let released = tokio::task::spawn_blocking(release).await.unwrap_or(false);
+            tracing::debug!(released, "a burst of jobs ended: freed memory returned");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_is_released_once_after_each_burst_and_never_while_busy() {
+        let mut b = Bursts::default();
+        // Idle from the start: nothing to give back.
+        assert!(!b.sample(0));
+        assert!(!b.sample(0));
+        assert!(!b.sample(0));
+        // A burst: never while jobs run.
+        assert!(!b.sample(3));
+        assert!(!b.sample(1));
+        // One idle sample is not yet the end (a gap between pulls).
+        assert!(!b.sample(0));
+        assert!(!b.sample(2));
+        assert!(!b.sample(0));
+        // Two in a row are; and only once.
+        assert!(b.sample(0));
+        assert!(!b.sample(0));
+        assert!(!b.sample(0));
+        // The next burst releases again.
+        assert!(!b.sample(5));
+        assert!(!b.sample(0));
+        assert!(b.sample(0));
+    }
+
+    fn resident_bytes() -> Option<u64> {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+        let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb * 1024)
+    }
+
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[test]
+    fn release_returns_what_a_thread_freed_to_the_system() {
+        // A thread's arena keeps 64 MB of small blocks it freed (one block allocated last stays
+        // live, so the arena cannot simply shrink from its top).
+        let (freed, keep) = std::thread::spawn(|| {
+            let blocks: Vec<Vec<u8>> = (0..2048).map(|i| vec![i as u8; 32 * 1024]).collect();
+            let keep = vec![1u8; 1024];
+            let sum: u64 = blocks.iter().map(|b| u64::from(b[0])).sum();
+            drop(blocks);
+            (sum, keep)
+        })
+        .join()
+        .unwrap_or_default();
+        assert!(freed > 0 && !keep.is_empty());
+        let before = resident_bytes().unwrap_or(0);
+        assert!(release(), "malloc_trim returned nothing");
+        let after = resident_bytes().unwrap_or(u64::MAX);
+        assert!(
+            after + 32 * 1024 * 1024 < before,
+            "resident {before} bytes before, {after} after"
+        );
+    }
+}
