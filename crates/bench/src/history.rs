@@ -8,10 +8,11 @@
 //! queries are read from the docs at build time, so the figures are those of the SQL a user
 //! copies.
 
+use std::str::FromStr as _;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use chrono::Utc;
+use chrono::{Datelike as _, Utc};
 use llm_worker::contract::ResultEvent;
 use llm_worker_testkit::ScratchDatabase;
 
@@ -45,11 +46,12 @@ pub fn documented_queries() -> Vec<(String, String)> {
 
 /// The rows loaded, one month (newest last) per statement.
 fn load_month_sql() -> &'static str {
-    // $1: first row number, $2: last row number, $3: rows in all, $4: seconds spanned.
+    // $1: first row number, $2: last row number, $3: rows in all, $4: seconds spanned (ending
+    // now), $5: the job ids' seed.
     "INSERT INTO llm_calls (job_id, attempt, trace_id, tenant, provider, model, status,
          input_tokens, output_tokens, cost_usd, latency_ms, http_status, error_code,
          started_at, finished_at, kind)
-     SELECT md5('job' || s.job)::uuid, s.attempt, 'trace-' || s.job, 'tenant-' || (s.job % 20),
+     SELECT md5($5 || s.job)::uuid, s.attempt, 'trace-' || s.job, 'tenant-' || (s.job % 20),
             (ARRAY['openai', 'anthropic', 'gemini', 'ollama'])[s.model % 4 + 1],
             'model-' || s.model, s.status, s.input, s.output,
             (s.input * 0.15 + s.output * 0.6) / 1000000, s.latency,
@@ -71,14 +73,19 @@ fn load_month_sql() -> &'static str {
 }
 
 /// Load, roll up, time. Prints progress to stderr; returns the table rows.
-pub async fn history(database_url: &str, rows: u64, keep: bool) -> anyhow::Result<Vec<Row>> {
+pub async fn history(
+    database_url: &str,
+    rows: u64,
+    month_rows: u64,
+    keep: bool,
+) -> anyhow::Result<Vec<Row>> {
     let queries = documented_queries();
     anyhow::ensure!(
         queries.len() >= 4,
         "docs/usage-sql.md has no \"Queries at scale\" block with four queries"
     );
     let database = ScratchDatabase::create(database_url, "llmw_bench_history").await?;
-    let outcome = run(&database.url, rows, &queries).await;
+    let outcome = run(&database.url, rows, month_rows, &queries).await;
     if keep {
         eprintln!("  history: database kept: {}", database.url);
     } else {
@@ -87,17 +94,18 @@ pub async fn history(database_url: &str, rows: u64, keep: bool) -> anyhow::Resul
     outcome
 }
 
-/// A pool on `url`, migrated, committing without waiting for the disk (as the scenario's
-/// loads and recorder runs do).
+/// A pool on `url`, migrated, every connection committing without waiting for the disk (as
+/// the scenario's loads and recorder runs do: they time the statements, not the disk's flush).
+/// A `SET` on the pool would reach one connection only, and the recorder's rate would depend
+/// on which connection it got (5,000 or 15,000 results/s here).
 async fn open(url: &str) -> anyhow::Result<sqlx::PgPool> {
+    let options =
+        sqlx::postgres::PgConnectOptions::from_str(url)?.options([("synchronous_commit", "off")]);
     let db = sqlx::postgres::PgPoolOptions::new()
         .max_connections(4)
-        .connect(url)
+        .connect_with(options)
         .await?;
     llm_worker::usage::migrate(&db).await?;
-    sqlx::query("SET synchronous_commit = off")
-        .execute(&db)
-        .await?;
     Ok(db)
 }
 
@@ -110,22 +118,32 @@ pub async fn existing(url: &str) -> anyhow::Result<Vec<Row>> {
         .fetch_one(&db)
         .await?;
     let mut out = time_queries(&db, &queries).await?;
-    let rate = recorder_rate(&db).await?;
-    out.push(row(
-        format!("history: recorder writes on {rows} rows"),
-        format!("{rate:.0} results/s"),
-        "as on an empty history",
-    ));
+    for ids in [Ids::TimeOrdered, Ids::Random] {
+        let rate = recorder_rate(&db, ids).await?;
+        out.push(row(
+            format!("history: recorder writes on {rows} rows, {ids}"),
+            format!("{rate:.0} results/s"),
+            "as on an empty history",
+        ));
+    }
     db.close().await;
     Ok(out)
 }
 
-async fn run(url: &str, rows: u64, queries: &[(String, String)]) -> anyhow::Result<Vec<Row>> {
+async fn run(
+    url: &str,
+    rows: u64,
+    month_rows: u64,
+    queries: &[(String, String)],
+) -> anyhow::Result<Vec<Row>> {
     let db = open(url).await?;
     let mut out = Vec::new();
 
     // The recorder on an empty history first.
-    let empty_rate = recorder_rate(&db).await?;
+    let empty_rate = [
+        recorder_rate(&db, Ids::TimeOrdered).await?,
+        recorder_rate(&db, Ids::Random).await?,
+    ];
 
     // Load a month at a time (the partitions are created first).
     let span = Duration::from_secs((MONTHS * 30 * 86_400) as u64);
@@ -147,6 +165,7 @@ async fn run(url: &str, rows: u64, queries: &[(String, String)]) -> anyhow::Resu
             .bind(last as i64)
             .bind(rows as i64)
             .bind(span.as_secs_f64())
+            .bind("job")
             .execute(&db)
             .await
             .with_context(|| format!("loading rows {first}..{last}"))?;
@@ -156,8 +175,36 @@ async fn run(url: &str, rows: u64, queries: &[(String, String)]) -> anyhow::Resu
         );
         first = last + 1;
     }
+    if month_rows > 0 {
+        // Spread over the month so far, less its first hour (the month's partition holds them).
+        let month_start = now
+            .date_naive()
+            .with_day(1)
+            .and_then(|d| d.and_hms_opt(0, 0, 0))
+            .map(|t| t.and_utc())
+            .context("the month's first day")?;
+        let seconds = ((now - month_start).num_seconds() - 3_600).max(60);
+        sqlx::query(load_month_sql())
+            .bind(1i64)
+            .bind(month_rows as i64)
+            .bind(month_rows as i64)
+            .bind(seconds as f64)
+            .bind("month")
+            .execute(&db)
+            .await
+            .context("loading the month's rows")?;
+        eprintln!(
+            "  history: {month_rows} rows loaded into this month ({:.0} s)",
+            started.elapsed().as_secs_f64()
+        );
+    }
     let load = started.elapsed();
-    sqlx::query("ANALYZE llm_calls").execute(&db).await?;
+    let rows = rows + month_rows;
+    // Vacuumed as well as analyzed: autovacuum would otherwise still be working through the
+    // freshly loaded partitions while the recorder is timed (a core of two).
+    sqlx::query("VACUUM (ANALYZE) llm_calls")
+        .execute(&db)
+        .await?;
     let bytes: i64 = sqlx::query_scalar(
         "SELECT sum(pg_total_relation_size(inhrelid))::bigint FROM pg_inherits
          WHERE inhparent = 'llm_calls'::regclass",
@@ -203,12 +250,14 @@ async fn run(url: &str, rows: u64, queries: &[(String, String)]) -> anyhow::Resu
     out.extend(time_queries(&db, queries).await?);
 
     // The recorder on the full history.
-    let full_rate = recorder_rate(&db).await?;
-    out.push(row(
-        format!("history: recorder writes, empty history vs {rows} rows"),
-        format!("{empty_rate:.0} vs {full_rate:.0} results/s"),
-        "unchanged",
-    ));
+    for (ids, empty_rate) in [Ids::TimeOrdered, Ids::Random].into_iter().zip(empty_rate) {
+        let full_rate = recorder_rate(&db, ids).await?;
+        out.push(row(
+            format!("history: recorder writes, empty history vs {rows} rows, {ids}"),
+            format!("{empty_rate:.0} vs {full_rate:.0} results/s"),
+            "unchanged",
+        ));
+    }
     db.close().await;
     Ok(out)
 }
@@ -250,9 +299,28 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// The job ids the recorder is timed with.
+#[derive(Clone, Copy, Debug)]
+enum Ids {
+    /// UUIDv7, what the worker, the gateway and the client make for a job without an id.
+    TimeOrdered,
+    /// UUIDv4, an orchestrator's random ids.
+    Random,
+}
+
+impl std::fmt::Display for Ids {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Ids::TimeOrdered => "time-ordered job ids (UUIDv7)",
+            Ids::Random => "random job ids (UUIDv4)",
+        })
+    }
+}
+
 /// Results per second `write_batch_in` records, in batches of 100 (each job one call), over 20,000
-/// results: the recorder's database side.
-async fn recorder_rate(db: &sqlx::PgPool) -> anyhow::Result<f64> {
+/// results: the recorder's database side. Each result's trace id is its job id (the contract's
+/// default), so both keyed indexes see the ids' order.
+async fn recorder_rate(db: &sqlx::PgPool, ids: Ids) -> anyhow::Result<f64> {
     const RESULTS: usize = 20_000;
     const BATCH: usize = 100;
     let template = result_template()?;
@@ -264,7 +332,11 @@ async fn recorder_rate(db: &sqlx::PgPool) -> anyhow::Result<f64> {
                 .map(|i| {
                     let at = now - chrono::Duration::milliseconds((RESULTS - b * BATCH - i) as i64);
                     let mut r = template.clone();
-                    r.job_id = uuid::Uuid::new_v4();
+                    r.job_id = match ids {
+                        Ids::TimeOrdered => uuid::Uuid::now_v7(),
+                        Ids::Random => uuid::Uuid::new_v4(),
+                    };
+                    r.trace_id = r.job_id.to_string();
                     r.received_at = at;
                     r.finished_at = at;
                     for a in &mut r.attempts {

@@ -53,6 +53,10 @@ struct Cli {
     /// The history scenario keeps its database (and prints its URL) instead of dropping it.
     #[arg(long)]
     history_keep: bool,
+    /// Rows the history scenario adds to the month being written, after the others: the end
+    /// of a month at this history's size (100 M calls a year: 8.3 M in a month). Default 0.
+    #[arg(long, default_value_t = 0)]
+    history_month_rows: u64,
     /// The history scenario loads nothing: it times the queries and the recorder on this
     /// database (one it kept before; the recorder's 20,000 results are written to it).
     #[arg(long)]
@@ -137,6 +141,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         jobs: cli.jobs,
         history_rows: cli.history_rows,
         history_keep: cli.history_keep,
+        history_month_rows: cli.history_month_rows,
         history_database: cli.history_database,
         model: cli.model,
     };

@@ -65,6 +65,8 @@ pub struct Options {
     pub history_rows: Option<u64>,
     /// Keep the history scenario's database.
     pub history_keep: bool,
+    /// Rows added to the month being written (`--history-month-rows`).
+    pub history_month_rows: u64,
     /// Time the history queries on this database instead of loading one.
     pub history_database: Option<String>,
     /// Every tenant under a policy with budgets and rate limits too large to bind.
@@ -134,7 +136,13 @@ pub async fn run(target: &Target, options: &Options) -> anyhow::Result<Vec<Row>>
         emit(match &options.history_database {
             Some(url) => crate::history::existing(url).await?,
             None => {
-                crate::history::history(&target.database_url, rows, options.history_keep).await?
+                crate::history::history(
+                    &target.database_url,
+                    rows,
+                    options.history_month_rows,
+                    options.history_keep,
+                )
+                .await?
             }
         });
     }
@@ -400,6 +408,16 @@ async fn single_worker(
                         thousands(short_n as f64),
                         options.model
                     ),
+                    format!("{:.0} MB", rss as f64 / 1e6),
+                    "",
+                ));
+            }
+            // What the worker keeps: it gives a burst's freed memory back within half a
+            // second of its last job (src/memory.rs).
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if let Some(rss) = dep.rss(0) {
+                rows.push(row(
+                    "worker resident memory 1 s later",
                     format!("{:.0} MB", rss as f64 / 1e6),
                     "≤ 50 MB",
                 ));
