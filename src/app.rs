@@ -38,6 +38,8 @@ pub struct Roles {
 pub struct Running {
     stop: CancellationToken,
     done: tokio::task::JoinHandle<()>,
+    /// The tasks of the jobs in flight.
+    jobs: TaskTracker,
     pub worker_id: String,
     reloader: Option<Reloader>,
     /// Where `/metrics`, `/healthz` and `/readyz` are served (`telemetry.metrics_listen`).
@@ -49,6 +51,17 @@ impl Running {
     /// [`crate::reload`]); `None` when this process answers no jobs or has no source.
     pub fn reloader(&self) -> Option<Reloader> {
         self.reloader.clone()
+    }
+
+    /// Gives the memory each burst of jobs freed back to the system once the burst is over
+    /// (see `memory`), until shutdown. Process-wide (the allocator's arenas are the
+    /// process's), so the `llm-worker` binary turns it on and a program that embeds a worker
+    /// decides for itself.
+    pub fn release_memory_after_bursts(&self) {
+        tokio::spawn(crate::memory::release_after_bursts(
+            self.jobs.clone(),
+            self.stop.clone(),
+        ));
     }
 
     /// Begin a graceful shutdown and wait for it to complete.
@@ -361,12 +374,6 @@ pub async fn start_with(
         }
     }
 
-    // After a burst of jobs, the memory it freed goes back to the system.
-    background.spawn(crate::memory::release_after_bursts(
-        tracker.clone(),
-        stop.clone(),
-    ));
-
     progress.set(Phase::Ready(consumed));
     let grace = Duration::from_secs(config.worker.shutdown_grace_secs);
     let worker_id = config.worker_id();
@@ -376,6 +383,7 @@ pub async fn start_with(
         recorder = recording && pool.is_some(),
         "worker ready"
     );
+    let jobs = tracker.clone();
     let stop_wait = stop.clone();
     let done = tokio::spawn(async move {
         stop_wait.cancelled().await;
@@ -399,6 +407,7 @@ pub async fn start_with(
     Ok(Running {
         stop,
         done,
+        jobs,
         worker_id,
         reloader: reload_handle,
         metrics_addr,

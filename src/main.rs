@@ -333,6 +333,8 @@ async fn command(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
             let source: llm_worker::reload::ConfigSource =
                 std::sync::Arc::new(move || Config::load(path.as_deref()));
             let running = app::start_with(config, roles, Some(source)).await?;
+            // This process is the worker: its allocator's freed memory goes back after bursts.
+            running.release_memory_after_bursts();
             let stop = running.stop_token();
             tokio::spawn(async move {
                 shutdown_signal().await;

@@ -8,6 +8,10 @@
 //! job has been in flight for two samples in a row after some were. Under steady load it never
 //! asks (the memory is about to be used again), and one call costs a walk of the free lists.
 //!
+//! The allocator is the process's, so this is the process's choice: the `llm-worker` binary
+//! turns it on (`app::Running::release_memory_after_bursts`); a program that embeds a worker
+//! (and the integration tests, which run many in one process) decides for itself.
+//!
 //! The crate's one `unsafe` call lives here.
 
 use std::time::Duration;
