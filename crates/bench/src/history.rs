@@ -72,6 +72,25 @@ fn load_month_sql() -> &'static str {
      ) s"
 }
 
+/// Loads rows `first..=last` of `total`, spread over the `seconds` ending now, their job ids
+/// seeded with `seed` ([`load_month_sql`]).
+async fn load(
+    db: &sqlx::PgPool,
+    (first, last, total): (u64, u64, u64),
+    seconds: f64,
+    seed: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(load_month_sql())
+        .bind(first as i64)
+        .bind(last as i64)
+        .bind(total as i64)
+        .bind(seconds)
+        .bind(seed)
+        .execute(db)
+        .await
+        .map(|_| ())
+}
+
 /// Load, roll up, time. Prints progress to stderr; returns the table rows.
 pub async fn history(
     database_url: &str,
@@ -118,7 +137,7 @@ pub async fn existing(url: &str) -> anyhow::Result<Vec<Row>> {
         .fetch_one(&db)
         .await?;
     let mut out = time_queries(&db, &queries).await?;
-    for ids in [Ids::TimeOrdered, Ids::Random] {
+    for ids in Ids::ALL {
         let rate = recorder_rate(&db, ids).await?;
         out.push(row(
             format!("history: recorder writes on {rows} rows, {ids}"),
@@ -140,10 +159,10 @@ async fn run(
     let mut out = Vec::new();
 
     // The recorder on an empty history first.
-    let empty_rate = [
-        recorder_rate(&db, Ids::TimeOrdered).await?,
-        recorder_rate(&db, Ids::Random).await?,
-    ];
+    let mut empty_rate = Vec::new();
+    for ids in Ids::ALL {
+        empty_rate.push(recorder_rate(&db, ids).await?);
+    }
 
     // Load a month at a time (the partitions are created first).
     let span = Duration::from_secs((MONTHS * 30 * 86_400) as u64);
@@ -160,13 +179,7 @@ async fn run(
     let mut first = 1u64;
     while first <= rows {
         let last = (first + chunk - 1).min(rows);
-        sqlx::query(load_month_sql())
-            .bind(first as i64)
-            .bind(last as i64)
-            .bind(rows as i64)
-            .bind(span.as_secs_f64())
-            .bind("job")
-            .execute(&db)
+        load(&db, (first, last, rows), span.as_secs_f64(), "job")
             .await
             .with_context(|| format!("loading rows {first}..{last}"))?;
         eprintln!(
@@ -184,13 +197,7 @@ async fn run(
             .map(|t| t.and_utc())
             .context("the month's first day")?;
         let seconds = ((now - month_start).num_seconds() - 3_600).max(60);
-        sqlx::query(load_month_sql())
-            .bind(1i64)
-            .bind(month_rows as i64)
-            .bind(month_rows as i64)
-            .bind(seconds as f64)
-            .bind("month")
-            .execute(&db)
+        load(&db, (1, month_rows, month_rows), seconds as f64, "month")
             .await
             .context("loading the month's rows")?;
         eprintln!(
@@ -250,7 +257,7 @@ async fn run(
     out.extend(time_queries(&db, queries).await?);
 
     // The recorder on the full history.
-    for (ids, empty_rate) in [Ids::TimeOrdered, Ids::Random].into_iter().zip(empty_rate) {
+    for (ids, empty_rate) in Ids::ALL.into_iter().zip(empty_rate) {
         let full_rate = recorder_rate(&db, ids).await?;
         out.push(row(
             format!("history: recorder writes, empty history vs {rows} rows, {ids}"),
@@ -306,6 +313,11 @@ enum Ids {
     TimeOrdered,
     /// UUIDv4, an orchestrator's random ids.
     Random,
+}
+
+impl Ids {
+    /// Both, in the order the scenario times them.
+    const ALL: [Ids; 2] = [Ids::TimeOrdered, Ids::Random];
 }
 
 impl std::fmt::Display for Ids {
