@@ -10,7 +10,7 @@ use llm_worker_testkit::{FakeLlmServer, Reply};
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::helpers::{TestApp, collect_results, openai_provider};
+use crate::helpers::{TestApp, collect_results_within, openai_provider};
 
 const FLOOD: usize = 20_000;
 const SMALL: usize = 20;
@@ -18,9 +18,11 @@ const SMALL: usize = 20;
 async fn a_flood_does_not_starve_a_small_tenant(workers: usize) {
     let fake = FakeLlmServer::start().await.unwrap();
     fake.set_default(Reply::answer(&["ok"], (1, 1)));
-    // Slow enough that the flood takes a while to drain: at most 16 jobs of 50 ms at a time
-    // per worker (320 jobs/s each).
-    fake.set_latency(Duration::from_millis(50));
+    // Slow enough that the flood takes minutes to drain even on a loaded machine, where
+    // publishing it can take half a minute: at most 16 jobs of 400 ms at a time per worker
+    // (40 jobs/s each; 20,000 jobs take 500 s on one worker, 167 s on three). B's jobs, with
+    // every other free slot, still take a few rounds of 400 ms.
+    fake.set_latency(Duration::from_millis(400));
     let toml = format!(
         "{}[routes]\ndefault = [\"openai\"]\n",
         openai_provider("openai", &fake.base_url(), "gpt-test")
@@ -54,7 +56,9 @@ async fn a_flood_does_not_starve_a_small_tenant(workers: usize) {
         app.publish(json!({"prompt": "y", "tenant": "B", "reply_to": reply_to, "stream": false}))
             .await;
     }
-    let results = collect_results(&mut sub, SMALL).await;
+    // A worker pulls the whole flood into its window before it sees B's jobs: on a loaded
+    // machine that takes tens of seconds (17 s beside the fault tests).
+    let results = collect_results_within(&mut sub, SMALL, Duration::from_secs(120)).await;
     let took = started.elapsed();
     // What is left of A's jobs (in the stream: not yet answered, parked or waiting).
     let a_left = app.jobs_in_stream().await;

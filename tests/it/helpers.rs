@@ -509,9 +509,19 @@ pub async fn collect_results(
     sub: &mut async_nats::Subscriber,
     n: usize,
 ) -> std::collections::HashMap<String, Value> {
+    collect_results_within(sub, n, Duration::from_secs(30)).await
+}
+
+/// [`collect_results`] waiting up to `wait` for each event, for tests that load the
+/// machine on purpose.
+pub async fn collect_results_within(
+    sub: &mut async_nats::Subscriber,
+    n: usize,
+    wait: Duration,
+) -> std::collections::HashMap<String, Value> {
     let mut results = std::collections::HashMap::new();
     while results.len() < n {
-        let r = collect_reply(sub).await.result;
+        let r = collect_reply_within(sub, wait).await.result;
         results.insert(r["job_id"].as_str().unwrap().to_string(), r);
     }
     results
@@ -566,11 +576,16 @@ impl Reply {
 
 /// Collect chunk events until the result arrives (bounded).
 pub async fn collect_reply(sub: &mut async_nats::Subscriber) -> Reply {
+    collect_reply_within(sub, Duration::from_secs(30)).await
+}
+
+/// [`collect_reply`] waiting up to `wait` for each event.
+pub async fn collect_reply_within(sub: &mut async_nats::Subscriber, wait: Duration) -> Reply {
     let mut chunks = Vec::new();
     loop {
-        let msg = tokio::time::timeout(Duration::from_secs(30), sub.next())
+        let msg = tokio::time::timeout(wait, sub.next())
             .await
-            .expect("no result event within 30 s")
+            .unwrap_or_else(|_| panic!("no event within {wait:?}"))
             .expect("subscription closed");
         let event: Value = serde_json::from_slice(&msg.payload).unwrap();
         match event["type"].as_str() {
