@@ -475,7 +475,7 @@ async fn write_once(
                      cache_read, cache_write, cache_write_1h, reasoning, image_input,
                      images, image_size, image_quality, kind, service_tier)
             LEFT JOIN LATERAL llm_price_at(u.provider, u.model, u.started_at) p ON true
-            ON CONFLICT (job_id, attempt, started_at) DO NOTHING
+            ON CONFLICT (started_at, job_id, attempt) DO NOTHING
             RETURNING llm_calls
             )
             SELECT llm_rollup_add_calls(array_agg(ins.llm_calls)) FROM ins
@@ -585,7 +585,7 @@ async fn write_once(
             FROM llm_calls
             WHERE job_id = u.job_id AND started_at >= u.calls_from AND started_at <= u.calls_to
         ) c ON true
-        ON CONFLICT (job_id, finished_at) DO NOTHING
+        ON CONFLICT (finished_at, job_id) DO NOTHING
         RETURNING llm_jobs
         )
         SELECT llm_rollup_add_jobs(array_agg(ins.llm_jobs)) FROM ins

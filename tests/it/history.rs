@@ -755,3 +755,66 @@ async fn prune_drops_whole_old_months_keeps_recent_rows_and_the_rollups() {
     db.close().await;
     database.drop().await;
 }
+
+/// The history's unique keys start with their time column (a new row goes to the end of its
+/// month's key whatever its job id: random job ids do not scatter the recorder's inserts),
+/// and job ids have an index of their own for look-ups by job.
+#[tokio::test]
+async fn history_keys_start_with_the_time_and_job_ids_have_an_index_of_their_own() {
+    let (database, db) = priced_database().await;
+    let key_of = |table: &'static str| {
+        sqlx::query_scalar::<_, String>(
+            "SELECT string_agg(a.attname, ',' ORDER BY k.n)
+             FROM pg_index i
+             CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+             WHERE i.indrelid = $1::regclass AND i.indisprimary",
+        )
+        .bind(table)
+        .fetch_one(&db)
+    };
+    assert_eq!(
+        key_of("llm_calls").await.unwrap(),
+        "started_at,job_id,attempt"
+    );
+    assert_eq!(key_of("llm_jobs").await.unwrap(), "finished_at,job_id");
+    for table in ["llm_calls", "llm_jobs"] {
+        let by_job = count(
+            &db,
+            &format!(
+                "SELECT count(*) FROM pg_indexes WHERE tablename = '{table}'
+                 AND indexdef LIKE '%btree (job_id)'"
+            ),
+        )
+        .await;
+        assert_eq!(by_job, 1, "{table} has no index on job_id alone");
+    }
+    // Written twice (a redelivery), random job ids add each row once, and each job's row
+    // finds its calls (job totals are their calls' sums).
+    let results: Vec<ResultEvent> = history(40, 2)
+        .into_iter()
+        .map(|mut r| {
+            r.job_id = Uuid::new_v4();
+            r
+        })
+        .collect();
+    record(&db, &results).await;
+    record(&db, &results).await;
+    assert_eq!(count(&db, "SELECT count(*) FROM llm_jobs").await, 40);
+    let calls: usize = results.iter().map(|r| r.attempts.len()).sum();
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM llm_calls").await,
+        calls as i64
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM llm_jobs j WHERE j.input_tokens IS DISTINCT FROM
+                 (SELECT coalesce(sum(c.input_tokens), 0) FROM llm_calls c WHERE c.job_id = j.job_id)"
+        )
+        .await,
+        0
+    );
+    db.close().await;
+    database.drop().await;
+}
