@@ -757,8 +757,8 @@ async fn prune_drops_whole_old_months_keeps_recent_rows_and_the_rollups() {
 }
 
 /// The history's unique keys start with their time column (a new row goes to the end of its
-/// month's key whatever its job id: random job ids do not scatter the recorder's inserts),
-/// and job ids have an index of their own for look-ups by job.
+/// month's key whatever its job id), and job ids have an index of their own for look-ups by
+/// job; random job ids keep the keys' meaning.
 #[tokio::test]
 async fn history_keys_start_with_the_time_and_job_ids_have_an_index_of_their_own() {
     let (database, db) = priced_database().await;
