@@ -8,7 +8,7 @@ use reqwest::header;
 
 use crate::browser::Browser;
 use crate::gateway::Setup;
-use crate::history::{history, set_prices};
+use crate::history_data::{history, priced_database, set_prices};
 
 /// A gateway (dashboard `on` or off) over a history of 252 results of three tenants, and a
 /// monthly budget for globex.
@@ -330,7 +330,7 @@ async fn the_grafana_dashboard_runs_its_sql_and_names_only_metrics_the_fleet_exp
     );
     let dashboard: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let (database, db) = crate::history::priced_database().await;
+    let (database, db) = priced_database().await;
     llm_worker::usage::write_batch(&db, &history(120, 10))
         .await
         .unwrap();

@@ -28,6 +28,7 @@ mod gateway_tenancy;
 mod generate;
 mod helpers;
 mod history;
+mod history_data;
 mod images;
 mod layering;
 mod lifecycle;
