@@ -4,11 +4,11 @@
 -- The unique keys of llm_calls and llm_jobs now start with their time column:
 -- (started_at, job_id, attempt) and (finished_at, job_id). The same columns, so the same
 -- uniqueness, and the recorder's ON CONFLICT targets (a set of columns) still name them. A
--- new row lands at the right edge of its month's key, where the rows written just before it
--- are, whatever its job id; keyed by job id first, random job ids (UUIDv4, an orchestrator's)
--- put every row on a random page of a month-sized key (the recorder's calls statement took
--- 18 % longer on a month of 8.3 M calls). Look-ups by job id use a narrower index on job_id
--- alone, and the time indexes the keys now cover go.
+-- new row now lands at the right edge of its month's key, where the rows written just before
+-- it are; keyed by job id first, every row landed on a random page of a month-sized index
+-- when job ids are random (UUIDv4, an orchestrator's), and the recorder wrote a fraction of
+-- its rate on a full month. Look-ups by job id use a narrower index on job_id alone, and the
+-- time indexes the keys now cover go.
 
 ALTER TABLE llm_calls DROP CONSTRAINT llm_calls_pkey;
 ALTER TABLE llm_calls ADD PRIMARY KEY (started_at, job_id, attempt);
