@@ -350,7 +350,9 @@ impl Chain {
             gate,
         } = bounds;
         let targets = self.plan(job);
-        let mut attempts: Vec<AttemptRecord> = Vec::new();
+        // Room for one: most jobs make one call, and a first growth to four records (over
+        // 1 KiB) asks glibc for a large chunk, which consolidates its fast bins every job.
+        let mut attempts: Vec<AttemptRecord> = Vec::with_capacity(1);
         let mut skipped: Vec<String> = Vec::new();
         let mut too_long: Vec<(String, TooLong)> = Vec::new();
         // Entries whose model cannot take the job, and what they lack.

@@ -108,7 +108,7 @@ impl Chain {
             gate,
         } = bounds;
         let targets = self.plan(job);
-        let mut attempts: Vec<AttemptRecord> = Vec::new();
+        let mut attempts: Vec<AttemptRecord> = Vec::with_capacity(1);
         let mut skipped = Vec::new();
         let mut timed_out = false;
         let expected = req.dimensions.map(|d| d as usize);
