@@ -580,16 +580,15 @@ impl<O: Outbox> Worker<O> {
                 running.token(),
             )
         });
-        // Boxed: the chain's future is most of a job's (~7 of ~22 KB), and every enclosing
-        // future (this one, the job's task) would otherwise hold room for it and copy it.
-        let mut work = Box::pin(self.execute(
+        let work = self.execute(
             routing,
             &job,
             (received_at, delivered),
             deadline,
             running.token(),
             gate.as_ref(),
-        ));
+        );
+        tokio::pin!(work);
         let mut progress =
             tokio::time::interval_at(Instant::now() + self.progress_every, self.progress_every);
         let result = loop {
