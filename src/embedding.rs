@@ -17,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::chain::{
-    Bounds, Call, CallGate, Chain, Refused, Settled, Target, attempt_error, cancelled, chain_error,
-    retry_delays, wait_retry, whole_answer,
+    Bounds, Call, CallGate, Chain, Refused, Settled, Target, attempt_error, attempt_log, cancelled,
+    chain_error, retry_delays, wait_retry, whole_answer,
 };
 use crate::contract::EmbedRequest;
 use crate::contract::ErrorCode;
@@ -108,7 +108,7 @@ impl Chain {
             gate,
         } = bounds;
         let targets = self.plan(job);
-        let mut attempts: Vec<AttemptRecord> = Vec::with_capacity(1);
+        let mut attempts = attempt_log();
         let mut skipped = Vec::new();
         let mut timed_out = false;
         let expected = req.dimensions.map(|d| d as usize);

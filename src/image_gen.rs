@@ -13,8 +13,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::chain::{
-    Bounds, Call, CallGate, Chain, Refused, Settled, Target, attempt_error, cancelled, chain_error,
-    retry_delays, wait_retry, whole_answer,
+    Bounds, Call, CallGate, Chain, Refused, Settled, Target, attempt_error, attempt_log, cancelled,
+    chain_error, retry_delays, wait_retry, whole_answer,
 };
 use crate::contract::{AttemptRecord, ErrorBody, ErrorCode, ImageRequest, ImagesMade, elapsed_ms};
 use crate::error::ProviderError;
@@ -53,7 +53,7 @@ impl Chain {
             gate,
         } = bounds;
         let targets = self.plan(job);
-        let mut attempts: Vec<AttemptRecord> = Vec::with_capacity(1);
+        let mut attempts = attempt_log();
         let mut skipped = Vec::new();
         let mut timed_out = false;
         let fail = |attempts, error| ImageOutcome {

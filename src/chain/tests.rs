@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use super::*;
 use crate::contract::ErrorCode;
 use crate::contract::{Envelope, GenerateOptions, JobKind, Message, Role};
+use crate::error::ProviderError;
 use crate::job::JobBody;
 use crate::providers::scripted::{Play, Scripted};
 
