@@ -4,6 +4,8 @@
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock build.rs ./
+# Build settings: mimalloc's arenas committed as used (see the file).
+COPY .cargo ./.cargo
 COPY src ./src
 COPY crates ./crates
 COPY migrations ./migrations

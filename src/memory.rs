@@ -12,7 +12,13 @@
 //! turns it on (`app::Running::release_memory_after_bursts`); a program that embeds a worker
 //! (and the integration tests, which run many in one process) decides for itself.
 //!
-//! The crate's one `unsafe` call lives here.
+//! With the `mimalloc` feature (on by default) the `llm-worker` binary allocates with mimalloc
+//! (about a sixth less worker CPU per job than glibc's malloc). Its heaps are per thread, so
+//! after a burst each runtime thread collects its own when it next parks ([`on_park`]), and
+//! its arenas are committed as they are used (`.cargo/config.toml`), so that collection
+//! returns the memory: 44-47 MB resident a second after 50,000 jobs.
+//!
+//! The crate's `unsafe` calls (`malloc_trim`, `mi_collect`) live here.
 
 use std::time::Duration;
 
@@ -23,13 +29,50 @@ use tokio_util::task::TaskTracker;
 pub const SAMPLE_EVERY: Duration = Duration::from_millis(250);
 
 /// Returns the free memory of every allocator arena to the system (glibc's `malloc_trim(0)`);
-/// whether any was returned.
+/// whether any was returned. With mimalloc (feature `mimalloc`) it also collects this
+/// thread's mimalloc heap and asks every runtime thread to collect its own when it next
+/// parks ([`on_park`]): mimalloc's heaps are per thread.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
 pub fn release() -> bool {
+    #[cfg(feature = "mimalloc")]
+    {
+        COLLECTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        collect_here();
+    }
     // SAFETY: `malloc_trim` takes no pointers and changes only glibc's own free lists, under
     // each arena's lock; any thread may call it at any time.
     unsafe { libc::malloc_trim(0) == 1 }
+}
+
+/// How many collections [`release`] asked for.
+#[cfg(feature = "mimalloc")]
+static COLLECTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+#[cfg(feature = "mimalloc")]
+thread_local! {
+    /// The last of [`COLLECTS`] this thread answered.
+    static COLLECTED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// For a runtime's `on_thread_park`: collects this thread's mimalloc heap once after each
+/// [`release`] (one atomic load otherwise). Nothing without the `mimalloc` feature.
+pub fn on_park() {
+    #[cfg(feature = "mimalloc")]
+    {
+        let asked = COLLECTS.load(std::sync::atomic::Ordering::Relaxed);
+        if COLLECTED.with(|c| c.replace(asked)) != asked {
+            collect_here();
+        }
+    }
+}
+
+#[cfg(feature = "mimalloc")]
+#[allow(unsafe_code)]
+fn collect_here() {
+    // SAFETY: `mi_collect` takes no pointers; it frees the calling thread's unused mimalloc
+    // pages and purges what the arenas hold free. Any thread may call it at any time.
+    unsafe { libmimalloc_sys::mi_collect(true) };
 }
 
 /// Elsewhere nothing: musl's and other systems' allocators return freed memory themselves.
