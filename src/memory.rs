@@ -28,21 +28,31 @@ use tokio_util::task::TaskTracker;
 /// How often the jobs in flight are sampled.
 pub const SAMPLE_EVERY: Duration = Duration::from_millis(250);
 
-/// Returns the free memory of every allocator arena to the system (glibc's `malloc_trim(0)`);
-/// whether any was returned. With mimalloc (feature `mimalloc`) it also collects this
-/// thread's mimalloc heap and asks every runtime thread to collect its own when it next
-/// parks ([`on_park`]): mimalloc's heaps are per thread.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-#[allow(unsafe_code)]
+/// Returns freed memory to the system; whether glibc returned any. With mimalloc (feature
+/// `mimalloc`) it collects this thread's mimalloc heap and asks every runtime thread to
+/// collect its own when it next parks ([`on_park`]): mimalloc's heaps are per thread. On
+/// glibc it also trims every malloc arena (`malloc_trim(0)`).
 pub fn release() -> bool {
     #[cfg(feature = "mimalloc")]
     {
         COLLECTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         collect_here();
     }
+    trim_glibc()
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn trim_glibc() -> bool {
     // SAFETY: `malloc_trim` takes no pointers and changes only glibc's own free lists, under
     // each arena's lock; any thread may call it at any time.
     unsafe { libc::malloc_trim(0) == 1 }
+}
+
+/// Elsewhere nothing: musl's and other systems' allocators return freed memory themselves.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn trim_glibc() -> bool {
+    false
 }
 
 /// How many collections [`release`] asked for.
@@ -59,12 +69,17 @@ thread_local! {
 /// [`release`] (one atomic load otherwise). Nothing without the `mimalloc` feature.
 pub fn on_park() {
     #[cfg(feature = "mimalloc")]
-    {
-        let asked = COLLECTS.load(std::sync::atomic::Ordering::Relaxed);
-        if COLLECTED.with(|c| c.replace(asked)) != asked {
-            collect_here();
-        }
+    if collect_due() {
+        collect_here();
     }
+}
+
+/// Whether this thread has not yet collected since the last [`release`] (and from now on, it
+/// has).
+#[cfg(feature = "mimalloc")]
+fn collect_due() -> bool {
+    let asked = COLLECTS.load(std::sync::atomic::Ordering::Relaxed);
+    COLLECTED.with(|c| c.replace(asked)) != asked
 }
 
 #[cfg(feature = "mimalloc")]
@@ -73,12 +88,6 @@ fn collect_here() {
     // SAFETY: `mi_collect` takes no pointers; it frees the calling thread's unused mimalloc
     // pages and purges what the arenas hold free. Any thread may call it at any time.
     unsafe { libmimalloc_sys::mi_collect(true) };
-}
-
-/// Elsewhere nothing: musl's and other systems' allocators return freed memory themselves.
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-pub fn release() -> bool {
-    false
 }
 
 /// When a burst of jobs is over, from samples of the jobs in flight.
@@ -149,6 +158,22 @@ mod tests {
         assert!(!b.sample(5));
         assert!(!b.sample(0));
         assert!(b.sample(0));
+    }
+
+    #[cfg(feature = "mimalloc")]
+    #[test]
+    fn after_a_release_each_thread_collects_once_when_it_parks() {
+        std::thread::spawn(|| {
+            // A thread that never saw a release has nothing to collect for it, once it has
+            // caught up with the ones before it started.
+            let _ = collect_due();
+            assert!(!collect_due());
+            release();
+            assert!(collect_due(), "the first park after a release collects");
+            assert!(!collect_due(), "later parks do not");
+        })
+        .join()
+        .unwrap();
     }
 
     fn resident_bytes() -> Option<u64> {
